@@ -1,0 +1,1 @@
+namespace LoraKit; public static class Placeholder {}
