@@ -1,0 +1,68 @@
+using static TorchSharp.torch;
+
+namespace LoraKit.Models;
+
+#pragma warning disable IDE1006 // field names are checkpoint keys
+
+/// <summary>
+/// Grouped-query self-attention with RoPE, optional q/k/v biases (Qwen2), optional per-head q/k RMSNorm (Qwen3)
+/// and an optional KV cache. Attention itself is PyTorch's scaled_dot_product_attention.
+/// </summary>
+public sealed class Attention : nn.Module<Tensor, Tensor>
+{
+    public nn.Module<Tensor, Tensor> q_proj, k_proj, v_proj, o_proj;
+    public RmsNorm? q_norm, k_norm;
+    readonly int _heads, _kvHeads, _headDim;
+
+    public Attention(string name, WeightSource w, ModelConfig c) : base("Attention")
+    {
+        _heads = c.NumAttentionHeads; _kvHeads = c.NumKeyValueHeads; _headDim = c.HeadDim;
+        q_proj = new Linear(name + ".q_proj", w, c.HiddenSize, _heads * _headDim, c.QkvBias);
+        k_proj = new Linear(name + ".k_proj", w, c.HiddenSize, _kvHeads * _headDim, c.QkvBias);
+        v_proj = new Linear(name + ".v_proj", w, c.HiddenSize, _kvHeads * _headDim, c.QkvBias);
+        o_proj = new Linear(name + ".o_proj", w, _heads * _headDim, c.HiddenSize, c.OProjBias);
+        if (c.QkNorm)
+        {
+            q_norm = new RmsNorm(name + ".q_norm", w, _headDim, c.RmsNormEps);
+            k_norm = new RmsNorm(name + ".k_norm", w, _headDim, c.RmsNormEps);
+        }
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor x) => throw new NotSupportedException("call Forward with positions and mask");
+
+    /// <param name="x">[B, T, hidden]</param>
+    /// <param name="cos">[B, T, head_dim]</param>
+    /// <param name="sin">[B, T, head_dim]</param>
+    /// <param name="mask">bool [B or 1, 1, T, S] (true = may attend), or null for plain causal attention without cache.</param>
+    public Tensor Forward(Tensor x, Tensor cos, Tensor sin, Tensor? mask, KvCache? cache, int layer)
+    {
+        using var scope = NewDisposeScope();
+        long b = x.shape[0], t = x.shape[1];
+        var q = q_proj.forward(x).view(b, t, _heads, _headDim);
+        var k = k_proj.forward(x).view(b, t, _kvHeads, _headDim);
+        var v = v_proj.forward(x).view(b, t, _kvHeads, _headDim).transpose(1, 2);
+        if (q_norm != null) q = q_norm.forward(q);
+        if (k_norm != null) k = k_norm.forward(k);
+        q = RotaryEmbedding.Apply(q.transpose(1, 2), cos, sin);
+        k = RotaryEmbedding.Apply(k.transpose(1, 2), cos, sin);
+        if (cache != null) (k, v) = cache.Append(layer, k, v);
+
+        int rep = _heads / _kvHeads;
+        if (rep > 1)
+        {
+            k = RepeatKv(k, rep);
+            v = RepeatKv(v, rep);
+        }
+        var attn = nn.functional.scaled_dot_product_attention(q, k, v, mask, 0.0, mask is null);
+        var merged = attn.transpose(1, 2).reshape(b, t, _heads * _headDim);
+        return o_proj.forward(merged).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>[B, kvH, S, D] → [B, kvH·rep, S, D], each kv head repeated for its group of query heads.</summary>
+    static Tensor RepeatKv(Tensor x, int rep)
+    {
+        long b = x.shape[0], h = x.shape[1], s = x.shape[2], d = x.shape[3];
+        return x.unsqueeze(2).expand(b, h, rep, s, d).reshape(b, h * rep, s, d);
+    }
+}

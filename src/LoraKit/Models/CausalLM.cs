@@ -1,0 +1,63 @@
+using LoraKit.IO;
+using static TorchSharp.torch;
+
+namespace LoraKit.Models;
+
+#pragma warning disable IDE1006 // field names are checkpoint keys
+
+/// <summary>
+/// A decoder-only causal language model (Llama, Mistral, Qwen2, Qwen3) with HF's module tree:
+/// <c>model.embed_tokens</c>, <c>model.layers.N.{self_attn,mlp,…}</c>, <c>model.norm</c>, <c>lm_head</c>.
+/// </summary>
+public sealed class CausalLM : nn.Module<Tensor, Tensor>
+{
+    public DecoderModel model;
+    public Linear lm_head;
+
+    public ModelConfig Config { get; }
+    public ScalarType DType { get; }
+    public Device Device { get; }
+
+    public CausalLM(ModelConfig config, WeightSource w) : base("CausalLM")
+    {
+        Config = config; DType = w.DType; Device = w.Device;
+        model = new DecoderModel("model", w, config);
+        lm_head = config.TieWordEmbeddings
+            ? new Linear(model.embed_tokens.weight)
+            : new Linear("lm_head", w, config.HiddenSize, config.VocabSize, false);
+        RegisterComponents();
+        w.EnsureAllUsed();
+    }
+
+    /// <summary>Loads config.json and the safetensors weights of an HF checkpoint directory.</summary>
+    public static CausalLM Load(string dir, ScalarType dtype, Device device)
+    {
+        var config = ModelConfig.Load(dir);
+        using var files = CheckpointFiles.Open(dir);
+        // A tied checkpoint may still carry lm_head.weight (equal to the embeddings); transformers ignores it.
+        var ignorable = config.TieWordEmbeddings ? new[] { "lm_head.weight" } : [];
+        using var _ = no_grad();
+        return new CausalLM(config, new CheckpointWeights(files, dtype, device, ignorable));
+    }
+
+    public override Tensor forward(Tensor ids) => Logits(ids, null, null);
+
+    /// <summary>Logits [B, T, vocab] in the model's dtype.</summary>
+    public Tensor Logits(Tensor ids, Tensor? attentionMask, KvCache? cache)
+    {
+        using var scope = NewDisposeScope();
+        var h = model.Forward(ids, attentionMask, cache);
+        return lm_head.forward(h).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Mean next-token negative log-likelihood of a single sequence [1, T] (fp32 logits, like transformers).</summary>
+    public Tensor Loss(Tensor ids)
+    {
+        using var scope = NewDisposeScope();
+        var logits = Logits(ids, null, null).to(ScalarType.Float32);
+        long t = ids.shape[1];
+        var pred = logits[0, TensorIndex.Slice(0, t - 1)];
+        var target = ids[0, TensorIndex.Slice(1, t)];
+        return nn.functional.cross_entropy(pred, target).MoveToOuterDisposeScope();
+    }
+}

@@ -1,0 +1,62 @@
+using static TorchSharp.torch;
+
+namespace LoraKit.Models;
+
+#pragma warning disable IDE1006 // field names are checkpoint keys
+
+/// <summary>The transformer trunk (HF's <c>model.*</c>): embeddings, decoder layers, final norm.</summary>
+public sealed class DecoderModel : nn.Module<Tensor, Tensor>
+{
+    public Embedding embed_tokens;
+    public TorchSharp.Modules.ModuleList<DecoderLayer> layers;
+    public RmsNorm norm;
+    readonly ModelConfig _config;
+    readonly RotaryEmbedding _rope;
+
+    public DecoderModel(string name, WeightSource w, ModelConfig c) : base("DecoderModel")
+    {
+        _config = c;
+        embed_tokens = new Embedding(name + ".embed_tokens", w, c.VocabSize, c.HiddenSize);
+        var list = new List<DecoderLayer>();
+        for (int i = 0; i < c.NumHiddenLayers; i++) list.Add(new DecoderLayer($"{name}.layers.{i}", w, c));
+        layers = nn.ModuleList(list.ToArray());
+        norm = new RmsNorm(name + ".norm", w, c.HiddenSize, c.RmsNormEps);
+        _rope = new RotaryEmbedding(c, w.Device);
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor ids) => Forward(ids, null, null);
+
+    /// <summary>
+    /// Hidden states [B, T, hidden] for token ids [B, T].
+    /// <paramref name="attentionMask"/> is [B, S] over all S = past + T positions (1 = real token, 0 = padding), or null.
+    /// </summary>
+    public Tensor Forward(Tensor ids, Tensor? attentionMask, KvCache? cache)
+    {
+        using var scope = NewDisposeScope();
+        long b = ids.shape[0], t = ids.shape[1];
+        long past = cache?.Length ?? 0;
+        var positions = PositionIds(attentionMask, b, t, past, ids.device);
+        var h = embed_tokens.forward(ids);
+        var (cos, sin) = _rope.CosSin(positions, h.dtype);
+        var masks = new Dictionary<int, Tensor?>();
+        for (int i = 0; i < layers.Count; i++)
+        {
+            int? window = _config.SlidingWindows[i];
+            int key = window ?? -1;
+            if (!masks.TryGetValue(key, out var mask))
+                masks[key] = mask = AttentionMask.Build(t, past, window, attentionMask, ids.device);
+            h = layers[i].Forward(h, cos, sin, mask, cache, i);
+        }
+        return norm.forward(h).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Positions count real tokens only, so left-padded rows start at 0 like transformers' generate.</summary>
+    static Tensor PositionIds(Tensor? attentionMask, long b, long t, long past, Device device)
+    {
+        if (attentionMask is null) return arange(past, past + t, ScalarType.Int64, device).unsqueeze(0).expand(b, t);
+        var pos = attentionMask.to(ScalarType.Int64).cumsum(1) - 1;
+        pos = pos.clamp_min(0);
+        return pos[TensorIndex.Colon, TensorIndex.Slice(past, past + t)];
+    }
+}

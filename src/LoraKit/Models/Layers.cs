@@ -1,0 +1,99 @@
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace LoraKit.Models;
+
+// Field names in this folder are the checkpoint's keys (snake_case), so module paths equal HF's parameter names.
+#pragma warning disable IDE1006
+
+/// <summary>y = x·Wᵀ + b with a frozen weight; the base layer that LoRA wraps.</summary>
+public sealed class Linear : nn.Module<Tensor, Tensor>
+{
+    public Parameter weight;
+    public Parameter? bias;
+
+    public Linear(string name, WeightSource w, long inFeatures, long outFeatures, bool hasBias) : base("Linear")
+    {
+        weight = w.Take(name + ".weight", outFeatures, inFeatures);
+        bias = hasBias ? w.Take(name + ".bias", outFeatures) : null;
+        RegisterComponents();
+    }
+
+    /// <summary>A layer over an existing parameter (tied LM head).</summary>
+    public Linear(Parameter sharedWeight) : base("Linear")
+    {
+        weight = sharedWeight;
+        RegisterComponents();
+    }
+
+    public long InFeatures => weight.shape[1];
+    public long OutFeatures => weight.shape[0];
+
+    public override Tensor forward(Tensor x) => nn.functional.linear(x, weight, bias);
+}
+
+/// <summary>RMSNorm as transformers computes it: normalise in fp32, cast back, then scale by the weight.</summary>
+public sealed class RmsNorm : nn.Module<Tensor, Tensor>
+{
+    public Parameter weight;
+    readonly double _eps;
+
+    public RmsNorm(string name, WeightSource w, long dim, double eps) : base("RmsNorm")
+    {
+        weight = w.Take(name + ".weight", dim);
+        _eps = eps;
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = NewDisposeScope();
+        var dtype = x.dtype;
+        var h = x.to(ScalarType.Float32);
+        var variance = h.pow(2).mean([-1], keepdim: true);
+        h = h * rsqrt(variance + _eps);
+        return (weight * h.to(dtype)).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>Token embedding table.</summary>
+public sealed class Embedding : nn.Module<Tensor, Tensor>
+{
+    public Parameter weight;
+
+    public Embedding(string name, WeightSource w, long vocab, long dim) : base("Embedding")
+    {
+        weight = w.Take(name + ".weight", vocab, dim);
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor ids)
+    {
+        var shape = ids.shape.Append(weight.shape[1]).ToArray();
+        using var flat = ids.reshape(-1);
+        using var rows = weight.index_select(0, flat);
+        return rows.view(shape);
+    }
+}
+
+/// <summary>SwiGLU feed-forward: down(silu(gate(x)) · up(x)).</summary>
+public sealed class Mlp : nn.Module<Tensor, Tensor>
+{
+    public nn.Module<Tensor, Tensor> gate_proj, up_proj, down_proj;
+
+    public Mlp(string name, WeightSource w, ModelConfig c) : base("Mlp")
+    {
+        gate_proj = new Linear(name + ".gate_proj", w, c.HiddenSize, c.IntermediateSize, c.MlpBias);
+        up_proj = new Linear(name + ".up_proj", w, c.HiddenSize, c.IntermediateSize, c.MlpBias);
+        down_proj = new Linear(name + ".down_proj", w, c.IntermediateSize, c.HiddenSize, c.MlpBias);
+        RegisterComponents();
+    }
+
+    public override Tensor forward(Tensor x)
+    {
+        using var scope = NewDisposeScope();
+        var h = nn.functional.silu(gate_proj.forward(x)) * up_proj.forward(x);
+        return down_proj.forward(h).MoveToOuterDisposeScope();
+    }
+}

@@ -1,0 +1,77 @@
+using LoraKit.IO;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace LoraKit.Models;
+
+/// <summary>
+/// Hands checkpoint tensors to the modules that are being built, checking each name and shape against what the
+/// config implies. After the model is built, <see cref="EnsureAllUsed"/> rejects tensors nobody asked for, so loading
+/// is a strict name-for-name match (as in nanoGPT's from_pretrained).
+/// </summary>
+public abstract class WeightSource
+{
+    readonly HashSet<string> _taken = new(StringComparer.Ordinal);
+
+    public ScalarType DType { get; }
+    public Device Device { get; }
+
+    protected WeightSource(ScalarType dtype, Device device) { DType = dtype; Device = device; }
+
+    /// <summary>The frozen parameter for <paramref name="name"/>, which must have exactly <paramref name="shape"/>.</summary>
+    public Parameter Take(string name, params long[] shape)
+    {
+        _taken.Add(name);
+        var t = Load(name, shape);
+        return new Parameter(t, requires_grad: false);
+    }
+
+    protected abstract Tensor Load(string name, long[] shape);
+
+    public virtual void EnsureAllUsed() { }
+
+    protected bool WasTaken(string name) => _taken.Contains(name);
+
+    protected static string Shape(long[] s) => "[" + string.Join(", ", s) + "]";
+}
+
+/// <summary>Weights from a checkpoint's safetensors files.</summary>
+public sealed class CheckpointWeights(CheckpointFiles files, ScalarType dtype, Device device, IEnumerable<string>? ignorable = null)
+    : WeightSource(dtype, device)
+{
+    readonly HashSet<string> _ignorable = new(ignorable ?? [], StringComparer.Ordinal);
+
+    protected override Tensor Load(string name, long[] shape)
+    {
+        if (!files.Contains(name))
+            throw new InvalidDataException($"checkpoint is missing tensor '{name}' (expected shape {Shape(shape)})");
+        var e = files.Entry(name);
+        if (!e.Shape.SequenceEqual(shape))
+            throw new InvalidDataException($"tensor '{name}' has shape {Shape(e.Shape)} but the config implies {Shape(shape)}");
+        return files.Read(name, DType, Device);
+    }
+
+    public override void EnsureAllUsed()
+    {
+        // Old checkpoints store the rotary inverse frequencies as buffers; they are recomputed from the config.
+        var unexpected = files.Names.Where(n => !WasTaken(n) && !_ignorable.Contains(n) && !n.EndsWith(".rotary_emb.inv_freq", StringComparison.Ordinal))
+            .OrderBy(n => n, StringComparer.Ordinal).ToList();
+        if (unexpected.Count > 0)
+            throw new InvalidDataException($"checkpoint has unexpected tensor '{unexpected[0]}'" +
+                (unexpected.Count > 1 ? $" (and {unexpected.Count - 1} more)" : "") + " that the config does not account for");
+    }
+}
+
+/// <summary>Random weights of the right shapes (for shape tests and benchmarks of random-init models).</summary>
+public sealed class RandomWeights(ScalarType dtype, Device device, long seed = 0, double std = 0.02) : WeightSource(dtype, device)
+{
+    readonly Generator _gen = new((ulong)seed);
+
+    protected override Tensor Load(string name, long[] shape)
+    {
+        if (name.EndsWith("norm.weight", StringComparison.Ordinal)) return ones(shape, DType, Device);
+        if (name.EndsWith(".bias", StringComparison.Ordinal)) return zeros(shape, DType, Device);
+        using var t = randn(shape, ScalarType.Float32, generator: _gen) * std;
+        return t.to(DType, Device);
+    }
+}

@@ -1,1 +1,0 @@
-namespace LoraKit; public static class Placeholder {}

@@ -1,0 +1,60 @@
+using System.Text.Json;
+using LoraKit.IO;
+using static TorchSharp.torch;
+
+namespace LoraKit.Tests;
+
+/// <summary>Paths to the committed fixtures (made by scripts/fixtures/make_fixtures.py with transformers).</summary>
+public static class Fixtures
+{
+    public static readonly string[] Architectures = ["llama", "mistral", "qwen2", "qwen3"];
+    public static readonly string[] Tokenizers = ["llama3", "qwen2", "qwen3", "llama2", "metaspace", "gpt2"];
+
+    public static string Root { get; } = FindRoot();
+
+    static string FindRoot()
+    {
+        for (var d = new DirectoryInfo(AppContext.BaseDirectory); d != null; d = d.Parent)
+            if (File.Exists(Path.Combine(d.FullName, "LoraKit.slnx"))) return d.FullName;
+        throw new DirectoryNotFoundException("repository root (LoraKit.slnx) not found above the test binaries");
+    }
+
+    public static string Path_(params string[] parts) => Path.Combine([Root, "fixtures", .. parts]);
+
+    public static string Model(string arch) => Path_("models", arch);
+
+    public static JsonElement Json(params string[] parts)
+    {
+        using var doc = JsonDocument.Parse(File.ReadAllText(Path_(parts)));
+        return doc.RootElement.Clone();
+    }
+
+    public static Tensor ReferenceTensor(string arch, string name)
+    {
+        using var f = SafetensorsFile.Open(Path_("reference", arch + ".safetensors"));
+        return f.Read(name);
+    }
+
+    public static long[] Ids(JsonElement e) => e.EnumerateArray().Select(x => x.GetInt64()).ToArray();
+
+    /// <summary>A fresh temporary directory, removed with the test's lifetime by the OS temp cleaner.</summary>
+    public static string TempDir()
+    {
+        var d = Path.Combine(Path.GetTempPath(), "lorakit-tests", Guid.NewGuid().ToString("N"));
+        Directory.CreateDirectory(d);
+        return d;
+    }
+}
+
+public static class Close
+{
+    /// <summary>max |a - b| relative to max |b|; the project's tolerance measure for logits.</summary>
+    public static double RelError(Tensor actual, Tensor expected)
+    {
+        using var a = actual.to(ScalarType.Float64);
+        using var b = expected.to(ScalarType.Float64);
+        double diff = (a - b).abs().max().item<double>();
+        double scale = b.abs().max().item<double>();
+        return diff / Math.Max(scale, 1e-12);
+    }
+}
