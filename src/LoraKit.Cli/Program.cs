@@ -1,1 +1,15 @@
-Console.WriteLine("hi");
+using System.CommandLine;
+using LoraKit.Cli.Commands;
+
+namespace LoraKit.Cli;
+
+public static class Program
+{
+    public static int Main(string[] args)
+    {
+        var root = new RootCommand("LoraKit: LoRA fine-tuning, evaluation and serving for Hugging Face causal LMs.");
+        root.Subcommands.Add(ScoreCommand.Build());
+        root.Subcommands.Add(GenerateCommand.Build());
+        return root.Parse(args).Invoke();
+    }
+}

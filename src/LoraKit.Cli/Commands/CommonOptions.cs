@@ -1,0 +1,48 @@
+using System.CommandLine;
+using LoraKit.IO;
+using LoraKit.Models;
+using LoraKit.Runtime;
+using LoraKit.Tokenization;
+using static TorchSharp.torch;
+
+namespace LoraKit.Cli.Commands;
+
+/// <summary>Options shared by the model-using commands, and the code that turns them into a loaded model.</summary>
+public sealed class CommonOptions
+{
+    public Option<string> Model { get; } = new("--model") { Description = "Hugging Face model directory (config.json, safetensors, tokenizer.json)", Required = true };
+    public Option<string> Device { get; } = new("--device") { Description = "auto, cpu or cuda", DefaultValueFactory = _ => "auto" };
+    public Option<string?> DType { get; } = new("--dtype") { Description = "fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)" };
+    public Option<bool> Json { get; } = new("--json") { Description = "print one JSON object instead of text for people" };
+
+    public void AddTo(Command c)
+    {
+        c.Options.Add(Model);
+        c.Options.Add(Device);
+        c.Options.Add(DType);
+        c.Options.Add(Json);
+    }
+
+    public (CausalLM model, Tokenizer tokenizer) Load(ParseResult r)
+    {
+        var dir = r.GetValue(Model)!;
+        if (!Directory.Exists(dir)) throw new DirectoryNotFoundException($"model directory '{dir}' does not exist");
+        var device = Devices.Resolve(r.GetValue(Device)!);
+        var dtypeName = r.GetValue(DType);
+        var dtype = dtypeName is null ? Devices.DefaultDType(device) : DTypes.Parse(dtypeName);
+        var tokenizer = Tokenizer.Load(dir);
+        var model = CausalLM.Load(dir, dtype, device);
+        return (model, tokenizer);
+    }
+
+    /// <summary>Runs a command body, turning expected failures into one clear line on stderr and exit code 1.</summary>
+    public static int Run(Func<int> body)
+    {
+        try { return body(); }
+        catch (Exception e) when (Environment.GetEnvironmentVariable("LORAKIT_DEBUG") is null)
+        {
+            Console.Error.WriteLine($"error: {e.Message}");
+            return 1;
+        }
+    }
+}
