@@ -41,7 +41,7 @@ public static class ScoreCommand
             int top = Array.IndexOf(last, last.Max());
             Console.WriteLine($"tokens: {ids.Length}");
             Console.WriteLine($"loss: {(loss is double l ? $"{l:F4} (perplexity {Math.Exp(l):F2})" : "n/a (one token)")}");
-            Console.WriteLine($"most likely next token: {top} {JsonSerializer.Serialize(tokenizer.Decode([top]))} (logit {last[top]:F3})");
+            Console.WriteLine($"most likely next token: {top} {CliJson.Serialize(tokenizer.Decode([top]))} (logit {last[top]:F3})");
             return 0;
         }));
         return cmd;

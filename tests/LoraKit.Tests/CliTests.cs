@@ -1,0 +1,74 @@
+using System.Diagnostics;
+using System.Text.Json;
+using static TorchSharp.torch;
+
+namespace LoraKit.Tests;
+
+/// <summary>The CLI as scripts use it: a real process, JSON on stdout, clear errors on stderr.</summary>
+public class CliTests
+{
+    public static (int code, string stdout, string stderr) RunCli(params string[] args)
+    {
+        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "LoraKit.Cli.dll"));
+        foreach (var a in args) psi.ArgumentList.Add(a);
+        using var p = Process.Start(psi)!;
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        var stderr = p.StandardError.ReadToEndAsync();
+        if (!p.WaitForExit(120_000)) { p.Kill(true); throw new TimeoutException("CLI did not finish"); }
+        return (p.ExitCode, stdout.Result, stderr.Result);
+    }
+
+    public static TheoryData<string> Archs => new(Fixtures.Architectures);
+
+    [Theory]
+    [MemberData(nameof(Archs))]
+    public void ScoreJsonMatchesTransformers(string arch)
+    {
+        var reference = Fixtures.Json("reference", arch + ".json").GetProperty("texts")[1];
+        var (code, stdout, stderr) = RunCli("score", "--model", Fixtures.Model(arch), "--text", reference.GetProperty("text").GetString()!, "--json", "--device", "cpu");
+        Assert.True(code == 0, stderr);
+        using var doc = JsonDocument.Parse(stdout);
+        var ids = Fixtures.Ids(doc.RootElement.GetProperty("input_ids"));
+        Assert.Equal(Fixtures.Ids(reference.GetProperty("input_ids")), ids);
+        var last = tensor(doc.RootElement.GetProperty("last_logits").EnumerateArray().Select(x => x.GetSingle()).ToArray());
+        var expected = Fixtures.ReferenceTensor(arch, "logits_1")[-1];
+        Assert.True(Close.RelError(last, expected) <= 1e-4);
+        double loss = doc.RootElement.GetProperty("loss").GetDouble(), refLoss = reference.GetProperty("loss").GetDouble();
+        Assert.True(Math.Abs(loss - refLoss) <= 1e-4 * refLoss, $"loss {loss} vs {refLoss}");
+    }
+
+    [Fact]
+    public void GenerateJsonMatchesTransformers()
+    {
+        var g = Fixtures.Json("reference", "qwen3.json").GetProperty("generations")[1];
+        var (code, stdout, stderr) = RunCli("generate", "--model", Fixtures.Model("qwen3"), "--prompt", g.GetProperty("prompt").GetString()!,
+            "--max-new-tokens", "20", "--temperature", "0", "--json");
+        Assert.True(code == 0, stderr);
+        using var doc = JsonDocument.Parse(stdout);
+        Assert.Equal(Fixtures.Ids(g.GetProperty("prompt_ids")), Fixtures.Ids(doc.RootElement.GetProperty("prompt_ids")));
+        Assert.Equal(Fixtures.Ids(g.GetProperty("output_ids")), Fixtures.Ids(doc.RootElement.GetProperty("output_ids")));
+        Assert.Equal(g.GetProperty("text").GetString(), doc.RootElement.GetProperty("text").GetString());
+    }
+
+    [Fact]
+    public void BadInputsGiveOneClearErrorLine()
+    {
+        var (code, stdout, stderr) = RunCli("score", "--model", "/nonexistent/model", "--text", "hi", "--json");
+        Assert.Equal(1, code);
+        Assert.Equal("", stdout);
+        Assert.Contains("error: model directory '/nonexistent/model' does not exist", stderr);
+
+        var dir = Fixtures.TempDir();
+        foreach (var f in Directory.GetFiles(Fixtures.Model("llama"))) File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));
+        File.WriteAllText(Path.Combine(dir, "config.json"), File.ReadAllText(Path.Combine(dir, "config.json")).Replace("LlamaForCausalLM", "FalconForCausalLM"));
+        (code, _, stderr) = RunCli("generate", "--model", dir, "--prompt", "hi", "--json");
+        Assert.Equal(1, code);
+        Assert.Contains("unsupported architecture 'FalconForCausalLM'", stderr);
+        Assert.DoesNotContain("   at ", stderr); // no stack trace for users
+
+        (code, _, stderr) = RunCli("generate", "--model", Fixtures.Model("llama"), "--prompt", "hi", "--top-p", "0");
+        Assert.Equal(1, code);
+        Assert.Contains("top-p", stderr);
+    }
+}
