@@ -8,7 +8,7 @@ namespace LoraKit.Models;
 /// Grouped-query self-attention with RoPE, optional q/k/v biases (Qwen2), optional per-head q/k RMSNorm (Qwen3)
 /// and an optional KV cache. Attention itself is PyTorch's scaled_dot_product_attention.
 /// </summary>
-public sealed class Attention : nn.Module<Tensor, Tensor>
+public sealed class Attention : ContainerModule
 {
     public nn.Module<Tensor, Tensor> q_proj, k_proj, v_proj, o_proj;
     public RmsNorm? q_norm, k_norm;

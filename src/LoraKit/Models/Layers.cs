@@ -78,7 +78,7 @@ public sealed class Embedding : nn.Module<Tensor, Tensor>
 }
 
 /// <summary>SwiGLU feed-forward: down(silu(gate(x)) · up(x)).</summary>
-public sealed class Mlp : nn.Module<Tensor, Tensor>
+public sealed class Mlp : ContainerModule
 {
     public nn.Module<Tensor, Tensor> gate_proj, up_proj, down_proj;
 

@@ -1,0 +1,99 @@
+using System.Text.Json.Nodes;
+using LoraKit.IO;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace LoraKit.Lora;
+
+/// <summary>
+/// PEFT's on-disk adapter format: <c>adapter_config.json</c> + <c>adapter_model.safetensors</c> with keys like
+/// <c>base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight</c>. Loading fails closed: every tensor must belong
+/// to a module the config targets on this base, every targeted module must have both tensors, and every shape must
+/// equal what the config's rank and the base model's layer imply — all checked before the model is touched.
+/// </summary>
+public static class AdapterFiles
+{
+    public const string ConfigFile = "adapter_config.json";
+    public const string WeightsFile = "adapter_model.safetensors";
+    const string Prefix = "base_model.model.";
+
+    public static LoraConfig Load(LoraModel lm, string name, string dir)
+    {
+        if (!Directory.Exists(dir)) throw new DirectoryNotFoundException($"adapter directory '{dir}' does not exist");
+        var config = LoraConfig.Load(dir);
+        config.Validate();
+        if (config.ModulesToSave is { Count: > 0 })
+            throw new LoraConfigException($"{dir}: modules_to_save ({string.Join(", ", config.ModulesToSave)}) is not supported for causal-LM adapters yet");
+        if (config.Extra["auto_mapping"] is JsonObject am && am["base_model_class"]?.GetValue<string>() is string cls && cls != lm.Model.Config.Architecture)
+            throw new LoraConfigException($"{dir}: adapter was made for a {cls}, but the base model is a {lm.Model.Config.Architecture}");
+
+        var weightsPath = Path.Combine(dir, WeightsFile);
+        if (!File.Exists(weightsPath))
+            throw new FileNotFoundException(File.Exists(Path.Combine(dir, "adapter_model.bin"))
+                ? $"{dir}: only adapter_model.bin found; LoraKit reads safetensors only (pickle files can run code)"
+                : $"{dir}: {WeightsFile} not found");
+        using var file = SafetensorsFile.Open(weightsPath);
+
+        // Group the file's tensors by module path.
+        var byModule = new Dictionary<string, Dictionary<string, SafetensorsEntry>>(StringComparer.Ordinal);
+        foreach (var (key, entry) in file.Entries)
+        {
+            if (!key.StartsWith(Prefix, StringComparison.Ordinal) || !(key.EndsWith(".lora_A.weight", StringComparison.Ordinal) || key.EndsWith(".lora_B.weight", StringComparison.Ordinal)))
+                throw new InvalidDataException($"{weightsPath}: tensor '{key}' is not a LoRA A/B weight in PEFT's naming (DoRA, embeddings and biases are not supported)");
+            string rest = key[Prefix.Length..];
+            string module = rest[..^".lora_A.weight".Length];
+            string part = rest.EndsWith(".lora_A.weight", StringComparison.Ordinal) ? "A" : "B";
+            if (!byModule.TryGetValue(module, out var parts)) byModule[module] = parts = [];
+            parts[part] = entry;
+        }
+
+        var linear = lm.LinearKeys().ToHashSet();
+        if (byModule.Count > 0 && !byModule.Keys.Any(linear.Contains))
+            throw new InvalidDataException($"{dir}: none of the adapter's weights match a module of this {lm.Model.Config.Architecture} " +
+                $"(first: '{byModule.Keys.First()}'); it was made for another model");
+        var targets = lm.TargetKeys(config);
+        config = lm.Resolve(config);
+        foreach (var module in byModule.Keys)
+            if (!targets.Contains(module))
+                throw new InvalidDataException($"{dir}: the adapter has weights for '{module}', which its config does not target on this base model");
+        var shapes = lm.Model.named_modules().Where(m => targets.Contains(m.name))
+            .ToDictionary(m => m.name, m => m.module is LoraLinear l ? l.base_layer : (Models.Linear)m.module);
+        foreach (var key in targets)
+        {
+            if (!byModule.TryGetValue(key, out var parts) || !parts.ContainsKey("A") || !parts.ContainsKey("B"))
+                throw new InvalidDataException($"{dir}: the adapter file has no lora_A/lora_B weights for targeted module '{key}'");
+            int r = config.RankFor(key);
+            long inF = shapes[key].InFeatures, outF = shapes[key].OutFeatures;
+            Check(parts["A"], [r, inF], r, dir);
+            Check(parts["B"], [outF, r], r, dir);
+        }
+
+        using var _ = no_grad();
+        foreach (var key in targets)
+        {
+            var a = file.Read(byModule[key]["A"].Name).to(ScalarType.Float32, lm.Model.Device);
+            var b = file.Read(byModule[key]["B"].Name).to(ScalarType.Float32, lm.Model.Device);
+            lm.WrapForLoad(key).AddAdapter(name, new LoraWeights(new Parameter(a, true), new Parameter(b, true), config.Scaling(key), config.LoraDropout));
+        }
+        lm.Register(name, config);
+        lm.SetActive(name);
+        return config;
+    }
+
+    static void Check(SafetensorsEntry e, long[] expected, int r, string dir)
+    {
+        if (!e.Shape.SequenceEqual(expected))
+            throw new InvalidDataException($"{dir}: tensor '{e.Name}' has shape [{string.Join(", ", e.Shape)}] but the adapter config (r={r}) " +
+                $"and the base model imply [{string.Join(", ", expected)}]; the adapter does not fit this base model");
+    }
+
+    /// <summary>Writes the adapter in PEFT's format (fp32 weights, as PEFT keeps them).</summary>
+    public static void Save(LoraModel lm, string name, string dir, string? baseModelPath = null)
+    {
+        if (!lm.Configs.TryGetValue(name, out var config)) throw new KeyNotFoundException($"no adapter named '{name}'");
+        Directory.CreateDirectory(dir);
+        var tensors = lm.Parameters(name).ToDictionary(p => Prefix + p.key, p => (Tensor)p.param);
+        SafetensorsWriter.Save(Path.Combine(dir, WeightsFile), tensors, new Dictionary<string, string> { ["format"] = "pt" });
+        (baseModelPath is null ? config : config with { BaseModelNameOrPath = baseModelPath }).Save(dir);
+    }
+}

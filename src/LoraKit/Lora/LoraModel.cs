@@ -1,0 +1,166 @@
+using LoraKit.Models;
+using TorchSharp.Modules;
+using Linear = LoraKit.Models.Linear;
+using static TorchSharp.torch;
+
+namespace LoraKit.Lora;
+
+/// <summary>
+/// A frozen <see cref="CausalLM"/> with named LoRA adapters injected into its linear layers (PEFT's LoraModel).
+/// Several adapters can be loaded at once; choosing the active one is a flag flip, never a base reload.
+/// </summary>
+public sealed class LoraModel : IDisposable
+{
+    readonly Dictionary<string, LoraConfig> _configs = new(StringComparer.Ordinal);
+
+    public CausalLM Model { get; }
+    public IReadOnlyDictionary<string, LoraConfig> Configs => _configs;
+
+    public LoraModel(CausalLM model) { Model = model; }
+
+    /// <summary>Every wrapped layer with its module path (e.g. model.layers.0.self_attn.q_proj).</summary>
+    public IEnumerable<(string key, LoraLinear layer)> LoraLayers() =>
+        Model.named_modules().Where(m => m.module is LoraLinear).Select(m => (m.name, (LoraLinear)m.module));
+
+    /// <summary>Module paths of the base model's linear layers that LoRA can wrap (every Linear but the LM head).</summary>
+    public IReadOnlyList<string> LinearKeys() => Model.named_modules()
+        .Where(m => m.module is LoraLinear || (m.module is Linear && !m.name.EndsWith(".base_layer", StringComparison.Ordinal)))
+        .Select(m => m.name).Where(k => k != "lm_head").ToList();
+
+    /// <summary>PEFT expands "all-linear" into the explicit list of module paths; so do we (and so does the saved config).</summary>
+    public LoraConfig Resolve(LoraConfig config) =>
+        config.TargetRegex == LoraConfig.AllLinear ? config with { TargetRegex = null, TargetModules = LinearKeys() } : config;
+
+    /// <summary>The module paths an adapter config selects on this model; an error if it selects none.</summary>
+    public IReadOnlyList<string> TargetKeys(LoraConfig config)
+    {
+        config.Validate();
+        config = Resolve(config);
+        var keys = LinearKeys().Where(config.Targets).ToList();
+        if (keys.Count == 0)
+            throw new LoraConfigException($"target modules {Describe(config)} match no linear layer of this {Model.Config.Architecture} " +
+                $"(its layers are named like {string.Join(", ", LinearKeys().Take(7).Select(k => k.Split('.')[^1]).Distinct())})");
+        return keys;
+    }
+
+    static string Describe(LoraConfig c) => c.TargetRegex ?? "[" + string.Join(", ", c.TargetModules!) + "]";
+
+    /// <summary>Injects a new adapter with fresh weights (PEFT's initialisation) and makes it the active one.</summary>
+    public void AddAdapter(string name, LoraConfig config, long seed = 0)
+    {
+        var keys = TargetKeys(config);
+        config = Resolve(config);
+        var gen = new Generator((ulong)seed);
+        using var _ = no_grad();
+        foreach (var key in keys)
+        {
+            var layer = Wrap(key);
+            int r = config.RankFor(key);
+            long inF = layer.base_layer.InFeatures, outF = layer.base_layer.OutFeatures;
+            var a = empty(r, inF, ScalarType.Float32, Model.Device);
+            var b = empty(outF, r, ScalarType.Float32, Model.Device);
+            InitLoraWeights(a, b, config.InitLoraWeights, r, gen);
+            layer.AddAdapter(name, new LoraWeights(new Parameter(a, true), new Parameter(b, true), config.Scaling(key), config.LoraDropout));
+        }
+        _configs[name] = config;
+        SetActive(name);
+    }
+
+    static void InitLoraWeights(Tensor a, Tensor b, string mode, int r, Generator gen)
+    {
+        // nn.Linear's default (Kaiming-uniform with a=√5) is U(-1/√fan_in, 1/√fan_in).
+        double boundA = 1 / Math.Sqrt(a.shape[1]);
+        switch (mode)
+        {
+            case "true":
+                a.uniform_(-boundA, boundA, gen);
+                b.zero_();
+                break;
+            case "gaussian":
+                a.normal_(0, 1.0 / r, gen);
+                b.zero_();
+                break;
+            default: // "false": both keep nn.Linear's default init, so the adapter changes outputs from the start
+                a.uniform_(-boundA, boundA, gen);
+                double boundB = 1 / Math.Sqrt(r);
+                b.uniform_(-boundB, boundB, gen);
+                break;
+        }
+    }
+
+    /// <summary>The LoRA wrapper at <paramref name="key"/>, replacing the plain Linear there on first use.</summary>
+    LoraLinear Wrap(string key)
+    {
+        var modules = Model.named_modules().ToDictionary(m => m.name, m => m.module);
+        var module = modules[key];
+        if (module is LoraLinear existing) return existing;
+        int dot = key.LastIndexOf('.');
+        if (dot < 0 || modules[key[..dot]] is not ContainerModule parent)
+            throw new LoraConfigException($"module '{key}' cannot take a LoRA adapter");
+        var wrapped = new LoraLinear((Linear)module);
+        parent.ReplaceChild(key[(dot + 1)..], wrapped);
+        return wrapped;
+    }
+
+    /// <summary>Makes exactly these adapters active (hot-swap: no weights move).</summary>
+    public void SetActive(params string[] names)
+    {
+        foreach (var n in names)
+            if (!_configs.ContainsKey(n)) throw new KeyNotFoundException($"no adapter named '{n}' (loaded: {string.Join(", ", _configs.Keys)})");
+        foreach (var (_, layer) in LoraLayers())
+        {
+            layer.Active.Clear();
+            layer.Active.AddRange(names.Where(layer.Adapters.ContainsKey));
+        }
+    }
+
+    /// <summary>With adapters disabled the model computes exactly the base model (merged adapters are unmerged first).</summary>
+    public void SetDisabled(bool disabled)
+    {
+        foreach (var (_, layer) in LoraLayers())
+        {
+            if (disabled) layer.UnmergeAll();
+            layer.Disabled = disabled;
+        }
+    }
+
+    public void DeleteAdapter(string name)
+    {
+        if (!_configs.Remove(name)) throw new KeyNotFoundException($"no adapter named '{name}'");
+        foreach (var (_, layer) in LoraLayers()) layer.RemoveAdapter(name);
+    }
+
+    /// <summary>The adapter's trainable tensors (A and B of every wrapped layer), in a stable order.</summary>
+    public List<(string key, Parameter param)> Parameters(string name) => LoraLayers()
+        .Where(l => l.layer.Adapters.ContainsKey(name))
+        .SelectMany(l => new[] { ($"{l.key}.lora_A.weight", l.layer.Adapters[name].A), ($"{l.key}.lora_B.weight", l.layer.Adapters[name].B) })
+        .ToList();
+
+    /// <summary>PEFT's print_trainable_parameters line for one adapter.</summary>
+    public string TrainableReport(string name)
+    {
+        long trainable = Parameters(name).Sum(p => p.param.numel());
+        long baseCount = Model.parameters().Distinct().Sum(p => p.numel()); // a tied LM head counts once
+        long all = baseCount + _configs.Keys.Sum(n => Parameters(n).Sum(p => p.param.numel()));
+        return $"trainable params: {trainable:N0} || all params: {all:N0} || trainable%: {100.0 * trainable / all:F4}";
+    }
+
+    public void Merge(params string[] names)
+    {
+        foreach (var (_, layer) in LoraLayers())
+            foreach (var n in names)
+                if (layer.Adapters.ContainsKey(n)) layer.Merge(n);
+    }
+
+    public void UnmergeAll()
+    {
+        foreach (var (_, layer) in LoraLayers()) layer.UnmergeAll();
+    }
+
+    /// <summary>Registers an adapter whose weights are already placed in the layers (combination, loading).</summary>
+    internal void Register(string name, LoraConfig config) => _configs[name] = config;
+
+    internal LoraLinear WrapForLoad(string key) => Wrap(key);
+
+    public void Dispose() => Model.Dispose();
+}
