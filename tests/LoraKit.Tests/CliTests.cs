@@ -72,3 +72,67 @@ public class CliTests
         Assert.Contains("top-p", stderr);
     }
 }
+
+/// <summary>The adapter-related CLI: --adapter, adapter info, merge, combine.</summary>
+public class AdapterCliTests
+{
+    [Fact]
+    public void ScoreWithAdapterMatchesPeft()
+    {
+        var text = Fixtures.Json("reference", "peft_qwen3.json").GetProperty("texts")[1];
+        var (code, stdout, stderr) = CliTests.RunCli("score", "--model", Fixtures.Model("qwen3"), "--adapter", Fixtures.Path_("adapters", "qwen3", "regex"),
+            "--text", text.GetProperty("text").GetString()!, "--json", "--device", "cpu");
+        Assert.True(code == 0, stderr);
+        using var doc = System.Text.Json.JsonDocument.Parse(stdout);
+        var last = tensor(doc.RootElement.GetProperty("last_logits").EnumerateArray().Select(x => x.GetSingle()).ToArray());
+        Assert.True(Close.RelError(last, Fixtures.ReferenceTensor("peft_qwen3", "regex_1")[-1]) <= 1e-4);
+    }
+
+    [Fact]
+    public void AdapterInfoReportsRankTargetsParamsAndSize()
+    {
+        var (code, stdout, stderr) = CliTests.RunCli("adapter", "info", Fixtures.Path_("adapters", "mistral", "a"), "--json");
+        Assert.True(code == 0, stderr);
+        using var doc = System.Text.Json.JsonDocument.Parse(stdout);
+        var r = doc.RootElement;
+        Assert.Equal(8, r.GetProperty("r").GetInt32());
+        Assert.Equal("k_proj, o_proj, q_proj, v_proj", r.GetProperty("target_modules").GetString());
+        Assert.Equal(Fixtures.Json("reference", "peft_mistral.json").GetProperty("adapters").GetProperty("a").GetProperty("trainable_params").GetInt64(),
+            r.GetProperty("trainable_params").GetInt64());
+        Assert.Equal(new FileInfo(Fixtures.Path_("adapters", "mistral", "a", "adapter_model.safetensors")).Length, r.GetProperty("file_bytes").GetInt64());
+        (code, stdout, _) = CliTests.RunCli("adapter", "info", Fixtures.Path_("adapters", "mistral", "a"));
+        Assert.Contains("rank (r):         8", stdout);
+    }
+
+    [Fact]
+    public void MergeWritesACheckpointScoringLikeTheAdapter()
+    {
+        var outDir = Path.Combine(Fixtures.TempDir(), "merged");
+        var (code, _, stderr) = CliTests.RunCli("merge", "--model", Fixtures.Model("mistral"), "--adapter", Fixtures.Path_("adapters", "mistral", "a"), "--output", outDir);
+        Assert.True(code == 0, stderr);
+        var text = Fixtures.Json("reference", "peft_mistral.json").GetProperty("texts")[0].GetProperty("text").GetString()!;
+        var merged = CliTests.RunCli("score", "--model", outDir, "--text", text, "--json");
+        Assert.True(merged.code == 0, merged.stderr);
+        using var doc = System.Text.Json.JsonDocument.Parse(merged.stdout);
+        var last = tensor(doc.RootElement.GetProperty("last_logits").EnumerateArray().Select(x => x.GetSingle()).ToArray());
+        Assert.True(Close.RelError(last, Fixtures.ReferenceTensor("peft_mistral", "merged_a_0")[-1]) <= 1e-4);
+        // Refuses to overwrite.
+        (code, _, stderr) = CliTests.RunCli("merge", "--model", Fixtures.Model("mistral"), "--adapter", Fixtures.Path_("adapters", "mistral", "a"), "--output", outDir);
+        Assert.Equal(1, code);
+        Assert.Contains("not empty", stderr);
+    }
+
+    [Fact]
+    public void CombineCatWritesPeftsCombination()
+    {
+        var outDir = Path.Combine(Fixtures.TempDir(), "combo");
+        var a = Fixtures.Path_("adapters", "llama", "a");
+        var b = Fixtures.Path_("adapters", "llama", "b");
+        var (code, _, stderr) = CliTests.RunCli("combine", "--model", Fixtures.Model("llama"), "--adapters", $"{a}:0.7,{b}:0.3", "--method", "cat", "--output", outDir);
+        Assert.True(code == 0, stderr);
+        using var mine = LoraKit.IO.SafetensorsFile.Open(Path.Combine(outDir, "adapter_model.safetensors"));
+        using var peft = LoraKit.IO.SafetensorsFile.Open(Fixtures.Path_("adapters", "llama", "a_b_cat", "adapter_model.safetensors"));
+        Assert.Equal(peft.Entries.Keys.Order(), mine.Entries.Keys.Order());
+        foreach (var k in peft.Entries.Keys) Assert.True(Close.RelError(mine.Read(k), peft.Read(k)) <= 1e-6, k);
+    }
+}

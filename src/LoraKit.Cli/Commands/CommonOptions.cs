@@ -1,5 +1,6 @@
 using System.CommandLine;
 using LoraKit.IO;
+using LoraKit.Lora;
 using LoraKit.Models;
 using LoraKit.Runtime;
 using LoraKit.Tokenization;
@@ -14,6 +15,7 @@ public sealed class CommonOptions
     public Option<string> Device { get; } = new("--device") { Description = "auto, cpu or cuda", DefaultValueFactory = _ => "auto" };
     public Option<string?> DType { get; } = new("--dtype") { Description = "fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)" };
     public Option<bool> Json { get; } = new("--json") { Description = "print one JSON object instead of text for people" };
+    public Option<string?> Adapter { get; } = new("--adapter") { Description = "PEFT-format LoRA adapter directory to apply" };
 
     public void AddTo(Command c)
     {
@@ -21,8 +23,10 @@ public sealed class CommonOptions
         c.Options.Add(Device);
         c.Options.Add(DType);
         c.Options.Add(Json);
+        c.Options.Add(Adapter);
     }
 
+    /// <summary>Loads the model (and the --adapter on top of it, when given) and its tokenizer.</summary>
     public (CausalLM model, Tokenizer tokenizer) Load(ParseResult r)
     {
         var dir = r.GetValue(Model)!;
@@ -32,6 +36,8 @@ public sealed class CommonOptions
         var dtype = dtypeName is null ? Devices.DefaultDType(device) : DTypes.Parse(dtypeName);
         var tokenizer = Tokenizer.Load(dir);
         var model = CausalLM.Load(dir, dtype, device);
+        if (r.GetValue(Adapter) is string adapter)
+            AdapterFiles.Load(new LoraModel(model), "default", adapter);
         return (model, tokenizer);
     }
 

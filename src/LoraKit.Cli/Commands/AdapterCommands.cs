@@ -1,0 +1,120 @@
+using System.CommandLine;
+using LoraKit.IO;
+using LoraKit.Lora;
+using LoraKit.Models;
+using LoraKit.Runtime;
+using static TorchSharp.torch;
+
+namespace LoraKit.Cli.Commands;
+
+/// <summary><c>lorakit adapter info</c>, <c>lorakit merge</c> and <c>lorakit combine</c>.</summary>
+public static class AdapterCommands
+{
+    public static Command Adapter()
+    {
+        var dir = new Argument<string>("DIR") { Description = "PEFT-format adapter directory" };
+        var json = new Option<bool>("--json") { Description = "print JSON" };
+        var info = new Command("info", "Show an adapter's rank, alpha, targets, trainable parameters and file size.") { dir, json };
+        info.SetAction(r => CommonOptions.Run(() =>
+        {
+            string d = r.GetValue(dir)!;
+            var config = LoraConfig.Load(d);
+            config.Validate();
+            var weights = Path.Combine(d, AdapterFiles.WeightsFile);
+            using var file = SafetensorsFile.Open(weights);
+            long parameters = file.Entries.Values.Sum(e => e.Shape.Aggregate(1L, (a, b) => a * b));
+            int modules = file.Entries.Count / 2;
+            long bytes = new FileInfo(weights).Length;
+            string targets = config.TargetRegex ?? string.Join(", ", config.TargetModules!.Select(t => t.Split('.')[^1]).Distinct().Order());
+            if (r.GetValue(json))
+            {
+                Console.WriteLine(CliJson.Serialize(new
+                {
+                    r = config.R, lora_alpha = config.LoraAlpha, use_rslora = config.UseRslora, target_modules = targets, modules,
+                    trainable_params = parameters, file_bytes = bytes, base_model = config.BaseModelNameOrPath,
+                }));
+                return 0;
+            }
+            Console.WriteLine($"adapter:          {Path.GetFullPath(d)}");
+            Console.WriteLine($"base model:       {config.BaseModelNameOrPath ?? "(not recorded)"}");
+            Console.WriteLine($"rank (r):         {config.R}{(config.RankPattern.Count > 0 ? $" (patterns: {string.Join(", ", config.RankPattern.Select(kv => $"{kv.Key}={kv.Value}"))})" : "")}");
+            Console.WriteLine($"lora_alpha:       {config.LoraAlpha}{(config.UseRslora ? " (rsLoRA: scaling alpha/√r)" : " (scaling alpha/r)")}");
+            Console.WriteLine($"targets:          {targets}{(config.LayersToTransform is { } l ? $" in layers {string.Join(", ", l)}" : "")}");
+            Console.WriteLine($"wrapped modules:  {modules}");
+            Console.WriteLine($"trainable params: {parameters:N0}");
+            Console.WriteLine($"file size:        {bytes / 1024.0:F1} KiB");
+            return 0;
+        }));
+        var cmd = new Command("adapter", "Inspect LoRA adapters.");
+        cmd.Subcommands.Add(info);
+        return cmd;
+    }
+
+    static (Option<string> model, Option<string> output, Option<string> device, Option<string?> dtype) ModelOutputOptions(Command c)
+    {
+        var model = new Option<string>("--model") { Description = "base model directory", Required = true };
+        var output = new Option<string>("--output") { Description = "output directory (must not exist or be empty)", Required = true };
+        var device = new Option<string>("--device") { Description = "auto, cpu or cuda", DefaultValueFactory = _ => "cpu" };
+        var dtype = new Option<string?>("--dtype") { Description = "dtype to load and write (default: fp32 on CPU, bf16 on CUDA)" };
+        foreach (var o in new Option[] { model, output, device, dtype }) c.Options.Add(o);
+        return (model, output, device, dtype);
+    }
+
+    static LoraModel LoadBase(ParseResult r, Option<string> model, Option<string> device, Option<string?> dtype)
+    {
+        var dev = Devices.Resolve(r.GetValue(device)!);
+        var dt = r.GetValue(dtype) is string s ? IO.DTypes.Parse(s) : Devices.DefaultDType(dev);
+        return new LoraModel(CausalLM.Load(r.GetValue(model)!, dt, dev));
+    }
+
+    public static Command Merge()
+    {
+        var cmd = new Command("merge", "Merge an adapter into the base weights and write a full Hugging Face checkpoint.");
+        var adapter = new Option<string>("--adapter") { Description = "PEFT-format adapter directory", Required = true };
+        cmd.Options.Add(adapter);
+        var (model, output, device, dtype) = ModelOutputOptions(cmd);
+        cmd.SetAction(r => CommonOptions.Run(() =>
+        {
+            using var lm = LoadBase(r, model, device, dtype);
+            AdapterFiles.Load(lm, "default", r.GetValue(adapter)!);
+            lm.Merge("default");
+            CheckpointWriter.Save(lm.Model, r.GetValue(model)!, r.GetValue(output)!);
+            Console.WriteLine($"merged {r.GetValue(adapter)} into {r.GetValue(model)} → {r.GetValue(output)}");
+            return 0;
+        }));
+        return cmd;
+    }
+
+    public static Command Combine()
+    {
+        var cmd = new Command("combine", "Combine adapters into one (PEFT add_weighted_adapter: linear, cat or svd) and save it in PEFT format.");
+        var adapters = new Option<string>("--adapters") { Description = "DIR1:WEIGHT1,DIR2:WEIGHT2,...", Required = true };
+        var method = new Option<string>("--method") { Description = "linear (equal ranks), cat or svd", DefaultValueFactory = _ => "cat" };
+        var svdRank = new Option<int?>("--svd-rank") { Description = "target rank for svd (default: the largest input rank)" };
+        cmd.Options.Add(adapters);
+        cmd.Options.Add(method);
+        cmd.Options.Add(svdRank);
+        var (model, output, device, dtype) = ModelOutputOptions(cmd);
+        cmd.SetAction(r => CommonOptions.Run(() =>
+        {
+            var parts = r.GetValue(adapters)!.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(p =>
+            {
+                int colon = p.LastIndexOf(':');
+                if (colon <= 0 || !double.TryParse(p[(colon + 1)..], System.Globalization.CultureInfo.InvariantCulture, out double w))
+                    throw new ArgumentException($"'{p}' is not DIR:WEIGHT");
+                return (dir: p[..colon], w);
+            }).ToList();
+            using var lm = LoadBase(r, model, device, dtype);
+            var names = parts.Select((p, i) => $"in{i}").ToList();
+            for (int i = 0; i < parts.Count; i++) AdapterFiles.Load(lm, names[i], parts[i].dir);
+            AdapterCombiner.Combine(lm, names, parts.Select(p => p.w).ToList(), "combined", r.GetValue(method)!, r.GetValue(svdRank));
+            var outDir = r.GetValue(output)!;
+            if (Directory.Exists(outDir) && Directory.EnumerateFileSystemEntries(outDir).Any())
+                throw new IOException($"output directory '{outDir}' exists and is not empty");
+            AdapterFiles.Save(lm, "combined", outDir, r.GetValue(model));
+            Console.WriteLine($"combined {parts.Count} adapters ({r.GetValue(method)}) → {outDir} (r={lm.Configs["combined"].R})");
+            return 0;
+        }));
+        return cmd;
+    }
+}
