@@ -258,3 +258,19 @@ public class LoraTests
         Assert.True(File.Exists(Path.Combine(outDir, "tokenizer.json")));
     }
 }
+
+public class CombinationWithRankPatternTests
+{
+    [Fact]
+    public void CatOfAnAdapterWithRankPatternKeepsItsDelta()
+    {
+        // qwen2/a has rank_pattern (q_proj r=2, layers.1.mlp.down_proj r=6): cat must size the result from real ranks.
+        using var lm = new LoraModel(CausalLM.Load(Fixtures.Model("qwen2"), ScalarType.Float32, CPU));
+        AdapterFiles.Load(lm, "a", Fixtures.Path_("adapters", "qwen2", "a"));
+        var cfg = AdapterCombiner.Combine(lm, ["a"], [1.0], "cat1", "cat");
+        Assert.Equal(6, cfg.R);
+        foreach (var (key, layer) in lm.LoraLayers())
+            Assert.True(Close.RelError(layer.DeltaWeight("cat1"), layer.DeltaWeight("a")) <= 1e-6, key);
+        Assert.Throws<ArgumentException>(() => AdapterCombiner.Combine(lm, ["a"], [1.0], "lin", "linear"));
+    }
+}

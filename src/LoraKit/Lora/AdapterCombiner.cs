@@ -11,7 +11,10 @@ namespace LoraKit.Lora;
 /// <item><c>svd</c>: Δ = Σ wᵢ·ΔWᵢ (ΔWᵢ = sᵢ·BᵢAᵢ), truncated SVD to the target rank: B = U·S, A = Vᴴ. This is what PEFT 0.21
 /// computes (measured against it); older PEFT source multiplied by sᵢ a second time.</item>
 /// </list>
-/// The new adapter takes the first adapter's config with r = lora_alpha = the new rank and the union of targets.
+/// The new adapter takes the first adapter's config with r = lora_alpha = the new rank, plain scaling (1) and the
+/// union of targets. Two deliberate departures from PEFT, both where PEFT misbehaves: ranks come from the actual
+/// per-module ranks (PEFT's config-r sizing fails under rank_pattern), and rsLoRA is not inherited (PEFT's result
+/// would be scaled by √r).
 /// </summary>
 public static class AdapterCombiner
 {
@@ -21,12 +24,17 @@ public static class AdapterCombiner
         if (adapters.Count == 0 || adapters.Count != weights.Count) throw new ArgumentException("give one weight per adapter");
         if (lm.Configs.ContainsKey(newName)) throw new ArgumentException($"an adapter named '{newName}' already exists");
         var configs = adapters.Select(a => lm.Configs.TryGetValue(a, out var c) ? c : throw new KeyNotFoundException($"no adapter named '{a}'")).ToList();
-        var ranks = configs.Select(c => c.R).Distinct().ToList(); // PEFT compares the configs' r
+        // PEFT sizes the result from the configs' r, which breaks (shape error) under rank_pattern; the largest rank an
+        // adapter actually has on any module is the same number without patterns and also works with them.
+        var maxRanks = adapters.Select(a => lm.LoraLayers().Where(l => l.layer.Adapters.ContainsKey(a)).Max(l => l.layer.Adapters[a].Rank)).ToList();
+        bool uniform = lm.LoraLayers().All(l => adapters.Where(l.layer.Adapters.ContainsKey).Select(a => l.layer.Adapters[a].Rank).Distinct().Count() <= 1)
+            && maxRanks.Distinct().Count() == 1
+            && lm.LoraLayers().All(l => adapters.Where(l.layer.Adapters.ContainsKey).All(a => l.layer.Adapters[a].Rank == maxRanks[0]));
         int newRank = method switch
         {
-            "linear" => ranks.Count == 1 ? ranks[0] : throw new ArgumentException("linear combination needs adapters of one rank; use cat or svd"),
-            "cat" => configs.Sum(c => c.R),
-            "svd" => svdRank ?? configs.Max(c => c.R),
+            "linear" => uniform ? maxRanks[0] : throw new ArgumentException("linear combination needs every adapter to have one rank on every module; use cat or svd"),
+            "cat" => maxRanks.Sum(),
+            "svd" => svdRank ?? maxRanks.Max(),
             _ => throw new ArgumentException($"unknown combination method '{method}' (linear, cat or svd)"),
         };
         if (newRank <= 0) throw new ArgumentException("the combined rank must be positive");
@@ -35,7 +43,9 @@ public static class AdapterCombiner
             throw new ArgumentException("cannot combine adapters whose target_modules mix a regex and a list");
         var newConfig = configs[0] with
         {
-            R = newRank, LoraAlpha = newRank, RankPattern = new Dictionary<string, int>(), AlphaPattern = new Dictionary<string, double>(),
+            // PEFT keeps the first adapter's use_rslora, which would scale the result by √r; alpha = r with plain
+            // scaling gives the intended Σ wᵢΔWᵢ, and PEFT reads it back the same.
+            R = newRank, LoraAlpha = newRank, UseRslora = false, RankPattern = new Dictionary<string, int>(), AlphaPattern = new Dictionary<string, double>(),
             TargetRegex = regex ? string.Join("|", configs.Select(c => $"({c.TargetRegex})")) : null,
             TargetModules = regex ? null : configs.SelectMany(c => c.TargetModules!).Distinct().ToList(),
         };
