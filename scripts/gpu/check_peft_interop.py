@@ -15,7 +15,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 TEXT = "Intent routing: reset my password goes to accounts; my invoice is wrong goes to billing."
-COMBOS = {"llama": "a:0.7,b:0.3", "mistral": "a:0.5,a:0.25", "qwen2": "a:0.8", "qwen3": "a:0.6,regex:0.9"}
+COMBOS = {"llama": "a:0.7,b:0.3", "mistral": "a:0.5,a:0.25", "qwen2": "a:0.8", "qwen3": "regex:0.9,regex:0.5"}
 
 
 def cli(*args):
