@@ -13,6 +13,8 @@ public static class Program
         root.Subcommands.Add(AdapterCommands.Adapter());
         root.Subcommands.Add(AdapterCommands.Merge());
         root.Subcommands.Add(AdapterCommands.Combine());
+        root.Subcommands.Add(TrainCommand.Build());
+        root.Subcommands.Add(DemoCommand.Build());
         return root.Parse(args).Invoke();
     }
 }

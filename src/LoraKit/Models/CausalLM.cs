@@ -43,10 +43,10 @@ public sealed class CausalLM : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor ids) => Logits(ids, null, null);
 
     /// <summary>Logits [B, T, vocab] in the model's dtype.</summary>
-    public Tensor Logits(Tensor ids, Tensor? attentionMask, KvCache? cache)
+    public Tensor Logits(Tensor ids, Tensor? attentionMask, KvCache? cache, Tensor? positions = null, Tensor? segments = null)
     {
         using var scope = NewDisposeScope();
-        var h = model.Forward(ids, attentionMask, cache);
+        var h = model.Forward(ids, attentionMask, cache, positions, segments);
         return lm_head.forward(h).MoveToOuterDisposeScope();
     }
 

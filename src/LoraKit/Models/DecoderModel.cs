@@ -11,6 +11,9 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
     public TorchSharp.Modules.ModuleList<DecoderLayer> layers;
     public RmsNorm norm;
     readonly ModelConfig _config;
+
+    /// <summary>Recompute each layer's activations in backward instead of keeping them (training only).</summary>
+    public bool GradientCheckpointing { get; set; }
     readonly RotaryEmbedding _rope;
 
     public DecoderModel(string name, WeightSource w, ModelConfig c) : base("DecoderModel")
@@ -31,12 +34,13 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
     /// Hidden states [B, T, hidden] for token ids [B, T].
     /// <paramref name="attentionMask"/> is [B, S] over all S = past + T positions (1 = real token, 0 = padding), or null.
     /// </summary>
-    public Tensor Forward(Tensor ids, Tensor? attentionMask, KvCache? cache)
+    /// <paramref name="positions"/> and <paramref name="segments"/> ([B, T]) are given for packed rows.
+    public Tensor Forward(Tensor ids, Tensor? attentionMask, KvCache? cache, Tensor? positions = null, Tensor? segments = null)
     {
         using var scope = NewDisposeScope();
         long b = ids.shape[0], t = ids.shape[1];
         long past = cache?.Length ?? 0;
-        var positions = PositionIds(attentionMask, b, t, past, ids.device);
+        positions ??= PositionIds(attentionMask, b, t, past, ids.device);
         var h = embed_tokens.forward(ids);
         var (cos, sin) = _rope.CosSin(positions, h.dtype);
         var masks = new Dictionary<int, Tensor?>();
@@ -45,7 +49,7 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
             int? window = _config.SlidingWindows[i];
             int key = window ?? -1;
             if (!masks.TryGetValue(key, out var mask))
-                masks[key] = mask = AttentionMask.Build(t, past, window, attentionMask, ids.device);
+                masks[key] = mask = AttentionMask.Build(t, past, window, attentionMask, ids.device, segments);
             h = layers[i].Forward(h, cos, sin, mask, cache, i);
         }
         return norm.forward(h).MoveToOuterDisposeScope();

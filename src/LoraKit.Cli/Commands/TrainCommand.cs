@@ -1,0 +1,145 @@
+using System.CommandLine;
+using System.Reflection;
+using LoraKit.Training;
+
+namespace LoraKit.Cli.Commands;
+
+/// <summary>
+/// <c>lorakit train</c>. Every <see cref="TrainConfig"/> field is a flag named after it (batch_size → --batch-size;
+/// booleans that default to true are switched off with --no-…). A --config file (JSON or YAML) sets the starting
+/// values; flags given on the command line override it.
+/// </summary>
+public static class TrainCommand
+{
+    static readonly Dictionary<string, string> Help = new()
+    {
+        ["model"] = "base model directory (Hugging Face layout)",
+        ["data"] = "training JSONL: {\"text\"}, {\"prompt\",\"completion\"} or {\"messages\"}",
+        ["validation_data"] = "validation JSONL (same format)",
+        ["validation_fraction"] = "hold out this fraction of --data for validation when no validation file is given",
+        ["output"] = "output directory: adapter/, best/, checkpoints/, metrics.jsonl, report.html, loss.png",
+        ["method"] = "lora, or full (fine-tune every weight, for comparison)",
+        ["init_adapter"] = "start from this PEFT adapter instead of a fresh one",
+        ["r"] = "LoRA rank",
+        ["lora_alpha"] = "LoRA alpha (scaling alpha/r, or alpha/√r with --use-rslora)",
+        ["lora_dropout"] = "dropout on the LoRA input",
+        ["target_modules"] = "comma-separated module names, or all-linear",
+        ["use_rslora"] = "rank-stabilised scaling alpha/√r",
+        ["format"] = "auto, text, prompt-completion or chat",
+        ["max_length"] = "truncate samples to this many tokens",
+        ["packing"] = "pack several samples per row (attention and positions restart at each sample)",
+        ["shuffle"] = "shuffle the training data each epoch (seeded)",
+        ["eos"] = "append EOS to text and completion samples",
+        ["train_on_all_tokens"] = "take loss on prompts and user turns too",
+        ["skip_bad_lines"] = "skip malformed JSONL lines (reported and counted) instead of stopping",
+        ["lr"] = "peak learning rate",
+        ["schedule"] = "constant, linear or cosine (after warm-up)",
+        ["warmup_steps"] = "linear warm-up steps",
+        ["weight_decay"] = "AdamW decoupled weight decay",
+        ["beta1"] = "AdamW beta1",
+        ["beta2"] = "AdamW beta2",
+        ["adam_eps"] = "AdamW epsilon",
+        ["max_grad_norm"] = "clip the global gradient norm (0 = off)",
+        ["batch_size"] = "samples per micro-batch",
+        ["grad_accum"] = "micro-batches per optimizer step",
+        ["steps"] = "optimizer steps (0 = --epochs passes over the data)",
+        ["epochs"] = "passes over the data when --steps is 0",
+        ["gradient_checkpointing"] = "recompute layer activations in backward to save memory",
+        ["seed"] = "seed for initialisation, shuffling and dropout",
+        ["eval_every"] = "evaluate every N steps (0 = about 10 times per run)",
+        ["early_stopping_patience"] = "stop after N evaluations without a better validation loss (0 = off)",
+        ["save_every"] = "checkpoint every N steps (0 = at each evaluation)",
+        ["log_every"] = "log every N steps",
+        ["device"] = "auto, cpu or cuda",
+        ["dtype"] = "fp32, bf16 or fp16 for the frozen base (default: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32",
+    };
+
+    public static Command Build()
+    {
+        var cmd = new Command("train", "Train a LoRA adapter (or fine-tune fully) on a JSONL dataset, with evaluation, checkpoints and a report.");
+        var config = new Option<string?>("--config") { Description = "JSON or YAML file with any of the options below (snake_case keys)" };
+        var resume = new Option<bool>("--resume") { Description = "continue the run in --output from its last completed checkpoint" };
+        cmd.Options.Add(config);
+        cmd.Options.Add(resume);
+        var defaults = new TrainConfig();
+        var bindings = new List<(Option option, PropertyInfo prop)>();
+        foreach (var prop in typeof(TrainConfig).GetProperties())
+        {
+            string snake = System.Text.Json.JsonNamingPolicy.SnakeCaseLower.ConvertName(prop.Name);
+            object? dflt = prop.GetValue(defaults);
+            string help = Help.GetValueOrDefault(snake, snake);
+            Option option;
+            if (prop.PropertyType == typeof(bool) && (bool)dflt! )
+                option = new Option<bool>("--no-" + snake.Replace('_', '-')) { Description = $"do not {help} (default: on)" };
+            else if (prop.PropertyType == typeof(bool))
+                option = new Option<bool>("--" + snake.Replace('_', '-')) { Description = $"{help} (default: off)" };
+            else if (prop.PropertyType == typeof(List<string>))
+                option = new Option<string>("--" + snake.Replace('_', '-')) { Description = $"{help} (default: {string.Join(",", (List<string>)dflt!)})" };
+            else
+            {
+                var type = typeof(Option<>).MakeGenericType(prop.PropertyType);
+                option = (Option)Activator.CreateInstance(type, "--" + snake.Replace('_', '-'), Array.Empty<string>())!;
+                option.Description = $"{help} (default: {(dflt is null or "" ? "none" : Convert.ToString(dflt, System.Globalization.CultureInfo.InvariantCulture))})";
+            }
+            cmd.Options.Add(option);
+            bindings.Add((option, prop));
+        }
+
+        cmd.SetAction(r => CommonOptions.Run(() =>
+        {
+            var c = r.GetValue(config) is string path ? TrainConfig.Load(path) : new TrainConfig();
+            foreach (var (option, prop) in bindings)
+            {
+                var result = r.GetResult(option);
+                if (result is null || result.Implicit) continue;
+                object? value = GetValue(r, option);
+                if (option.Name.StartsWith("--no-", StringComparison.Ordinal)) value = !(bool)value!;
+                else if (prop.PropertyType == typeof(List<string>))
+                    value = ((string)value!).Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToList();
+                prop.SetValue(c, value);
+            }
+            var log = new ConsoleTrainLog(!Console.IsOutputRedirected);
+            var result2 = Trainer.Run(c, r.GetValue(resume), log);
+            log.Done();
+            return 0;
+        }));
+        return cmd;
+    }
+
+    static object? GetValue(ParseResult r, Option option)
+    {
+        var method = typeof(ParseResult).GetMethods().First(m => m.Name == "GetValue" && m.IsGenericMethod && m.GetParameters()[0].ParameterType.IsGenericType
+            && m.GetParameters()[0].ParameterType.GetGenericTypeDefinition() == typeof(Option<>));
+        var valueType = option.GetType().GetGenericArguments()[0];
+        return method.MakeGenericMethod(valueType).Invoke(r, [option]);
+    }
+}
+
+/// <summary>Progress for people: a live one-line bar on a terminal, plain log lines when output is redirected.</summary>
+public sealed class ConsoleTrainLog(bool interactive) : ITrainLog
+{
+    bool _barShown;
+
+    public void Info(string message) { ClearBar(); Console.WriteLine(message); }
+
+    public void Warn(string message) { ClearBar(); Console.Error.WriteLine($"warning: {message}"); }
+
+    public void Step(StepMetrics m)
+    {
+        double eta = m.Step > 0 ? m.ElapsedSeconds / m.Step * (m.TotalSteps - m.Step) : 0;
+        string stats = $"step {m.Step}/{m.TotalSteps}  loss {m.Loss:F4}  lr {m.Lr:E2}  {m.TokensPerSecond:N0} tok/s  ETA {TimeSpan.FromSeconds(eta):mm\\:ss}";
+        if (!interactive) { Console.WriteLine(stats); return; }
+        int width = 24, done = (int)Math.Round(width * (double)m.Step / m.TotalSteps);
+        Console.Write($"\r[{new string('#', done)}{new string('.', width - done)}] {stats}   ");
+        _barShown = true;
+    }
+
+    public void Eval(EvalMetrics m) => Info($"eval @ step {m.Step}: loss {m.Loss:F4}, perplexity {m.Perplexity:F2}{(m.IsBest ? " (best)" : "")}");
+
+    void ClearBar()
+    {
+        if (_barShown) { Console.WriteLine(); _barShown = false; }
+    }
+
+    public void Done() => ClearBar();
+}

@@ -1,0 +1,123 @@
+using System.Security.Cryptography;
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using System.Text.Json.Serialization;
+
+namespace LoraKit.Training;
+
+/// <summary>
+/// Everything a training run depends on. File keys are the snake_case property names (lr, batch_size, …); the same
+/// names as CLI flags (--lr, --batch-size) override the file. Defaults are the common LoRA recipe.
+/// </summary>
+public sealed class TrainConfig
+{
+    // what to train
+    public string Model { get; set; } = "";
+    public string Data { get; set; } = "";
+    public string? ValidationData { get; set; }
+    /// <summary>Fraction of the training file held out for validation when no validation file is given.</summary>
+    public double ValidationFraction { get; set; }
+    public string Output { get; set; } = "out/run";
+    /// <summary>lora (default) or full (all weights, for comparison).</summary>
+    public string Method { get; set; } = "lora";
+    /// <summary>Start from an existing PEFT adapter instead of a fresh one.</summary>
+    public string? InitAdapter { get; set; }
+
+    // LoRA
+    public int R { get; set; } = 8;
+    public double LoraAlpha { get; set; } = 16;
+    public double LoraDropout { get; set; } = 0.05;
+    public List<string> TargetModules { get; set; } = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    public bool UseRslora { get; set; }
+
+    // data
+    public string Format { get; set; } = "auto";
+    public int MaxLength { get; set; } = 1024;
+    public bool Packing { get; set; }
+    public bool Shuffle { get; set; } = true;
+    public bool Eos { get; set; } = true;
+    public bool TrainOnAllTokens { get; set; }
+    public bool SkipBadLines { get; set; }
+
+    // optimisation
+    public double Lr { get; set; } = 2e-4;
+    public string Schedule { get; set; } = "cosine";
+    public int WarmupSteps { get; set; }
+    public double WeightDecay { get; set; }
+    public double Beta1 { get; set; } = 0.9;
+    public double Beta2 { get; set; } = 0.999;
+    public double AdamEps { get; set; } = 1e-8;
+    public double MaxGradNorm { get; set; } = 1.0;
+    public int BatchSize { get; set; } = 4;
+    public int GradAccum { get; set; } = 1;
+    /// <summary>Optimizer steps; 0 means one pass over the data (times <see cref="Epochs"/>).</summary>
+    public int Steps { get; set; }
+    public double Epochs { get; set; } = 1;
+    public bool GradientCheckpointing { get; set; }
+    public int Seed { get; set; }
+
+    // evaluation and checkpoints
+    public int EvalEvery { get; set; }
+    public int EarlyStoppingPatience { get; set; }
+    public int SaveEvery { get; set; }
+    public int LogEvery { get; set; } = 1;
+
+    // where it runs (not part of the run's identity)
+    public string Device { get; set; } = "auto";
+    public string? Dtype { get; set; }
+
+    static readonly JsonSerializerOptions Json = new()
+    {
+        PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower,
+        WriteIndented = true,
+        UnmappedMemberHandling = JsonUnmappedMemberHandling.Disallow,
+    };
+
+    public static TrainConfig Load(string path)
+    {
+        if (!File.Exists(path)) throw new FileNotFoundException($"config file '{path}' not found");
+        string text = File.ReadAllText(path);
+        string json = path.EndsWith(".yaml", StringComparison.OrdinalIgnoreCase) || path.EndsWith(".yml", StringComparison.OrdinalIgnoreCase)
+            ? YamlToJson(text) : text;
+        try { return JsonSerializer.Deserialize<TrainConfig>(json, Json) ?? new TrainConfig(); }
+        catch (JsonException e) { throw new InvalidDataException($"{path}: {e.Message}"); }
+    }
+
+    static string YamlToJson(string yaml)
+    {
+        var obj = new YamlDotNet.Serialization.DeserializerBuilder().WithAttemptingUnquotedStringTypeDeserialization().Build().Deserialize<object>(yaml);
+        return JsonSerializer.Serialize(obj);
+    }
+
+    public string ToJson() => JsonSerializer.Serialize(this, Json);
+
+    public JsonObject ToJsonObject() => (JsonObject)JsonNode.Parse(ToJson())!;
+
+    /// <summary>Fields that change what is computed (not where): a resumed run must agree on all of them.</summary>
+    public JsonObject Identity()
+    {
+        var o = ToJsonObject();
+        foreach (var k in new[] { "output", "device", "log_every", "save_every" }) o.Remove(k);
+        return o;
+    }
+
+    public static string Hash(string s) => Convert.ToHexString(SHA256.HashData(Encoding.UTF8.GetBytes(s)))[..16].ToLowerInvariant();
+
+    public void Validate()
+    {
+        void Check(bool ok, string msg) { if (!ok) throw new ArgumentException(msg); }
+        Check(Model.Length > 0, "--model is required");
+        Check(Data.Length > 0, "--data is required");
+        Check(Method is "lora" or "full", $"method must be lora or full (got '{Method}')");
+        Check(Schedule is "constant" or "linear" or "cosine", $"schedule must be constant, linear or cosine (got '{Schedule}')");
+        Check(Lr > 0, "lr must be positive");
+        Check(BatchSize > 0 && GradAccum > 0, "batch size and gradient accumulation must be positive");
+        Check(Steps >= 0 && Epochs > 0, "steps must be ≥ 0 and epochs positive");
+        Check(MaxLength >= 2, "max length must be at least 2");
+        Check(ValidationFraction >= 0 && ValidationFraction < 1, "validation fraction must be in [0, 1)");
+        Check(WarmupSteps >= 0 && WeightDecay >= 0 && MaxGradNorm >= 0, "warmup, weight decay and max grad norm must be ≥ 0");
+        Check(Beta1 is >= 0 and < 1 && Beta2 is >= 0 and < 1 && AdamEps > 0, "betas must be in [0, 1) and eps positive");
+        Check(EvalEvery >= 0 && EarlyStoppingPatience >= 0 && SaveEvery >= 0 && LogEvery > 0, "eval/save/log intervals must be ≥ 0");
+    }
+}

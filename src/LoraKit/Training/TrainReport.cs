@@ -1,0 +1,87 @@
+using System.Net;
+using System.Text;
+using System.Text.Json;
+
+namespace LoraKit.Training;
+
+/// <summary>
+/// The end-of-run report in the output directory: report.json (machine-readable), loss.png (train and validation
+/// curves, ScottPlot) and report.html (self-contained: the plot embedded, the config, data summary and metrics).
+/// </summary>
+public static class TrainReport
+{
+    public static void Write(TrainConfig c, TrainResult r, string metricsPath)
+    {
+        var (train, eval) = MetricsLog.Read(metricsPath);
+        var png = Path.Combine(r.OutputDir, "loss.png");
+        Plot(train, eval, png);
+
+        var summary = new
+        {
+            method = c.Method,
+            steps = r.Steps,
+            stopped_early = r.StoppedEarly,
+            wall_seconds = Math.Round(r.WallSeconds, 2),
+            trainable = r.TrainableReport,
+            final_train_loss = r.FinalLoss,
+            best_eval = r.Best is null ? null : new { step = r.Best.Step, eval_loss = r.Best.Loss, eval_ppl = r.Best.Perplexity },
+            last_eval = r.LastEval is null ? null : new { step = r.LastEval.Step, eval_loss = r.LastEval.Loss, eval_ppl = r.LastEval.Perplexity },
+            data = Data(r.Data),
+            validation = r.Validation is null ? null : Data(r.Validation),
+            adapter = r.AdapterDir,
+            config = c.ToJsonObject(),
+        };
+        var json = JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true });
+        File.WriteAllText(Path.Combine(r.OutputDir, "report.json"), json);
+
+        var h = new StringBuilder();
+        h.Append("<!doctype html><html><head><meta charset=\"utf-8\"><title>LoraKit training report</title><style>")
+         .Append("body{font-family:system-ui,sans-serif;max-width:960px;margin:2em auto;color:#222}table{border-collapse:collapse}")
+         .Append("td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>")
+         .Append("<h1>LoraKit training report</h1>")
+         .Append($"<p>{Enc(c.Method == "lora" ? "LoRA" : "Full fine-tune")} of <code>{Enc(c.Model)}</code> on <code>{Enc(c.Data)}</code> — {r.Steps} steps in {r.WallSeconds:F1} s{(r.StoppedEarly ? " (stopped early)" : "")}.</p>")
+         .Append("<table>")
+         .Append(Row("trainable", r.TrainableReport))
+         .Append(Row("final train loss", $"{r.FinalLoss:F4}"))
+         .Append(Row("best eval loss", r.Best is null ? "—" : $"{r.Best.Loss:F4} (perplexity {r.Best.Perplexity:F2}) at step {r.Best.Step}"))
+         .Append(Row("last eval loss", r.LastEval is null ? "—" : $"{r.LastEval.Loss:F4} (perplexity {r.LastEval.Perplexity:F2}) at step {r.LastEval.Step}"))
+         .Append(Row("training data", Describe(r.Data)))
+         .Append(Row("validation data", r.Validation is null ? (c.ValidationFraction > 0 ? $"{c.ValidationFraction:P0} held out" : "—") : Describe(r.Validation)))
+         .Append(Row("output", r.AdapterDir))
+         .Append("</table>")
+         .Append($"<h2>Loss</h2><img alt=\"loss curve\" src=\"data:image/png;base64,{Convert.ToBase64String(File.ReadAllBytes(png))}\">")
+         .Append($"<h2>Configuration</h2><pre>{Enc(c.ToJson())}</pre></body></html>");
+        File.WriteAllText(Path.Combine(r.OutputDir, "report.html"), h.ToString());
+    }
+
+    static object Data(Data.DataSummary d) => new { path = d.Path, format = d.Format.ToString(), samples = d.Samples, tokens = d.Tokens, target_tokens = d.TargetTokens, skipped_lines = d.Skipped, truncated = d.Truncated };
+
+    static string Describe(Data.DataSummary d) =>
+        $"{d.Path}: {d.Samples} samples ({d.Format}), {d.Tokens:N0} tokens, {d.TargetTokens:N0} trained, {d.Skipped} skipped lines, {d.Truncated} truncated";
+
+    static string Row(string k, string v) => $"<tr><th>{Enc(k)}</th><td>{Enc(v)}</td></tr>";
+
+    static string Enc(string s) => WebUtility.HtmlEncode(s);
+
+    static void Plot(List<(int step, double loss)> train, List<(int step, double loss)> eval, string path)
+    {
+        var plt = new ScottPlot.Plot();
+        if (train.Count > 0)
+        {
+            var s = plt.Add.Scatter(train.Select(p => (double)p.step).ToArray(), train.Select(p => p.loss).ToArray());
+            s.LegendText = "train loss";
+            s.MarkerSize = train.Count > 50 ? 0 : 4;
+        }
+        if (eval.Count > 0)
+        {
+            var e = plt.Add.Scatter(eval.Select(p => (double)p.step).ToArray(), eval.Select(p => p.loss).ToArray());
+            e.LegendText = "validation loss";
+            e.MarkerSize = 6;
+        }
+        plt.Title("Loss");
+        plt.XLabel("step");
+        plt.YLabel("cross-entropy (nats/token)");
+        plt.ShowLegend();
+        plt.SavePng(path, 800, 450);
+    }
+}

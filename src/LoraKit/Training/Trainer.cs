@@ -1,0 +1,341 @@
+using System.Diagnostics;
+using System.Security.Cryptography;
+using System.Text.Json.Nodes;
+using LoraKit.Data;
+using LoraKit.IO;
+using LoraKit.Lora;
+using LoraKit.Models;
+using LoraKit.Runtime;
+using LoraKit.Tokenization;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace LoraKit.Training;
+
+public sealed record StepMetrics(int Step, int TotalSteps, double Epoch, double Loss, double Lr, double GradNorm, long Tokens, double TokensPerSecond, double ElapsedSeconds);
+
+public sealed record EvalMetrics(int Step, double Loss, double Perplexity, bool IsBest);
+
+/// <summary>What the trainer reports while it runs (progress bar, log lines).</summary>
+public interface ITrainLog
+{
+    void Info(string message);
+    void Warn(string message);
+    void Step(StepMetrics m);
+    void Eval(EvalMetrics m);
+}
+
+public sealed record TrainResult(string OutputDir, string AdapterDir, int Steps, double FinalLoss, EvalMetrics? Best, EvalMetrics? LastEval,
+    string TrainableReport, DataSummary Data, DataSummary? Validation, double WallSeconds, bool StoppedEarly);
+
+/// <summary>
+/// <c>lorakit train</c>, top to bottom: load data and model, build or load the adapter, then per optimizer step
+/// accumulate micro-batches (loss normalised by the target tokens of the whole accumulated batch, so accumulation equals
+/// one big batch), clip, step AdamW on the schedule, log, evaluate, checkpoint; finally save the adapter and the report.
+/// </summary>
+public static class Trainer
+{
+    public const string AdapterName = "default";
+
+    public static TrainResult Run(TrainConfig c, bool resume, ITrainLog log)
+    {
+        c.Validate();
+        var wall = Stopwatch.StartNew();
+        var device = Devices.Resolve(c.Device);
+        var dtype = c.Dtype is string d ? DTypes.Parse(d) : Devices.DefaultDType(device);
+        manual_seed(c.Seed);
+
+        // ---- data ----
+        var tok = Tokenizer.Load(c.Model);
+        var opts = new DataOptions
+        {
+            Format = ParseFormat(c.Format), TrainOnAllTokens = c.TrainOnAllTokens, AppendEos = c.Eos, MaxLength = c.MaxLength, SkipBadLines = c.SkipBadLines,
+        };
+        var (train, trainSummary) = JsonlDataset.Load(c.Data, tok, opts);
+        List<Sample>? valid = null;
+        DataSummary? validSummary = null;
+        if (c.ValidationData is string vpath) (valid, validSummary) = JsonlDataset.Load(vpath, tok, opts);
+        else if (c.ValidationFraction > 0)
+        {
+            var order = Enumerable.Range(0, train.Count).ToArray();
+            new Random(c.Seed).Shuffle(order);
+            int n = Math.Max(1, (int)Math.Round(train.Count * c.ValidationFraction));
+            if (n >= train.Count) throw new ArgumentException("validation fraction leaves no training samples");
+            valid = order.Take(n).Select(i => train[i]).ToList();
+            var held = order.Take(n).ToHashSet();
+            train = train.Where((_, i) => !held.Contains(i)).ToList();
+        }
+        foreach (var p in trainSummary.Problems.Take(5)) log.Warn($"skipped {p}");
+        if (trainSummary.Skipped > 0) log.Warn($"skipped {trainSummary.Skipped} bad line(s) in {c.Data}");
+        log.Info($"data: {train.Count} training samples ({trainSummary.Format}), {trainSummary.Tokens:N0} tokens, {trainSummary.TargetTokens:N0} trained" +
+                 (valid is null ? "" : $"; {valid.Count} validation samples") + (trainSummary.Truncated > 0 ? $"; {trainSummary.Truncated} truncated to {c.MaxLength}" : ""));
+
+        var model = CausalLM.Load(c.Model, dtype, device);
+        CheckStopToken(c, tok, model, train, trainSummary.Format, log);
+        if (c.Packing) train = Batches.Pack(train, c.MaxLength);
+
+        // ---- what is trained ----
+        var lm = new LoraModel(model);
+        List<(string name, Parameter param)> trainable;
+        if (c.Method == "lora")
+        {
+            if (c.InitAdapter is string init) AdapterFiles.Load(lm, AdapterName, init);
+            else lm.AddAdapter(AdapterName, LoraConfigFor(c), c.Seed);
+            trainable = lm.Parameters(AdapterName);
+        }
+        else
+        {
+            trainable = model.named_parameters().GroupBy(p => p.parameter.Handle).Select(g => g.First()).Select(p => (p.name, p.parameter)).ToList();
+            foreach (var (_, p) in trainable) p.requires_grad = true;
+        }
+        if (c.GradientCheckpointing) model.model.GradientCheckpointing = true;
+        string report = c.Method == "lora" ? lm.TrainableReport(AdapterName)
+            : $"trainable params: {trainable.Sum(p => p.param.numel()):N0} || all params: {trainable.Sum(p => p.param.numel()):N0} || trainable%: 100.0000";
+        log.Info(report);
+
+        int microPerStep = c.GradAccum;
+        int stepsPerEpoch = (int)Math.Ceiling((double)train.Count / (c.BatchSize * microPerStep));
+        int totalSteps = c.Steps > 0 ? c.Steps : Math.Max(1, (int)Math.Ceiling(c.Epochs * stepsPerEpoch));
+        int evalEvery = valid is null ? 0 : c.EvalEvery > 0 ? c.EvalEvery : Math.Max(1, totalSteps / 10);
+        int saveEvery = c.SaveEvery > 0 ? c.SaveEvery : evalEvery > 0 ? evalEvery : Math.Max(1, totalSteps / 5);
+        var batches = new Batches(train, c.BatchSize, c.Shuffle, c.Seed);
+        var optimizer = new AdamW(trainable, c.Beta1, c.Beta2, c.AdamEps, c.WeightDecay);
+        int padId = tok.Config.PadToken is string pt && tok.TokenToId(pt) is int pid ? pid : model.Config.PadTokenId ?? 0;
+
+        // ---- fresh start or resume ----
+        Directory.CreateDirectory(c.Output);
+        string configHash = TrainConfig.Hash(c.Identity().ToJsonString());
+        string dataHash = DataHash(c);
+        var state = new TrainState { ConfigHash = configHash, DataHash = dataHash, Config = c.Identity() };
+        if (resume)
+        {
+            var ckpt = Checkpoints.Latest(c.Output) ?? throw new InvalidOperationException($"--resume: no completed checkpoint in {Checkpoints.Root(c.Output)}");
+            state = Checkpoints.ReadState(ckpt);
+            if (state.ConfigHash != configHash) throw new InvalidOperationException($"--resume: the configuration differs from the checkpoint's: {Differences(state.Config, c.Identity())}");
+            if (state.DataHash != dataHash) throw new InvalidOperationException("--resume: the training or validation data differ from the checkpoint's (content hash changed)");
+            RestoreWeights(ckpt, c, lm, trainable);
+            Checkpoints.RestoreOptimizer(ckpt, optimizer, state.OptimizerSteps);
+            Checkpoints.RestoreRng(state.RngState);
+            log.Info($"resumed from {ckpt} (step {state.Step} of {totalSteps})");
+        }
+        else if (Checkpoints.Latest(c.Output) is string existing)
+            throw new InvalidOperationException($"{c.Output} already holds a run ({existing}); use --resume to continue it or choose another --output");
+
+        using var metrics = new MetricsLog(Path.Combine(c.Output, "metrics.jsonl"), resume ? state.Step : 0);
+        EvalMetrics? best = state.BestEvalLoss is double bl ? new EvalMetrics(state.BestStep ?? 0, bl, Math.Exp(bl), true) : null;
+        EvalMetrics? lastEval = null;
+        int badEvals = state.EvalsWithoutImprovement;
+        long cursor = state.Cursor, tokensSeen = state.TokensSeen;
+        double lastLoss = double.NaN;
+        bool stoppedEarly = false;
+        var clock = Stopwatch.StartNew();
+        long tokensAtStart = tokensSeen;
+        int delayMs = int.TryParse(Environment.GetEnvironmentVariable("LORAKIT_TEST_STEP_DELAY_MS"), out int dm) ? dm : 0; // kill-and-resume test
+
+        model.train();
+        int step = state.Step;
+        while (step < totalSteps)
+        {
+            step++;
+            double gradNorm;
+            using (var scope = NewDisposeScope())
+            {
+                var micro = Enumerable.Range(0, microPerStep).Select(i => batches.Take(cursor + i)).ToList();
+                long targets = micro.Sum(rows => rows.Sum(r => (long)r.Labels.Skip(1).Count(l => l != Sample.IgnoreIndex)));
+                double lossSum = 0;
+                foreach (var rows in micro)
+                {
+                    using var batch = Batches.Collate(rows, padId, device);
+                    var loss = LossSum(model, batch);
+                    (loss / Math.Max(1, targets)).backward();
+                    lossSum += loss.item<float>();
+                    tokensSeen += batch.Tokens;
+                }
+                cursor += microPerStep;
+                gradNorm = GradNorm(trainable, c.MaxGradNorm);
+                double lr = c.Lr * LrSchedule.Factor(c.Schedule, step - 1, c.WarmupSteps, totalSteps);
+                optimizer.Step(lr);
+                optimizer.ZeroGrad();
+                lastLoss = lossSum / Math.Max(1, targets);
+                if (step % c.LogEvery == 0 || step == totalSteps)
+                {
+                    double secs = clock.Elapsed.TotalSeconds;
+                    var m = new StepMetrics(step, totalSteps, batches.EpochAt(cursor), lastLoss, lr, gradNorm, tokensSeen,
+                        (tokensSeen - tokensAtStart) / Math.Max(secs, 1e-9), wall.Elapsed.TotalSeconds);
+                    metrics.Step(m);
+                    log.Step(m);
+                }
+            }
+
+            bool evalNow = evalEvery > 0 && (step % evalEvery == 0 || step == totalSteps);
+            if (evalNow)
+            {
+                double vl = Evaluate(model, valid!, c.BatchSize, padId, device);
+                bool improved = best is null || vl < best.Loss;
+                lastEval = new EvalMetrics(step, vl, Math.Exp(vl), improved);
+                if (improved) { best = lastEval; badEvals = 0; SaveWeights(Path.Combine(c.Output, "best"), c, lm, model, trainable); }
+                else badEvals++;
+                metrics.Eval(lastEval);
+                log.Eval(lastEval);
+                if (c.EarlyStoppingPatience > 0 && badEvals >= c.EarlyStoppingPatience)
+                {
+                    log.Info($"early stopping: eval loss has not improved for {badEvals} evaluations (best {best!.Loss:F4} at step {best.Step})");
+                    stoppedEarly = true;
+                }
+            }
+            if (step % saveEvery == 0 || step == totalSteps || stoppedEarly)
+            {
+                var st = state with
+                {
+                    Step = step, Cursor = cursor, OptimizerSteps = optimizer.StepCount, RngState = Checkpoints.EncodeRng(),
+                    BestEvalLoss = best?.Loss, BestStep = best?.Step, EvalsWithoutImprovement = badEvals, TokensSeen = tokensSeen,
+                };
+                Checkpoints.Save(c.Output, st, dir => SaveWeights(dir, c, lm, model, trainable), optimizer);
+                Checkpoints.Prune(c.Output, keep: 2, protect: null);
+            }
+            if (delayMs > 0) Thread.Sleep(delayMs);
+            if (stoppedEarly) break;
+        }
+
+        model.eval();
+        var adapterDir = Path.Combine(c.Output, c.Method == "lora" ? "adapter" : "model");
+        if (Directory.Exists(adapterDir)) Directory.Delete(adapterDir, true);
+        SaveWeights(adapterDir, c, lm, model, trainable);
+        var result = new TrainResult(c.Output, adapterDir, step, lastLoss, best, lastEval, report, trainSummary, validSummary, wall.Elapsed.TotalSeconds, stoppedEarly);
+        TrainReport.Write(c, result, Path.Combine(c.Output, "metrics.jsonl"));
+        log.Info($"saved {(c.Method == "lora" ? "adapter" : "model")} to {adapterDir}; report in {Path.Combine(c.Output, "report.html")}");
+        return result;
+    }
+
+    static DataFormat ParseFormat(string f) => f.ToLowerInvariant() switch
+    {
+        "auto" => DataFormat.Auto,
+        "text" => DataFormat.Text,
+        "prompt-completion" or "prompt_completion" or "completion" => DataFormat.PromptCompletion,
+        "chat" or "messages" => DataFormat.Chat,
+        _ => throw new ArgumentException($"unknown data format '{f}' (auto, text, prompt-completion, chat)"),
+    };
+
+    public static LoraConfig LoraConfigFor(TrainConfig c) => new()
+    {
+        R = c.R, LoraAlpha = c.LoraAlpha, LoraDropout = c.LoraDropout, TargetModules = c.TargetModules.Count == 1 && c.TargetModules[0] == LoraConfig.AllLinear ? null : c.TargetModules,
+        TargetRegex = c.TargetModules.Count == 1 && c.TargetModules[0] == LoraConfig.AllLinear ? LoraConfig.AllLinear : null,
+        UseRslora = c.UseRslora, BaseModelNameOrPath = c.Model,
+    };
+
+    /// <summary>Summed next-token cross-entropy over the batch's target positions (fp32 logits).</summary>
+    public static Tensor LossSum(CausalLM model, Batch b)
+    {
+        using var scope = NewDisposeScope();
+        var logits = model.Logits(b.InputIds, b.AttentionMask, null, b.Positions, b.Segments);
+        long t = logits.shape[1];
+        var pred = logits[.., ..(int)(t - 1)].to(ScalarType.Float32).reshape(-1, logits.shape[2]);
+        var target = b.Labels[.., 1..].reshape(-1);
+        var loss = nn.functional.cross_entropy(pred, target, ignore_index: Sample.IgnoreIndex, reduction: nn.Reduction.Sum);
+        return loss.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Total L2 norm of the gradients; when <paramref name="maxNorm"/> &gt; 0 they are scaled down to it (clip_grad_norm_).</summary>
+    static double GradNorm(List<(string name, Parameter param)> ps, double maxNorm)
+    {
+        using var _ = no_grad();
+        using var scope = NewDisposeScope();
+        var grads = ps.Select(p => p.param.grad).OfType<Tensor>().ToList();
+        if (grads.Count == 0) return 0;
+        var total = stack(grads.Select(g => g.to(ScalarType.Float32).norm()).ToArray()).norm();
+        double norm = total.item<float>();
+        if (maxNorm > 0)
+        {
+            double coef = maxNorm / (norm + 1e-6);
+            if (coef < 1) foreach (var g in grads) g.mul_(coef);
+        }
+        return norm;
+    }
+
+    public static double Evaluate(CausalLM model, List<Sample> samples, int batchSize, int padId, Device device)
+    {
+        model.eval();
+        using var _ = no_grad();
+        double sum = 0;
+        long count = 0;
+        for (int i = 0; i < samples.Count; i += batchSize)
+        {
+            using var scope = NewDisposeScope();
+            using var batch = Batches.Collate(samples.Skip(i).Take(batchSize).ToList(), padId, device);
+            sum += LossSum(model, batch).item<float>();
+            count += batch.TargetTokens;
+        }
+        model.train();
+        return sum / Math.Max(1, count);
+    }
+
+    static void SaveWeights(string dir, TrainConfig c, LoraModel lm, CausalLM model, List<(string name, Parameter param)> trainable)
+    {
+        if (c.Method == "lora")
+        {
+            if (Directory.Exists(dir) && dir.EndsWith("best", StringComparison.Ordinal)) Directory.Delete(dir, true);
+            AdapterFiles.Save(lm, AdapterName, dir, c.Model);
+        }
+        else if (dir.Contains("checkpoints", StringComparison.Ordinal))
+            SafetensorsWriter.Save(Path.Combine(dir, "model.safetensors"), trainable.ToDictionary(p => p.name, p => (Tensor)p.param));
+        else
+        {
+            if (Directory.Exists(dir)) Directory.Delete(dir, true);
+            CheckpointWriter.Save(model, c.Model, dir);
+        }
+    }
+
+    static void RestoreWeights(string ckpt, TrainConfig c, LoraModel lm, List<(string name, Parameter param)> trainable)
+    {
+        using var _ = no_grad();
+        string file = c.Method == "lora" ? Path.Combine(ckpt, AdapterFiles.WeightsFile) : Path.Combine(ckpt, "model.safetensors");
+        using var f = SafetensorsFile.Open(file);
+        foreach (var (name, p) in trainable)
+        {
+            string key = c.Method == "lora" ? "base_model.model." + name : name;
+            if (!f.Entries.ContainsKey(key)) throw new InvalidDataException($"{file}: checkpoint lacks '{key}'");
+            using var t = f.Read(key);
+            p.copy_(t);
+        }
+    }
+
+    static string DataHash(TrainConfig c)
+    {
+        using var sha = SHA256.Create();
+        foreach (var path in new[] { c.Data, c.ValidationData }.OfType<string>())
+        {
+            var bytes = File.ReadAllBytes(path);
+            sha.TransformBlock(bytes, 0, bytes.Length, null, 0);
+        }
+        sha.TransformFinalBlock([], 0, 0);
+        return Convert.ToHexString(sha.Hash!)[..16].ToLowerInvariant();
+    }
+
+    static string Differences(JsonObject saved, JsonObject now)
+    {
+        var keys = saved.Select(kv => kv.Key).Union(now.Select(kv => kv.Key));
+        var diffs = keys.Where(k => saved[k]?.ToJsonString() != now[k]?.ToJsonString())
+            .Select(k => $"{k}: {saved[k]?.ToJsonString() ?? "unset"} → {now[k]?.ToJsonString() ?? "unset"}").ToList();
+        return diffs.Count == 0 ? "(field order only)" : string.Join("; ", diffs);
+    }
+
+    /// <summary>
+    /// The commonest reason a fine-tuned chat model never stops: the token that ends an assistant turn is not trained,
+    /// or is not one of generation_config's eos ids. Checked on the data before training, with a clear warning.
+    /// </summary>
+    static void CheckStopToken(TrainConfig c, Tokenizer tok, CausalLM model, List<Sample> train, DataFormat format, ITrainLog log)
+    {
+        if (format is not (DataFormat.Chat or DataFormat.PromptCompletion or DataFormat.Text)) return;
+        if (format != DataFormat.Chat && !c.Eos) return;
+        var stops = GenerationDefaults.EosTokenIds(c.Model, model.Config).ToHashSet();
+        bool trainedStop = train.Any(s => s.Labels.Skip(1).Any(stops.Contains));
+        if (trainedStop) return;
+        // Which token does end the trained spans? Report it so the user can add it to generation_config.json.
+        var enders = train.Select(s => s.Labels.Where(l => l != Sample.IgnoreIndex).LastOrDefault(-1)).Where(x => x >= 0)
+            .GroupBy(x => x).OrderByDescending(g => g.Count()).Select(g => g.Key).FirstOrDefault(-1);
+        string ender = enders >= 0 ? $"'{tok.IdToToken(enders)}' (id {enders})" : "none";
+        log.Warn($"no trained label is a stop token of the model's generation config (eos ids: [{string.Join(", ", stops)}]); " +
+                 $"trained spans end with {ender}. The fine-tuned model may never stop generating: add that id to eos_token_id in " +
+                 "generation_config.json, or check the chat template / --eos setting.");
+    }
+}
