@@ -49,7 +49,8 @@ public sealed class Batches(IReadOnlyList<Sample> samples, int batchSize, bool s
     {
         if (_orders.TryGetValue(epoch, out var o)) return o;
         o = Enumerable.Range(0, samples.Count).ToArray();
-        if (shuffle) new Random(HashCode.Combine(seed, epoch) & int.MaxValue).Shuffle(o);
+        // A fixed formula, not HashCode.Combine: that is randomised per process and would break resume.
+        if (shuffle) new Random((int)((seed * 1_000_003L + epoch * 7919L) & int.MaxValue)).Shuffle(o);
         if (_orders.Count > 4) _orders.Clear();
         return _orders[epoch] = o;
     }

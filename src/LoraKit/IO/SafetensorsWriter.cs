@@ -1,5 +1,6 @@
 using System.Text;
 using System.Text.Json;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace LoraKit.IO;
@@ -9,6 +10,7 @@ public static class SafetensorsWriter
 {
     public static void Save(string path, IReadOnlyDictionary<string, Tensor> tensors, IReadOnlyDictionary<string, string>? metadata = null)
     {
+        using var scope = torch.NewDisposeScope(); // the CPU copies below are temporaries
         var names = tensors.Keys.OrderBy(k => k, StringComparer.Ordinal).ToList();
         var header = new Dictionary<string, object>();
         if (metadata is { Count: > 0 }) header["__metadata__"] = metadata;

@@ -68,6 +68,7 @@ public sealed class LoraModel : IDisposable
 
     static void InitLoraWeights(Tensor a, Tensor b, string mode, int r, Generator gen)
     {
+        using var scope = NewDisposeScope(); // some in-place ops hand back a fresh wrapper; a and b themselves are not in this scope
         // nn.Linear's default (Kaiming-uniform with a=√5) is U(-1/√fan_in, 1/√fan_in).
         double boundA = 1 / Math.Sqrt(a.shape[1]);
         switch (mode)

@@ -55,6 +55,12 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
         return norm.forward(h).MoveToOuterDisposeScope();
     }
 
+    protected override void Dispose(bool disposing)
+    {
+        if (disposing) _rope.Dispose();
+        base.Dispose(disposing);
+    }
+
     /// <summary>Positions count real tokens only, so left-padded rows start at 0 like transformers' generate.</summary>
     static Tensor PositionIds(Tensor? attentionMask, long b, long t, long past, Device device)
     {

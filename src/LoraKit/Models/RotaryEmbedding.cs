@@ -13,11 +13,12 @@ public sealed class RotaryEmbedding : IDisposable
 
     public RotaryEmbedding(ModelConfig c, Device device)
     {
+        using var scope = NewDisposeScope();
         int dim = c.HeadDim;
-        using var exponent = arange(0, dim, 2, ScalarType.Int64).to(ScalarType.Float32) / dim;
+        var exponent = arange(0, dim, 2, ScalarType.Int64).to(ScalarType.Float32) / dim;
         var inv = 1.0f / pow(c.RopeTheta, exponent);
         if (c.RopeScaling is { } s) inv = Llama3Scale(inv, s);
-        _invFreq = inv.to(device);
+        _invFreq = inv.to(device, copy: true).DetachFromDisposeScope();
     }
 
     static Tensor Llama3Scale(Tensor invFreq, Llama3RopeScaling s)

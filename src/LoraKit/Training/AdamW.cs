@@ -8,7 +8,7 @@ namespace LoraKit.Training;
 /// so its state is plain named tensors that checkpoints store in safetensors and restore bit-exactly.
 /// (TorchSharp's own AdamW computes the same; its state does not round-trip through our checkpoint format.)
 /// </summary>
-public sealed class AdamW(IReadOnlyList<(string name, Parameter param)> parameters, double beta1, double beta2, double eps, double weightDecay)
+public sealed class AdamW(IReadOnlyList<(string name, Parameter param)> parameters, double beta1, double beta2, double eps, double weightDecay) : IDisposable
 {
     readonly Dictionary<string, (Tensor m, Tensor v)> _state = [];
 
@@ -43,15 +43,21 @@ public sealed class AdamW(IReadOnlyList<(string name, Parameter param)> paramete
     public Dictionary<string, Tensor> State() =>
         _state.SelectMany(kv => new[] { ($"{kv.Key}.exp_avg", kv.Value.m), ($"{kv.Key}.exp_avg_sq", kv.Value.v) }).ToDictionary(x => x.Item1, x => x.Item2);
 
+    public void Dispose()
+    {
+        foreach (var (m, v) in _state.Values) { m.Dispose(); v.Dispose(); }
+        _state.Clear();
+    }
+
     public void Restore(Func<string, Tensor?> read, long stepCount)
     {
         StepCount = stepCount;
         foreach (var (name, p) in parameters)
         {
-            var m = read($"{name}.exp_avg");
-            var v = read($"{name}.exp_avg_sq");
+            using var m = read($"{name}.exp_avg");
+            using var v = read($"{name}.exp_avg_sq");
             if (m is null || v is null) continue;
-            _state[name] = (m.to(p.dtype, p.device).DetachFromDisposeScope(), v.to(p.dtype, p.device).DetachFromDisposeScope());
+            _state[name] = (m.to(p.dtype, p.device, copy: true).DetachFromDisposeScope(), v.to(p.dtype, p.device, copy: true).DetachFromDisposeScope());
         }
     }
 }

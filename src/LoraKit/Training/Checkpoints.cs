@@ -94,7 +94,11 @@ public static class Checkpoints
             if (protect is null || Path.GetFullPath(d) != Path.GetFullPath(protect)) Directory.Delete(d, true);
     }
 
-    public static string EncodeRng() => Convert.ToBase64String(random.get_rng_state().bytes.ToArray());
+    public static string EncodeRng()
+    {
+        using var state = random.get_rng_state();
+        return Convert.ToBase64String(state.bytes.ToArray());
+    }
 
     public static void RestoreRng(string encoded)
     {

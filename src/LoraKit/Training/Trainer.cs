@@ -99,7 +99,7 @@ public static class Trainer
         int evalEvery = valid is null ? 0 : c.EvalEvery > 0 ? c.EvalEvery : Math.Max(1, totalSteps / 10);
         int saveEvery = c.SaveEvery > 0 ? c.SaveEvery : evalEvery > 0 ? evalEvery : Math.Max(1, totalSteps / 5);
         var batches = new Batches(train, c.BatchSize, c.Shuffle, c.Seed);
-        var optimizer = new AdamW(trainable, c.Beta1, c.Beta2, c.AdamEps, c.WeightDecay);
+        using var optimizer = new AdamW(trainable, c.Beta1, c.Beta2, c.AdamEps, c.WeightDecay);
         int padId = tok.Config.PadToken is string pt && tok.TokenToId(pt) is int pid ? pid : model.Config.PadTokenId ?? 0;
 
         // ---- fresh start or resume ----
@@ -203,6 +203,7 @@ public static class Trainer
         SaveWeights(adapterDir, c, lm, model, trainable);
         var result = new TrainResult(c.Output, adapterDir, step, lastLoss, best, lastEval, report, trainSummary, validSummary, wall.Elapsed.TotalSeconds, stoppedEarly);
         TrainReport.Write(c, result, Path.Combine(c.Output, "metrics.jsonl"));
+        lm.Dispose();
         log.Info($"saved {(c.Method == "lora" ? "adapter" : "model")} to {adapterDir}; report in {Path.Combine(c.Output, "report.html")}");
         return result;
     }
@@ -330,8 +331,12 @@ public static class Trainer
         var stops = GenerationDefaults.EosTokenIds(c.Model, model.Config).ToHashSet();
         bool trainedStop = train.Any(s => s.Labels.Skip(1).Any(stops.Contains));
         if (trainedStop) return;
-        // Which token does end the trained spans? Report it so the user can add it to generation_config.json.
-        var enders = train.Select(s => s.Labels.Where(l => l != Sample.IgnoreIndex).LastOrDefault(-1)).Where(x => x >= 0)
+        // Which token ends the trained spans? The last special token in them (e.g. <|im_end|>), else the last token.
+        var enders = train.Select(s =>
+            {
+                var trained = s.Labels.Where(l => l != Sample.IgnoreIndex).ToList();
+                return trained.LastOrDefault(tok.IsSpecial, trained.LastOrDefault(-1));
+            }).Where(x => x >= 0)
             .GroupBy(x => x).OrderByDescending(g => g.Count()).Select(g => g.Key).FirstOrDefault(-1);
         string ender = enders >= 0 ? $"'{tok.IdToToken(enders)}' (id {enders})" : "none";
         log.Warn($"no trained label is a stop token of the model's generation config (eos ids: [{string.Join(", ", stops)}]); " +

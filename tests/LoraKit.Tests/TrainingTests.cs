@@ -1,0 +1,336 @@
+using System.Diagnostics;
+using System.Text.Json.Nodes;
+using LoraKit.Data;
+using LoraKit.IO;
+using LoraKit.Models;
+using LoraKit.Tokenization;
+using LoraKit.Training;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace LoraKit.Tests;
+
+sealed class ListLog : ITrainLog
+{
+    public List<string> Infos { get; } = [];
+    public List<string> Warnings { get; } = [];
+    public List<StepMetrics> Steps { get; } = [];
+    public List<EvalMetrics> Evals { get; } = [];
+    public void Info(string m) => Infos.Add(m);
+    public void Warn(string m) => Warnings.Add(m);
+    public void Step(StepMetrics m) => Steps.Add(m);
+    public void Eval(EvalMetrics m) => Evals.Add(m);
+}
+
+public class TrainingTests
+{
+    static string TrainingData => Fixtures.Path_("training", "data.jsonl");
+
+    static TrainConfig Small(string? output = null) => new()
+    {
+        Model = Fixtures.Model("llama"), Data = TrainingData, Output = output ?? Path.Combine(Fixtures.TempDir(), "run"),
+        R = 4, LoraAlpha = 8, LoraDropout = 0, Lr = 1e-2, BatchSize = 2, Steps = 4, Device = "cpu", Shuffle = false, Schedule = "constant",
+    };
+
+    static Dictionary<string, Tensor> Adapter(string dir)
+    {
+        using var f = SafetensorsFile.Open(Path.Combine(dir, "adapter_model.safetensors"));
+        return f.Entries.Keys.ToDictionary(k => k, f.Read);
+    }
+
+    static void AssertSameAdapters(string a, string b, double tol = 0)
+    {
+        var x = Adapter(a);
+        var y = Adapter(b);
+        Assert.Equal(x.Keys.Order(), y.Keys.Order());
+        foreach (var k in x.Keys)
+            Assert.True(tol == 0 ? x[k].eq(y[k]).all().item<bool>() : Close.RelError(x[k], y[k]) <= tol, $"{k} differs");
+    }
+
+    [Fact]
+    public void ReproducesPeftAdamWTrajectory()
+    {
+        // The exact command the issue specifies, on the fixture made with PEFT + torch.optim.AdamW.
+        var output = Path.Combine(Fixtures.TempDir(), "peft-trajectory");
+        var (code, _, stderr) = CliTests.RunCli("train", "--model", Fixtures.Model("llama"), "--data", TrainingData, "--output", output,
+            "--init-adapter", Fixtures.Path_("adapters", "llama", "a"), "--lr", "1e-3", "--batch-size", "2", "--steps", "3",
+            "--schedule", "constant", "--warmup-steps", "0", "--weight-decay", "0", "--max-grad-norm", "0", "--no-shuffle", "--no-eos",
+            "--train-on-all-tokens", "--seed", "0");
+        Assert.True(code == 0, stderr);
+        var expected = Fixtures.Json("training", "llama_trajectory.json").GetProperty("losses").EnumerateArray().Select(x => x.GetDouble()).ToArray();
+        var losses = File.ReadLines(Path.Combine(output, "metrics.jsonl")).Select(l => JsonNode.Parse(l)!).Where(n => n["loss"] != null)
+            .Select(n => n["loss"]!.GetValue<double>()).ToArray();
+        Assert.Equal(expected.Length, losses.Length);
+        for (int i = 0; i < expected.Length; i++) Assert.True(Math.Abs(losses[i] - expected[i]) <= 1e-4, $"step {i + 1}: {losses[i]} vs PEFT {expected[i]}");
+        using var peftFinal = SafetensorsFile.Open(Fixtures.Path_("training", "llama_trajectory_final.safetensors"));
+        var mine = Adapter(Path.Combine(output, "adapter"));
+        foreach (var (key, t) in mine)
+        {
+            var peftKey = key.Replace(".lora_A.weight", ".lora_A.default.weight").Replace(".lora_B.weight", ".lora_B.default.weight");
+            Assert.True(Close.RelError(t, peftFinal.Read(peftKey)) <= 1e-4, key);
+        }
+    }
+
+    [Fact]
+    public void GradientAccumulationEqualsOneBigBatch()
+    {
+        var big = Small();
+        big.BatchSize = 4; big.GradAccum = 1; big.Steps = 3; big.MaxGradNorm = 1.0;
+        var acc = Small();
+        acc.BatchSize = 2; acc.GradAccum = 2; acc.Steps = 3; acc.MaxGradNorm = 1.0;
+        var rBig = Trainer.Run(big, false, new ListLog());
+        var rAcc = Trainer.Run(acc, false, new ListLog());
+        AssertSameAdapters(rBig.AdapterDir, rAcc.AdapterDir, tol: 1e-5);
+        Assert.True(Math.Abs(rBig.FinalLoss - rAcc.FinalLoss) < 1e-5);
+    }
+
+    [Fact]
+    public void SameSeedGivesIdenticalAdaptersAndOtherSeedsDiffer()
+    {
+        TrainConfig Cfg(int seed) { var c = Small(); c.Seed = seed; c.LoraDropout = 0.1; c.Shuffle = true; c.Steps = 5; c.InitAdapter = null; return c; }
+        var a = Trainer.Run(Cfg(1), false, new ListLog());
+        var b = Trainer.Run(Cfg(1), false, new ListLog());
+        var c = Trainer.Run(Cfg(2), false, new ListLog());
+        AssertSameAdapters(a.AdapterDir, b.AdapterDir);
+        Assert.ThrowsAny<Exception>(() => AssertSameAdapters(a.AdapterDir, c.AdapterDir));
+    }
+
+    [Fact]
+    public void KilledRunResumesBitExactly()
+    {
+        string[] Args(string output) =>
+        [
+            "train", "--model", Fixtures.Model("llama"), "--data", TrainingData, "--output", output, "--steps", "10", "--batch-size", "2",
+            "--lr", "1e-2", "--lora-dropout", "0.1", "--save-every", "1", "--seed", "3", "--r", "4", "--device", "cpu",
+        ];
+        var straight = Path.Combine(Fixtures.TempDir(), "straight");
+        var (code, _, err) = CliTests.RunCli(Args(straight));
+        Assert.True(code == 0, err);
+
+        var killed = Path.Combine(Fixtures.TempDir(), "killed");
+        var psi = new ProcessStartInfo("dotnet") { UseShellExecute = false, RedirectStandardOutput = true, RedirectStandardError = true };
+        psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "LoraKit.Cli.dll"));
+        foreach (var a in Args(killed)) psi.ArgumentList.Add(a);
+        psi.Environment["LORAKIT_TEST_STEP_DELAY_MS"] = "300";
+        using (var p = Process.Start(psi)!)
+        {
+            var marker = Path.Combine(Checkpoints.Root(killed), "step-000005", Checkpoints.Marker);
+            var deadline = DateTime.UtcNow.AddSeconds(90);
+            while (!File.Exists(marker) && !p.HasExited && DateTime.UtcNow < deadline) Thread.Sleep(20);
+            Assert.True(File.Exists(marker), "the run never completed its step-5 checkpoint");
+            Assert.False(p.HasExited, "the run finished before it could be killed");
+            Process.Start("kill", ["-9", p.Id.ToString()])!.WaitForExit(); // SIGKILL: no cleanup runs
+            p.WaitForExit();
+        }
+        Assert.False(File.Exists(Path.Combine(killed, "adapter", "adapter_model.safetensors")), "the killed run must not have finished");
+        (code, var stdout, err) = CliTests.RunCli([.. Args(killed), "--resume"]);
+        Assert.True(code == 0, err);
+        Assert.Contains("resumed from", stdout);
+        AssertSameAdapters(Path.Combine(straight, "adapter"), Path.Combine(killed, "adapter"));
+        var steps = File.ReadLines(Path.Combine(killed, "metrics.jsonl")).Select(l => JsonNode.Parse(l)!["step"]!.GetValue<int>()).ToList();
+        Assert.Equal(Enumerable.Range(1, 10), steps); // one uninterrupted log
+    }
+
+    [Fact]
+    public void ResumeWithOtherConfigOrDataSaysWhatDiffers()
+    {
+        var c = Small();
+        Trainer.Run(c, false, new ListLog());
+        var changed = Small(c.Output);
+        changed.Lr = 2e-2;
+        var ex = Assert.Throws<InvalidOperationException>(() => Trainer.Run(changed, true, new ListLog()));
+        Assert.Contains("lr: 0.01 → 0.02", ex.Message);
+
+        var data = Path.Combine(Fixtures.TempDir(), "data.jsonl");
+        File.WriteAllLines(data, File.ReadAllLines(TrainingData).Reverse());
+        var otherData = Small(c.Output);
+        otherData.Data = data;
+        ex = Assert.Throws<InvalidOperationException>(() => Trainer.Run(otherData, true, new ListLog()));
+        Assert.Contains("data", ex.Message);
+
+        // And a fresh run into a directory that holds one is refused rather than overwriting it.
+        ex = Assert.Throws<InvalidOperationException>(() => Trainer.Run(Small(c.Output), false, new ListLog()));
+        Assert.Contains("--resume", ex.Message);
+    }
+
+    [Fact]
+    public void MalformedLinesAreNamedOrSkippedAndCounted()
+    {
+        var path = Path.Combine(Fixtures.TempDir(), "bad.jsonl");
+        File.WriteAllLines(path, ["{\"prompt\": \"a\", \"completion\": \" b\"}", "{not json", "{\"prompt\": \"x\"}", "{\"prompt\": \"a\", \"completion\": \"\"}", "{\"prompt\": \"c\", \"completion\": \" d\"}"]);
+        var tok = Tokenizer.Load(Fixtures.Model("qwen2"));
+        var ex = Assert.Throws<DataException>(() => JsonlDataset.Load(path, tok, new DataOptions()));
+        Assert.Contains($"{path}:2: invalid JSON", ex.Message);
+        var (samples, summary) = JsonlDataset.Load(path, tok, new DataOptions { SkipBadLines = true });
+        Assert.Equal(2, samples.Count);
+        Assert.Equal(3, summary.Skipped);
+        Assert.Contains(summary.Problems, p => p.Contains(":3: missing field \"completion\""));
+        Assert.Contains(summary.Problems, p => p.Contains(":4: field \"completion\" is empty"));
+
+        var chat = Path.Combine(Fixtures.TempDir(), "chat.jsonl");
+        File.WriteAllLines(chat, ["{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"wizard\", \"content\": \"x\"}]}"]);
+        ex = Assert.Throws<DataException>(() => JsonlDataset.Load(chat, tok, new DataOptions()));
+        Assert.Contains(":1: message 1 has unknown role 'wizard'", ex.Message);
+    }
+
+    [Fact]
+    public void ChatLabelsCoverExactlyTheAssistantTurns()
+    {
+        var path = Path.Combine(Fixtures.TempDir(), "chat.jsonl");
+        File.WriteAllLines(path, ["{\"messages\": [{\"role\": \"user\", \"content\": \"reset my password\"}, {\"role\": \"assistant\", \"content\": \"accounts\"}, {\"role\": \"user\", \"content\": \"my invoice\"}, {\"role\": \"assistant\", \"content\": \"billing\"}]}"]);
+        var tok = Tokenizer.Load(Fixtures.Model("qwen2"));
+        var (samples, _) = JsonlDataset.Load(path, tok, new DataOptions());
+        var s = samples[0];
+        var template = new ChatTemplate(tok.Config.ChatTemplate!);
+        var full = template.Render([new("user", "reset my password"), new("assistant", "accounts"), new("user", "my invoice"), new("assistant", "billing")], false, tok.Config);
+        Assert.Equal(full, tok.Decode(s.InputIds));
+        // Decode each run of trained positions: exactly the two assistant replies with their end-of-turn tokens.
+        var spans = new List<string>();
+        var current = new List<int>();
+        for (int i = 0; i <= s.InputIds.Length; i++)
+        {
+            if (i < s.InputIds.Length && s.Labels[i] != Sample.IgnoreIndex) { current.Add(s.InputIds[i]); continue; }
+            if (current.Count > 0) { spans.Add(tok.Decode(current)); current.Clear(); }
+        }
+        Assert.Equal(["accounts<|im_end|>\n", "billing<|im_end|>\n"], spans);
+    }
+
+    [Fact]
+    public void WarnsWhenTheTrainedEndOfTurnIsNotAStopToken()
+    {
+        var dir = Fixtures.TempDir();
+        foreach (var f in Directory.GetFiles(Fixtures.Model("qwen2"))) File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));
+        File.WriteAllText(Path.Combine(dir, "generation_config.json"), "{\"eos_token_id\": 0}");
+        var data = Path.Combine(Fixtures.TempDir(), "chat.jsonl");
+        File.WriteAllLines(data, Enumerable.Repeat("{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello\"}]}", 4));
+        var c = Small();
+        c.Model = dir; c.Data = data; c.Steps = 1;
+        var log = new ListLog();
+        Trainer.Run(c, false, log);
+        Assert.Contains(log.Warnings, w => w.Contains("never stop") && w.Contains("<|im_end|>"));
+        // With the real generation config (eos = <|im_end|>) there is no warning.
+        var ok = Small(); ok.Model = Fixtures.Model("qwen2"); ok.Data = data; ok.Steps = 1;
+        var log2 = new ListLog();
+        Trainer.Run(ok, false, log2);
+        Assert.DoesNotContain(log2.Warnings, w => w.Contains("never stop"));
+    }
+
+    [Fact]
+    public void PackedRowsKeepSamplesApart()
+    {
+        using var model = CausalLM.Load(Fixtures.Model("mistral"), ScalarType.Float32, CPU);
+        var tok = Tokenizer.Load(Fixtures.Model("mistral"));
+        var (samples, _) = JsonlDataset.Load(TrainingData, tok, new DataOptions());
+        using var _ = no_grad();
+        double separate = samples.Sum(s => { using var b = Batches.Collate([s], 0, CPU); return (double)Trainer.LossSum(model, b).item<float>(); });
+        var packed = Batches.Pack(samples, 64);
+        Assert.True(packed.Count < samples.Count);
+        using var pb = Batches.Collate(packed, 0, CPU);
+        double together = Trainer.LossSum(model, pb).item<float>();
+        Assert.True(Math.Abs(separate - together) <= 1e-4 * separate, $"packed {together} vs separate {separate}");
+    }
+
+    [Fact]
+    public void AdamWMatchesTorchSharpsAdamW()
+    {
+        manual_seed(5);
+        var p1 = new TorchSharp.Modules.Parameter(randn(7, 5), true);
+        var p2 = new TorchSharp.Modules.Parameter(p1.detach().clone(), true);
+        var mine = new AdamW([("p", p1)], 0.9, 0.95, 1e-8, 0.1);
+        var reference = optim.AdamW([p2], lr: 3e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1);
+        for (int i = 0; i < 6; i++)
+        {
+            var g = randn(7, 5);
+            p1.grad = g.clone(); p2.grad = g.clone();
+            mine.Step(3e-3);
+            reference.step();
+        }
+        Assert.True(Close.RelError(p1, p2) < 1e-6);
+    }
+
+    [Theory]
+    [InlineData("constant", 0, 10, 100, 0.0)]
+    [InlineData("constant", 5, 10, 100, 0.5)]
+    [InlineData("constant", 50, 10, 100, 1.0)]
+    [InlineData("linear", 10, 10, 100, 1.0)]
+    [InlineData("linear", 55, 10, 100, 0.5)]
+    [InlineData("linear", 100, 10, 100, 0.0)]
+    [InlineData("cosine", 0, 0, 100, 1.0)]
+    [InlineData("cosine", 50, 0, 100, 0.5)]
+    [InlineData("cosine", 100, 0, 100, 0.0)]
+    public void SchedulesFollowTransformers(string schedule, int step, int warmup, int total, double expected) =>
+        Assert.Equal(expected, LrSchedule.Factor(schedule, step, warmup, total), 9);
+
+    [Fact]
+    public void NativeMemoryStaysFlatOverManySteps()
+    {
+        Trainer.Run(Small(), false, new ListLog()); // warm-up (lazy native state)
+        long before = DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+        var c1 = Small(); c1.Steps = 3;
+        Trainer.Run(c1, false, new ListLog());
+        long afterShort = DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+        var c2 = Small(); c2.Steps = 30;
+        Trainer.Run(c2, false, new ListLog());
+        long afterLong = DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+        Assert.Equal(0, afterShort - before); // a finished run leaves no native tensors behind
+        Assert.Equal(0, afterLong - afterShort); // and nothing grows with the number of steps
+    }
+
+    [Fact]
+    public void WritesReportMetricsAndBestAdapter()
+    {
+        var c = Small();
+        c.ValidationFraction = 0.34; c.Steps = 6; c.EvalEvery = 2;
+        var r = Trainer.Run(c, false, new ListLog());
+        foreach (var f in new[] { "report.json", "report.html", "loss.png", "metrics.jsonl", "adapter/adapter_config.json", "best/adapter_model.safetensors" })
+            Assert.True(File.Exists(Path.Combine(c.Output, f)), f);
+        Assert.Contains("data:image/png;base64,", File.ReadAllText(Path.Combine(c.Output, "report.html")));
+        var report = JsonNode.Parse(File.ReadAllText(Path.Combine(c.Output, "report.json")))!;
+        Assert.Equal(6, report["steps"]!.GetValue<int>());
+        Assert.Equal(6, report["data"]!["samples"]!.GetValue<int>()); // the file's samples; 2 of them were held out
+        Assert.NotNull(report["best_eval"]);
+        Assert.Equal(3, File.ReadLines(Path.Combine(c.Output, "metrics.jsonl")).Count(l => l.Contains("eval_loss")));
+    }
+
+    [Fact]
+    public void EarlyStoppingStopsWhenValidationStopsImproving()
+    {
+        var c = Small();
+        c.Lr = 3.0; c.Steps = 40; c.EvalEvery = 1; c.EarlyStoppingPatience = 2; c.ValidationFraction = 0.34; c.MaxGradNorm = 0;
+        var log = new ListLog();
+        var r = Trainer.Run(c, false, log);
+        Assert.True(r.StoppedEarly);
+        Assert.True(r.Steps < 40);
+        Assert.Equal(2, log.Evals.SkipWhile(e => e.Step <= r.Best!.Step).Count());
+    }
+
+    [Fact]
+    public void FullFineTuneWritesALoadableCheckpoint()
+    {
+        var c = Small();
+        c.Method = "full"; c.Lr = 1e-3; c.Steps = 3;
+        var log = new ListLog();
+        var r = Trainer.Run(c, false, log);
+        Assert.Contains(log.Infos, i => i.Contains("trainable%: 100.0000"));
+        using var m = CausalLM.Load(r.AdapterDir, ScalarType.Float32, CPU);
+        Assert.True(log.Steps[^1].Loss < log.Steps[0].Loss + 1);
+    }
+
+    [Fact]
+    public void YamlConfigWithCliOverride()
+    {
+        var dir = Fixtures.TempDir();
+        var yaml = Path.Combine(dir, "run.yaml");
+        File.WriteAllText(yaml, $"model: {Fixtures.Model("llama")}\ndata: {TrainingData}\nlr: 0.005\nsteps: 2\nbatch_size: 2\nr: 4\nlora_alpha: 8\n");
+        var output = Path.Combine(dir, "out");
+        var (code, _, err) = CliTests.RunCli("train", "--config", yaml, "--steps", "3", "--output", output, "--device", "cpu");
+        Assert.True(code == 0, err);
+        var report = JsonNode.Parse(File.ReadAllText(Path.Combine(output, "report.json")))!;
+        Assert.Equal(3, report["steps"]!.GetValue<int>());
+        Assert.Equal(0.005, report["config"]!["lr"]!.GetValue<double>());
+        (code, var help, _) = CliTests.RunCli("train", "--help");
+        foreach (var flag in new[] { "--lr", "--batch-size", "--grad-accum", "--no-shuffle", "--no-eos", "--train-on-all-tokens", "--packing", "--early-stopping-patience", "--resume", "--config" })
+            Assert.Contains(flag, help);
+        Assert.Contains("(default: 0.0002)", help);
+    }
+}
