@@ -269,7 +269,7 @@ public class TrainingTests
         var c1 = Small(); c1.Steps = 3;
         Trainer.Run(c1, false, new ListLog());
         long afterShort = DisposeScopeManager.Statistics.ThreadTotalLiveCount;
-        var c2 = Small(); c2.Steps = 30;
+        var c2 = Small(); c2.Steps = 30; c2.GradientCheckpointing = true; c2.LoraDropout = 0.1;
         Trainer.Run(c2, false, new ListLog());
         long afterLong = DisposeScopeManager.Statistics.ThreadTotalLiveCount;
         Assert.Equal(0, afterShort - before); // a finished run leaves no native tensors behind
@@ -332,5 +332,36 @@ public class TrainingTests
         foreach (var flag in new[] { "--lr", "--batch-size", "--grad-accum", "--no-shuffle", "--no-eos", "--train-on-all-tokens", "--packing", "--early-stopping-patience", "--resume", "--config" })
             Assert.Contains(flag, help);
         Assert.Contains("(default: 0.0002)", help);
+    }
+}
+
+public class GradientCheckpointingTests
+{
+    [Theory]
+    [InlineData("qwen3", 0.0)]
+    [InlineData("llama", 0.1)] // dropout: the recomputation must replay the same masks
+    public void SameLossAndGradientsAsWithout(string arch, double dropout)
+    {
+        using var lm = new LoraKit.Lora.LoraModel(CausalLM.Load(Fixtures.Model(arch), ScalarType.Float32, CPU));
+        lm.AddAdapter("a", new LoraKit.Lora.LoraConfig { R = 4, LoraAlpha = 8, LoraDropout = dropout, TargetModules = ["q_proj", "v_proj", "down_proj"], InitLoraWeights = "false" }, seed: 1);
+        var tok = Tokenizer.Load(Fixtures.Model(arch));
+        var (samples, _) = JsonlDataset.Load(Fixtures.Path_("training", "data.jsonl"), tok, new DataOptions());
+        using var batch = Batches.Collate(samples.Take(3).ToList(), 0, CPU);
+        lm.Model.train();
+        (double loss, List<Tensor> grads) Run(bool checkpointing)
+        {
+            lm.Model.model.GradientCheckpointing = checkpointing;
+            manual_seed(42);
+            var loss = Trainer.LossSum(lm.Model, batch);
+            loss.backward();
+            var grads = lm.Parameters("a").Select(p => p.param.grad!.clone()).ToList();
+            foreach (var (_, p) in lm.Parameters("a")) p.grad!.zero_();
+            return (loss.item<float>(), grads);
+        }
+        var (l1, g1) = Run(false);
+        var (l2, g2) = Run(true);
+        Assert.Equal(l1, l2, 5);
+        for (int i = 0; i < g1.Count; i++) Assert.True(Close.RelError(g2[i], g1[i]) <= 1e-5, $"grad {i}");
+        Assert.Contains(g1, g => g.abs().sum().item<float>() > 0);
     }
 }

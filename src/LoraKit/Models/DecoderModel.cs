@@ -43,6 +43,10 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
         positions ??= PositionIds(attentionMask, b, t, past, ids.device);
         var h = embed_tokens.forward(ids);
         var (cos, sin) = _rope.CosSin(positions, h.dtype);
+        bool checkpoint = GradientCheckpointing && training && cache is null && is_grad_enabled();
+        // A checkpointed layer is a custom autograd function whose only tensor input is h; with a frozen embedding h
+        // would not require grad and the function's output would get no graph (transformers' enable_input_require_grads).
+        if (checkpoint && !h.requires_grad) h = h.detach().requires_grad_(true);
         var masks = new Dictionary<int, Tensor?>();
         for (int i = 0; i < layers.Count; i++)
         {
@@ -50,7 +54,9 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
             int key = window ?? -1;
             if (!masks.TryGetValue(key, out var mask))
                 masks[key] = mask = AttentionMask.Build(t, past, window, attentionMask, ids.device, segments);
-            h = layers[i].Forward(h, cos, sin, mask, cache, i);
+            h = checkpoint
+                ? LayerCheckpoint.Run(layers[i], h, cos, sin, mask, i)
+                : layers[i].Forward(h, cos, sin, mask, cache, i);
         }
         return norm.forward(h).MoveToOuterDisposeScope();
     }

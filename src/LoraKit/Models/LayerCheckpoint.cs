@@ -1,0 +1,62 @@
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace LoraKit.Models;
+
+/// <summary>
+/// Activation checkpointing for one decoder layer (TorchSharp has none built in): forward runs without building a graph
+/// and keeps only the layer's input; backward re-runs the layer with gradients on and back-propagates through it, which
+/// fills the trainable weights' grads and returns the input's grad. The CPU RNG state is replayed so dropout draws the same
+/// masks in the recomputation (CUDA's generator state is not reachable from TorchSharp, see the README).
+/// </summary>
+public sealed class LayerCheckpoint : autograd.SingleTensorFunction<LayerCheckpoint>
+{
+    /// <summary>Everything the layer needs besides its input, passed through apply() as one object.</summary>
+    /// The tensors are aliases taken out of the caller's dispose scope (which ends before backward runs); backward frees them.
+    sealed record Call(DecoderLayer Layer, Tensor Input, Tensor Cos, Tensor Sin, Tensor? Mask, int Index, byte[] RngState)
+    {
+        public void Free() { Input.Dispose(); Cos.Dispose(); Sin.Dispose(); Mask?.Dispose(); }
+    }
+
+    public override string Name => "LayerCheckpoint";
+
+    public static Tensor Run(DecoderLayer layer, Tensor x, Tensor cos, Tensor sin, Tensor? mask, int index)
+    {
+        using var rng = random.get_rng_state();
+        var call = new Call(layer, Keep(x.detach()), Keep(cos.alias()), Keep(sin.alias()), mask is null ? null : Keep(mask.alias()), index, rng.bytes.ToArray());
+        return apply(x, call);
+    }
+
+    static Tensor Keep(Tensor t) => t.DetachFromDisposeScope();
+
+    public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
+    {
+        var call = (Call)vars[1];
+        ctx.save_data("call", call);
+        using var _ = no_grad();
+        return call.Layer.Forward((Tensor)vars[0], call.Cos, call.Sin, call.Mask, null, call.Index);
+    }
+
+    public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor gradOutput)
+    {
+        var call = (Call)ctx.get_data("call");
+        using var outerRng = random.get_rng_state();
+        using (var saved = empty(call.RngState.Length, ScalarType.Byte))
+        {
+            saved.bytes = call.RngState;
+            random.set_rng_state(saved);
+        }
+        Tensor grad;
+        using (var scope = NewDisposeScope())
+        using (var __ = enable_grad())
+        {
+            var input = call.Input.detach().requires_grad_(true);
+            var y = call.Layer.Forward(input, call.Cos, call.Sin, call.Mask, null, call.Index);
+            autograd.backward([y], [gradOutput]);
+            grad = input.grad!.detach().MoveToOuterDisposeScope();
+        }
+        random.set_rng_state(outerRng);
+        call.Free();
+        return [grad, null!]; // one entry per apply() argument; the Call object has no gradient
+    }
+}
