@@ -44,7 +44,7 @@ public class TrainingTests
         var y = Adapter(b);
         Assert.Equal(x.Keys.Order(), y.Keys.Order());
         foreach (var k in x.Keys)
-            Assert.True(tol == 0 ? x[k].eq(y[k]).all().item<bool>() : Close.RelError(x[k], y[k]) <= tol, $"{k} differs");
+            Assert.True(tol == 0 ? x[k].eq(y[k]).all().item<bool>() : Close.RelError(x[k], y[k]) <= tol, $"{k} differs ({Close.RelError(x[k], y[k]):E2})");
     }
 
     [Fact]
@@ -80,7 +80,7 @@ public class TrainingTests
         acc.BatchSize = 2; acc.GradAccum = 2; acc.Steps = 3; acc.MaxGradNorm = 1.0;
         var rBig = Trainer.Run(big, false, new ListLog());
         var rAcc = Trainer.Run(acc, false, new ListLog());
-        AssertSameAdapters(rBig.AdapterDir, rAcc.AdapterDir, tol: 1e-5);
+        AssertSameAdapters(rBig.AdapterDir, rAcc.AdapterDir, tol: 1e-4); // the fp32 tolerance; per-micro-batch averaging would be off by far more
         Assert.True(Math.Abs(rBig.FinalLoss - rAcc.FinalLoss) < 1e-5);
     }
 
@@ -363,5 +363,39 @@ public class GradientCheckpointingTests
         Assert.Equal(l1, l2, 5);
         for (int i = 0; i < g1.Count; i++) Assert.True(Close.RelError(g2[i], g1[i]) <= 1e-5, $"grad {i}");
         Assert.Contains(g1, g => g.abs().sum().item<float>() > 0);
+    }
+}
+
+public class ChunkedLossTests
+{
+    [Theory]
+    [InlineData("qwen2", 7)]   // tied head, chunks smaller than the batch
+    [InlineData("llama", 4096)] // one chunk
+    public void SameLossAndGradientsAsFullLogits(string arch, long chunk)
+    {
+        using var lm = new LoraKit.Lora.LoraModel(CausalLM.Load(Fixtures.Model(arch), ScalarType.Float32, CPU));
+        lm.AddAdapter("a", new LoraKit.Lora.LoraConfig { R = 4, TargetModules = ["q_proj", "down_proj"], InitLoraWeights = "false" }, seed: 2);
+        var tok = Tokenizer.Load(Fixtures.Model(arch));
+        var (samples, _) = JsonlDataset.Load(Fixtures.Path_("training", "data.jsonl"), tok, new DataOptions { TrainOnAllTokens = false });
+        using var batch = Batches.Collate(samples.Take(4).ToList(), 0, CPU); // right padding: ignored targets present
+        (double, List<Tensor>) Run(bool chunked)
+        {
+            Tensor loss;
+            if (!chunked) loss = Trainer.LossSum(lm.Model, batch);
+            else
+            {
+                var h = lm.Model.model.Forward(batch.InputIds, batch.AttentionMask, null);
+                long t = h.shape[1];
+                loss = ChunkedLmLoss.Compute(h[.., ..(int)(t - 1)].reshape(-1, h.shape[2]), lm.Model.lm_head.weight, batch.Labels[.., 1..].reshape(-1), chunk);
+            }
+            (loss * 0.37).backward(); // a non-unit upstream gradient
+            var grads = lm.Parameters("a").Select(p => p.param.grad!.clone()).ToList();
+            foreach (var (_, p) in lm.Parameters("a")) p.grad!.zero_();
+            return (loss.item<float>(), grads);
+        }
+        var (l1, g1) = Run(false);
+        var (l2, g2) = Run(true);
+        Assert.True(Math.Abs(l1 - l2) <= 1e-5 * Math.Abs(l1), $"{l1} vs {l2}");
+        for (int i = 0; i < g1.Count; i++) Assert.True(Close.RelError(g2[i], g1[i]) <= 1e-5, $"grad {i}: {Close.RelError(g2[i], g1[i])}");
     }
 }

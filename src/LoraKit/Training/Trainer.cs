@@ -146,7 +146,7 @@ public static class Trainer
                 foreach (var rows in micro)
                 {
                     using var batch = Batches.Collate(rows, padId, device);
-                    var loss = LossSum(model, batch);
+                    var loss = LossSum(model, batch, chunked: c.Method == "lora");
                     (loss / Math.Max(1, targets)).backward();
                     lossSum += loss.item<float>();
                     tokensSeen += batch.Tokens;
@@ -224,10 +224,21 @@ public static class Trainer
         UseRslora = c.UseRslora, BaseModelNameOrPath = c.Model,
     };
 
-    /// <summary>Summed next-token cross-entropy over the batch's target positions (fp32 logits).</summary>
-    public static Tensor LossSum(CausalLM model, Batch b)
+    /// <summary>
+    /// Summed next-token cross-entropy over the batch's target positions (fp32 logits). With <paramref name="chunked"/>
+    /// (a frozen LM head) the logits are never kept for backward: see <see cref="ChunkedLmLoss"/>.
+    /// </summary>
+    public static Tensor LossSum(CausalLM model, Batch b, bool chunked = false)
     {
         using var scope = NewDisposeScope();
+        if (chunked)
+        {
+            var h = model.model.Forward(b.InputIds, b.AttentionMask, null, b.Positions, b.Segments);
+            long len = h.shape[1];
+            var hs = h[.., ..(int)(len - 1)].reshape(-1, h.shape[2]);
+            var ts = b.Labels[.., 1..].reshape(-1);
+            return ChunkedLmLoss.Compute(hs, model.lm_head.weight, ts).MoveToOuterDisposeScope();
+        }
         var logits = model.Logits(b.InputIds, b.AttentionMask, null, b.Positions, b.Segments);
         long t = logits.shape[1];
         var pred = logits[.., ..(int)(t - 1)].to(ScalarType.Float32).reshape(-1, logits.shape[2]);
