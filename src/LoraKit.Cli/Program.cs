@@ -15,6 +15,7 @@ public static class Program
         root.Subcommands.Add(AdapterCommands.Combine());
         root.Subcommands.Add(TrainCommand.Build());
         root.Subcommands.Add(DemoCommand.Build());
+        root.Subcommands.Add(BenchCommand.Build());
         return root.Parse(args).Invoke();
     }
 }

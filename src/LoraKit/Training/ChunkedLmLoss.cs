@@ -13,6 +13,8 @@ public sealed class ChunkedLmLoss : autograd.SingleTensorFunction<ChunkedLmLoss>
 {
     public override string Name => "ChunkedLmLoss";
 
+    sealed record Saved(Tensor Tensor);
+
     /// <param name="hidden">[N, hidden] final hidden states (requires grad)</param>
     /// <param name="weight">[vocab, hidden] frozen LM head</param>
     /// <param name="targets">[N] int64 next-token ids, <see cref="Data.Sample.IgnoreIndex"/> where no loss is taken</param>
@@ -47,13 +49,13 @@ public sealed class ChunkedLmLoss : autograd.SingleTensorFunction<ChunkedLmLoss>
             g.mul_(valid.unsqueeze(1));
             gradHidden.narrow(0, s, len).copy_(g.to(hidden.dtype).matmul(weight));
         }
-        ctx.save_data("grad", gradHidden);
+        ctx.save_data("grad", new Saved(gradHidden)); // freed in backward; wrapped, as save_data warns on bare tensors
         return total.squeeze(0);
     }
 
     public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor gradOutput)
     {
-        using var gradHidden = (Tensor)ctx.get_data("grad");
+        using var gradHidden = ((Saved)ctx.get_data("grad")).Tensor;
         return [gradHidden * gradOutput.to(gradHidden.dtype), null!, null!, null!];
     }
 }

@@ -1,0 +1,176 @@
+"""LoraKit vs HF transformers + PEFT, LoRA training throughput and memory, in one device call.
+
+On the GPU machine, from the repo root, after `bench/pack.sh` (carry .gpu):
+    python3 bench/run_bench.py [--only llama-1b] [--steps 10] [--out bench/results/latest.json]
+Per workload (the four of ../shared/bench/peft_reference.py): build the random-init model once with seed 0, save its
+weights (safetensors) so LoraKit trains the very same model, draw one batch (saved too), run HF + PEFT in this process,
+then `lorakit bench` as a subprocess. Same LoRA (r=16, alpha 32, all seven linear modules, no dropout), same AdamW,
+labels = inputs. Step-1 losses must agree (bf16: 1e-2). Memory: torch's peak allocated for HF; for both systems the
+peak device memory in use during the timed steps (cudaMemGetInfo polled every 10 ms, minus this process's baseline),
+since TorchSharp exposes no allocator statistics.
+"""
+import argparse
+import json
+import os
+import subprocess
+import threading
+import time
+
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+SHAPES = {
+    "llama-1b": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=4096,
+                 rope_theta=500000.0, tie_word_embeddings=True)),
+    "qwen2-0.5b": (Qwen2Config, Qwen2ForCausalLM, dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                   num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=4096,
+                   tie_word_embeddings=True)),
+    "llama-8b": (LlamaConfig, LlamaForCausalLM, dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                 rope_theta=500000.0, tie_word_embeddings=False)),
+}
+WORKLOADS = [("llama-1b", 8, 1024, False), ("llama-1b", 4, 2048, True), ("qwen2-0.5b", 8, 1024, False), ("llama-8b", 2, 2048, True)]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+WORK = "/tmp/lorakit-bench"
+
+
+class DevicePeak:
+    """Peak device memory in use (all processes) while active, minus the level when it started."""
+
+    def __init__(self):
+        self.base = self.used()
+        self.peak = self.base
+        self._stop = False
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def used():
+        free, total = torch.cuda.mem_get_info()
+        return total - free
+
+    def _run(self):
+        while not self._stop:
+            self.peak = max(self.peak, self.used())
+            time.sleep(0.01)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *a):
+        self._stop = True
+        self._t.join()
+
+    @property
+    def gib(self):
+        return round((self.peak - self.base) / 2**30, 2)
+
+
+def prepare(shape):
+    d = os.path.join(WORK, shape)
+    if not os.path.exists(os.path.join(d, "config.json")):
+        cfg_cls, model_cls, kw = SHAPES[shape]
+        torch.manual_seed(0)
+        model = model_cls(cfg_cls(**kw)).to(torch.bfloat16)
+        model.save_pretrained(d)
+        del model
+    return d
+
+
+def hf_run(d, ids, ckpt, steps, warm):
+    cfg_cls, model_cls, kw = SHAPES[os.path.basename(d)]
+    model = model_cls.from_pretrained(d, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = ids.cuda()
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    first = step().item()
+    for _ in range(warm - 1):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    with DevicePeak() as dev:
+        t = time.perf_counter()
+        for _ in range(steps):
+            loss = step()
+        torch.cuda.synchronize()
+        dt = (time.perf_counter() - t) / steps
+    res = dict(system="hf-peft", tokens_per_s=round(ids.numel() / dt), step_s=round(dt, 4), loss=round(first, 4),
+               peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), device_mem_gib=dev.gib)
+    del model, opt, params
+    torch.cuda.empty_cache()
+    return res
+
+
+def lorakit_run(d, ids_path, ckpt, steps, warm, plain=False):
+    args = ["bash", ".gpu/on-gpu.sh", "LoraKit.Cli", "bench", "--model", d, "--ids", ids_path, "--steps", str(steps),
+            "--warmup", str(warm), "--rank", "16", "--device", "cuda"] + (["--gradient-checkpointing"] if ckpt else []) + (["--plain-loss"] if plain else [])
+    torch.cuda.synchronize()
+    with DevicePeak() as dev:
+        r = subprocess.run(args, capture_output=True, text=True)
+    if r.returncode != 0:
+        return dict(system="lorakit" + ("-plain" if plain else ""), error=r.stderr[-600:])
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    return dict(system="lorakit" + ("-plain" if plain else ""), tokens_per_s=out["tokens_per_s"], step_s=out["step_s"],
+                loss=out["loss_step1"], peak_mem_gib=dev.gib, device_mem_gib=dev.gib)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--plain", action="store_true", help="also time LoraKit's unoptimised full-logits loss")
+    ap.add_argument("--out", default="bench/results/latest.json")
+    a = ap.parse_args()
+    torch.cuda.init()
+    rows = []
+    for shape, b, s, ckpt in WORKLOADS:
+        if a.only and shape not in a.only:
+            continue
+        name = f"{shape} {b}x{s}" + (" ckpt" if ckpt else "")
+        d = prepare(shape)
+        torch.manual_seed(1)
+        ids = torch.randint(0, SHAPES[shape][2]["vocab_size"], (b, s))
+        ids_path = os.path.join(WORK, f"ids-{shape}-{b}x{s}.safetensors")
+        save_file({"input_ids": ids}, ids_path)
+        for res in [hf_run(d, ids, ckpt, a.steps, a.warmup), lorakit_run(d, ids_path, ckpt, a.steps, a.warmup)] + \
+                   ([lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, plain=True)] if a.plain else []):
+            res["workload"] = name
+            rows.append(res)
+            print(json.dumps(res), flush=True)
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    json.dump({"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0), "rows": rows}, open(a.out, "w"), indent=1)
+    print_table(rows)
+
+
+def print_table(rows):
+    print(f"\n{'workload':24} {'system':14} {'tok/s':>8} {'x HF':>6} {'alloc GiB':>9} {'device GiB':>10} {'x HF dev':>8} {'step-1 loss':>11}")
+    hf = {r["workload"]: r for r in rows if r["system"] == "hf-peft"}
+    for r in rows:
+        if "error" in r:
+            print(f"{r['workload']:24} {r['system']:14} ERROR {r['error'][-200:]}")
+            continue
+        base = hf.get(r["workload"], r)
+        print(f"{r['workload']:24} {r['system']:14} {r['tokens_per_s']:>8} {r['tokens_per_s'] / base['tokens_per_s']:>6.2f} "
+              f"{(r['peak_mem_gib'] if r['system'] == 'hf-peft' else float('nan')):>9.2f} {r['device_mem_gib']:>10.2f} "
+              f"{r['device_mem_gib'] / max(base['device_mem_gib'], 1e-9):>8.2f} {r['loss']:>11.4f}")
+    print(f"GPU: {torch.cuda.get_device_name(0)}")
+
+
+if __name__ == "__main__":
+    main()

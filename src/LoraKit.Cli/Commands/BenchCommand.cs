@@ -1,0 +1,72 @@
+using System.CommandLine;
+using System.Diagnostics;
+using LoraKit.Data;
+using LoraKit.IO;
+using LoraKit.Lora;
+using LoraKit.Models;
+using LoraKit.Runtime;
+using LoraKit.Training;
+using static TorchSharp.torch;
+
+namespace LoraKit.Cli.Commands;
+
+/// <summary>
+/// <c>lorakit bench</c>: times LoRA training steps on a fixed batch, the same workload as bench/peft_reference.py
+/// (LoRA on all seven linear modules, alpha = 2r, no dropout, AdamW lr 1e-4 with PyTorch's default weight decay 0.01,
+/// labels = inputs). Used by bench/run_bench.py, which runs HF + PEFT in the same device call.
+/// </summary>
+public static class BenchCommand
+{
+    public static Command Build()
+    {
+        var model = new Option<string>("--model") { Description = "model directory", Required = true };
+        var ids = new Option<string>("--ids") { Description = "safetensors file with an int64 tensor 'input_ids' [batch, seq]", Required = true };
+        var steps = new Option<int>("--steps") { Description = "timed steps", DefaultValueFactory = _ => 10 };
+        var warmup = new Option<int>("--warmup") { Description = "untimed steps first", DefaultValueFactory = _ => 3 };
+        var rank = new Option<int>("--rank") { Description = "LoRA rank", DefaultValueFactory = _ => 16 };
+        var ckpt = new Option<bool>("--gradient-checkpointing") { Description = "recompute layer activations in backward" };
+        var plain = new Option<bool>("--plain-loss") { Description = "materialise full logits (the unoptimised path)" };
+        var device = new Option<string>("--device") { Description = "auto, cpu or cuda", DefaultValueFactory = _ => "auto" };
+        var cmd = new Command("bench", "Time LoRA training steps on a fixed batch (for bench/run_bench.py).") { model, ids, steps, warmup, rank, ckpt, plain, device };
+        cmd.SetAction(r => CommonOptions.Run(() =>
+        {
+            var dev = Devices.Resolve(r.GetValue(device)!);
+            using var lm = new LoraModel(CausalLM.Load(r.GetValue(model)!, Devices.DefaultDType(dev), dev));
+            int rk = r.GetValue(rank);
+            lm.AddAdapter("bench", new LoraConfig { R = rk, LoraAlpha = 2 * rk, LoraDropout = 0, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] });
+            lm.Model.model.GradientCheckpointing = r.GetValue(ckpt);
+            lm.Model.train();
+            using var f = SafetensorsFile.Open(r.GetValue(ids)!);
+            using var input = f.Read("input_ids").to(dev);
+            using var batch = new Batch
+            {
+                InputIds = input.alias(), Labels = input.alias(), AttentionMask = ones_like(input),
+                TargetTokens = input.shape[0] * (input.shape[1] - 1), Tokens = input.numel(),
+            };
+            using var opt = new AdamW(lm.Parameters("bench"), 0.9, 0.999, 1e-8, 0.01);
+            bool chunked = !r.GetValue(plain);
+            double Step()
+            {
+                using var scope = NewDisposeScope();
+                var loss = Trainer.LossSum(lm.Model, batch, chunked) / batch.TargetTokens;
+                loss.backward();
+                opt.Step(1e-4);
+                opt.ZeroGrad();
+                return loss.item<float>(); // also the synchronisation point
+            }
+            double first = Step();
+            for (int i = 1; i < r.GetValue(warmup); i++) Step();
+            var clock = Stopwatch.StartNew();
+            double last = 0;
+            for (int i = 0; i < r.GetValue(steps); i++) last = Step();
+            double stepSeconds = clock.Elapsed.TotalSeconds / r.GetValue(steps);
+            Console.WriteLine(CliJson.Serialize(new
+            {
+                system = "lorakit", step_s = Math.Round(stepSeconds, 4), tokens_per_s = Math.Round(batch.Tokens / stepSeconds),
+                loss_step1 = Math.Round(first, 4), loss = Math.Round(last, 4), chunked_loss = chunked, gradient_checkpointing = r.GetValue(ckpt),
+            }));
+            return 0;
+        }));
+        return cmd;
+    }
+}
