@@ -6,8 +6,9 @@ Per workload (the four of ../shared/bench/peft_reference.py): build the random-i
 weights (safetensors) so LoraKit trains the very same model, draw one batch (saved too), run HF + PEFT in this process,
 then `lorakit bench` as a subprocess. Same LoRA (r=16, alpha 32, all seven linear modules, no dropout), same AdamW,
 labels = inputs. Step-1 losses must agree (bf16: 1e-2). Memory: torch's peak allocated for HF; for both systems the
-peak device memory in use during the timed steps (cudaMemGetInfo polled every 10 ms, minus this process's baseline),
-since TorchSharp exposes no allocator statistics.
+peak device memory in use from model load to the last step (cudaMemGetInfo polled every 10 ms, minus the level before
+loading; LoraKit's figure includes its own CUDA context, ~0.5 GiB, which HF's shares with this process), since TorchSharp
+exposes no allocator statistics.
 """
 import argparse
 import json
@@ -81,8 +82,10 @@ def prepare(shape):
 
 
 def hf_run(d, ids, ckpt, steps, warm):
+    dev = DevicePeak().__enter__()  # from before the model loads, as for LoraKit's process
     cfg_cls, model_cls, kw = SHAPES[os.path.basename(d)]
     model = model_cls.from_pretrained(d, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
+    model.train()  # from_pretrained returns eval mode, in which transformers skips gradient checkpointing
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
@@ -103,12 +106,12 @@ def hf_run(d, ids, ckpt, steps, warm):
         step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    with DevicePeak() as dev:
-        t = time.perf_counter()
-        for _ in range(steps):
-            loss = step()
-        torch.cuda.synchronize()
-        dt = (time.perf_counter() - t) / steps
+    t = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    torch.cuda.synchronize()
+    dt = (time.perf_counter() - t) / steps
+    dev.__exit__()
     res = dict(system="hf-peft", tokens_per_s=round(ids.numel() / dt), step_s=round(dt, 4), loss=round(first, 4),
                peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), device_mem_gib=dev.gib)
     del model, opt, params
@@ -153,8 +156,8 @@ def main():
             res["workload"] = name
             rows.append(res)
             print(json.dumps(res), flush=True)
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    json.dump({"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0), "rows": rows}, open(a.out, "w"), indent=1)
+            os.makedirs(os.path.dirname(a.out) or ".", exist_ok=True)  # after every row: a cut-off run keeps what it measured
+            json.dump({"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0), "rows": rows}, open(a.out, "w"), indent=1)
     print_table(rows)
 
 

@@ -57,10 +57,12 @@ public sealed class LoraModel : IDisposable
             var layer = Wrap(key);
             int r = config.RankFor(key);
             long inF = layer.base_layer.InFeatures, outF = layer.base_layer.OutFeatures;
-            var a = empty(r, inF, ScalarType.Float32, Model.Device);
-            var b = empty(outF, r, ScalarType.Float32, Model.Device);
+            // Drawn on the CPU (the seeded generator lives there), so an adapter starts the same on every device.
+            using var a = empty(r, inF, ScalarType.Float32);
+            using var b = empty(outF, r, ScalarType.Float32);
             InitLoraWeights(a, b, config.InitLoraWeights, r, gen);
-            layer.AddAdapter(name, new LoraWeights(new Parameter(a, true), new Parameter(b, true), config.Scaling(key), config.LoraDropout));
+            layer.AddAdapter(name, new LoraWeights(new Parameter(a.to(Model.Device, copy: true), true), new Parameter(b.to(Model.Device, copy: true), true),
+                config.Scaling(key), config.LoraDropout));
         }
         _configs[name] = config;
         SetActive(name);
