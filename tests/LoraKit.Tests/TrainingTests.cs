@@ -399,3 +399,48 @@ public class ChunkedLossTests
         for (int i = 0; i < g1.Count; i++) Assert.True(Close.RelError(g2[i], g1[i]) <= 1e-5, $"grad {i}: {Close.RelError(g2[i], g1[i])}");
     }
 }
+
+public class ClassificationTests
+{
+    static string Write(string dir, string name, IEnumerable<(string text, string label)> rows)
+    {
+        var path = Path.Combine(dir, name);
+        File.WriteAllLines(path, rows.Select(r => System.Text.Json.JsonSerializer.Serialize(new { text = r.text, label = r.label })));
+        return path;
+    }
+
+    [Fact]
+    public void TrainsAScoreHeadWithLoraReportsAccuracyAndReloads()
+    {
+        var dir = Fixtures.TempDir();
+        string[] pre = ["", "hi, ", "please: ", "urgent: ", "hello, "], post = ["", " thanks", " today", " please"];
+        var phrases = new Dictionary<string, string[]> { ["accounts"] = ["reset my password", "change my email"], ["billing"] = ["my invoice is wrong", "refund my payment"] };
+        var all = (from kv in phrases from ph in kv.Value from p in pre from q in post select (p + ph + q, kv.Key)).ToList();
+        var train = Write(dir, "train.jsonl", all.Where((_, i) => i % 4 != 0));
+        var valid = Write(dir, "valid.jsonl", all.Where((_, i) => i % 4 == 0));
+        var c = new TrainConfig
+        {
+            Model = Fixtures.Model("qwen2"), Data = train, ValidationData = valid, Output = Path.Combine(dir, "run"), R = 8, LoraAlpha = 16,
+            LoraDropout = 0, Lr = 1e-2, BatchSize = 8, Steps = 40, EvalEvery = 10, Metric = "eval_accuracy", Device = "cpu", Schedule = "constant",
+        };
+        var log = new ListLog();
+        var r = Trainer.Run(c, false, log);
+        Assert.Contains(log.Infos, i => i.Contains("classification with 2 labels: accounts, billing"));
+        Assert.All(log.Evals, e => Assert.NotNull(e.Accuracy));
+        Assert.True(r.Best!.Accuracy >= 0.9, $"best accuracy {r.Best.Accuracy}");
+
+        // PEFT-style files: LoRA + score head, SEQ_CLS task with modules_to_save, and the label names.
+        var config = JsonNode.Parse(File.ReadAllText(Path.Combine(r.AdapterDir, "adapter_config.json")))!;
+        Assert.Equal("SEQ_CLS", config["task_type"]!.GetValue<string>());
+        Assert.Contains("score", config["modules_to_save"]!.AsArray().Select(x => x!.GetValue<string>()));
+        using (var f = SafetensorsFile.Open(Path.Combine(r.AdapterDir, "adapter_model.safetensors")))
+            Assert.Equal(new long[] { 2, 64 }, f.Entries[SequenceClassifier.ScoreKey].Shape);
+
+        using var lm = new LoraKit.Lora.LoraModel(CausalLM.Load(Fixtures.Model("qwen2"), ScalarType.Float32, CPU));
+        using var clf = SequenceClassifier.Load(lm, r.AdapterDir);
+        var tok = Tokenizer.Load(Fixtures.Model("qwen2"));
+        var (samples, _) = JsonlDataset.Load(valid, tok, new DataOptions(), clf.Labels);
+        var (_, accuracy) = clf.Evaluate(samples, 8, 0);
+        Assert.Equal(r.LastEval!.Accuracy!.Value, accuracy, 6); // the reloaded adapter scores as the final model did
+    }
+}

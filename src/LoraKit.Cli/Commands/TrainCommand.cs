@@ -14,7 +14,7 @@ public static class TrainCommand
     static readonly Dictionary<string, string> Help = new()
     {
         ["model"] = "base model directory (Hugging Face layout)",
-        ["data"] = "training JSONL: {\"text\"}, {\"prompt\",\"completion\"} or {\"messages\"}",
+        ["data"] = "training JSONL: {\"text\"}, {\"prompt\",\"completion\"}, {\"messages\"}, or {\"text\",\"label\"} (classification head)",
         ["validation_data"] = "validation JSONL (same format)",
         ["validation_fraction"] = "hold out this fraction of --data for validation when no validation file is given",
         ["output"] = "output directory: adapter/, best/, checkpoints/, metrics.jsonl, report.html, loss.png",
@@ -48,6 +48,7 @@ public static class TrainCommand
         ["seed"] = "seed for initialisation, shuffling and dropout",
         ["eval_every"] = "evaluate every N steps (0 = about 10 times per run)",
         ["early_stopping_patience"] = "stop after N evaluations without a better validation loss (0 = off)",
+        ["metric"] = "validation metric for early stopping and best/: eval_loss or eval_accuracy (classification)",
         ["save_every"] = "checkpoint every N steps (0 = at each evaluation)",
         ["log_every"] = "log every N steps",
         ["device"] = "auto, cpu or cuda",
@@ -134,7 +135,8 @@ public sealed class ConsoleTrainLog(bool interactive) : ITrainLog
         _barShown = true;
     }
 
-    public void Eval(EvalMetrics m) => Info($"eval @ step {m.Step}: loss {m.Loss:F4}, perplexity {m.Perplexity:F2}{(m.IsBest ? " (best)" : "")}");
+    public void Eval(EvalMetrics m) => Info($"eval @ step {m.Step}: loss {m.Loss:F4}, " +
+        (m.Accuracy is double a ? $"accuracy {a:P1}" : $"perplexity {m.Perplexity:F2}") + (m.IsBest ? " (best)" : ""));
 
     void ClearBar()
     {

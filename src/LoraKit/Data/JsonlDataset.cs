@@ -80,6 +80,28 @@ public static class JsonlDataset
         return (samples, summary);
     }
 
+    /// <summary>The sorted label set of a classification file ({"text","label"} lines), or null for other formats.</summary>
+    public static List<string>? ClassificationLabels(string path)
+    {
+        if (!File.Exists(path)) return null;
+        var labels = new SortedSet<string>(StringComparer.Ordinal);
+        foreach (var line in File.ReadLines(path))
+        {
+            if (string.IsNullOrWhiteSpace(line)) continue;
+            try
+            {
+                using var doc = JsonDocument.Parse(line);
+                var e = doc.RootElement;
+                if (e.ValueKind != JsonValueKind.Object) continue;
+                if (Detect(e) != DataFormat.Classification) return labels.Count == 0 ? null : labels.ToList();
+                var v = e.GetProperty("label");
+                labels.Add(v.ValueKind == JsonValueKind.String ? v.GetString()! : v.ToString());
+            }
+            catch (Exception ex) when (ex is JsonException or DataException) { } // reported with its line number by Load
+        }
+        return labels.Count == 0 ? null : labels.ToList();
+    }
+
     static DataFormat Detect(JsonElement e)
     {
         if (e.TryGetProperty("messages", out _)) return DataFormat.Chat;

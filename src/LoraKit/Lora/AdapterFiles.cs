@@ -22,8 +22,11 @@ public static class AdapterFiles
         if (!Directory.Exists(dir)) throw new DirectoryNotFoundException($"adapter directory '{dir}' does not exist");
         var config = LoraConfig.Load(dir);
         config.Validate();
-        if (config.ModulesToSave is { Count: > 0 })
-            throw new LoraConfigException($"{dir}: modules_to_save ({string.Join(", ", config.ModulesToSave)}) is not supported for causal-LM adapters yet");
+        // A sequence-classification adapter carries its head (score) as modules_to_save; the head is loaded by
+        // Training.SequenceClassifier, the LoRA weights here. Anything else in modules_to_save is not supported.
+        bool seqCls = config.TaskType == "SEQ_CLS";
+        if (config.ModulesToSave is { Count: > 0 } mts && !(seqCls && mts.All(m => m is "score" or "classifier")))
+            throw new LoraConfigException($"{dir}: modules_to_save ({string.Join(", ", mts)}) is not supported (only a SEQ_CLS score head)");
         if (config.Extra["auto_mapping"] is JsonObject am && am["base_model_class"]?.GetValue<string>() is string cls && cls != lm.Model.Config.Architecture)
             throw new LoraConfigException($"{dir}: adapter was made for a {cls}, but the base model is a {lm.Model.Config.Architecture}");
 
@@ -38,6 +41,7 @@ public static class AdapterFiles
         var byModule = new Dictionary<string, Dictionary<string, SafetensorsEntry>>(StringComparer.Ordinal);
         foreach (var (key, entry) in file.Entries)
         {
+            if (seqCls && key.StartsWith(Prefix + "score.", StringComparison.Ordinal)) continue; // the head, loaded separately
             if (!key.StartsWith(Prefix, StringComparison.Ordinal) || !(key.EndsWith(".lora_A.weight", StringComparison.Ordinal) || key.EndsWith(".lora_B.weight", StringComparison.Ordinal)))
                 throw new InvalidDataException($"{weightsPath}: tensor '{key}' is not a LoRA A/B weight in PEFT's naming (DoRA, embeddings and biases are not supported)");
             string rest = key[Prefix.Length..];

@@ -18,6 +18,7 @@ public sealed record TrainState
     public JsonObject Config { get; init; } = new();
     public double? BestEvalLoss { get; init; }
     public int? BestStep { get; init; }
+    public double? BestAccuracy { get; init; }
     public int EvalsWithoutImprovement { get; init; }
     public long TokensSeen { get; init; }
 }

@@ -28,7 +28,9 @@ public sealed class MetricsLog : IDisposable
         tokens_per_s = Math.Round(m.TokensPerSecond, 1), elapsed_s = Math.Round(m.ElapsedSeconds, 3),
     });
 
-    public void Eval(EvalMetrics m) => Write(new { step = m.Step, eval_loss = m.Loss, eval_ppl = m.Perplexity, is_best = m.IsBest });
+    public void Eval(EvalMetrics m) => Write(m.Accuracy is double a
+        ? new { step = m.Step, eval_loss = m.Loss, eval_accuracy = a, is_best = m.IsBest }
+        : (object)new { step = m.Step, eval_loss = m.Loss, eval_ppl = m.Perplexity, is_best = m.IsBest });
 
     void Write(object o) => _w.WriteLine(JsonSerializer.Serialize(o));
 

@@ -60,6 +60,8 @@ public sealed class TrainConfig
     // evaluation and checkpoints
     public int EvalEvery { get; set; }
     public int EarlyStoppingPatience { get; set; }
+    /// <summary>Validation metric for early stopping and the best checkpoint: eval_loss, or eval_accuracy (classification).</summary>
+    public string Metric { get; set; } = "eval_loss";
     public int SaveEvery { get; set; }
     public int LogEvery { get; set; } = 1;
 
@@ -118,6 +120,7 @@ public sealed class TrainConfig
         Check(ValidationFraction >= 0 && ValidationFraction < 1, "validation fraction must be in [0, 1)");
         Check(WarmupSteps >= 0 && WeightDecay >= 0 && MaxGradNorm >= 0, "warmup, weight decay and max grad norm must be ≥ 0");
         Check(Beta1 is >= 0 and < 1 && Beta2 is >= 0 and < 1 && AdamEps > 0, "betas must be in [0, 1) and eps positive");
+        Check(Metric is "eval_loss" or "eval_accuracy", $"metric must be eval_loss or eval_accuracy (got '{Metric}')");
         Check(EvalEvery >= 0 && EarlyStoppingPatience >= 0 && SaveEvery >= 0 && LogEvery > 0, "eval/save/log intervals must be ≥ 0");
     }
 }

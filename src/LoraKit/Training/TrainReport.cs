@@ -24,8 +24,8 @@ public static class TrainReport
             wall_seconds = Math.Round(r.WallSeconds, 2),
             trainable = r.TrainableReport,
             final_train_loss = r.FinalLoss,
-            best_eval = r.Best is null ? null : new { step = r.Best.Step, eval_loss = r.Best.Loss, eval_ppl = r.Best.Perplexity },
-            last_eval = r.LastEval is null ? null : new { step = r.LastEval.Step, eval_loss = r.LastEval.Loss, eval_ppl = r.LastEval.Perplexity },
+            best_eval = r.Best is null ? null : new { step = r.Best.Step, eval_loss = r.Best.Loss, eval_ppl = r.Best.Perplexity, eval_accuracy = r.Best.Accuracy },
+            last_eval = r.LastEval is null ? null : new { step = r.LastEval.Step, eval_loss = r.LastEval.Loss, eval_ppl = r.LastEval.Perplexity, eval_accuracy = r.LastEval.Accuracy },
             data = Data(r.Data),
             validation = r.Validation is null ? null : Data(r.Validation),
             adapter = r.AdapterDir,
@@ -44,6 +44,7 @@ public static class TrainReport
          .Append(Row("trainable", r.TrainableReport))
          .Append(Row("final train loss", $"{r.FinalLoss:F4}"))
          .Append(Row("best eval loss", r.Best is null ? "—" : $"{r.Best.Loss:F4} (perplexity {r.Best.Perplexity:F2}) at step {r.Best.Step}"))
+         .Append(r.Best?.Accuracy is double acc ? Row("best eval accuracy", $"{acc:P1} at step {r.Best.Step}") : "")
          .Append(Row("last eval loss", r.LastEval is null ? "—" : $"{r.LastEval.Loss:F4} (perplexity {r.LastEval.Perplexity:F2}) at step {r.LastEval.Step}"))
          .Append(Row("training data", Describe(r.Data)))
          .Append(Row("validation data", r.Validation is null ? (c.ValidationFraction > 0 ? $"{c.ValidationFraction:P0} held out" : "—") : Describe(r.Validation)))

@@ -14,7 +14,11 @@ namespace LoraKit.Training;
 
 public sealed record StepMetrics(int Step, int TotalSteps, double Epoch, double Loss, double Lr, double GradNorm, long Tokens, double TokensPerSecond, double ElapsedSeconds);
 
-public sealed record EvalMetrics(int Step, double Loss, double Perplexity, bool IsBest);
+public sealed record EvalMetrics(int Step, double Loss, double Perplexity, bool IsBest, double? Accuracy = null)
+{
+    /// <summary>The value the configured metric compares (lower is better for both: accuracy enters negated).</summary>
+    public double Key(string metric) => metric == "eval_accuracy" ? -(Accuracy ?? 0) : Loss;
+}
 
 /// <summary>What the trainer reports while it runs (progress bar, log lines).</summary>
 public interface ITrainLog
@@ -51,10 +55,14 @@ public static class Trainer
         {
             Format = ParseFormat(c.Format), TrainOnAllTokens = c.TrainOnAllTokens, AppendEos = c.Eos, MaxLength = c.MaxLength, SkipBadLines = c.SkipBadLines,
         };
-        var (train, trainSummary) = JsonlDataset.Load(c.Data, tok, opts);
+        var labels = JsonlDataset.ClassificationLabels(c.Data);
+        var (train, trainSummary) = JsonlDataset.Load(c.Data, tok, opts, labels);
+        bool classify = trainSummary.Format == DataFormat.Classification;
+        if (classify && (c.Method != "lora" || c.Packing)) throw new ArgumentException("classification data trains a LoRA adapter with a score head; --method full and --packing do not apply");
+        if (!classify && c.Metric == "eval_accuracy") throw new ArgumentException("--metric eval_accuracy needs classification data ({\"text\", \"label\"})");
         List<Sample>? valid = null;
         DataSummary? validSummary = null;
-        if (c.ValidationData is string vpath) (valid, validSummary) = JsonlDataset.Load(vpath, tok, opts);
+        if (c.ValidationData is string vpath) (valid, validSummary) = JsonlDataset.Load(vpath, tok, opts, labels);
         else if (c.ValidationFraction > 0)
         {
             var order = Enumerable.Range(0, train.Count).ToArray();
@@ -67,6 +75,7 @@ public static class Trainer
         }
         foreach (var p in trainSummary.Problems.Take(5)) log.Warn($"skipped {p}");
         if (trainSummary.Skipped > 0) log.Warn($"skipped {trainSummary.Skipped} bad line(s) in {c.Data}");
+        if (classify) log.Info($"classification with {labels!.Count} labels: {string.Join(", ", labels)}");
         log.Info($"data: {train.Count} training samples ({trainSummary.Format}), {trainSummary.Tokens:N0} tokens, {trainSummary.TargetTokens:N0} trained" +
                  (valid is null ? "" : $"; {valid.Count} validation samples") + (trainSummary.Truncated > 0 ? $"; {trainSummary.Truncated} truncated to {c.MaxLength}" : ""));
 
@@ -88,8 +97,16 @@ public static class Trainer
             trainable = model.named_parameters().GroupBy(p => p.parameter.Handle).Select(g => g.First()).Select(p => (p.name, p.parameter)).ToList();
             foreach (var (_, p) in trainable) p.requires_grad = true;
         }
-        if (c.GradientCheckpointing) model.model.GradientCheckpointing = true;
-        string report = c.Method == "lora" ? lm.TrainableReport(AdapterName)
+        using var classifier = classify ? new SequenceClassifier(model, labels!, c.Seed) : null;
+        if (classifier != null) trainable.Add(("score.weight", classifier.Score));
+        if (c.GradientCheckpointing)
+        {
+            model.model.GradientCheckpointing = true;
+            if (device.type == TorchSharp.DeviceType.CUDA && c.LoraDropout > 0)
+                log.Warn("gradient checkpointing on CUDA cannot replay dropout masks (TorchSharp exposes no CUDA RNG state): " +
+                         "the recomputed layers draw new masks; use --lora-dropout 0 for exact gradients");
+        }
+        string report = c.Method == "lora" ? lm.TrainableReport(AdapterName) + (classifier != null ? $" (+ score head {classifier.Score.numel():N0})" : "")
             : $"trainable params: {trainable.Sum(p => p.param.numel()):N0} || all params: {trainable.Sum(p => p.param.numel()):N0} || trainable%: 100.0000";
         log.Info(report);
 
@@ -101,6 +118,17 @@ public static class Trainer
         var batches = new Batches(train, c.BatchSize, c.Shuffle, c.Seed);
         using var optimizer = new AdamW(trainable, c.Beta1, c.Beta2, c.AdamEps, c.WeightDecay);
         int padId = tok.Config.PadToken is string pt && tok.TokenToId(pt) is int pid ? pid : model.Config.PadTokenId ?? 0;
+        // The task decides what a micro-batch's summed loss is and what it is normalised by: target tokens for language
+        // modelling, samples for classification.
+        Func<List<Sample>, Tensor> lossOf = classifier is null
+            ? rows => { using var b = Batches.Collate(rows, padId, device); return LossSum(model, b, chunked: c.Method == "lora"); }
+            : rows => { using var b = Batches.Collate(SequenceClassifier.Inputs(rows), padId, device); return classifier.LossSum(b, SequenceClassifier.LabelTensor(rows, device)); };
+        Func<List<Sample>, long> countOf = classifier is null
+            ? rows => rows.Sum(r => (long)r.Labels.Skip(1).Count(l => l != Sample.IgnoreIndex))
+            : rows => rows.Count;
+        Func<(double loss, double? accuracy)> evaluate = classifier is null
+            ? () => (Evaluate(model, valid!, c.BatchSize, padId, device), null)
+            : () => { var (l, a) = classifier.Evaluate(valid!, c.BatchSize, padId); return (l, a); };
 
         // ---- fresh start or resume ----
         Directory.CreateDirectory(c.Output);
@@ -122,7 +150,7 @@ public static class Trainer
             throw new InvalidOperationException($"{c.Output} already holds a run ({existing}); use --resume to continue it or choose another --output");
 
         using var metrics = new MetricsLog(Path.Combine(c.Output, "metrics.jsonl"), resume ? state.Step : 0);
-        EvalMetrics? best = state.BestEvalLoss is double bl ? new EvalMetrics(state.BestStep ?? 0, bl, Math.Exp(bl), true) : null;
+        EvalMetrics? best = state.BestEvalLoss is double bl ? new EvalMetrics(state.BestStep ?? 0, bl, Math.Exp(bl), true, state.BestAccuracy) : null;
         EvalMetrics? lastEval = null;
         int badEvals = state.EvalsWithoutImprovement;
         long cursor = state.Cursor, tokensSeen = state.TokensSeen;
@@ -141,15 +169,14 @@ public static class Trainer
             using (var scope = NewDisposeScope())
             {
                 var micro = Enumerable.Range(0, microPerStep).Select(i => batches.Take(cursor + i)).ToList();
-                long targets = micro.Sum(rows => rows.Sum(r => (long)r.Labels.Skip(1).Count(l => l != Sample.IgnoreIndex)));
+                long targets = micro.Sum(countOf);
                 double lossSum = 0;
                 foreach (var rows in micro)
                 {
-                    using var batch = Batches.Collate(rows, padId, device);
-                    var loss = LossSum(model, batch, chunked: c.Method == "lora");
+                    var loss = lossOf(rows);
                     (loss / Math.Max(1, targets)).backward();
                     lossSum += loss.item<float>();
-                    tokensSeen += batch.Tokens;
+                    tokensSeen += rows.Sum(r => (long)r.InputIds.Length);
                 }
                 cursor += microPerStep;
                 gradNorm = GradNorm(trainable, c.MaxGradNorm);
@@ -170,16 +197,17 @@ public static class Trainer
             bool evalNow = evalEvery > 0 && (step % evalEvery == 0 || step == totalSteps);
             if (evalNow)
             {
-                double vl = Evaluate(model, valid!, c.BatchSize, padId, device);
-                bool improved = best is null || vl < best.Loss;
-                lastEval = new EvalMetrics(step, vl, Math.Exp(vl), improved);
-                if (improved) { best = lastEval; badEvals = 0; SaveWeights(Path.Combine(c.Output, "best"), c, lm, model, trainable); }
+                var (vl, acc) = evaluate();
+                var candidate = new EvalMetrics(step, vl, Math.Exp(vl), false, acc);
+                bool improved = best is null || candidate.Key(c.Metric) < best.Key(c.Metric);
+                lastEval = candidate with { IsBest = improved };
+                if (improved) { best = lastEval; badEvals = 0; SaveWeights(Path.Combine(c.Output, "best"), c, lm, model, trainable, classifier); }
                 else badEvals++;
                 metrics.Eval(lastEval);
                 log.Eval(lastEval);
                 if (c.EarlyStoppingPatience > 0 && badEvals >= c.EarlyStoppingPatience)
                 {
-                    log.Info($"early stopping: eval loss has not improved for {badEvals} evaluations (best {best!.Loss:F4} at step {best.Step})");
+                    log.Info($"early stopping: {c.Metric} has not improved for {badEvals} evaluations (best at step {best!.Step})");
                     stoppedEarly = true;
                 }
             }
@@ -188,9 +216,9 @@ public static class Trainer
                 var st = state with
                 {
                     Step = step, Cursor = cursor, OptimizerSteps = optimizer.StepCount, RngState = Checkpoints.EncodeRng(),
-                    BestEvalLoss = best?.Loss, BestStep = best?.Step, EvalsWithoutImprovement = badEvals, TokensSeen = tokensSeen,
+                    BestEvalLoss = best?.Loss, BestStep = best?.Step, BestAccuracy = best?.Accuracy, EvalsWithoutImprovement = badEvals, TokensSeen = tokensSeen,
                 };
-                Checkpoints.Save(c.Output, st, dir => SaveWeights(dir, c, lm, model, trainable), optimizer);
+                Checkpoints.Save(c.Output, st, dir => SaveWeights(dir, c, lm, model, trainable, classifier), optimizer);
                 Checkpoints.Prune(c.Output, keep: 2, protect: null);
             }
             if (delayMs > 0) Thread.Sleep(delayMs);
@@ -200,7 +228,7 @@ public static class Trainer
         model.eval();
         var adapterDir = Path.Combine(c.Output, c.Method == "lora" ? "adapter" : "model");
         if (Directory.Exists(adapterDir)) Directory.Delete(adapterDir, true);
-        SaveWeights(adapterDir, c, lm, model, trainable);
+        SaveWeights(adapterDir, c, lm, model, trainable, classifier);
         var result = new TrainResult(c.Output, adapterDir, step, lastLoss, best, lastEval, report, trainSummary, validSummary, wall.Elapsed.TotalSeconds, stoppedEarly);
         TrainReport.Write(c, result, Path.Combine(c.Output, "metrics.jsonl"));
         lm.Dispose();
@@ -281,12 +309,13 @@ public static class Trainer
         return sum / Math.Max(1, count);
     }
 
-    static void SaveWeights(string dir, TrainConfig c, LoraModel lm, CausalLM model, List<(string name, Parameter param)> trainable)
+    static void SaveWeights(string dir, TrainConfig c, LoraModel lm, CausalLM model, List<(string name, Parameter param)> trainable, SequenceClassifier? classifier)
     {
         if (c.Method == "lora")
         {
             if (Directory.Exists(dir) && dir.EndsWith("best", StringComparison.Ordinal)) Directory.Delete(dir, true);
             AdapterFiles.Save(lm, AdapterName, dir, c.Model);
+            classifier?.SaveInto(dir);
         }
         else if (dir.Contains("checkpoints", StringComparison.Ordinal))
             SafetensorsWriter.Save(Path.Combine(dir, "model.safetensors"), trainable.ToDictionary(p => p.name, p => (Tensor)p.param));
