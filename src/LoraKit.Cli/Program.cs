@@ -16,6 +16,7 @@ public static class Program
         root.Subcommands.Add(TrainCommand.Build());
         root.Subcommands.Add(DemoCommand.Build());
         root.Subcommands.Add(BenchCommand.Build());
+        root.Subcommands.Add(ServeCommand.Build());
         return root.Parse(args).Invoke();
     }
 }

@@ -37,6 +37,11 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
     /// <summary>Adapters applied in forward (ignored while <see cref="Disabled"/>).</summary>
     public List<string> Active { get; } = [];
     public bool Disabled { get; set; }
+    /// <summary>
+    /// Serving: the adapter of each batch row (null = base model). When set, it replaces <see cref="Active"/>: each
+    /// adapter's rows are gathered, sent through its A and B, and added back (a segmented LoRA, as in Punica/S-LoRA).
+    /// </summary>
+    public string?[]? RowAdapters { get; set; }
     public IReadOnlyCollection<string> Merged => _merged;
 
     public void AddAdapter(string name, LoraWeights w)
@@ -60,6 +65,7 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         var result = base_layer.forward(x);
+        if (RowAdapters is { } rows && !Disabled) return PerRow(x, result, rows);
         if (Disabled || Active.Count == 0) return result;
         using var scope = NewDisposeScope();
         var dtype = result.dtype;
@@ -75,6 +81,23 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         }
         var y = acc.to(dtype);
         return y.MoveToOuterDisposeScope();
+    }
+
+    Tensor PerRow(Tensor x, Tensor result, string?[] rows)
+    {
+        if (rows.Length != x.shape[0]) throw new InvalidOperationException($"{rows.Length} row adapters for a batch of {x.shape[0]}");
+        using var scope = NewDisposeScope();
+        var dtype = result.dtype;
+        var acc = result.to(ScalarType.Float32);
+        foreach (var group in rows.Select((name, i) => (name, i)).Where(r => r.name != null && _adapters.ContainsKey(r.name)).GroupBy(r => r.name!))
+        {
+            var w = _adapters[group.Key];
+            var idx = tensor(group.Select(r => (long)r.i).ToArray(), device: x.device);
+            var h = x.index_select(0, idx).to(w.A.dtype);
+            var lora = nn.functional.linear(nn.functional.linear(h, w.A), w.B) * w.Scaling;
+            acc = acc.index_add(0, idx, lora, 1);
+        }
+        return acc.to(dtype).MoveToOuterDisposeScope();
     }
 
     /// <summary>scaling · B · A in fp32 ([out, in]), the one definition every merge path uses.</summary>

@@ -127,6 +127,12 @@ public sealed class LoraModel : IDisposable
         }
     }
 
+    /// <summary>Serving: one adapter name (or null for the base) per batch row, for every wrapped layer; null clears.</summary>
+    public void SetRowAdapters(string?[]? rows)
+    {
+        foreach (var (_, layer) in LoraLayers()) layer.RowAdapters = rows;
+    }
+
     public void DeleteAdapter(string name)
     {
         if (!_configs.Remove(name)) throw new KeyNotFoundException($"no adapter named '{name}'");

@@ -1,0 +1,47 @@
+using System.CommandLine;
+using LoraKit.Cli.Serving;
+
+namespace LoraKit.Cli.Commands;
+
+/// <summary><c>lorakit serve</c>: the OpenAI-compatible server over one base model and a directory of adapters.</summary>
+public static class ServeCommand
+{
+    public static Command Build()
+    {
+        var model = new Option<string>("--model") { Description = "base model directory", Required = true };
+        var adapters = new Option<string>("--adapters") { Description = "directory whose subdirectories are PEFT adapters, addressed by name", Required = true };
+        var host = new Option<string>("--host") { Description = "interface to listen on", DefaultValueFactory = _ => "127.0.0.1" };
+        var port = new Option<int>("--port") { Description = "TCP port (0 = any free port)", DefaultValueFactory = _ => 8000 };
+        var apiKey = new Option<string?>("--api-key") { Description = "key for /v1 endpoints (or LORAKIT_API_KEY)" };
+        var adminKey = new Option<string?>("--admin-key") { Description = "key for /admin endpoints (or LORAKIT_ADMIN_KEY)" };
+        var device = new Option<string>("--device") { Description = "auto, cpu or cuda", DefaultValueFactory = _ => "auto" };
+        var dtype = new Option<string?>("--dtype") { Description = "fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)" };
+        var maxAdapters = new Option<int>("--max-loaded-adapters") { Description = "adapters kept loaded (least recently used evicted)", DefaultValueFactory = _ => 8 };
+        var maxBatch = new Option<int>("--max-batch") { Description = "sequences decoded together", DefaultValueFactory = _ => 16 };
+        var maxTokens = new Option<int>("--max-tokens-limit") { Description = "largest max_tokens a request may ask for", DefaultValueFactory = _ => 1024 };
+        var maxPrompt = new Option<int>("--max-prompt-tokens") { Description = "longest prompt accepted", DefaultValueFactory = _ => 4096 };
+        var maxConcurrent = new Option<int>("--max-concurrent") { Description = "requests generating at once (more queue, then 429)", DefaultValueFactory = _ => 32 };
+        var cmd = new Command("serve", "Serve one base model and many LoRA adapters over an OpenAI-compatible HTTP API.")
+            { model, adapters, host, port, apiKey, adminKey, device, dtype, maxAdapters, maxBatch, maxTokens, maxPrompt, maxConcurrent };
+        cmd.SetAction(r => CommonOptions.Run(() =>
+        {
+            var options = new ServerOptions
+            {
+                Model = r.GetValue(model)!, Adapters = r.GetValue(adapters)!, Host = r.GetValue(host)!, Port = r.GetValue(port),
+                ApiKey = r.GetValue(apiKey) ?? Environment.GetEnvironmentVariable("LORAKIT_API_KEY"),
+                AdminKey = r.GetValue(adminKey) ?? Environment.GetEnvironmentVariable("LORAKIT_ADMIN_KEY"),
+                Device = r.GetValue(device)!, Dtype = r.GetValue(dtype), MaxLoadedAdapters = r.GetValue(maxAdapters), MaxBatch = r.GetValue(maxBatch),
+                MaxTokens = r.GetValue(maxTokens), MaxPromptTokens = r.GetValue(maxPrompt), MaxConcurrent = r.GetValue(maxConcurrent),
+            };
+            var server = OpenAiServer.StartAsync(options).GetAwaiter().GetResult();
+            Console.WriteLine($"lorakit serve: listening on {server.Url} (model {options.Model}, adapters from {options.Adapters}); Ctrl+C stops");
+            var done = new ManualResetEventSlim();
+            Console.CancelKeyPress += (_, e) => { e.Cancel = true; done.Set(); };
+            AppDomain.CurrentDomain.ProcessExit += (_, _) => done.Set();
+            done.Wait();
+            server.DisposeAsync().AsTask().GetAwaiter().GetResult();
+            return 0;
+        }));
+        return cmd;
+    }
+}

@@ -1,0 +1,25 @@
+namespace LoraKit.Cli.Serving;
+
+/// <summary>Settings of <c>lorakit serve</c>; every limit is enforced with a clear 4xx error.</summary>
+public sealed record ServerOptions
+{
+    public required string Model { get; init; }
+    public required string Adapters { get; init; }
+    public string Host { get; init; } = "127.0.0.1";
+    public int Port { get; init; } = 8000;
+    public string? ApiKey { get; init; }
+    public string? AdminKey { get; init; }
+    public string Device { get; init; } = "auto";
+    public string? Dtype { get; init; }
+    /// <summary>Name the base model is listed and addressed by (besides "base"); default: the model directory's name.</summary>
+    public string? ModelName { get; init; }
+    public int MaxLoadedAdapters { get; init; } = 8;
+    public int MaxBatch { get; init; } = 16;
+    public long MaxBodyBytes { get; init; } = 1 << 20;
+    public int MaxPromptTokens { get; init; } = 4096;
+    public int MaxTokens { get; init; } = 1024;
+    public int MaxStopStrings { get; init; } = 4;
+    /// <summary>Requests generating at once; more wait in a queue of <see cref="MaxQueued"/>, beyond that 429.</summary>
+    public int MaxConcurrent { get; init; } = 32;
+    public int MaxQueued { get; init; } = 64;
+}

@@ -1,0 +1,70 @@
+using LoraKit.Tokenization;
+using static TorchSharp.torch;
+
+namespace LoraKit.Generation;
+
+/// <summary>
+/// One sequence being decoded: its sampler, the tokens so far, when to stop (EOS id, stop string, length) and the text
+/// already streamed. Used by <see cref="TextGenerator"/> and by the serving engine's batch rows alike.
+/// </summary>
+public sealed class SequenceState(int[] promptIds, SamplingOptions options, Tokenizer tokenizer, Action<string>? onText)
+{
+    readonly Sampler _sampler = new(options);
+    readonly List<int> _output = [];
+    string _emitted = "";
+
+    public int[] PromptIds => promptIds;
+    public bool Finished { get; private set; }
+    public FinishReason FinishReason { get; private set; } = FinishReason.Length;
+    public int LastToken => _output[^1];
+
+    /// <summary>Samples the next token from last-position logits, records it and reports whether decoding is over.</summary>
+    public bool Step(Tensor logits)
+    {
+        int next = _sampler.Next(logits);
+        _output.Add(next);
+        string text = tokenizer.Decode(_output, skipSpecialTokens: true);
+        int cut = FirstStop(text, options.StopStrings);
+        if (cut >= 0) { Emit(text[..cut]); Finish(FinishReason.Stop); }
+        else
+        {
+            Emit(text.EndsWith('\uFFFD') ? text[..^1] : text); // a trailing U+FFFD may be half a character
+            if (options.EosTokenIds.Contains(next)) Finish(FinishReason.Stop);
+            else if (_output.Count >= options.MaxNewTokens) Finish(FinishReason.Length);
+        }
+        return Finished;
+    }
+
+    void Finish(FinishReason reason)
+    {
+        Finished = true;
+        FinishReason = reason;
+    }
+
+    public GenerationResult Result()
+    {
+        string text = tokenizer.Decode(_output, skipSpecialTokens: true);
+        int stop = FirstStop(text, options.StopStrings);
+        if (stop >= 0) text = text[..stop];
+        Emit(text);
+        return new GenerationResult(promptIds, _output.ToArray(), text, FinishReason);
+    }
+
+    void Emit(string text)
+    {
+        if (onText is null || text.Length <= _emitted.Length || !text.StartsWith(_emitted, StringComparison.Ordinal)) return;
+        onText(text[_emitted.Length..]);
+        _emitted = text;
+    }
+
+    static int FirstStop(string text, IReadOnlyList<string> stops)
+    {
+        int best = -1;
+        foreach (var s in stops)
+        {
+            int k = text.IndexOf(s, StringComparison.Ordinal);
+            if (k >= 0 && (best < 0 || k < best)) best = k;
+        }
+        return best;
+    }
+}

@@ -1,0 +1,132 @@
+using System.Text.RegularExpressions;
+using LoraKit.Lora;
+
+namespace LoraKit.Serving;
+
+public sealed class AdapterNameException(string message) : Exception(message);
+
+/// <summary>
+/// The adapters a server may use: subdirectories of one root, addressed by plain name only (no paths, no "..", no
+/// symlinks leading outside the root), loaded on first use and evicted least-recently-used beyond a cap. Only
+/// adapter_config.json and adapter_model.safetensors are read. Loads run on the engine thread between decode steps.
+/// </summary>
+public sealed partial class AdapterRegistry(InferenceEngine engine, string root, int maxLoaded)
+{
+    readonly string _root = Path.GetFullPath(root);
+    readonly SemaphoreSlim _lock = new(1, 1);
+    readonly LinkedList<string> _lru = new(); // most recent first
+    readonly Dictionary<string, int> _inFlight = [];
+
+    [GeneratedRegex(@"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+    private static partial Regex PlainName();
+
+    public IReadOnlyCollection<string> Loaded { get { lock (_lru) return _lru.ToList(); } }
+
+    /// <summary>The directory of a valid adapter name, or an error saying why the name is refused.</summary>
+    public string Resolve(string name)
+    {
+        if (!PlainName().IsMatch(name) || name.Contains(".."))
+            throw new AdapterNameException($"'{name}' is not a plain adapter name (letters, digits, '.', '_', '-'; no paths)");
+        var dir = Path.Combine(_root, name);
+        if (!Directory.Exists(dir)) throw new KeyNotFoundException($"no adapter named '{name}'");
+        // A symlink may point anywhere: follow it and insist the target is still inside the root.
+        var target = new DirectoryInfo(dir).ResolveLinkTarget(returnFinalTarget: true)?.FullName ?? dir;
+        var full = Path.GetFullPath(target);
+        if (!full.StartsWith(_root + Path.DirectorySeparatorChar, StringComparison.Ordinal))
+            throw new AdapterNameException($"adapter '{name}' resolves outside the adapters directory");
+        foreach (var f in new[] { AdapterFiles.ConfigFile, AdapterFiles.WeightsFile })
+        {
+            var fi = new FileInfo(Path.Combine(full, f));
+            if (fi.Exists && fi.ResolveLinkTarget(true) is { } t && !Path.GetFullPath(t.FullName).StartsWith(_root + Path.DirectorySeparatorChar, StringComparison.Ordinal))
+                throw new AdapterNameException($"adapter '{name}' has a file that links outside the adapters directory");
+        }
+        return full;
+    }
+
+    /// <summary>Names of the adapter directories under the root (whether loaded or not).</summary>
+    public IReadOnlyList<string> Available() => Directory.Exists(_root)
+        ? Directory.GetDirectories(_root).Select(Path.GetFileName).OfType<string>()
+            .Where(n => PlainName().IsMatch(n) && File.Exists(Path.Combine(_root, n, AdapterFiles.ConfigFile))).Order(StringComparer.Ordinal).ToList()
+        : [];
+
+    /// <summary>Makes sure the adapter is loaded, marks it in use and returns a handle that releases it.</summary>
+    public async Task<IDisposable> AcquireAsync(string name)
+    {
+        await _lock.WaitAsync();
+        try
+        {
+            bool loaded;
+            lock (_lru) loaded = _lru.Contains(name);
+            if (!loaded) await LoadLockedAsync(name, reload: false);
+            lock (_lru)
+            {
+                _lru.Remove(name);
+                _lru.AddFirst(name);
+                _inFlight[name] = _inFlight.GetValueOrDefault(name) + 1;
+            }
+            return new Release(this, name);
+        }
+        finally { _lock.Release(); }
+    }
+
+    sealed class Release(AdapterRegistry r, string name) : IDisposable
+    {
+        int _done;
+        public void Dispose()
+        {
+            if (Interlocked.Exchange(ref _done, 1) == 1) return;
+            lock (r._lru) r._inFlight[name]--;
+        }
+    }
+
+    public async Task LoadAsync(string name, bool reload)
+    {
+        await _lock.WaitAsync();
+        try { await LoadLockedAsync(name, reload); }
+        finally { _lock.Release(); }
+    }
+
+    async Task LoadLockedAsync(string name, bool reload)
+    {
+        var dir = Resolve(name);
+        bool loaded;
+        lock (_lru) loaded = _lru.Contains(name);
+        if (loaded && !reload) return;
+        if (loaded && InFlight(name) > 0) throw new InvalidOperationException($"adapter '{name}' is serving requests; retry the reload when they finish");
+        if (!loaded)
+        {
+            string? victim;
+            lock (_lru) victim = _lru.Count >= maxLoaded ? _lru.Reverse().FirstOrDefault(n => _inFlight.GetValueOrDefault(n) == 0) : null;
+            lock (_lru) if (_lru.Count >= maxLoaded && victim is null) throw new InvalidOperationException($"all {maxLoaded} adapter slots are serving requests; try again shortly");
+            if (victim != null) await UnloadLockedAsync(victim);
+        }
+        await engine.RunAsync(lm =>
+        {
+            if (lm.Configs.ContainsKey(name)) lm.DeleteAdapter(name);
+            AdapterFiles.Load(lm, name, dir);
+            lm.SetActive(); // serving selects adapters per row, never globally
+            return true;
+        });
+        lock (_lru) { _lru.Remove(name); _lru.AddFirst(name); }
+    }
+
+    public async Task UnloadAsync(string name)
+    {
+        await _lock.WaitAsync();
+        try
+        {
+            lock (_lru) if (!_lru.Contains(name)) throw new KeyNotFoundException($"adapter '{name}' is not loaded");
+            if (InFlight(name) > 0) throw new InvalidOperationException($"adapter '{name}' is serving requests; retry when they finish");
+            await UnloadLockedAsync(name);
+        }
+        finally { _lock.Release(); }
+    }
+
+    async Task UnloadLockedAsync(string name)
+    {
+        await engine.RunAsync(lm => { lm.DeleteAdapter(name); return true; });
+        lock (_lru) _lru.Remove(name);
+    }
+
+    int InFlight(string name) { lock (_lru) return _inFlight.GetValueOrDefault(name); }
+}

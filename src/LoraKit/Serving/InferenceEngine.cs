@@ -1,0 +1,219 @@
+using System.Threading.Channels;
+using LoraKit.Generation;
+using LoraKit.Lora;
+using LoraKit.Models;
+using LoraKit.Tokenization;
+using static TorchSharp.torch;
+
+namespace LoraKit.Serving;
+
+/// <summary>
+/// One base model, many adapters, continuous batching. A single worker thread owns the model (TorchSharp models are not
+/// shared across threads); requests wait in a channel and join the running batch between decode steps. Each new request
+/// is prefilled alone with its adapter, then its KV cache joins the batch (rows left-padded to one length, padding
+/// masked, positions counted per row); every decode step is one forward over all rows, the LoRA contribution computed
+/// per row with that row's adapter (base rows get none). Finished rows leave the batch at once.
+/// Adapter loads and unloads run on the same thread between steps, so they never race a forward.
+/// </summary>
+public sealed class InferenceEngine : IDisposable
+{
+    abstract record Work;
+    sealed record Generate(int[] PromptIds, string? Adapter, SamplingOptions Options, Action<string>? OnText,
+        TaskCompletionSource<GenerationResult> Done, CancellationToken Cancel) : Work;
+    sealed record Action(Func<object?> Run, TaskCompletionSource<object?> Done) : Work;
+
+    sealed class Row(Generate request, SequenceState state)
+    {
+        public Generate Request { get; } = request;
+        public SequenceState State { get; } = state;
+    }
+
+    readonly LoraModel _lm;
+    readonly Tokenizer _tok;
+    readonly Channel<Work> _queue = Channel.CreateUnbounded<Work>();
+    readonly Thread _worker;
+    readonly CancellationTokenSource _stop = new();
+
+    public int MaxBatch { get; }
+    public CausalLM Model => _lm.Model;
+    public Tokenizer Tokenizer => _tok;
+    /// <summary>Largest number of rows decoded together so far (for tests and benchmarks).</summary>
+    public int PeakBatch { get; private set; }
+
+    public InferenceEngine(LoraModel lm, Tokenizer tokenizer, int maxBatch = 16)
+    {
+        _lm = lm;
+        _tok = tokenizer;
+        MaxBatch = maxBatch;
+        _worker = new Thread(Loop) { IsBackground = true, Name = "lorakit-engine" };
+        _worker.Start();
+    }
+
+    /// <summary>Queues a generation with the named adapter (null = base model).</summary>
+    public Task<GenerationResult> GenerateAsync(int[] promptIds, string? adapter, SamplingOptions options, Action<string>? onText = null, CancellationToken ct = default)
+    {
+        if (promptIds.Length == 0) throw new ArgumentException("the prompt encodes to no tokens");
+        options.Validate();
+        var done = new TaskCompletionSource<GenerationResult>(TaskCreationOptions.RunContinuationsAsynchronously);
+        if (!_queue.Writer.TryWrite(new Generate(promptIds, adapter, options, onText, done, ct))) throw new ObjectDisposedException(nameof(InferenceEngine));
+        return done.Task;
+    }
+
+    /// <summary>Runs <paramref name="f"/> on the engine thread between decode steps (adapter loads/unloads).</summary>
+    public async Task<T> RunAsync<T>(Func<LoraModel, T> f)
+    {
+        var done = new TaskCompletionSource<object?>(TaskCreationOptions.RunContinuationsAsynchronously);
+        if (!_queue.Writer.TryWrite(new Action(() => f(_lm), done))) throw new ObjectDisposedException(nameof(InferenceEngine));
+        return (T)(await done.Task)!;
+    }
+
+    void Loop()
+    {
+        var rows = new List<Row>();
+        KvCache? cache = null;
+        Tensor? mask = null; // [B, S] int64, 1 = real position
+        using var _ = no_grad();
+        try
+        {
+            while (!_stop.IsCancellationRequested)
+            {
+                // Idle: wait for work. Busy: take whatever arrived since the last step, up to the batch limit.
+                if (rows.Count == 0 && !_queue.Reader.WaitToReadAsync(_stop.Token).AsTask().GetAwaiter().GetResult()) break;
+                while (rows.Count < MaxBatch && _queue.Reader.TryRead(out var work))
+                {
+                    if (work is Action a) { RunAction(a); continue; }
+                    var g = (Generate)work;
+                    if (g.Cancel.IsCancellationRequested) { g.Done.TrySetCanceled(); continue; }
+                    try { Admit(g, rows, ref cache, ref mask); }
+                    catch (Exception e) { g.Done.TrySetException(e); }
+                }
+                if (rows.Count == 0) continue;
+                PeakBatch = Math.Max(PeakBatch, rows.Count);
+                DecodeStep(rows, cache!, ref mask);
+                Retire(rows, ref cache, ref mask);
+            }
+        }
+        catch (OperationCanceledException) { }
+        finally
+        {
+            foreach (var r in rows) r.Request.Done.TrySetCanceled();
+            cache?.Dispose();
+            mask?.Dispose();
+        }
+    }
+
+    void RunAction(Action a)
+    {
+        try { a.Done.TrySetResult(a.Run()); }
+        catch (Exception e) { a.Done.TrySetException(e); }
+    }
+
+    /// <summary>Prefills one request alone, then merges its cache into the batch's.</summary>
+    void Admit(Generate g, List<Row> rows, ref KvCache? cache, ref Tensor? mask)
+    {
+        if (g.Adapter != null && !_lm.Configs.ContainsKey(g.Adapter)) throw new KeyNotFoundException($"adapter '{g.Adapter}' is not loaded");
+        var state = new SequenceState(g.PromptIds, g.Options, _tok, g.OnText);
+        if (g.Options.MaxNewTokens == 0) { g.Done.TrySetResult(state.Result()); return; }
+        var rowCache = new KvCache(_lm.Model.Config.NumHiddenLayers);
+        using (var scope = NewDisposeScope())
+        {
+            _lm.SetRowAdapters([g.Adapter]);
+            var ids = tensor(g.PromptIds.Select(x => (long)x).ToArray(), device: _lm.Model.Device).unsqueeze(0);
+            var logits = _lm.Model.Logits(ids, null, rowCache);
+            if (state.Step(logits[0, -1]))
+            {
+                rowCache.Dispose();
+                g.Done.TrySetResult(state.Result());
+                return;
+            }
+        }
+        long r = g.PromptIds.Length;
+        var rowMask = ones(1, r, ScalarType.Int64, _lm.Model.Device);
+        if (cache is null || rows.Count == 0)
+        {
+            cache?.Dispose(); mask?.Dispose();
+            cache = rowCache;
+            mask = rowMask.DetachFromDisposeScope();
+        }
+        else
+        {
+            long s = cache.Length;
+            if (r < s)
+            {
+                rowCache.PadLeft(s - r);
+                var padded = cat([zeros(1, s - r, ScalarType.Int64, rowMask.device), rowMask], 1);
+                rowMask.Dispose();
+                rowMask = padded;
+            }
+            else if (r > s)
+            {
+                cache.PadLeft(r - s);
+                var padded = cat([zeros(mask!.shape[0], r - s, ScalarType.Int64, mask.device), mask], 1);
+                mask.Dispose();
+                mask = padded;
+            }
+            cache.AppendRows(rowCache);
+            rowCache.Dispose();
+            var merged = cat([mask!, rowMask], 0).DetachFromDisposeScope();
+            mask!.Dispose(); rowMask.Dispose();
+            mask = merged;
+        }
+        rows.Add(new Row(g, state));
+    }
+
+    void DecodeStep(List<Row> rows, KvCache cache, ref Tensor? mask)
+    {
+        using var scope = NewDisposeScope();
+        var ids = tensor(rows.Select(r => (long)r.State.LastToken).ToArray(), device: _lm.Model.Device).unsqueeze(1);
+        var full = cat([mask!, ones(rows.Count, 1, ScalarType.Int64, mask!.device)], 1);
+        _lm.SetRowAdapters(rows.Select(r => r.Request.Adapter).ToArray());
+        var logits = _lm.Model.Logits(ids, full, cache);
+        for (int i = 0; i < rows.Count; i++)
+            if (!rows[i].Request.Cancel.IsCancellationRequested) rows[i].State.Step(logits[i, -1]);
+        mask.Dispose();
+        mask = full.DetachFromDisposeScope();
+    }
+
+    /// <summary>Completes finished (or cancelled) rows and removes them, and any padding no row needs, from the batch.</summary>
+    void Retire(List<Row> rows, ref KvCache? cache, ref Tensor? mask)
+    {
+        var keep = new List<long>();
+        for (int i = 0; i < rows.Count; i++)
+        {
+            var r = rows[i];
+            if (r.Request.Cancel.IsCancellationRequested) r.Request.Done.TrySetCanceled();
+            else if (r.State.Finished) r.Request.Done.TrySetResult(r.State.Result());
+            else keep.Add(i);
+        }
+        if (keep.Count == rows.Count) return;
+        var survivors = keep.Select(i => rows[(int)i]).ToList();
+        rows.Clear();
+        rows.AddRange(survivors);
+        if (rows.Count == 0)
+        {
+            cache!.Dispose(); cache = null;
+            mask!.Dispose(); mask = null;
+            return;
+        }
+        using var scope = NewDisposeScope();
+        var idx = tensor(keep.ToArray(), device: mask!.device);
+        cache!.SelectRows(idx);
+        var kept = mask.index_select(0, idx);
+        long lead = kept.argmax(1).min().item<long>(); // first real position of the row that starts earliest
+        if (lead > 0)
+        {
+            cache.TrimLeft(lead);
+            kept = kept[.., (int)lead..];
+        }
+        mask.Dispose();
+        mask = kept.contiguous().DetachFromDisposeScope();
+    }
+
+    public void Dispose()
+    {
+        _queue.Writer.TryComplete();
+        _stop.Cancel();
+        _worker.Join(TimeSpan.FromSeconds(10));
+        _stop.Dispose();
+    }
+}

@@ -1,0 +1,298 @@
+using System.Net;
+using System.Net.Http.Headers;
+using System.Text;
+using System.Text.Json.Nodes;
+using LoraKit.Cli.Serving;
+using LoraKit.Generation;
+using LoraKit.Lora;
+using LoraKit.Models;
+using LoraKit.Serving;
+using LoraKit.Tokenization;
+using static TorchSharp.torch;
+
+namespace LoraKit.Tests;
+
+/// <summary>The batching engine: a batch mixing adapters and the base gives each request its solo greedy tokens.</summary>
+public class InferenceEngineTests
+{
+    [Fact]
+    public async Task MixedAdapterBatchEqualsEachRequestAlone()
+    {
+        var dir = Fixtures.Model("qwen3");
+        var tok = Tokenizer.Load(dir);
+        string?[] adapters = [null, "a", "regex", "a", null, "regex", "a", "regex"];
+        string[] prompts = ["Hello, world! How are", "def forward(x):", "Numbers like 12345", "The quick brown fox", "reset my password",
+            "Low-rank adapters", "my invoice is wrong and", "Customers ask about"];
+
+        // Expected: each prompt alone, through TextGenerator, with only its adapter active.
+        var expected = new List<int[]>();
+        using (var solo = new LoraModel(CausalLM.Load(dir, ScalarType.Float32, CPU)))
+        {
+            AdapterFiles.Load(solo, "a", Fixtures.Path_("adapters", "qwen3", "a"));
+            AdapterFiles.Load(solo, "regex", Fixtures.Path_("adapters", "qwen3", "regex"));
+            var gen = new TextGenerator(solo.Model, tok);
+            for (int i = 0; i < prompts.Length; i++)
+            {
+                if (adapters[i] is string a) { solo.SetDisabled(false); solo.SetActive(a); } else solo.SetDisabled(true);
+                expected.Add(gen.Generate(tok.Encode(prompts[i]), new SamplingOptions { MaxNewTokens = 12 + i }).OutputIds);
+            }
+        }
+
+        var lm = new LoraModel(CausalLM.Load(dir, ScalarType.Float32, CPU));
+        AdapterFiles.Load(lm, "a", Fixtures.Path_("adapters", "qwen3", "a"));
+        AdapterFiles.Load(lm, "regex", Fixtures.Path_("adapters", "qwen3", "regex"));
+        lm.SetActive();
+        using var engine = new InferenceEngine(lm, tok, maxBatch: 8);
+        var tasks = prompts.Select((p, i) => engine.GenerateAsync(tok.Encode(p), adapters[i], new SamplingOptions { MaxNewTokens = 12 + i })).ToList();
+        var results = await Task.WhenAll(tasks);
+        for (int i = 0; i < prompts.Length; i++) Assert.Equal(expected[i], results[i].OutputIds);
+        Assert.True(engine.PeakBatch >= 4, $"requests should have been batched (peak batch {engine.PeakBatch})");
+    }
+}
+
+/// <summary>The real server on a loopback port, driven by a real HTTP client.</summary>
+public sealed class ServerTests : IAsyncLifetime
+{
+    const string UserKey = "user-key-123";
+    const string AdminKey = "admin-key-456";
+    OpenAiServer _server = null!;
+    HttpClient _http = null!;
+    HttpClient _anon = null!;
+    string _adapters = null!;
+
+    public static string AdapterRoot()
+    {
+        var root = Fixtures.TempDir();
+        foreach (var name in new[] { "a", "regex" })
+        {
+            Directory.CreateDirectory(Path.Combine(root, name));
+            foreach (var f in Directory.GetFiles(Fixtures.Path_("adapters", "qwen3", name))) File.Copy(f, Path.Combine(root, name, Path.GetFileName(f)));
+        }
+        // An adapter made for another base (Llama shapes) and a symlink leading outside the root.
+        Directory.CreateDirectory(Path.Combine(root, "llama-adapter"));
+        foreach (var f in Directory.GetFiles(Fixtures.Path_("adapters", "llama", "a"))) File.Copy(f, Path.Combine(root, "llama-adapter", Path.GetFileName(f)));
+        var outside = Fixtures.TempDir();
+        foreach (var f in Directory.GetFiles(Fixtures.Path_("adapters", "qwen3", "a"))) File.Copy(f, Path.Combine(outside, Path.GetFileName(f)));
+        Directory.CreateSymbolicLink(Path.Combine(root, "escape"), outside);
+        return root;
+    }
+
+    public async Task InitializeAsync()
+    {
+        _adapters = AdapterRoot();
+        _server = await OpenAiServer.StartAsync(new ServerOptions
+        {
+            Model = Fixtures.Model("qwen3"), Adapters = _adapters, Port = 0, ApiKey = UserKey, AdminKey = AdminKey, Device = "cpu",
+            MaxLoadedAdapters = 2, MaxTokens = 64, MaxPromptTokens = 200, MaxBodyBytes = 8192, MaxStopStrings = 2, ModelName = "tiny-qwen3",
+        });
+        _http = new HttpClient { BaseAddress = new Uri(_server.Url) };
+        _http.DefaultRequestHeaders.Authorization = new AuthenticationHeaderValue("Bearer", UserKey);
+        _anon = new HttpClient { BaseAddress = new Uri(_server.Url) };
+    }
+
+    public async Task DisposeAsync()
+    {
+        _http.Dispose();
+        _anon.Dispose();
+        await _server.DisposeAsync();
+    }
+
+    async Task<(HttpStatusCode code, JsonNode? body)> Post(string path, object body, string? key = UserKey)
+    {
+        using var req = new HttpRequestMessage(HttpMethod.Post, path) { Content = new StringContent(System.Text.Json.JsonSerializer.Serialize(body), Encoding.UTF8, "application/json") };
+        if (key != null) req.Headers.Authorization = new AuthenticationHeaderValue("Bearer", key);
+        using var res = await _anon.SendAsync(req); // no default header: the key is exactly what the test says
+        var text = await res.Content.ReadAsStringAsync();
+        return (res.StatusCode, text.Length > 0 && text.TrimStart().StartsWith('{') ? JsonNode.Parse(text) : null);
+    }
+
+    static int[] Greedy(string? adapter, string prompt, int maxTokens)
+    {
+        using var lm = new LoraModel(CausalLM.Load(Fixtures.Model("qwen3"), ScalarType.Float32, CPU));
+        if (adapter != null) AdapterFiles.Load(lm, adapter, Fixtures.Path_("adapters", "qwen3", adapter));
+        var tok = Tokenizer.Load(Fixtures.Model("qwen3"));
+        var eos = GenerationDefaults.EosTokenIds(Fixtures.Model("qwen3"), lm.Model.Config).Append(tok.TokenToId(tok.Config.EosToken!)!.Value).ToArray();
+        return new TextGenerator(lm.Model, tok).Generate(tok.Encode(prompt), new SamplingOptions { MaxNewTokens = maxTokens, EosTokenIds = eos }).OutputIds;
+    }
+
+    [Fact]
+    public async Task HealthNeedsNoKeyAndModelsListBaseAndAdapters()
+    {
+        using var anon = new HttpClient { BaseAddress = new Uri(_server.Url) };
+        Assert.Equal(HttpStatusCode.OK, (await anon.GetAsync("/health")).StatusCode);
+        Assert.Equal(HttpStatusCode.Unauthorized, (await anon.GetAsync("/v1/models")).StatusCode);
+        var models = JsonNode.Parse(await _http.GetStringAsync("/v1/models"))!["data"]!.AsArray().Select(m => m!["id"]!.GetValue<string>()).ToList();
+        Assert.Contains("tiny-qwen3", models);
+        Assert.Contains("a", models);
+        Assert.Contains("regex", models);
+    }
+
+    [Theory]
+    [InlineData(null)]
+    [InlineData("a")]
+    [InlineData("regex")]
+    public async Task CompletionUsesTheRequestedAdapter(string? adapter)
+    {
+        var (code, body) = await Post("/v1/completions", new { model = adapter ?? "base", prompt = "Hello, world! How are", max_tokens = 10, temperature = 0 });
+        Assert.Equal(HttpStatusCode.OK, code);
+        var tok = Tokenizer.Load(Fixtures.Model("qwen3"));
+        var expected = tok.Decode(Greedy(adapter, "Hello, world! How are", 10), skipSpecialTokens: true);
+        Assert.Equal(expected, body!["choices"]![0]!["text"]!.GetValue<string>());
+        Assert.Equal("text_completion", body["object"]!.GetValue<string>());
+        Assert.Equal(tok.Encode("Hello, world! How are").Length, body["usage"]!["prompt_tokens"]!.GetValue<int>());
+    }
+
+    [Fact]
+    public async Task ChatCompletionAndItsStreamAgree()
+    {
+        var request = new { model = "a", messages = new[] { new { role = "user", content = "reset my password" } }, max_tokens = 12, temperature = 0 };
+        var (code, body) = await Post("/v1/chat/completions", request);
+        Assert.Equal(HttpStatusCode.OK, code);
+        string text = body!["choices"]![0]!["message"]!["content"]!.GetValue<string>();
+        Assert.Equal("assistant", body["choices"]![0]!["message"]!["role"]!.GetValue<string>());
+
+        using var req = new HttpRequestMessage(HttpMethod.Post, "/v1/chat/completions")
+        {
+            Content = new StringContent(System.Text.Json.JsonSerializer.Serialize(new { model = "a", messages = request.messages, max_tokens = 12, temperature = 0, stream = true, stream_options = new { include_usage = true } }), Encoding.UTF8, "application/json"),
+        };
+        using var res = await _http.SendAsync(req, HttpCompletionOption.ResponseHeadersRead);
+        Assert.Equal("text/event-stream", res.Content.Headers.ContentType!.MediaType);
+        var lines = (await res.Content.ReadAsStringAsync()).Split("\n\n", StringSplitOptions.RemoveEmptyEntries);
+        Assert.Equal("data: [DONE]", lines[^1]);
+        var chunks = lines[..^1].Select(l => JsonNode.Parse(l["data: ".Length..])!).ToList();
+        Assert.All(chunks, ch => Assert.Equal("chat.completion.chunk", ch["object"]!.GetValue<string>()));
+        string streamed = string.Concat(chunks.Where(ch => ch["choices"]!.AsArray().Count > 0).Select(ch => ch["choices"]![0]!["delta"]!["content"]?.GetValue<string>() ?? ""));
+        Assert.Equal(text, streamed);
+        Assert.NotNull(chunks[^1]["usage"]);
+    }
+
+    [Fact]
+    public async Task KeysAreCheckedAndAdminIsSeparate()
+    {
+        Assert.Equal(HttpStatusCode.Unauthorized, (await Post("/v1/completions", new { model = "base", prompt = "hi" }, key: null)).code);
+        Assert.Equal(HttpStatusCode.Unauthorized, (await Post("/v1/completions", new { model = "base", prompt = "hi" }, key: "wrong")).code);
+        Assert.Equal(HttpStatusCode.OK, (await Post("/v1/completions", new { model = "base", prompt = "hi", max_tokens = 2 })).code);
+        Assert.Equal(HttpStatusCode.Forbidden, (await Post("/admin/adapters/a/load", new { })).code);
+        Assert.Equal(HttpStatusCode.Unauthorized, (await Post("/admin/adapters/a/load", new { }, key: null)).code);
+        Assert.Equal(HttpStatusCode.OK, (await Post("/admin/adapters/a/load", new { }, key: AdminKey)).code);
+    }
+
+    [Fact]
+    public async Task AdminLoadsReloadsUnloadsAndEvictsLeastRecentlyUsed()
+    {
+        var (code, body) = await Post("/admin/adapters/a/load", new { }, AdminKey);
+        Assert.Equal(HttpStatusCode.OK, code);
+        Assert.Contains("a", body!["loaded"]!.AsArray().Select(x => x!.GetValue<string>()));
+        Assert.Equal(HttpStatusCode.OK, (await Post("/admin/adapters/a/reload", new { }, AdminKey)).code);
+        using (var del = new HttpRequestMessage(HttpMethod.Delete, "/admin/adapters/a"))
+        {
+            del.Headers.Authorization = new AuthenticationHeaderValue("Bearer", AdminKey);
+            Assert.Equal(HttpStatusCode.OK, (await _http.SendAsync(del)).StatusCode);
+        }
+        using (var del = new HttpRequestMessage(HttpMethod.Delete, "/admin/adapters/a"))
+        {
+            del.Headers.Authorization = new AuthenticationHeaderValue("Bearer", AdminKey);
+            Assert.Equal(HttpStatusCode.NotFound, (await _http.SendAsync(del)).StatusCode);
+        }
+        // Cap of 2 loaded adapters: using a third... (only two good ones exist) — load both, then the first used is evicted by a reload cycle.
+        await Post("/v1/completions", new { model = "a", prompt = "hi", max_tokens = 1 });
+        await Post("/v1/completions", new { model = "regex", prompt = "hi", max_tokens = 1 });
+        var loaded = JsonNode.Parse(await AdminGet("/admin/adapters"))!["loaded"]!.AsArray().Select(x => x!.GetValue<string>()).ToList();
+        Assert.Equal(["regex", "a"], loaded); // most recent first
+    }
+
+    async Task<string> AdminGet(string path)
+    {
+        using var req = new HttpRequestMessage(HttpMethod.Get, path);
+        req.Headers.Authorization = new AuthenticationHeaderValue("Bearer", AdminKey);
+        using var res = await _http.SendAsync(req);
+        return await res.Content.ReadAsStringAsync();
+    }
+
+    [Theory]
+    [InlineData("../a")]
+    [InlineData("a/../../etc")]
+    [InlineData("/etc/passwd")]
+    [InlineData("escape")]
+    public async Task UnsafeAdapterNamesAreRefused(string name)
+    {
+        var (code, body) = await Post("/v1/completions", new { model = name, prompt = "hi", max_tokens = 2 });
+        Assert.Equal(HttpStatusCode.BadRequest, code);
+        Assert.Equal("model", body!["error"]!["param"]!.GetValue<string>());
+    }
+
+    [Fact]
+    public async Task AdapterForAnotherBaseOrUnknownIsRefused()
+    {
+        var (code, body) = await Post("/v1/completions", new { model = "llama-adapter", prompt = "hi", max_tokens = 2 });
+        Assert.Equal((HttpStatusCode)422, code);
+        Assert.Contains("does not fit this base model", body!["error"]!["message"]!.GetValue<string>());
+        Assert.Equal(HttpStatusCode.NotFound, (await Post("/v1/completions", new { model = "nope", prompt = "hi" })).code);
+    }
+
+    [Theory]
+    [InlineData("max_tokens", 65, "max_tokens")]
+    [InlineData("temperature", 2.5, "temperature")]
+    [InlineData("top_p", 0.0, "top_p")]
+    public async Task SamplingLimitsAreEnforced(string field, double value, string param)
+    {
+        var body = new Dictionary<string, object> { ["model"] = "base", ["prompt"] = "hi", [field] = value };
+        var (code, res) = await Post("/v1/completions", body);
+        Assert.Equal(HttpStatusCode.BadRequest, code);
+        Assert.Equal(param, res!["error"]!["param"]!.GetValue<string>());
+    }
+
+    [Fact]
+    public async Task PromptStopAndBodyLimitsAreEnforced()
+    {
+        Assert.Equal(HttpStatusCode.BadRequest, (await Post("/v1/completions", new { model = "base", prompt = "hi", stop = new[] { "a", "b", "c" } })).code);
+        Assert.Equal(HttpStatusCode.BadRequest, (await Post("/v1/completions", new { model = "base", prompt = string.Join(" ", Enumerable.Repeat("word", 300)) })).code);
+        var (code, _) = await Post("/v1/completions", new { model = "base", prompt = new string('x', 9000) });
+        Assert.Equal(HttpStatusCode.RequestEntityTooLarge, code);
+        Assert.Equal(HttpStatusCode.BadRequest, (await Post("/v1/completions", new { prompt = "no model" })).code);
+    }
+
+    [Fact]
+    public async Task ManyConcurrentClientsOverSeveralAdaptersAllGetCorrectAnswers()
+    {
+        string[] prompts = ["Hello, world! How are", "def forward(x):", "reset my password", "The quick brown fox"];
+        string[] models = ["base", "a", "regex"];
+        // Reference answers, one request at a time.
+        var expected = new Dictionary<(string, string), string>();
+        foreach (var m in models)
+            foreach (var p in prompts)
+                expected[(m, p)] = (await Post("/v1/completions", new { model = m, prompt = p, max_tokens = 8, temperature = 0 })).body!["choices"]![0]!["text"]!.GetValue<string>();
+        var work = Enumerable.Range(0, 16).SelectMany(client => Enumerable.Range(0, 5).Select(k => (models[(client + k) % 3], prompts[(client * 5 + k) % 4]))).ToList();
+        var results = await Task.WhenAll(work.Select(async w =>
+        {
+            var (code, body) = await Post("/v1/completions", new { model = w.Item1, prompt = w.Item2, max_tokens = 8, temperature = 0 });
+            return (w, code, text: body?["choices"]?[0]?["text"]?.GetValue<string>());
+        }));
+        Assert.Equal(80, results.Length);
+        Assert.All(results, r =>
+        {
+            Assert.Equal(HttpStatusCode.OK, r.code);
+            Assert.Equal(expected[r.w], r.text);
+        });
+        Assert.True(_server.Engine.PeakBatch > 1, "concurrent requests should share decode steps");
+    }
+}
+
+public class ServerQueueTests
+{
+    [Fact]
+    public async Task BeyondConcurrencyAndQueueRequestsGet429()
+    {
+        await using var server = await OpenAiServer.StartAsync(new ServerOptions
+        {
+            Model = Fixtures.Model("qwen2"), Adapters = Fixtures.TempDir(), Port = 0, Device = "cpu", MaxConcurrent = 1, MaxQueued = 0, MaxTokens = 400,
+        });
+        using var http = new HttpClient { BaseAddress = new Uri(server.Url) };
+        var content = () => new StringContent("{\"model\":\"base\",\"prompt\":\"Hello\",\"max_tokens\":400,\"temperature\":0,\"stop\":[\"zzzz\"]}", Encoding.UTF8, "application/json");
+        var slow = http.PostAsync("/v1/completions", content());
+        await Task.Delay(150);
+        var rejected = await http.PostAsync("/v1/completions", content());
+        Assert.Equal((HttpStatusCode)429, rejected.StatusCode);
+        Assert.Equal(HttpStatusCode.OK, (await slow).StatusCode);
+    }
+}
