@@ -167,6 +167,27 @@ public sealed class ServerTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task OfficialOpenAiClientWorksUnchanged()
+    {
+        var client = new OpenAI.Chat.ChatClient("a", new System.ClientModel.ApiKeyCredential(UserKey),
+            new OpenAI.OpenAIClientOptions { Endpoint = new Uri(_server.Url + "/v1") });
+        var options = new OpenAI.Chat.ChatCompletionOptions { Temperature = 0, MaxOutputTokenCount = 12 };
+        var completion = (await client.CompleteChatAsync([new OpenAI.Chat.UserChatMessage("reset my password")], options)).Value;
+        string text = completion.Content[0].Text;
+        var (_, raw) = await Post("/v1/chat/completions", new { model = "a", messages = new[] { new { role = "user", content = "reset my password" } }, max_tokens = 12, temperature = 0 });
+        Assert.Equal(raw!["choices"]![0]!["message"]!["content"]!.GetValue<string>(), text);
+        Assert.True(completion.Usage.OutputTokenCount > 0);
+
+        var streamed = new StringBuilder();
+        await foreach (var update in client.CompleteChatStreamingAsync([new OpenAI.Chat.UserChatMessage("reset my password")], options))
+            foreach (var part in update.ContentUpdate) streamed.Append(part.Text);
+        Assert.Equal(text, streamed.ToString());
+
+        var models = new OpenAI.Models.OpenAIModelClient(new System.ClientModel.ApiKeyCredential(UserKey), new OpenAI.OpenAIClientOptions { Endpoint = new Uri(_server.Url + "/v1") });
+        Assert.Contains((await models.GetModelsAsync()).Value, m => m.Id == "regex");
+    }
+
+    [Fact]
     public async Task KeysAreCheckedAndAdminIsSeparate()
     {
         Assert.Equal(HttpStatusCode.Unauthorized, (await Post("/v1/completions", new { model = "base", prompt = "hi" }, key: null)).code);
@@ -294,5 +315,38 @@ public class ServerQueueTests
         var rejected = await http.PostAsync("/v1/completions", content());
         Assert.Equal((HttpStatusCode)429, rejected.StatusCode);
         Assert.Equal(HttpStatusCode.OK, (await slow).StatusCode);
+    }
+}
+
+public class ChatClientTests
+{
+    [Fact]
+    public async Task IChatClientPicksTheAdapterByModelIdAndStreams()
+    {
+        var dir = Fixtures.Model("qwen3");
+        var tok = Tokenizer.Load(dir);
+        var lm = new LoraModel(CausalLM.Load(dir, ScalarType.Float32, CPU));
+        using var engine = new InferenceEngine(lm, tok);
+        var registry = new AdapterRegistry(engine, ServerTests.AdapterRoot(), 4);
+        var eos = new[] { tok.TokenToId(tok.Config.EosToken!)!.Value };
+        using Microsoft.Extensions.AI.IChatClient client = new LoraKitChatClient(engine, registry, eos);
+        var messages = new[] { new Microsoft.Extensions.AI.ChatMessage(Microsoft.Extensions.AI.ChatRole.User, "reset my password") };
+        var options = new Microsoft.Extensions.AI.ChatOptions { ModelId = "regex", Temperature = 0, MaxOutputTokens = 10 };
+        var response = await client.GetResponseAsync(messages, options);
+
+        // The same thing by hand: template, adapter, greedy decoding.
+        using var solo = new LoraModel(CausalLM.Load(dir, ScalarType.Float32, CPU));
+        AdapterFiles.Load(solo, "regex", Fixtures.Path_("adapters", "qwen3", "regex"));
+        var prompt = new ChatTemplate(tok.Config.ChatTemplate!).Render([new("user", "reset my password")], true, tok.Config);
+        var expected = new TextGenerator(solo.Model, tok).Generate(tok.Encode(prompt, addSpecialTokens: false), new SamplingOptions { MaxNewTokens = 10, EosTokenIds = eos });
+        Assert.Equal(expected.Text, response.Text);
+        Assert.Equal(expected.OutputIds.Length, (int)response.Usage!.OutputTokenCount!);
+
+        var streamed = new StringBuilder();
+        await foreach (var u in client.GetStreamingResponseAsync(messages, options)) streamed.Append(u.Text);
+        Assert.Equal(expected.Text, streamed.ToString());
+
+        var baseResponse = await client.GetResponseAsync(messages, new Microsoft.Extensions.AI.ChatOptions { Temperature = 0, MaxOutputTokens = 10 });
+        Assert.NotEqual(response.Text, baseResponse.Text); // no ModelId: the base model
     }
 }
