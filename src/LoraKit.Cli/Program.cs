@@ -17,6 +17,7 @@ public static class Program
         root.Subcommands.Add(DemoCommand.Build());
         root.Subcommands.Add(BenchCommand.Build());
         root.Subcommands.Add(ServeCommand.Build());
+        root.Subcommands.Add(BenchServeCommand.Build());
         return root.Parse(args).Invoke();
     }
 }

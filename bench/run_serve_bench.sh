@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Multi-LoRA serving throughput on the GPU machine (carry .gpu from bench/pack.sh):
+#   bash bench/run_serve_bench.sh [OUT.json]
+# A random-init Llama-3.2-1B-shape model (bench/run_bench.py's), the fixture tokenizer, 64 concurrent requests of 128
+# prompt + 64 generated tokens, spread over 1, 8 and 32 adapters, against the same load on the plain model — which is
+# what a merged model costs.
+set -euo pipefail
+out=${1:-bench/results/serve.json}
+python3 -c "import sys; sys.path.insert(0, 'bench'); import run_bench; run_bench.prepare('llama-1b')"
+model=/tmp/lorakit-bench/llama-1b
+cp fixtures/models/llama/tokenizer.json fixtures/models/llama/tokenizer_config.json "$model/"
+rows=()
+for k in 0 1 8 32; do
+  line=$(bash .gpu/on-gpu.sh LoraKit.Cli bench-serve --model "$model" --adapters "$k" --requests 64 --max-tokens 64 --prompt-tokens 128 --max-batch 32 --device cuda | tail -1)
+  echo "$line"
+  rows+=("$line")
+done
+printf '%s\n' "${rows[@]}" | python3 -c '
+import json, sys
+rows = [json.loads(l) for l in sys.stdin if l.strip()]
+merged = next(r for r in rows if r["adapters"] == 0)["tokens_per_s"]
+print(f"\n{\"adapters\":>9} {\"tok/s\":>9} {\"x merged\":>9} {\"peak batch\":>11}")
+for r in rows:
+    print(f"{(r[\"adapters\"] or \"merged\"):>9} {r[\"tokens_per_s\"]:>9.0f} {r[\"tokens_per_s\"] / merged:>9.2f} {r[\"peak_batch\"]:>11}")
+json.dump(rows, open(sys.argv[1], "w"), indent=1)
+' "$out"
