@@ -15,12 +15,4 @@ for k in 0 1 8 32; do
   echo "$line"
   rows+=("$line")
 done
-printf '%s\n' "${rows[@]}" | python3 -c '
-import json, sys
-rows = [json.loads(l) for l in sys.stdin if l.strip()]
-merged = next(r for r in rows if r["adapters"] == 0)["tokens_per_s"]
-print(f"\n{\"adapters\":>9} {\"tok/s\":>9} {\"x merged\":>9} {\"peak batch\":>11}")
-for r in rows:
-    print(f"{(r[\"adapters\"] or \"merged\"):>9} {r[\"tokens_per_s\"]:>9.0f} {r[\"tokens_per_s\"] / merged:>9.2f} {r[\"peak_batch\"]:>11}")
-json.dump(rows, open(sys.argv[1], "w"), indent=1)
-' "$out"
+printf '%s\n' "${rows[@]}" | python3 bench/serve_table.py "$out"

@@ -19,9 +19,14 @@ public sealed class SequenceState(int[] promptIds, SamplingOptions options, Toke
     public int LastToken => _output[^1];
 
     /// <summary>Samples the next token from last-position logits, records it and reports whether decoding is over.</summary>
-    public bool Step(Tensor logits)
+    public bool Step(Tensor logits) => Accept(_sampler.Next(logits));
+
+    /// <summary>Greedy decoding needs no sampler: batch callers take all rows' argmax at once and hand the token in.</summary>
+    public bool IsGreedy => options.Temperature == 0;
+
+    /// <summary>Records an already chosen token and reports whether decoding is over.</summary>
+    public bool Accept(int next)
     {
-        int next = _sampler.Next(logits);
         _output.Add(next);
         string text = tokenizer.Decode(_output, skipSpecialTokens: true);
         int cut = FirstStop(text, options.StopStrings);

@@ -51,6 +51,7 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         if (_merged.Contains(name)) throw new InvalidOperationException($"adapter '{name}' is merged; unmerge before replacing it");
         if (_adapters.Remove(name, out var old)) { old.A.Dispose(); old.B.Dispose(); }
         _adapters[name] = w;
+        InvalidateStack();
     }
 
     public void RemoveAdapter(string name)
@@ -58,6 +59,7 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         if (_merged.Contains(name)) throw new InvalidOperationException($"adapter '{name}' is merged; unmerge before removing it");
         if (_adapters.Remove(name, out var w)) { w.A.Dispose(); w.B.Dispose(); }
         Active.Remove(name);
+        InvalidateStack();
     }
 
     static string Shape(Tensor t) => "[" + string.Join(", ", t.shape) + "]";
@@ -83,21 +85,61 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         return y.MoveToOuterDisposeScope();
     }
 
+    /// <summary>
+    /// Per-row LoRA with one gathered batched matmul pair for the whole batch, however many adapters it mixes (BGMV,
+    /// as in Punica): every adapter's A and B are stacked once (zero-padded to the largest rank, plus an all-zero slot
+    /// for base rows), each row gathers its slot, and two bmm calls compute all rows' contributions in their dtype.
+    /// </summary>
     Tensor PerRow(Tensor x, Tensor result, string?[] rows)
     {
         if (rows.Length != x.shape[0]) throw new InvalidOperationException($"{rows.Length} row adapters for a batch of {x.shape[0]}");
+        if (rows.All(r => r is null || !_adapters.ContainsKey(r))) return result;
         using var scope = NewDisposeScope();
-        var dtype = result.dtype;
-        var acc = result.to(ScalarType.Float32);
-        foreach (var group in rows.Select((name, i) => (name, i)).Where(r => r.name != null && _adapters.ContainsKey(r.name)).GroupBy(r => r.name!))
-        {
-            var w = _adapters[group.Key];
-            var idx = tensor(group.Select(r => (long)r.i).ToArray(), device: x.device);
-            var h = x.index_select(0, idx).to(w.A.dtype);
-            var lora = nn.functional.linear(nn.functional.linear(h, w.A), w.B) * w.Scaling;
-            acc = acc.index_add(0, idx, lora, 1);
-        }
-        return acc.to(dtype).MoveToOuterDisposeScope();
+        var (a, b, scale, slotOf) = Stacked(x.dtype, x.device);
+        var slots = tensor(rows.Select(r => r != null && slotOf.TryGetValue(r, out int i) ? (long)i : 0L).ToArray(), device: x.device);
+        var ar = a.index_select(0, slots);                        // [B, r, in]
+        var br = b.index_select(0, slots);                        // [B, out, r]
+        var sr = scale.index_select(0, slots).view(-1, 1, 1);     // [B, 1, 1]
+        var h = x.dim() == 2 ? x.unsqueeze(1) : x;                // [B, T, in]
+        var lora = h.bmm(ar.transpose(1, 2)).bmm(br.transpose(1, 2)) * sr;
+        if (x.dim() == 2) lora = lora.squeeze(1);
+        return (result + lora.to(result.dtype)).MoveToOuterDisposeScope();
+    }
+
+    (Tensor a, Tensor b, Tensor scale, Dictionary<string, int> slotOf)? _stack;
+    ScalarType _stackType;
+
+    /// <summary>The stacked adapters in <paramref name="dtype"/>; rebuilt when adapters change (slot 0 is the zero adapter).</summary>
+    (Tensor a, Tensor b, Tensor scale, Dictionary<string, int> slotOf) Stacked(ScalarType dtype, Device device)
+    {
+        if (_stack is { } st && _stackType == dtype && st.slotOf.Count == _adapters.Count && _adapters.Keys.All(st.slotOf.ContainsKey)) return st;
+        InvalidateStack();
+        using var scope = NewDisposeScope();
+        int r = _adapters.Values.Max(w => w.Rank);
+        long inF = base_layer.InFeatures, outF = base_layer.OutFeatures;
+        var names = _adapters.Keys.ToList();
+        var a = zeros([names.Count + 1, r, inF], dtype, device);
+        var b = zeros([names.Count + 1, outF, r], dtype, device);
+        var scales = new float[names.Count + 1];
+        using (var _ = no_grad())
+            for (int i = 0; i < names.Count; i++)
+            {
+                var w = _adapters[names[i]];
+                a[i + 1, ..w.Rank] = w.A.to(dtype);
+                b[i + 1, .., ..w.Rank] = w.B.to(dtype);
+                scales[i + 1] = (float)w.Scaling;
+            }
+        var scale = tensor(scales, device: device).to(dtype);
+        var slotOf = names.Select((n, i) => (n, i + 1)).ToDictionary(p => p.n, p => p.Item2);
+        _stack = (a.DetachFromDisposeScope(), b.DetachFromDisposeScope(), scale.DetachFromDisposeScope(), slotOf);
+        _stackType = dtype;
+        return _stack.Value;
+    }
+
+    void InvalidateStack()
+    {
+        if (_stack is { } st) { st.a.Dispose(); st.b.Dispose(); st.scale.Dispose(); }
+        _stack = null;
     }
 
     /// <summary>scaling · B · A in fp32 ([out, in]), the one definition every merge path uses.</summary>
@@ -137,7 +179,10 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
     protected override void Dispose(bool disposing)
     {
         if (disposing)
+        {
             foreach (var w in _adapters.Values) { w.A.Dispose(); w.B.Dispose(); }
+            InvalidateStack();
+        }
         base.Dispose(disposing);
     }
 }

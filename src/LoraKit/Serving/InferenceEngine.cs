@@ -167,9 +167,16 @@ public sealed class InferenceEngine : IDisposable
         var ids = tensor(rows.Select(r => (long)r.State.LastToken).ToArray(), device: _lm.Model.Device).unsqueeze(1);
         var full = cat([mask!, ones(rows.Count, 1, ScalarType.Int64, mask!.device)], 1);
         _lm.SetRowAdapters(rows.Select(r => r.Request.Adapter).ToArray());
-        var logits = _lm.Model.Logits(ids, full, cache);
+        var last = _lm.Model.Logits(ids, full, cache)[.., -1];
+        // One device→host copy for every greedy row's token instead of a synchronisation per row.
+        var greedy = last.argmax(1).cpu().data<long>().ToArray();
         for (int i = 0; i < rows.Count; i++)
-            if (!rows[i].Request.Cancel.IsCancellationRequested) rows[i].State.Step(logits[i, -1]);
+        {
+            var st = rows[i].State;
+            if (rows[i].Request.Cancel.IsCancellationRequested) continue;
+            if (st.IsGreedy) st.Accept((int)greedy[i]);
+            else st.Step(last[i]);
+        }
         mask.Dispose();
         mask = full.DetachFromDisposeScope();
     }
