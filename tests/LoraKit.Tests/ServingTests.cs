@@ -283,13 +283,20 @@ public sealed class ServerTests : IAsyncLifetime
         foreach (var m in models)
             foreach (var p in prompts)
                 expected[(m, p)] = (await Post("/v1/completions", new { model = m, prompt = p, max_tokens = 8, temperature = 0 })).body!["choices"]![0]!["text"]!.GetValue<string>();
-        var work = Enumerable.Range(0, 16).SelectMany(client => Enumerable.Range(0, 5).Select(k => (models[(client + k) % 3], prompts[(client * 5 + k) % 4]))).ToList();
-        var results = await Task.WhenAll(work.Select(async w =>
+        // 32 clients at once, each sending its 20 requests one after another.
+        var perClient = await Task.WhenAll(Enumerable.Range(0, 32).Select(async client =>
         {
-            var (code, body) = await Post("/v1/completions", new { model = w.Item1, prompt = w.Item2, max_tokens = 8, temperature = 0 });
-            return (w, code, text: body?["choices"]?[0]?["text"]?.GetValue<string>());
+            var mine = new List<((string, string) w, HttpStatusCode code, string? text)>();
+            for (int k = 0; k < 20; k++)
+            {
+                var w = (models[(client + k) % 3], prompts[(client * 5 + k) % 4]);
+                var (code, body) = await Post("/v1/completions", new { model = w.Item1, prompt = w.Item2, max_tokens = 8, temperature = 0 });
+                mine.Add((w, code, body?["choices"]?[0]?["text"]?.GetValue<string>()));
+            }
+            return mine;
         }));
-        Assert.Equal(80, results.Length);
+        var results = perClient.SelectMany(x => x).ToList();
+        Assert.Equal(640, results.Count); // 32 clients × 20 requests, none lost
         Assert.All(results, r =>
         {
             Assert.Equal(HttpStatusCode.OK, r.code);
