@@ -104,13 +104,13 @@ public static class AdapterCommands
                     throw new ArgumentException($"'{p}' is not DIR:WEIGHT");
                 return (dir: p[..colon], w);
             }).ToList();
+            var outDir = r.GetValue(output)!;
+            if (Directory.Exists(outDir) && Directory.EnumerateFileSystemEntries(outDir).Any())
+                throw new IOException($"output directory '{outDir}' exists and is not empty");
             using var lm = LoadBase(r, model, device, dtype);
             var names = parts.Select((p, i) => $"in{i}").ToList();
             for (int i = 0; i < parts.Count; i++) AdapterFiles.Load(lm, names[i], parts[i].dir);
             AdapterCombiner.Combine(lm, names, parts.Select(p => p.w).ToList(), "combined", r.GetValue(method)!, r.GetValue(svdRank));
-            var outDir = r.GetValue(output)!;
-            if (Directory.Exists(outDir) && Directory.EnumerateFileSystemEntries(outDir).Any())
-                throw new IOException($"output directory '{outDir}' exists and is not empty");
             AdapterFiles.Save(lm, "combined", outDir, r.GetValue(model));
             Console.WriteLine($"combined {parts.Count} adapters ({r.GetValue(method)}) → {outDir} (r={lm.Configs["combined"].R})");
             return 0;

@@ -100,7 +100,7 @@ public static class TrainCommand
                 prop.SetValue(c, value);
             }
             var log = new ConsoleTrainLog(!Console.IsOutputRedirected);
-            var result2 = Trainer.Run(c, r.GetValue(resume), log);
+            Trainer.Run(c, r.GetValue(resume), log);
             log.Done();
             return 0;
         }));

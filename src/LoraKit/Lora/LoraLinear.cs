@@ -109,7 +109,10 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
     (Tensor a, Tensor b, Tensor scale, Dictionary<string, int> slotOf)? _stack;
     ScalarType _stackType;
 
-    /// <summary>The stacked adapters in <paramref name="dtype"/>; rebuilt when adapters change (slot 0 is the zero adapter).</summary>
+    /// <summary>
+    /// The stacked adapters in <paramref name="dtype"/>, slot 0 the zero adapter. A snapshot for serving: rebuilt when
+    /// adapters are added or removed, not when their weights are trained in place (training never uses row adapters).
+    /// </summary>
     (Tensor a, Tensor b, Tensor scale, Dictionary<string, int> slotOf) Stacked(ScalarType dtype, Device device)
     {
         if (_stack is { } st && _stackType == dtype && st.slotOf.Count == _adapters.Count && _adapters.Keys.All(st.slotOf.ContainsKey)) return st;

@@ -218,7 +218,7 @@ public static class Trainer
                     Step = step, Cursor = cursor, OptimizerSteps = optimizer.StepCount, RngState = Checkpoints.EncodeRng(),
                     BestEvalLoss = best?.Loss, BestStep = best?.Step, BestAccuracy = best?.Accuracy, EvalsWithoutImprovement = badEvals, TokensSeen = tokensSeen,
                 };
-                Checkpoints.Save(c.Output, st, dir => SaveWeights(dir, c, lm, model, trainable, classifier), optimizer);
+                Checkpoints.Save(c.Output, st, dir => SaveWeights(dir, c, lm, model, trainable, classifier, checkpoint: true), optimizer);
                 Checkpoints.Prune(c.Output, keep: 2, protect: null);
             }
             if (delayMs > 0) Thread.Sleep(delayMs);
@@ -227,7 +227,6 @@ public static class Trainer
 
         model.eval();
         var adapterDir = Path.Combine(c.Output, c.Method == "lora" ? "adapter" : "model");
-        if (Directory.Exists(adapterDir)) Directory.Delete(adapterDir, true);
         SaveWeights(adapterDir, c, lm, model, trainable, classifier);
         var result = new TrainResult(c.Output, adapterDir, step, lastLoss, best, lastEval, report, trainSummary, validSummary, wall.Elapsed.TotalSeconds, stoppedEarly);
         TrainReport.Write(c, result, Path.Combine(c.Output, "metrics.jsonl"));
@@ -309,21 +308,23 @@ public static class Trainer
         return sum / Math.Max(1, count);
     }
 
-    static void SaveWeights(string dir, TrainConfig c, LoraModel lm, CausalLM model, List<(string name, Parameter param)> trainable, SequenceClassifier? classifier)
+    /// <summary>
+    /// Writes what was trained into <paramref name="dir"/> (replacing it): a PEFT adapter (plus the classification head)
+    /// for LoRA; for full fine-tuning a raw tensor file inside checkpoints and an HF checkpoint as the final output.
+    /// </summary>
+    static void SaveWeights(string dir, TrainConfig c, LoraModel lm, CausalLM model, List<(string name, Parameter param)> trainable,
+        SequenceClassifier? classifier, bool checkpoint = false)
     {
+        if (!checkpoint && Directory.Exists(dir)) Directory.Delete(dir, true);
         if (c.Method == "lora")
         {
-            if (Directory.Exists(dir) && dir.EndsWith("best", StringComparison.Ordinal)) Directory.Delete(dir, true);
             AdapterFiles.Save(lm, AdapterName, dir, c.Model);
             classifier?.SaveInto(dir);
         }
-        else if (dir.Contains("checkpoints", StringComparison.Ordinal))
+        else if (checkpoint)
             SafetensorsWriter.Save(Path.Combine(dir, "model.safetensors"), trainable.ToDictionary(p => p.name, p => (Tensor)p.param));
         else
-        {
-            if (Directory.Exists(dir)) Directory.Delete(dir, true);
             CheckpointWriter.Save(model, c.Model, dir);
-        }
     }
 
     static void RestoreWeights(string ckpt, TrainConfig c, LoraModel lm, List<(string name, Parameter param)> trainable)
