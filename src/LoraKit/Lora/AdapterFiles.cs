@@ -17,7 +17,25 @@ public static class AdapterFiles
     public const string WeightsFile = "adapter_model.safetensors";
     const string Prefix = "base_model.model.";
 
+    /// <summary>An adapter read and validated against a base, its tensors in CPU memory, ready to be injected.</summary>
+    public sealed class Prepared(LoraConfig config, Dictionary<string, (Tensor a, Tensor b)> weights) : IDisposable
+    {
+        public LoraConfig Config { get; } = config;
+        public IReadOnlyDictionary<string, (Tensor a, Tensor b)> Weights { get; } = weights;
+        public void Dispose() { foreach (var (a, b) in Weights.Values) { a.Dispose(); b.Dispose(); } }
+    }
+
     public static LoraConfig Load(LoraModel lm, string name, string dir)
+    {
+        using var prepared = Read(lm, dir);
+        return Apply(lm, name, prepared);
+    }
+
+    /// <summary>
+    /// Reads and validates an adapter for <paramref name="lm"/>'s base without touching the model (safe on any thread:
+    /// it only consults the immutable layer shapes).
+    /// </summary>
+    public static Prepared Read(LoraModel lm, string dir)
     {
         if (!Directory.Exists(dir)) throw new DirectoryNotFoundException($"adapter directory '{dir}' does not exist");
         var config = LoraConfig.Load(dir);
@@ -60,28 +78,35 @@ public static class AdapterFiles
         foreach (var module in byModule.Keys)
             if (!targets.Contains(module))
                 throw new InvalidDataException($"{dir}: the adapter has weights for '{module}', which its config does not target on this base model");
-        var shapes = lm.Model.named_modules().Where(m => targets.Contains(m.name))
-            .ToDictionary(m => m.name, m => m.module is LoraLinear l ? l.base_layer : (Models.Linear)m.module);
         foreach (var key in targets)
         {
             if (!byModule.TryGetValue(key, out var parts) || !parts.ContainsKey("A") || !parts.ContainsKey("B"))
                 throw new InvalidDataException($"{dir}: the adapter file has no lora_A/lora_B weights for targeted module '{key}'");
             int r = config.RankFor(key);
-            long inF = shapes[key].InFeatures, outF = shapes[key].OutFeatures;
+            var (inF, outF) = lm.LinearShapes[key];
             Check(parts["A"], [r, inF], r, dir);
             Check(parts["B"], [outF, r], r, dir);
         }
-
-        using var _ = no_grad();
+        var weights = new Dictionary<string, (Tensor, Tensor)>();
         foreach (var key in targets)
         {
-            var a = file.Read(byModule[key]["A"].Name).to(ScalarType.Float32, lm.Model.Device);
-            var b = file.Read(byModule[key]["B"].Name).to(ScalarType.Float32, lm.Model.Device);
-            lm.WrapForLoad(key).AddAdapter(name, new LoraWeights(new Parameter(a, true), new Parameter(b, true), config.Scaling(key), config.LoraDropout));
+            using var a = file.Read(byModule[key]["A"].Name);
+            using var b = file.Read(byModule[key]["B"].Name);
+            weights[key] = (a.to(ScalarType.Float32, copy: true).DetachFromDisposeScope(), b.to(ScalarType.Float32, copy: true).DetachFromDisposeScope());
         }
-        lm.Register(name, config);
+        return new Prepared(config, weights);
+    }
+
+    /// <summary>Injects a prepared adapter under <paramref name="name"/> and makes it active (the model's thread).</summary>
+    public static LoraConfig Apply(LoraModel lm, string name, Prepared p)
+    {
+        using var _ = no_grad();
+        foreach (var (key, (a, b)) in p.Weights)
+            lm.WrapForLoad(key).AddAdapter(name, new LoraWeights(new Parameter(a.to(lm.Model.Device, copy: true), true),
+                new Parameter(b.to(lm.Model.Device, copy: true), true), p.Config.Scaling(key), p.Config.LoraDropout));
+        lm.Register(name, p.Config);
         lm.SetActive(name);
-        return config;
+        return p.Config;
     }
 
     static void Check(SafetensorsEntry e, long[] expected, int r, string dir)

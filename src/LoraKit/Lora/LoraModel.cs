@@ -16,16 +16,28 @@ public sealed class LoraModel : IDisposable
     public CausalLM Model { get; }
     public IReadOnlyDictionary<string, LoraConfig> Configs => _configs;
 
-    public LoraModel(CausalLM model) { Model = model; }
+    public LoraModel(CausalLM model)
+    {
+        Model = model;
+        // Layer paths and shapes never change once built (wrapping keeps both), so they are read once and can be
+        // consulted from any thread — the serving engine validates adapters off its decode thread.
+        LinearShapes = model.named_modules()
+            .Where(m => m.module is Linear && m.name != "lm_head" && !m.name.EndsWith(".base_layer", StringComparison.Ordinal))
+            .ToDictionary(m => m.name, m => (((Linear)m.module).InFeatures, ((Linear)m.module).OutFeatures));
+        _linearKeys = LinearShapes.Keys.ToList();
+    }
+
+    readonly List<string> _linearKeys;
+
+    /// <summary>in/out features of every linear layer LoRA can wrap, by module path.</summary>
+    public IReadOnlyDictionary<string, (long InFeatures, long OutFeatures)> LinearShapes { get; }
 
     /// <summary>Every wrapped layer with its module path (e.g. model.layers.0.self_attn.q_proj).</summary>
     public IEnumerable<(string key, LoraLinear layer)> LoraLayers() =>
         Model.named_modules().Where(m => m.module is LoraLinear).Select(m => (m.name, (LoraLinear)m.module));
 
     /// <summary>Module paths of the base model's linear layers that LoRA can wrap (every Linear but the LM head).</summary>
-    public IReadOnlyList<string> LinearKeys() => Model.named_modules()
-        .Where(m => m.module is LoraLinear || (m.module is Linear && !m.name.EndsWith(".base_layer", StringComparison.Ordinal)))
-        .Select(m => m.name).Where(k => k != "lm_head").ToList();
+    public IReadOnlyList<string> LinearKeys() => _linearKeys;
 
     /// <summary>PEFT expands "all-linear" into the explicit list of module paths; so do we (and so does the saved config).</summary>
     public LoraConfig Resolve(LoraConfig config) =>

@@ -100,10 +100,12 @@ public sealed partial class AdapterRegistry(InferenceEngine engine, string root,
             lock (_lru) if (_lru.Count >= maxLoaded && victim is null) throw new InvalidOperationException($"all {maxLoaded} adapter slots are serving requests; try again shortly");
             if (victim != null) await UnloadLockedAsync(victim);
         }
+        // Reading and validating happen here, off the engine thread; only the injection pauses decoding.
+        using var prepared = await Task.Run(() => AdapterFiles.Read(engine.Lora, dir));
         await engine.RunAsync(lm =>
         {
             if (lm.Configs.ContainsKey(name)) lm.DeleteAdapter(name);
-            AdapterFiles.Load(lm, name, dir);
+            AdapterFiles.Apply(lm, name, prepared);
             lm.SetActive(); // serving selects adapters per row, never globally
             return true;
         });

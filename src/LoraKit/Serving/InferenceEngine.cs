@@ -36,6 +36,8 @@ public sealed class InferenceEngine : IDisposable
 
     public int MaxBatch { get; }
     public CausalLM Model => _lm.Model;
+    /// <summary>For thread-safe reads only (layer shapes, loaded configs); mutate through <see cref="RunAsync{T}"/>.</summary>
+    public LoraModel Lora => _lm;
     public Tokenizer Tokenizer => _tok;
     /// <summary>Largest number of rows decoded together so far (for tests and benchmarks).</summary>
     public int PeakBatch { get; private set; }
