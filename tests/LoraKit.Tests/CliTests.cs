@@ -59,8 +59,7 @@ public class CliTests
         Assert.Equal("", stdout);
         Assert.Contains("error: model directory '/nonexistent/model' does not exist", stderr);
 
-        var dir = Fixtures.TempDir();
-        foreach (var f in Directory.GetFiles(Fixtures.Model("llama"))) File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));
+        var dir = Fixtures.CopyOf(Fixtures.Model("llama"));
         File.WriteAllText(Path.Combine(dir, "config.json"), File.ReadAllText(Path.Combine(dir, "config.json")).Replace("LlamaForCausalLM", "FalconForCausalLM"));
         (code, _, stderr) = RunCli("generate", "--model", dir, "--prompt", "hi", "--json");
         Assert.Equal(1, code);

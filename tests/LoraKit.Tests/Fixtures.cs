@@ -37,6 +37,15 @@ public static class Fixtures
 
     public static long[] Ids(JsonElement e) => e.EnumerateArray().Select(x => x.GetInt64()).ToArray();
 
+    /// <summary>A temporary copy of a directory's files (to edit a fixture without touching it).</summary>
+    public static string CopyOf(string sourceDir, string? into = null)
+    {
+        var dir = into ?? TempDir();
+        Directory.CreateDirectory(dir);
+        foreach (var f in Directory.GetFiles(sourceDir)) File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));
+        return dir;
+    }
+
     /// <summary>A fresh temporary directory, removed with the test's lifetime by the OS temp cleaner.</summary>
     public static string TempDir()
     {

@@ -188,9 +188,7 @@ public class LoraTests
 
     static string CopyAdapter(string arch, string name)
     {
-        var dir = Fixtures.TempDir();
-        foreach (var f in Directory.GetFiles(Adapter(arch, name))) File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));
-        return dir;
+        return Fixtures.CopyOf(Adapter(arch, name));
     }
 
     [Fact]

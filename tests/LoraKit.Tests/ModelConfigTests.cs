@@ -49,8 +49,7 @@ public class ModelConfigTests
         c["rope_theta"] = p["rope_theta"]!.DeepClone();
         p.Remove("rope_theta");
         c["rope_scaling"] = p;
-        var dir = Fixtures.TempDir();
-        foreach (var f in Directory.GetFiles(Fixtures.Model("llama"))) File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));
+        var dir = Fixtures.CopyOf(Fixtures.Model("llama"));
         File.WriteAllText(Path.Combine(dir, "config.json"), c.ToJsonString());
 
         using var model = CausalLM.Load(dir, ScalarType.Float32, CPU);

@@ -92,8 +92,7 @@ public class SafetensorsTests
         // Copy the checkpoint and rewrite its weights with one tensor dropped, renamed or reshaped.
         void Check(Action<Dictionary<string, Tensor>> edit, string fragment)
         {
-            var dir = Fixtures.TempDir();
-            foreach (var f in Directory.GetFiles(src)) File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));
+            var dir = Fixtures.CopyOf(src);
             var weights = new Dictionary<string, Tensor>();
             using (var file = SafetensorsFile.Open(Path.Combine(src, "model.safetensors")))
                 foreach (var n in file.Entries.Keys) weights[n] = file.Read(n);
@@ -110,8 +109,7 @@ public class SafetensorsTests
     [Fact]
     public void ShardedCheckpointWithMissingShardIsAClearError()
     {
-        var dir = Fixtures.TempDir();
-        foreach (var f in Directory.GetFiles(Fixtures.Model("mistral"))) File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));
+        var dir = Fixtures.CopyOf(Fixtures.Model("mistral"));
         File.Delete(Path.Combine(dir, "model-00003-of-00006.safetensors"));
         var ex = Assert.Throws<SafetensorsException>(() => CausalLM.Load(dir, ScalarType.Float32, CPU).Dispose());
         Assert.Contains("model-00003-of-00006.safetensors", ex.Message);

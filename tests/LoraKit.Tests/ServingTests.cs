@@ -63,16 +63,10 @@ public sealed class ServerTests : IAsyncLifetime
     public static string AdapterRoot()
     {
         var root = Fixtures.TempDir();
-        foreach (var name in new[] { "a", "regex" })
-        {
-            Directory.CreateDirectory(Path.Combine(root, name));
-            foreach (var f in Directory.GetFiles(Fixtures.Path_("adapters", "qwen3", name))) File.Copy(f, Path.Combine(root, name, Path.GetFileName(f)));
-        }
+        foreach (var name in new[] { "a", "regex" }) Fixtures.CopyOf(Fixtures.Path_("adapters", "qwen3", name), Path.Combine(root, name));
         // An adapter made for another base (Llama shapes) and a symlink leading outside the root.
-        Directory.CreateDirectory(Path.Combine(root, "llama-adapter"));
-        foreach (var f in Directory.GetFiles(Fixtures.Path_("adapters", "llama", "a"))) File.Copy(f, Path.Combine(root, "llama-adapter", Path.GetFileName(f)));
-        var outside = Fixtures.TempDir();
-        foreach (var f in Directory.GetFiles(Fixtures.Path_("adapters", "qwen3", "a"))) File.Copy(f, Path.Combine(outside, Path.GetFileName(f)));
+        Fixtures.CopyOf(Fixtures.Path_("adapters", "llama", "a"), Path.Combine(root, "llama-adapter"));
+        var outside = Fixtures.CopyOf(Fixtures.Path_("adapters", "qwen3", "a"));
         Directory.CreateSymbolicLink(Path.Combine(root, "escape"), outside);
         return root;
     }
@@ -111,7 +105,7 @@ public sealed class ServerTests : IAsyncLifetime
         using var lm = new LoraModel(CausalLM.Load(Fixtures.Model("qwen3"), ScalarType.Float32, CPU));
         if (adapter != null) AdapterFiles.Load(lm, adapter, Fixtures.Path_("adapters", "qwen3", adapter));
         var tok = Tokenizer.Load(Fixtures.Model("qwen3"));
-        var eos = GenerationDefaults.EosTokenIds(Fixtures.Model("qwen3"), lm.Model.Config).Append(tok.TokenToId(tok.Config.EosToken!)!.Value).ToArray();
+        var eos = GenerationDefaults.EosTokenIds(Fixtures.Model("qwen3"), lm.Model.Config).Append(tok.EosTokenId!.Value).ToArray();
         return new TextGenerator(lm.Model, tok).Generate(tok.Encode(prompt), new SamplingOptions { MaxNewTokens = maxTokens, EosTokenIds = eos }).OutputIds;
     }
 
@@ -335,7 +329,7 @@ public class ChatClientTests
         var lm = new LoraModel(CausalLM.Load(dir, ScalarType.Float32, CPU));
         using var engine = new InferenceEngine(lm, tok);
         var registry = new AdapterRegistry(engine, ServerTests.AdapterRoot(), 4);
-        var eos = new[] { tok.TokenToId(tok.Config.EosToken!)!.Value };
+        var eos = new[] { tok.EosTokenId!.Value };
         using Microsoft.Extensions.AI.IChatClient client = new LoraKitChatClient(engine, registry, eos);
         var messages = new[] { new Microsoft.Extensions.AI.ChatMessage(Microsoft.Extensions.AI.ChatRole.User, "reset my password") };
         var options = new Microsoft.Extensions.AI.ChatOptions { ModelId = "regex", Temperature = 0, MaxOutputTokens = 10 };

@@ -198,8 +198,7 @@ public class TrainingTests
     [Fact]
     public void WarnsWhenTheTrainedEndOfTurnIsNotAStopToken()
     {
-        var dir = Fixtures.TempDir();
-        foreach (var f in Directory.GetFiles(Fixtures.Model("qwen2"))) File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));
+        var dir = Fixtures.CopyOf(Fixtures.Model("qwen2"));
         File.WriteAllText(Path.Combine(dir, "generation_config.json"), "{\"eos_token_id\": 0}");
         var data = Path.Combine(Fixtures.TempDir(), "chat.jsonl");
         File.WriteAllLines(data, Enumerable.Repeat("{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello\"}]}", 4));

@@ -120,7 +120,7 @@ public static class DemoCommand
             s.CopyTo(f);
         }
         var tok = Tokenizer.Load(dir);
-        int eos = tok.TokenToId(tok.Config.EosToken!)!.Value;
+        int eos = tok.EosTokenId!.Value;
         var config = new JsonObject
         {
             ["architectures"] = new JsonArray("Qwen2ForCausalLM"), ["model_type"] = "qwen2", ["vocab_size"] = tok.VocabSize,

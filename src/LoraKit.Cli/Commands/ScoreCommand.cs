@@ -27,11 +27,7 @@ public static class ScoreCommand
                 var input = tensor(ids.Select(x => (long)x).ToArray(), device: model.Device).unsqueeze(0);
                 var logits = model.Logits(input, null, null).to(ScalarType.Float32);
                 last = logits[0, -1].cpu().data<float>().ToArray();
-                if (ids.Length > 1)
-                {
-                    var target = input[0, TensorIndex.Slice(1)];
-                    loss = nn.functional.cross_entropy(logits[0, TensorIndex.Slice(0, ids.Length - 1)], target).item<float>();
-                }
+                if (ids.Length > 1) loss = LoraKit.Models.CausalLM.NextTokenLoss(logits[0], input[0]).item<float>();
             }
             if (r.GetValue(common.Json))
             {

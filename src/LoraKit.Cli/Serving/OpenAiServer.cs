@@ -55,7 +55,7 @@ public sealed class OpenAiServer : IAsyncDisposable
         var tok = Tokenizer.Load(o.Model);
         var lm = new LoraModel(CausalLM.Load(o.Model, dtype, device));
         var eos = GenerationDefaults.EosTokenIds(o.Model, lm.Model.Config)
-            .Concat(tok.Config.EosToken is string e && tok.TokenToId(e) is int id ? [id] : Array.Empty<int>()).Distinct().ToArray();
+            .Concat(tok.EosTokenId is int id ? [id] : Array.Empty<int>()).Distinct().ToArray();
         var engine = new InferenceEngine(lm, tok, o.MaxBatch);
         var server = new OpenAiServer(o, engine, new AdapterRegistry(engine, o.Adapters, o.MaxLoadedAdapters), eos);
         await server.StartHttpAsync();
@@ -111,7 +111,7 @@ public sealed class OpenAiServer : IAsyncDisposable
     static Task Error(HttpContext c, int status, string message, string type = "invalid_request_error", string? param = null)
     {
         c.Response.StatusCode = status;
-        return c.Response.WriteAsJsonAsync(new { error = new { message, type, param, code = (string?)null } });
+        return c.Response.WriteAsJsonAsync(ErrorBody(message, param, type));
     }
 
     sealed class ApiError(int status, string message, string? param = null) : Exception(message)
@@ -141,7 +141,9 @@ public sealed class OpenAiServer : IAsyncDisposable
         }
     }
 
-    static object ErrorBody(string message, string? param = null) => new { error = new { message, type = "invalid_request_error", param, code = (string?)null } };
+    /// <summary>OpenAI's error object.</summary>
+    static object ErrorBody(string message, string? param = null, string type = "invalid_request_error") =>
+        new { error = new { message, type, param, code = (string?)null } };
 
     async Task Complete(HttpContext c, bool chat)
     {

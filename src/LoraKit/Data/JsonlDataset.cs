@@ -122,7 +122,7 @@ public static class JsonlDataset
 
     static Sample Build(JsonElement e, DataFormat format, Tokenizer tok, DataOptions o, int line, IReadOnlyList<string>? labels)
     {
-        int? eos = tok.Config.EosToken is string es ? tok.TokenToId(es) : null;
+        int? eos = tok.EosTokenId;
         switch (format)
         {
             case DataFormat.Text:

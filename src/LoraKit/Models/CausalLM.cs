@@ -54,10 +54,15 @@ public sealed class CausalLM : nn.Module<Tensor, Tensor>
     public Tensor Loss(Tensor ids)
     {
         using var scope = NewDisposeScope();
-        var logits = Logits(ids, null, null).to(ScalarType.Float32);
-        long t = ids.shape[1];
-        var pred = logits[0, TensorIndex.Slice(0, t - 1)];
-        var target = ids[0, TensorIndex.Slice(1, t)];
-        return nn.functional.cross_entropy(pred, target).MoveToOuterDisposeScope();
+        return NextTokenLoss(Logits(ids, null, null)[0], ids[0]).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Mean NLL of ids[1..] under logits[..^1] (one sequence: [T, vocab] and [T]), in fp32 as transformers computes it.</summary>
+    public static Tensor NextTokenLoss(Tensor logits, Tensor ids)
+    {
+        using var scope = NewDisposeScope();
+        long t = ids.shape[0];
+        var pred = logits[TensorIndex.Slice(0, t - 1)].to(ScalarType.Float32);
+        return nn.functional.cross_entropy(pred, ids[TensorIndex.Slice(1, t)]).MoveToOuterDisposeScope();
     }
 }

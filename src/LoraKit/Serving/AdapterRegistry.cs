@@ -32,16 +32,18 @@ public sealed partial class AdapterRegistry(InferenceEngine engine, string root,
         // A symlink may point anywhere: follow it and insist the target is still inside the root.
         var target = new DirectoryInfo(dir).ResolveLinkTarget(returnFinalTarget: true)?.FullName ?? dir;
         var full = Path.GetFullPath(target);
-        if (!full.StartsWith(_root + Path.DirectorySeparatorChar, StringComparison.Ordinal))
+        if (!Inside(full))
             throw new AdapterNameException($"adapter '{name}' resolves outside the adapters directory");
         foreach (var f in new[] { AdapterFiles.ConfigFile, AdapterFiles.WeightsFile })
         {
             var fi = new FileInfo(Path.Combine(full, f));
-            if (fi.Exists && fi.ResolveLinkTarget(true) is { } t && !Path.GetFullPath(t.FullName).StartsWith(_root + Path.DirectorySeparatorChar, StringComparison.Ordinal))
+            if (fi.Exists && fi.ResolveLinkTarget(true) is { } t && !Inside(Path.GetFullPath(t.FullName)))
                 throw new AdapterNameException($"adapter '{name}' has a file that links outside the adapters directory");
         }
         return full;
     }
+
+    bool Inside(string fullPath) => fullPath.StartsWith(_root + Path.DirectorySeparatorChar, StringComparison.Ordinal);
 
     /// <summary>Names of the adapter directories under the root (whether loaded or not).</summary>
     public IReadOnlyList<string> Available() => Directory.Exists(_root)

@@ -84,5 +84,8 @@ public sealed class Tokenizer
 
     public string? IdToToken(int id) => _idToToken.GetValueOrDefault(id);
 
+    /// <summary>The id of tokenizer_config.json's eos_token, when it names a known token.</summary>
+    public int? EosTokenId => Config.EosToken is string e ? TokenToId(e) : null;
+
     public bool IsSpecial(int id) => _added.ById(id) is { Special: true };
 }
