@@ -240,7 +240,7 @@ public class TrainingTests
         for (int i = 0; i < 6; i++)
         {
             var g = randn(7, 5);
-            p1.grad = g.clone(); p2.grad = g.clone();
+            p1.grad!.copy_(g); p2.grad = g.clone(); // mine owns p1's grad buffer (a view of its flat grads)
             mine.Step(3e-3);
             reference.step();
         }

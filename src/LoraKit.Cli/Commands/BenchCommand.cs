@@ -27,7 +27,9 @@ public static class BenchCommand
         var ckpt = new Option<bool>("--gradient-checkpointing") { Description = "recompute layer activations in backward" };
         var plain = new Option<bool>("--plain-loss") { Description = "materialise full logits (the unoptimised path)" };
         var device = new Option<string>("--device") { Description = "auto, cpu or cuda", DefaultValueFactory = _ => "auto" };
-        var cmd = new Command("bench", "Time LoRA training steps on a fixed batch (for bench/run_bench.py).") { model, ids, steps, warmup, rank, ckpt, plain, device };
+        var kernels = new Option<string>("--kernels") { Description = "fast, exact or auto (as for train)", DefaultValueFactory = _ => "auto" };
+        var profile = new Option<bool>("--profile") { Description = "also time forward, backward and the optimizer separately (synchronising between them)" };
+        var cmd = new Command("bench", "Time LoRA training steps on a fixed batch (for bench/run_bench.py).") { model, ids, steps, warmup, rank, ckpt, plain, device, kernels, profile };
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             var dev = Devices.Resolve(r.GetValue(device)!);
@@ -35,6 +37,9 @@ public static class BenchCommand
             int rk = r.GetValue(rank);
             lm.AddAdapter("bench", new LoraConfig { R = rk, LoraAlpha = 2 * rk, LoraDropout = 0, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] });
             lm.Model.model.GradientCheckpointing = r.GetValue(ckpt);
+            string k = r.GetValue(kernels)!;
+            bool fast = k == "fast" || (k == "auto" && dev.type == TorchSharp.DeviceType.CUDA);
+            lm.UseFastTraining(fast);
             lm.Model.train();
             using var f = SafetensorsFile.Open(r.GetValue(ids)!);
             using var input = f.Read("input_ids").to(dev);
@@ -45,28 +50,74 @@ public static class BenchCommand
             };
             using var opt = new AdamW(lm.Parameters("bench"), 0.9, 0.999, 1e-8, 0.01);
             bool chunked = !r.GetValue(plain);
-            double Step()
+            // One step without synchronising: the next step's work queues behind this one, as in HF's loop.
+            Tensor Step()
             {
                 using var scope = NewDisposeScope();
                 var loss = Trainer.LossSum(lm.Model, batch, chunked) / batch.TargetTokens;
                 loss.backward();
                 opt.Step(1e-4);
                 opt.ZeroGrad();
-                return loss.item<float>(); // also the synchronisation point
+                return loss.detach().MoveToOuterDisposeScope();
             }
-            double first = Step();
-            for (int i = 1; i < r.GetValue(warmup); i++) Step();
+            double first;
+            using (var l = Step()) first = l.item<float>();
+            for (int i = 1; i < r.GetValue(warmup); i++) Step().Dispose();
+            Sync(dev);
             var clock = Stopwatch.StartNew();
-            double last = 0;
-            for (int i = 0; i < r.GetValue(steps); i++) last = Step();
+            var losses = new List<Tensor>();
+            for (int i = 0; i < r.GetValue(steps); i++) losses.Add(Step());
+            Sync(dev);
             double stepSeconds = clock.Elapsed.TotalSeconds / r.GetValue(steps);
+            double last = losses[^1].item<float>();
+            losses.ForEach(t => t.Dispose());
+            object? phases = r.GetValue(profile) ? Profile(lm, batch, opt, chunked, dev) : null;
             Console.WriteLine(CliJson.Serialize(new
             {
                 system = "lorakit", step_s = Math.Round(stepSeconds, 4), tokens_per_s = Math.Round(batch.Tokens / stepSeconds),
                 loss_step1 = Math.Round(first, 4), loss = Math.Round(last, 4), chunked_loss = chunked, gradient_checkpointing = r.GetValue(ckpt),
+                kernels = fast ? "fast" : "exact", phases_ms = phases,
             }));
             return 0;
         }));
         return cmd;
+    }
+
+    static void Sync(Device dev)
+    {
+        if (dev.type == TorchSharp.DeviceType.CUDA) cuda.synchronize(dev);
+    }
+
+    /// <summary>
+    /// Where a step's time goes: each phase timed to a synchronisation, and how long the host took to queue the forward
+    /// pass (when that is close to the forward's time, the GPU waits on the host).
+    /// </summary>
+    static object Profile(LoraModel lm, Batch batch, AdamW opt, bool chunked, Device dev, int steps = 5)
+    {
+        double fwdQueue = 0, fwd = 0, bwd = 0, optim = 0;
+        for (int i = 0; i < steps; i++)
+        {
+            using var scope = NewDisposeScope();
+            Sync(dev);
+            var t = Stopwatch.StartNew();
+            var loss = Trainer.LossSum(lm.Model, batch, chunked) / batch.TargetTokens;
+            fwdQueue += t.Elapsed.TotalMilliseconds;
+            Sync(dev);
+            fwd += t.Elapsed.TotalMilliseconds;
+            t.Restart();
+            loss.backward();
+            Sync(dev);
+            bwd += t.Elapsed.TotalMilliseconds;
+            t.Restart();
+            opt.Step(1e-4);
+            opt.ZeroGrad();
+            Sync(dev);
+            optim += t.Elapsed.TotalMilliseconds;
+        }
+        return new
+        {
+            forward_and_loss = Math.Round(fwd / steps, 1), forward_host_queue = Math.Round(fwdQueue / steps, 1),
+            backward = Math.Round(bwd / steps, 1), optimizer = Math.Round(optim / steps, 1),
+        };
     }
 }

@@ -43,6 +43,13 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
     /// </summary>
     public string?[]? RowAdapters { get; set; }
     public IReadOnlyCollection<string> Merged => _merged;
+    /// <summary>
+    /// Training fast path: compute the adapters in the input's dtype (bf16 on GPUs) instead of on an fp32 copy of x.
+    /// Autograd then keeps x itself (shared by q/k/v and by gate/up) rather than one fp32 copy per module, and the
+    /// branch is two small matmuls, the second adding into the base output (addmm). The fp32 weights stay the master copy
+    /// (their casts are tiny and differentiable). Off by default: PEFT's fp32 branch is the reference numerics.
+    /// </summary>
+    public bool ComputeInInputDtype { get; set; }
 
     public void AddAdapter(string name, LoraWeights w)
     {
@@ -69,6 +76,7 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         var result = base_layer.forward(x);
         if (RowAdapters is { } rows && !Disabled) return PerRow(x, result, rows);
         if (Disabled || Active.Count == 0) return result;
+        if (ComputeInInputDtype) return InInputDtype(x, result);
         using var scope = NewDisposeScope();
         var dtype = result.dtype;
         var acc = result;
@@ -83,6 +91,34 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         }
         var y = acc.to(dtype);
         return y.MoveToOuterDisposeScope();
+    }
+
+    Tensor InInputDtype(Tensor x, Tensor result)
+    {
+        using var scope = NewDisposeScope();
+        var x2 = x.reshape(-1, x.shape[^1]);
+        var acc = result.reshape(-1, result.shape[^1]);
+        foreach (var name in Active)
+        {
+            if (_merged.Contains(name)) continue;
+            var w = _adapters[name];
+            var h = w.Dropout > 0 && training ? nn.functional.dropout(x2, w.Dropout, training: true) : x2;
+            var down = nn.functional.linear(h, w.A.to(x.dtype));                       // [N, r]
+            acc = acc.addmm(down, w.B.to(x.dtype).t(), beta: 1, alpha: (float)w.Scaling); // base + s·(x·Aᵀ)·Bᵀ
+        }
+        return acc.view(result.shape).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>The one adapter a fused training kernel may fold in: exactly one active, unmerged, without dropout.</summary>
+    public bool TrySingleAdapter(out LoraWeights? weights)
+    {
+        weights = null;
+        if (Disabled || RowAdapters != null) return false;
+        var live = Active.Where(n => !_merged.Contains(n)).ToList();
+        if (live.Count == 0) return true;
+        if (live.Count > 1) return false;
+        weights = _adapters[live[0]];
+        return weights.Dropout == 0 || !training;
     }
 
     /// <summary>

@@ -151,6 +151,22 @@ public sealed class LoraModel : IDisposable
         foreach (var (_, layer) in LoraLayers()) layer.RemoveAdapter(name);
     }
 
+    /// <summary>
+    /// Training fast path on or off: LoRA branches in the activations' dtype, RMSNorm and the SwiGLU tail with
+    /// hand-written backwards that keep less for backward. Forward values equal the plain path in fp32; in bf16 the
+    /// LoRA branch rounds its [tokens, r] intermediate, as PEFT does when the adapter itself is bf16.
+    /// </summary>
+    public void UseFastTraining(bool on)
+    {
+        foreach (var m in Model.modules())
+            switch (m)
+            {
+                case LoraLinear l: l.ComputeInInputDtype = on; break;
+                case Models.RmsNorm n: n.FusedTraining = on; break;
+                case Models.Mlp mlp: mlp.FusedTraining = on; break;
+            }
+    }
+
     /// <summary>The adapter's trainable tensors (A and B of every wrapped layer), in a stable order.</summary>
     public List<(string key, Parameter param)> Parameters(string name) => LoraLayers()
         .Where(l => l.layer.Adapters.ContainsKey(name))

@@ -24,13 +24,16 @@ public sealed class LayerCheckpoint : autograd.SingleTensorFunction<LayerCheckpo
     {
         using var rng = random.get_rng_state();
         var call = new Call(layer, Keep(x.detach()), Keep(cos.alias()), Keep(sin.alias()), mask is null ? null : Keep(mask.alias()), index, rng.bytes.ToArray());
-        return apply(x, call);
+        var y = apply(x, call);
+        CustomFunctions.ReleaseOutputCache();
+        return y;
     }
 
     static Tensor Keep(Tensor t) => t.DetachFromDisposeScope();
 
     public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
     {
+        CustomFunctions.Track(ctx);
         var call = (Call)vars[1];
         ctx.save_data("call", call);
         using var _ = no_grad();
@@ -57,6 +60,7 @@ public sealed class LayerCheckpoint : autograd.SingleTensorFunction<LayerCheckpo
         }
         random.set_rng_state(outerRng);
         call.Free();
-        return [grad, null!]; // one entry per apply() argument; the Call object has no gradient
+        gradOutput.Dispose();
+        return CustomFunctions.HandOff(grad, null); // one entry per apply() argument; the Call object has no gradient
     }
 }

@@ -46,8 +46,12 @@ public sealed class RmsNorm : nn.Module<Tensor, Tensor>
         RegisterComponents();
     }
 
+    /// <summary>Training: use <see cref="RmsNormFunction"/> (same numerics, keeps no fp32 copy) while the weight is frozen.</summary>
+    public bool FusedTraining { get; set; }
+
     public override Tensor forward(Tensor x)
     {
+        if (FusedTraining && training && is_grad_enabled() && !weight.requires_grad) return RmsNormFunction.Apply(x, weight, _eps);
         using var scope = NewDisposeScope();
         var dtype = x.dtype;
         var h = x.to(ScalarType.Float32);
@@ -90,10 +94,17 @@ public sealed class Mlp : ContainerModule
         RegisterComponents();
     }
 
+    /// <summary>Training: finish with <see cref="Lora.SwiGluDown"/>, which keeps only gate and up for backward.</summary>
+    public bool FusedTraining { get; set; }
+
     public override Tensor forward(Tensor x)
     {
         using var scope = NewDisposeScope();
-        var h = nn.functional.silu(gate_proj.forward(x)) * up_proj.forward(x);
+        var gate = gate_proj.forward(x);
+        var up = up_proj.forward(x);
+        if (FusedTraining && training && is_grad_enabled() && Lora.SwiGluDown.TryResolve(down_proj, out var down, out var lora))
+            return Lora.SwiGluDown.Apply(gate, up, down, lora).MoveToOuterDisposeScope();
+        var h = nn.functional.silu(gate) * up;
         return down_proj.forward(h).MoveToOuterDisposeScope();
     }
 }

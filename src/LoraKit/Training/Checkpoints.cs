@@ -46,7 +46,8 @@ public static class Checkpoints
         Directory.CreateDirectory(tmp);
 
         writeWeights(tmp);
-        SafetensorsWriter.Save(Path.Combine(tmp, OptimizerFile), optimizer.State());
+        using (var scope = TorchSharp.torch.NewDisposeScope()) // the state tensors are views made for this write
+            SafetensorsWriter.Save(Path.Combine(tmp, OptimizerFile), optimizer.State());
         WriteDurable(Path.Combine(tmp, StateFile), JsonSerializer.Serialize(state, new JsonSerializerOptions { WriteIndented = true }));
 
         if (Directory.Exists(final)) Directory.Delete(final, true);

@@ -18,11 +18,16 @@ public sealed class ChunkedLmLoss : autograd.SingleTensorFunction<ChunkedLmLoss>
     /// <param name="hidden">[N, hidden] final hidden states (requires grad)</param>
     /// <param name="weight">[vocab, hidden] frozen LM head</param>
     /// <param name="targets">[N] int64 next-token ids, <see cref="Data.Sample.IgnoreIndex"/> where no loss is taken</param>
-    public static Tensor Compute(Tensor hidden, Tensor weight, Tensor targets, long chunkRows = 2048) =>
-        apply(hidden, weight.detach(), targets, chunkRows);
+    public static Tensor Compute(Tensor hidden, Tensor weight, Tensor targets, long chunkRows = 2048)
+    {
+        var loss = apply(hidden, weight.detach(), targets, chunkRows);
+        Models.CustomFunctions.ReleaseOutputCache();
+        return loss;
+    }
 
     public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
     {
+        Models.CustomFunctions.Track(ctx);
         var hidden = (Tensor)vars[0];
         var weight = (Tensor)vars[1];
         var targets = (Tensor)vars[2];
@@ -56,6 +61,9 @@ public sealed class ChunkedLmLoss : autograd.SingleTensorFunction<ChunkedLmLoss>
     public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor gradOutput)
     {
         using var gradHidden = ((Saved)ctx.get_data("grad")).Tensor;
-        return [gradHidden * gradOutput.to(gradHidden.dtype), null!, null!, null!];
+        using var scale = gradOutput.to(gradHidden.dtype);
+        var grad = gradHidden * scale;
+        gradOutput.Dispose();
+        return Models.CustomFunctions.HandOff(grad, null, null, null);
     }
 }

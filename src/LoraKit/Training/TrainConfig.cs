@@ -55,6 +55,8 @@ public sealed class TrainConfig
     public int Steps { get; set; }
     public double Epochs { get; set; } = 1;
     public bool GradientCheckpointing { get; set; }
+    /// <summary>fast, exact or auto (fast on CUDA with a bf16/fp16 base): see <see cref="Lora.LoraModel.UseFastTraining"/>.</summary>
+    public string Kernels { get; set; } = "auto";
     public int Seed { get; set; }
 
     // evaluation and checkpoints
@@ -100,7 +102,7 @@ public sealed class TrainConfig
     public JsonObject Identity()
     {
         var o = ToJsonObject();
-        foreach (var k in new[] { "output", "device", "log_every", "save_every" }) o.Remove(k);
+        foreach (var k in new[] { "output", "device", "kernels", "log_every", "save_every" }) o.Remove(k);
         return o;
     }
 
@@ -110,6 +112,7 @@ public sealed class TrainConfig
     {
         void Check(bool ok, string msg) { if (!ok) throw new ArgumentException(msg); }
         Check(Model.Length > 0, "--model is required");
+        Check(Kernels is "auto" or "fast" or "exact", $"--kernels must be auto, fast or exact, not '{Kernels}'");
         Check(Data.Length > 0, "--data is required");
         Check(Method is "lora" or "full", $"method must be lora or full (got '{Method}')");
         Check(Schedule is "constant" or "linear" or "cosine", $"schedule must be constant, linear or cosine (got '{Schedule}')");

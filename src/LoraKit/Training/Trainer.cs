@@ -97,6 +97,9 @@ public static class Trainer
             trainable = model.named_parameters().GroupBy(p => p.parameter.Handle).Select(g => g.First()).Select(p => (p.name, p.parameter)).ToList();
             foreach (var (_, p) in trainable) p.requires_grad = true;
         }
+        bool fast = c.Kernels == "fast" || (c.Kernels == "auto" && device.type == TorchSharp.DeviceType.CUDA && dtype != ScalarType.Float32);
+        lm.UseFastTraining(fast);
+        if (fast) log.Info("kernels: fast (LoRA branch in the base dtype, lean RMSNorm/SwiGLU backwards; --kernels exact for PEFT's fp32 branch)");
         using var classifier = classify ? new SequenceClassifier(model, labels!, c.Seed) : null;
         if (classifier != null) trainable.Add(("score.weight", classifier.Score));
         if (c.GradientCheckpointing)
@@ -179,7 +182,7 @@ public static class Trainer
                     tokensSeen += rows.Sum(r => (long)r.InputIds.Length);
                 }
                 cursor += microPerStep;
-                gradNorm = GradNorm(trainable, c.MaxGradNorm);
+                gradNorm = optimizer.ClipGradNorm(c.MaxGradNorm);
                 double lr = c.Lr * LrSchedule.Factor(c.Schedule, step - 1, c.WarmupSteps, totalSteps);
                 optimizer.Step(lr);
                 optimizer.ZeroGrad();
@@ -272,23 +275,6 @@ public static class Trainer
         var target = b.Labels[.., 1..].reshape(-1);
         var loss = nn.functional.cross_entropy(pred, target, ignore_index: Sample.IgnoreIndex, reduction: nn.Reduction.Sum);
         return loss.MoveToOuterDisposeScope();
-    }
-
-    /// <summary>Total L2 norm of the gradients; when <paramref name="maxNorm"/> &gt; 0 they are scaled down to it (clip_grad_norm_).</summary>
-    static double GradNorm(List<(string name, Parameter param)> ps, double maxNorm)
-    {
-        using var _ = no_grad();
-        using var scope = NewDisposeScope();
-        var grads = ps.Select(p => p.param.grad).OfType<Tensor>().ToList();
-        if (grads.Count == 0) return 0;
-        var total = stack(grads.Select(g => g.to(ScalarType.Float32).norm()).ToArray()).norm();
-        double norm = total.item<float>();
-        if (maxNorm > 0)
-        {
-            double coef = maxNorm / (norm + 1e-6);
-            if (coef < 1) foreach (var g in grads) g.mul_(coef);
-        }
-        return norm;
     }
 
     public static double Evaluate(CausalLM model, List<Sample> samples, int batchSize, int padId, Device device)

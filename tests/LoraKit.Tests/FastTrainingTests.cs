@@ -1,0 +1,111 @@
+using LoraKit.Data;
+using LoraKit.Lora;
+using LoraKit.Models;
+using LoraKit.Tokenization;
+using LoraKit.Training;
+using static TorchSharp.torch;
+
+namespace LoraKit.Tests;
+
+/// <summary>
+/// The fast training path (LoRA branch in the input's dtype, RMSNorm and SwiGLU-down with hand-written backwards) must
+/// compute what the plain path computes: in fp32 on CPU the losses and every LoRA gradient agree to rounding.
+/// </summary>
+public class FastTrainingTests
+{
+    static readonly string[] AllLinear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+    [Theory]
+    [InlineData("llama", false, 0.0, true)]
+    [InlineData("mistral", false, 0.0, true)]
+    [InlineData("qwen2", false, 0.0, true)]   // q/k/v biases
+    [InlineData("qwen3", false, 0.0, true)]   // per-head q/k norms go through the fused RMSNorm too
+    [InlineData("llama", true, 0.0, true)]    // recomputed layers run the fused functions inside backward
+    [InlineData("qwen2", false, 0.0, false)]  // no adapter on down_proj: the fused tail without LoRA
+    [InlineData("llama", false, 0.1, true)]   // dropout: LoRA in input dtype with masks, the MLP tail falls back
+    public void SameLossAndGradientsAsPlainPath(string arch, bool checkpointing, double dropout, bool onDown)
+    {
+        using var lm = new LoraModel(CausalLM.Load(Fixtures.Model(arch), ScalarType.Float32, CPU));
+        string[] targets = onDown ? AllLinear : ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"];
+        lm.AddAdapter("a", new LoraConfig { R = 4, LoraAlpha = 8, LoraDropout = dropout, TargetModules = [.. targets], InitLoraWeights = "false" }, seed: 3);
+        var tok = Tokenizer.Load(Fixtures.Model(arch));
+        var (samples, _) = JsonlDataset.Load(Fixtures.Path_("training", "data.jsonl"), tok, new DataOptions());
+        using var batch = Batches.Collate(samples.Take(3).ToList(), 0, CPU);
+        lm.Model.train();
+        lm.Model.model.GradientCheckpointing = checkpointing;
+        (double loss, List<Tensor> grads) Run(bool fast)
+        {
+            lm.UseFastTraining(fast);
+            manual_seed(42);
+            var loss = Trainer.LossSum(lm.Model, batch, chunked: true);
+            loss.backward();
+            var grads = lm.Parameters("a").Select(p => p.param.grad!.clone()).ToList();
+            foreach (var (_, p) in lm.Parameters("a")) p.grad!.zero_();
+            return (loss.item<float>(), grads);
+        }
+        long released = CustomFunctions.ReleasedOutputs;
+        var (plainLoss, plainGrads) = Run(false);
+        var (fastLoss, fastGrads) = Run(true);
+        Assert.True(CustomFunctions.ReleasedOutputs > released, "the fused functions' output caches were not released");
+        Assert.True(Math.Abs(fastLoss - plainLoss) <= 1e-5 * Math.Abs(plainLoss), $"loss {fastLoss} vs {plainLoss}");
+        var names = lm.Parameters("a").Select(p => p.key).ToList();
+        for (int i = 0; i < plainGrads.Count; i++)
+            Assert.True(Close.RelError(fastGrads[i], plainGrads[i]) <= 1e-4, $"{names[i]}: {Close.RelError(fastGrads[i], plainGrads[i]):E2}");
+        Assert.Contains(plainGrads, g => g.abs().sum().item<float>() > 0);
+    }
+
+    [Theory]
+    [InlineData(ScalarType.Float32, 1e-5)]
+    [InlineData(ScalarType.BFloat16, 1e-2)]
+    public void RmsNormFunctionMatchesAutograd(ScalarType dtype, double tol)
+    {
+        manual_seed(7);
+        using var weight = (randn(64) * 0.5 + 1).to(dtype);
+        var x = (randn(3, 5, 64) * 3).to(dtype);
+        var dy = randn(3, 5, 64).to(dtype);
+        Tensor Plain(Tensor input)
+        {
+            var h = input.to(ScalarType.Float32);
+            h = h * rsqrt(h.pow(2).mean([-1], keepdim: true) + 1e-6);
+            return weight * h.to(dtype);
+        }
+        var x1 = x.detach().requires_grad_(true);
+        var y1 = Plain(x1);
+        y1.backward([dy]);
+        var x2 = x.detach().requires_grad_(true);
+        var y2 = RmsNormFunction.Apply(x2, weight, 1e-6);
+        y2.backward([dy]);
+        Assert.True(y2.eq(y1).all().item<bool>(), "forward must be the same arithmetic");
+        Assert.True(Close.RelError(x2.grad!, x1.grad!) <= tol, $"dx {Close.RelError(x2.grad!, x1.grad!):E2}");
+    }
+
+    [Fact]
+    public void SwiGluDownMatchesAutogradWithAdapter()
+    {
+        manual_seed(8);
+        var cfg = ModelConfig.Load(Fixtures.Model("llama"));
+        using var lm = new LoraModel(CausalLM.Load(Fixtures.Model("llama"), ScalarType.Float32, CPU));
+        lm.AddAdapter("a", new LoraConfig { R = 4, LoraAlpha = 8, TargetModules = ["down_proj"], InitLoraWeights = "false" }, seed: 4);
+        var down = (LoraLinear)lm.Model.model.layers[0].mlp.down_proj;
+        down.train();
+        long inter = cfg.IntermediateSize;
+        var g = randn(2, 3, inter);
+        var u = randn(2, 3, inter);
+        var dy = randn(2, 3, cfg.HiddenSize);
+        var w = down.Adapters["a"];
+        Tensor[] Grads(Func<Tensor, Tensor, Tensor> f)
+        {
+            var gg = g.detach().requires_grad_(true);
+            var uu = u.detach().requires_grad_(true);
+            f(gg, uu).backward([dy]);
+            var r = new[] { gg.grad!.clone(), uu.grad!.clone(), w.A.grad!.clone(), w.B.grad!.clone() };
+            w.A.grad!.zero_(); w.B.grad!.zero_();
+            return r;
+        }
+        var plain = Grads((a, b) => down.forward(nn.functional.silu(a) * b));
+        Assert.True(SwiGluDown.TryResolve(down, out var baseLayer, out var lora));
+        var fused = Grads((a, b) => SwiGluDown.Apply(a, b, baseLayer, lora));
+        string[] names = ["gate", "up", "lora_A", "lora_B"];
+        for (int i = 0; i < 4; i++) Assert.True(Close.RelError(fused[i], plain[i]) <= 1e-5, $"{names[i]}: {Close.RelError(fused[i], plain[i]):E2}");
+    }
+}
