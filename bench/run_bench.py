@@ -81,7 +81,7 @@ def prepare(shape):
     return d
 
 
-def hf_run(d, ids, ckpt, steps, warm):
+def hf_run(d, ids, ckpt, steps, warm, profile=False):
     dev = DevicePeak().__enter__()  # from before the model loads, as for LoraKit's process
     cfg_cls, model_cls, kw = SHAPES[os.path.basename(d)]
     model = model_cls.from_pretrained(d, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
@@ -112,6 +112,12 @@ def hf_run(d, ids, ckpt, steps, warm):
     torch.cuda.synchronize()
     dt = (time.perf_counter() - t) / steps
     dev.__exit__()
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as prof
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            step()
+            torch.cuda.synchronize()
+        print(p.key_averages().table(sort_by="cuda_time_total", row_limit=25), flush=True)
     res = dict(system="hf-peft", tokens_per_s=round(ids.numel() / dt), step_s=round(dt, 4), loss=round(first, 4),
                peak_mem_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2), device_mem_gib=dev.gib)
     del model, opt, params
@@ -119,17 +125,22 @@ def hf_run(d, ids, ckpt, steps, warm):
     return res
 
 
-def lorakit_run(d, ids_path, ckpt, steps, warm, plain=False):
+def lorakit_run(d, ids_path, ckpt, steps, warm, plain=False, kernels="fast", profile=False):
     args = ["bash", ".gpu/on-gpu.sh", "LoraKit.Cli", "bench", "--model", d, "--ids", ids_path, "--steps", str(steps),
-            "--warmup", str(warm), "--rank", "16", "--device", "cuda"] + (["--gradient-checkpointing"] if ckpt else []) + (["--plain-loss"] if plain else [])
+            "--warmup", str(warm), "--rank", "16", "--device", "cuda", "--kernels", kernels] + \
+           (["--gradient-checkpointing"] if ckpt else []) + (["--plain-loss"] if plain else []) + (["--profile"] if profile else [])
+    name = "lorakit" + ("-plain" if plain else "") + ("-exact" if kernels == "exact" else "")
     torch.cuda.synchronize()
     with DevicePeak() as dev:
         r = subprocess.run(args, capture_output=True, text=True)
     if r.returncode != 0:
-        return dict(system="lorakit" + ("-plain" if plain else ""), error=r.stderr[-600:])
+        return dict(system=name, error=r.stderr[-600:])
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    return dict(system="lorakit" + ("-plain" if plain else ""), tokens_per_s=out["tokens_per_s"], step_s=out["step_s"],
-                loss=out["loss_step1"], peak_mem_gib=dev.gib, device_mem_gib=dev.gib)
+    res = dict(system=name, tokens_per_s=out["tokens_per_s"], step_s=out["step_s"],
+               loss=out["loss_step1"], peak_mem_gib=dev.gib, device_mem_gib=dev.gib)
+    if out.get("phases_ms"):
+        res["phases_ms"] = out["phases_ms"]
+    return res
 
 
 def main():
@@ -138,6 +149,9 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--plain", action="store_true", help="also time LoraKit's unoptimised full-logits loss")
+    ap.add_argument("--exact", action="store_true", help="also time LoraKit with --kernels exact (PEFT's fp32 LoRA branch)")
+    ap.add_argument("--profile", action="store_true", help="LoraKit also reports per-phase times (forward, backward, optimizer)")
+    ap.add_argument("--hf-profile", action="store_true", help="print torch.profiler's top CUDA kernels for HF's step")
     ap.add_argument("--out", default="bench/results/latest.json")
     a = ap.parse_args()
     torch.cuda.init()
@@ -151,8 +165,14 @@ def main():
         ids = torch.randint(0, SHAPES[shape][2]["vocab_size"], (b, s))
         ids_path = os.path.join(WORK, f"ids-{shape}-{b}x{s}.safetensors")
         save_file({"input_ids": ids}, ids_path)
-        for res in [hf_run(d, ids, ckpt, a.steps, a.warmup), lorakit_run(d, ids_path, ckpt, a.steps, a.warmup)] + \
-                   ([lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, plain=True)] if a.plain else []):
+        runs = [lambda: hf_run(d, ids, ckpt, a.steps, a.warmup, a.hf_profile),
+                lambda: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, profile=a.profile)]
+        if a.exact:
+            runs.append(lambda: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, kernels="exact"))
+        if a.plain:
+            runs.append(lambda: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, plain=True))
+        for run in runs:
+            res = run()
             res["workload"] = name
             rows.append(res)
             print(json.dumps(res), flush=True)

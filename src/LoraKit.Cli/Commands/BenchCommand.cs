@@ -29,7 +29,8 @@ public static class BenchCommand
         var device = new Option<string>("--device") { Description = "auto, cpu or cuda", DefaultValueFactory = _ => "auto" };
         var kernels = new Option<string>("--kernels") { Description = "fast, exact or auto (as for train)", DefaultValueFactory = _ => "auto" };
         var profile = new Option<bool>("--profile") { Description = "also time forward, backward and the optimizer separately (synchronising between them)" };
-        var cmd = new Command("bench", "Time LoRA training steps on a fixed batch (for bench/run_bench.py).") { model, ids, steps, warmup, rank, ckpt, plain, device, kernels, profile };
+        var profileRange = new Option<bool>("--profile-range") { Description = "finally run one step between cudaProfilerStart and cudaProfilerStop (for ncu/nsys)" };
+        var cmd = new Command("bench", "Time LoRA training steps on a fixed batch (for bench/run_bench.py).") { model, ids, steps, warmup, rank, ckpt, plain, device, kernels, profile, profileRange };
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             var dev = Devices.Resolve(r.GetValue(device)!);
@@ -72,6 +73,16 @@ public static class BenchCommand
             double last = losses[^1].item<float>();
             losses.ForEach(t => t.Dispose());
             object? phases = r.GetValue(profile) ? Profile(lm, batch, opt, chunked, dev) : null;
+            if (r.GetValue(profileRange))
+            {
+                // One step inside cudaProfilerStart/Stop, for `ncu/nsys --profile-from-start off` (bench/profile.sh).
+                if (!CudaProfiler.Available) Console.Error.WriteLine("warning: no CUDA runtime loaded; --profile-range marks nothing");
+                Sync(dev);
+                CudaProfiler.Start();
+                Step().Dispose();
+                Sync(dev);
+                CudaProfiler.Stop();
+            }
             Console.WriteLine(CliJson.Serialize(new
             {
                 system = "lorakit", step_s = Math.Round(stepSeconds, 4), tokens_per_s = Math.Round(batch.Tokens / stepSeconds),

@@ -39,24 +39,33 @@ public sealed class Attention : ContainerModule
     {
         using var scope = NewDisposeScope();
         long b = x.shape[0], t = x.shape[1];
+        // RoPE and the GQA repeat work on the projections' own [B, T, heads, D] layout (contiguous, so the elementwise
+        // kernels vectorise); SDPA takes the [B, heads, T, D] views.
         var q = q_proj.forward(x).view(b, t, _heads, _headDim);
         var k = k_proj.forward(x).view(b, t, _kvHeads, _headDim);
-        var v = v_proj.forward(x).view(b, t, _kvHeads, _headDim).transpose(1, 2);
+        var v = v_proj.forward(x).view(b, t, _kvHeads, _headDim);
         if (q_norm != null) q = q_norm.forward(q);
         if (k_norm != null) k = k_norm.forward(k);
-        q = RotaryEmbedding.Apply(q.transpose(1, 2), cos, sin);
-        k = RotaryEmbedding.Apply(k.transpose(1, 2), cos, sin);
-        if (cache != null) (k, v) = cache.Append(layer, k, v);
-
+        q = RotaryEmbedding.Apply(q, cos, sin).transpose(1, 2);
+        k = RotaryEmbedding.Apply(k, cos, sin);
         int rep = _heads / _kvHeads;
-        if (rep > 1)
+        if (cache != null)
         {
-            k = RepeatKv(k, rep);
-            v = RepeatKv(v, rep);
+            (k, v) = cache.Append(layer, k.transpose(1, 2), v.transpose(1, 2));
+            if (rep > 1) (k, v) = (RepeatKv(k, rep), RepeatKv(v, rep));
         }
+        else if (rep > 1) (k, v) = (RepeatKvTokensFirst(k, rep).transpose(1, 2), RepeatKvTokensFirst(v, rep).transpose(1, 2));
+        else (k, v) = (k.transpose(1, 2), v.transpose(1, 2));
         var attn = nn.functional.scaled_dot_product_attention(q, k, v, mask, 0.0, mask is null);
         var merged = attn.transpose(1, 2).reshape(b, t, _heads * _headDim);
         return o_proj.forward(merged).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>[B, S, kvH, D] → [B, S, kvH·rep, D], each kv head repeated for its group of query heads.</summary>
+    static Tensor RepeatKvTokensFirst(Tensor x, int rep)
+    {
+        long b = x.shape[0], s = x.shape[1], h = x.shape[2], d = x.shape[3];
+        return x.unsqueeze(3).expand(b, s, h, rep, d).reshape(b, s, h * rep, d);
     }
 
     /// <summary>[B, kvH, S, D] → [B, kvH·rep, S, D], each kv head repeated for its group of query heads.</summary>

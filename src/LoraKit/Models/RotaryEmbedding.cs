@@ -45,12 +45,12 @@ public sealed class RotaryEmbedding : IDisposable
         return (cos.MoveToOuterDisposeScope(), sin.MoveToOuterDisposeScope());
     }
 
-    /// <summary>Applies the rotation to x of shape [B, H, T, D] with cos/sin of shape [B, T, D].</summary>
+    /// <summary>Applies the rotation to x of shape [B, T, H, D] with cos/sin of shape [B, T, D].</summary>
     public static Tensor Apply(Tensor x, Tensor cos, Tensor sin)
     {
         using var scope = NewDisposeScope();
-        var c = cos.unsqueeze(1);
-        var s = sin.unsqueeze(1);
+        var c = cos.unsqueeze(2);
+        var s = sin.unsqueeze(2);
         long half = x.shape[^1] / 2;
         var x1 = x[TensorIndex.Ellipsis, TensorIndex.Slice(0, half)];
         var x2 = x[TensorIndex.Ellipsis, TensorIndex.Slice(half)];

@@ -4,9 +4,9 @@ namespace LoraKit.Training;
 
 /// <summary>
 /// Summed next-token cross-entropy through a frozen LM head without materialising the [N, vocab] logits for backward.
-/// Forward walks the rows in chunks: logits of a chunk (in the head's dtype, upcast to fp32 like transformers),
-/// the chunk's loss, and right away the gradient with respect to the chunk's hidden states,
-/// (softmax − one-hot) · W. Only that gradient ([N, hidden]) is kept; backward scales it by the incoming gradient.
+/// Forward walks the rows in chunks: logits of a chunk (in the head's dtype), the chunk's loss from their fp32
+/// log-softmax (as transformers upcasts), and right away the gradient with respect to the chunk's hidden states,
+/// (softmax − one-hot) · W, with the softmax rounded to the head's dtype like the gradient transformers casts back. Only that gradient ([N, hidden]) is kept; backward scales it by the incoming gradient.
 /// Requires a frozen head (LoRA training); full fine-tuning uses the plain path.
 /// </summary>
 public sealed class ChunkedLmLoss : autograd.SingleTensorFunction<ChunkedLmLoss>
@@ -44,15 +44,17 @@ public sealed class ChunkedLmLoss : autograd.SingleTensorFunction<ChunkedLmLoss>
             var t = targets.narrow(0, s, len);
             var valid = t.ne(Data.Sample.IgnoreIndex);
             var safeT = t.clamp_min(0).unsqueeze(1);
-            var logits = nn.functional.linear(h, weight).to(ScalarType.Float32);      // [len, V]
-            var lse = logits.logsumexp(1, keepdim: true);                               // [len, 1]
-            var picked = logits.gather(1, safeT);                                       // [len, 1]
-            total.add_(((lse - picked).squeeze(1) * valid).sum());
-            // d loss / d logits = softmax − one-hot, zero on ignored rows; reuse the logits buffer.
-            var g = logits.sub_(lse).exp_();
-            g.scatter_add_(1, safeT, full_like(picked, -1.0f));
-            g.mul_(valid.unsqueeze(1));
-            gradHidden.narrow(0, s, len).copy_(g.to(hidden.dtype).matmul(weight));
+            var logits = nn.functional.linear(h, weight);                               // [len, V], the head's dtype
+            // Loss in fp32 as transformers computes it (log-softmax of the fp32-upcast logits), read straight from the
+            // head's output; one kernel instead of an fp32 copy plus logsumexp.
+            var logProbs = logits.log_softmax(1, ScalarType.Float32);
+            total.sub_((logProbs.gather(1, safeT).squeeze(1) * valid).sum());
+            logProbs.Dispose();
+            // d loss / d logits = softmax − one-hot, rounded to the head's dtype as transformers' cast back does.
+            var g = logits.softmax(1);
+            g.scatter_add_(1, safeT, full_like(safeT, -1.0, g.dtype));
+            // Ignored rows: zero their [hidden] result rather than their [V] gradient row.
+            gradHidden.narrow(0, s, len).copy_(g.matmul(weight).mul_(valid.unsqueeze(1)));
         }
         ctx.save_data("grad", new Saved(gradHidden)); // freed in backward; wrapped, as save_data warns on bare tensors
         return total.squeeze(0);

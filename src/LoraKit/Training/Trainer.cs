@@ -261,15 +261,18 @@ public static class Trainer
     public static Tensor LossSum(CausalLM model, Batch b, bool chunked = false)
     {
         using var scope = NewDisposeScope();
+        // Rows are right-padded: under causal attention no labelled position sees padding, so unless rows are packed
+        // plain causal attention (SDPA's fastest kernel, no mask tensor) is exact for everything the loss reads.
+        var mask = b.Segments is null ? null : b.AttentionMask;
         if (chunked)
         {
-            var h = model.model.Forward(b.InputIds, b.AttentionMask, null, b.Positions, b.Segments);
+            var h = model.model.Forward(b.InputIds, mask, null, b.Positions, b.Segments);
             long len = h.shape[1];
             var hs = h[.., ..(int)(len - 1)].reshape(-1, h.shape[2]);
             var ts = b.Labels[.., 1..].reshape(-1);
             return ChunkedLmLoss.Compute(hs, model.lm_head.weight, ts).MoveToOuterDisposeScope();
         }
-        var logits = model.Logits(b.InputIds, b.AttentionMask, null, b.Positions, b.Segments);
+        var logits = model.Logits(b.InputIds, mask, null, b.Positions, b.Segments);
         long t = logits.shape[1];
         var pred = logits[.., ..(int)(t - 1)].to(ScalarType.Float32).reshape(-1, logits.shape[2]);
         var target = b.Labels[.., 1..].reshape(-1);
