@@ -18,6 +18,7 @@ public static class Program
         root.Subcommands.Add(BenchCommand.Build());
         root.Subcommands.Add(ServeCommand.Build());
         root.Subcommands.Add(BenchServeCommand.Build());
+        root.Subcommands.Add(CheckKernelsCommand.Build());
         return root.Parse(args).Invoke();
     }
 }

@@ -8,11 +8,11 @@ namespace LoraKit.Lora;
 /// The tail of a SwiGLU MLP for LoRA training, down(silu(gate) · up) with the down projection's adapter folded in, as one
 /// autograd function that keeps only gate and up. Autograd would also keep silu(gate) and the product (the down layer's
 /// input, [tokens, intermediate] each — the largest activations of a layer); backward recomputes them instead, which
-/// costs two elementwise passes. The adapter branch runs in the activations' dtype (see
+/// costs one fused elementwise pass (or PyTorch's silu and product). The adapter branch runs in the activations' dtype (see
 /// <see cref="LoraLinear.ComputeInInputDtype"/>); its weights' gradients are returned in their own dtype (fp32).
 /// Backward, with a = silu(g)·u and y = a·Wᵀ + s·(a·Aᵀ)·Bᵀ:
-/// da = dy·W + s·(dy·B)·A, dA = s·(dy·B)ᵀ·a, dB = s·dyᵀ·(a·Aᵀ); dg, du from da through silu and the product
-/// (PyTorch's own kernels, replayed on the recomputed a).
+/// da = dy·W + s·(dy·B)·A, dA = s·(dy·B)ᵀ·a, dB = s·dyᵀ·(a·Aᵀ); dg = da·u·silu'(g), du = da·silu(g), with the
+/// bf16 roundings of PyTorch's silu/mul backward (fused kernel on CUDA bf16, see <see cref="Runtime.Cuda.FusedKernels"/>).
 /// </summary>
 public sealed class SwiGluDown : autograd.SingleTensorFunction<SwiGluDown>
 {
@@ -46,7 +46,7 @@ public sealed class SwiGluDown : autograd.SingleTensorFunction<SwiGluDown>
         CustomFunctions.Track(ctx);
         var (g, u, args) = ((Tensor)vars[0], (Tensor)vars[1], (Args)vars[4]);
         using var scope = NewDisposeScope();
-        var a = nn.functional.silu(g).mul_(u);
+        var a = Product(g, u);
         var a2 = a.view(-1, a.shape[^1]);
         var y = nn.functional.linear(a2, args.Down.weight, args.Down.bias);
         Tensor? h = null;
@@ -62,6 +62,19 @@ public sealed class SwiGluDown : autograd.SingleTensorFunction<SwiGluDown>
         return y.view(shape).MoveToOuterDisposeScope();
     }
 
+    static Tensor Product(Tensor g, Tensor u) =>
+        Runtime.Cuda.FusedKernels.Usable(g, u) ? Runtime.Cuda.FusedKernels.SwiGluForward(g, u) : nn.functional.silu(g).mul_(u);
+
+    /// <summary>dg and du from da: one fused kernel on CUDA bf16, else silu's derivative written out.</summary>
+    static (Tensor dg, Tensor du) ProductGrads(Tensor da, Tensor g, Tensor u)
+    {
+        if (Runtime.Cuda.FusedKernels.Usable(da, g, u)) return Runtime.Cuda.FusedKernels.SwiGluBackward(da, g, u);
+        var sig = g.sigmoid();
+        var du = da * (g * sig);
+        var dg = (da * u).mul_(sig).mul_(g * (1 - sig) + 1);
+        return (dg, du);
+    }
+
     public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor dy)
     {
         var args = (Args)ctx.get_data("args");
@@ -71,26 +84,19 @@ public sealed class SwiGluDown : autograd.SingleTensorFunction<SwiGluDown>
         {
             var saved = ctx.get_saved_variables();
             var (g, u, h) = (saved[0], saved[1], saved[2]);
-            Tensor gg, uu, a;
-            using (var _ = enable_grad())
-            {
-                gg = g.detach().requires_grad_(true);
-                uu = u.detach().requires_grad_(true);
-                a = nn.functional.silu(gg) * uu;
-            }
-            var a2 = a.detach().view(-1, a.shape[^1]);
             var dy2 = dy.reshape(-1, dy.shape[^1]);
             var da = dy2.mm(args.Down.weight);                                         // [N, intermediate]
             if (args.Lora is { } w)
             {
+                var a2 = Product(g, u).view(-1, g.shape[^1]);                          // recomputed, for dA
                 var dh = dy2.mm(w.B.to(dy.dtype)).mul_(w.Scaling);                     // s·dy·B, [N, r]
                 da.addmm_(dh, w.A.to(dy.dtype));
                 dA = dh.t().mm(a2).to(w.A.dtype).MoveToOuterDisposeScope();
                 dB = dy2.t().mm(h).mul_(w.Scaling).to(w.B.dtype).MoveToOuterDisposeScope();
             }
-            var grads = autograd.grad([a], [gg, uu], [da.view(a.shape)]);
-            dg = grads[0].MoveToOuterDisposeScope();
-            du = grads[1].MoveToOuterDisposeScope();
+            (dg, du) = ProductGrads(da.view(g.shape), g, u);
+            dg = dg.MoveToOuterDisposeScope();
+            du = du.MoveToOuterDisposeScope();
             dy.Dispose();
         }
         return CustomFunctions.HandOff(dg, du, dA, dB, null);

@@ -27,9 +27,14 @@ public sealed class RmsNormFunction : autograd.SingleTensorFunction<RmsNormFunct
         var x = (Tensor)vars[0];
         var args = (Args)vars[1];
         using var scope = NewDisposeScope();
-        var h = Fp32Copy(x);
-        var rstd = h.pow(2).mean([-1], keepdim: true).add_(args.Eps).rsqrt_();
-        var y = args.Weight * h.mul_(rstd).to(x.dtype);
+        Tensor y, rstd;
+        if (Runtime.Cuda.FusedKernels.Usable(x, args.Weight)) (y, rstd) = Runtime.Cuda.FusedKernels.RmsNormForward(x, args.Weight, args.Eps);
+        else
+        {
+            var h = Fp32Copy(x);
+            rstd = h.pow(2).mean([-1], keepdim: true).add_(args.Eps).rsqrt_();
+            y = args.Weight * h.mul_(rstd).to(x.dtype);
+        }
         CustomFunctions.Save(ctx, x, rstd);
         ctx.save_data("args", args);
         return y.MoveToOuterDisposeScope();
@@ -46,10 +51,15 @@ public sealed class RmsNormFunction : autograd.SingleTensorFunction<RmsNormFunct
         {
             var saved = ctx.get_saved_variables();
             var (x, rstd) = (saved[0], saved[1]);
-            var n = Fp32Copy(x).mul_(rstd);
-            var dn = (dy * args.Weight).to(ScalarType.Float32);
-            var dot = (dn * n).mean([-1], keepdim: true);
-            dx = dn.sub_(n.mul_(dot)).mul_(rstd).to(x.dtype).MoveToOuterDisposeScope();
+            if (Runtime.Cuda.FusedKernels.Usable(dy, x, args.Weight))
+                dx = Runtime.Cuda.FusedKernels.RmsNormBackward(dy, x, args.Weight, rstd).MoveToOuterDisposeScope();
+            else
+            {
+                var n = Fp32Copy(x).mul_(rstd);
+                var dn = (dy * args.Weight).to(ScalarType.Float32);
+                var dot = (dn * n).mean([-1], keepdim: true);
+                dx = dn.sub_(n.mul_(dot)).mul_(rstd).to(x.dtype).MoveToOuterDisposeScope();
+            }
             dy.Dispose();
         }
         return CustomFunctions.HandOff(dx, null);
