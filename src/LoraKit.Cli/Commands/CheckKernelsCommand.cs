@@ -15,7 +15,7 @@ namespace LoraKit.Cli.Commands;
 /// <c>lorakit check-kernels</c> (GPU): the fused CUDA kernels against the TorchSharp path they replace, forward and
 /// gradients — RMSNorm and the SwiGLU tail on random tensors of several widths, then a whole fast-path LoRA training
 /// step of each given model. Each result is computed three ways: bf16 with the kernels, bf16 on the TorchSharp path,
-/// and fp32 (the truth both bf16 paths approximate). A check passes when the kernels' error against fp32 is within the
+/// and fp32 (the truth both bf16 paths approximate; max-element error per kernel, relative L2 for a whole step). A check passes when the kernels' error against fp32 is within the
 /// bf16 tolerance (1e-2) or no worse than 1.25× the TorchSharp path's own error. Exit code 1 when any check fails.
 /// </summary>
 public static class CheckKernelsCommand
@@ -31,8 +31,11 @@ public static class CheckKernelsCommand
         {
             var dev = Devices.Resolve("cuda");
             bool ok = true;
-            void Compare(string what, string[] names, Func<ScalarType, Tensor[]> run)
+            // Per-kernel checks use the max-element error; a whole step (rounding compounded through every layer of a
+            // random model) uses the relative L2 error, which a few outlying elements do not dominate.
+            void Compare(string what, string[] names, Func<ScalarType, Tensor[]> run, bool l2 = false)
             {
+                Func<Tensor, Tensor, double> Rel = l2 ? RelL2 : RelMax;
                 FusedKernels.Enabled = true;
                 var on = run(ScalarType.BFloat16);
                 FusedKernels.Enabled = false;
@@ -57,7 +60,7 @@ public static class CheckKernelsCommand
                 var dy = randn(3, 517, d, device: dev).to(ScalarType.BFloat16);
                 Compare($"rmsnorm D={d}", ["forward", "dx"], dt =>
                 {
-                    var xi = x.to(dt).requires_grad_(true);
+                    var xi = x.detach().to(dt).requires_grad_(true);
                     var y = RmsNormFunction.Apply(xi, w.to(dt), 1e-5);
                     y.backward([dy.to(dt)]);
                     return [y, xi.grad!];
@@ -73,7 +76,7 @@ public static class CheckKernelsCommand
                 var dy = randn(2, 333, 512, device: dev).to(ScalarType.BFloat16);
                 Compare($"swiglu-down I={inter}", ["forward", "d gate", "d up", "d lora_A", "d lora_B"], dt =>
                 {
-                    var (gi, ui) = (g.to(dt).requires_grad_(true), u.to(dt).requires_grad_(true));
+                    var (gi, ui) = (g.detach().to(dt).requires_grad_(true), u.detach().to(dt).requires_grad_(true));
                     lora.A.grad = null; lora.B.grad = null;
                     var y = SwiGluDown.Apply(gi, ui, dt == ScalarType.BFloat16 ? down : down32, lora);
                     y.backward([dy.to(dt)]);
@@ -94,7 +97,7 @@ public static class CheckKernelsCommand
                     var loss = Trainer.LossSum(lm.Model, batch, chunked: true);
                     loss.backward();
                     return [loss.detach(), cat(lm.Parameters("a").Select(p => p.param.grad!.flatten()).ToArray())];
-                });
+                }, l2: true);
             }
             Console.WriteLine(ok ? "all kernel checks passed" : "kernel checks FAILED");
             return ok ? 0 : 1;
@@ -102,7 +105,14 @@ public static class CheckKernelsCommand
         return cmd;
     }
 
-    static double Rel(Tensor actual, Tensor expected)
+    static double RelL2(Tensor actual, Tensor expected)
+    {
+        using var a = actual.to(ScalarType.Float64);
+        using var b = expected.to(ScalarType.Float64);
+        return (a - b).norm().item<double>() / Math.Max(b.norm().item<double>(), 1e-12);
+    }
+
+    static double RelMax(Tensor actual, Tensor expected)
     {
         using var a = actual.to(ScalarType.Float64);
         using var b = expected.to(ScalarType.Float64);
