@@ -11,6 +11,7 @@ namespace LoraKit.Tests;
 /// The fast training path (LoRA branch in the input's dtype, RMSNorm and SwiGLU-down with hand-written backwards) must
 /// compute what the plain path computes: in fp32 on CPU the losses and every LoRA gradient agree to rounding.
 /// </summary>
+[Collection(GlobalRng.Name)]
 public class FastTrainingTests
 {
     static readonly string[] AllLinear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];

@@ -67,3 +67,13 @@ public static class Close
         return diff / Math.Max(scale, 1e-12);
     }
 }
+
+/// <summary>
+/// Tests that seed or draw from torch's global CPU generator (dropout, manual_seed) run one at a time: xunit runs test
+/// classes in parallel, and another class's draws would change their random streams.
+/// </summary>
+[CollectionDefinition(Name)]
+public sealed class GlobalRng
+{
+    public const string Name = "global RNG";
+}

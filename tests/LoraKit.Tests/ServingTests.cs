@@ -307,15 +307,20 @@ public class ServerQueueTests
     {
         await using var server = await OpenAiServer.StartAsync(new ServerOptions
         {
-            Model = Fixtures.Model("qwen2"), Adapters = Fixtures.TempDir(), Port = 0, Device = "cpu", MaxConcurrent = 1, MaxQueued = 0, MaxTokens = 400,
+            Model = Fixtures.Model("qwen2"), Adapters = Fixtures.TempDir(), Port = 0, Device = "cpu", MaxConcurrent = 1, MaxQueued = 0, MaxTokens = 5000,
         });
         using var http = new HttpClient { BaseAddress = new Uri(server.Url) };
-        var content = () => new StringContent("{\"model\":\"base\",\"prompt\":\"Hello\",\"max_tokens\":400,\"temperature\":0,\"stop\":[\"zzzz\"]}", Encoding.UTF8, "application/json");
-        var slow = http.PostAsync("/v1/completions", content());
-        await Task.Delay(150);
-        var rejected = await http.PostAsync("/v1/completions", content());
+        var content = (bool stream) => new StringContent("{\"model\":\"base\",\"prompt\":\"Hello\",\"max_tokens\":5000,\"temperature\":0,\"ignore_eos\":true,\"stream\":" +
+            (stream ? "true" : "false") + "}", Encoding.UTF8, "application/json");
+        // The first request streams 5,000 tokens (EOS ignored); once its first event has arrived it holds the only slot
+        // for seconds, so the second is refused without relying on fixed delays.
+        using var slow = await http.SendAsync(new HttpRequestMessage(HttpMethod.Post, "/v1/completions") { Content = content(true) }, HttpCompletionOption.ResponseHeadersRead);
+        Assert.Equal(HttpStatusCode.OK, slow.StatusCode);
+        using var reader = new StreamReader(await slow.Content.ReadAsStreamAsync());
+        Assert.StartsWith("data:", await reader.ReadLineAsync());
+        var rejected = await http.PostAsync("/v1/completions", content(false));
         Assert.Equal((HttpStatusCode)429, rejected.StatusCode);
-        Assert.Equal(HttpStatusCode.OK, (await slow).StatusCode);
+        Assert.Contains("[DONE]", await reader.ReadToEndAsync());
     }
 }
 

@@ -22,6 +22,7 @@ sealed class ListLog : ITrainLog
     public void Eval(EvalMetrics m) => Evals.Add(m);
 }
 
+[Collection(GlobalRng.Name)]
 public class TrainingTests
 {
     static string TrainingData => Fixtures.Path_("training", "data.jsonl");
@@ -334,6 +335,7 @@ public class TrainingTests
     }
 }
 
+[Collection(GlobalRng.Name)]
 public class GradientCheckpointingTests
 {
     [Theory]
@@ -365,6 +367,7 @@ public class GradientCheckpointingTests
     }
 }
 
+[Collection(GlobalRng.Name)]
 public class ChunkedLossTests
 {
     [Theory]
@@ -399,6 +402,7 @@ public class ChunkedLossTests
     }
 }
 
+[Collection(GlobalRng.Name)]
 public class ClassificationTests
 {
     static string Write(string dir, string name, IEnumerable<(string text, string label)> rows)

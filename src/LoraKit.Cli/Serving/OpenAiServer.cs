@@ -265,7 +265,14 @@ public sealed class OpenAiServer : IAsyncDisposable
         if (stops.Count > _o.MaxStopStrings) throw new ApiError(400, $"at most {_o.MaxStopStrings} stop strings", "stop");
         if (stops.Any(s => s.Length == 0)) throw new ApiError(400, "stop strings must not be empty", "stop");
         long? seed = body["seed"] is JsonValue sv ? sv.GetValue<long>() : null;
-        return new SamplingOptions { MaxNewTokens = maxTokens, Temperature = temperature, TopP = topP, Seed = seed, StopStrings = stops, EosTokenIds = _eos };
+        // vLLM's extension: generate max_tokens whatever the model says (benchmarks, load tests).
+        bool ignoreEos = body["ignore_eos"] switch
+        {
+            null => false,
+            JsonValue v when v.TryGetValue<bool>(out var b) => b,
+            _ => throw new ApiError(400, "\"ignore_eos\" must be true or false", "ignore_eos"),
+        };
+        return new SamplingOptions { MaxNewTokens = maxTokens, Temperature = temperature, TopP = topP, Seed = seed, StopStrings = stops, EosTokenIds = ignoreEos ? [] : _eos };
     }
 
     static object Usage(int prompt, int completion) => new { prompt_tokens = prompt, completion_tokens = completion, total_tokens = prompt + completion };

@@ -12,8 +12,8 @@ namespace LoraKit.Models;
 /// materialisation, so the cache is never read.</item>
 /// <item>The gradients a backward returns are handed to libtorch as handles, and their C# wrappers would keep the tensors
 /// alive until the GC finalises them (backward runs on the autograd engine's thread, outside any dispose scope).
-/// libtorch has copied them by the time the next backward of these functions runs, so <see cref="HandOff"/> frees each
-/// call's wrappers at the next call.</item>
+/// libtorch has copied them by the time the same thread runs the next backward of these functions, so
+/// <see cref="HandOff"/> frees each call's wrappers at that thread's next call.</item>
 /// </list>
 /// Both reach into TorchSharp internals by name; a version that renames them fails loudly here (and in the tests).
 /// </summary>
@@ -24,8 +24,7 @@ public static class CustomFunctions
 
     [ThreadStatic] static autograd.AutogradContext? _lastContext;
     [ThreadStatic] static List<Tensor>? _savedWrappers;
-    static readonly object HandOffLock = new();
-    static List<Tensor> _handedOff = [];
+    [ThreadStatic] static List<Tensor>? _handedOff; // per thread: backward runs on the thread that owns the device's work
     static long _released;
 
     /// <summary>Output caches freed so far (for tests: proves the reflection still finds TorchSharp's fields).</summary>
@@ -83,11 +82,9 @@ public static class CustomFunctions
     /// <summary>Returns a backward's gradients to libtorch and frees the previous call's wrappers.</summary>
     public static List<Tensor> HandOff(params Tensor?[] grads)
     {
-        lock (HandOffLock)
-        {
-            foreach (var t in _handedOff) t.Dispose();
-            _handedOff = grads.OfType<Tensor>().Select(t => t.DetachFromDisposeScope()).ToList();
-        }
+        // Only this thread's previous call: another thread's grads may not have been copied by libtorch yet.
+        if (_handedOff != null) foreach (var t in _handedOff) t.Dispose();
+        _handedOff = grads.OfType<Tensor>().Select(t => t.DetachFromDisposeScope()).ToList();
         return grads.ToList()!;
     }
 }
