@@ -74,13 +74,13 @@ public static class CheckKernelsCommand
                 var down32 = new Models.Linear(new Parameter(down.weight.to(ScalarType.Float32), false));
                 var lora = new LoraWeights(new Parameter(randn(8, inter, device: dev) * 0.02), new Parameter(randn(512, 8, device: dev) * 0.02), 2.0, 0);
                 var dy = randn(2, 333, 512, device: dev).to(ScalarType.BFloat16);
-                Compare($"swiglu-down I={inter}", ["forward", "d gate|up", "d lora_A", "d lora_B"], dt =>
+                Compare($"swiglu-down I={inter}", ["forward", "d gate", "d up", "d lora_A", "d lora_B"], dt =>
                 {
-                    var gu = cat([g, u], -1).to(dt).requires_grad_(true);
+                    var (gi, ui) = (g.detach().to(dt).requires_grad_(true), u.detach().to(dt).requires_grad_(true));
                     lora.A.grad = null; lora.B.grad = null;
-                    var y = SwiGluDown.Apply(gu, dt == ScalarType.BFloat16 ? down : down32, lora);
+                    var y = SwiGluDown.Apply(gi, ui, dt == ScalarType.BFloat16 ? down : down32, lora);
                     y.backward([dy.to(dt)]);
-                    return [y, gu.grad!, lora.A.grad!.clone(), lora.B.grad!.clone()];
+                    return [y, gi.grad!, ui.grad!, lora.A.grad!.clone(), lora.B.grad!.clone()];
                 });
             }
             string jsonl = r.GetValue(data) ?? Path.Combine("fixtures", "training", "data.jsonl");

@@ -152,8 +152,8 @@ public sealed class LoraModel : IDisposable
     }
 
     /// <summary>
-    /// Training fast path on or off: LoRA branches in the activations' dtype, q/k/v and gate/up each as one GEMM, RMSNorm
-    /// and the SwiGLU tail with hand-written backwards that keep less for backward. Forward values equal the plain path in fp32; in bf16 the
+    /// Training fast path on or off: LoRA branches in the activations' dtype, RMSNorm and the SwiGLU tail with
+    /// hand-written backwards that keep less for backward. Forward values equal the plain path in fp32; in bf16 the
     /// LoRA branch rounds its [tokens, r] intermediate, as PEFT does when the adapter itself is bf16.
     /// </summary>
     public void UseFastTraining(bool on)
@@ -164,7 +164,6 @@ public sealed class LoraModel : IDisposable
                 case LoraLinear l: l.ComputeInInputDtype = on; break;
                 case Models.RmsNorm n: n.FusedTraining = on; break;
                 case Models.Mlp mlp: mlp.FusedTraining = on; break;
-                case Models.Attention attn: attn.FusedTraining = on; break;
             }
     }
 

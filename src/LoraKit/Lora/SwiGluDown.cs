@@ -6,7 +6,7 @@ namespace LoraKit.Lora;
 
 /// <summary>
 /// The tail of a SwiGLU MLP for LoRA training, down(silu(gate) · up) with the down projection's adapter folded in, as one
-/// autograd function that keeps only gate and up (side by side in one tensor, as the fused gate/up projection makes them). Autograd would also keep silu(gate) and the product (the down layer's
+/// autograd function that keeps only gate and up. Autograd would also keep silu(gate) and the product (the down layer's
 /// input, [tokens, intermediate] each — the largest activations of a layer); backward recomputes them instead, which
 /// costs one fused elementwise pass (or PyTorch's silu and product). The adapter branch runs in the activations' dtype (see
 /// <see cref="LoraLinear.ComputeInInputDtype"/>); its weights' gradients are returned in their own dtype (fp32).
@@ -34,10 +34,9 @@ public sealed class SwiGluDown : autograd.SingleTensorFunction<SwiGluDown>
         return !baseLayer.weight.requires_grad && baseLayer.bias is not { requires_grad: true };
     }
 
-    /// <param name="gateUp">[..., 2·intermediate]: gate then up on the last dimension</param>
-    public static Tensor Apply(Tensor gateUp, Models.Linear down, LoraWeights? lora)
+    public static Tensor Apply(Tensor gate, Tensor up, Models.Linear down, LoraWeights? lora)
     {
-        var y = lora is null ? apply(gateUp, null!, null!, new Args(down, null)) : apply(gateUp, lora.A, lora.B, new Args(down, lora));
+        var y = lora is null ? apply(gate, up, null!, null!, new Args(down, null)) : apply(gate, up, lora.A, lora.B, new Args(down, lora));
         CustomFunctions.ReleaseOutputCache();
         return y;
     }
@@ -45,9 +44,9 @@ public sealed class SwiGluDown : autograd.SingleTensorFunction<SwiGluDown>
     public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
     {
         CustomFunctions.Track(ctx);
-        var (gu, args) = ((Tensor)vars[0], (Args)vars[3]);
+        var (g, u, args) = ((Tensor)vars[0], (Tensor)vars[1], (Args)vars[4]);
         using var scope = NewDisposeScope();
-        var a = Product(gu);
+        var a = Product(g, u);
         var a2 = a.view(-1, a.shape[^1]);
         var y = nn.functional.linear(a2, args.Down.weight, args.Down.bias);
         Tensor? h = null;
@@ -56,61 +55,50 @@ public sealed class SwiGluDown : autograd.SingleTensorFunction<SwiGluDown>
             h = nn.functional.linear(a2, w.A.to(a.dtype));                             // [N, r]
             y.addmm_(h, w.B.to(a.dtype).t(), beta: 1, alpha: (float)w.Scaling);
         }
-        CustomFunctions.Save(ctx, gu, h);
+        CustomFunctions.Save(ctx, g, u, h);
         ctx.save_data("args", args);
-        var shape = gu.shape.ToArray();
+        var shape = g.shape.ToArray();
         shape[^1] = y.shape[^1];
         return y.view(shape).MoveToOuterDisposeScope();
     }
 
-    static (Tensor g, Tensor u) Halves(Tensor gu)
-    {
-        long i = gu.shape[^1] / 2;
-        return (gu.narrow(-1, 0, i), gu.narrow(-1, i, i));
-    }
+    static Tensor Product(Tensor g, Tensor u) =>
+        Runtime.Cuda.FusedKernels.Usable(g, u) ? Runtime.Cuda.FusedKernels.SwiGluForward(g, u) : nn.functional.silu(g).mul_(u);
 
-    static Tensor Product(Tensor gu)
+    /// <summary>dg and du from da: one fused kernel on CUDA bf16, else silu's derivative written out.</summary>
+    static (Tensor dg, Tensor du) ProductGrads(Tensor da, Tensor g, Tensor u)
     {
-        if (Runtime.Cuda.FusedKernels.Usable(gu)) return Runtime.Cuda.FusedKernels.SwiGluForward(gu);
-        var (g, u) = Halves(gu);
-        return nn.functional.silu(g).mul_(u);
-    }
-
-    /// <summary>The gradient of [gate | up] from da: one fused kernel on CUDA bf16, else silu's derivative written out.</summary>
-    static Tensor ProductGrad(Tensor da, Tensor gu)
-    {
-        if (Runtime.Cuda.FusedKernels.Usable(da, gu)) return Runtime.Cuda.FusedKernels.SwiGluBackward(da, gu);
-        var (g, u) = Halves(gu);
+        if (Runtime.Cuda.FusedKernels.Usable(da, g, u)) return Runtime.Cuda.FusedKernels.SwiGluBackward(da, g, u);
         var sig = g.sigmoid();
         var du = da * (g * sig);
         var dg = (da * u).mul_(sig).mul_(g * (1 - sig) + 1);
-        return cat([dg, du], -1);
+        return (dg, du);
     }
 
     public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor dy)
     {
         var args = (Args)ctx.get_data("args");
-        Tensor dgu;
+        Tensor dg, du;
         Tensor? dA = null, dB = null;
         using (var scope = NewDisposeScope())
         {
             var saved = ctx.get_saved_variables();
-            var (gu, h) = (saved[0], saved[1]);
+            var (g, u, h) = (saved[0], saved[1], saved[2]);
             var dy2 = dy.reshape(-1, dy.shape[^1]);
             var da = dy2.mm(args.Down.weight);                                         // [N, intermediate]
             if (args.Lora is { } w)
             {
-                var a2 = Product(gu).view(-1, gu.shape[^1] / 2);                        // recomputed, for dA
+                var a2 = Product(g, u).view(-1, g.shape[^1]);                          // recomputed, for dA
                 var dh = dy2.mm(w.B.to(dy.dtype)).mul_(w.Scaling);                     // s·dy·B, [N, r]
                 da.addmm_(dh, w.A.to(dy.dtype));
                 dA = dh.t().mm(a2).to(w.A.dtype).MoveToOuterDisposeScope();
                 dB = dy2.t().mm(h).mul_(w.Scaling).to(w.B.dtype).MoveToOuterDisposeScope();
             }
-            var shape = gu.shape.ToArray();
-            shape[^1] /= 2;
-            dgu = ProductGrad(da.view(shape), gu).MoveToOuterDisposeScope();
+            (dg, du) = ProductGrads(da.view(g.shape), g, u);
+            dg = dg.MoveToOuterDisposeScope();
+            du = du.MoveToOuterDisposeScope();
             dy.Dispose();
         }
-        return CustomFunctions.HandOff(dgu, dA, dB, null);
+        return CustomFunctions.HandOff(dg, du, dA, dB, null);
     }
 }

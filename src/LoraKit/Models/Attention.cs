@@ -29,10 +29,6 @@ public sealed class Attention : ContainerModule
         RegisterComponents();
     }
 
-    /// <summary>Training: q, k and v as one fused projection (<see cref="Lora.ProjectionGroup"/>).</summary>
-    public bool FusedTraining { get; set; }
-    Lora.ProjectionGroup? _qkv;
-
     public override Tensor forward(Tensor x) => throw new NotSupportedException("call Forward with positions and mask");
 
     /// <param name="x">[B, T, hidden]</param>
@@ -45,22 +41,9 @@ public sealed class Attention : ContainerModule
         long b = x.shape[0], t = x.shape[1];
         // RoPE and the GQA repeat work on the projections' own [B, T, heads, D] layout (contiguous, so the elementwise
         // kernels vectorise); SDPA takes the [B, heads, T, D] views.
-        Tensor q, k, v;
-        if (FusedTraining && training && cache is null && is_grad_enabled() && Lora.ProjectionGroup.For(ref _qkv, q_proj, k_proj, v_proj) is { } group)
-        {
-            // One GEMM for q, k and v (and one for their adapters); the three are views of its output.
-            var qkv = group.Forward(x, [q_proj, k_proj, v_proj]);
-            long qd = _heads * _headDim, kd = _kvHeads * _headDim;
-            q = qkv.narrow(-1, 0, qd).view(b, t, _heads, _headDim);
-            k = qkv.narrow(-1, qd, kd).view(b, t, _kvHeads, _headDim);
-            v = qkv.narrow(-1, qd + kd, kd).view(b, t, _kvHeads, _headDim);
-        }
-        else
-        {
-            q = q_proj.forward(x).view(b, t, _heads, _headDim);
-            k = k_proj.forward(x).view(b, t, _kvHeads, _headDim);
-            v = v_proj.forward(x).view(b, t, _kvHeads, _headDim);
-        }
+        var q = q_proj.forward(x).view(b, t, _heads, _headDim);
+        var k = k_proj.forward(x).view(b, t, _kvHeads, _headDim);
+        var v = v_proj.forward(x).view(b, t, _kvHeads, _headDim);
         if (q_norm != null) q = q_norm.forward(q);
         if (k_norm != null) k = k_norm.forward(k);
         q = RotaryEmbedding.Apply(q, cos, sin).transpose(1, 2);

@@ -94,27 +94,16 @@ public sealed class Mlp : ContainerModule
         RegisterComponents();
     }
 
-    /// <summary>
-    /// Training: gate and up as one fused projection (<see cref="Lora.ProjectionGroup"/>), then <see cref="Lora.SwiGluDown"/>,
-    /// which keeps only gate and up for backward.
-    /// </summary>
+    /// <summary>Training: finish with <see cref="Lora.SwiGluDown"/>, which keeps only gate and up for backward.</summary>
     public bool FusedTraining { get; set; }
-
-    Lora.ProjectionGroup? _gateUp;
 
     public override Tensor forward(Tensor x)
     {
         using var scope = NewDisposeScope();
-        if (FusedTraining && training && is_grad_enabled() && Lora.SwiGluDown.TryResolve(down_proj, out var down, out var lora))
-        {
-            // gate and up as one GEMM when they can be fused; either way the tail gets them side by side.
-            var gateUp = Lora.ProjectionGroup.For(ref _gateUp, gate_proj, up_proj) is { } group
-                ? group.Forward(x, [gate_proj, up_proj])
-                : cat([gate_proj.forward(x), up_proj.forward(x)], -1);
-            return Lora.SwiGluDown.Apply(gateUp, down, lora).MoveToOuterDisposeScope();
-        }
         var gate = gate_proj.forward(x);
         var up = up_proj.forward(x);
+        if (FusedTraining && training && is_grad_enabled() && Lora.SwiGluDown.TryResolve(down_proj, out var down, out var lora))
+            return Lora.SwiGluDown.Apply(gate, up, down, lora).MoveToOuterDisposeScope();
         var h = nn.functional.silu(gate) * up;
         return down_proj.forward(h).MoveToOuterDisposeScope();
     }

@@ -69,22 +69,19 @@ public static class FusedKernels
 
         __device__ __forceinline__ float silu(float g) { return g / (1.f + expf(-g)); }
 
-        // gu = [gate | up] per row ([rows, 2I]); a = bf16(bf16(silu(g)) * u), [rows, I]. n8 = rows * I / 8, i8 = I / 8.
-        extern "C" __global__ void swiglu_fwd(const bf16* gu, bf16* a, long n8, long i8) {
+        // a = bf16(bf16(silu(g)) * u), n8 = elements / 8.
+        extern "C" __global__ void swiglu_fwd(const bf16* g, const bf16* u, bf16* a, long n8) {
             for (long k = blockIdx.x * (long)blockDim.x + threadIdx.x; k < n8; k += (long)gridDim.x * blockDim.x) {
-                long row = k / i8, col = (k % i8) * 8, base = row * i8 * 16 + col;
-                V8 gv = ld8(gu + base), uv = ld8(gu + base + i8 * 8), o;
+                V8 gv = ld8(g + k * 8), uv = ld8(u + k * 8), o;
                 for (int j = 0; j < 8; j++) o.v[j] = st(rnd(silu(ld(gv.v[j]))) * ld(uv.v[j]));
                 st8(a + k * 8, o);
             }
         }
 
-        // From da ([rows, I]) into dgu = [dg | du] ([rows, 2I]): du = bf16(da * s), dg = bf16(bf16(da * u) * sig * (1 + g (1 - sig))),
-        // s = bf16(silu(g)) — the roundings of PyTorch's mul and silu backward.
-        extern "C" __global__ void swiglu_bwd(const bf16* da, const bf16* gu, bf16* dgu, long n8, long i8) {
+        // From da: du = bf16(da * s), dg = bf16(bf16(da * u) * sig * (1 + g (1 - sig))), s = bf16(silu(g)).
+        extern "C" __global__ void swiglu_bwd(const bf16* da, const bf16* g, const bf16* u, bf16* dg, bf16* du, long n8) {
             for (long k = blockIdx.x * (long)blockDim.x + threadIdx.x; k < n8; k += (long)gridDim.x * blockDim.x) {
-                long row = k / i8, col = (k % i8) * 8, base = row * i8 * 16 + col;
-                V8 dv = ld8(da + k * 8), gv = ld8(gu + base), uv = ld8(gu + base + i8 * 8), og, ou;
+                V8 dv = ld8(da + k * 8), gv = ld8(g + k * 8), uv = ld8(u + k * 8), og, ou;
                 for (int j = 0; j < 8; j++) {
                     float x = ld(gv.v[j]), up = ld(uv.v[j]), d = ld(dv.v[j]);
                     float sig = 1.f / (1.f + expf(-x));
@@ -92,7 +89,7 @@ public static class FusedKernels
                     ou.v[j] = st(d * s);
                     og.v[j] = st(rnd(d * up) * sig * (1.f + x * (1.f - sig)));
                 }
-                st8(dgu + base, og); st8(dgu + base + i8 * 8, ou);
+                st8(dg + k * 8, og); st8(du + k * 8, ou);
             }
         }
         """;
@@ -112,7 +109,7 @@ public static class FusedKernels
     {
         if (!Enabled) return false;
         foreach (var t in ts)
-            if (t.device.type != TorchSharp.DeviceType.CUDA || t.dtype != ScalarType.BFloat16 || !t.is_contiguous() || t.shape[^1] % 16 != 0)
+            if (t.device.type != TorchSharp.DeviceType.CUDA || t.dtype != ScalarType.BFloat16 || !t.is_contiguous() || t.shape[^1] % 8 != 0)
                 return false;
         if (Compiler.Value is not { } c) return false;
         return ts.All(t => c.Pointer(t) % 16 == 0);
@@ -144,25 +141,20 @@ public static class FusedKernels
 
     static long Blocks(long n8) => Math.Max(1, Math.Min((n8 + Threads - 1) / Threads, 65536));
 
-    /// <summary>silu(gate)·up from gu = [gate | up] on the last dimension ([..., 2I] → [..., I]).</summary>
-    public static Tensor SwiGluForward(Tensor gateUp)
+    public static Tensor SwiGluForward(Tensor gate, Tensor up)
     {
-        long i = gateUp.shape[^1] / 2;
-        var shape = gateUp.shape.ToArray();
-        shape[^1] = i;
-        var a = empty(shape, gateUp.dtype, gateUp.device);
-        long n8 = a.numel() / 8;
-        C.Launch("swiglu_fwd", Blocks(n8), Threads, gateUp, a, n8, i / 8);
+        var a = empty_like(gate);
+        long n8 = gate.numel() / 8;
+        C.Launch("swiglu_fwd", Blocks(n8), Threads, gate, up, a, n8);
         return a;
     }
 
-    /// <summary>The gradient of gu = [gate | up] from the product's gradient.</summary>
-    public static Tensor SwiGluBackward(Tensor da, Tensor gateUp)
+    /// <summary>(d gate, d up) from the product's gradient.</summary>
+    public static (Tensor dg, Tensor du) SwiGluBackward(Tensor da, Tensor gate, Tensor up)
     {
-        var dgu = empty_like(gateUp);
-        long i = gateUp.shape[^1] / 2;
-        long n8 = da.numel() / 8;
-        C.Launch("swiglu_bwd", Blocks(n8), Threads, da, gateUp, dgu, n8, i / 8);
-        return dgu;
+        var (dg, du) = (empty_like(gate), empty_like(up));
+        long n8 = gate.numel() / 8;
+        C.Launch("swiglu_bwd", Blocks(n8), Threads, da, gate, up, dg, du, n8);
+        return (dg, du);
     }
 }
