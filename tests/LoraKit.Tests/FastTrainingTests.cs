@@ -81,6 +81,25 @@ public class FastTrainingTests
     }
 
     [Fact]
+    public void RopeFunctionMatchesAutograd()
+    {
+        manual_seed(9);
+        var x = randn(2, 5, 3, 16);
+        var angles = randn(2, 5, 8);
+        var cos = cat([angles.cos(), angles.cos()], -1);
+        var sin = cat([angles.sin(), angles.sin()], -1);
+        var dy = randn(2, 5, 3, 16);
+        var x1 = x.detach().requires_grad_(true);
+        var y1 = RotaryEmbedding.Apply(x1, cos, sin);
+        y1.backward([dy]);
+        var x2 = x.detach().requires_grad_(true);
+        var y2 = RopeFunction.Apply(x2, cos, sin);
+        y2.backward([dy]);
+        Assert.True(Close.RelError(y2, y1) <= 1e-6);
+        Assert.True(Close.RelError(x2.grad!, x1.grad!) <= 1e-6, $"dx {Close.RelError(x2.grad!, x1.grad!):E2}");
+    }
+
+    [Fact]
     public void SwiGluDownMatchesAutogradWithAdapter()
     {
         manual_seed(8);

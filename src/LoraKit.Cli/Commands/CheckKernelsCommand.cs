@@ -51,7 +51,7 @@ public static class CheckKernelsCommand
                 }
             }
             FusedKernels.Enabled = true;
-            if (!FusedKernels.Usable(ones(8, ScalarType.BFloat16, dev))) throw new InvalidOperationException("fused kernels did not load on this machine");
+            if (!FusedKernels.Usable(ones(16, ScalarType.BFloat16, dev))) throw new InvalidOperationException("fused kernels did not load on this machine");
             manual_seed(0);
             foreach (long d in new long[] { 2048, 896, 128, 4096 })
             {
@@ -81,6 +81,35 @@ public static class CheckKernelsCommand
                     var y = SwiGluDown.Apply(gi, ui, dt == ScalarType.BFloat16 ? down : down32, lora);
                     y.backward([dy.to(dt)]);
                     return [y, gi.grad!, ui.grad!, lora.A.grad!.clone(), lora.B.grad!.clone()];
+                });
+            }
+            foreach (var (heads, d) in new[] { (32L, 64L), (8L, 128L) })
+            {
+                var x = randn(2, 300, heads, d, device: dev).to(ScalarType.BFloat16);
+                var angles = randn(2, 300, d / 2, device: dev) * 3;
+                var cos = cat([angles.cos(), angles.cos()], -1);
+                var sin = cat([angles.sin(), angles.sin()], -1);
+                var dy = randn(2, 300, heads, d, device: dev).to(ScalarType.BFloat16);
+                Compare($"rope H={heads} D={d}", ["forward", "dx"], dt =>
+                {
+                    var xi = x.detach().to(dt).requires_grad_(true);
+                    var y = RopeFunction.Apply(xi, cos.to(dt), sin.to(dt));
+                    y.backward([dy.to(dt)]);
+                    return [y, xi.grad!];
+                });
+            }
+            foreach (long vocab in new long[] { 32000, 128256 })
+            {
+                var hidden = randn(1500, 256, device: dev).to(ScalarType.BFloat16);
+                var head = (randn(vocab, 256, device: dev) * 0.1).to(ScalarType.BFloat16);
+                var targets = randint(0, vocab, [1500], dtype: ScalarType.Int64, device: dev);
+                targets[TensorIndex.Slice(0, 1500, 7)] = tensor(-100L, device: dev); // ignored positions
+                Compare($"cross-entropy V={vocab}", ["loss", "d hidden"], dt =>
+                {
+                    var hi = hidden.detach().to(dt).requires_grad_(true);
+                    var loss = ChunkedLmLoss.Compute(hi, head.to(dt), targets, 512);
+                    loss.backward();
+                    return [loss.detach(), hi.grad!];
                 });
             }
             string jsonl = r.GetValue(data) ?? Path.Combine("fixtures", "training", "data.jsonl");

@@ -164,6 +164,7 @@ public sealed class LoraModel : IDisposable
                 case LoraLinear l: l.ComputeInInputDtype = on; break;
                 case Models.RmsNorm n: n.FusedTraining = on; break;
                 case Models.Mlp mlp: mlp.FusedTraining = on; break;
+                case Models.Attention attn: attn.FusedTraining = on; break;
             }
     }
 

@@ -29,6 +29,9 @@ public sealed class Attention : ContainerModule
         RegisterComponents();
     }
 
+    /// <summary>Training: RoPE through <see cref="RopeFunction"/> (fused kernels on CUDA bf16).</summary>
+    public bool FusedTraining { get; set; }
+
     public override Tensor forward(Tensor x) => throw new NotSupportedException("call Forward with positions and mask");
 
     /// <param name="x">[B, T, hidden]</param>
@@ -46,8 +49,10 @@ public sealed class Attention : ContainerModule
         var v = v_proj.forward(x).view(b, t, _kvHeads, _headDim);
         if (q_norm != null) q = q_norm.forward(q);
         if (k_norm != null) k = k_norm.forward(k);
-        q = RotaryEmbedding.Apply(q, cos, sin).transpose(1, 2);
-        k = RotaryEmbedding.Apply(k, cos, sin);
+        // Training on CUDA bf16: RoPE as one fused kernel each way.
+        bool fusedRope = FusedTraining && training && is_grad_enabled() && RopeFunction.Fusable(q, cos, sin);
+        q = (fusedRope ? RopeFunction.Apply(q, cos, sin) : RotaryEmbedding.Apply(q, cos, sin)).transpose(1, 2);
+        k = fusedRope ? RopeFunction.Apply(k, cos, sin) : RotaryEmbedding.Apply(k, cos, sin);
         int rep = _heads / _kvHeads;
         if (cache != null)
         {

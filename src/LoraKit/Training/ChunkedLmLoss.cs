@@ -42,9 +42,16 @@ public sealed class ChunkedLmLoss : autograd.SingleTensorFunction<ChunkedLmLoss>
             long len = Math.Min(chunk, n - s);
             var h = hidden.narrow(0, s, len);
             var t = targets.narrow(0, s, len);
+            var logits = nn.functional.linear(h, weight);                               // [len, V], the head's dtype
+            if (Runtime.Cuda.FusedKernels.Usable(logits))
+            {
+                // One fused pass per row: fp32 loss and the gradient written over the logits (ignored rows: zero).
+                total.add_(Runtime.Cuda.FusedKernels.CrossEntropyInPlace(logits, t.contiguous()).sum());
+                gradHidden.narrow(0, s, len).copy_(logits.matmul(weight));
+                continue;
+            }
             var valid = t.ne(Data.Sample.IgnoreIndex);
             var safeT = t.clamp_min(0).unsqueeze(1);
-            var logits = nn.functional.linear(h, weight);                               // [len, V], the head's dtype
             // Loss in fp32 as transformers computes it (log-softmax of the fp32-upcast logits), read straight from the
             // head's output; one kernel instead of an fp32 copy plus logsumexp.
             var logProbs = logits.log_softmax(1, ScalarType.Float32);

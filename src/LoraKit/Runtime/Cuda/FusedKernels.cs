@@ -92,6 +92,73 @@ public static class FusedKernels
                 st8(dg + k * 8, og); st8(du + k * 8, ou);
             }
         }
+
+        // RoPE (rotate_half layout) on x [B, T, H, D] with cos/sin [B, T, D], pairs (d, d + D/2) per thread-vector, with
+        // the roundings of x*cos + rotate_half(x)*sin in bf16; backward = the transposed rotation of dy.
+        // n8 = B*T*H*(D/2)/8, h = heads, h8 = (D/2)/8.
+        extern "C" __global__ void rope(const bf16* x, const bf16* cs, const bf16* sn, bf16* y, long n8, long h, long h8, int backward) {
+            for (long k = blockIdx.x * (long)blockDim.x + threadIdx.x; k < n8; k += (long)gridDim.x * blockDim.x) {
+                long bth = k / h8, c = (k % h8) * 8, half = h8 * 8, bt = bth / h;
+                const bf16* xr = x + bth * 2 * half; bf16* yr = y + bth * 2 * half;
+                const bf16* cr = cs + bt * 2 * half; const bf16* sr = sn + bt * 2 * half;
+                V8 x1 = ld8(xr + c), x2 = ld8(xr + half + c), c1 = ld8(cr + c), c2 = ld8(cr + half + c), s1 = ld8(sr + c), s2 = ld8(sr + half + c), o1, o2;
+                for (int j = 0; j < 8; j++) {
+                    float a = ld(x1.v[j]), b = ld(x2.v[j]);
+                    if (!backward) {
+                        o1.v[j] = st(rnd(a * ld(c1.v[j])) - rnd(b * ld(s1.v[j])));
+                        o2.v[j] = st(rnd(b * ld(c2.v[j])) + rnd(a * ld(s2.v[j])));
+                    } else {
+                        o1.v[j] = st(rnd(a * ld(c1.v[j])) + rnd(b * ld(s2.v[j])));
+                        o2.v[j] = st(rnd(b * ld(c2.v[j])) - rnd(a * ld(s1.v[j])));
+                    }
+                }
+                st8(yr + c, o1); st8(yr + half + c, o2);
+            }
+        }
+
+        // Cross-entropy of one row of bf16 logits with its gradient, in place: loss = logsumexp(x) - x[t] in fp32 (as
+        // log_softmax of the fp32-upcast logits), then the row is overwritten with bf16(softmax(x) - onehot(t)), the
+        // gradient transformers casts back. t < 0: ignored row, loss 0 and a zero gradient. One block per row, V % 8 == 0.
+        __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
+            float mx = fmaxf(m, m2);
+            if (mx == -INFINITY) { m = mx; s = 0.f; return; }
+            s = s * expf(m - mx) + s2 * expf(m2 - mx);
+            m = mx;
+        }
+        extern "C" __global__ void cross_entropy_rows(bf16* logits, const long long* targets, float* loss, long V) {
+            __shared__ float sm[32], ss[32];
+            __shared__ float picked;
+            bf16* row = logits + (long)blockIdx.x * V;
+            long long t = targets[blockIdx.x];
+            if (t < 0) {
+                V8 z; for (int j = 0; j < 8; j++) z.v[j] = 0;
+                for (long i = threadIdx.x * 8; i < V; i += blockDim.x * 8) st8(row + i, z);
+                if (threadIdx.x == 0) loss[blockIdx.x] = 0.f;
+                return;
+            }
+            if (threadIdx.x == 0) picked = ld(row[t]);
+            float m = -INFINITY, s = 0.f;
+            for (long i = threadIdx.x * 8; i < V; i += blockDim.x * 8) {
+                V8 a = ld8(row + i);
+                for (int j = 0; j < 8; j++) {   // online logsumexp: one exp per element
+                    float x = ld(a.v[j]);
+                    if (x > m) { s = s * expf(m - x) + 1.f; m = x; } else s += expf(x - m);
+                }
+            }
+            for (int o = 16; o > 0; o >>= 1) lse_merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+            int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+            if (lane == 0) { sm[warp] = m; ss[warp] = s; }
+            __syncthreads();
+            m = lane < warps ? sm[lane] : -INFINITY; s = lane < warps ? ss[lane] : 0.f;
+            for (int o = 16; o > 0; o >>= 1) lse_merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
+            float lse = m + logf(s);
+            if (threadIdx.x == 0) loss[blockIdx.x] = lse - picked;
+            for (long i = threadIdx.x * 8; i < V; i += blockDim.x * 8) {
+                V8 a = ld8(row + i), o;
+                for (int j = 0; j < 8; j++) { float p = expf(ld(a.v[j]) - lse); o.v[j] = st(i + j == t ? p - 1.f : p); }
+                st8(row + i, o);
+            }
+        }
         """;
 
     /// <summary>Off: every caller takes its TorchSharp path (checks compare the two; LORAKIT_FUSED_KERNELS=0 starts off).</summary>
@@ -137,6 +204,29 @@ public static class FusedKernels
         var dx = empty_like(x);
         C.Launch("rmsnorm_bwd", Rows(x), RowThreads(d), dy, x, weight, rstd, dx, (int)d);
         return dx;
+    }
+
+    /// <summary>RoPE on x [B, T, H, D] with cos/sin [B, T, D]; <paramref name="backward"/> applies the transposed rotation (to dy).</summary>
+    public static Tensor Rope(Tensor x, Tensor cos, Tensor sin, bool backward)
+    {
+        var y = empty_like(x);
+        long d = x.shape[^1], h = x.shape[^2];
+        long n8 = x.numel() / 16;
+        C.Launch("rope", Blocks(n8), Threads, x, cos, sin, y, n8, h, d / 16, backward ? 1 : 0);
+        return y;
+    }
+
+    /// <summary>
+    /// Per-row cross-entropy of bf16 logits [rows, V] against int64 targets [rows] (negative = ignored), fp32 losses out;
+    /// the logits are overwritten with the loss's gradient with respect to them (softmax − one-hot, bf16).
+    /// </summary>
+    public static Tensor CrossEntropyInPlace(Tensor logits, Tensor targets)
+    {
+        if (targets.dtype != ScalarType.Int64 || !targets.is_contiguous() || targets.numel() != logits.shape[0])
+            throw new ArgumentException("targets must be contiguous int64, one per row");
+        var loss = empty(logits.shape[0], ScalarType.Float32, logits.device);
+        C.Launch("cross_entropy_rows", logits.shape[0], 512, logits, targets, loss, logits.shape[1]);
+        return loss;
     }
 
     static long Blocks(long n8) => Math.Max(1, Math.Min((n8 + Threads - 1) / Threads, 65536));
