@@ -13,6 +13,7 @@ public static class FusedKernels
 {
     const string Source = """
         typedef unsigned short bf16;
+        #define NEG_INF __uint_as_float(0xff800000u)
         __device__ __forceinline__ float ld(bf16 v) { return __uint_as_float(((unsigned int)v) << 16); }
         __device__ __forceinline__ bf16 st(float f) {            // round to nearest even, as PyTorch does
             unsigned int u = __float_as_uint(f);
@@ -121,7 +122,7 @@ public static class FusedKernels
         // gradient transformers casts back. t < 0: ignored row, loss 0 and a zero gradient. One block per row, V % 8 == 0.
         __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
             float mx = fmaxf(m, m2);
-            if (mx == -INFINITY) { m = mx; s = 0.f; return; }
+            if (mx == NEG_INF) { m = mx; s = 0.f; return; }
             s = s * expf(m - mx) + s2 * expf(m2 - mx);
             m = mx;
         }
@@ -137,7 +138,7 @@ public static class FusedKernels
                 return;
             }
             if (threadIdx.x == 0) picked = ld(row[t]);
-            float m = -INFINITY, s = 0.f;
+            float m = NEG_INF, s = 0.f;
             for (long i = threadIdx.x * 8; i < V; i += blockDim.x * 8) {
                 V8 a = ld8(row + i);
                 for (int j = 0; j < 8; j++) {   // online logsumexp: one exp per element
@@ -149,7 +150,7 @@ public static class FusedKernels
             int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
             if (lane == 0) { sm[warp] = m; ss[warp] = s; }
             __syncthreads();
-            m = lane < warps ? sm[lane] : -INFINITY; s = lane < warps ? ss[lane] : 0.f;
+            m = lane < warps ? sm[lane] : NEG_INF; s = lane < warps ? ss[lane] : 0.f;
             for (int o = 16; o > 0; o >>= 1) lse_merge(m, s, __shfl_xor_sync(0xffffffffu, m, o), __shfl_xor_sync(0xffffffffu, s, o));
             float lse = m + logf(s);
             if (threadIdx.x == 0) loss[blockIdx.x] = lse - picked;
