@@ -84,19 +84,21 @@ public class FastTrainingTests
     public void RopeFunctionMatchesAutograd()
     {
         manual_seed(9);
-        var x = randn(2, 5, 3, 16);
+        var q = randn(2, 5, 4, 16);
+        var k = randn(2, 5, 2, 16);
         var angles = randn(2, 5, 8);
         var cos = cat([angles.cos(), angles.cos()], -1);
         var sin = cat([angles.sin(), angles.sin()], -1);
-        var dy = randn(2, 5, 3, 16);
-        var x1 = x.detach().requires_grad_(true);
-        var y1 = RotaryEmbedding.Apply(x1, cos, sin);
-        y1.backward([dy]);
-        var x2 = x.detach().requires_grad_(true);
-        var y2 = RopeFunction.Apply(x2, cos, sin);
-        y2.backward([dy]);
-        Assert.True(Close.RelError(y2, y1) <= 1e-6);
-        Assert.True(Close.RelError(x2.grad!, x1.grad!) <= 1e-6, $"dx {Close.RelError(x2.grad!, x1.grad!):E2}");
+        var (dq, dk) = (randn(2, 5, 4, 16), randn(2, 5, 2, 16));
+        var (q1, k1) = (q.detach().requires_grad_(true), k.detach().requires_grad_(true));
+        var (yq1, yk1) = (RotaryEmbedding.Apply(q1, cos, sin), RotaryEmbedding.Apply(k1, cos, sin));
+        autograd.backward([yq1, yk1], [dq, dk]);
+        var (q2, k2) = (q.detach().requires_grad_(true), k.detach().requires_grad_(true));
+        var (yq2, yk2) = RopeFunction.Apply(q2, k2, cos, sin);
+        autograd.backward([yq2, yk2], [dq, dk]);
+        Assert.True(Close.RelError(yq2, yq1) <= 1e-6 && Close.RelError(yk2, yk1) <= 1e-6);
+        Assert.True(Close.RelError(q2.grad!, q1.grad!) <= 1e-6, $"dq {Close.RelError(q2.grad!, q1.grad!):E2}");
+        Assert.True(Close.RelError(k2.grad!, k1.grad!) <= 1e-6, $"dk {Close.RelError(k2.grad!, k1.grad!):E2}");
     }
 
     [Fact]

@@ -90,12 +90,14 @@ public static class CheckKernelsCommand
                 var cos = cat([angles.cos(), angles.cos()], -1);
                 var sin = cat([angles.sin(), angles.sin()], -1);
                 var dy = randn(2, 300, heads, d, device: dev).to(ScalarType.BFloat16);
-                Compare($"rope H={heads} D={d}", ["forward", "dx"], dt =>
+                var k = randn(2, 300, heads / 4, d, device: dev).to(ScalarType.BFloat16);
+                var dk = randn(2, 300, heads / 4, d, device: dev).to(ScalarType.BFloat16);
+                Compare($"rope H={heads} D={d}", ["forward q", "forward k", "dq", "dk"], dt =>
                 {
-                    var xi = x.detach().to(dt).requires_grad_(true);
-                    var y = RopeFunction.Apply(xi, cos.to(dt), sin.to(dt));
-                    y.backward([dy.to(dt)]);
-                    return [y, xi.grad!];
+                    var (qi, ki) = (x.detach().to(dt).requires_grad_(true), k.detach().to(dt).requires_grad_(true));
+                    var (yq, yk) = RopeFunction.Apply(qi, ki, cos.to(dt), sin.to(dt));
+                    autograd.backward([yq, yk], [dy.to(dt), dk.to(dt)]);
+                    return [yq, yk, qi.grad!, ki.grad!];
                 });
             }
             foreach (long vocab in new long[] { 32000, 128256 })

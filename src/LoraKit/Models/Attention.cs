@@ -50,9 +50,10 @@ public sealed class Attention : ContainerModule
         if (q_norm != null) q = q_norm.forward(q);
         if (k_norm != null) k = k_norm.forward(k);
         // Training on CUDA bf16: RoPE as one fused kernel each way.
-        bool fusedRope = FusedTraining && training && is_grad_enabled() && RopeFunction.Fusable(q, cos, sin);
-        q = (fusedRope ? RopeFunction.Apply(q, cos, sin) : RotaryEmbedding.Apply(q, cos, sin)).transpose(1, 2);
-        k = fusedRope ? RopeFunction.Apply(k, cos, sin) : RotaryEmbedding.Apply(k, cos, sin);
+        bool fusedRope = FusedTraining && training && is_grad_enabled() && RopeFunction.Fusable(q, cos, sin) && RopeFunction.Fusable(k, cos, sin);
+        if (fusedRope) (q, k) = RopeFunction.Apply(q, k, cos, sin);
+        else (q, k) = (RotaryEmbedding.Apply(q, cos, sin), RotaryEmbedding.Apply(k, cos, sin));
+        q = q.transpose(1, 2);
         int rep = _heads / _kvHeads;
         if (cache != null)
         {

@@ -22,6 +22,7 @@ public static class CustomFunctions
     static readonly FieldInfo NodeField = typeof(autograd.AutogradContext).GetField("_node", BindingFlags.Instance | BindingFlags.NonPublic)
         ?? throw new MissingFieldException("TorchSharp AutogradContext._node (TorchSharp version changed?)");
 
+    static readonly System.Collections.Concurrent.ConcurrentDictionary<Type, FieldInfo> CacheFields = new();
     [ThreadStatic] static autograd.AutogradContext? _lastContext;
     [ThreadStatic] static List<Tensor>? _savedWrappers;
     [ThreadStatic] static List<Tensor>? _handedOff; // per thread: backward runs on the thread that owns the device's work
@@ -67,8 +68,8 @@ public static class CustomFunctions
         if (ctx is null) return;
         var node = NodeField.GetValue(ctx);
         if (node is null) return;
-        var cacheField = node.GetType().GetField("_outputCache", BindingFlags.Instance | BindingFlags.NonPublic)
-            ?? throw new MissingFieldException("TorchSharp Node._outputCache (TorchSharp version changed?)");
+        var cacheField = CacheFields.GetOrAdd(node.GetType(), t => t.GetField("_outputCache", BindingFlags.Instance | BindingFlags.NonPublic)
+            ?? throw new MissingFieldException("TorchSharp Node._outputCache (TorchSharp version changed?)"));
         if (cacheField.GetValue(node) is not List<Tensor> cache) return; // not executable: nothing cached
         for (int i = 0; i < cache.Count; i++)
         {

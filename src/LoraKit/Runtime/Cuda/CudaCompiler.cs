@@ -135,29 +135,26 @@ public sealed class CudaCompiler
             Check(_getFunction(out fn, _module, kernel), $"cuModuleGetFunction({kernel})");
             _functions[kernel] = fn;
         }
-        var values = new IntPtr[args.Length];
-        var pointers = Marshal.AllocHGlobal(IntPtr.Size * args.Length);
+        // One block: the argument values (8 bytes each), then the array of pointers to them that cuLaunchKernel reads.
+        int n = args.Length;
+        var block = Marshal.AllocHGlobal(16 * n);
         try
         {
-            for (int i = 0; i < args.Length; i++)
+            for (int i = 0; i < n; i++)
             {
-                values[i] = Marshal.AllocHGlobal(8);
+                var value = block + 8 * i;
                 switch (args[i])
                 {
-                    case Tensor t: Marshal.WriteIntPtr(values[i], Pointer(t)); break;
-                    case int v: Marshal.WriteInt32(values[i], v); break;
-                    case long v: Marshal.WriteInt64(values[i], v); break;
-                    case float v: Marshal.WriteInt32(values[i], BitConverter.SingleToInt32Bits(v)); break;
+                    case Tensor t: Marshal.WriteIntPtr(value, Pointer(t)); break;
+                    case int v: Marshal.WriteInt32(value, v); break;
+                    case long v: Marshal.WriteInt64(value, v); break;
+                    case float v: Marshal.WriteInt32(value, BitConverter.SingleToInt32Bits(v)); break;
                     default: throw new ArgumentException($"unsupported kernel argument {args[i]?.GetType().Name}");
                 }
-                Marshal.WriteIntPtr(pointers, i * IntPtr.Size, values[i]);
+                Marshal.WriteIntPtr(block + 8 * n + IntPtr.Size * i, value);
             }
-            Check(_launch(fn, (uint)blocks, 1, 1, (uint)threads, 1, 1, 0, IntPtr.Zero, pointers, IntPtr.Zero), $"launch {kernel}");
+            Check(_launch(fn, (uint)blocks, 1, 1, (uint)threads, 1, 1, 0, IntPtr.Zero, block + 8 * n, IntPtr.Zero), $"launch {kernel}");
         }
-        finally
-        {
-            foreach (var v in values) if (v != IntPtr.Zero) Marshal.FreeHGlobal(v);
-            Marshal.FreeHGlobal(pointers);
-        }
+        finally { Marshal.FreeHGlobal(block); }
     }
 }
