@@ -73,6 +73,7 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
 
     public override Tensor forward(Tensor x)
     {
+        if (ComputeInInputDtype && TrySingleAdapter(out var single) && single != null) return SingleInInputDtype(x, single);
         var result = base_layer.forward(x);
         if (RowAdapters is { } rows && !Disabled) return PerRow(x, result, rows);
         if (Disabled || Active.Count == 0) return result;
@@ -91,6 +92,22 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         }
         var y = acc.to(dtype);
         return y.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// One adapter, training fast path: the small adapter GEMM writes s·(x·Aᵀ)·Bᵀ + bias first and the base GEMM adds
+    /// x·Wᵀ onto it (beta = 1), so the [tokens, out] output is written once and read once more, not written twice.
+    /// </summary>
+    Tensor SingleInInputDtype(Tensor x, LoraWeights w)
+    {
+        using var scope = NewDisposeScope();
+        var x2 = x.reshape(-1, x.shape[^1]);
+        var down = nn.functional.linear(x2, w.A.to(x.dtype));                                // [N, r]
+        var y = nn.functional.linear(down, (w.B * w.Scaling).to(x.dtype), base_layer.bias);  // s·(x·Aᵀ)·Bᵀ + b
+        y = y.addmm_(x2, base_layer.weight.t());                                             // + x·Wᵀ
+        var shape = x.shape.ToArray();
+        shape[^1] = base_layer.OutFeatures;
+        return y.view(shape).MoveToOuterDisposeScope();
     }
 
     Tensor InInputDtype(Tensor x, Tensor result)
