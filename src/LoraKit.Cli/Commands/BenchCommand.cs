@@ -38,8 +38,7 @@ public static class BenchCommand
             int rk = r.GetValue(rank);
             lm.AddAdapter("bench", new LoraConfig { R = rk, LoraAlpha = 2 * rk, LoraDropout = 0, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] });
             lm.Model.model.GradientCheckpointing = r.GetValue(ckpt);
-            string k = r.GetValue(kernels)!;
-            bool fast = k == "fast" || (k == "auto" && dev.type == TorchSharp.DeviceType.CUDA);
+            bool fast = Trainer.FastKernels(r.GetValue(kernels)!, dev, Devices.DefaultDType(dev));
             lm.UseFastTraining(fast);
             lm.Model.train();
             using var f = SafetensorsFile.Open(r.GetValue(ids)!);

@@ -131,11 +131,13 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
     {
         weights = null;
         if (Disabled || RowAdapters != null) return false;
-        var live = Active.Where(n => !_merged.Contains(n)).ToList();
-        if (live.Count == 0) return true;
-        if (live.Count > 1) return false;
-        weights = _adapters[live[0]];
-        return weights.Dropout == 0 || !training;
+        foreach (var name in Active) // runs for every module on every step: no LINQ allocations
+        {
+            if (_merged.Contains(name)) continue;
+            if (weights != null) { weights = null; return false; } // a second live adapter
+            weights = _adapters[name];
+        }
+        return weights is null || weights.Dropout == 0 || !training;
     }
 
     /// <summary>

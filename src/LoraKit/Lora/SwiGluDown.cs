@@ -34,12 +34,8 @@ public sealed class SwiGluDown : autograd.SingleTensorFunction<SwiGluDown>
         return !baseLayer.weight.requires_grad && baseLayer.bias is not { requires_grad: true };
     }
 
-    public static Tensor Apply(Tensor gate, Tensor up, Models.Linear down, LoraWeights? lora)
-    {
-        var y = lora is null ? apply(gate, up, null!, null!, new Args(down, null)) : apply(gate, up, lora.A, lora.B, new Args(down, lora));
-        CustomFunctions.ReleaseOutputCache();
-        return y;
-    }
+    public static Tensor Apply(Tensor gate, Tensor up, Models.Linear down, LoraWeights? lora) =>
+        CustomFunctions.AfterApply(apply(gate, up, lora?.A!, lora?.B!, new Args(down, lora)));
 
     public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
     {

@@ -8,7 +8,7 @@ namespace LoraKit.Models;
 /// <list type="bullet">
 /// <item>Each function call keeps an <c>empty_like</c> of every output for the node's lifetime (to materialise missing
 /// output grads as zeros; PyTorch keeps only shape metadata). For a layer-sized output that is as much memory as saving
-/// the output. <see cref="ReleaseOutputCache"/> frees it right after apply(); the functions here disable grad
+/// the output. <see cref="AfterApply"/> frees it right after apply(); the functions here disable grad
 /// materialisation, so the cache is never read.</item>
 /// <item>The gradients a backward returns are handed to libtorch as handles, and their C# wrappers would keep the tensors
 /// alive until the GC finalises them (backward runs on the autograd engine's thread, outside any dispose scope).
@@ -31,7 +31,7 @@ public static class CustomFunctions
     /// <summary>Output caches freed so far (for tests: proves the reflection still finds TorchSharp's fields).</summary>
     public static long ReleasedOutputs => Interlocked.Read(ref _released);
 
-    /// <summary>Call first in a custom function's forward: remembers the context for <see cref="ReleaseOutputCache"/>.</summary>
+    /// <summary>Call first in a custom function's forward: remembers the context for <see cref="AfterApply"/>.</summary>
     public static void Track(autograd.AutogradContext ctx)
     {
         ctx.set_materialize_grads(false);
@@ -40,7 +40,7 @@ public static class CustomFunctions
 
     /// <summary>
     /// save_for_backward for tensors made inside forward: TorchSharp turns the list into saved variables only after
-    /// forward returns, so these must outlive forward's dispose scope; their wrappers are freed in <see cref="ReleaseOutputCache"/>.
+    /// forward returns, so these must outlive forward's dispose scope; their wrappers are freed in <see cref="AfterApply"/>.
     /// </summary>
     public static void Save(autograd.AutogradContext ctx, params Tensor?[] tensors)
     {
@@ -55,8 +55,17 @@ public static class CustomFunctions
         ctx.save_for_backward(kept);
     }
 
-    /// <summary>Call right after apply(): frees the output-sized tensors TorchSharp cached for the call just made.</summary>
-    public static void ReleaseOutputCache()
+    /// <summary>
+    /// Wrap every apply() in this: frees what the call just made no longer needs (the output-sized tensors TorchSharp
+    /// cached, and the wrappers of <see cref="Save"/>) and returns apply()'s result.
+    /// </summary>
+    public static T AfterApply<T>(T result)
+    {
+        Release();
+        return result;
+    }
+
+    static void Release()
     {
         if (_savedWrappers is { Count: > 0 } saved)
         {

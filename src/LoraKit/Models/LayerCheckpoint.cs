@@ -24,9 +24,7 @@ public sealed class LayerCheckpoint : autograd.SingleTensorFunction<LayerCheckpo
     {
         using var rng = random.get_rng_state();
         var call = new Call(layer, Keep(x.detach()), Keep(cos.alias()), Keep(sin.alias()), mask is null ? null : Keep(mask.alias()), index, rng.bytes.ToArray());
-        var y = apply(x, call);
-        CustomFunctions.ReleaseOutputCache();
-        return y;
+        return CustomFunctions.AfterApply(apply(x, call));
     }
 
     static Tensor Keep(Tensor t) => t.DetachFromDisposeScope();

@@ -14,12 +14,7 @@ public sealed class RmsNormFunction : autograd.SingleTensorFunction<RmsNormFunct
 
     sealed record Args(Tensor Weight, double Eps);
 
-    public static Tensor Apply(Tensor x, Tensor weight, double eps)
-    {
-        var y = apply(x, new Args(weight, eps));
-        CustomFunctions.ReleaseOutputCache();
-        return y;
-    }
+    public static Tensor Apply(Tensor x, Tensor weight, double eps) => CustomFunctions.AfterApply(apply(x, new Args(weight, eps)));
 
     public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
     {

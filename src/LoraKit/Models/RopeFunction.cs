@@ -20,8 +20,7 @@ public sealed class RopeFunction : autograd.MultiTensorFunction<RopeFunction>
     /// <param name="sin">[B, T, D]</param>
     public static (Tensor q, Tensor k) Apply(Tensor q, Tensor k, Tensor cos, Tensor sin)
     {
-        var r = apply(q, k, new Args(cos, sin));
-        CustomFunctions.ReleaseOutputCache();
+        var r = CustomFunctions.AfterApply(apply(q, k, new Args(cos, sin)));
         return (r[0], r[1]);
     }
 

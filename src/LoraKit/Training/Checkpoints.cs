@@ -46,7 +46,7 @@ public static class Checkpoints
         Directory.CreateDirectory(tmp);
 
         writeWeights(tmp);
-        using (var scope = TorchSharp.torch.NewDisposeScope()) // the state tensors are views made for this write
+        using (var scope = NewDisposeScope()) // the state tensors are views made for this write
             SafetensorsWriter.Save(Path.Combine(tmp, OptimizerFile), optimizer.State());
         WriteDurable(Path.Combine(tmp, StateFile), JsonSerializer.Serialize(state, new JsonSerializerOptions { WriteIndented = true }));
 

@@ -6,7 +6,8 @@ namespace LoraKit.Training;
 /// Summed next-token cross-entropy through a frozen LM head without materialising the [N, vocab] logits for backward.
 /// Forward walks the rows in chunks: logits of a chunk (in the head's dtype), the chunk's loss from their fp32
 /// log-softmax (as transformers upcasts), and right away the gradient with respect to the chunk's hidden states,
-/// (softmax − one-hot) · W, with the softmax rounded to the head's dtype like the gradient transformers casts back. Only that gradient ([N, hidden]) is kept; backward scales it by the incoming gradient.
+/// (softmax − one-hot) · W, with the softmax rounded to the head's dtype like the gradient transformers casts back.
+/// Only that gradient ([N, hidden]) is kept; backward scales it by the incoming gradient.
 /// Requires a frozen head (LoRA training); full fine-tuning uses the plain path.
 /// </summary>
 public sealed class ChunkedLmLoss : autograd.SingleTensorFunction<ChunkedLmLoss>
@@ -18,12 +19,8 @@ public sealed class ChunkedLmLoss : autograd.SingleTensorFunction<ChunkedLmLoss>
     /// <param name="hidden">[N, hidden] final hidden states (requires grad)</param>
     /// <param name="weight">[vocab, hidden] frozen LM head</param>
     /// <param name="targets">[N] int64 next-token ids, <see cref="Data.Sample.IgnoreIndex"/> where no loss is taken</param>
-    public static Tensor Compute(Tensor hidden, Tensor weight, Tensor targets, long chunkRows = 2048)
-    {
-        var loss = apply(hidden, weight.detach(), targets, chunkRows);
-        Models.CustomFunctions.ReleaseOutputCache();
-        return loss;
-    }
+    public static Tensor Compute(Tensor hidden, Tensor weight, Tensor targets, long chunkRows = 2048) =>
+        Models.CustomFunctions.AfterApply(apply(hidden, weight.detach(), targets, chunkRows));
 
     public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
     {

@@ -97,7 +97,7 @@ public static class Trainer
             trainable = model.named_parameters().GroupBy(p => p.parameter.Handle).Select(g => g.First()).Select(p => (p.name, p.parameter)).ToList();
             foreach (var (_, p) in trainable) p.requires_grad = true;
         }
-        bool fast = c.Kernels == "fast" || (c.Kernels == "auto" && device.type == TorchSharp.DeviceType.CUDA && dtype != ScalarType.Float32);
+        bool fast = FastKernels(c.Kernels, device, dtype);
         lm.UseFastTraining(fast);
         if (fast) log.Info("kernels: fast (LoRA branch in the base dtype, lean RMSNorm/SwiGLU backwards; --kernels exact for PEFT's fp32 branch)");
         using var classifier = classify ? new SequenceClassifier(model, labels!, c.Seed) : null;
@@ -258,6 +258,10 @@ public static class Trainer
     /// Summed next-token cross-entropy over the batch's target positions (fp32 logits). With <paramref name="chunked"/>
     /// (a frozen LM head) the logits are never kept for backward: see <see cref="ChunkedLmLoss"/>.
     /// </summary>
+    /// <summary>The --kernels rule: fast when asked, or for auto on CUDA with a bf16/fp16 base.</summary>
+    public static bool FastKernels(string kernels, Device device, ScalarType dtype) =>
+        kernels == "fast" || (kernels == "auto" && device.type == TorchSharp.DeviceType.CUDA && dtype != ScalarType.Float32);
+
     public static Tensor LossSum(CausalLM model, Batch b, bool chunked = false)
     {
         using var scope = NewDisposeScope();
