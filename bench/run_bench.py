@@ -125,11 +125,13 @@ def hf_run(d, ids, ckpt, steps, warm, profile=False):
     return res
 
 
-def lorakit_run(d, ids_path, ckpt, steps, warm, plain=False, kernels="fast", profile=False):
+def lorakit_run(d, ids_path, ckpt, steps, warm, plain=False, kernels="fast", profile=False, keep_gib=None):
     args = ["bash", ".gpu/on-gpu.sh", "LoraKit.Cli", "bench", "--model", d, "--ids", ids_path, "--steps", str(steps),
             "--warmup", str(warm), "--rank", "16", "--device", "cuda", "--kernels", kernels] + \
-           (["--gradient-checkpointing"] if ckpt else []) + (["--plain-loss"] if plain else []) + (["--profile"] if profile else [])
-    name = "lorakit" + ("-plain" if plain else "") + ("-exact" if kernels == "exact" else "")
+           (["--gradient-checkpointing"] if ckpt else []) + (["--plain-loss"] if plain else []) + (["--profile"] if profile else []) + \
+           (["--checkpoint-keep-gib", str(keep_gib)] if keep_gib is not None else [])
+    name = "lorakit" + ("-plain" if plain else "") + ("-exact" if kernels == "exact" else "") + \
+           (f"-keep{keep_gib:g}" if keep_gib is not None else "")
     torch.cuda.synchronize()
     with DevicePeak() as dev:
         r = subprocess.run(args, capture_output=True, text=True)
@@ -152,6 +154,9 @@ def main():
     ap.add_argument("--exact", action="store_true", help="also time LoraKit with --kernels exact (PEFT's fp32 LoRA branch)")
     ap.add_argument("--profile", action="store_true", help="LoraKit also reports per-phase times (forward, backward, optimizer)")
     ap.add_argument("--hf-profile", action="store_true", help="print torch.profiler's top CUDA kernels for HF's step")
+    ap.add_argument("--no-hf", action="store_true", help="LoraKit only (quick iterations; ratios need HF in the same call)")
+    ap.add_argument("--keep-sweep", nargs="*", type=float, default=[],
+                    help="checkpointed workloads: also time LoraKit with these --checkpoint-keep-gib values")
     ap.add_argument("--out", default="bench/results/latest.json")
     a = ap.parse_args()
     torch.cuda.init()
@@ -165,8 +170,10 @@ def main():
         ids = torch.randint(0, SHAPES[shape][2]["vocab_size"], (b, s))
         ids_path = os.path.join(WORK, f"ids-{shape}-{b}x{s}.safetensors")
         save_file({"input_ids": ids}, ids_path)
-        runs = [lambda: hf_run(d, ids, ckpt, a.steps, a.warmup, a.hf_profile),
-                lambda: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, profile=a.profile)]
+        runs = [] if a.no_hf else [lambda: hf_run(d, ids, ckpt, a.steps, a.warmup, a.hf_profile)]
+        runs.append(lambda: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, profile=a.profile))
+        for k in a.keep_sweep if ckpt else []:
+            runs.append(lambda k=k: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, keep_gib=k))
         if a.exact:
             runs.append(lambda: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, kernels="exact"))
         if a.plain:

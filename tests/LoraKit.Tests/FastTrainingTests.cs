@@ -17,14 +17,22 @@ public class FastTrainingTests
     static readonly string[] AllLinear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
     [Theory]
-    [InlineData("llama", false, 0.0, true)]
-    [InlineData("mistral", false, 0.0, true)]
-    [InlineData("qwen2", false, 0.0, true)]   // q/k/v biases
-    [InlineData("qwen3", false, 0.0, true)]   // per-head q/k norms go through the fused RMSNorm too
-    [InlineData("llama", true, 0.0, true)]    // recomputed layers run the fused functions inside backward
-    [InlineData("qwen2", false, 0.0, false)]  // no adapter on down_proj: the fused tail without LoRA
-    [InlineData("llama", false, 0.1, true)]   // dropout: LoRA in input dtype with masks, the MLP tail falls back
-    public void SameLossAndGradientsAsPlainPath(string arch, bool checkpointing, double dropout, bool onDown)
+    [InlineData("llama", false, 0.0, true, 0)]
+    [InlineData("mistral", false, 0.0, true, 0)]
+    [InlineData("qwen2", false, 0.0, true, 0)]   // q/k/v biases
+    [InlineData("qwen3", false, 0.0, true, 0)]   // per-head q/k norms go through the fused RMSNorm too
+    [InlineData("qwen2", false, 0.0, false, 0)]  // no adapter on down_proj: the fused tail without LoRA
+    [InlineData("llama", false, 0.1, true, 0)]   // dropout: LoRA in input dtype with masks, the MLP tail falls back
+    // Checkpointing: the fast path replays lean (o/down GEMMs skipped), keeping gate/up for none, one or all layers;
+    // the plain path replays whole layers.
+    [InlineData("llama", true, 0.0, true, 0)]
+    [InlineData("llama", true, 0.0, true, 1)]
+    [InlineData("mistral", true, 0.0, true, 99)]
+    [InlineData("qwen2", true, 0.0, true, 99)]
+    [InlineData("qwen2", true, 0.0, false, 1)]   // down_proj a bare frozen layer
+    [InlineData("qwen3", true, 0.0, true, 99)]
+    [InlineData("llama", true, 0.1, true, 99)]   // dropout: whole-layer replay (masks replayed in forward order)
+    public void SameLossAndGradientsAsPlainPath(string arch, bool checkpointing, double dropout, bool onDown, int keepMlpLayers)
     {
         using var lm = new LoraModel(CausalLM.Load(Fixtures.Model(arch), ScalarType.Float32, CPU));
         string[] targets = onDown ? AllLinear : ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"];
@@ -34,6 +42,8 @@ public class FastTrainingTests
         using var batch = Batches.Collate(samples.Take(3).ToList(), 0, CPU);
         lm.Model.train();
         lm.Model.model.GradientCheckpointing = checkpointing;
+        long perLayer = 2 * batch.InputIds.shape[0] * batch.InputIds.shape[1] * lm.Model.Config.IntermediateSize * sizeof(float);
+        lm.Model.model.CheckpointKeepBytes = keepMlpLayers * perLayer;
         (double loss, List<Tensor> grads) Run(bool fast)
         {
             lm.UseFastTraining(fast);
@@ -46,8 +56,14 @@ public class FastTrainingTests
         }
         long released = CustomFunctions.ReleasedOutputs;
         var (plainLoss, plainGrads) = Run(false);
+        long skipped = LoraProjection.SkippedOutputs;
         var (fastLoss, fastGrads) = Run(true);
         Assert.True(CustomFunctions.ReleasedOutputs > released, "the fused functions' output caches were not released");
+        bool lean = checkpointing && dropout == 0;
+        int layers = lm.Model.model.layers.Count;
+        // o_proj per layer (down_proj is inside SwiGluDown), plus gate and up per layer that keeps them
+        if (lean) Assert.Equal(layers + 2 * Math.Min(keepMlpLayers, layers), LoraProjection.SkippedOutputs - skipped);
+        else Assert.Equal(0, LoraProjection.SkippedOutputs - skipped);
         Assert.True(Math.Abs(fastLoss - plainLoss) <= 1e-5 * Math.Abs(plainLoss), $"loss {fastLoss} vs {plainLoss}");
         var names = lm.Parameters("a").Select(p => p.key).ToList();
         for (int i = 0; i < plainGrads.Count; i++)

@@ -25,12 +25,13 @@ public static class BenchCommand
         var warmup = new Option<int>("--warmup") { Description = "untimed steps first", DefaultValueFactory = _ => 3 };
         var rank = new Option<int>("--rank") { Description = "LoRA rank", DefaultValueFactory = _ => 16 };
         var ckpt = new Option<bool>("--gradient-checkpointing") { Description = "recompute layer activations in backward" };
+        var keep = new Option<double>("--checkpoint-keep-gib") { Description = "as for train", DefaultValueFactory = _ => TrainConfig.DefaultCheckpointKeepGib };
         var plain = new Option<bool>("--plain-loss") { Description = "materialise full logits (the unoptimised path)" };
         var device = new Option<string>("--device") { Description = "auto, cpu or cuda", DefaultValueFactory = _ => "auto" };
         var kernels = new Option<string>("--kernels") { Description = "fast, exact or auto (as for train)", DefaultValueFactory = _ => "auto" };
         var profile = new Option<bool>("--profile") { Description = "also time forward, backward and the optimizer separately (synchronising between them)" };
         var profileRange = new Option<bool>("--profile-range") { Description = "finally run one step between cudaProfilerStart and cudaProfilerStop (for ncu/nsys)" };
-        var cmd = new Command("bench", "Time LoRA training steps on a fixed batch (for bench/run_bench.py).") { model, ids, steps, warmup, rank, ckpt, plain, device, kernels, profile, profileRange };
+        var cmd = new Command("bench", "Time LoRA training steps on a fixed batch (for bench/run_bench.py).") { model, ids, steps, warmup, rank, ckpt, keep, plain, device, kernels, profile, profileRange };
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             var dev = Devices.Resolve(r.GetValue(device)!);
@@ -38,6 +39,7 @@ public static class BenchCommand
             int rk = r.GetValue(rank);
             lm.AddAdapter("bench", new LoraConfig { R = rk, LoraAlpha = 2 * rk, LoraDropout = 0, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] });
             lm.Model.model.GradientCheckpointing = r.GetValue(ckpt);
+            lm.Model.model.CheckpointKeepBytes = (long)(r.GetValue(keep) * (1L << 30));
             bool fast = Trainer.FastKernels(r.GetValue(kernels)!, dev, Devices.DefaultDType(dev));
             lm.UseFastTraining(fast);
             lm.Model.train();
@@ -85,7 +87,7 @@ public static class BenchCommand
             Console.WriteLine(CliJson.Serialize(new
             {
                 system = "lorakit", step_s = Math.Round(stepSeconds, 4), tokens_per_s = Math.Round(batch.Tokens / stepSeconds),
-                loss_step1 = Math.Round(first, 4), loss = Math.Round(last, 4), chunked_loss = chunked, gradient_checkpointing = r.GetValue(ckpt),
+                loss_step1 = Math.Round(first, 4), loss = Math.Round(last, 4), chunked_loss = chunked, gradient_checkpointing = r.GetValue(ckpt), checkpoint_keep_gib = r.GetValue(keep),
                 kernels = fast ? "fast" : "exact", phases_ms = phases,
             }));
             return 0;

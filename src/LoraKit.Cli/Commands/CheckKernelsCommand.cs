@@ -119,16 +119,20 @@ public static class CheckKernelsCommand
             {
                 var (samples, _) = JsonlDataset.Load(jsonl, Tokenizer.Load(dir), new DataOptions());
                 using var batch = Batches.Collate(samples.Take(4).ToList(), 0, dev);
-                Compare($"{Path.GetFileName(dir.TrimEnd('/'))} training step", ["loss", "LoRA grads"], dt =>
-                {
-                    using var lm = new LoraModel(CausalLM.Load(dir, dt, dev));
-                    lm.AddAdapter("a", new LoraConfig { R = 8, LoraAlpha = 16, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], InitLoraWeights = "false" }, seed: 1);
-                    lm.UseFastTraining(true);
-                    lm.Model.train();
-                    var loss = Trainer.LossSum(lm.Model, batch, chunked: true);
-                    loss.backward();
-                    return [loss.detach(), cat(lm.Parameters("a").Select(p => p.param.grad!.flatten()).ToArray())];
-                }, l2: true);
+                // Also checkpointed: the lean replay (o/down GEMMs skipped, gate/up kept for every layer) inside backward.
+                foreach (bool ckpt in new[] { false, true })
+                    Compare($"{Path.GetFileName(dir.TrimEnd('/'))} training step{(ckpt ? ", checkpointed" : "")}", ["loss", "LoRA grads"], dt =>
+                    {
+                        using var lm = new LoraModel(CausalLM.Load(dir, dt, dev));
+                        lm.AddAdapter("a", new LoraConfig { R = 8, LoraAlpha = 16, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], InitLoraWeights = "false" }, seed: 1);
+                        lm.UseFastTraining(true);
+                        lm.Model.train();
+                        lm.Model.model.GradientCheckpointing = ckpt;
+                        lm.Model.model.CheckpointKeepBytes = long.MaxValue;
+                        var loss = Trainer.LossSum(lm.Model, batch, chunked: true);
+                        loss.backward();
+                        return [loss.detach(), cat(lm.Parameters("a").Select(p => p.param.grad!.flatten()).ToArray())];
+                    }, l2: true);
             }
             Console.WriteLine(ok ? "all kernel checks passed" : "kernel checks FAILED");
             return ok ? 0 : 1;

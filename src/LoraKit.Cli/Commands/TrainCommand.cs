@@ -45,6 +45,7 @@ public static class TrainCommand
         ["steps"] = "optimizer steps (0 = --epochs passes over the data)",
         ["epochs"] = "passes over the data when --steps is 0",
         ["gradient_checkpointing"] = "recompute layer activations in backward to save memory",
+        ["checkpoint_keep_gib"] = "with checkpointing on the fast path: GiB that layers may spend keeping their gate/up outputs, so backward does not recompute those GEMMs (0 = least memory)",
         ["kernels"] = "fast (LoRA branch in the base's dtype, RMSNorm/SwiGLU with lean backwards), exact (PEFT's fp32 LoRA branch) or auto (fast on CUDA with a bf16/fp16 base)",
         ["seed"] = "seed for initialisation, shuffling and dropout",
         ["eval_every"] = "evaluate every N steps (0 = about 10 times per run)",

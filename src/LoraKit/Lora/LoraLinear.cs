@@ -73,7 +73,8 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
 
     public override Tensor forward(Tensor x)
     {
-        if (ComputeInInputDtype && TrySingleAdapter(out var single) && single != null) return SingleInInputDtype(x, single);
+        if (ComputeInInputDtype && TrySingleAdapter(out var single) && single != null)
+            return training && is_grad_enabled() ? LoraProjection.Apply(x, base_layer, single) : SingleInInputDtype(x, single);
         var result = base_layer.forward(x);
         if (RowAdapters is { } rows && !Disabled) return PerRow(x, result, rows);
         if (Disabled || Active.Count == 0) return result;

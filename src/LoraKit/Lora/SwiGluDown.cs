@@ -7,9 +7,10 @@ namespace LoraKit.Lora;
 /// <summary>
 /// The tail of a SwiGLU MLP for LoRA training, down(silu(gate) · up) with the down projection's adapter folded in, as one
 /// autograd function that keeps only gate and up. Autograd would also keep silu(gate) and the product (the down layer's
-/// input, [tokens, intermediate] each — the largest activations of a layer); backward recomputes them instead, which
-/// costs one fused elementwise pass (or PyTorch's silu and product). The adapter branch runs in the activations' dtype (see
-/// <see cref="LoraLinear.ComputeInInputDtype"/>); its weights' gradients are returned in their own dtype (fp32).
+/// input, [tokens, intermediate] each — the largest activations of a layer); backward gets the product from the same
+/// fused pass that computes the gate and up gradients (or from PyTorch's silu and product). The adapter branch runs in
+/// the activations' dtype (see <see cref="LoraLinear.ComputeInInputDtype"/>); its weights' gradients are returned in
+/// their own dtype (fp32).
 /// Backward, with a = silu(g)·u and y = a·Wᵀ + s·(a·Aᵀ)·Bᵀ:
 /// da = dy·W + s·(dy·B)·A, dA = s·(dy·B)ᵀ·a, dB = s·dyᵀ·(a·Aᵀ); dg = da·u·silu'(g), du = da·silu(g), with the
 /// bf16 roundings of PyTorch's silu/mul backward (fused kernel on CUDA bf16, see <see cref="Runtime.Cuda.FusedKernels"/>).
@@ -18,57 +19,58 @@ public sealed class SwiGluDown : autograd.SingleTensorFunction<SwiGluDown>
 {
     public override string Name => "SwiGluDown";
 
-    sealed record Args(Models.Linear Down, LoraWeights? Lora);
+    sealed record Args(Models.Linear Down, LoraWeights? Lora, bool OutputUnused);
 
     /// <summary>The frozen down layer and its single adapter (or none), when the fused path applies to this module.</summary>
-    public static bool TryResolve(nn.Module<Tensor, Tensor> down, out Models.Linear baseLayer, out LoraWeights? lora)
-    {
-        lora = null;
-        baseLayer = null!;
-        switch (down)
-        {
-            case Models.Linear l: baseLayer = l; break;
-            case LoraLinear ll when ll.TrySingleAdapter(out lora): baseLayer = ll.base_layer; break;
-            default: return false;
-        }
-        return !baseLayer.weight.requires_grad && baseLayer.bias is not { requires_grad: true };
-    }
+    public static bool TryResolve(nn.Module<Tensor, Tensor> down, out Models.Linear baseLayer, out LoraWeights? lora) =>
+        LoraProjection.TryResolve(down, out baseLayer, out lora);
 
-    public static Tensor Apply(Tensor gate, Tensor up, Models.Linear down, LoraWeights? lora) =>
-        CustomFunctions.AfterApply(apply(gate, up, lora?.A!, lora?.B!, new Args(down, lora)));
+    /// <param name="outputUnused">A checkpoint replay that only needs the backward: skip the product and the down GEMM
+    /// and return an uninitialised tensor (see <see cref="LayerStash"/>).</param>
+    public static Tensor Apply(Tensor gate, Tensor up, Models.Linear down, LoraWeights? lora, bool outputUnused = false) =>
+        CustomFunctions.AfterApply(apply(gate, up, lora?.A!, lora?.B!, new Args(down, lora, outputUnused)));
 
     public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
     {
         CustomFunctions.Track(ctx);
         var (g, u, args) = ((Tensor)vars[0], (Tensor)vars[1], (Args)vars[4]);
         using var scope = NewDisposeScope();
-        var a = Product(g, u);
-        var a2 = a.view(-1, a.shape[^1]);
-        var y = nn.functional.linear(a2, args.Down.weight, args.Down.bias);
+        var shape = g.shape.ToArray();
+        shape[^1] = args.Down.OutFeatures;
+        Tensor y;
         Tensor? h = null;
-        if (args.Lora is { } w)
+        if (args.OutputUnused) y = empty(shape, g.dtype, g.device); // backward computes h from the product it recomputes
+        else
         {
-            h = nn.functional.linear(a2, w.A.to(a.dtype));                             // [N, r]
-            y.addmm_(h, w.B.to(a.dtype).t(), beta: 1, alpha: (float)w.Scaling);
+            var a = Product(g, u);
+            var a2 = a.view(-1, a.shape[^1]);
+            y = nn.functional.linear(a2, args.Down.weight, args.Down.bias);
+            if (args.Lora is { } w)
+            {
+                h = nn.functional.linear(a2, w.A.to(a.dtype));                         // [N, r]
+                y.addmm_(h, w.B.to(a.dtype).t(), beta: 1, alpha: (float)w.Scaling);
+            }
+            y = y.view(shape);
         }
         CustomFunctions.Save(ctx, g, u, h);
         ctx.save_data("args", args);
-        var shape = g.shape.ToArray();
-        shape[^1] = y.shape[^1];
-        return y.view(shape).MoveToOuterDisposeScope();
+        return y.MoveToOuterDisposeScope();
     }
 
     static Tensor Product(Tensor g, Tensor u) =>
         Runtime.Cuda.FusedKernels.Usable(g, u) ? Runtime.Cuda.FusedKernels.SwiGluForward(g, u) : nn.functional.silu(g).mul_(u);
 
-    /// <summary>dg and du from da: one fused kernel on CUDA bf16, else silu's derivative written out.</summary>
-    static (Tensor dg, Tensor du) ProductGrads(Tensor da, Tensor g, Tensor u)
+    /// <summary>
+    /// dg and du from da, and with <paramref name="product"/> the product a itself (the adapter's dA needs it; the
+    /// forward did not keep it): one fused kernel on CUDA bf16, else silu's derivative written out.
+    /// </summary>
+    static (Tensor dg, Tensor du, Tensor? a) ProductGrads(Tensor da, Tensor g, Tensor u, bool product)
     {
-        if (Runtime.Cuda.FusedKernels.Usable(da, g, u)) return Runtime.Cuda.FusedKernels.SwiGluBackward(da, g, u);
+        if (Runtime.Cuda.FusedKernels.Usable(da, g, u)) return Runtime.Cuda.FusedKernels.SwiGluBackward(da, g, u, product);
         var sig = g.sigmoid();
         var du = da * (g * sig);
         var dg = (da * u).mul_(sig).mul_(g * (1 - sig) + 1);
-        return (dg, du);
+        return (dg, du, product ? Product(g, u) : null);
     }
 
     public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor dy)
@@ -82,15 +84,20 @@ public sealed class SwiGluDown : autograd.SingleTensorFunction<SwiGluDown>
             var (g, u, h) = (saved[0], saved[1], saved[2]);
             var dy2 = dy.reshape(-1, dy.shape[^1]);
             var da = dy2.mm(args.Down.weight);                                         // [N, intermediate]
+            Tensor? dh = null;
             if (args.Lora is { } w)
             {
-                var a2 = Product(g, u).view(-1, g.shape[^1]);                          // recomputed, for dA
-                var dh = dy2.mm(w.B.to(dy.dtype)).mul_(w.Scaling);                     // s·dy·B, [N, r]
+                dh = dy2.mm(w.B.to(dy.dtype)).mul_(w.Scaling);                         // s·dy·B, [N, r]
                 da.addmm_(dh, w.A.to(dy.dtype));
-                dA = dh.t().mm(a2).to(w.A.dtype).MoveToOuterDisposeScope();
-                dB = dy2.t().mm(h).mul_(w.Scaling).to(w.B.dtype).MoveToOuterDisposeScope();
             }
-            (dg, du) = ProductGrads(da.view(g.shape), g, u);
+            (dg, du, var a) = ProductGrads(da.view(g.shape), g, u, product: args.Lora is not null);
+            if (args.Lora is { } lw)
+            {
+                var a2 = a!.view(-1, g.shape[^1]);
+                if (args.OutputUnused) h = a2.mm(lw.A.to(dy.dtype).t());              // a replay's forward kept no h
+                dA = dh!.t().mm(a2).to(lw.A.dtype).MoveToOuterDisposeScope();
+                dB = dy2.t().mm(h).mul_(lw.Scaling).to(lw.B.dtype).MoveToOuterDisposeScope();
+            }
             dg = dg.MoveToOuterDisposeScope();
             du = du.MoveToOuterDisposeScope();
             dy.Dispose();

@@ -38,7 +38,8 @@ public sealed class Attention : ContainerModule
     /// <param name="cos">[B, T, head_dim]</param>
     /// <param name="sin">[B, T, head_dim]</param>
     /// <param name="mask">bool [B or 1, 1, T, S] (true = may attend), or null for plain causal attention without cache.</param>
-    public Tensor Forward(Tensor x, Tensor cos, Tensor sin, Tensor? mask, KvCache? cache, int layer)
+    /// <param name="stash">In a checkpoint's lean replay, o_proj's output is not read: only its backward runs.</param>
+    public Tensor Forward(Tensor x, Tensor cos, Tensor sin, Tensor? mask, KvCache? cache, int layer, LayerStash? stash = null)
     {
         using var scope = NewDisposeScope();
         long b = x.shape[0], t = x.shape[1];
@@ -64,7 +65,8 @@ public sealed class Attention : ContainerModule
         else (k, v) = (k.transpose(1, 2), v.transpose(1, 2));
         var attn = nn.functional.scaled_dot_product_attention(q, k, v, mask, 0.0, mask is null);
         var merged = attn.transpose(1, 2).reshape(b, t, _heads * _headDim);
-        return o_proj.forward(merged).MoveToOuterDisposeScope();
+        var o = stash is { Replaying: true } ? Lora.LoraProjection.Replay(o_proj, merged, null) : o_proj.forward(merged);
+        return o.MoveToOuterDisposeScope();
     }
 
     /// <summary>[B, S, kvH, D] → [B, S, kvH·rep, D], each kv head repeated for its group of query heads.</summary>

@@ -14,6 +14,11 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
 
     /// <summary>Recompute each layer's activations in backward instead of keeping them (training only).</summary>
     public bool GradientCheckpointing { get; set; }
+    /// <summary>
+    /// Checkpointing: device memory (bytes) the layers may spend keeping their gate/up outputs, from the first layer on,
+    /// so that their replay skips those two GEMMs (about half a layer's recompute; see <see cref="LayerStash"/>).
+    /// </summary>
+    public long CheckpointKeepBytes { get; set; }
     readonly RotaryEmbedding _rope;
 
     public DecoderModel(string name, WeightSource w, ModelConfig c) : base("DecoderModel")
@@ -47,6 +52,7 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
         // A checkpointed layer is a custom autograd function whose only tensor input is h; with a frozen embedding h
         // would not require grad and the function's output would get no graph (transformers' enable_input_require_grads).
         if (checkpoint && !h.requires_grad) h = h.detach().requires_grad_(true);
+        long keepPerLayer = 2 * b * t * _config.IntermediateSize * h.ElementSize, kept = 0;
         var masks = new Dictionary<int, Tensor?>();
         for (int i = 0; i < layers.Count; i++)
         {
@@ -54,9 +60,14 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
             int key = window ?? -1;
             if (!masks.TryGetValue(key, out var mask))
                 masks[key] = mask = AttentionMask.Build(t, past, window, attentionMask, ids.device, segments);
-            h = checkpoint
-                ? LayerCheckpoint.Run(layers[i], h, cos, sin, mask, i)
-                : layers[i].Forward(h, cos, sin, mask, cache, i);
+            if (!checkpoint)
+            {
+                h = layers[i].Forward(h, cos, sin, mask, cache, i);
+                continue;
+            }
+            bool keepMlp = kept + keepPerLayer <= CheckpointKeepBytes;
+            if (keepMlp) kept += keepPerLayer;
+            h = LayerCheckpoint.Run(layers[i], h, cos, sin, mask, i, keepMlp);
         }
         return norm.forward(h).MoveToOuterDisposeScope();
     }

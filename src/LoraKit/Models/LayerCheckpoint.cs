@@ -8,22 +8,26 @@ namespace LoraKit.Models;
 /// and keeps only the layer's input; backward re-runs the layer with gradients on and back-propagates through it, which
 /// fills the trainable weights' grads and returns the input's grad. The CPU RNG state is replayed so dropout draws the same
 /// masks in the recomputation (CUDA's generator state is not reachable from TorchSharp, see the README).
+/// On the fused training path the replay is lean (<see cref="LayerStash"/>): the forward also keeps the mid-layer
+/// residual (and, within the model's budget, gate/up), and the replay skips the GEMMs whose outputs backward never reads.
 /// </summary>
 public sealed class LayerCheckpoint : autograd.SingleTensorFunction<LayerCheckpoint>
 {
     /// <summary>Everything the layer needs besides its input, passed through apply() as one object.</summary>
     /// The tensors are aliases taken out of the caller's dispose scope (which ends before backward runs); backward frees them.
-    sealed record Call(DecoderLayer Layer, Tensor Input, Tensor Cos, Tensor Sin, Tensor? Mask, int Index, byte[] RngState)
+    sealed record Call(DecoderLayer Layer, Tensor Input, Tensor Cos, Tensor Sin, Tensor? Mask, int Index, byte[] RngState, LayerStash? Stash)
     {
-        public void Free() { Input.Dispose(); Cos.Dispose(); Sin.Dispose(); Mask?.Dispose(); }
+        public void Free() { Input.Dispose(); Cos.Dispose(); Sin.Dispose(); Mask?.Dispose(); Stash?.Dispose(); }
     }
 
     public override string Name => "LayerCheckpoint";
 
-    public static Tensor Run(DecoderLayer layer, Tensor x, Tensor cos, Tensor sin, Tensor? mask, int index)
+    /// <param name="keepMlp">With a lean replay, also keep the layer's gate/up outputs (see <see cref="LayerStash"/>).</param>
+    public static Tensor Run(DecoderLayer layer, Tensor x, Tensor cos, Tensor sin, Tensor? mask, int index, bool keepMlp = false)
     {
         using var rng = random.get_rng_state();
-        var call = new Call(layer, Keep(x.detach()), Keep(cos.alias()), Keep(sin.alias()), mask is null ? null : Keep(mask.alias()), index, rng.bytes.ToArray());
+        var stash = layer.LeanReplayable ? new LayerStash(keepMlp) : null;
+        var call = new Call(layer, Keep(x.detach()), Keep(cos.alias()), Keep(sin.alias()), mask is null ? null : Keep(mask.alias()), index, rng.bytes.ToArray(), stash);
         return CustomFunctions.AfterApply(apply(x, call));
     }
 
@@ -35,7 +39,7 @@ public sealed class LayerCheckpoint : autograd.SingleTensorFunction<LayerCheckpo
         var call = (Call)vars[1];
         ctx.save_data("call", call);
         using var _ = no_grad();
-        return call.Layer.Forward((Tensor)vars[0], call.Cos, call.Sin, call.Mask, null, call.Index);
+        return call.Layer.Forward((Tensor)vars[0], call.Cos, call.Sin, call.Mask, null, call.Index, call.Stash);
     }
 
     public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor gradOutput)
@@ -51,14 +55,22 @@ public sealed class LayerCheckpoint : autograd.SingleTensorFunction<LayerCheckpo
         using (var scope = NewDisposeScope())
         using (var __ = enable_grad())
         {
-            var input = call.Input.detach().requires_grad_(true);
-            var y = call.Layer.Forward(input, call.Cos, call.Sin, call.Mask, null, call.Index);
-            autograd.backward([y], [gradOutput]);
-            grad = input.grad!.detach().MoveToOuterDisposeScope();
+            grad = (call.Stash is { } stash
+                ? call.Layer.Replay(call.Input, call.Cos, call.Sin, call.Mask, call.Index, stash, gradOutput)
+                : FullReplay(call, gradOutput)).MoveToOuterDisposeScope();
         }
         random.set_rng_state(outerRng);
         call.Free();
         gradOutput.Dispose();
         return CustomFunctions.HandOff(grad, null); // one entry per apply() argument; the Call object has no gradient
+    }
+
+    /// <summary>Re-runs the whole layer with gradients on and back-propagates through it; returns the input's grad.</summary>
+    static Tensor FullReplay(Call call, Tensor gradOutput)
+    {
+        var input = call.Input.detach().requires_grad_(true);
+        var y = call.Layer.Forward(input, call.Cos, call.Sin, call.Mask, null, call.Index);
+        autograd.backward([y], [gradOutput]);
+        return input.grad!.detach();
     }
 }

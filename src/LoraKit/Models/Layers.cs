@@ -97,13 +97,18 @@ public sealed class Mlp : ContainerModule
     /// <summary>Training: finish with <see cref="Lora.SwiGluDown"/>, which keeps only gate and up for backward.</summary>
     public bool FusedTraining { get; set; }
 
-    public override Tensor forward(Tensor x)
+    public override Tensor forward(Tensor x) => Forward(x, null);
+
+    /// <param name="stash">Checkpointing: keeps gate/up when recording, or uses them when replaying (<see cref="LayerStash"/>).</param>
+    public Tensor Forward(Tensor x, LayerStash? stash)
     {
         using var scope = NewDisposeScope();
-        var gate = gate_proj.forward(x);
-        var up = up_proj.forward(x);
+        bool replay = stash is { Replaying: true };
+        var gate = replay && stash!.Gate is { } g ? Lora.LoraProjection.Replay(gate_proj, x, g) : gate_proj.forward(x);
+        var up = replay && stash!.Up is { } u ? Lora.LoraProjection.Replay(up_proj, x, u) : up_proj.forward(x);
+        if (stash is { Replaying: false, KeepMlp: true }) stash.KeepMlpOutputs(gate, up);
         if (FusedTraining && training && is_grad_enabled() && Lora.SwiGluDown.TryResolve(down_proj, out var down, out var lora))
-            return Lora.SwiGluDown.Apply(gate, up, down, lora).MoveToOuterDisposeScope();
+            return Lora.SwiGluDown.Apply(gate, up, down, lora, outputUnused: replay).MoveToOuterDisposeScope();
         var h = nn.functional.silu(gate) * up;
         return down_proj.forward(h).MoveToOuterDisposeScope();
     }

@@ -55,6 +55,12 @@ public sealed class TrainConfig
     public int Steps { get; set; }
     public double Epochs { get; set; } = 1;
     public bool GradientCheckpointing { get; set; }
+    /// <summary>
+    /// With checkpointing on the fast path: GiB of device memory the layers may spend keeping their gate/up outputs, so
+    /// that the replay in backward skips those GEMMs (see <see cref="Models.LayerStash"/>). 0 keeps the least memory.
+    /// </summary>
+    public double CheckpointKeepGib { get; set; } = DefaultCheckpointKeepGib;
+    public const double DefaultCheckpointKeepGib = 2;
     /// <summary>fast, exact or auto (fast on CUDA with a bf16/fp16 base): see <see cref="Lora.LoraModel.UseFastTraining"/>.</summary>
     public string Kernels { get; set; } = "auto";
     public int Seed { get; set; }

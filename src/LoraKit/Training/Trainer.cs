@@ -105,6 +105,7 @@ public static class Trainer
         if (c.GradientCheckpointing)
         {
             model.model.GradientCheckpointing = true;
+            model.model.CheckpointKeepBytes = (long)(c.CheckpointKeepGib * (1L << 30));
             if (device.type == TorchSharp.DeviceType.CUDA && c.LoraDropout > 0)
                 log.Warn("gradient checkpointing on CUDA cannot replay dropout masks (TorchSharp exposes no CUDA RNG state): " +
                          "the recomputed layers draw new masks; use --lora-dropout 0 for exact gradients");

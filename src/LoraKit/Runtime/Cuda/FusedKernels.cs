@@ -79,18 +79,21 @@ public static class FusedKernels
             }
         }
 
-        // From da: du = bf16(da * s), dg = bf16(bf16(da * u) * sig * (1 + g (1 - sig))), s = bf16(silu(g)).
-        extern "C" __global__ void swiglu_bwd(const bf16* da, const bf16* g, const bf16* u, bf16* dg, bf16* du, long n8) {
+        // From da: du = bf16(da * s), dg = bf16(bf16(da * u) * sig * (1 + g (1 - sig))), s = bf16(silu(g)); with
+        // write_a also the product a = bf16(s * u) (as swiglu_fwd), which the down adapter's dA needs. dg may be da.
+        extern "C" __global__ void swiglu_bwd(const bf16* da, const bf16* g, const bf16* u, bf16* dg, bf16* du, bf16* a, int write_a, long n8) {
             for (long k = blockIdx.x * (long)blockDim.x + threadIdx.x; k < n8; k += (long)gridDim.x * blockDim.x) {
-                V8 dv = ld8(da + k * 8), gv = ld8(g + k * 8), uv = ld8(u + k * 8), og, ou;
+                V8 dv = ld8(da + k * 8), gv = ld8(g + k * 8), uv = ld8(u + k * 8), og, ou, oa;
                 for (int j = 0; j < 8; j++) {
                     float x = ld(gv.v[j]), up = ld(uv.v[j]), d = ld(dv.v[j]);
                     float sig = 1.f / (1.f + expf(-x));
                     float s = rnd(silu(x));
                     ou.v[j] = st(d * s);
                     og.v[j] = st(rnd(d * up) * sig * (1.f + x * (1.f - sig)));
+                    oa.v[j] = st(s * up);
                 }
                 st8(dg + k * 8, og); st8(du + k * 8, ou);
+                if (write_a) st8(a + k * 8, oa);
             }
         }
 
@@ -240,12 +243,16 @@ public static class FusedKernels
         return a;
     }
 
-    /// <summary>(d gate, d up) from the product's gradient.</summary>
-    public static (Tensor dg, Tensor du) SwiGluBackward(Tensor da, Tensor gate, Tensor up)
+    /// <summary>
+    /// (d gate, d up) from the product's gradient, and with <paramref name="product"/> the product a = silu(g)·u itself
+    /// (same values as <see cref="SwiGluForward"/>) from the same pass. d gate is written over <paramref name="da"/>.
+    /// </summary>
+    public static (Tensor dg, Tensor du, Tensor? a) SwiGluBackward(Tensor da, Tensor gate, Tensor up, bool product)
     {
-        var (dg, du) = (empty_like(gate), empty_like(up));
+        var du = empty_like(up);
+        var a = product ? empty_like(gate) : null;
         long n8 = gate.numel() / 8;
-        C.Launch("swiglu_bwd", Blocks(n8), Threads, da, gate, up, dg, du, n8);
-        return (dg, du);
+        C.Launch("swiglu_bwd", Blocks(n8), Threads, da, gate, up, da, du, a ?? du, product ? 1 : 0, n8);
+        return (da, du, a);
     }
 }

@@ -1,0 +1,118 @@
+using LoraKit.Models;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace LoraKit.Lora;
+
+/// <summary>
+/// A frozen projection with at most one adapter, y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ, as one autograd function with a
+/// hand-written backward (training fast path; the branch runs in the activations' dtype, see
+/// <see cref="LoraLinear.ComputeInInputDtype"/>). Backward, with h = x·Aᵀ:
+/// dh = dy·(sB), dx = dy·W + dh·A (one accumulating GEMM: autograd would add two [tokens, in] tensors),
+/// dA = dhᵀ·x, dB = s·dyᵀ·h — the ops and roundings of the autograd path otherwise.
+/// A checkpoint replay (<see cref="LayerStash"/>) may pass the output's value when it was kept from the first forward,
+/// or say that nothing reads it (o_proj, down_proj): the function then skips the [tokens, in]×[in, out] GEMM and
+/// returns the kept tensor or an uninitialised one, since its backward needs only x, h and the weights.
+/// </summary>
+public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjection>
+{
+    public override string Name => "LoraProjection";
+
+    static long _skipped;
+    /// <summary>Forward GEMMs skipped so far by replays (for tests: proves the lean replay ran).</summary>
+    public static long SkippedOutputs => Interlocked.Read(ref _skipped);
+
+    /// <summary>How a call produces its output: computed, taken from <see cref="Known"/>, or left uninitialised.</summary>
+    public enum Output { Compute, Known, Unused }
+
+    sealed record Args(Models.Linear Base, LoraWeights? Lora, Output Mode, Tensor? Known, bool NeedsInputGrad, long[] InputShape);
+
+    /// <summary>The frozen base layer and its single live adapter (or none), when this function applies to the module.</summary>
+    public static bool TryResolve(nn.Module<Tensor, Tensor> module, out Models.Linear baseLayer, out LoraWeights? lora)
+    {
+        lora = null;
+        baseLayer = null!;
+        switch (module)
+        {
+            case Models.Linear l: baseLayer = l; break;
+            case LoraLinear ll when ll.TrySingleAdapter(out lora): baseLayer = ll.base_layer; break;
+            default: return false;
+        }
+        return !baseLayer.weight.requires_grad && baseLayer.bias is not { requires_grad: true };
+    }
+
+    public static Tensor Apply(Tensor x, Models.Linear baseLayer, LoraWeights? lora, Output mode = Output.Compute, Tensor? known = null)
+    {
+        if (mode == Output.Known && known is null) throw new ArgumentNullException(nameof(known));
+        return CustomFunctions.AfterApply(apply(x, lora?.A!, lora?.B!, new Args(baseLayer, lora, mode, known, x.requires_grad, x.shape)));
+    }
+
+    /// <summary>
+    /// A checkpoint replay's call of <paramref name="module"/>: its output is <paramref name="known"/>, or unread when null.
+    /// Modules this function does not cover (several adapters, dropout, a trainable base) run as usual.
+    /// </summary>
+    public static Tensor Replay(nn.Module<Tensor, Tensor> module, Tensor x, Tensor? known) =>
+        TryResolve(module, out var baseLayer, out var lora)
+            ? Apply(x, baseLayer, lora, known is null ? Output.Unused : Output.Known, known)
+            : module.forward(x);
+
+    public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
+    {
+        CustomFunctions.Track(ctx);
+        var x = (Tensor)vars[0];
+        var args = (Args)vars[3];
+        using var scope = NewDisposeScope();
+        var x2 = x.reshape(-1, x.shape[^1]);
+        var outShape = x.shape.ToArray();
+        outShape[^1] = args.Base.OutFeatures;
+        Tensor? h = null, a16 = null, sb16 = null;
+        if (args.Lora is { } w)
+        {
+            a16 = w.A.to(x.dtype);
+            sb16 = (w.B * w.Scaling).to(x.dtype);
+            h = nn.functional.linear(x2, a16);                                             // [N, r]
+        }
+        if (args.Mode != Output.Compute) Interlocked.Increment(ref _skipped);
+        Tensor y = args.Mode switch
+        {
+            Output.Known => args.Known!.detach(),
+            Output.Unused => empty(outShape, x.dtype, x.device),
+            _ => Compute(x2, h, sb16, args.Base).view(outShape),
+        };
+        CustomFunctions.Save(ctx, x2, h, a16, sb16);
+        ctx.save_data("args", args);
+        return y.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>The adapter GEMM writes s·h·Bᵀ + b, then the base GEMM adds x·Wᵀ onto it (one write of the output).</summary>
+    static Tensor Compute(Tensor x2, Tensor? h, Tensor? sb16, Models.Linear baseLayer) =>
+        h is null
+            ? nn.functional.linear(x2, baseLayer.weight, baseLayer.bias)
+            : nn.functional.linear(h, sb16!, baseLayer.bias).addmm_(x2, baseLayer.weight.t());
+
+    public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor dy)
+    {
+        var args = (Args)ctx.get_data("args");
+        Tensor? dx = null, dA = null, dB = null;
+        using (var scope = NewDisposeScope())
+        {
+            var saved = ctx.get_saved_variables();
+            var (x2, h, a16, sb16) = (saved[0], saved[1], saved[2], saved[3]);
+            var dy2 = dy.reshape(-1, dy.shape[^1]);
+            Tensor? dh = args.Lora is null ? null : dy2.mm(sb16);                              // [N, r]
+            if (args.NeedsInputGrad)
+            {
+                dx = dy2.mm(args.Base.weight);
+                if (dh is not null) dx.addmm_(dh, a16);
+                dx = dx.view(args.InputShape).MoveToOuterDisposeScope();
+            }
+            if (args.Lora is { } w)
+            {
+                dA = dh!.t().mm(x2).to(w.A.dtype).MoveToOuterDisposeScope();
+                dB = dy2.t().mm(h).to(w.B.dtype).mul_(w.Scaling).MoveToOuterDisposeScope();
+            }
+            dy.Dispose();
+        }
+        return CustomFunctions.HandOff(dx, dA, dB, null);
+    }
+}
