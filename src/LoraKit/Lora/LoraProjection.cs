@@ -8,7 +8,7 @@ namespace LoraKit.Lora;
 /// A frozen projection with at most one adapter, y = x·Wᵀ + b + s·(x·Aᵀ)·Bᵀ, as one autograd function with a
 /// hand-written backward (training fast path; the branch runs in the activations' dtype, see
 /// <see cref="LoraLinear.ComputeInInputDtype"/>). Backward, with h = x·Aᵀ:
-/// dh = dy·(sB), dx = dy·W + dh·A (one accumulating GEMM: autograd would add two [tokens, in] tensors),
+/// dh = dy·(sB), dx = dh·A + dy·W (the base GEMM accumulates onto the adapter's: autograd would add two [tokens, in] tensors),
 /// dA = dhᵀ·x, dB = s·dyᵀ·h — the ops and roundings of the autograd path otherwise.
 /// A checkpoint replay (<see cref="LayerStash"/>) may pass the output's value when it was kept from the first forward,
 /// or say that nothing reads it (o_proj, down_proj): the function then skips the [tokens, in]×[in, out] GEMM and
@@ -25,7 +25,7 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
     /// <summary>How a call produces its output: computed, taken from <see cref="Known"/>, or left uninitialised.</summary>
     public enum Output { Compute, Known, Unused }
 
-    sealed record Args(Models.Linear Base, LoraWeights? Lora, Output Mode, Tensor? Known, bool NeedsInputGrad, long[] InputShape);
+    sealed record Args(Models.Linear Base, LoraWeights? Lora, Output Mode, Tensor? Known, bool NeedsInputGrad, long[] InputShape, SharedInputGrad? Shared);
 
     /// <summary>The frozen base layer and its single live adapter (or none), when this function applies to the module.</summary>
     public static bool TryResolve(nn.Module<Tensor, Tensor> module, out Models.Linear baseLayer, out LoraWeights? lora)
@@ -41,10 +41,31 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
         return !baseLayer.weight.requires_grad && baseLayer.bias is not { requires_grad: true };
     }
 
-    public static Tensor Apply(Tensor x, Models.Linear baseLayer, LoraWeights? lora, Output mode = Output.Compute, Tensor? known = null)
+    public static Tensor Apply(Tensor x, Models.Linear baseLayer, LoraWeights? lora, Output mode = Output.Compute, Tensor? known = null,
+        SharedInputGrad? shared = null)
     {
         if (mode == Output.Known && known is null) throw new ArgumentNullException(nameof(known));
-        return CustomFunctions.AfterApply(apply(x, lora?.A!, lora?.B!, new Args(baseLayer, lora, mode, known, x.requires_grad, x.shape)));
+        return CustomFunctions.AfterApply(apply(x, lora?.A!, lora?.B!, new Args(baseLayer, lora, mode, known, x.requires_grad, x.shape, shared)));
+    }
+
+    /// <summary>
+    /// Training: projections that read the same input, as one <see cref="SharedInputGrad"/> group; null when grouping
+    /// does not apply (a module this function does not cover, or an input that needs no grad) — then run them one by one.
+    /// <paramref name="known"/> gives a replay's kept outputs (null entries are computed).
+    /// </summary>
+    public static Tensor[]? ApplyShared(Tensor x, nn.Module<Tensor, Tensor>[] modules, Tensor?[]? known = null)
+    {
+        if (!x.requires_grad || !is_grad_enabled()) return null;
+        var resolved = new (Models.Linear b, LoraWeights? l)[modules.Length];
+        for (int i = 0; i < modules.Length; i++)
+        {
+            if (modules[i] is LoraLinear { ComputeInInputDtype: false } || !TryResolve(modules[i], out var b, out var l)) return null;
+            resolved[i] = (b, l);
+        }
+        var shared = new SharedInputGrad(modules.Length);
+        return resolved.Select((r, i) => known?[i] is { } k
+            ? Apply(x, r.b, r.l, Output.Known, k, shared)
+            : Apply(x, r.b, r.l, Output.Compute, null, shared)).ToArray();
     }
 
     /// <summary>
@@ -100,10 +121,19 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
             var (x2, h, a16, sb16) = (saved[0], saved[1], saved[2], saved[3]);
             var dy2 = dy.reshape(-1, dy.shape[^1]);
             Tensor? dh = args.Lora is null ? null : dy2.mm(sb16);                              // [N, r]
-            if (args.NeedsInputGrad)
+            if (args.NeedsInputGrad && args.Shared is { } shared)
             {
-                dx = dy2.mm(args.Base.weight);
-                if (dh is not null) dx.addmm_(dh, a16);
+                if (shared.Add(dy2, args.Base.weight, dh, a16) is { } sum)
+                {
+                    dx = sum.view(args.InputShape).MoveToOuterDisposeScope();
+                    sum.Dispose();
+                }
+            }
+            else if (args.NeedsInputGrad)
+            {
+                // The skinny adapter GEMM writes first and the base GEMM accumulates onto it (beta = 1, read in its
+                // epilogue), rather than a separate memory-bound pass over dx.
+                dx = dh is null ? dy2.mm(args.Base.weight) : dh.mm(a16).addmm_(dy2, args.Base.weight);
                 dx = dx.view(args.InputShape).MoveToOuterDisposeScope();
             }
             if (args.Lora is { } w)

@@ -83,13 +83,16 @@ public sealed class SwiGluDown : autograd.SingleTensorFunction<SwiGluDown>
             var saved = ctx.get_saved_variables();
             var (g, u, h) = (saved[0], saved[1], saved[2]);
             var dy2 = dy.reshape(-1, dy.shape[^1]);
-            var da = dy2.mm(args.Down.weight);                                         // [N, intermediate]
+            // da = dy·W + dh·A, [N, intermediate]: the skinny adapter GEMM writes first and the base GEMM accumulates
+            // onto it (beta = 1), rather than a separate memory-bound pass over da.
             Tensor? dh = null;
+            Tensor da;
             if (args.Lora is { } w)
             {
                 dh = dy2.mm(w.B.to(dy.dtype)).mul_(w.Scaling);                         // s·dy·B, [N, r]
-                da.addmm_(dh, w.A.to(dy.dtype));
+                da = dh.mm(w.A.to(dy.dtype)).addmm_(dy2, args.Down.weight);
             }
+            else da = dy2.mm(args.Down.weight);
             (dg, du, var a) = ProductGrads(da.view(g.shape), g, u, product: args.Lora is not null);
             if (args.Lora is { } lw)
             {

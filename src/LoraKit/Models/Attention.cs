@@ -45,9 +45,11 @@ public sealed class Attention : ContainerModule
         long b = x.shape[0], t = x.shape[1];
         // RoPE and the GQA repeat work on the projections' own [B, T, heads, D] layout (contiguous, so the elementwise
         // kernels vectorise); SDPA takes the [B, heads, T, D] views.
-        var q = q_proj.forward(x).view(b, t, _heads, _headDim);
-        var k = k_proj.forward(x).view(b, t, _kvHeads, _headDim);
-        var v = v_proj.forward(x).view(b, t, _kvHeads, _headDim);
+        // Training: q/k/v as one group whose backwards sum the input grad in one buffer (see Lora.SharedInputGrad).
+        var qkv = FusedTraining && training ? Lora.LoraProjection.ApplyShared(x, [q_proj, k_proj, v_proj]) : null;
+        var q = (qkv?[0] ?? q_proj.forward(x)).view(b, t, _heads, _headDim);
+        var k = (qkv?[1] ?? k_proj.forward(x)).view(b, t, _kvHeads, _headDim);
+        var v = (qkv?[2] ?? v_proj.forward(x)).view(b, t, _kvHeads, _headDim);
         if (q_norm != null) q = q_norm.forward(q);
         if (k_norm != null) k = k_norm.forward(k);
         // Training on CUDA bf16: RoPE as one fused kernel each way.

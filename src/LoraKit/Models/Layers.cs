@@ -104,8 +104,10 @@ public sealed class Mlp : ContainerModule
     {
         using var scope = NewDisposeScope();
         bool replay = stash is { Replaying: true };
-        var gate = replay && stash!.Gate is { } g ? Lora.LoraProjection.Replay(gate_proj, x, g) : gate_proj.forward(x);
-        var up = replay && stash!.Up is { } u ? Lora.LoraProjection.Replay(up_proj, x, u) : up_proj.forward(x);
+        // Training: gate/up as one group whose backwards sum the input grad in one buffer (see Lora.SharedInputGrad).
+        var pair = FusedTraining && training ? Lora.LoraProjection.ApplyShared(x, [gate_proj, up_proj], replay ? [stash!.Gate, stash.Up] : null) : null;
+        var gate = pair?[0] ?? (replay && stash!.Gate is { } g ? Lora.LoraProjection.Replay(gate_proj, x, g) : gate_proj.forward(x));
+        var up = pair?[1] ?? (replay && stash!.Up is { } u ? Lora.LoraProjection.Replay(up_proj, x, u) : up_proj.forward(x));
         if (stash is { Replaying: false, KeepMlp: true }) stash.KeepMlpOutputs(gate, up);
         if (FusedTraining && training && is_grad_enabled() && Lora.SwiGluDown.TryResolve(down_proj, out var down, out var lora))
             return Lora.SwiGluDown.Apply(gate, up, down, lora, outputUnused: replay).MoveToOuterDisposeScope();
