@@ -96,8 +96,9 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
     }
 
     /// <summary>
-    /// One adapter, training fast path: the small adapter GEMM writes s·(x·Aᵀ)·Bᵀ + bias first and the base GEMM adds
-    /// x·Wᵀ onto it (beta = 1), so the [tokens, out] output is written once and read once more, not written twice.
+    /// One adapter in the input's dtype without gradients (evaluation inside a fast-path run): the small adapter GEMM
+    /// writes s·(x·Aᵀ)·Bᵀ + bias first and the base GEMM adds x·Wᵀ onto it (beta = 1), so the [tokens, out] output is
+    /// written once. With gradients, <see cref="LoraProjection"/> does the same and writes the backward by hand.
     /// </summary>
     Tensor SingleInInputDtype(Tensor x, LoraWeights w)
     {
