@@ -5,20 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shape=${1:-llama-1b}; b=${2:-8}; s=${3:-1024}
-ids=$(python3 - "$shape" "$b" "$s" <<'PY'
-import os, sys, torch
-sys.path.insert(0, "bench")
-import run_bench as rb
-from safetensors.torch import save_file
-shape, b, s = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-d = rb.prepare(shape)
-torch.manual_seed(1)
-ids = torch.randint(0, rb.SHAPES[shape][2]["vocab_size"], (b, s))
-p = os.path.join(rb.WORK, f"ids-{shape}-{b}x{s}.safetensors")
-save_file({"input_ids": ids}, p)
-print(p)
-PY
-)
+ids=$(python3 bench/prepare_batch.py "$shape" "$b" "$s")
 for env in "" "DOTNET_gcServer=1" "DOTNET_GCgen0size=0x20000000" "DOTNET_gcServer=1 DOTNET_GCgen0size=0x20000000"; do
   out=$(env $env bash .gpu/on-gpu.sh LoraKit.Cli bench --model /tmp/lorakit-bench/$shape --ids "$ids" --steps 20 --warmup 3 --device cuda 2>/dev/null | tail -1)
   echo "$shape ${env:-default}: $(echo "$out" | python3 -c 'import json,sys; r=json.loads(sys.stdin.read()); print(r["step_s"]*1000, "ms/step", r["tokens_per_s"], "tok/s")')"

@@ -6,20 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shape=${1:-llama-1b}; b=${2:-8}; s=${3:-1024}; shift $(( $# < 3 ? $# : 3 ))
-ids=$(python3 - "$shape" "$b" "$s" <<'PY'
-import os, sys, torch
-sys.path.insert(0, "bench")
-import run_bench as rb
-from safetensors.torch import save_file
-shape, b, s = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-d = rb.prepare(shape)
-torch.manual_seed(1)
-ids = torch.randint(0, rb.SHAPES[shape][2]["vocab_size"], (b, s))
-p = os.path.join(rb.WORK, f"ids-{shape}-{b}x{s}.safetensors")
-save_file({"input_ids": ids}, p)
-print(p)
-PY
-)
+ids=$(python3 bench/prepare_batch.py "$shape" "$b" "$s")
 ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 out=${OUT:-/tmp}/ncu-$shape-${b}x$s.csv
 "$ncu" --profile-from-start off --metrics gpu__time_duration.sum --clock-control none --csv --log-file "$out" \

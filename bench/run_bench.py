@@ -81,6 +81,16 @@ def prepare(shape):
     return d
 
 
+def prepare_batch(shape, b, s):
+    """The workload's model directory, its batch (seed 1) and the safetensors file LoraKit reads the batch from."""
+    d = prepare(shape)
+    torch.manual_seed(1)
+    ids = torch.randint(0, SHAPES[shape][2]["vocab_size"], (b, s))
+    ids_path = os.path.join(WORK, f"ids-{shape}-{b}x{s}.safetensors")
+    save_file({"input_ids": ids}, ids_path)
+    return d, ids, ids_path
+
+
 def hf_run(d, ids, ckpt, steps, warm, profile=False):
     dev = DevicePeak().__enter__()  # from before the model loads, as for LoraKit's process
     cfg_cls, model_cls, kw = SHAPES[os.path.basename(d)]
@@ -165,11 +175,7 @@ def main():
         if a.only and shape not in a.only:
             continue
         name = f"{shape} {b}x{s}" + (" ckpt" if ckpt else "")
-        d = prepare(shape)
-        torch.manual_seed(1)
-        ids = torch.randint(0, SHAPES[shape][2]["vocab_size"], (b, s))
-        ids_path = os.path.join(WORK, f"ids-{shape}-{b}x{s}.safetensors")
-        save_file({"input_ids": ids}, ids_path)
+        d, ids, ids_path = prepare_batch(shape, b, s)
         runs = [] if a.no_hf else [lambda: hf_run(d, ids, ckpt, a.steps, a.warmup, a.hf_profile)]
         runs.append(lambda: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, profile=a.profile))
         for k in a.keep_sweep if ckpt else []:

@@ -141,7 +141,7 @@ public class FastTrainingTests
             return r;
         }
         var plain = Grads((a, b) => down.forward(nn.functional.silu(a) * b));
-        Assert.True(SwiGluDown.TryResolve(down, out var baseLayer, out var lora));
+        Assert.True(LoraProjection.TryResolve(down, out var baseLayer, out var lora));
         var fused = Grads((a, b) => SwiGluDown.Apply(a, b, baseLayer, lora));
         string[] names = ["gate", "up", "lora_A", "lora_B"];
         for (int i = 0; i < 4; i++) Assert.True(Close.RelError(fused[i], plain[i]) <= 1e-5, $"{names[i]}: {Close.RelError(fused[i], plain[i]):E2}");

@@ -21,10 +21,7 @@ public sealed class SwiGluDown : autograd.SingleTensorFunction<SwiGluDown>
 
     sealed record Args(Models.Linear Down, LoraWeights? Lora, bool OutputUnused);
 
-    /// <summary>The frozen down layer and its single adapter (or none), when the fused path applies to this module.</summary>
-    public static bool TryResolve(nn.Module<Tensor, Tensor> down, out Models.Linear baseLayer, out LoraWeights? lora) =>
-        LoraProjection.TryResolve(down, out baseLayer, out lora);
-
+    /// <summary>The tail for a down layer and adapter resolved by <see cref="LoraProjection.TryResolve"/>.</summary>
     /// <param name="outputUnused">A checkpoint replay that only needs the backward: skip the product and the down GEMM
     /// and return an uninitialised tensor (see <see cref="LayerStash"/>).</param>
     public static Tensor Apply(Tensor gate, Tensor up, Models.Linear down, LoraWeights? lora, bool outputUnused = false) =>
@@ -39,7 +36,7 @@ public sealed class SwiGluDown : autograd.SingleTensorFunction<SwiGluDown>
         shape[^1] = args.Down.OutFeatures;
         Tensor y;
         Tensor? h = null;
-        if (args.OutputUnused) y = empty(shape, g.dtype, g.device); // backward computes h from the product it recomputes
+        if (args.OutputUnused) y = empty(shape, g.dtype, g.device); // backward computes h from the product its kernel writes
         else
         {
             var a = Product(g, u);

@@ -65,9 +65,14 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
                 h = layers[i].Forward(h, cos, sin, mask, cache, i);
                 continue;
             }
-            bool keepMlp = kept + keepPerLayer <= CheckpointKeepBytes;
-            if (keepMlp) kept += keepPerLayer;
-            h = LayerCheckpoint.Run(layers[i], h, cos, sin, mask, i, keepMlp);
+            LayerStash? stash = null;
+            if (layers[i].LeanReplayable)
+            {
+                bool keepMlp = kept + keepPerLayer <= CheckpointKeepBytes; // only layers that can use it spend the budget
+                if (keepMlp) kept += keepPerLayer;
+                stash = new LayerStash(keepMlp);
+            }
+            h = LayerCheckpoint.Run(layers[i], h, cos, sin, mask, i, stash);
         }
         return norm.forward(h).MoveToOuterDisposeScope();
     }

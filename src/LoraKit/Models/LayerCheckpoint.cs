@@ -22,11 +22,11 @@ public sealed class LayerCheckpoint : autograd.SingleTensorFunction<LayerCheckpo
 
     public override string Name => "LayerCheckpoint";
 
-    /// <param name="keepMlp">With a lean replay, also keep the layer's gate/up outputs (see <see cref="LayerStash"/>).</param>
-    public static Tensor Run(DecoderLayer layer, Tensor x, Tensor cos, Tensor sin, Tensor? mask, int index, bool keepMlp = false)
+    /// <param name="stash">For a lean replay (when <see cref="DecoderLayer.LeanReplayable"/>): what the forward keeps;
+    /// null replays the whole layer. Freed after backward.</param>
+    public static Tensor Run(DecoderLayer layer, Tensor x, Tensor cos, Tensor sin, Tensor? mask, int index, LayerStash? stash = null)
     {
         using var rng = random.get_rng_state();
-        var stash = layer.LeanReplayable ? new LayerStash(keepMlp) : null;
         var call = new Call(layer, Keep(x.detach()), Keep(cos.alias()), Keep(sin.alias()), mask is null ? null : Keep(mask.alias()), index, rng.bytes.ToArray(), stash);
         return CustomFunctions.AfterApply(apply(x, call));
     }

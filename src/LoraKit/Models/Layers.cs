@@ -109,7 +109,7 @@ public sealed class Mlp : ContainerModule
         var gate = pair?[0] ?? (replay && stash!.Gate is { } g ? Lora.LoraProjection.Replay(gate_proj, x, g) : gate_proj.forward(x));
         var up = pair?[1] ?? (replay && stash!.Up is { } u ? Lora.LoraProjection.Replay(up_proj, x, u) : up_proj.forward(x));
         if (stash is { Replaying: false, KeepMlp: true }) stash.KeepMlpOutputs(gate, up);
-        if (FusedTraining && training && is_grad_enabled() && Lora.SwiGluDown.TryResolve(down_proj, out var down, out var lora))
+        if (FusedTraining && training && is_grad_enabled() && Lora.LoraProjection.TryResolve(down_proj, out var down, out var lora))
             return Lora.SwiGluDown.Apply(gate, up, down, lora, outputUnused: replay).MoveToOuterDisposeScope();
         var h = nn.functional.silu(gate) * up;
         return down_proj.forward(h).MoveToOuterDisposeScope();
