@@ -135,13 +135,13 @@ def hf_run(d, ids, ckpt, steps, warm, profile=False):
     return res
 
 
-def lorakit_run(d, ids_path, ckpt, steps, warm, plain=False, kernels="fast", profile=False, keep_gib=None):
+def lorakit_run(d, ids_path, ckpt, steps, warm, plain=False, kernels="fast", profile=False, keep_gib=None, graph="auto"):
     args = ["bash", ".gpu/on-gpu.sh", "LoraKit.Cli", "bench", "--model", d, "--ids", ids_path, "--steps", str(steps),
             "--warmup", str(warm), "--rank", "16", "--device", "cuda", "--kernels", kernels] + \
            (["--gradient-checkpointing"] if ckpt else []) + (["--plain-loss"] if plain else []) + (["--profile"] if profile else []) + \
-           (["--checkpoint-keep-gib", str(keep_gib)] if keep_gib is not None else [])
+           (["--checkpoint-keep-gib", str(keep_gib)] if keep_gib is not None else []) + ["--cuda-graph", graph]
     name = "lorakit" + ("-plain" if plain else "") + ("-exact" if kernels == "exact" else "") + \
-           (f"-keep{keep_gib:g}" if keep_gib is not None else "")
+           (f"-keep{keep_gib:g}" if keep_gib is not None else "") + ("-nograph" if graph == "off" else "")
     torch.cuda.synchronize()
     with DevicePeak() as dev:
         r = subprocess.run(args, capture_output=True, text=True)
@@ -150,6 +150,7 @@ def lorakit_run(d, ids_path, ckpt, steps, warm, plain=False, kernels="fast", pro
     out = json.loads(r.stdout.strip().splitlines()[-1])
     res = dict(system=name, tokens_per_s=out["tokens_per_s"], step_s=out["step_s"],
                loss=out["loss_step1"], peak_mem_gib=dev.gib, device_mem_gib=dev.gib)
+    res["cuda_graph"] = out.get("cuda_graph")
     if out.get("phases_ms"):
         res["phases_ms"] = out["phases_ms"]
     return res
@@ -167,6 +168,7 @@ def main():
     ap.add_argument("--no-hf", action="store_true", help="LoraKit only (quick iterations; ratios need HF in the same call)")
     ap.add_argument("--keep-sweep", nargs="*", type=float, default=[],
                     help="checkpointed workloads: also time LoraKit with these --checkpoint-keep-gib values")
+    ap.add_argument("--no-graph", action="store_true", help="also time LoraKit without the CUDA graph (--cuda-graph off)")
     ap.add_argument("--out", default="bench/results/latest.json")
     a = ap.parse_args()
     torch.cuda.init()
@@ -180,6 +182,8 @@ def main():
         runs.append(lambda: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, profile=a.profile))
         for k in a.keep_sweep if ckpt else []:
             runs.append(lambda k=k: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, keep_gib=k))
+        if a.no_graph:
+            runs.append(lambda: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, graph="off"))
         if a.exact:
             runs.append(lambda: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, kernels="exact"))
         if a.plain:

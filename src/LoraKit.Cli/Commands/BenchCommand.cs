@@ -5,6 +5,7 @@ using LoraKit.IO;
 using LoraKit.Lora;
 using LoraKit.Models;
 using LoraKit.Runtime;
+using LoraKit.Runtime.Cuda;
 using LoraKit.Training;
 using static TorchSharp.torch;
 
@@ -30,8 +31,9 @@ public static class BenchCommand
         var device = new Option<string>("--device") { Description = "auto, cpu or cuda", DefaultValueFactory = _ => "auto" };
         var kernels = new Option<string>("--kernels") { Description = "fast, exact or auto (as for train)", DefaultValueFactory = _ => "auto" };
         var profile = new Option<bool>("--profile") { Description = "also time forward, backward and the optimizer separately (synchronising between them)" };
+        var graph = new Option<string>("--cuda-graph") { Description = "auto, on or off (as for train)", DefaultValueFactory = _ => "auto" };
         var profileRange = new Option<bool>("--profile-range") { Description = "finally run one step between cudaProfilerStart and cudaProfilerStop (for ncu/nsys)" };
-        var cmd = new Command("bench", "Time LoRA training steps on a fixed batch (for bench/run_bench.py).") { model, ids, steps, warmup, rank, ckpt, keep, plain, device, kernels, profile, profileRange };
+        var cmd = new Command("bench", "Time LoRA training steps on a fixed batch (for bench/run_bench.py).") { model, ids, steps, warmup, rank, ckpt, keep, plain, device, kernels, graph, profile, profileRange };
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             var dev = Devices.Resolve(r.GetValue(device)!);
@@ -52,27 +54,30 @@ public static class BenchCommand
             };
             using var opt = new AdamW(lm.Parameters("bench"), 0.9, 0.999, 1e-8, 0.01);
             bool chunked = !r.GetValue(plain);
+            int timed = r.GetValue(steps);
+            bool graphed = Trainer.UseCudaGraph(r.GetValue(graph)!, dev, fast, dropout: 0);
+            using var stream = graphed ? CudaStreams.UseSideStream(dev) : null;
+            using var step = new GraphedStep(b => Trainer.LossSum(lm.Model, b, chunked), graphed);
+            // Losses land in a buffer made before the capture: a tensor allocated after it must not outlive a replay.
+            using var history = zeros(timed + 1, ScalarType.Float32, dev);
             // One step without synchronising: the next step's work queues behind this one, as in HF's loop.
-            Tensor Step()
+            void Step(int slot)
             {
                 using var scope = NewDisposeScope();
-                var loss = Trainer.LossSum(lm.Model, batch, chunked) / batch.TargetTokens;
-                loss.backward();
+                var loss = step.Run(batch, 1.0 / batch.TargetTokens);
+                history[slot].copy_(loss);
                 opt.Step(1e-4);
                 opt.ZeroGrad();
-                return loss.detach().MoveToOuterDisposeScope();
             }
-            double first;
-            using (var l = Step()) first = l.item<float>();
-            for (int i = 1; i < r.GetValue(warmup); i++) Step().Dispose();
+            Step(0);
+            double first = history[0].item<float>() / batch.TargetTokens;
+            for (int i = 1; i < r.GetValue(warmup); i++) Step(0);
             Sync(dev);
             var clock = Stopwatch.StartNew();
-            var losses = new List<Tensor>();
-            for (int i = 0; i < r.GetValue(steps); i++) losses.Add(Step());
+            for (int i = 0; i < timed; i++) Step(i + 1);
             Sync(dev);
-            double stepSeconds = clock.Elapsed.TotalSeconds / r.GetValue(steps);
-            double last = losses[^1].item<float>();
-            losses.ForEach(t => t.Dispose());
+            double stepSeconds = clock.Elapsed.TotalSeconds / timed;
+            double last = history[timed].item<float>() / batch.TargetTokens;
             object? phases = r.GetValue(profile) ? Profile(lm, batch, opt, chunked, dev) : null;
             if (r.GetValue(profileRange))
             {
@@ -80,7 +85,7 @@ public static class BenchCommand
                 if (!CudaProfiler.Available) Console.Error.WriteLine("warning: no CUDA runtime loaded; --profile-range marks nothing");
                 Sync(dev);
                 CudaProfiler.Start();
-                Step().Dispose();
+                Step(0);
                 Sync(dev);
                 CudaProfiler.Stop();
             }
@@ -88,7 +93,7 @@ public static class BenchCommand
             {
                 system = "lorakit", step_s = Math.Round(stepSeconds, 4), tokens_per_s = Math.Round(batch.Tokens / stepSeconds),
                 loss_step1 = Math.Round(first, 4), loss = Math.Round(last, 4), chunked_loss = chunked, gradient_checkpointing = r.GetValue(ckpt), checkpoint_keep_gib = r.GetValue(keep),
-                kernels = fast ? "fast" : "exact", phases_ms = phases,
+                kernels = fast ? "fast" : "exact", cuda_graph = graphed ? (step.Disabled ?? $"{step.Replays} replays") : "off", phases_ms = phases,
             }));
             return 0;
         }));

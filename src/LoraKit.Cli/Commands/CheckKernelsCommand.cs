@@ -134,10 +134,69 @@ public static class CheckKernelsCommand
                         return [loss.detach(), cat(lm.Parameters("a").Select(p => p.param.grad!.flatten()).ToArray())];
                     }, l2: true);
             }
+            foreach (var dir in r.GetValue(models) ?? [])
+            {
+                var (samples, _) = JsonlDataset.Load(jsonl, Tokenizer.Load(dir), new DataOptions());
+                using var batch = Batches.Collate(samples.Take(4).ToList(), 0, dev);
+                foreach (bool ckpt in new[] { false, true }) ok &= CheckGraph(dir, batch, ckpt, dev);
+            }
             Console.WriteLine(ok ? "all kernel checks passed" : "kernel checks FAILED");
             return ok ? 0 : 1;
         }));
         return cmd;
+    }
+
+    /// <summary>
+    /// A training step replayed from a CUDA graph against the same step run eagerly: at the parameters it was captured
+    /// at, after an optimizer step (the replay reads the live parameters, not a snapshot), and on another batch of the
+    /// same shape (the replay reads the copied-in inputs). The eager path's run-to-run noise (atomics in attention's
+    /// backward) sets the tolerance.
+    /// </summary>
+    static bool CheckGraph(string dir, Batch batch, bool ckpt, Device dev)
+    {
+        using var scope = NewDisposeScope();
+        using var lm = new LoraModel(CausalLM.Load(dir, ScalarType.BFloat16, dev));
+        lm.AddAdapter("a", new LoraConfig { R = 8, LoraAlpha = 16, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], InitLoraWeights = "false" }, seed: 1);
+        lm.UseFastTraining(true);
+        lm.Model.train();
+        lm.Model.model.GradientCheckpointing = ckpt;
+        lm.Model.model.CheckpointKeepBytes = long.MaxValue;
+        using var opt = new Training.AdamW(lm.Parameters("a"), 0.9, 0.999, 1e-8, 0.0);
+        using var other = new Batch
+        {
+            InputIds = batch.InputIds.roll(7, 1), Labels = batch.Labels.roll(7, 1), AttentionMask = batch.AttentionMask.clone(),
+            TargetTokens = batch.TargetTokens, Tokens = batch.Tokens,
+        };
+        using var stream = CudaStreams.UseSideStream(dev);
+        using var step = new GraphedStep(b => Trainer.LossSum(lm.Model, b, chunked: true)) { WarmupRuns = 1 };
+        Tensor Grads(Tensor loss) => cat([loss.reshape(1).to(ScalarType.Float32), .. lm.Parameters("a").Select(p => p.param.grad!.flatten().to(ScalarType.Float32))]);
+        Tensor Run(Func<Tensor> f) { opt.ZeroGrad(); return Grads(f()).cpu(); }
+        // Results are copied to the host: a device tensor made after the capture must not be read after a later replay
+        // (CudaGraph), and the replay may reuse its memory.
+        var eager = Run(() => step.Run(batch, 1.0));                                   // eager (warm-up)
+        double noise = RelL2(Run(() => Eager(lm, batch)), eager);
+        double same = RelL2(Run(() => step.Run(batch, 1.0)), eager);                   // capture, then replay
+        bool captured = step.Replays == 1;
+        opt.Step(1e-2);
+        var eagerMoved = Run(() => Eager(lm, batch));
+        double change = RelL2(eagerMoved, eager);
+        double moved = RelL2(Run(() => step.Run(batch, 1.0)), eagerMoved);
+        var eagerOther = Run(() => Eager(lm, other));
+        double otherErr = RelL2(Run(() => step.Run(other, 1.0)), eagerOther);
+        double tol = Math.Max(4 * noise, 1e-4);
+        bool pass = captured && step.Replays == 3 && same <= tol && moved <= tol && otherErr <= tol && change > 10 * tol;
+        Console.WriteLine($"{(pass ? "ok  " : "FAIL")} {Path.GetFileName(dir.TrimEnd('/'))} cuda graph{(ckpt ? ", checkpointed" : "")}: " +
+                          (captured ? "" : $"not captured ({step.Disabled}); ") +
+                          $"replay vs eager (loss and LoRA grads, rel L2) {same:E2}, after a step {moved:E2}, other batch {otherErr:E2}; " +
+                          $"eager noise {noise:E2}, step change {change:E2}");
+        return pass;
+    }
+
+    static Tensor Eager(LoraModel lm, Batch b)
+    {
+        var loss = Trainer.LossSum(lm.Model, b, chunked: true);
+        loss.backward();
+        return loss.detach();
     }
 
     static double RelL2(Tensor actual, Tensor expected)

@@ -263,6 +263,25 @@ public static class Trainer
     public static bool FastKernels(string kernels, Device device, ScalarType dtype) =>
         kernels == "fast" || (kernels == "auto" && device.type == TorchSharp.DeviceType.CUDA && dtype != ScalarType.Float32);
 
+    /// <summary>
+    /// The --cuda-graph rule: capture the training step as a CUDA graph (<see cref="GraphedStep"/>) when asked, or for
+    /// auto on the CUDA fast path without dropout (a replay would reuse one dropout mask).
+    /// </summary>
+    public static bool UseCudaGraph(string mode, Device device, bool fastKernels, double dropout)
+    {
+        bool possible = device.type == TorchSharp.DeviceType.CUDA && Runtime.Cuda.CudaStreams.Available;
+        switch (mode)
+        {
+            case "off": return false;
+            case "auto": return possible && fastKernels && dropout == 0;
+            case "on":
+                if (!possible) throw new ArgumentException("--cuda-graph on needs CUDA and a libtorch that exports its stream API (PyTorch 2.4+)");
+                if (dropout > 0) throw new ArgumentException("--cuda-graph on needs --lora-dropout 0: a replayed graph would reuse one dropout mask");
+                return true;
+            default: throw new ArgumentException($"--cuda-graph must be auto, on or off, not '{mode}'");
+        }
+    }
+
     public static Tensor LossSum(CausalLM model, Batch b, bool chunked = false)
     {
         using var scope = NewDisposeScope();

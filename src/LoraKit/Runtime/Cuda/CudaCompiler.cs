@@ -5,8 +5,8 @@ namespace LoraKit.Runtime.Cuda;
 
 /// <summary>
 /// Run-time compiled CUDA kernels next to libtorch's (TorchSharp cannot load custom ops): CUDA C++ source is compiled
-/// by NVRTC (shipped with PyTorch) for the GPU at hand, loaded through the driver API and launched on the legacy default
-/// stream, the stream libtorch's kernels run on, so ordering with them needs no synchronisation. Tensors are passed by
+/// by NVRTC (shipped with PyTorch) for the GPU at hand, loaded through the driver API and launched on libtorch's current
+/// stream (<see cref="CudaStreams"/>), so ordering with its kernels needs no synchronisation and graph capture records them. Tensors are passed by
 /// their device pointers. Everything is loaded lazily; when any piece is missing <see cref="TryLoad"/> returns null and
 /// callers keep their TorchSharp path.
 /// </summary>
@@ -126,7 +126,7 @@ public sealed class CudaCompiler
     /// <summary>The device address of a tensor's first element.</summary>
     public IntPtr Pointer(Tensor t) => _tensorData(t.Handle);
 
-    /// <summary>Launches a kernel of the module on the default stream. Arguments: tensors (passed as pointers), int, long, float.</summary>
+    /// <summary>Launches a kernel of the module on libtorch's current stream. Arguments: tensors (passed as pointers), int, long, float.</summary>
     public void Launch(string kernel, long blocks, int threads, params object[] args)
     {
         MakeCurrent();
@@ -153,7 +153,7 @@ public sealed class CudaCompiler
                 }
                 Marshal.WriteIntPtr(block + 8 * n + IntPtr.Size * i, value);
             }
-            Check(_launch(fn, (uint)blocks, 1, 1, (uint)threads, 1, 1, 0, IntPtr.Zero, block + 8 * n, IntPtr.Zero), $"launch {kernel}");
+            Check(_launch(fn, (uint)blocks, 1, 1, (uint)threads, 1, 1, 0, CudaStreams.Current, block + 8 * n, IntPtr.Zero), $"launch {kernel}");
         }
         finally { Marshal.FreeHGlobal(block); }
     }
