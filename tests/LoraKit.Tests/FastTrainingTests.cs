@@ -147,3 +147,62 @@ public class FastTrainingTests
         for (int i = 0; i < 4; i++) Assert.True(Close.RelError(fused[i], plain[i]) <= 1e-5, $"{names[i]}: {Close.RelError(fused[i], plain[i]):E2}");
     }
 }
+
+/// <summary>
+/// The CUDA graph step (<see cref="GraphedStep"/>): its options and its eager fallback, which CPU machines exercise; the
+/// replay itself is checked against eager steps on the GPU by <c>lorakit check-kernels</c>.
+/// </summary>
+[Collection(GlobalRng.Name)]
+public class GraphedStepTests
+{
+    [Fact]
+    public void CudaGraphOptionIsAutoOnCudaOnlyAndRefusedWhereItCannotWork()
+    {
+        Assert.False(Trainer.UseCudaGraph("auto", CPU, fastKernels: true, dropout: 0));
+        Assert.False(Trainer.UseCudaGraph("off", CPU, fastKernels: true, dropout: 0));
+        Assert.Contains("CUDA", Assert.Throws<ArgumentException>(() => Trainer.UseCudaGraph("on", CPU, true, 0)).Message);
+        Assert.Contains("auto, on or off", Assert.Throws<ArgumentException>(() => Trainer.UseCudaGraph("always", CPU, true, 0)).Message);
+        var c = new TrainConfig { Model = "m", Data = "d", CudaGraph = "yes" };
+        Assert.Contains("--cuda-graph", Assert.Throws<ArgumentException>(c.Validate).Message);
+        // The option does not change what a run computes, so resuming with another value is allowed.
+        Assert.False(new TrainConfig { CudaGraph = "off" }.Identity().ContainsKey("cuda_graph"));
+    }
+
+    [Fact]
+    public void FallsBackToEagerStepsWhenTheStepCannotBeCaptured()
+    {
+        using var lm = new LoraModel(CausalLM.Load(Fixtures.Model("llama"), ScalarType.Float32, CPU));
+        lm.AddAdapter("a", new LoraConfig { R = 4, LoraAlpha = 8, TargetModules = ["q_proj", "v_proj", "down_proj"], InitLoraWeights = "false" }, seed: 3);
+        lm.UseFastTraining(true);
+        lm.Model.train();
+        var (samples, _) = JsonlDataset.Load(Fixtures.Path_("training", "data.jsonl"), Tokenizer.Load(Fixtures.Model("llama")), new DataOptions());
+        using var batch = Batches.Collate(samples.Take(3).ToList(), 0, CPU);
+        using var shorter = Batches.Collate(samples.Skip(3).Take(1).ToList(), 0, CPU);
+        var ps = lm.Parameters("a");
+        (double loss, Tensor grads) Run(Func<Tensor> step)
+        {
+            foreach (var (_, p) in ps) p.grad?.zero_();
+            using var loss = step();
+            return (loss.item<float>(), cat(ps.Select(p => p.param.grad!.flatten()).ToArray()));
+        }
+        Tensor Eager(Batch b, double scale)
+        {
+            var loss = Trainer.LossSum(lm.Model, b, chunked: true);
+            (loss * scale).backward();
+            return loss.detach();
+        }
+        using var step = new GraphedStep(b => Trainer.LossSum(lm.Model, b, chunked: true)) { WarmupRuns = 1 };
+        var expected = Run(() => Eager(batch, 0.25));
+        var other = Run(() => Eager(shorter, 0.5));
+        // Warm-up, then the capture attempt (no CUDA stream here: it fails and the step stays eager), then eager again;
+        // a batch of another shape in between takes the eager path too.
+        foreach (var (b, scale, want) in new[] { (batch, 0.25, expected), (batch, 0.25, expected), (shorter, 0.5, other), (batch, 0.25, expected) })
+        {
+            var got = Run(() => step.Run(b, scale));
+            Assert.Equal(want.loss, got.loss, 6);
+            Assert.True(Close.RelError(got.grads, want.grads) <= 1e-6, $"grads differ ({Close.RelError(got.grads, want.grads):E2})");
+        }
+        Assert.Equal(0, step.Replays);
+        Assert.Contains("side stream", step.Disabled);
+    }
+}

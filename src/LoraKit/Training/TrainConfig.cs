@@ -63,6 +63,8 @@ public sealed class TrainConfig
     public const double DefaultCheckpointKeepGib = 2;
     /// <summary>fast, exact or auto (fast on CUDA with a bf16/fp16 base): see <see cref="Lora.LoraModel.UseFastTraining"/>.</summary>
     public string Kernels { get; set; } = "auto";
+    /// <summary>auto, on or off: replay the training step from a CUDA graph (see <see cref="GraphedStep"/>); auto on the CUDA fast path without dropout.</summary>
+    public string CudaGraph { get; set; } = "auto";
     public int Seed { get; set; }
 
     // evaluation and checkpoints
@@ -108,7 +110,7 @@ public sealed class TrainConfig
     public JsonObject Identity()
     {
         var o = ToJsonObject();
-        foreach (var k in new[] { "output", "device", "kernels", "log_every", "save_every" }) o.Remove(k);
+        foreach (var k in new[] { "output", "device", "kernels", "cuda_graph", "log_every", "save_every" }) o.Remove(k);
         return o;
     }
 
@@ -119,6 +121,7 @@ public sealed class TrainConfig
         void Check(bool ok, string msg) { if (!ok) throw new ArgumentException(msg); }
         Check(Model.Length > 0, "--model is required");
         Check(Kernels is "auto" or "fast" or "exact", $"--kernels must be auto, fast or exact, not '{Kernels}'");
+        Check(CudaGraph is "auto" or "on" or "off", $"--cuda-graph must be auto, on or off, not '{CudaGraph}'");
         Check(Data.Length > 0, "--data is required");
         Check(Method is "lora" or "full", $"method must be lora or full (got '{Method}')");
         Check(Schedule is "constant" or "linear" or "cosine", $"schedule must be constant, linear or cosine (got '{Schedule}')");

@@ -123,10 +123,22 @@ public static class Trainer
         using var optimizer = new AdamW(trainable, c.Beta1, c.Beta2, c.AdamEps, c.WeightDecay);
         int padId = tok.Config.PadToken is string pt && tok.TokenToId(pt) is int pid ? pid : model.Config.PadTokenId ?? 0;
         // The task decides what a micro-batch's summed loss is and what it is normalised by: target tokens for language
-        // modelling, samples for classification.
-        Func<List<Sample>, Tensor> lossOf = classifier is null
-            ? rows => { using var b = Batches.Collate(rows, padId, device); return LossSum(model, b, chunked: c.Method == "lora"); }
-            : rows => { using var b = Batches.Collate(SequenceClassifier.Inputs(rows), padId, device); return classifier.LossSum(b, SequenceClassifier.LabelTensor(rows, device)); };
+        // modelling, samples for classification. backwardOf(rows, 1/count) back-propagates the normalised loss and
+        // returns the sum; language modelling may replay it from a CUDA graph.
+        bool graphed = classifier is null && c.Method == "lora" && UseCudaGraph(c.CudaGraph, device, fast, c.LoraDropout);
+        using var sideStream = graphed ? Runtime.Cuda.CudaStreams.UseSideStream(device) : null;
+        using var lmStep = new GraphedStep(b => LossSum(model, b, chunked: c.Method == "lora"), graphed);
+        Func<List<Sample>, double, Tensor> backwardOf = classifier is null
+            ? (rows, scale) => { using var b = Batches.Collate(rows, padId, device); return lmStep.Run(b, scale); }
+            : (rows, scale) =>
+            {
+                using var b = Batches.Collate(SequenceClassifier.Inputs(rows), padId, device);
+                var loss = classifier.LossSum(b, SequenceClassifier.LabelTensor(rows, device));
+                (loss * scale).backward();
+                return loss.detach();
+            };
+        bool graphWarned = false;
+        if (graphed) log.Info("CUDA graph: the training step is captured after its first batch and replayed for batches of the same shape (--cuda-graph off to disable)");
         Func<List<Sample>, long> countOf = classifier is null
             ? rows => rows.Sum(r => (long)r.Labels.Skip(1).Count(l => l != Sample.IgnoreIndex))
             : rows => rows.Count;
@@ -177,12 +189,16 @@ public static class Trainer
                 double lossSum = 0;
                 foreach (var rows in micro)
                 {
-                    var loss = lossOf(rows);
-                    (loss / Math.Max(1, targets)).backward();
+                    using var loss = backwardOf(rows, 1.0 / Math.Max(1, targets));
                     lossSum += loss.item<float>();
                     tokensSeen += rows.Sum(r => (long)r.InputIds.Length);
                 }
                 cursor += microPerStep;
+                if (graphed && lmStep.Disabled is string why && !graphWarned)
+                {
+                    log.Warn($"CUDA graph off for this run, training continues eagerly: {why}");
+                    graphWarned = true;
+                }
                 gradNorm = optimizer.ClipGradNorm(c.MaxGradNorm);
                 double lr = c.Lr * LrSchedule.Factor(c.Schedule, step - 1, c.WarmupSteps, totalSteps);
                 optimizer.Step(lr);
@@ -229,6 +245,7 @@ public static class Trainer
             if (stoppedEarly) break;
         }
 
+        if (graphed && lmStep.Disabled is null) log.Info($"CUDA graph: {lmStep.Replays} micro-batches replayed (the others ran eagerly: the first, and any of another shape)");
         model.eval();
         var adapterDir = Path.Combine(c.Output, c.Method == "lora" ? "adapter" : "model");
         SaveWeights(adapterDir, c, lm, model, trainable, classifier);

@@ -39,9 +39,9 @@ public sealed class CudaGraph : IDisposable
     /// <summary>Records what <paramref name="work"/> queues on the current stream (nothing runs now: replay runs it).</summary>
     public static CudaGraph Capture(Action work)
     {
-        var api = Driver.Value;
         var stream = CudaStreams.Current;
         if (stream == IntPtr.Zero) throw new InvalidOperationException("CUDA graph capture needs a side stream (CudaStreams.UseSideStream)");
+        var api = Driver.Value;
         // Relaxed: the autograd engine's thread and the allocator may make calls that the stricter modes reject.
         const int Relaxed = 2;
         Check(api.BeginCapture(stream, Relaxed), "cuStreamBeginCapture");
