@@ -51,7 +51,7 @@ def main():
     adapter = max(((ad_on[k].float() - ad_off[k].float()).norm() / ad_off[k].float().norm()).item() for k in ad_off)
     print(f"logged lines: {len(m_on)} vs {len(m_off)}; worst loss difference (relative) {worst:.2e}; adapter (rel L2, worst tensor) {adapter:.2e}")
     replayed = [int(n.split("CUDA graph: ")[1].split()[0]) for n in notes if "micro-batches replayed" in n]
-    ok = len(m_on) == len(m_off) and worst <= 1e-3 and adapter <= 1e-2 and replayed and replayed[0] > 0 and not any("graph off" in n for n in notes)
+    ok = len(m_on) == len(m_off) and worst <= 1e-3 and adapter <= 1e-2 and replayed and replayed[0] > 0 and not any("CUDA graph off for this run" in n for n in notes)
     print("train with CUDA graph matches eager" if ok else "train with CUDA graph DIFFERS")
     sys.exit(0 if ok else 1)
 

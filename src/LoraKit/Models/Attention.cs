@@ -52,9 +52,11 @@ public sealed class Attention : ContainerModule
         var v = (qkv?[2] ?? v_proj.forward(x)).view(b, t, _kvHeads, _headDim);
         if (q_norm != null) q = q_norm.forward(q);
         if (k_norm != null) k = k_norm.forward(k);
-        // Training on CUDA bf16: RoPE as one fused kernel each way.
-        bool fusedRope = FusedTraining && training && is_grad_enabled() && RopeFunction.Fusable(q, cos, sin) && RopeFunction.Fusable(k, cos, sin);
-        if (fusedRope) (q, k) = RopeFunction.Apply(q, k, cos, sin);
+        // Training on CUDA bf16: RoPE as one fused kernel each way (no-grad passes, such as a checkpointed layer's first
+        // forward, run the forward kernel alone).
+        bool fusedRope = FusedTraining && training && RopeFunction.Fusable(q, cos, sin) && RopeFunction.Fusable(k, cos, sin);
+        if (fusedRope && (q.requires_grad || k.requires_grad)) (q, k) = RopeFunction.Apply(q, k, cos, sin);
+        else if (fusedRope) (q, k) = (Runtime.Cuda.FusedKernels.Rope(q, cos, sin, backward: false), Runtime.Cuda.FusedKernels.Rope(k, cos, sin, backward: false));
         else (q, k) = (RotaryEmbedding.Apply(q, cos, sin), RotaryEmbedding.Apply(k, cos, sin));
         q = q.transpose(1, 2);
         int rep = _heads / _kvHeads;

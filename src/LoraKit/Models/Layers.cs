@@ -46,12 +46,25 @@ public sealed class RmsNorm : nn.Module<Tensor, Tensor>
         RegisterComponents();
     }
 
-    /// <summary>Training: use <see cref="RmsNormFunction"/> (same numerics, keeps no fp32 copy) while the weight is frozen.</summary>
+    /// <summary>
+    /// Training: use <see cref="RmsNormFunction"/> (same numerics, keeps no fp32 copy) while the weight is frozen, and its
+    /// fused forward kernel in no-grad passes (a checkpointed layer's first forward), so that pass computes what the
+    /// replay recomputes, in one kernel instead of eight.
+    /// </summary>
     public bool FusedTraining { get; set; }
 
     public override Tensor forward(Tensor x)
     {
-        if (FusedTraining && training && is_grad_enabled() && !weight.requires_grad) return RmsNormFunction.Apply(x, weight, _eps);
+        if (FusedTraining && training && !weight.requires_grad)
+        {
+            if (is_grad_enabled()) return RmsNormFunction.Apply(x, weight, _eps);
+            if (Runtime.Cuda.FusedKernels.Usable(x, weight))
+            {
+                var (y, rstd) = Runtime.Cuda.FusedKernels.RmsNormForward(x, weight, _eps);
+                rstd.Dispose();
+                return y;
+            }
+        }
         using var scope = NewDisposeScope();
         var dtype = x.dtype;
         var h = x.to(ScalarType.Float32);
@@ -111,7 +124,10 @@ public sealed class Mlp : ContainerModule
         if (stash is { Replaying: false, KeepMlp: true }) stash.KeepMlpOutputs(gate, up);
         if (FusedTraining && training && is_grad_enabled() && Lora.LoraProjection.TryResolve(down_proj, out var down, out var lora))
             return Lora.SwiGluDown.Apply(gate, up, down, lora, outputUnused: replay).MoveToOuterDisposeScope();
-        var h = nn.functional.silu(gate) * up;
+        // No-grad passes while training (a checkpointed layer's first forward): the fused product kernel, as the replay uses.
+        var h = FusedTraining && training && Runtime.Cuda.FusedKernels.Usable(gate, up) && !(gate.requires_grad || up.requires_grad)
+            ? Runtime.Cuda.FusedKernels.SwiGluForward(gate, up)
+            : nn.functional.silu(gate) * up;
         return down_proj.forward(h).MoveToOuterDisposeScope();
     }
 }
