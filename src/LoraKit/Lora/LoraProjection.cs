@@ -9,7 +9,9 @@ namespace LoraKit.Lora;
 /// hand-written backward (training fast path; the branch runs in the activations' dtype, see
 /// <see cref="LoraLinear.ComputeInInputDtype"/>). Backward, with h = x·Aᵀ:
 /// dh = dy·(sB), dx = dh·A + dy·W (the base GEMM accumulates onto the adapter's: autograd would add two [tokens, in] tensors),
-/// dA = dhᵀ·x, dB = s·dyᵀ·h — the ops and roundings of the autograd path otherwise.
+/// dA = dhᵀ·x, dB = s·dyᵀ·h — the ops and roundings of the autograd path otherwise. dA and dB are added straight into
+/// the parameters' grads when those exist (as they do under <see cref="Training.AdamW"/>), which is what autograd's
+/// accumulation would do, in one kernel each.
 /// A checkpoint replay (<see cref="LayerStash"/>) may pass the output's value when it was kept from the first forward,
 /// or say that nothing reads it (o_proj, down_proj): the function then skips the [tokens, in]×[in, out] GEMM and
 /// returns the kept tensor or an uninitialised one, since its backward needs only x, h and the weights.
@@ -111,6 +113,15 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
             ? nn.functional.linear(x2, baseLayer.weight, baseLayer.bias)
             : nn.functional.linear(h, sb16!, baseLayer.bias).addmm_(x2, baseLayer.weight.t());
 
+    /// <summary>grad += scale · g when <paramref name="p"/> has a grad already; false (nothing done) otherwise.</summary>
+    static bool AccumulateInto(Parameter p, Tensor g, double scale)
+    {
+        using var grad = p.grad;
+        if (grad is null) return false;
+        grad.add_(g, scale);
+        return true;
+    }
+
     public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor dy)
     {
         var args = (Args)ctx.get_data("args");
@@ -138,8 +149,12 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
             }
             if (args.Lora is { } w)
             {
-                dA = dh!.t().mm(x2).to(w.A.dtype).MoveToOuterDisposeScope();
-                dB = dy2.t().mm(h).to(w.B.dtype).mul_(w.Scaling).MoveToOuterDisposeScope();
+                var gA = dh!.t().mm(x2);
+                var gB = dy2.t().mm(h);
+                // Where the parameters already have grads (the optimizer's flat buffer), add into them in one kernel
+                // each (fp32 += the bf16 product, scaled) instead of cast, scale and autograd's separate accumulation.
+                if (AccumulateInto(w.A, gA, 1.0) is false) dA = gA.to(w.A.dtype).MoveToOuterDisposeScope();
+                if (AccumulateInto(w.B, gB, w.Scaling) is false) dB = gB.to(w.B.dtype).mul_(w.Scaling).MoveToOuterDisposeScope();
             }
             dy.Dispose();
         }
