@@ -14,7 +14,7 @@ namespace LoraKit.Cli.Commands;
 /// <summary>
 /// <c>lorakit check-kernels</c> (GPU): the fused CUDA kernels against the TorchSharp path they replace, forward and
 /// gradients — RMSNorm and the SwiGLU tail on random tensors of several widths, then a whole fast-path LoRA training
-/// step of each given model. Each result is computed three ways: bf16 with the kernels, bf16 on the TorchSharp path,
+/// step of each given model, and that step replayed from a CUDA graph against the same step run eagerly. Each result is computed three ways: bf16 with the kernels, bf16 on the TorchSharp path,
 /// and fp32 (the truth both bf16 paths approximate; max-element error per kernel, relative L2 for a whole step). A check passes when the kernels' error against fp32 is within the
 /// bf16 tolerance (1e-2) or no worse than 1.25× the TorchSharp path's own error. Exit code 1 when any check fails.
 /// </summary>

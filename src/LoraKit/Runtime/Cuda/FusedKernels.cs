@@ -6,7 +6,7 @@ namespace LoraKit.Runtime.Cuda;
 /// Fused bf16 kernels for the training step's memory-bound parts: RMSNorm forward/backward (one pass over a row each
 /// instead of ~8 fp32 kernels) and the SwiGLU product forward/backward (one pass instead of 2 forward and ~4 backward).
 /// Each reproduces the rounding of the TorchSharp ops it replaces (transformers' op order: values rounded to bf16 where
-/// those ops round), so they are checked against the plain path (scripts/gpu/check_kernels.sh). Used only for contiguous,
+/// those ops round), so they are checked against the plain path (`lorakit check-kernels`). Used only for contiguous,
 /// 16-byte-aligned CUDA bf16 tensors; everything else takes the TorchSharp path. LORAKIT_FUSED_KERNELS=0 turns them off.
 /// </summary>
 public static class FusedKernels
