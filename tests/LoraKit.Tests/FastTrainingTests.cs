@@ -206,3 +206,63 @@ public class GraphedStepTests
         Assert.Contains("side stream", step.Disabled);
     }
 }
+
+/// <summary>
+/// The fast path's per-forward LoRA weight copies (<see cref="LoraComputeCopies"/>) must give exactly the per-projection
+/// casts' values, stay current across optimizer steps, and never outlive a training forward. bf16 on CPU, where the
+/// casts are real (in fp32 they are no-ops and no copies are made).
+/// </summary>
+[Collection(GlobalRng.Name)]
+public class ComputeCopiesTests
+{
+    [Theory]
+    [InlineData(false)]
+    [InlineData(true)]
+    public void SameLossAndGradientsAsPerProjectionCastsAcrossOptimizerSteps(bool checkpointing)
+    {
+        // Two identical models trained in lockstep, one with the copies and one with per-projection casts.
+        LoraModel Make(bool copies)
+        {
+            var lm = new LoraModel(CausalLM.Load(Fixtures.Model("llama"), ScalarType.BFloat16, CPU));
+            // Two scalings (alpha_pattern), so the copies scale B in two groups.
+            lm.AddAdapter("a", new LoraConfig
+            {
+                R = 4, LoraAlpha = 8, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                AlphaPattern = new Dictionary<string, double> { ["v_proj"] = 3 }, InitLoraWeights = "false",
+            }, seed: 5);
+            lm.UseFastTraining(true);
+            lm.ComputeCopies!.Enabled = copies;
+            lm.Model.train();
+            lm.Model.model.GradientCheckpointing = checkpointing;
+            return lm;
+        }
+        using var withCopies = Make(true);
+        using var withCasts = Make(false);
+        var (samples, _) = JsonlDataset.Load(Fixtures.Path_("training", "data.jsonl"), Tokenizer.Load(Fixtures.Model("llama")), new DataOptions());
+        using var batch = Batches.Collate(samples.Take(2).ToList(), 0, CPU);
+        using var optCopies = new AdamW(withCopies.Parameters("a"), 0.9, 0.999, 1e-8, 0.0);
+        using var optCasts = new AdamW(withCasts.Parameters("a"), 0.9, 0.999, 1e-8, 0.0);
+        var weights = withCopies.LoraLayers().Select(l => l.layer.Adapters["a"]).ToList();
+        (float loss, Tensor grads) Step(LoraModel lm, AdamW opt)
+        {
+            opt.ZeroGrad();
+            var loss = Trainer.LossSum(lm.Model, batch, chunked: true);
+            loss.backward();
+            var result = (loss.item<float>(), cat(lm.Parameters("a").Select(p => p.param.grad!.flatten()).ToArray()).clone());
+            opt.Step(5e-2); // the next forward must copy the new values
+            return result;
+        }
+        for (int i = 0; i < 3; i++)
+        {
+            var a = Step(withCopies, optCopies);
+            Assert.All(weights, w => Assert.NotNull(w.ComputeA));
+            var b = Step(withCasts, optCasts);
+            Assert.Equal(b.loss, a.loss);
+            Assert.True(a.grads.eq(b.grads).all().item<bool>(), $"step {i}: grads differ ({Close.RelError(a.grads, b.grads):E2})");
+        }
+        // Any other forward (here: evaluation) clears them.
+        withCopies.Model.eval();
+        using (no_grad()) Trainer.LossSum(withCopies.Model, batch).Dispose();
+        Assert.All(weights, w => Assert.Null(w.ComputeA));
+    }
+}
