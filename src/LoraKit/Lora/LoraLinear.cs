@@ -11,14 +11,6 @@ public sealed class LoraWeights(Parameter a, Parameter b, double scaling, double
     public double Scaling { get; } = scaling;
     public double Dropout { get; } = dropout;
     public int Rank => (int)A.shape[0];
-
-    /// <summary>This training forward's activation-dtype A and s·B (<see cref="LoraComputeCopies"/>), or null.</summary>
-    public Tensor? ComputeA { get; internal set; }
-    public Tensor? ComputeSB { get; internal set; }
-
-    /// <summary>A and s·B in <paramref name="dtype"/>: this forward's copies when there are any, else fresh casts.</summary>
-    public (Tensor a, Tensor sb) InDtype(ScalarType dtype) =>
-        ComputeA is { } a && ComputeSB is { } sb && a.dtype == dtype ? (a.alias(), sb.alias()) : (A.to(dtype), (B * Scaling).to(dtype));
 }
 
 /// <summary>
@@ -112,9 +104,8 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
     {
         using var scope = NewDisposeScope();
         var x2 = x.reshape(-1, x.shape[^1]);
-        var (a, sb) = w.InDtype(x.dtype);
-        var down = nn.functional.linear(x2, a);                                              // [N, r]
-        var y = nn.functional.linear(down, sb, base_layer.bias);                             // s·(x·Aᵀ)·Bᵀ + b
+        var down = nn.functional.linear(x2, w.A.to(x.dtype));                                // [N, r]
+        var y = nn.functional.linear(down, (w.B * w.Scaling).to(x.dtype), base_layer.bias);  // s·(x·Aᵀ)·Bᵀ + b
         y = y.addmm_(x2, base_layer.weight.t());                                             // + x·Wᵀ
         var shape = x.shape.ToArray();
         shape[^1] = base_layer.OutFeatures;

@@ -153,16 +153,11 @@ public sealed class LoraModel : IDisposable
 
     /// <summary>
     /// Training fast path on or off: LoRA branches in the activations' dtype, RMSNorm and the SwiGLU tail with
-    /// hand-written backwards that keep less for backward, the LoRA weights cast once per forward
-    /// (<see cref="LoraComputeCopies"/>). Forward values equal the plain path in fp32; in bf16 the LoRA branch rounds
-    /// its [tokens, r] intermediate, as PEFT does when the adapter itself is bf16.
+    /// hand-written backwards that keep less for backward. Forward values equal the plain path in fp32; in bf16 the
+    /// LoRA branch rounds its [tokens, r] intermediate, as PEFT does when the adapter itself is bf16.
     /// </summary>
     public void UseFastTraining(bool on)
     {
-        ComputeCopies?.Clear();
-        var layers = LoraLayers().Select(l => l.layer).ToList();
-        ComputeCopies = on ? new LoraComputeCopies(() => layers) : null;
-        Model.model.BeforeForward = ComputeCopies is { } copies ? copies.BeforeForward : null;
         foreach (var m in Model.modules())
             switch (m)
             {
@@ -172,9 +167,6 @@ public sealed class LoraModel : IDisposable
                 case Models.Attention attn: attn.FusedTraining = on; break;
             }
     }
-
-    /// <summary>The fast path's per-forward LoRA weight copies (null when the fast path is off).</summary>
-    public LoraComputeCopies? ComputeCopies { get; private set; }
 
     /// <summary>The adapter's trainable tensors (A and B of every wrapped layer), in a stable order.</summary>
     public List<(string key, Parameter param)> Parameters(string name) => LoraLayers()
@@ -208,9 +200,5 @@ public sealed class LoraModel : IDisposable
 
     internal LoraLinear WrapForLoad(string key) => Wrap(key);
 
-    public void Dispose()
-    {
-        ComputeCopies?.Clear();
-        Model.Dispose();
-    }
+    public void Dispose() => Model.Dispose();
 }

@@ -91,7 +91,8 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
         Tensor? h = null, a16 = null, sb16 = null;
         if (args.Lora is { } w)
         {
-            (a16, sb16) = w.InDtype(x.dtype);
+            a16 = w.A.to(x.dtype);
+            sb16 = (w.B * w.Scaling).to(x.dtype);
             h = nn.functional.linear(x2, a16);                                             // [N, r]
         }
         if (args.Mode != Output.Compute) Interlocked.Increment(ref _skipped);

@@ -19,11 +19,6 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
     /// so that their replay skips those two GEMMs (about half a layer's recompute; see <see cref="LayerStash"/>).
     /// </summary>
     public long CheckpointKeepBytes { get; set; }
-    /// <summary>
-    /// Called at the start of each forward with the activations' dtype and whether it is a training forward with
-    /// gradients (LoRA's fast path makes its weights' compute copies there: <see cref="Lora.LoraComputeCopies"/>).
-    /// </summary>
-    public Action<ScalarType, bool>? BeforeForward { get; set; }
     readonly RotaryEmbedding _rope;
 
     public DecoderModel(string name, WeightSource w, ModelConfig c) : base("DecoderModel")
@@ -52,7 +47,6 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
         long past = cache?.Length ?? 0;
         positions ??= PositionIds(attentionMask, b, t, past, ids.device);
         var h = embed_tokens.forward(ids);
-        BeforeForward?.Invoke(h.dtype, training && cache is null && is_grad_enabled());
         var (cos, sin) = _rope.CosSin(positions, h.dtype);
         bool checkpoint = GradientCheckpointing && training && cache is null && is_grad_enabled();
         // A checkpointed layer is a custom autograd function whose only tensor input is h; with a frozen embedding h
