@@ -14,9 +14,11 @@ namespace LoraKit.Cli.Commands;
 /// <summary>
 /// <c>lorakit check-kernels</c> (GPU): the fused CUDA kernels against the TorchSharp path they replace, forward and
 /// gradients — RMSNorm and the SwiGLU tail on random tensors of several widths, then a whole fast-path LoRA training
-/// step of each given model, and that step replayed from a CUDA graph against the same step run eagerly. Each result is computed three ways: bf16 with the kernels, bf16 on the TorchSharp path,
-/// and fp32 (the truth both bf16 paths approximate; max-element error per kernel, relative L2 for a whole step). A check passes when the kernels' error against fp32 is within the
-/// bf16 tolerance (1e-2) or no worse than 1.25× the TorchSharp path's own error. Exit code 1 when any check fails.
+/// step of each given model, and that step replayed from a CUDA graph against the same step run eagerly. Each result
+/// is computed three ways: bf16 with the kernels, bf16 on the TorchSharp path, and fp32 (the truth both bf16 paths
+/// approximate; max-element error per kernel, relative L2 for a whole step). A check passes when the kernels' error
+/// against fp32 is within the bf16 tolerance (1e-2) or no worse than 1.25× the TorchSharp path's own error. Exit code 1
+/// when any check fails.
 /// </summary>
 public static class CheckKernelsCommand
 {
@@ -119,25 +121,15 @@ public static class CheckKernelsCommand
             {
                 var (samples, _) = JsonlDataset.Load(jsonl, Tokenizer.Load(dir), new DataOptions());
                 using var batch = Batches.Collate(samples.Take(4).ToList(), 0, dev);
-                // Also checkpointed: the lean replay (o/down GEMMs skipped, gate/up kept for every layer) inside backward.
+                // Also checkpointed: the lean replay (o/down GEMMs skipped, gate/up kept for every layer) inside backward;
+                // then the same step replayed from a CUDA graph.
                 foreach (bool ckpt in new[] { false, true })
                     Compare($"{Path.GetFileName(dir.TrimEnd('/'))} training step{(ckpt ? ", checkpointed" : "")}", ["loss", "LoRA grads"], dt =>
                     {
-                        using var lm = new LoraModel(CausalLM.Load(dir, dt, dev));
-                        lm.AddAdapter("a", new LoraConfig { R = 8, LoraAlpha = 16, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], InitLoraWeights = "false" }, seed: 1);
-                        lm.UseFastTraining(true);
-                        lm.Model.train();
-                        lm.Model.model.GradientCheckpointing = ckpt;
-                        lm.Model.model.CheckpointKeepBytes = long.MaxValue;
-                        var loss = Trainer.LossSum(lm.Model, batch, chunked: true);
-                        loss.backward();
-                        return [loss.detach(), cat(lm.Parameters("a").Select(p => p.param.grad!.flatten()).ToArray())];
+                        using var lm = FastTrainingModel(dir, dt, dev, ckpt);
+                        var loss = Eager(lm, batch);
+                        return [loss, cat(lm.Parameters("a").Select(p => p.param.grad!.flatten()).ToArray())];
                     }, l2: true);
-            }
-            foreach (var dir in r.GetValue(models) ?? [])
-            {
-                var (samples, _) = JsonlDataset.Load(jsonl, Tokenizer.Load(dir), new DataOptions());
-                using var batch = Batches.Collate(samples.Take(4).ToList(), 0, dev);
                 foreach (bool ckpt in new[] { false, true }) ok &= CheckGraph(dir, batch, ckpt, dev);
             }
             Console.WriteLine(ok ? "all kernel checks passed" : "kernel checks FAILED");
@@ -155,12 +147,7 @@ public static class CheckKernelsCommand
     static bool CheckGraph(string dir, Batch batch, bool ckpt, Device dev)
     {
         using var scope = NewDisposeScope();
-        using var lm = new LoraModel(CausalLM.Load(dir, ScalarType.BFloat16, dev));
-        lm.AddAdapter("a", new LoraConfig { R = 8, LoraAlpha = 16, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], InitLoraWeights = "false" }, seed: 1);
-        lm.UseFastTraining(true);
-        lm.Model.train();
-        lm.Model.model.GradientCheckpointing = ckpt;
-        lm.Model.model.CheckpointKeepBytes = long.MaxValue;
+        using var lm = FastTrainingModel(dir, ScalarType.BFloat16, dev, ckpt);
         using var opt = new Training.AdamW(lm.Parameters("a"), 0.9, 0.999, 1e-8, 0.0);
         using var other = new Batch
         {
@@ -190,6 +177,18 @@ public static class CheckKernelsCommand
                           $"replay vs eager (loss and LoRA grads, rel L2) {same:E2}, after a step {moved:E2}, other batch {otherErr:E2}; " +
                           $"eager noise {noise:E2}, step change {change:E2}");
         return pass;
+    }
+
+    /// <summary>A fixture model with a random-B adapter on all seven linear modules, on the fast training path.</summary>
+    static LoraModel FastTrainingModel(string dir, ScalarType dtype, Device dev, bool checkpointing)
+    {
+        var lm = new LoraModel(CausalLM.Load(dir, dtype, dev));
+        lm.AddAdapter("a", new LoraConfig { R = 8, LoraAlpha = 16, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], InitLoraWeights = "false" }, seed: 1);
+        lm.UseFastTraining(true);
+        lm.Model.train();
+        lm.Model.model.GradientCheckpointing = checkpointing;
+        lm.Model.model.CheckpointKeepBytes = long.MaxValue; // the lean replay keeps gate/up for every layer
+        return lm;
     }
 
     static Tensor Eager(LoraModel lm, Batch b)
