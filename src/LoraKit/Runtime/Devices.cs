@@ -12,6 +12,7 @@ public static class Devices
 {
     public static Device Resolve(string name)
     {
+        CudaAllocatorConfig.Apply();
         switch (name.ToLowerInvariant())
         {
             case "cpu": return CPU;
