@@ -27,7 +27,11 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
     /// <summary>How a call produces its output: computed, taken from <see cref="Known"/>, or left uninitialised.</summary>
     public enum Output { Compute, Known, Unused }
 
-    sealed record Args(Models.Linear Base, LoraWeights? Lora, Output Mode, Tensor? Known, bool NeedsInputGrad, long[] InputShape, SharedInputGrad? Shared);
+    sealed record Args(Models.Linear Base, LoraWeights? Lora, Output Mode, Tensor? Known, bool NeedsInputGrad, long[] InputShape, SharedInputGrad? Shared,
+        GroupedDown? Down);
+
+    /// <summary>This projection's columns of a group's h = x·[A₁; A₂; …]ᵀ, and its rows of that bf16 A.</summary>
+    sealed record GroupedDown(Tensor H, Tensor A16);
 
     /// <summary>The frozen base layer and its single live adapter (or none), when this function applies to the module.</summary>
     public static bool TryResolve(nn.Module<Tensor, Tensor> module, out Models.Linear baseLayer, out LoraWeights? lora)
@@ -44,30 +48,66 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
     }
 
     public static Tensor Apply(Tensor x, Models.Linear baseLayer, LoraWeights? lora, Output mode = Output.Compute, Tensor? known = null,
-        SharedInputGrad? shared = null)
+        SharedInputGrad? shared = null) => Apply(x, baseLayer, lora, mode, known, shared, null);
+
+    static Tensor Apply(Tensor x, Models.Linear baseLayer, LoraWeights? lora, Output mode, Tensor? known, SharedInputGrad? shared, GroupedDown? down)
     {
         if (mode == Output.Known && known is null) throw new ArgumentNullException(nameof(known));
-        return CustomFunctions.AfterApply(apply(x, lora?.A!, lora?.B!, new Args(baseLayer, lora, mode, known, x.requires_grad, x.shape, shared)));
+        return CustomFunctions.AfterApply(apply(x, lora?.A!, lora?.B!, new Args(baseLayer, lora, mode, known, x.requires_grad, x.shape, shared, down)));
     }
 
     /// <summary>
-    /// Training: projections that read the same input, as one <see cref="SharedInputGrad"/> group; null when grouping
-    /// does not apply (a module this function does not cover, or an input that needs no grad) — then run them one by one.
-    /// <paramref name="known"/> gives a replay's kept outputs (null entries are computed).
+    /// Training: projections that read the same input (q/k/v, gate/up) as one group. Their adapters' first GEMM is one
+    /// x·[A₁; A₂; …]ᵀ, so x is read once for all of them, and likewise in backward for their dA (see
+    /// <see cref="SharedInputGrad"/>), which also sums their input grads in one buffer. Without gradients (a checkpointed
+    /// layer's first forward) the outputs are computed the same way. Null when grouping does not apply (a module this
+    /// function does not cover): then run them one by one. <paramref name="known"/> gives a replay's kept outputs
+    /// (null entries are computed).
     /// </summary>
     public static Tensor[]? ApplyShared(Tensor x, nn.Module<Tensor, Tensor>[] modules, Tensor?[]? known = null)
     {
-        if (!x.requires_grad || !is_grad_enabled()) return null;
         var resolved = new (Models.Linear b, LoraWeights? l)[modules.Length];
         for (int i = 0; i < modules.Length; i++)
         {
             if (modules[i] is LoraLinear { ComputeInInputDtype: false } || !TryResolve(modules[i], out var b, out var l)) return null;
             resolved[i] = (b, l);
         }
-        var shared = new SharedInputGrad(modules.Length);
+        var downs = GroupDown(x, resolved.Select(r => r.l).ToArray());
+        if (!is_grad_enabled())
+        {
+            if (downs is null) return null;
+            using var scope = NewDisposeScope();
+            var x2 = x.reshape(-1, x.shape[^1]);
+            return resolved.Select((r, i) =>
+            {
+                var shape = x.shape.ToArray();
+                shape[^1] = r.b.OutFeatures;
+                return Compute(x2, downs[i]?.H, r.l is { } w ? (w.B * w.Scaling).to(x.dtype) : null, r.b).view(shape).MoveToOuterDisposeScope();
+            }).ToArray();
+        }
+        var shared = x.requires_grad ? new SharedInputGrad(modules.Length) : null; // else only the adapters need grads
         return resolved.Select((r, i) => known?[i] is { } k
-            ? Apply(x, r.b, r.l, Output.Known, k, shared)
-            : Apply(x, r.b, r.l, Output.Compute, null, shared)).ToArray();
+            ? Apply(x, r.b, r.l, Output.Known, k, shared, downs?[i])
+            : Apply(x, r.b, r.l, Output.Compute, null, shared, downs?[i])).ToArray();
+    }
+
+    /// <summary>h = x·[A₁; A₂; …]ᵀ for a group with two or more adapters (null otherwise), split back per projection.</summary>
+    static GroupedDown?[]? GroupDown(Tensor x, LoraWeights?[] loras)
+    {
+        if (loras.Count(l => l != null) < 2) return null;
+        using var scope = NewDisposeScope();
+        using var noGrad = no_grad(); // the A parameters get their grads from the hand-written backward
+        var a16 = cat(loras.Where(l => l != null).Select(l => (Tensor)l!.A).ToArray(), 0).to(x.dtype);   // [Σr, in]
+        var h = nn.functional.linear(x.reshape(-1, x.shape[^1]), a16);                                   // [N, Σr]
+        var result = new GroupedDown?[loras.Length];
+        long offset = 0;
+        for (int i = 0; i < loras.Length; i++)
+        {
+            if (loras[i] is not { } w) continue;
+            result[i] = new GroupedDown(h.narrow(1, offset, w.Rank).MoveToOuterDisposeScope(), a16.narrow(0, offset, w.Rank).MoveToOuterDisposeScope());
+            offset += w.Rank;
+        }
+        return result;
     }
 
     /// <summary>
@@ -91,9 +131,8 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
         Tensor? h = null, a16 = null, sb16 = null;
         if (args.Lora is { } w)
         {
-            a16 = w.A.to(x.dtype);
             sb16 = (w.B * w.Scaling).to(x.dtype);
-            h = nn.functional.linear(x2, a16);                                             // [N, r]
+            (h, a16) = args.Down is { } g ? (g.H, g.A16) : (nn.functional.linear(x2, a16 = w.A.to(x.dtype)), a16);  // [N, r]
         }
         if (args.Mode != Output.Compute) Interlocked.Increment(ref _skipped);
         Tensor y = args.Mode switch
@@ -112,6 +151,12 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
         h is null
             ? nn.functional.linear(x2, baseLayer.weight, baseLayer.bias)
             : nn.functional.linear(h, sb16!, baseLayer.bias).addmm_(x2, baseLayer.weight.t());
+
+    static bool HasGrad(Parameter p)
+    {
+        using var grad = p.grad;
+        return grad is not null;
+    }
 
     /// <summary>grad += scale · g when <paramref name="p"/> has a grad already; false (nothing done) otherwise.</summary>
     static bool AccumulateInto(Parameter p, Tensor g, double scale)
@@ -134,7 +179,9 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
             Tensor? dh = args.Lora is null ? null : dy2.mm(sb16);                              // [N, r]
             if (args.NeedsInputGrad && args.Shared is { } shared)
             {
-                if (shared.Add(dy2, args.Base.weight, dh, a16) is { } sum)
+                // A group's dA comes out of one GEMM over x there, where the parameters have grads to add it into.
+                var deferA = args.Down != null && args.Lora is { } lw && HasGrad(lw.A) ? (x2, lw.A) : default((Tensor, Parameter)?);
+                if (shared.Add(dy2, args.Base.weight, dh, a16, deferA) is { } sum)
                 {
                     dx = sum.view(args.InputShape).MoveToOuterDisposeScope();
                     sum.Dispose();
@@ -149,11 +196,15 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
             }
             if (args.Lora is { } w)
             {
-                var gA = dh!.t().mm(x2);
                 var gB = dy2.t().mm(h);
                 // Where the parameters already have grads (the optimizer's flat buffer), add into them in one kernel
                 // each (fp32 += the bf16 product, scaled) instead of cast, scale and autograd's separate accumulation.
-                if (AccumulateInto(w.A, gA, 1.0) is false) dA = gA.to(w.A.dtype).MoveToOuterDisposeScope();
+                bool aDeferred = args.Shared != null && args.NeedsInputGrad && args.Down != null && HasGrad(w.A);
+                if (!aDeferred)
+                {
+                    var gA = dh!.t().mm(x2);
+                    if (AccumulateInto(w.A, gA, 1.0) is false) dA = gA.to(w.A.dtype).MoveToOuterDisposeScope();
+                }
                 if (AccumulateInto(w.B, gB, w.Scaling) is false) dB = gB.to(w.B.dtype).mul_(w.Scaling).MoveToOuterDisposeScope();
             }
             dy.Dispose();
