@@ -177,11 +177,11 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
             var (x2, h, a16, sb16) = (saved[0], saved[1], saved[2], saved[3]);
             var dy2 = dy.reshape(-1, dy.shape[^1]);
             Tensor? dh = args.Lora is null ? null : dy2.mm(sb16);                              // [N, r]
+            // A group's dA comes out of one GEMM over x in SharedInputGrad, where A has a grad to add it into.
+            bool aDeferred = args.NeedsInputGrad && args.Shared != null && args.Down != null && args.Lora is { } lw && HasGrad(lw.A);
             if (args.NeedsInputGrad && args.Shared is { } shared)
             {
-                // A group's dA comes out of one GEMM over x there, where the parameters have grads to add it into.
-                var deferA = args.Down != null && args.Lora is { } lw && HasGrad(lw.A) ? (x2, lw.A) : default((Tensor, Parameter)?);
-                if (shared.Add(dy2, args.Base.weight, dh, a16, deferA) is { } sum)
+                if (shared.Add(dy2, args.Base.weight, dh, a16, aDeferred ? (x2, args.Lora!.A) : null) is { } sum)
                 {
                     dx = sum.view(args.InputShape).MoveToOuterDisposeScope();
                     sum.Dispose();
@@ -199,7 +199,6 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
                 var gB = dy2.t().mm(h);
                 // Where the parameters already have grads (the optimizer's flat buffer), add into them in one kernel
                 // each (fp32 += the bf16 product, scaled) instead of cast, scale and autograd's separate accumulation.
-                bool aDeferred = args.Shared != null && args.NeedsInputGrad && args.Down != null && HasGrad(w.A);
                 if (!aDeferred)
                 {
                     var gA = dh!.t().mm(x2);
