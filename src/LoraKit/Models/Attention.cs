@@ -43,8 +43,8 @@ public sealed class Attention : ContainerModule
     {
         using var scope = NewDisposeScope();
         long b = x.shape[0], t = x.shape[1];
-        // RoPE and the GQA repeat (where one is needed) work on the projections' own [B, T, heads, D] layout (contiguous, so the elementwise
-        // kernels vectorise); SDPA takes the [B, heads, T, D] views.
+        // RoPE and the GQA repeat (where one is needed) work on the projections' own [B, T, heads, D] layout
+        // (contiguous, so the elementwise kernels vectorise); SDPA takes the [B, heads, T, D] views.
         // Training: q/k/v as one group whose backwards sum the input grad in one buffer (see Lora.SharedInputGrad).
         var qkv = FusedTraining && training ? Lora.LoraProjection.ApplyShared(x, [q_proj, k_proj, v_proj]) : null;
         var q = (qkv?[0] ?? q_proj.forward(x)).view(b, t, _heads, _headDim);
@@ -60,15 +60,15 @@ public sealed class Attention : ContainerModule
         else (q, k) = (RotaryEmbedding.Apply(q, cos, sin), RotaryEmbedding.Apply(k, cos, sin));
         q = q.transpose(1, 2);
         int rep = _heads / _kvHeads;
+        // Plain causal attention (training, unpadded batches): the kernel maps query-head groups onto the kv heads itself.
+        bool grouped = rep > 1 && cache == null && mask is null && Runtime.GqaAttention.Available;
         if (cache != null)
         {
             (k, v) = cache.Append(layer, k.transpose(1, 2), v.transpose(1, 2));
             if (rep > 1) (k, v) = (RepeatKv(k, rep), RepeatKv(v, rep));
         }
-        // Plain causal attention (training, unpadded batches): the kernel maps query-head groups onto the kv heads itself.
-        bool grouped = rep > 1 && cache == null && mask is null && Runtime.GqaAttention.Available;
-        if (rep > 1 && cache == null && !grouped) (k, v) = (RepeatKvTokensFirst(k, rep).transpose(1, 2), RepeatKvTokensFirst(v, rep).transpose(1, 2));
-        else if (cache == null) (k, v) = (k.transpose(1, 2), v.transpose(1, 2));
+        else if (rep > 1 && !grouped) (k, v) = (RepeatKvTokensFirst(k, rep).transpose(1, 2), RepeatKvTokensFirst(v, rep).transpose(1, 2));
+        else (k, v) = (k.transpose(1, 2), v.transpose(1, 2));
         var attn = grouped ? Runtime.GqaAttention.Causal(q, k, v) : nn.functional.scaled_dot_product_attention(q, k, v, mask, 0.0, mask is null);
         var merged = attn.transpose(1, 2).reshape(b, t, _heads * _headDim);
         var o = stash is { Replaying: true } ? Lora.LoraProjection.Replay(o_proj, merged, null) : o_proj.forward(merged);

@@ -272,10 +272,6 @@ public static class Trainer
         UseRslora = c.UseRslora, BaseModelNameOrPath = c.Model,
     };
 
-    /// <summary>
-    /// Summed next-token cross-entropy over the batch's target positions (fp32 logits). With <paramref name="chunked"/>
-    /// (a frozen LM head) the logits are never kept for backward: see <see cref="ChunkedLmLoss"/>.
-    /// </summary>
     /// <summary>The --kernels rule: fast when asked, or for auto on CUDA with a bf16/fp16 base.</summary>
     public static bool FastKernels(string kernels, Device device, ScalarType dtype) =>
         kernels == "fast" || (kernels == "auto" && device.type == TorchSharp.DeviceType.CUDA && dtype != ScalarType.Float32);
@@ -299,6 +295,10 @@ public static class Trainer
         }
     }
 
+    /// <summary>
+    /// Summed next-token cross-entropy over the batch's target positions (fp32 logits). With <paramref name="chunked"/>
+    /// (a frozen LM head) the logits are never kept for backward: see <see cref="ChunkedLmLoss"/>.
+    /// </summary>
     public static Tensor LossSum(CausalLM model, Batch b, bool chunked = false)
     {
         using var scope = NewDisposeScope();
