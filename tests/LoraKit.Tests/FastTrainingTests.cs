@@ -156,6 +156,24 @@ public class FastTrainingTests
 public class GraphedStepTests
 {
     [Fact]
+    public void EmbeddingsGoToHostMemoryOnlyWhenUntiedFrozenAndOnCuda()
+    {
+        using var untied = CausalLM.Load(Fixtures.Model("llama"), ScalarType.Float32, CPU);
+        using var tied = CausalLM.Load(Fixtures.Model("qwen2"), ScalarType.Float32, CPU);
+        Assert.Null(Trainer.PlaceEmbeddings(untied, "auto", checkpointing: true)); // auto: CUDA only
+        Assert.Null(Trainer.PlaceEmbeddings(untied, "off", checkpointing: true));
+        Assert.Contains("not a frozen CUDA tensor", Trainer.PlaceEmbeddings(untied, "on", checkpointing: false));
+        Assert.Contains("LM head shares them", Trainer.PlaceEmbeddings(tied, "on", checkpointing: true));
+        Assert.False(untied.model.embed_tokens.OnHost);
+        Assert.Equal(TorchSharp.DeviceType.CPU, untied.model.embed_tokens.weight.device_type); // a refusal changes nothing
+        Assert.Contains("auto, on or off", Assert.Throws<ArgumentException>(() => Trainer.PlaceEmbeddings(untied, "host", true)).Message);
+        var c = new TrainConfig { Model = "m", Data = "d", EmbeddingsOnHost = "yes" };
+        Assert.Contains("--embeddings-on-host", Assert.Throws<ArgumentException>(c.Validate).Message);
+        // Where the table lives does not change what a run computes (the gather is exact), so a resume may switch it.
+        Assert.False(new TrainConfig { EmbeddingsOnHost = "on" }.Identity().ContainsKey("embeddings_on_host"));
+    }
+
+    [Fact]
     public void CudaGraphOptionIsAutoOnCudaOnlyAndRefusedWhereItCannotWork()
     {
         Assert.False(Trainer.UseCudaGraph("auto", CPU, fastKernels: true, dropout: 0));

@@ -371,9 +371,10 @@ public class GradientCheckpointingTests
 public class ChunkedLossTests
 {
     [Theory]
-    [InlineData("qwen2", 7)]   // tied head, chunks smaller than the batch
-    [InlineData("llama", 4096)] // one chunk
-    public void SameLossAndGradientsAsFullLogits(string arch, long chunk)
+    [InlineData("qwen2", 7L)]   // tied head, chunks smaller than the batch
+    [InlineData("llama", 4096L)] // one chunk
+    [InlineData("llama", null)] // the default: as many rows as fit ChunkBytes of logits
+    public void SameLossAndGradientsAsFullLogits(string arch, long? chunk)
     {
         using var lm = new LoraKit.Lora.LoraModel(CausalLM.Load(Fixtures.Model(arch), ScalarType.Float32, CPU));
         lm.AddAdapter("a", new LoraKit.Lora.LoraConfig { R = 4, TargetModules = ["q_proj", "down_proj"], InitLoraWeights = "false" }, seed: 2);

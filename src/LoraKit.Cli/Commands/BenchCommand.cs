@@ -29,11 +29,12 @@ public static class BenchCommand
         var keep = new Option<double>("--checkpoint-keep-gib") { Description = "as for train", DefaultValueFactory = _ => TrainConfig.DefaultCheckpointKeepGib };
         var plain = new Option<bool>("--plain-loss") { Description = "materialise full logits (the unoptimised path)" };
         var device = new Option<string>("--device") { Description = "auto, cpu or cuda", DefaultValueFactory = _ => "auto" };
+        var embeddings = new Option<string>("--embeddings-on-host") { Description = "auto, on or off (as for train)", DefaultValueFactory = _ => "auto" };
         var kernels = new Option<string>("--kernels") { Description = "fast, exact or auto (as for train)", DefaultValueFactory = _ => "auto" };
         var profile = new Option<bool>("--profile") { Description = "also time forward, backward and the optimizer separately (synchronising between them)" };
         var graph = new Option<string>("--cuda-graph") { Description = "auto, on or off (as for train)", DefaultValueFactory = _ => "auto" };
         var profileRange = new Option<bool>("--profile-range") { Description = "finally run one step between cudaProfilerStart and cudaProfilerStop (for ncu/nsys)" };
-        var cmd = new Command("bench", "Time LoRA training steps on a fixed batch (for bench/run_bench.py).") { model, ids, steps, warmup, rank, ckpt, keep, plain, device, kernels, graph, profile, profileRange };
+        var cmd = new Command("bench", "Time LoRA training steps on a fixed batch (for bench/run_bench.py).") { model, ids, steps, warmup, rank, ckpt, keep, embeddings, plain, device, kernels, graph, profile, profileRange };
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             var dev = Devices.Resolve(r.GetValue(device)!);
@@ -42,6 +43,8 @@ public static class BenchCommand
             lm.AddAdapter("bench", new LoraConfig { R = rk, LoraAlpha = 2 * rk, LoraDropout = 0, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] });
             lm.Model.model.GradientCheckpointing = r.GetValue(ckpt);
             lm.Model.model.CheckpointKeepBytes = (long)(r.GetValue(keep) * (1L << 30));
+            string? placed = Trainer.PlaceEmbeddings(lm.Model, r.GetValue(embeddings)!, r.GetValue(ckpt));
+            if (placed != null) Console.Error.WriteLine(placed);
             bool fast = Trainer.FastKernels(r.GetValue(kernels)!, dev, Devices.DefaultDType(dev));
             lm.UseFastTraining(fast);
             lm.Model.train();
@@ -69,6 +72,11 @@ public static class BenchCommand
                 opt.Step(1e-4);
                 opt.ZeroGrad();
             }
+            // The peak counts from the first step on, not from after the warm-up as run_bench.py does for HF: replays of a
+            // CUDA graph reuse blocks the allocator counts as free, so only the eager and captured steps show the step's
+            // activations in the allocated bytes.
+            Sync(dev);
+            CudaMemoryStats.ResetPeak(dev);
             Step(0);
             double first = history[0].item<float>() / batch.TargetTokens;
             for (int i = 1; i < r.GetValue(warmup); i++) Step(0);
@@ -78,6 +86,7 @@ public static class BenchCommand
             Sync(dev);
             double stepSeconds = clock.Elapsed.TotalSeconds / timed;
             double last = history[timed].item<float>() / batch.TargetTokens;
+            var memory = CudaMemoryStats.Read(dev);
             object? phases = r.GetValue(profile) ? Profile(lm, batch, opt, chunked, dev) : null;
             if (r.GetValue(profileRange))
             {
@@ -93,6 +102,9 @@ public static class BenchCommand
             {
                 system = "lorakit", step_s = Math.Round(stepSeconds, 4), tokens_per_s = Math.Round(batch.Tokens / stepSeconds),
                 loss_step1 = Math.Round(first, 4), loss = Math.Round(last, 4), chunked_loss = chunked, gradient_checkpointing = r.GetValue(ckpt), checkpoint_keep_gib = r.GetValue(keep),
+                peak_alloc_gib = memory is { } m ? Math.Round(CudaMemory.Gib(m.PeakAllocated), 2) : (double?)null,
+                peak_reserved_gib = memory is { } n ? Math.Round(CudaMemory.Gib(n.PeakReserved), 2) : (double?)null,
+                embeddings_on_host = lm.Model.model.embed_tokens.OnHost,
                 kernels = fast ? "fast" : "exact", cuda_graph = graphed ? (step.Disabled ?? $"{step.Replays} replays") : "off", phases_ms = phases,
             }));
             return 0;

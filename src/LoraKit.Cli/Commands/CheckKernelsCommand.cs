@@ -78,7 +78,8 @@ public static class CheckKernelsCommand
                 var dy = randn(2, 333, 512, device: dev).to(ScalarType.BFloat16);
                 Compare($"swiglu-down I={inter}", ["forward", "d gate", "d up", "d lora_A", "d lora_B"], dt =>
                 {
-                    var (gi, ui) = (g.detach().to(dt).requires_grad_(true), u.detach().to(dt).requires_grad_(true));
+                    // Copies: the fused backward writes its results over gate and up.
+                    var (gi, ui) = (g.to(dt).clone().requires_grad_(true), u.to(dt).clone().requires_grad_(true));
                     lora.A.grad = null; lora.B.grad = null;
                     var y = SwiGluDown.Apply(gi, ui, dt == ScalarType.BFloat16 ? down : down32, lora);
                     y.backward([dy.to(dt)]);
@@ -115,6 +116,18 @@ public static class CheckKernelsCommand
                     loss.backward();
                     return [loss.detach(), hi.grad!];
                 });
+            }
+            {
+                // The input embedding kept in host memory (--embeddings-on-host): rows gathered over PCIe by the kernel
+                // must be index_select's rows on the GPU, bit for bit.
+                var table = randn(5000, 4096, device: dev).to(ScalarType.BFloat16);
+                var host = table.cpu();
+                var ids = randint(0, 5000, [3, 700], dtype: ScalarType.Int64, device: dev);
+                using var mapped = HostMappedMemory.TryMap(host, FusedKernels.Pointer(host), out var why);
+                bool same = mapped != null && FusedKernels.GatherRows(mapped.Device, 5000, 4096, ScalarType.BFloat16, ids)
+                    .eq(table.index_select(0, ids.flatten()).view(3, 700, 4096)).all().item<bool>();
+                Console.WriteLine($"{(same ? "ok  " : "FAIL")} embedding rows from host memory: " + (mapped is null ? $"not mapped ({why})" : same ? "equal to index_select on the GPU" : "differ from index_select"));
+                ok &= same;
             }
             string jsonl = r.GetValue(data) ?? Path.Combine("fixtures", "training", "data.jsonl");
             foreach (var dir in r.GetValue(models) ?? [])
@@ -188,6 +201,7 @@ public static class CheckKernelsCommand
         lm.Model.train();
         lm.Model.model.GradientCheckpointing = checkpointing;
         lm.Model.model.CheckpointKeepBytes = long.MaxValue; // the lean replay keeps gate/up for every layer
+        Trainer.PlaceEmbeddings(lm.Model, "auto", checkpointing); // untied bf16 tables (llama, mistral) go to host memory
         return lm;
     }
 

@@ -24,6 +24,8 @@ public sealed class SwiGluDown : autograd.SingleTensorFunction<SwiGluDown>
     /// <summary>The tail for a down layer and adapter resolved by <see cref="LoraProjection.TryResolve"/>.</summary>
     /// <param name="outputUnused">A checkpoint replay that only needs the backward: skip the product and the down GEMM
     /// and return an uninitialised tensor (see <see cref="LayerStash"/>).</param>
+    /// <remarks>On CUDA bf16 the backward writes its results over <paramref name="gate"/> and <paramref name="up"/>
+    /// (<see cref="Runtime.Cuda.FusedKernels.SwiGluBackward"/>): nothing may read them after backward.</remarks>
     public static Tensor Apply(Tensor gate, Tensor up, Models.Linear down, LoraWeights? lora, bool outputUnused = false) =>
         CustomFunctions.AfterApply(apply(gate, up, lora?.A!, lora?.B!, new Args(down, lora, outputUnused)));
 

@@ -15,8 +15,10 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
     /// <summary>Recompute each layer's activations in backward instead of keeping them (training only).</summary>
     public bool GradientCheckpointing { get; set; }
     /// <summary>
-    /// Checkpointing: device memory (bytes) the layers may spend keeping their gate/up outputs, from the first layer on,
-    /// so that their replay skips those two GEMMs (about half a layer's recompute; see <see cref="LayerStash"/>).
+    /// Checkpointing: device memory (bytes) the layers may spend keeping their gate/up outputs, so that their replay skips
+    /// those two GEMMs (about half a layer's recompute; see <see cref="LayerStash"/>). The last layers keep them: backward
+    /// starts there and frees what they kept before it reaches the layers that recompute, so the peak holds one layer's
+    /// recompute less than if the first layers kept.
     /// </summary>
     public long CheckpointKeepBytes { get; set; }
     readonly RotaryEmbedding _rope;
@@ -52,7 +54,7 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
         // A checkpointed layer is a custom autograd function whose only tensor input is h; with a frozen embedding h
         // would not require grad and the function's output would get no graph (transformers' enable_input_require_grads).
         if (checkpoint && !h.requires_grad) h = h.detach().requires_grad_(true);
-        long keepPerLayer = 2 * b * t * _config.IntermediateSize * h.ElementSize, kept = 0;
+        var keepMlp = checkpoint ? KeepingLayers(2 * b * t * _config.IntermediateSize * h.ElementSize) : [];
         var masks = new Dictionary<int, Tensor?>();
         for (int i = 0; i < layers.Count; i++)
         {
@@ -65,16 +67,17 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
                 h = layers[i].Forward(h, cos, sin, mask, cache, i);
                 continue;
             }
-            LayerStash? stash = null;
-            if (layers[i].LeanReplayable)
-            {
-                bool keepMlp = kept + keepPerLayer <= CheckpointKeepBytes; // only layers that can use it spend the budget
-                if (keepMlp) kept += keepPerLayer;
-                stash = new LayerStash(keepMlp);
-            }
+            var stash = layers[i].LeanReplayable ? new LayerStash(keepMlp.Contains(i)) : null;
             h = LayerCheckpoint.Run(layers[i], h, cos, sin, mask, i, stash);
         }
         return norm.forward(h).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>The layers that keep gate/up within <see cref="CheckpointKeepBytes"/>: the last ones that can use it.</summary>
+    HashSet<int> KeepingLayers(long bytesPerLayer)
+    {
+        long n = CheckpointKeepBytes / Math.Max(bytesPerLayer, 1);
+        return Enumerable.Range(0, layers.Count).Where(i => layers[i].LeanReplayable).Reverse().Take((int)Math.Min(n, layers.Count)).ToHashSet();
     }
 
     protected override void Dispose(bool disposing)

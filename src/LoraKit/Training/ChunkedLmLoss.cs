@@ -19,8 +19,19 @@ public sealed class ChunkedLmLoss : autograd.SingleTensorFunction<ChunkedLmLoss>
     /// <param name="hidden">[N, hidden] final hidden states (requires grad)</param>
     /// <param name="weight">[vocab, hidden] frozen LM head</param>
     /// <param name="targets">[N] int64 next-token ids, <see cref="Data.Sample.IgnoreIndex"/> where no loss is taken</param>
-    public static Tensor Compute(Tensor hidden, Tensor weight, Tensor targets, long chunkRows = 2048) =>
-        Models.CustomFunctions.AfterApply(apply(hidden, weight.detach(), targets, chunkRows));
+    /// <param name="chunkRows">rows per chunk; by default as many as keep a chunk's logits within <see cref="ChunkBytes"/></param>
+    public static Tensor Compute(Tensor hidden, Tensor weight, Tensor targets, long? chunkRows = null) =>
+        Models.CustomFunctions.AfterApply(apply(hidden, weight.detach(), targets, chunkRows ?? DefaultChunkRows(weight)));
+
+    /// <summary>
+    /// A chunk's logits are the loss's working memory on top of everything the forward keeps, so they bound the step's
+    /// peak when checkpointing keeps the rest small: 256 MiB (1,024 rows of a 128k vocabulary) keeps the head's GEMMs
+    /// large enough to run at full speed.
+    /// </summary>
+    public const long ChunkBytes = 256L << 20;
+
+    static long DefaultChunkRows(Tensor weight) =>
+        Math.Max(128, ChunkBytes / (weight.shape[0] * weight.ElementSize) / 128 * 128);
 
     public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
     {

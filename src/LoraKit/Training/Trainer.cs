@@ -110,6 +110,7 @@ public static class Trainer
                 log.Warn("gradient checkpointing on CUDA cannot replay dropout masks (TorchSharp exposes no CUDA RNG state): " +
                          "the recomputed layers draw new masks; use --lora-dropout 0 for exact gradients");
         }
+        if (PlaceEmbeddings(model, c.EmbeddingsOnHost, c.GradientCheckpointing) is { } placed) log.Info(placed);
         string report = c.Method == "lora" ? lm.TrainableReport(AdapterName) + (classifier != null ? $" (+ score head {classifier.Score.numel():N0})" : "")
             : $"trainable params: {trainable.Sum(p => p.param.numel()):N0} || all params: {trainable.Sum(p => p.param.numel()):N0} || trainable%: 100.0000";
         log.Info(report);
@@ -293,6 +294,29 @@ public static class Trainer
                 return true;
             default: throw new ArgumentException($"--cuda-graph must be auto, on or off, not '{mode}'");
         }
+    }
+
+    /// <summary>
+    /// The --embeddings-on-host rule: move an untied, frozen input embedding to mapped host memory
+    /// (<see cref="Models.Embedding.MoveToHost"/>) when asked, or for auto with gradient checkpointing on CUDA (the
+    /// setting chosen for least memory). Returns what happened, for the log (null: nothing was asked).
+    /// </summary>
+    public static string? PlaceEmbeddings(CausalLM model, string mode, bool checkpointing)
+    {
+        bool want = mode switch
+        {
+            "on" => true,
+            "off" => false,
+            "auto" => checkpointing && model.Device.type == TorchSharp.DeviceType.CUDA,
+            _ => throw new ArgumentException($"--embeddings-on-host must be auto, on or off, not '{mode}'"),
+        };
+        if (!want) return null;
+        if (model.Config.TieWordEmbeddings) return "input embeddings stay on the GPU: the LM head shares them";
+        var table = model.model.embed_tokens;
+        double gib = table.weight.numel() * table.weight.ElementSize / (double)(1L << 30);
+        return table.MoveToHost() is { } why
+            ? $"input embeddings stay on the GPU: {why}"
+            : $"input embeddings in host memory ({gib:F2} GiB of device memory freed; each step reads its rows over PCIe)";
     }
 
     /// <summary>

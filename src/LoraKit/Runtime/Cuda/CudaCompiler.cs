@@ -126,7 +126,7 @@ public sealed class CudaCompiler
     /// <summary>The device address of a tensor's first element.</summary>
     public IntPtr Pointer(Tensor t) => _tensorData(t.Handle);
 
-    /// <summary>Launches a kernel of the module on libtorch's current stream. Arguments: tensors (passed as pointers), int, long, float.</summary>
+    /// <summary>Launches a kernel of the module on libtorch's current stream. Arguments: tensors (passed as pointers), pointers, int, long, float.</summary>
     public void Launch(string kernel, long blocks, int threads, params object[] args)
     {
         MakeCurrent();
@@ -146,6 +146,7 @@ public sealed class CudaCompiler
                 switch (args[i])
                 {
                     case Tensor t: Marshal.WriteIntPtr(value, Pointer(t)); break;
+                    case IntPtr p: Marshal.WriteIntPtr(value, p); break;
                     case int v: Marshal.WriteInt32(value, v); break;
                     case long v: Marshal.WriteInt64(value, v); break;
                     case float v: Marshal.WriteInt32(value, BitConverter.SingleToInt32Bits(v)); break;

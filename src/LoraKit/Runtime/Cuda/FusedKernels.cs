@@ -81,7 +81,7 @@ public static class FusedKernels
 
         // From da: du = bf16(da * s), dg = bf16(bf16(da * u) * sig * (1 + g (1 - sig))), s = bf16(silu(g)); with
         // write_a also the product a = bf16(s * u) (as swiglu_fwd), which the down adapter's dA needs. dg may be da.
-        extern "C" __global__ void swiglu_bwd(const bf16* da, const bf16* g, const bf16* u, bf16* dg, bf16* du, bf16* a, int write_a, long n8) {
+        extern "C" __global__ void swiglu_bwd(const bf16* da, const bf16* g, const bf16* u, bf16* dg, bf16* du, bf16* a, int write_a, long n8) { // outputs may alias inputs
             for (long k = blockIdx.x * (long)blockDim.x + threadIdx.x; k < n8; k += (long)gridDim.x * blockDim.x) {
                 V8 dv = ld8(da + k * 8), gv = ld8(g + k * 8), uv = ld8(u + k * 8), og, ou, oa;
                 for (int j = 0; j < 8; j++) {
@@ -94,6 +94,16 @@ public static class FusedKernels
                 }
                 st8(dg + k * 8, og); st8(du + k * 8, ou);
                 if (write_a) st8(a + k * 8, oa);
+            }
+        }
+
+        // out[r] = table[ids[r]] in 16-byte vectors, v16 per row; the table may be host memory mapped for the device.
+        // Ids outside [0, vocab) give zero rows (a kernel cannot raise; callers pass tokenizer ids).
+        extern "C" __global__ void gather_rows(const uint4* table, const long long* ids, uint4* out, long rows, long v16, long vocab) {
+            for (long r = blockIdx.x; r < rows; r += gridDim.x) {
+                long long id = ids[r];
+                bool ok = id >= 0 && id < vocab;
+                for (long i = threadIdx.x; i < v16; i += blockDim.x) out[r * v16 + i] = ok ? table[id * v16 + i] : make_uint4(0, 0, 0, 0);
             }
         }
 
@@ -233,6 +243,25 @@ public static class FusedKernels
         return loss;
     }
 
+    /// <summary>The address of a tensor's first element (host or device).</summary>
+    public static IntPtr Pointer(Tensor t) => C.Pointer(t);
+
+    /// <summary>
+    /// Rows <paramref name="ids"/> (int64, any shape, on the GPU) of a [vocab, dim] table at <paramref name="table"/>, a
+    /// device address (host memory mapped by <see cref="HostMappedMemory"/> works: the rows come over PCIe), as a
+    /// [ids…, dim] tensor. Rows must be a multiple of 16 bytes.
+    /// </summary>
+    public static Tensor GatherRows(IntPtr table, long vocab, long dim, ScalarType dtype, Tensor ids)
+    {
+        var out_ = empty(ids.shape.Append(dim).ToArray(), dtype, ids.device);
+        long rowBytes = dim * out_.ElementSize;
+        if (rowBytes % 16 != 0 || ids.dtype != ScalarType.Int64) throw new ArgumentException("rows must be a multiple of 16 bytes and ids int64");
+        using var flat = ids.contiguous();
+        long rows = flat.numel();
+        if (rows > 0) C.Launch("gather_rows", Math.Min(rows, 65535), Threads, table, flat, out_, rows, rowBytes / 16, vocab);
+        return out_;
+    }
+
     static long Blocks(long n8) => Math.Max(1, Math.Min((n8 + Threads - 1) / Threads, 65536));
 
     public static Tensor SwiGluForward(Tensor gate, Tensor up)
@@ -245,14 +274,14 @@ public static class FusedKernels
 
     /// <summary>
     /// (d gate, d up) from the product's gradient, and with <paramref name="product"/> the product a = silu(g)·u itself
-    /// (same values as <see cref="SwiGluForward"/>) from the same pass. d gate is written over <paramref name="da"/>.
+    /// (same values as <see cref="SwiGluForward"/>) from the same pass. Each element is read before it is written, so the
+    /// results reuse their inputs' memory: d gate is written over <paramref name="da"/>, d up over <paramref name="up"/>
+    /// and the product over <paramref name="gate"/> (two [tokens, intermediate] buffers less at the backward's peak).
     /// </summary>
     public static (Tensor dg, Tensor du, Tensor? a) SwiGluBackward(Tensor da, Tensor gate, Tensor up, bool product)
     {
-        var du = empty_like(up);
-        var a = product ? empty_like(gate) : null;
         long n8 = gate.numel() / 8;
-        C.Launch("swiglu_bwd", Blocks(n8), Threads, da, gate, up, da, du, a ?? du, product ? 1 : 0, n8);
-        return (da, du, a);
+        C.Launch("swiglu_bwd", Blocks(n8), Threads, da, gate, up, da, up, gate, product ? 1 : 0, n8);
+        return (da, up.alias(), product ? gate.alias() : null);
     }
 }
