@@ -247,6 +247,8 @@ public static class Trainer
         }
 
         if (graphed && lmStep.Disabled is null) log.Info($"CUDA graph: {lmStep.Replays} micro-batches replayed (the others ran eagerly: the first, and any of another shape)");
+        if (Runtime.Cuda.CudaMemoryStats.Read(device) is { } mem)
+            log.Info($"peak GPU memory: {Runtime.Cuda.CudaMemory.Gib(mem.PeakAllocated):F2} GiB allocated, {Runtime.Cuda.CudaMemory.Gib(mem.PeakReserved):F2} GiB reserved by libtorch's allocator (since the start, model load included)");
         model.eval();
         var adapterDir = Path.Combine(c.Output, c.Method == "lora" ? "adapter" : "model");
         SaveWeights(adapterDir, c, lm, model, trainable, classifier);
@@ -313,10 +315,11 @@ public static class Trainer
         if (!want) return null;
         if (model.Config.TieWordEmbeddings) return "input embeddings stay on the GPU: the LM head shares them";
         var table = model.model.embed_tokens;
-        double gib = table.weight.numel() * table.weight.ElementSize / (double)(1L << 30);
+        long bytes = table.weight.numel() * table.weight.ElementSize;
+        string size = bytes >= 1L << 30 ? $"{bytes / (double)(1L << 30):F2} GiB" : $"{bytes / (double)(1L << 20):F1} MiB";
         return table.MoveToHost() is { } why
             ? $"input embeddings stay on the GPU: {why}"
-            : $"input embeddings in host memory ({gib:F2} GiB of device memory freed; each step reads its rows over PCIe)";
+            : $"input embeddings in host memory ({size} of device memory freed; each step reads its rows over PCIe)";
     }
 
     /// <summary>
