@@ -42,7 +42,8 @@ public sealed class HostMappedMemory : IDisposable
     {
         why = null;
         if (cpuTensor.device_type != TorchSharp.DeviceType.CPU || !cpuTensor.is_contiguous()) { why = "not a contiguous CPU tensor"; return null; }
-        if (Driver.Value is not var (register, devicePointer, unregister)) { why = "libcuda.so.1 has no cuMemHostRegister_v2"; return null; }
+        if (Driver.Value is not { } driver) { why = "libcuda.so.1 has no cuMemHostRegister_v2"; return null; }
+        var (register, devicePointer, unregister) = driver;
         var bytes = (nuint)(cpuTensor.numel() * cpuTensor.ElementSize);
         int rc = register(hostPointer, bytes, Portable | DeviceMap);
         if (rc != 0) { why = $"cuMemHostRegister failed (CUDA error {rc})"; return null; }
