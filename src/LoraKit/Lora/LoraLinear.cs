@@ -96,20 +96,17 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
     }
 
     /// <summary>
-    /// One adapter in the input's dtype without gradients (evaluation inside a fast-path run): the small adapter GEMM
-    /// writes s·(x·Aᵀ)·Bᵀ + bias first and the base GEMM adds x·Wᵀ onto it (beta = 1), so the [tokens, out] output is
-    /// written once. With gradients, <see cref="LoraProjection"/> does the same and writes the backward by hand.
+    /// One adapter in the input's dtype without gradients (evaluation inside a fast-path run), computed as
+    /// <see cref="LoraProjection"/>'s forward does, so the [tokens, out] output is written once.
     /// </summary>
     Tensor SingleInInputDtype(Tensor x, LoraWeights w)
     {
         using var scope = NewDisposeScope();
         var x2 = x.reshape(-1, x.shape[^1]);
         var down = nn.functional.linear(x2, w.A.to(x.dtype));                                // [N, r]
-        var y = nn.functional.linear(down, (w.B * w.Scaling).to(x.dtype), base_layer.bias);  // s·(x·Aᵀ)·Bᵀ + b
-        y = y.addmm_(x2, base_layer.weight.t());                                             // + x·Wᵀ
         var shape = x.shape.ToArray();
         shape[^1] = base_layer.OutFeatures;
-        return y.view(shape).MoveToOuterDisposeScope();
+        return LoraProjection.Compute(x2, down, (w.B * w.Scaling).to(x.dtype), base_layer).view(shape).MoveToOuterDisposeScope();
     }
 
     Tensor InInputDtype(Tensor x, Tensor result)

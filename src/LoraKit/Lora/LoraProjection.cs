@@ -146,8 +146,11 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
         return y.MoveToOuterDisposeScope();
     }
 
-    /// <summary>The adapter GEMM writes s·h·Bᵀ + b, then the base GEMM adds x·Wᵀ onto it (one write of the output).</summary>
-    static Tensor Compute(Tensor x2, Tensor? h, Tensor? sb16, Models.Linear baseLayer) =>
+    /// <summary>
+    /// The adapter GEMM writes s·h·Bᵀ + b, then the base GEMM adds x·Wᵀ onto it (one write of the output); x2 is
+    /// [N, in], h = x2·Aᵀ (null: no adapter), sb16 = s·B in x2's dtype. Also <see cref="LoraLinear"/>'s no-grad path.
+    /// </summary>
+    internal static Tensor Compute(Tensor x2, Tensor? h, Tensor? sb16, Models.Linear baseLayer) =>
         h is null
             ? nn.functional.linear(x2, baseLayer.weight, baseLayer.bias)
             : nn.functional.linear(h, sb16!, baseLayer.bias).addmm_(x2, baseLayer.weight.t());

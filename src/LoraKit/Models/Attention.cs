@@ -56,7 +56,7 @@ public sealed class Attention : ContainerModule
         // forward, run the forward kernel alone).
         bool fusedRope = FusedTraining && training && RopeFunction.Fusable(q, cos, sin) && RopeFunction.Fusable(k, cos, sin);
         if (fusedRope && (q.requires_grad || k.requires_grad)) (q, k) = RopeFunction.Apply(q, k, cos, sin);
-        else if (fusedRope) (q, k) = (Runtime.Cuda.FusedKernels.Rope(q, cos, sin, backward: false), Runtime.Cuda.FusedKernels.Rope(k, cos, sin, backward: false));
+        else if (fusedRope) (q, k) = (RopeFunction.Rotate(q, cos, sin), RopeFunction.Rotate(k, cos, sin));
         else (q, k) = (RotaryEmbedding.Apply(q, cos, sin), RotaryEmbedding.Apply(k, cos, sin));
         q = q.transpose(1, 2);
         int rep = _heads / _kvHeads;

@@ -27,7 +27,8 @@ public sealed class RopeFunction : autograd.MultiTensorFunction<RopeFunction>
     public static bool Fusable(Tensor x, Tensor cos, Tensor sin) =>
         x.shape[^1] % 16 == 0 && Runtime.Cuda.FusedKernels.Usable(x, cos, sin);
 
-    static Tensor Rotate(Tensor x, Tensor cos, Tensor sin) =>
+    /// <summary>The forward rotation without autograd: the fused kernel where <see cref="Fusable"/>, else TorchSharp ops.</summary>
+    public static Tensor Rotate(Tensor x, Tensor cos, Tensor sin) =>
         Fusable(x, cos, sin) ? Runtime.Cuda.FusedKernels.Rope(x, cos, sin, backward: false) : RotaryEmbedding.Apply(x, cos, sin);
 
     static Tensor RotateBack(Tensor dy, Tensor cos, Tensor sin)
