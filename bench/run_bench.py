@@ -139,13 +139,14 @@ def hf_run(d, ids, ckpt, steps, warm, profile=False):
 
 
 def lorakit_run(d, ids_path, ckpt, steps, warm, plain=False, kernels="fast", profile=False, keep_gib=None, graph="auto", main=False,
-                embeddings="auto"):
+                embeddings="auto", extra=(), label="", memory_trace=False):
     args = ["bash", ".gpu/on-gpu.sh", "LoraKit.Cli", "bench", "--model", d, "--ids", ids_path, "--steps", str(steps),
             "--warmup", str(warm), "--rank", "16", "--device", "cuda", "--kernels", kernels] + \
            (["--gradient-checkpointing"] if ckpt else []) + (["--plain-loss"] if plain else []) + (["--profile"] if profile else []) + \
-           (["--checkpoint-keep-gib", str(keep_gib)] if keep_gib is not None else []) + ["--cuda-graph", graph, "--embeddings-on-host", embeddings]
+           (["--checkpoint-keep-gib", str(keep_gib)] if keep_gib is not None else []) + ["--cuda-graph", graph, "--embeddings-on-host", embeddings] + \
+           (["--memory-trace"] if memory_trace else []) + list(extra)
     name = "lorakit" + ("-plain" if plain else "") + ("-exact" if kernels == "exact" else "") + \
-           (f"-keep{keep_gib:g}" if keep_gib is not None and not main else "") + ("-nograph" if graph == "off" else "") + ("-embgpu" if embeddings == "off" else "")
+           (f"-keep{keep_gib:g}" if keep_gib is not None and not main else "") + ("-nograph" if graph == "off" else "") + ("-embgpu" if embeddings == "off" else "") + (f"-{label}" if label else "")
     torch.cuda.synchronize()
     with DevicePeak() as dev:
         r = subprocess.run(args, capture_output=True, text=True)
@@ -157,10 +158,12 @@ def lorakit_run(d, ids_path, ckpt, steps, warm, plain=False, kernels="fast", pro
     res["peak_reserved_gib"] = out.get("peak_reserved_gib")
     res["cuda_graph"] = out.get("cuda_graph")
     res["embeddings_on_host"] = out.get("embeddings_on_host")
+    res["offload_checkpoints"] = out.get("offload_checkpoints")
     if keep_gib is not None:
         res["checkpoint_keep_gib"] = keep_gib
-    if out.get("phases_ms"):
-        res["phases_ms"] = out["phases_ms"]
+    for key in ("phases_ms", "memory_trace"):
+        if out.get(key):
+            res[key] = out[key]
     return res
 
 
@@ -182,6 +185,9 @@ def main():
     ap.add_argument("--embeddings-ab", action="store_true",
                     help="checkpointed workloads: also time LoraKit with --embeddings-on-host off (the table on the GPU)")
     ap.add_argument("--no-graph", action="store_true", help="also time LoraKit without the CUDA graph (--cuda-graph off)")
+    ap.add_argument("--memory-trace", action="store_true", help="LoraKit's main run also reports the allocated bytes between a step's phases")
+    ap.add_argument("--variant", nargs="*", default=[], metavar="NAME=ARGS",
+                    help="also time LoraKit with these extra `lorakit bench` arguments (A/B experiments), e.g. chunk64='--loss-chunk-mib 64'")
     ap.add_argument("--out", default="bench/results/latest.json")
     a = ap.parse_args()
     torch.cuda.init()
@@ -192,7 +198,12 @@ def main():
         name = f"{shape} {b}x{s}" + (" ckpt" if ckpt else "")
         d, ids, ids_path = prepare_batch(shape, b, s)
         runs = [] if a.no_hf else [lambda: hf_run(d, ids, ckpt, a.steps, a.warmup, a.hf_profile)]
-        runs.append(lambda: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, profile=a.profile, keep_gib=a.keep if ckpt else None, main=True))
+        runs.append(lambda: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, profile=a.profile, keep_gib=a.keep if ckpt else None, main=True,
+                                       memory_trace=a.memory_trace))
+        for v in a.variant:
+            label, _, args = v.partition("=")
+            runs.append(lambda label=label, args=args: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, keep_gib=a.keep if ckpt else None,
+                                                                   main=True, extra=args.split(), label=label))
         for k in a.keep_sweep if ckpt else []:
             runs.append(lambda k=k: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, keep_gib=k))
         if a.embeddings_ab and ckpt:

@@ -61,14 +61,77 @@ public class FastTrainingTests
         Assert.True(CustomFunctions.ReleasedOutputs > released, "the fused functions' output caches were not released");
         bool lean = checkpointing && dropout == 0;
         int layers = lm.Model.model.layers.Count;
-        // o_proj per layer (down_proj is inside SwiGluDown), plus gate and up per layer that keeps them
-        if (lean) Assert.Equal(layers + 2 * Math.Min(keepMlpLayers, layers), LoraProjection.SkippedOutputs - skipped);
+        // o_proj per layer (down_proj is inside SwiGluDown), plus gate and up per layer that keeps them, plus q, k and v
+        // per layer that keeps them with what is left once every layer keeps gate/up
+        var cfg = lm.Model.Config;
+        long qkvBytes = batch.InputIds.numel() * (cfg.NumAttentionHeads + 2 * cfg.NumKeyValueHeads) * cfg.HeadDim * sizeof(float);
+        long qkvLayers = keepMlpLayers < layers ? 0 : Math.Min(layers, (keepMlpLayers - layers) * perLayer / qkvBytes);
+        if (lean) Assert.Equal(layers + 2 * Math.Min(keepMlpLayers, layers) + 3 * qkvLayers, LoraProjection.SkippedOutputs - skipped);
         else Assert.Equal(0, LoraProjection.SkippedOutputs - skipped);
         Assert.True(Math.Abs(fastLoss - plainLoss) <= 1e-5 * Math.Abs(plainLoss), $"loss {fastLoss} vs {plainLoss}");
         var names = lm.Parameters("a").Select(p => p.key).ToList();
         for (int i = 0; i < plainGrads.Count; i++)
             Assert.True(Close.RelError(fastGrads[i], plainGrads[i]) <= 1e-4, $"{names[i]}: {Close.RelError(fastGrads[i], plainGrads[i]):E2}");
         Assert.Contains(plainGrads, g => g.abs().sum().item<float>() > 0);
+    }
+
+    /// <summary>
+    /// Checkpoints offloaded between forward and backward (on CPU the copies are synchronous clones, so this checks the
+    /// bookkeeping: which layer's input and mid-layer residual leave, when they are freed and fetched back) give the very
+    /// same loss and gradients, over two steps (the host buffers are reused), with every layer offloaded and with the
+    /// last layer kept on the device.
+    /// </summary>
+    [Theory]
+    [InlineData("llama", 0, 1, 1, 0)]
+    [InlineData("qwen3", 0, 3, 2, 99)]
+    [InlineData("mistral", 1, 1, 1, 1)]
+    public void OffloadedCheckpointsGiveTheSameGradients(string arch, int deviceLayers, int releaseLag, int prefetch, int keepMlpLayers)
+    {
+        using var lm = new LoraModel(CausalLM.Load(Fixtures.Model(arch), ScalarType.Float32, CPU));
+        lm.AddAdapter("a", new LoraConfig { R = 4, LoraAlpha = 8, TargetModules = [.. AllLinear], InitLoraWeights = "false" }, seed: 3);
+        var (samples, _) = JsonlDataset.Load(Fixtures.Path_("training", "data.jsonl"), Tokenizer.Load(Fixtures.Model(arch)), new DataOptions());
+        using var batch = Batches.Collate(samples.Take(3).ToList(), 0, CPU);
+        lm.UseFastTraining(true);
+        lm.Model.train();
+        lm.Model.model.GradientCheckpointing = true;
+        lm.Model.model.CheckpointKeepBytes = keepMlpLayers * 2 * batch.InputIds.numel() * lm.Model.Config.IntermediateSize * sizeof(float);
+        List<Tensor> Step()
+        {
+            var loss = Trainer.LossSum(lm.Model, batch, chunked: true);
+            loss.backward();
+            var grads = lm.Parameters("a").Select(p => p.param.grad!.clone()).Append(loss.detach().reshape(1)).ToList();
+            foreach (var (_, p) in lm.Parameters("a")) p.grad!.zero_();
+            return grads;
+        }
+        var onDevice = Step();
+        Assert.Null(Trainer.PlaceCheckpoints(lm.Model, "auto", checkpointing: true)); // auto: CUDA only
+        Assert.Contains("host memory", Trainer.PlaceCheckpoints(lm.Model, "on", checkpointing: true));
+        var offload = lm.Model.model.Offload!;
+        (offload.DeviceLayers, offload.ReleaseLag, offload.PrefetchAhead) = (deviceLayers, releaseLag, prefetch);
+        for (int step = 1; step <= 2; step++)
+        {
+            var offloaded = Step();
+            int layers = lm.Model.model.layers.Count;
+            Assert.Equal(step * 2L * Math.Max(0, layers - deviceLayers), offload.Restored); // input and mid of each offloaded layer
+            for (int i = 0; i < onDevice.Count; i++) Assert.True(offloaded[i].equal(onDevice[i]).all().item<bool>(), $"tensor {i} differs at step {step}");
+        }
+        Assert.True(offload.HostBytes > 0);
+        Assert.Contains(onDevice, g => g.abs().sum().item<float>() > 0);
+    }
+
+    [Fact]
+    public void OffloadOptionIsAutoWithCheckpointingOnCudaAndValidated()
+    {
+        using var model = CausalLM.Load(Fixtures.Model("llama"), ScalarType.Float32, CPU);
+        Assert.Null(Trainer.PlaceCheckpoints(model, "off", checkpointing: true));
+        Assert.Null(Trainer.PlaceCheckpoints(model, "auto", checkpointing: true));
+        Assert.Contains("none without --gradient-checkpointing", Trainer.PlaceCheckpoints(model, "on", checkpointing: false));
+        Assert.Null(model.model.Offload); // a refusal changes nothing
+        Assert.Contains("auto, on or off", Assert.Throws<ArgumentException>(() => Trainer.PlaceCheckpoints(model, "host", true)).Message);
+        var c = new TrainConfig { Model = "m", Data = "d", OffloadCheckpoints = "yes" };
+        Assert.Contains("--offload-checkpoints", Assert.Throws<ArgumentException>(c.Validate).Message);
+        // Where checkpoints wait does not change what a run computes (the copies are exact), so a resume may switch it.
+        Assert.False(new TrainConfig { OffloadCheckpoints = "on" }.Identity().ContainsKey("offload_checkpoints"));
     }
 
     [Theory]

@@ -30,14 +30,18 @@ public static class BenchCommand
         var plain = new Option<bool>("--plain-loss") { Description = "materialise full logits (the unoptimised path)" };
         var device = new Option<string>("--device") { Description = "auto, cpu or cuda", DefaultValueFactory = _ => "auto" };
         var embeddings = new Option<string>("--embeddings-on-host") { Description = "auto, on or off (as for train)", DefaultValueFactory = _ => "auto" };
+        var offload = new Option<string>("--offload-checkpoints") { Description = "auto, on or off (as for train)", DefaultValueFactory = _ => "auto" };
         var kernels = new Option<string>("--kernels") { Description = "fast, exact or auto (as for train)", DefaultValueFactory = _ => "auto" };
         var profile = new Option<bool>("--profile") { Description = "also time forward, backward and the optimizer separately (synchronising between them)" };
         var graph = new Option<string>("--cuda-graph") { Description = "auto, on or off (as for train)", DefaultValueFactory = _ => "auto" };
+        var memoryTrace = new Option<bool>("--memory-trace") { Description = "finally run one eager step noting the allocated bytes and the peak between its phases (where the peak falls)" };
+        var lossChunk = new Option<int?>("--loss-chunk-mib") { Description = "the chunked loss's logits budget per chunk (default 256)" };
         var profileRange = new Option<bool>("--profile-range") { Description = "finally run one step between cudaProfilerStart and cudaProfilerStop (for ncu/nsys)" };
-        var cmd = new Command("bench", "Time LoRA training steps on a fixed batch (for bench/run_bench.py).") { model, ids, steps, warmup, rank, ckpt, keep, embeddings, plain, device, kernels, graph, profile, profileRange };
+        var cmd = new Command("bench", "Time LoRA training steps on a fixed batch (for bench/run_bench.py).") { model, ids, steps, warmup, rank, ckpt, keep, embeddings, plain, device, kernels, graph, profile, profileRange, memoryTrace, lossChunk, offload };
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             var dev = Devices.Resolve(r.GetValue(device)!);
+            if (r.GetValue(lossChunk) is int mib) ChunkedLmLoss.ChunkBytes = (long)mib << 20;
             using var lm = new LoraModel(CausalLM.Load(r.GetValue(model)!, Devices.DefaultDType(dev), dev));
             int rk = r.GetValue(rank);
             lm.AddAdapter("bench", new LoraConfig { R = rk, LoraAlpha = 2 * rk, LoraDropout = 0, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] });
@@ -45,6 +49,8 @@ public static class BenchCommand
             lm.Model.model.CheckpointKeepBytes = (long)(r.GetValue(keep) * (1L << 30));
             string? placed = Trainer.PlaceEmbeddings(lm.Model, r.GetValue(embeddings)!, r.GetValue(ckpt));
             if (placed != null) Console.Error.WriteLine(placed);
+            string? offloaded = Trainer.PlaceCheckpoints(lm.Model, r.GetValue(offload)!, r.GetValue(ckpt));
+            if (offloaded != null) Console.Error.WriteLine(offloaded);
             bool fast = Trainer.FastKernels(r.GetValue(kernels)!, dev, Devices.DefaultDType(dev));
             lm.UseFastTraining(fast);
             lm.Model.train();
@@ -88,6 +94,7 @@ public static class BenchCommand
             double last = history[timed].item<float>() / batch.TargetTokens;
             var memory = CudaMemoryStats.Read(dev);
             object? phases = r.GetValue(profile) ? Profile(lm, batch, opt, chunked, dev) : null;
+            object? trace = r.GetValue(memoryTrace) ? TraceMemory(lm, batch, opt, chunked, dev) : null;
             if (r.GetValue(profileRange))
             {
                 // One step inside cudaProfilerStart/Stop, for `ncu/nsys --profile-from-start off` (bench/profile.sh).
@@ -104,8 +111,9 @@ public static class BenchCommand
                 loss_step1 = Math.Round(first, 4), loss = Math.Round(last, 4), chunked_loss = chunked, gradient_checkpointing = r.GetValue(ckpt), checkpoint_keep_gib = r.GetValue(keep),
                 peak_alloc_gib = memory is { } m ? Math.Round(CudaMemory.Gib(m.PeakAllocated), 2) : (double?)null,
                 peak_reserved_gib = memory is { } n ? Math.Round(CudaMemory.Gib(n.PeakReserved), 2) : (double?)null,
-                embeddings_on_host = lm.Model.model.embed_tokens.OnHost,
+                embeddings_on_host = lm.Model.model.embed_tokens.OnHost, offload_checkpoints = lm.Model.model.Offload is not null,
                 kernels = fast ? "fast" : "exact", cuda_graph = graphed ? (step.Disabled ?? $"{step.Replays} replays") : "off", phases_ms = phases,
+                memory_trace = trace,
             }));
             return 0;
         }));
@@ -115,6 +123,25 @@ public static class BenchCommand
     static void Sync(Device dev)
     {
         if (dev.type == TorchSharp.DeviceType.CUDA) cuda.synchronize(dev);
+    }
+
+    /// <summary>One eager step with <see cref="MemoryTrace"/> marks between its phases: where the step's peak falls.</summary>
+    static object TraceMemory(LoraModel lm, Batch batch, AdamW opt, bool chunked, Device dev)
+    {
+        MemoryTrace.Enabled = true;
+        MemoryTrace.Mark("before the step", dev);
+        using (NewDisposeScope())
+        {
+            var loss = Trainer.LossSum(lm.Model, batch, chunked) / batch.TargetTokens;
+            loss.backward();
+            MemoryTrace.Mark("backward done", dev);
+            opt.Step(1e-4);
+            opt.ZeroGrad();
+            MemoryTrace.Mark("optimizer", dev);
+        }
+        MemoryTrace.Mark("after the step", dev);
+        MemoryTrace.Enabled = false;
+        return MemoryTrace.Take().Select(e => new { phase = e.Label, allocated_gib = e.AllocatedGib, peak_since_previous_gib = e.PeakGib }).ToList();
     }
 
     /// <summary>

@@ -144,6 +144,8 @@ public static class CheckKernelsCommand
                         return [loss, cat(lm.Parameters("a").Select(p => p.param.grad!.flatten()).ToArray())];
                     }, l2: true);
                 foreach (bool ckpt in new[] { false, true }) ok &= CheckGraph(dir, batch, ckpt, dev);
+                ok &= CheckGraph(dir, batch, true, dev, offload: true);
+                ok &= CheckOffload(dir, batch, dev);
             }
             Console.WriteLine(ok ? "all kernel checks passed" : "kernel checks FAILED");
             return ok ? 0 : 1;
@@ -157,10 +159,11 @@ public static class CheckKernelsCommand
     /// same shape (the replay reads the copied-in inputs). The eager path's run-to-run noise (atomics in attention's
     /// backward) sets the tolerance.
     /// </summary>
-    static bool CheckGraph(string dir, Batch batch, bool ckpt, Device dev)
+    static bool CheckGraph(string dir, Batch batch, bool ckpt, Device dev, bool offload = false)
     {
         using var scope = NewDisposeScope();
         using var lm = FastTrainingModel(dir, ScalarType.BFloat16, dev, ckpt);
+        if (offload) OffloadEveryLayer(lm);
         using var opt = new Training.AdamW(lm.Parameters("a"), 0.9, 0.999, 1e-8, 0.0);
         using var other = new Batch
         {
@@ -185,11 +188,44 @@ public static class CheckKernelsCommand
         double otherErr = RelL2(Run(() => step.Run(other, 1.0)), eagerOther);
         double tol = Math.Max(4 * noise, 1e-4);
         bool pass = captured && step.Replays == 3 && same <= tol && moved <= tol && otherErr <= tol && change > 10 * tol;
-        Console.WriteLine($"{(pass ? "ok  " : "FAIL")} {Path.GetFileName(dir.TrimEnd('/'))} cuda graph{(ckpt ? ", checkpointed" : "")}: " +
+        Console.WriteLine($"{(pass ? "ok  " : "FAIL")} {Path.GetFileName(dir.TrimEnd('/'))} cuda graph{(ckpt ? ", checkpointed" : "")}{(offload ? ", checkpoints offloaded" : "")}: " +
                           (captured ? "" : $"not captured ({step.Disabled}); ") +
                           $"replay vs eager (loss and LoRA grads, rel L2) {same:E2}, after a step {moved:E2}, other batch {otherErr:E2}; " +
                           $"eager noise {noise:E2}, step change {change:E2}");
         return pass;
+    }
+
+    /// <summary>
+    /// Checkpoints offloaded to host memory and copied back on the copy stream (eagerly, several steps) against the same
+    /// steps with checkpoints on the device: the copies are exact, so the two may differ only by the eager path's own
+    /// run-to-run noise (atomics in attention's backward).
+    /// </summary>
+    static bool CheckOffload(string dir, Batch batch, Device dev)
+    {
+        using var scope = NewDisposeScope();
+        using var lm = FastTrainingModel(dir, ScalarType.BFloat16, dev, checkpointing: true);
+        Tensor Run() => cat(Enumerable.Range(0, 3).Select(_ =>
+        {
+            foreach (var (_, p) in lm.Parameters("a")) p.grad?.zero_();
+            var loss = Eager(lm, batch);
+            return cat([loss.reshape(1).to(ScalarType.Float32), .. lm.Parameters("a").Select(p => p.param.grad!.flatten().to(ScalarType.Float32))]);
+        }).ToArray()).cpu();
+        var onDevice = Run();
+        double noise = RelL2(Run(), onDevice);
+        OffloadEveryLayer(lm);
+        double err = RelL2(Run(), onDevice);
+        long restored = lm.Model.model.Offload!.Restored;
+        bool pass = restored == 3 * 2 * lm.Model.model.layers.Count && err <= Math.Max(4 * noise, 1e-6);
+        Console.WriteLine($"{(pass ? "ok  " : "FAIL")} {Path.GetFileName(dir.TrimEnd('/'))} checkpoints offloaded to host memory: " +
+                          $"{restored} tensors copied back; loss and LoRA grads of 3 steps vs on the device (rel L2) {err:E2}, eager noise {noise:E2}");
+        return pass;
+    }
+
+    /// <summary>Every layer's checkpoint goes to host memory, released and fetched a layer apart (fixtures have 2 layers).</summary>
+    static void OffloadEveryLayer(LoraModel lm)
+    {
+        if (Trainer.PlaceCheckpoints(lm.Model, "on", checkpointing: true) is { } line) Console.WriteLine($"     {line}");
+        if (lm.Model.model.Offload is { } o) (o.DeviceLayers, o.ReleaseLag, o.PrefetchAhead) = (0, 1, 1);
     }
 
     /// <summary>A fixture model with a random-B adapter on all seven linear modules, on the fast training path.</summary>

@@ -47,6 +47,7 @@ public static class TrainCommand
         ["gradient_checkpointing"] = "recompute layer activations in backward to save memory",
         ["checkpoint_keep_gib"] = "with checkpointing on the fast path: GiB that layers may spend keeping their gate/up outputs, so backward does not recompute those GEMMs (0 = least memory)",
         ["embeddings_on_host"] = "auto, on or off: keep an untied input embedding in host memory and read each batch's rows over PCIe (frees vocab × hidden of device memory, 1 GiB on Llama-3-8B; auto: with --gradient-checkpointing on CUDA)",
+        ["offload_checkpoints"] = "auto, on or off: with checkpointing on the fast path, move each layer's checkpoint (input and mid-layer residual) to host memory during the forward and back before its backward, on a copy stream beside the compute (frees 2 × tokens × hidden per layer, 2 GiB on Llama-3-8B at 4,096 tokens, for --checkpoint-keep-gib to spend; auto: with --gradient-checkpointing on CUDA)",
         ["kernels"] = "fast (LoRA branch in the base's dtype, RMSNorm/SwiGLU with lean backwards), exact (PEFT's fp32 LoRA branch) or auto (fast on CUDA with a bf16/fp16 base)",
         ["cuda_graph"] = "auto, on or off: capture the training step as a CUDA graph and replay it for every batch of the same shape (auto: on the CUDA fast path without dropout; most useful with --packing, whose batches share one shape)",
         ["seed"] = "seed for initialisation, shuffling and dropout",

@@ -46,10 +46,14 @@ public sealed class Attention : ContainerModule
         // RoPE and the GQA repeat (where one is needed) work on the projections' own [B, T, heads, D] layout
         // (contiguous, so the elementwise kernels vectorise); SDPA takes the [B, heads, T, D] views.
         // Training: q/k/v as one group whose backwards sum the input grad in one buffer (see Lora.SharedInputGrad).
-        var qkv = FusedTraining && training ? Lora.LoraProjection.ApplyShared(x, [q_proj, k_proj, v_proj]) : null;
-        var q = (qkv?[0] ?? q_proj.forward(x)).view(b, t, _heads, _headDim);
-        var k = (qkv?[1] ?? k_proj.forward(x)).view(b, t, _kvHeads, _headDim);
-        var v = (qkv?[2] ?? v_proj.forward(x)).view(b, t, _kvHeads, _headDim);
+        // A checkpoint's replay reuses the outputs its first forward kept, when it kept them (see LayerStash).
+        bool replay = stash is { Replaying: true };
+        var qkv = FusedTraining && training ? Lora.LoraProjection.ApplyShared(x, [q_proj, k_proj, v_proj], replay ? stash!.Qkv : null) : null;
+        qkv ??= [q_proj.forward(x), k_proj.forward(x), v_proj.forward(x)];
+        if (stash is { Replaying: false, KeepQkv: true }) stash.KeepQkvOutputs(qkv);
+        var q = qkv[0].view(b, t, _heads, _headDim);
+        var k = qkv[1].view(b, t, _kvHeads, _headDim);
+        var v = qkv[2].view(b, t, _kvHeads, _headDim);
         if (q_norm != null) q = q_norm.forward(q);
         if (k_norm != null) k = k_norm.forward(k);
         // Training on CUDA bf16: RoPE as one fused kernel each way (no-grad passes, such as a checkpointed layer's first
@@ -71,7 +75,7 @@ public sealed class Attention : ContainerModule
         else (k, v) = (k.transpose(1, 2), v.transpose(1, 2));
         var attn = grouped ? Runtime.GqaAttention.Causal(q, k, v) : nn.functional.scaled_dot_product_attention(q, k, v, mask, 0.0, mask is null);
         var merged = attn.transpose(1, 2).reshape(b, t, _heads * _headDim);
-        var o = stash is { Replaying: true } ? Lora.LoraProjection.Replay(o_proj, merged, null) : o_proj.forward(merged);
+        var o = replay ? Lora.LoraProjection.Replay(o_proj, merged, null) : o_proj.forward(merged);
         return o.MoveToOuterDisposeScope();
     }
 

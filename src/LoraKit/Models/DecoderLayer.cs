@@ -26,7 +26,7 @@ public sealed class DecoderLayer : nn.Module<Tensor, Tensor>
     public Tensor Forward(Tensor x, Tensor cos, Tensor sin, Tensor? mask, KvCache? cache, int layer, LayerStash? stash = null)
     {
         using var scope = NewDisposeScope();
-        var h = x + self_attn.Forward(input_layernorm.forward(x), cos, sin, mask, cache, layer);
+        var h = x + self_attn.Forward(input_layernorm.forward(x), cos, sin, mask, cache, layer, stash);
         stash?.KeepMid(h);
         var y = h + mlp.Forward(post_attention_layernorm.forward(h), stash);
         return y.MoveToOuterDisposeScope();
@@ -45,6 +45,7 @@ public sealed class DecoderLayer : nn.Module<Tensor, Tensor>
         var m = mlp.Forward(post_attention_layernorm.forward(h), stash);
         autograd.backward([m], [dy]);
         var dh = dy + h.grad!;                                        // the residual's own path plus the MLP's
+        Runtime.Cuda.MemoryTrace.Mark($"backward layer {layer} mlp", dy.device);
         var input = x.detach().requires_grad_(true);
         var o = self_attn.Forward(input_layernorm.forward(input), cos, sin, mask, null, layer, stash);
         autograd.backward([o], [dh]);

@@ -21,6 +21,11 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
     /// recompute less than if the first layers kept.
     /// </summary>
     public long CheckpointKeepBytes { get; set; }
+    /// <summary>
+    /// Checkpointing: moves the layers' inputs and mid-layer residuals to host memory between forward and backward (see
+    /// <see cref="CheckpointOffload"/>); null keeps them on the device. Owned (disposed) by this model.
+    /// </summary>
+    public CheckpointOffload? Offload { get; set; }
     readonly RotaryEmbedding _rope;
 
     public DecoderModel(string name, WeightSource w, ModelConfig c) : base("DecoderModel")
@@ -54,8 +59,12 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
         // A checkpointed layer is a custom autograd function whose only tensor input is h; with a frozen embedding h
         // would not require grad and the function's output would get no graph (transformers' enable_input_require_grads).
         if (checkpoint && !h.requires_grad) h = h.detach().requires_grad_(true);
-        var keepMlp = checkpoint ? KeepingLayers(2 * b * t * _config.IntermediateSize * h.ElementSize) : [];
+        long tokenBytes = b * t * h.ElementSize;
+        var (keepMlp, keepQkv) = checkpoint
+            ? KeepingLayers(2 * _config.IntermediateSize * tokenBytes, (_config.NumAttentionHeads + 2 * _config.NumKeyValueHeads) * _config.HeadDim * tokenBytes)
+            : ([], []);
         var masks = new Dictionary<int, Tensor?>();
+        var offload = checkpoint ? Offload?.Begin(layers.Count) : null;
         for (int i = 0; i < layers.Count; i++)
         {
             int? window = _config.SlidingWindows[i];
@@ -67,22 +76,38 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
                 h = layers[i].Forward(h, cos, sin, mask, cache, i);
                 continue;
             }
-            var stash = layers[i].LeanReplayable ? new LayerStash(keepMlp.Contains(i)) : null;
+            var stash = layers[i].LeanReplayable ? new LayerStash(keepMlp.Contains(i), keepQkv.Contains(i)) : null;
+            var input = h;
             h = LayerCheckpoint.Run(layers[i], h, cos, sin, mask, i, stash);
+            // An offloaded input's device memory goes once its copy is done, so this scope must not hold it either.
+            if (stash is not null && offload is not null && offload.AfterForward(i, stash)) input.Dispose();
+            Runtime.Cuda.MemoryTrace.Mark($"forward layer {i}", h.device);
         }
+        offload?.EndForward();
         return norm.forward(h).MoveToOuterDisposeScope();
     }
 
-    /// <summary>The layers that keep gate/up within <see cref="CheckpointKeepBytes"/>: the last ones that can use it.</summary>
-    HashSet<int> KeepingLayers(long bytesPerLayer)
+    /// <summary>
+    /// The layers that keep gate/up within <see cref="CheckpointKeepBytes"/> (the last ones that can use it), and with
+    /// what is left once every layer keeps gate/up, those that keep q/k/v too: gate/up saves more GEMM time per byte
+    /// (its GEMMs' inner dimension is the same, and the SwiGLU recompute comes with them).
+    /// </summary>
+    (HashSet<int> Mlp, HashSet<int> Qkv) KeepingLayers(long mlpBytes, long qkvBytes)
     {
-        long n = CheckpointKeepBytes / Math.Max(bytesPerLayer, 1);
-        return Enumerable.Range(0, layers.Count).Where(i => layers[i].LeanReplayable).Reverse().Take((int)Math.Min(n, layers.Count)).ToHashSet();
+        var lean = Enumerable.Range(0, layers.Count).Where(i => layers[i].LeanReplayable).Reverse().ToList();
+        long nMlp = Math.Min(CheckpointKeepBytes / Math.Max(mlpBytes, 1), lean.Count);
+        long left = CheckpointKeepBytes - nMlp * mlpBytes;
+        long nQkv = nMlp < lean.Count ? 0 : Math.Min(left / Math.Max(qkvBytes, 1), lean.Count);
+        return (lean.Take((int)nMlp).ToHashSet(), lean.Take((int)nQkv).ToHashSet());
     }
 
     protected override void Dispose(bool disposing)
     {
-        if (disposing) _rope.Dispose();
+        if (disposing)
+        {
+            _rope.Dispose();
+            Offload?.Dispose();
+        }
         base.Dispose(disposing);
     }
 

@@ -15,9 +15,10 @@ public sealed class LayerCheckpoint : autograd.SingleTensorFunction<LayerCheckpo
 {
     /// <summary>Everything the layer needs besides its input, passed through apply() as one object.</summary>
     /// The tensors are aliases taken out of the caller's dispose scope (which ends before backward runs); backward frees them.
-    sealed record Call(DecoderLayer Layer, Tensor Input, Tensor Cos, Tensor Sin, Tensor? Mask, int Index, byte[] RngState, LayerStash? Stash)
+    /// The input is kept by the stash when there is one (it may spend the time until backward in host memory).
+    sealed record Call(DecoderLayer Layer, Tensor? Input, Tensor Cos, Tensor Sin, Tensor? Mask, int Index, byte[] RngState, LayerStash? Stash)
     {
-        public void Free() { Input.Dispose(); Cos.Dispose(); Sin.Dispose(); Mask?.Dispose(); Stash?.Dispose(); }
+        public void Free() { Input?.Dispose(); Cos.Dispose(); Sin.Dispose(); Mask?.Dispose(); Stash?.Dispose(); }
     }
 
     public override string Name => "LayerCheckpoint";
@@ -26,9 +27,13 @@ public sealed class LayerCheckpoint : autograd.SingleTensorFunction<LayerCheckpo
     /// null replays the whole layer. Freed after backward.</param>
     public static Tensor Run(DecoderLayer layer, Tensor x, Tensor cos, Tensor sin, Tensor? mask, int index, LayerStash? stash = null)
     {
+        // TorchSharp wraps forward's result in a second handle, so the first one (put in this scope by the layer) is
+        // freed here: the caller's scope would otherwise hold every layer's output until the whole forward ends.
+        using var scope = NewDisposeScope();
         using var rng = random.get_rng_state();
-        var call = new Call(layer, Keep(x.detach()), Keep(cos.alias()), Keep(sin.alias()), mask is null ? null : Keep(mask.alias()), index, rng.bytes.ToArray(), stash);
-        return CustomFunctions.AfterApply(apply(x, call));
+        stash?.KeepInput(x);
+        var call = new Call(layer, stash is null ? Keep(x.detach()) : null, Keep(cos.alias()), Keep(sin.alias()), mask is null ? null : Keep(mask.alias()), index, rng.bytes.ToArray(), stash);
+        return CustomFunctions.AfterApply(apply(x, call)).MoveToOuterDisposeScope();
     }
 
     static Tensor Keep(Tensor t) => t.DetachFromDisposeScope();
@@ -55,20 +60,22 @@ public sealed class LayerCheckpoint : autograd.SingleTensorFunction<LayerCheckpo
         using (var scope = NewDisposeScope())
         using (var __ = enable_grad())
         {
+            call.Stash?.Offload?.BeforeBackward(call.Index);
             grad = (call.Stash is { } stash
-                ? call.Layer.Replay(call.Input, call.Cos, call.Sin, call.Mask, call.Index, stash, gradOutput)
+                ? call.Layer.Replay(stash.Input!, call.Cos, call.Sin, call.Mask, call.Index, stash, gradOutput)
                 : FullReplay(call, gradOutput)).MoveToOuterDisposeScope();
         }
         random.set_rng_state(outerRng);
         call.Free();
         gradOutput.Dispose();
+        Runtime.Cuda.MemoryTrace.Mark($"backward layer {call.Index}", grad.device);
         return CustomFunctions.HandOff(grad, null); // one entry per apply() argument; the Call object has no gradient
     }
 
     /// <summary>Re-runs the whole layer with gradients on and back-propagates through it; returns the input's grad.</summary>
     static Tensor FullReplay(Call call, Tensor gradOutput)
     {
-        var input = call.Input.detach().requires_grad_(true);
+        var input = call.Input!.detach().requires_grad_(true);
         var y = call.Layer.Forward(input, call.Cos, call.Sin, call.Mask, null, call.Index);
         autograd.backward([y], [gradOutput]);
         return input.grad!.detach();

@@ -28,7 +28,7 @@ public sealed class ChunkedLmLoss : autograd.SingleTensorFunction<ChunkedLmLoss>
     /// peak when checkpointing keeps the rest small: 256 MiB (1,024 rows of a 128k vocabulary) keeps the head's GEMMs
     /// large enough to run at full speed.
     /// </summary>
-    public const long ChunkBytes = 256L << 20;
+    public static long ChunkBytes { get; set; } = 256L << 20;
 
     static long DefaultChunkRows(Tensor weight) =>
         Math.Max(128, ChunkBytes / (weight.shape[0] * weight.ElementSize) / 128 * 128);
@@ -71,6 +71,7 @@ public sealed class ChunkedLmLoss : autograd.SingleTensorFunction<ChunkedLmLoss>
             // Ignored rows: zero their [hidden] result rather than their [V] gradient row.
             gradHidden.narrow(0, s, len).copy_(g.matmul(weight).mul_(valid.unsqueeze(1)));
         }
+        Runtime.Cuda.MemoryTrace.Mark("chunked loss", hidden.device);
         ctx.save_data("grad", new Saved(gradHidden)); // freed in backward; wrapped, as save_data warns on bare tensors
         return total.squeeze(0);
     }

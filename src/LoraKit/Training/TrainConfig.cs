@@ -63,6 +63,8 @@ public sealed class TrainConfig
     public const double DefaultCheckpointKeepGib = 2;
     /// <summary>auto, on or off: keep an untied input embedding in host memory (see <see cref="Trainer.PlaceEmbeddings"/>); auto with checkpointing on CUDA.</summary>
     public string EmbeddingsOnHost { get; set; } = "auto";
+    /// <summary>auto, on or off: layer checkpoints wait for backward in host memory (see <see cref="Trainer.PlaceCheckpoints"/>); auto with checkpointing on CUDA.</summary>
+    public string OffloadCheckpoints { get; set; } = "auto";
     /// <summary>fast, exact or auto (fast on CUDA with a bf16/fp16 base): see <see cref="Lora.LoraModel.UseFastTraining"/>.</summary>
     public string Kernels { get; set; } = "auto";
     /// <summary>auto, on or off: replay the training step from a CUDA graph (see <see cref="GraphedStep"/>); auto on the CUDA fast path without dropout.</summary>
@@ -112,7 +114,7 @@ public sealed class TrainConfig
     public JsonObject Identity()
     {
         var o = ToJsonObject();
-        foreach (var k in new[] { "output", "device", "kernels", "cuda_graph", "embeddings_on_host", "log_every", "save_every" }) o.Remove(k);
+        foreach (var k in new[] { "output", "device", "kernels", "cuda_graph", "embeddings_on_host", "offload_checkpoints", "log_every", "save_every" }) o.Remove(k);
         return o;
     }
 
@@ -125,6 +127,7 @@ public sealed class TrainConfig
         Check(Kernels is "auto" or "fast" or "exact", $"--kernels must be auto, fast or exact, not '{Kernels}'");
         Check(CudaGraph is "auto" or "on" or "off", $"--cuda-graph must be auto, on or off, not '{CudaGraph}'");
         Check(EmbeddingsOnHost is "auto" or "on" or "off", $"--embeddings-on-host must be auto, on or off, not '{EmbeddingsOnHost}'");
+        Check(OffloadCheckpoints is "auto" or "on" or "off", $"--offload-checkpoints must be auto, on or off, not '{OffloadCheckpoints}'");
         Check(Data.Length > 0, "--data is required");
         Check(Method is "lora" or "full", $"method must be lora or full (got '{Method}')");
         Check(Schedule is "constant" or "linear" or "cosine", $"schedule must be constant, linear or cosine (got '{Schedule}')");

@@ -111,6 +111,7 @@ public static class Trainer
                          "the recomputed layers draw new masks; use --lora-dropout 0 for exact gradients");
         }
         if (PlaceEmbeddings(model, c.EmbeddingsOnHost, c.GradientCheckpointing) is { } placed) log.Info(placed);
+        if (PlaceCheckpoints(model, c.OffloadCheckpoints, c.GradientCheckpointing) is { } offloaded) log.Info(offloaded);
         string report = c.Method == "lora" ? lm.TrainableReport(AdapterName) + (classifier != null ? $" (+ score head {classifier.Score.numel():N0})" : "")
             : $"trainable params: {trainable.Sum(p => p.param.numel()):N0} || all params: {trainable.Sum(p => p.param.numel()):N0} || trainable%: 100.0000";
         log.Info(report);
@@ -323,6 +324,29 @@ public static class Trainer
     }
 
     /// <summary>
+    /// The --offload-checkpoints rule: with checkpointing, each layer's checkpoint (input and mid-layer residual) waits
+    /// for backward in page-locked host memory (<see cref="CheckpointOffload"/>); auto: on CUDA. Only the fused
+    /// training path's lean replay uses it. Returns a line for the log, or null when nothing was asked.
+    /// </summary>
+    public static string? PlaceCheckpoints(CausalLM model, string mode, bool checkpointing)
+    {
+        bool want = mode switch
+        {
+            "on" => true,
+            "off" => false,
+            "auto" => checkpointing && model.Device.type == TorchSharp.DeviceType.CUDA,
+            _ => throw new ArgumentException($"--offload-checkpoints must be auto, on or off, not '{mode}'"),
+        };
+        if (!want) return null;
+        if (!checkpointing) return "checkpoints stay on the device: there are none without --gradient-checkpointing";
+        var offload = CheckpointOffload.TryCreate(model.Device, out var why);
+        if (offload is null) return $"checkpoints stay on the device: {why}";
+        model.model.Offload?.Dispose();
+        model.model.Offload = offload;
+        return $"layer checkpoints wait for backward in host memory (all but the last {offload.DeviceLayers} layers; copied out and back beside the compute)";
+    }
+
+    /// <summary>
     /// Summed next-token cross-entropy over the batch's target positions (fp32 logits). With <paramref name="chunked"/>
     /// (a frozen LM head) the logits are never kept for backward: see <see cref="ChunkedLmLoss"/>.
     /// </summary>
@@ -338,6 +362,7 @@ public static class Trainer
             long len = h.shape[1];
             var hs = h[.., ..(int)(len - 1)].reshape(-1, h.shape[2]);
             var ts = b.Labels[.., 1..].reshape(-1);
+            Runtime.Cuda.MemoryTrace.Mark("final norm", h.device);
             return ChunkedLmLoss.Compute(hs, model.lm_head.weight, ts).MoveToOuterDisposeScope();
         }
         var logits = model.Logits(b.InputIds, mask, null, b.Positions, b.Segments);
