@@ -31,13 +31,14 @@ public static class BenchCommand
         var device = new Option<string>("--device") { Description = "auto, cpu or cuda", DefaultValueFactory = _ => "auto" };
         var embeddings = new Option<string>("--embeddings-on-host") { Description = "auto, on or off (as for train)", DefaultValueFactory = _ => "auto" };
         var offload = new Option<string>("--offload-checkpoints") { Description = "auto, on or off (as for train)", DefaultValueFactory = _ => "auto" };
+        var offloadMlp = new Option<int>("--offload-mlp-layers") { Description = "with --offload-checkpoints: the first layers whose kept gate/up go to host memory too" };
         var kernels = new Option<string>("--kernels") { Description = "fast, exact or auto (as for train)", DefaultValueFactory = _ => "auto" };
         var profile = new Option<bool>("--profile") { Description = "also time forward, backward and the optimizer separately (synchronising between them)" };
         var graph = new Option<string>("--cuda-graph") { Description = "auto, on or off (as for train)", DefaultValueFactory = _ => "auto" };
         var memoryTrace = new Option<bool>("--memory-trace") { Description = "finally run one eager step noting the allocated bytes and the peak between its phases (where the peak falls)" };
         var lossChunk = new Option<int?>("--loss-chunk-mib") { Description = "the chunked loss's logits budget per chunk (default 256)" };
         var profileRange = new Option<bool>("--profile-range") { Description = "finally run one step between cudaProfilerStart and cudaProfilerStop (for ncu/nsys)" };
-        var cmd = new Command("bench", "Time LoRA training steps on a fixed batch (for bench/run_bench.py).") { model, ids, steps, warmup, rank, ckpt, keep, embeddings, plain, device, kernels, graph, profile, profileRange, memoryTrace, lossChunk, offload };
+        var cmd = new Command("bench", "Time LoRA training steps on a fixed batch (for bench/run_bench.py).") { model, ids, steps, warmup, rank, ckpt, keep, embeddings, plain, device, kernels, graph, profile, profileRange, memoryTrace, lossChunk, offload, offloadMlp };
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             var dev = Devices.Resolve(r.GetValue(device)!);
@@ -51,6 +52,7 @@ public static class BenchCommand
             if (placed != null) Console.Error.WriteLine(placed);
             string? offloaded = Trainer.PlaceCheckpoints(lm.Model, r.GetValue(offload)!, r.GetValue(ckpt));
             if (offloaded != null) Console.Error.WriteLine(offloaded);
+            if (lm.Model.model.Offload is { } o) o.MlpLayers = r.GetValue(offloadMlp);
             bool fast = Trainer.FastKernels(r.GetValue(kernels)!, dev, Devices.DefaultDType(dev));
             lm.UseFastTraining(fast);
             lm.Model.train();

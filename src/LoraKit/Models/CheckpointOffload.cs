@@ -24,7 +24,12 @@ public sealed class CheckpointOffload : IDisposable
     /// <summary>Forward: a layer's device copies are freed this many layers later, giving its copies that long to finish.</summary>
     public int ReleaseLag { get; set; } = 3;
     /// <summary>Backward: a layer's stash starts copying back this many layers before its backward.</summary>
-    public int PrefetchAhead { get; set; } = 2;
+    public int PrefetchAhead { get; set; } = 1;
+    /// <summary>
+    /// The first layers whose kept gate/up outputs go to host memory too (4.5× the bytes of input and mid-layer residual,
+    /// so only as many as the PCIe link carries during the forward without holding up the compute).
+    /// </summary>
+    public int MlpLayers { get; set; }
 
     readonly CopyStream? _copies; // null for a CPU model
     readonly Dictionary<(int Layer, int Slot), Buffer> _buffers = [];
@@ -90,6 +95,8 @@ public sealed class CheckpointOffload : IDisposable
 
         readonly LayerStash?[] _stashes = new LayerStash?[layers];
         readonly Where[] _where = new Where[layers];
+        readonly int[] _slots = new int[layers]; // how many of a stash's stored tensors leave (see LayerStash.Stored)
+        bool _backward;
 
         /// <summary>
         /// After layer <paramref name="layer"/>'s forward: starts copying its stash out (unless it is one of the last
@@ -100,22 +107,26 @@ public sealed class CheckpointOffload : IDisposable
         {
             _stashes[layer] = stash;
             stash.Offload = this;
-            bool leaves = layer < layers - owner.DeviceLayers && Enumerable.Range(0, LayerStash.Offloadable)
+            _slots[layer] = layer < owner.MlpLayers && stash.KeepMlp ? 4 : 2;
+            bool leaves = layer < layers - owner.DeviceLayers && Enumerable.Range(0, _slots[layer])
                 .All(s => stash.Stored(s) is { } t && t.is_contiguous());
             if (leaves) CopyOut(layer, stash);
             if (layer - owner.ReleaseLag >= 0) Release(layer - owner.ReleaseLag);
             return leaves;
         }
 
-        /// <summary>After the last layer: frees every device copy still waiting for its copy out.</summary>
-        public void EndForward()
-        {
-            for (int i = 0; i < layers; i++) Release(i);
-        }
-
-        /// <summary>Before layer <paramref name="layer"/>'s replay: starts the next layers' copies back, then waits for its own.</summary>
+        /// <summary>
+        /// Before layer <paramref name="layer"/>'s replay: frees the device copies still waiting for their copies out
+        /// (at the first backward: the loss has run since, so they are done), starts the next layers' copies back, then
+        /// waits for its own.
+        /// </summary>
         public void BeforeBackward(int layer)
         {
+            if (!_backward)
+            {
+                _backward = true;
+                for (int i = 0; i < layers; i++) Release(i);
+            }
             CopyIn(layer);
             for (int j = layer - 1; j >= Math.Max(0, layer - owner.PrefetchAhead); j--) CopyIn(j);
             if (_where[layer] != Where.CopyingIn) return;
@@ -127,7 +138,7 @@ public sealed class CheckpointOffload : IDisposable
         {
             var copies = owner._copies;
             copies?.WaitForCurrent();
-            for (int s = 0; s < LayerStash.Offloadable; s++)
+            for (int s = 0; s < _slots[layer]; s++)
             {
                 var t = stash.Stored(s)!;
                 var buffer = owner.HostBuffer(layer, s, t.numel() * t.ElementSize);
@@ -146,7 +157,7 @@ public sealed class CheckpointOffload : IDisposable
         {
             if (_where[layer] != Where.CopyingOut) return;
             owner._copies?.Await(owner.Events(layer).Out); // the memory goes back to the allocator only after its copy
-            _stashes[layer]!.DropStored();
+            _stashes[layer]!.DropStored(_slots[layer]);
             _where[layer] = Where.Host;
         }
 
@@ -155,7 +166,7 @@ public sealed class CheckpointOffload : IDisposable
             if (_where[layer] != Where.Host) return;
             var copies = owner._copies;
             var stash = _stashes[layer]!;
-            var restored = new Tensor[LayerStash.Offloadable];
+            var restored = new Tensor[_slots[layer]];
             for (int s = 0; s < restored.Length; s++)
             {
                 var (shape, dtype, device) = stash.StoredShape(s);

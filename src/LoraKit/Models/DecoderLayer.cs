@@ -44,7 +44,7 @@ public sealed class DecoderLayer : nn.Module<Tensor, Tensor>
         var h = stash.Mid!.detach().requires_grad_(true);
         var m = mlp.Forward(post_attention_layernorm.forward(h), stash);
         autograd.backward([m], [dy]);
-        var dh = dy + h.grad!;                                        // the residual's own path plus the MLP's
+        var dh = h.grad!.add_(dy);                                    // the MLP's path plus the residual's own
         Runtime.Cuda.MemoryTrace.Mark($"backward layer {layer} mlp", dy.device);
         var input = x.detach().requires_grad_(true);
         var o = self_attn.Forward(input_layernorm.forward(input), cos, sin, mask, null, layer, stash);

@@ -83,7 +83,6 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
             if (stash is not null && offload is not null && offload.AfterForward(i, stash)) input.Dispose();
             Runtime.Cuda.MemoryTrace.Mark($"forward layer {i}", h.device);
         }
-        offload?.EndForward();
         return norm.forward(h).MoveToOuterDisposeScope();
     }
 

@@ -16,13 +16,11 @@ namespace LoraKit.Models;
 /// </list>
 /// The replay then back-propagates the MLP half from Mid and the attention half from the input (see
 /// <see cref="DecoderLayer.Replay"/>); what it still recomputes is the norms, q/k/v, RoPE and attention.
-/// Input and Mid may spend the time between forward and backward in host memory (<see cref="CheckpointOffload"/>).
+/// Input and Mid (and on some layers Gate and Up) may spend the time between forward and backward in host memory
+/// (<see cref="CheckpointOffload"/>).
 /// </summary>
 public sealed class LayerStash(bool keepMlp, bool keepQkv = false) : IDisposable
 {
-    /// <summary>How many of the stored tensors <see cref="CheckpointOffload"/> moves: Input and Mid.</summary>
-    internal const int Offloadable = 2;
-
     /// <summary>False while recording (the no-grad forward), true while replaying in backward.</summary>
     public bool Replaying { get; set; }
     /// <summary>Whether this layer keeps its gate/up outputs.</summary>
@@ -38,7 +36,7 @@ public sealed class LayerStash(bool keepMlp, bool keepQkv = false) : IDisposable
 
     /// <summary>The offload bookkeeping this stash takes part in, if any (its backward fetches Input and Mid back).</summary>
     internal CheckpointOffload.Pass? Offload { get; set; }
-    readonly (long[] Shape, ScalarType Dtype, Device Device)[] _shapes = new (long[], ScalarType, Device)[Offloadable];
+    readonly (long[] Shape, ScalarType Dtype, Device Device)[] _shapes = new (long[], ScalarType, Device)[4];
 
     // Kept tensors leave the forward's dispose scope (which ends before backward runs); Dispose frees them.
     public void KeepInput(Tensor x) => Input = x.detach().DetachFromDisposeScope();
@@ -53,24 +51,30 @@ public sealed class LayerStash(bool keepMlp, bool keepQkv = false) : IDisposable
 
     public void KeepQkvOutputs(Tensor[] qkv) => Qkv = qkv.Select(t => t.detach().DetachFromDisposeScope()).ToArray();
 
-    internal Tensor? Stored(int slot) => slot == 0 ? Input : Mid;
+    /// <summary>The tensors <see cref="CheckpointOffload"/> may move, by slot: Input, Mid, then Gate and Up.</summary>
+    internal Tensor? Stored(int slot) => slot switch { 0 => Input, 1 => Mid, 2 => Gate, _ => Up };
 
     internal (long[] Shape, ScalarType Dtype, Device Device) StoredShape(int slot) => _shapes[slot];
 
-    /// <summary>Frees Input and Mid on the device (their host copies are complete), remembering their shapes.</summary>
-    internal void DropStored()
+    /// <summary>Frees the first <paramref name="count"/> stored tensors on the device (their host copies are complete), remembering their shapes.</summary>
+    internal void DropStored(int count)
     {
-        for (int s = 0; s < Offloadable; s++)
+        for (int s = 0; s < count; s++)
         {
             var t = Stored(s)!;
             _shapes[s] = (t.shape, t.dtype, t.device);
             t.Dispose();
         }
         Input = Mid = null;
+        if (count > 2) Gate = Up = null;
     }
 
-    /// <summary>Input and Mid again, as tensors that are (or are being) copied back.</summary>
-    internal void RestoreStored(Tensor[] tensors) => (Input, Mid) = (tensors[0], tensors[1]);
+    /// <summary>The stored tensors again, as tensors that are (or are being) copied back.</summary>
+    internal void RestoreStored(Tensor[] tensors)
+    {
+        (Input, Mid) = (tensors[0], tensors[1]);
+        if (tensors.Length > 2) (Gate, Up) = (tensors[2], tensors[3]);
+    }
 
     public void Dispose()
     {
