@@ -143,7 +143,7 @@ def lorakit_run(d, ids_path, ckpt, steps, warm, plain=False, kernels="fast", pro
     args = ["bash", ".gpu/on-gpu.sh", "LoraKit.Cli", "bench", "--model", d, "--ids", ids_path, "--steps", str(steps),
             "--warmup", str(warm), "--rank", "16", "--device", "cuda", "--kernels", kernels] + \
            (["--gradient-checkpointing"] if ckpt else []) + (["--plain-loss"] if plain else []) + (["--profile"] if profile else []) + \
-           (["--checkpoint-keep-gib", str(keep_gib)] if keep_gib is not None else []) + ["--cuda-graph", graph, "--embeddings-on-host", embeddings] + \
+           (["--checkpoint-keep-gib", str(keep_gib)] if keep_gib is not None and "--checkpoint-keep-gib" not in extra else []) + ["--cuda-graph", graph, "--embeddings-on-host", embeddings] + \
            (["--memory-trace"] if memory_trace else []) + list(extra)
     name = "lorakit" + ("-plain" if plain else "") + ("-exact" if kernels == "exact" else "") + \
            (f"-keep{keep_gib:g}" if keep_gib is not None and not main else "") + ("-nograph" if graph == "off" else "") + ("-embgpu" if embeddings == "off" else "") + (f"-{label}" if label else "")

@@ -225,7 +225,7 @@ public static class CheckKernelsCommand
     static void OffloadEveryLayer(LoraModel lm)
     {
         if (Trainer.PlaceCheckpoints(lm.Model, "on", checkpointing: true) is { } line) Console.WriteLine($"     {line}");
-        if (lm.Model.model.Offload is { } o) (o.DeviceLayers, o.ReleaseLag, o.PrefetchAhead, o.MlpLayers) = (0, 1, 1, int.MaxValue);
+        if (lm.Model.model.Offload is { } o) (o.DeviceLayers, o.ReleaseLag, o.PrefetchAhead, o.MlpLayers, o.MlpStride) = (0, 1, 1, int.MaxValue, 1);
     }
 
     /// <summary>A fixture model with a random-B adapter on all seven linear modules, on the fast training path.</summary>

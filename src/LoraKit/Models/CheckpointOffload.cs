@@ -26,10 +26,19 @@ public sealed class CheckpointOffload : IDisposable
     /// <summary>Backward: a layer's stash starts copying back this many layers before its backward.</summary>
     public int PrefetchAhead { get; set; } = 1;
     /// <summary>
-    /// The first layers whose kept gate/up outputs go to host memory too (4.5× the bytes of input and mid-layer residual,
-    /// so only as many as the PCIe link carries during the forward without holding up the compute).
+    /// How many layers' kept gate/up outputs go to host memory too: every <see cref="MlpStride"/>-th layer from the first
+    /// (the first layers' wait longest for their backward). Gate/up are 2 · intermediate / hidden times (7× on Llama-3-8B)
+    /// the bytes of a layer's input and mid-layer residual, so they are spread out for the copy stream to keep up with
+    /// the compute: at 55 GB/s (PCIe 5 on an H100) a Llama-3-8B layer's 302 MB take 5.5 ms, a layer's forward ~2.8 ms.
+    /// What leaves costs no device memory, so <see cref="DecoderModel.CheckpointKeepBytes"/> goes further.
     /// </summary>
     public int MlpLayers { get; set; }
+    /// <summary>Layers between two whose gate/up go to host memory (see <see cref="MlpLayers"/>).</summary>
+    public int MlpStride { get; set; } = 3;
+
+    /// <summary>Whether layer <paramref name="layer"/> of <paramref name="layers"/> sends its kept gate/up to host memory.</summary>
+    internal bool MlpLeaves(int layer, int layers) =>
+        layer < layers - DeviceLayers && layer % MlpStride == 0 && layer / MlpStride < MlpLayers;
 
     readonly CopyStream? _copies; // null for a CPU model
     readonly Dictionary<(int Layer, int Slot), Buffer> _buffers = [];
@@ -96,7 +105,6 @@ public sealed class CheckpointOffload : IDisposable
         readonly LayerStash?[] _stashes = new LayerStash?[layers];
         readonly Where[] _where = new Where[layers];
         readonly int[] _slots = new int[layers]; // how many of a stash's stored tensors leave (see LayerStash.Stored)
-        bool _backward;
 
         /// <summary>
         /// After layer <paramref name="layer"/>'s forward: starts copying its stash out (unless it is one of the last
@@ -107,7 +115,7 @@ public sealed class CheckpointOffload : IDisposable
         {
             _stashes[layer] = stash;
             stash.Offload = this;
-            _slots[layer] = layer < owner.MlpLayers && stash.KeepMlp ? 4 : 2;
+            _slots[layer] = owner.MlpLeaves(layer, layers) && stash.KeepMlp ? 4 : 2;
             bool leaves = layer < layers - owner.DeviceLayers && Enumerable.Range(0, _slots[layer])
                 .All(s => stash.Stored(s) is { } t && t.is_contiguous());
             if (leaves) CopyOut(layer, stash);
@@ -116,19 +124,24 @@ public sealed class CheckpointOffload : IDisposable
         }
 
         /// <summary>
-        /// Before layer <paramref name="layer"/>'s replay: frees the device copies still waiting for their copies out
-        /// (at the first backward: the loss has run since, so they are done), starts the next layers' copies back, then
-        /// waits for its own.
+        /// After the last layer: frees every device copy still waiting for its copy out. The copy stream keeps up with
+        /// the forward, so by now the copies are done and the wait costs nothing; the loss then runs with less memory.
+        /// </summary>
+        public void EndForward()
+        {
+            for (int i = 0; i < layers; i++) Release(i);
+        }
+
+        /// <summary>
+        /// Before layer <paramref name="layer"/>'s replay: starts the next layers' copies back (a layer further ahead for
+        /// a layer whose gate/up left too: its copy takes longer), then waits for its own.
         /// </summary>
         public void BeforeBackward(int layer)
         {
-            if (!_backward)
-            {
-                _backward = true;
-                for (int i = 0; i < layers; i++) Release(i);
-            }
+            EndForward(); // no-op unless the forward ended without it
             CopyIn(layer);
-            for (int j = layer - 1; j >= Math.Max(0, layer - owner.PrefetchAhead); j--) CopyIn(j);
+            for (int j = layer - 1; j >= Math.Max(0, layer - owner.PrefetchAhead - 1); j--)
+                if (layer - j <= owner.PrefetchAhead || _slots[j] > 2) CopyIn(j);
             if (_where[layer] != Where.CopyingIn) return;
             owner._copies?.Await(owner.Events(layer).In);
             _where[layer] = Where.Device;

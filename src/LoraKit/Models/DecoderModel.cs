@@ -83,21 +83,30 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
             if (stash is not null && offload is not null && offload.AfterForward(i, stash)) input.Dispose();
             Runtime.Cuda.MemoryTrace.Mark($"forward layer {i}", h.device);
         }
+        offload?.EndForward();
         return norm.forward(h).MoveToOuterDisposeScope();
     }
 
     /// <summary>
     /// The layers that keep gate/up within <see cref="CheckpointKeepBytes"/> (the last ones that can use it), and with
     /// what is left once every layer keeps gate/up, those that keep q/k/v too: gate/up saves more GEMM time per byte
-    /// (its GEMMs' inner dimension is the same, and the SwiGLU recompute comes with them).
+    /// (its GEMMs' inner dimension is the same, and the SwiGLU recompute comes with them). Gate/up that
+    /// <see cref="Offload"/> sends to host memory cost no device memory.
     /// </summary>
     (HashSet<int> Mlp, HashSet<int> Qkv) KeepingLayers(long mlpBytes, long qkvBytes)
     {
         var lean = Enumerable.Range(0, layers.Count).Where(i => layers[i].LeanReplayable).Reverse().ToList();
-        long nMlp = Math.Min(CheckpointKeepBytes / Math.Max(mlpBytes, 1), lean.Count);
-        long left = CheckpointKeepBytes - nMlp * mlpBytes;
-        long nQkv = nMlp < lean.Count ? 0 : Math.Min(left / Math.Max(qkvBytes, 1), lean.Count);
-        return (lean.Take((int)nMlp).ToHashSet(), lean.Take((int)nQkv).ToHashSet());
+        long left = CheckpointKeepBytes;
+        var mlp = new HashSet<int>();
+        foreach (int i in lean)
+        {
+            long cost = Offload?.MlpLeaves(i, layers.Count) == true ? 0 : mlpBytes;
+            if (cost > left) continue; // an earlier layer's may still be free
+            left -= cost;
+            mlp.Add(i);
+        }
+        long nQkv = mlp.Count < lean.Count ? 0 : Math.Min(left / Math.Max(qkvBytes, 1), lean.Count);
+        return (mlp, lean.Take((int)nQkv).ToHashSet());
     }
 
     protected override void Dispose(bool disposing)

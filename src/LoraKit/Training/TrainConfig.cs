@@ -65,6 +65,8 @@ public sealed class TrainConfig
     public string EmbeddingsOnHost { get; set; } = "auto";
     /// <summary>auto, on or off: layer checkpoints wait for backward in host memory (see <see cref="Trainer.PlaceCheckpoints"/>); auto with checkpointing on CUDA.</summary>
     public string OffloadCheckpoints { get; set; } = "auto";
+    /// <summary>With offloaded checkpoints: how many layers' kept gate/up go to host memory too (see <see cref="Models.CheckpointOffload.MlpLayers"/>).</summary>
+    public int OffloadMlpLayers { get; set; }
     /// <summary>fast, exact or auto (fast on CUDA with a bf16/fp16 base): see <see cref="Lora.LoraModel.UseFastTraining"/>.</summary>
     public string Kernels { get; set; } = "auto";
     /// <summary>auto, on or off: replay the training step from a CUDA graph (see <see cref="GraphedStep"/>); auto on the CUDA fast path without dropout.</summary>
@@ -114,7 +116,7 @@ public sealed class TrainConfig
     public JsonObject Identity()
     {
         var o = ToJsonObject();
-        foreach (var k in new[] { "output", "device", "kernels", "cuda_graph", "embeddings_on_host", "offload_checkpoints", "log_every", "save_every" }) o.Remove(k);
+        foreach (var k in new[] { "output", "device", "kernels", "cuda_graph", "embeddings_on_host", "offload_checkpoints", "offload_mlp_layers", "log_every", "save_every" }) o.Remove(k);
         return o;
     }
 
@@ -128,6 +130,7 @@ public sealed class TrainConfig
         Check(CudaGraph is "auto" or "on" or "off", $"--cuda-graph must be auto, on or off, not '{CudaGraph}'");
         Check(EmbeddingsOnHost is "auto" or "on" or "off", $"--embeddings-on-host must be auto, on or off, not '{EmbeddingsOnHost}'");
         Check(OffloadCheckpoints is "auto" or "on" or "off", $"--offload-checkpoints must be auto, on or off, not '{OffloadCheckpoints}'");
+        Check(OffloadMlpLayers >= 0, "--offload-mlp-layers must be ≥ 0");
         Check(Data.Length > 0, "--data is required");
         Check(Method is "lora" or "full", $"method must be lora or full (got '{Method}')");
         Check(Schedule is "constant" or "linear" or "cosine", $"schedule must be constant, linear or cosine (got '{Schedule}')");

@@ -112,6 +112,7 @@ public static class Trainer
         }
         if (PlaceEmbeddings(model, c.EmbeddingsOnHost, c.GradientCheckpointing) is { } placed) log.Info(placed);
         if (PlaceCheckpoints(model, c.OffloadCheckpoints, c.GradientCheckpointing) is { } offloaded) log.Info(offloaded);
+        if (model.model.Offload is { } offload) offload.MlpLayers = c.OffloadMlpLayers;
         string report = c.Method == "lora" ? lm.TrainableReport(AdapterName) + (classifier != null ? $" (+ score head {classifier.Score.numel():N0})" : "")
             : $"trainable params: {trainable.Sum(p => p.param.numel()):N0} || all params: {trainable.Sum(p => p.param.numel()):N0} || trainable%: 100.0000";
         log.Info(report);
