@@ -139,12 +139,13 @@ def hf_run(d, ids, ckpt, steps, warm, profile=False):
 
 
 def lorakit_run(d, ids_path, ckpt, steps, warm, plain=False, kernels="fast", profile=False, keep_gib=None, graph="auto", main=False,
-                embeddings="auto", extra=(), label="", memory_trace=False):
+                embeddings="auto", extra=(), label="", memory_trace=False, offload_mlp=0):
     args = ["bash", ".gpu/on-gpu.sh", "LoraKit.Cli", "bench", "--model", d, "--ids", ids_path, "--steps", str(steps),
             "--warmup", str(warm), "--rank", "16", "--device", "cuda", "--kernels", kernels] + \
            (["--gradient-checkpointing"] if ckpt else []) + (["--plain-loss"] if plain else []) + (["--profile"] if profile else []) + \
            (["--checkpoint-keep-gib", str(keep_gib)] if keep_gib is not None and "--checkpoint-keep-gib" not in extra else []) + ["--cuda-graph", graph, "--embeddings-on-host", embeddings] + \
-           (["--memory-trace"] if memory_trace else []) + list(extra)
+           (["--memory-trace"] if memory_trace else []) + \
+           (["--offload-mlp-layers", str(offload_mlp)] if offload_mlp and "--offload-mlp-layers" not in extra else []) + list(extra)
     name = "lorakit" + ("-plain" if plain else "") + ("-exact" if kernels == "exact" else "") + \
            (f"-keep{keep_gib:g}" if keep_gib is not None and not main else "") + ("-nograph" if graph == "off" else "") + ("-embgpu" if embeddings == "off" else "") + (f"-{label}" if label else "")
     torch.cuda.synchronize()
@@ -161,6 +162,7 @@ def lorakit_run(d, ids_path, ckpt, steps, warm, plain=False, kernels="fast", pro
     res["offload_checkpoints"] = out.get("offload_checkpoints")
     if keep_gib is not None:
         res["checkpoint_keep_gib"] = keep_gib
+        res["offload_mlp_layers"] = offload_mlp
     for key in ("phases_ms", "memory_trace"):
         if out.get(key):
             res[key] = out[key]
@@ -179,9 +181,12 @@ def main():
     ap.add_argument("--no-hf", action="store_true", help="LoraKit only (quick iterations; ratios need HF in the same call)")
     ap.add_argument("--keep-sweep", nargs="*", type=float, default=[],
                     help="checkpointed workloads: also time LoraKit with these --checkpoint-keep-gib values")
-    ap.add_argument("--keep", type=float, default=5,
-                    help="checkpointed workloads: LoraKit's --checkpoint-keep-gib (its default is 2; at 5, with the input "
-                         "embedding in host memory, llama-8b's allocated peak stays under HF's, the issue's limit for these workloads)")
+    ap.add_argument("--keep", type=float, default=8.5,
+                    help="checkpointed workloads: LoraKit's --checkpoint-keep-gib (its default is 2). With checkpoints and the gate/up "
+                         "of --offload-mlp-layers layers in host memory, 8.5 keeps every layer's gate/up and q/k/v, so the replay "
+                         "recomputes no projection, and llama-8b's allocated peak stays under HF's (the issue's limit for these workloads)")
+    ap.add_argument("--offload-mlp-layers", type=int, default=10,
+                    help="checkpointed workloads: LoraKit's --offload-mlp-layers (gate/up of every third layer from the first go to host memory)")
     ap.add_argument("--embeddings-ab", action="store_true",
                     help="checkpointed workloads: also time LoraKit with --embeddings-on-host off (the table on the GPU)")
     ap.add_argument("--no-graph", action="store_true", help="also time LoraKit without the CUDA graph (--cuda-graph off)")
@@ -199,13 +204,14 @@ def main():
         d, ids, ids_path = prepare_batch(shape, b, s)
         runs = [] if a.no_hf else [lambda: hf_run(d, ids, ckpt, a.steps, a.warmup, a.hf_profile)]
         runs.append(lambda: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, profile=a.profile, keep_gib=a.keep if ckpt else None, main=True,
-                                       memory_trace=a.memory_trace))
+                                       memory_trace=a.memory_trace, offload_mlp=a.offload_mlp_layers if ckpt else 0))
         for v in a.variant:
             label, _, args = v.partition("=")
             runs.append(lambda label=label, args=args: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, keep_gib=a.keep if ckpt else None,
-                                                                   main=True, extra=args.split(), label=label))
+                                                                   main=True, extra=args.split(), label=label,
+                                                                   offload_mlp=a.offload_mlp_layers if ckpt else 0))
         for k in a.keep_sweep if ckpt else []:
-            runs.append(lambda k=k: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, keep_gib=k))
+            runs.append(lambda k=k: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, keep_gib=k, offload_mlp=a.offload_mlp_layers))
         if a.embeddings_ab and ckpt:
             runs.append(lambda: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, keep_gib=a.keep, embeddings="off"))
         if a.no_graph:
