@@ -307,14 +307,7 @@ public static class Trainer
     /// </summary>
     public static string? PlaceEmbeddings(CausalLM model, string mode, bool checkpointing)
     {
-        bool want = mode switch
-        {
-            "on" => true,
-            "off" => false,
-            "auto" => checkpointing && model.Device.type == TorchSharp.DeviceType.CUDA,
-            _ => throw new ArgumentException($"--embeddings-on-host must be auto, on or off, not '{mode}'"),
-        };
-        if (!want) return null;
+        if (!WantsForMemory(mode, "--embeddings-on-host", model, checkpointing)) return null;
         if (model.Config.TieWordEmbeddings) return "input embeddings stay on the GPU: the LM head shares them";
         var table = model.model.embed_tokens;
         long bytes = table.weight.numel() * table.weight.ElementSize;
@@ -324,6 +317,15 @@ public static class Trainer
             : $"input embeddings in host memory ({size} of device memory freed; each step reads its rows over PCIe)";
     }
 
+    /// <summary>An auto|on|off memory option: auto means with gradient checkpointing on CUDA, the setting chosen for least memory.</summary>
+    static bool WantsForMemory(string mode, string option, CausalLM model, bool checkpointing) => mode switch
+    {
+        "on" => true,
+        "off" => false,
+        "auto" => checkpointing && model.Device.type == TorchSharp.DeviceType.CUDA,
+        _ => throw new ArgumentException($"{option} must be auto, on or off, not '{mode}'"),
+    };
+
     /// <summary>
     /// The --offload-checkpoints rule: with checkpointing, each layer's checkpoint (input and mid-layer residual) waits
     /// for backward in page-locked host memory (<see cref="CheckpointOffload"/>); auto: on CUDA. Only the fused
@@ -331,14 +333,7 @@ public static class Trainer
     /// </summary>
     public static string? PlaceCheckpoints(CausalLM model, string mode, bool checkpointing)
     {
-        bool want = mode switch
-        {
-            "on" => true,
-            "off" => false,
-            "auto" => checkpointing && model.Device.type == TorchSharp.DeviceType.CUDA,
-            _ => throw new ArgumentException($"--offload-checkpoints must be auto, on or off, not '{mode}'"),
-        };
-        if (!want) return null;
+        if (!WantsForMemory(mode, "--offload-checkpoints", model, checkpointing)) return null;
         if (!checkpointing) return "checkpoints stay on the device: there are none without --gradient-checkpointing";
         var offload = CheckpointOffload.TryCreate(model.Device, out var why);
         if (offload is null) return $"checkpoints stay on the device: {why}";

@@ -1,5 +1,3 @@
-using System.Runtime.InteropServices;
-
 namespace LoraKit.Runtime.Cuda;
 
 /// <summary>
@@ -23,13 +21,9 @@ public sealed class CudaGraph : IDisposable
 
     sealed record Api(BeginCaptureFn BeginCapture, EndCaptureFn EndCapture, InstantiateFn Instantiate, LaunchFn Launch, DestroyFn DestroyExec, DestroyFn DestroyGraph);
 
-    static readonly Lazy<Api> Driver = new(() =>
-    {
-        var lib = NativeLibrary.Load("libcuda.so.1");
-        T Fn<T>(string n) where T : Delegate => Marshal.GetDelegateForFunctionPointer<T>(NativeLibrary.GetExport(lib, n));
-        return new Api(Fn<BeginCaptureFn>("cuStreamBeginCapture_v2"), Fn<EndCaptureFn>("cuStreamEndCapture"), Fn<InstantiateFn>("cuGraphInstantiateWithFlags"),
-            Fn<LaunchFn>("cuGraphLaunch"), Fn<DestroyFn>("cuGraphExecDestroy"), Fn<DestroyFn>("cuGraphDestroy"));
-    });
+    static readonly Lazy<Api> Driver = new(() => new Api(CudaDriver.Bind<BeginCaptureFn>("cuStreamBeginCapture_v2"),
+        CudaDriver.Bind<EndCaptureFn>("cuStreamEndCapture"), CudaDriver.Bind<InstantiateFn>("cuGraphInstantiateWithFlags"),
+        CudaDriver.Bind<LaunchFn>("cuGraphLaunch"), CudaDriver.Bind<DestroyFn>("cuGraphExecDestroy"), CudaDriver.Bind<DestroyFn>("cuGraphDestroy")));
 
     IntPtr _graph, _exec;
     readonly IntPtr _stream;
@@ -44,7 +38,7 @@ public sealed class CudaGraph : IDisposable
         var api = Driver.Value;
         // Relaxed: the autograd engine's thread and the allocator may make calls that the stricter modes reject.
         const int Relaxed = 2;
-        Check(api.BeginCapture(stream, Relaxed), "cuStreamBeginCapture");
+        CudaDriver.Check(api.BeginCapture(stream, Relaxed), "cuStreamBeginCapture");
         Exception? failed = null;
         try { work(); }
         catch (Exception e) { failed = e; }
@@ -60,7 +54,7 @@ public sealed class CudaGraph : IDisposable
         if (irc != 0)
         {
             api.DestroyGraph(graph);
-            Check(irc, "cuGraphInstantiate");
+            CudaDriver.Check(irc, "cuGraphInstantiate");
         }
         return new CudaGraph(graph, exec, stream);
     }
@@ -69,13 +63,9 @@ public sealed class CudaGraph : IDisposable
     public void Replay()
     {
         ObjectDisposedException.ThrowIf(_exec == IntPtr.Zero, this);
-        Check(Driver.Value.Launch(_exec, _stream), "cuGraphLaunch");
+        CudaDriver.Check(Driver.Value.Launch(_exec, _stream), "cuGraphLaunch");
     }
 
-    internal static void Check(int rc, string what)
-    {
-        if (rc != 0) throw new InvalidOperationException($"{what} failed (CUDA error {rc})");
-    }
 
     public void Dispose()
     {

@@ -54,14 +54,12 @@ public static class CudaStreams
     public static IDisposable UseSideStream(Device device)
     {
         if (!Available) throw new InvalidOperationException("the loaded libtorch exports no stream API (aoti_torch_get_current_cuda_stream, c10::cuda::setCurrentCUDAStream): CUDA graphs need a CUDA build of libtorch 2.4 or newer");
-        var libcuda = NativeLibrary.Load("libcuda.so.1");
-        T Fn<T>(string n) where T : Delegate => Marshal.GetDelegateForFunctionPointer<T>(NativeLibrary.GetExport(libcuda, n));
         cuda.synchronize(device);
         var previous = Current;
-        if (Fn<CtxGetCurrentFn>("cuCtxGetCurrent")(out var ctx) != 0 || ctx == IntPtr.Zero)
+        if (CudaDriver.Bind<CtxGetCurrentFn>("cuCtxGetCurrent")(out var ctx) != 0 || ctx == IntPtr.Zero)
             throw new InvalidOperationException("no CUDA context is current on this thread (run a tensor operation on the GPU first)");
         const uint NonBlocking = 1; // no implicit ordering with the legacy stream, which capture would reject
-        CudaGraph.Check(Fn<StreamCreateFn>("cuStreamCreate")(out var stream, NonBlocking), "cuStreamCreate");
+        CudaDriver.Check(CudaDriver.Bind<StreamCreateFn>("cuStreamCreate")(out var stream, NonBlocking), "cuStreamCreate");
         Set(stream, device);
         return new Scope(() =>
         {

@@ -1,4 +1,3 @@
-using System.Runtime.InteropServices;
 using static TorchSharp.torch;
 
 namespace LoraKit.Runtime.Cuda;
@@ -18,15 +17,8 @@ public sealed class HostMappedMemory : IDisposable
     const uint Portable = 0x1, DeviceMap = 0x2;
 
     static readonly Lazy<(Register, DevicePointer, Unregister)?> Driver = new(() =>
-    {
-        if (!NativeLibrary.TryLoad("libcuda.so.1", out var lib)
-            || !NativeLibrary.TryGetExport(lib, "cuMemHostRegister_v2", out var r)
-            || !NativeLibrary.TryGetExport(lib, "cuMemHostGetDevicePointer_v2", out var d)
-            || !NativeLibrary.TryGetExport(lib, "cuMemHostUnregister", out var u))
-            return null;
-        return (Marshal.GetDelegateForFunctionPointer<Register>(r), Marshal.GetDelegateForFunctionPointer<DevicePointer>(d),
-                Marshal.GetDelegateForFunctionPointer<Unregister>(u));
-    });
+        CudaDriver.TryBind<Register>("cuMemHostRegister_v2") is { } r && CudaDriver.TryBind<DevicePointer>("cuMemHostGetDevicePointer_v2") is { } d
+            && CudaDriver.TryBind<Unregister>("cuMemHostUnregister") is { } u ? (r, d, u) : null);
 
     readonly IntPtr _host;
     bool _disposed;
