@@ -45,7 +45,7 @@ public sealed class DecoderLayer : nn.Module<Tensor, Tensor>
         var m = mlp.Forward(post_attention_layernorm.forward(h), stash);
         autograd.backward([m], [dy]);
         var dh = h.grad!.add_(dy);                                    // the MLP's path plus the residual's own
-        Runtime.Cuda.MemoryTrace.Mark($"backward layer {layer} mlp", dy.device);
+        Runtime.Cuda.MemoryTrace.Mark("backward layer {0} mlp", layer, dy.device);
         var input = x.detach().requires_grad_(true);
         var o = self_attn.Forward(input_layernorm.forward(input), cos, sin, mask, null, layer, stash);
         autograd.backward([o], [dh]);

@@ -81,7 +81,7 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
             h = LayerCheckpoint.Run(layers[i], h, cos, sin, mask, i, stash);
             // An offloaded input's device memory goes once its copy is done, so this scope must not hold it either.
             if (stash is not null && offload is not null && offload.AfterForward(i, stash)) input.Dispose();
-            Runtime.Cuda.MemoryTrace.Mark($"forward layer {i}", h.device);
+            Runtime.Cuda.MemoryTrace.Mark("forward layer {0}", i, h.device);
         }
         offload?.EndForward();
         return norm.forward(h).MoveToOuterDisposeScope();

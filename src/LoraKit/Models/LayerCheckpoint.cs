@@ -68,7 +68,7 @@ public sealed class LayerCheckpoint : autograd.SingleTensorFunction<LayerCheckpo
         random.set_rng_state(outerRng);
         call.Free();
         gradOutput.Dispose();
-        Runtime.Cuda.MemoryTrace.Mark($"backward layer {call.Index}", grad.device);
+        Runtime.Cuda.MemoryTrace.Mark("backward layer {0}", call.Index, grad.device);
         return CustomFunctions.HandOff(grad, null); // one entry per apply() argument; the Call object has no gradient
     }
 

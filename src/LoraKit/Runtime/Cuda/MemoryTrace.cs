@@ -15,6 +15,12 @@ public static class MemoryTrace
 
     public static bool Enabled { get; set; }
 
+    /// <summary>A per-layer mark; the label (<paramref name="format"/> with the layer as {0}) is made only while tracing.</summary>
+    public static void Mark(string format, int layer, Device device)
+    {
+        if (Enabled) Mark(string.Format(format, layer), device);
+    }
+
     public static void Mark(string label, Device device)
     {
         if (!Enabled || CudaMemoryStats.Read(device) is not { } m) return;
