@@ -138,7 +138,6 @@ public sealed class CheckpointOffload : IDisposable
         /// </summary>
         public void BeforeBackward(int layer)
         {
-            EndForward(); // no-op unless the forward ended without it
             CopyIn(layer);
             for (int j = layer - 1; j >= Math.Max(0, layer - owner.PrefetchAhead - 1); j--)
                 if (layer - j <= owner.PrefetchAhead || _slots[j] > 2) CopyIn(j);
