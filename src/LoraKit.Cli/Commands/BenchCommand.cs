@@ -50,9 +50,8 @@ public static class BenchCommand
             lm.Model.model.CheckpointKeepBytes = (long)(r.GetValue(keep) * (1L << 30));
             string? placed = Trainer.PlaceEmbeddings(lm.Model, r.GetValue(embeddings)!, r.GetValue(ckpt));
             if (placed != null) Console.Error.WriteLine(placed);
-            string? offloaded = Trainer.PlaceCheckpoints(lm.Model, r.GetValue(offload)!, r.GetValue(ckpt));
+            string? offloaded = Trainer.PlaceCheckpoints(lm.Model, r.GetValue(offload)!, r.GetValue(ckpt), r.GetValue(offloadMlp));
             if (offloaded != null) Console.Error.WriteLine(offloaded);
-            if (lm.Model.model.Offload is { } o) o.MlpLayers = r.GetValue(offloadMlp);
             bool fast = Trainer.FastKernels(r.GetValue(kernels)!, dev, Devices.DefaultDType(dev));
             lm.UseFastTraining(fast);
             lm.Model.train();

@@ -111,8 +111,7 @@ public static class Trainer
                          "the recomputed layers draw new masks; use --lora-dropout 0 for exact gradients");
         }
         if (PlaceEmbeddings(model, c.EmbeddingsOnHost, c.GradientCheckpointing) is { } placed) log.Info(placed);
-        if (PlaceCheckpoints(model, c.OffloadCheckpoints, c.GradientCheckpointing) is { } offloaded) log.Info(offloaded);
-        if (model.model.Offload is { } offload) offload.MlpLayers = c.OffloadMlpLayers;
+        if (PlaceCheckpoints(model, c.OffloadCheckpoints, c.GradientCheckpointing, c.OffloadMlpLayers) is { } offloaded) log.Info(offloaded);
         string report = c.Method == "lora" ? lm.TrainableReport(AdapterName) + (classifier != null ? $" (+ score head {classifier.Score.numel():N0})" : "")
             : $"trainable params: {trainable.Sum(p => p.param.numel()):N0} || all params: {trainable.Sum(p => p.param.numel()):N0} || trainable%: 100.0000";
         log.Info(report);
@@ -329,17 +328,20 @@ public static class Trainer
     /// <summary>
     /// The --offload-checkpoints rule: with checkpointing, each layer's checkpoint (input and mid-layer residual) waits
     /// for backward in page-locked host memory (<see cref="CheckpointOffload"/>); auto: on CUDA. Only the fused
-    /// training path's lean replay uses it. Returns a line for the log, or null when nothing was asked.
+    /// training path's lean replay uses it. <paramref name="mlpLayers"/>: how many layers' kept gate/up go too
+    /// (<see cref="CheckpointOffload.MlpLayers"/>). Returns a line for the log, or null when nothing was asked.
     /// </summary>
-    public static string? PlaceCheckpoints(CausalLM model, string mode, bool checkpointing)
+    public static string? PlaceCheckpoints(CausalLM model, string mode, bool checkpointing, int mlpLayers = 0)
     {
         if (!WantsForMemory(mode, "--offload-checkpoints", model, checkpointing)) return null;
         if (!checkpointing) return "checkpoints stay on the device: there are none without --gradient-checkpointing";
         var offload = CheckpointOffload.TryCreate(model.Device, out var why);
         if (offload is null) return $"checkpoints stay on the device: {why}";
+        offload.MlpLayers = mlpLayers;
         model.model.Offload?.Dispose();
         model.model.Offload = offload;
-        return $"layer checkpoints wait for backward in host memory (all but the last {offload.DeviceLayers} layers; copied out and back beside the compute)";
+        string mlp = mlpLayers > 0 ? $", and the kept gate/up of up to {mlpLayers} layers (one layer in {offload.MlpStride}, from the first)" : "";
+        return $"layer checkpoints wait for backward in host memory (all but the last {offload.DeviceLayers} layers{mlp}; copied out and back beside the compute)";
     }
 
     /// <summary>
