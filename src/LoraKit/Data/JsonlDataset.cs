@@ -29,7 +29,7 @@ public sealed record DataOptions
 
 public sealed record DataSummary(string Path, DataFormat Format, int Samples, long Tokens, long TargetTokens, int Skipped, int Truncated, IReadOnlyList<string> Problems);
 
-public sealed class DataException(string message) : Exception(message);
+public sealed class DataException(string message) : LoraKitException(message);
 
 /// <summary>
 /// Reads a JSONL file of one of three shapes — {"text"}, {"prompt","completion"}, {"messages":[{"role","content"}]}

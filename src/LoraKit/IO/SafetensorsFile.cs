@@ -193,7 +193,7 @@ public sealed class SafetensorsFile : IDisposable
 }
 
 public sealed class SafetensorsException(string path, string problem)
-    : Exception($"{path}: {problem}")
+    : LoraKitException($"{path}: {problem}")
 {
     public string FilePath { get; } = path;
     public string Problem { get; } = problem;

@@ -211,4 +211,4 @@ public sealed record LoraConfig
     }
 }
 
-public sealed class LoraConfigException(string message) : Exception(message);
+public sealed class LoraConfigException(string message) : LoraKitException(message);

@@ -205,4 +205,4 @@ public sealed record ModelConfig
     }
 }
 
-public sealed class ModelConfigException(string path, string problem) : Exception($"{path}: {problem}");
+public sealed class ModelConfigException(string path, string problem) : LoraKitException($"{path}: {problem}");

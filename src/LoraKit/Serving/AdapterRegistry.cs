@@ -3,7 +3,7 @@ using LoraKit.Lora;
 
 namespace LoraKit.Serving;
 
-public sealed class AdapterNameException(string message) : Exception(message);
+public sealed class AdapterNameException(string message) : LoraKitException(message);
 
 /// <summary>
 /// The adapters a server may use: subdirectories of one root, addressed by plain name only (no paths, no "..", no

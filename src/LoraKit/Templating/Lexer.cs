@@ -169,4 +169,4 @@ public static class Lexer
 }
 
 public sealed class TemplateException(string message, int line = 0)
-    : Exception(line > 0 ? $"chat template line {line}: {message}" : $"chat template: {message}");
+    : LoraKitException(line > 0 ? $"chat template line {line}: {message}" : $"chat template: {message}");
