@@ -10,7 +10,7 @@ using static TorchSharp.torch;
 namespace LoraKit.Classification;
 
 /// <summary>One text's prediction: the most probable label, every label's probability (softmax), and the raw logits.</summary>
-public sealed record Classification(string Label, IReadOnlyDictionary<string, double> Probabilities, float[] Logits);
+public sealed record Prediction(string Label, IReadOnlyDictionary<string, double> Probabilities, float[] Logits);
 
 /// <summary>
 /// A sequence classifier ready to use: a base model with a SEQ_CLS adapter (LoRA + score head + labels) applied, or a
@@ -133,14 +133,14 @@ public sealed class TextClassifier : IDisposable
     }
 
     /// <summary>Classifies texts, <paramref name="batchSize"/> at a time. Every text is checked before any is run.</summary>
-    public List<Classification> Classify(IReadOnlyList<string> texts, int batchSize = 8) =>
+    public List<Prediction> Classify(IReadOnlyList<string> texts, int batchSize = 8) =>
         ClassifyIds(texts.Select(Encode).ToList(), batchSize);
 
     /// <summary>Classifies token-id sequences (already checked by <see cref="Encode"/>), <paramref name="batchSize"/> at a time.</summary>
-    public List<Classification> ClassifyIds(IReadOnlyList<int[]> ids, int batchSize = 8)
+    public List<Prediction> ClassifyIds(IReadOnlyList<int[]> ids, int batchSize = 8)
     {
         if (batchSize < 1) throw new ArgumentException("the batch size must be at least 1");
-        var result = new List<Classification>(ids.Count);
+        var result = new List<Prediction>(ids.Count);
         using var _ = no_grad();
         int padId = Head.PadTokenId ?? 0;
         for (int i = 0; i < ids.Count; i += batchSize)
@@ -156,7 +156,7 @@ public sealed class TextClassifier : IDisposable
                 var p = probs[r].data<float>().ToArray();
                 var map = new Dictionary<string, double>(Labels.Count);
                 for (int k = 0; k < Labels.Count; k++) map[Labels[k]] = p[k];
-                result.Add(new Classification(Labels[Array.IndexOf(l, l.Max())], map, l));
+                result.Add(new Prediction(Labels[Array.IndexOf(l, l.Max())], map, l));
             }
         }
         return result;

@@ -36,35 +36,42 @@ public sealed class SequenceClassifier : IDisposable
     /// </summary>
     public static SequenceClassifier Load(LoraModel lm, string adapterDir, int? padTokenId = null)
     {
-        if (!Directory.Exists(adapterDir)) throw new DirectoryNotFoundException($"adapter directory '{adapterDir}' does not exist");
-        var task = AdapterFiles.Task(adapterDir);
-        if (!task.IsSequenceClassification) throw AdapterTask.NotForClassification(adapterDir, task);
-        var labels = task.Labels!;
-        long hidden = lm.Model.Config.HiddenSize;
-        var weights = Path.Combine(adapterDir, AdapterFiles.WeightsFile);
-        Tensor head;
-        using (var f = SafetensorsFile.Open(weights))
-        {
-            if (!f.Entries.TryGetValue(ScoreKey, out var e))
-                throw new LoraConfigException($"{weights}: no score head '{ScoreKey}' (a SEQ_CLS adapter needs one)");
-            if (!e.Shape.SequenceEqual(new[] { labels.Count, hidden }))
-                throw new LoraConfigException($"{weights}: the score head has shape [{string.Join(", ", e.Shape)}], but {labels.Count} labels " +
-                    $"and this base model (hidden size {hidden}) need [{labels.Count}, {hidden}]");
-            foreach (var k in f.Entries.Keys)
-                if (k.StartsWith("base_model.model.score.", StringComparison.Ordinal) && k != ScoreKey)
-                    throw new LoraConfigException($"{weights}: '{k}' is not supported (the score head is one bias-free weight)");
-            using var _ = no_grad();
-            head = f.Read(ScoreKey).to(ScalarType.Float32);
-        }
+        var (labels, head) = ReadHead(adapterDir, lm.Model.Config.HiddenSize);
         using (head)
         {
-            if (!head.isfinite().all().item<bool>()) throw new LoraConfigException($"{weights}: the score head has non-finite values");
             AdapterFiles.Load(lm, "default", adapterDir, sequenceClassification: true);
             var clf = new SequenceClassifier(lm.Model, labels, 0) { PadTokenId = padTokenId };
             using var _ = no_grad();
             clf.Score.copy_(head);
             return clf;
         }
+    }
+
+    /// <summary>
+    /// Reads and checks a SEQ_CLS adapter's labels and score head ([labels, hidden], finite; fp32 on the CPU) without
+    /// touching a model; a causal-LM adapter is refused.
+    /// </summary>
+    public static (IReadOnlyList<string> labels, Tensor score) ReadHead(string adapterDir, long hidden)
+    {
+        if (!Directory.Exists(adapterDir)) throw new DirectoryNotFoundException($"adapter directory '{adapterDir}' does not exist");
+        var task = AdapterFiles.Task(adapterDir);
+        if (!task.IsSequenceClassification) throw AdapterTask.NotForClassification(adapterDir, task);
+        var labels = task.Labels!;
+        var weights = Path.Combine(adapterDir, AdapterFiles.WeightsFile);
+        using var f = SafetensorsFile.Open(weights);
+        if (!f.Entries.TryGetValue(ScoreKey, out var e))
+            throw new LoraConfigException($"{weights}: no score head '{ScoreKey}' (a SEQ_CLS adapter needs one)");
+        if (!e.Shape.SequenceEqual(new[] { labels.Count, hidden }))
+            throw new LoraConfigException($"{weights}: the score head has shape [{string.Join(", ", e.Shape)}], but {labels.Count} labels " +
+                $"and this base model (hidden size {hidden}) need [{labels.Count}, {hidden}]");
+        foreach (var k in f.Entries.Keys)
+            if (k.StartsWith("base_model.model.score.", StringComparison.Ordinal) && k != ScoreKey)
+                throw new LoraConfigException($"{weights}: '{k}' is not supported (the score head is one bias-free weight)");
+        using var _ = no_grad();
+        using var raw = f.Read(ScoreKey);
+        var head = raw.to(ScalarType.Float32, copy: true).DetachFromDisposeScope();
+        if (!head.isfinite().all().item<bool>()) { head.Dispose(); throw new LoraConfigException($"{weights}: the score head has non-finite values"); }
+        return (labels, head);
     }
 
     public SequenceClassifier(CausalLM model, IReadOnlyList<string> labels, long seed)
