@@ -304,7 +304,7 @@ public class ClassifyTests
         File.Delete(Path.Combine(copy, AdapterFiles.LabelsFile));
         Assert.Equal(["LABEL_0", "LABEL_1", "LABEL_2"], AdapterFiles.Task(copy).Labels);
         File.WriteAllText(Path.Combine(copy, AdapterFiles.LabelsFile), "[\"a\", \"a\", \"b\"]");
-        Assert.Contains("label 'a' appears twice", Assert.Throws<LoraConfigException>(() => AdapterFiles.Task(copy)).Message);
+        Assert.Contains("label 1 (\"a\") appears twice", Assert.Throws<LoraConfigException>(() => AdapterFiles.Task(copy)).Message);
         File.WriteAllText(Path.Combine(copy, AdapterFiles.LabelsFile), "[\"a\", \"b\"]");
         Assert.Contains("the score head has shape [3, 64], but 2 labels", Assert.Throws<LoraConfigException>(() => Load("qwen2", copy)).Message);
     }

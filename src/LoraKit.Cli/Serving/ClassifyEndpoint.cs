@@ -95,20 +95,28 @@ public sealed class ClassifyEndpoint(InferenceEngine engine, AdapterRegistry reg
         string name = body["model"] switch
         {
             null => throw new Refused(400, "missing \"model\" (the classification adapter's name)", "model"),
-            JsonValue v when v.TryGetValue<string>(out var s) && s.Length > 0 => s,
+            JsonValue v when Str(v) is string s && s.Length > 0 => s,
             _ => throw new Refused(400, "\"model\" must be a non-empty string (the classification adapter's name)", "model"),
         };
+        if (name.Length > 128) throw new Refused(400, $"\"model\" is {name.Length} characters long; adapter names have at most 128", "model");
         var texts = body["input"] switch
         {
             null => throw new Refused(400, "missing \"input\" (a string or an array of strings)", "input"),
-            JsonValue v when v.TryGetValue<string>(out var s) => [s],
+            JsonValue v when Str(v) is string s => [s],
             JsonArray { Count: 0 } => throw new Refused(400, "\"input\" is an empty array", "input"),
             JsonArray { Count: > MaxInputs } a => throw new Refused(400, $"\"input\" has {a.Count} texts; at most {MaxInputs} per request", "input"),
-            JsonArray a => a.Select((x, i) => x is JsonValue xv && xv.TryGetValue<string>(out var s) ? s
+            JsonArray a => a.Select((x, i) => x is JsonValue xv && Str(xv) is string s ? s
                 : throw new Refused(400, $"\"input\"[{i}] must be a string", "input")).ToList(),
             _ => throw new Refused(400, "\"input\" must be a string or an array of strings", "input"),
         };
         return (name, texts);
+    }
+
+    /// <summary>A JSON string's value, null for other kinds; a lone surrogate escape is a 400.</summary>
+    static string? Str(JsonValue v)
+    {
+        try { return v.TryGetValue<string>(out var s) ? s : null; }
+        catch (InvalidOperationException) { throw new Refused(400, "a string in the body is not valid Unicode (a lone surrogate escape)", "body"); }
     }
 
     (IReadOnlyList<string> labels, Tensor score) ReadHead(string name)
@@ -174,6 +182,8 @@ public sealed class ClassifyEndpoint(InferenceEngine engine, AdapterRegistry reg
     static Task Write(HttpContext c, int status, Refused e, string type)
     {
         c.Response.StatusCode = status;
-        return c.Response.WriteAsJsonAsync(new { error = new { message = e.Message, type, param = e.Param, code = (string?)null } });
+        // Names echoed from the request may hold control characters: escape them, so a message stays one line.
+        var message = System.Text.RegularExpressions.Regex.Replace(e.Message, @"\p{C}", m => $"\\u{(int)m.Value[0]:x4}");
+        return c.Response.WriteAsJsonAsync(new { error = new { message, type, param = e.Param, code = (string?)null } });
     }
 }

@@ -39,16 +39,19 @@ public static class ClassificationData
             }
             catch (JsonException ex) { throw new DataException($"{Where()}: invalid JSON ({ex.Message.Split('.')[0].Split(" Path:")[0]})"); }
             if (e.ValueKind != JsonValueKind.Object) throw new DataException($"{Where()}: the line is not a JSON object");
+            var names = new HashSet<string>(StringComparer.Ordinal);
+            foreach (var prop in e.EnumerateObject())
+                if (!names.Add(prop.Name) && prop.Name is "text" or "label") throw new DataException($"{Where()}: field \"{prop.Name}\" appears twice");
             if (!e.TryGetProperty("text", out var t)) throw new DataException($"{Where()}: missing field \"text\"");
             if (t.ValueKind != JsonValueKind.String) throw new DataException($"{Where()}: field \"text\" must be a string");
-            var text = t.GetString()!;
+            var text = Str(t, "text", Where);
             if (text.Length == 0) throw new DataException($"{Where()}: field \"text\" is empty");
             int? label = null;
             if (e.TryGetProperty("label", out var lv))
             {
                 string name = lv.ValueKind switch
                 {
-                    JsonValueKind.String => lv.GetString()!,
+                    JsonValueKind.String => Str(lv, "label", Where),
                     JsonValueKind.Number when lv.TryGetInt64(out long n) => n.ToString(System.Globalization.CultureInfo.InvariantCulture),
                     _ => throw new DataException($"{Where()}: field \"label\" must be a string (or an integer), not {Kind(lv)}"),
                 };
@@ -84,7 +87,19 @@ public static class ClassificationData
         _ => e.ValueKind.ToString().ToLowerInvariant(),
     };
 
-    static string Clip(string s) => s.Length > 80 ? s[..80] + "…" : s;
+    /// <summary>A string value; one with a lone surrogate escape (not Unicode) is an error naming the field.</summary>
+    static string Str(JsonElement e, string field, Func<string> where)
+    {
+        try { return e.GetString()!; }
+        catch (InvalidOperationException) { throw new DataException($"{where()}: field \"{field}\" is not valid Unicode (a lone surrogate escape)"); }
+    }
+
+    /// <summary>A user's string for an error message: at most 80 characters, control characters escaped (one line).</summary>
+    static string Clip(string s)
+    {
+        s = s.Length > 80 ? s[..80] + "…" : s;
+        return System.Text.RegularExpressions.Regex.Replace(s, @"\p{C}", m => $"\\u{(int)m.Value[0]:x4}");
+    }
 }
 
 /// <summary>Accuracy and the confusion matrix (rows: true label, columns: predicted) of predictions on labelled texts.</summary>

@@ -162,12 +162,17 @@ public static class AdapterFiles
         try { node = JsonNode.Parse(File.ReadAllText(path)); }
         catch (System.Text.Json.JsonException) { throw new LoraConfigException($"{path}: not valid JSON (expected an array of label names)"); }
         if (node is not JsonArray a) throw new LoraConfigException($"{path}: expected a JSON array of label names");
+        if (a.Count > MaxLabels) throw new LoraConfigException($"{path}: {a.Count} labels; a classifier needs 2 to {MaxLabels}");
         var labels = new List<string>();
+        var seen = new HashSet<string>(StringComparer.Ordinal);
         foreach (var x in a)
         {
-            if (x is not JsonValue v || !v.TryGetValue<string>(out var s)) throw new LoraConfigException($"{path}: label {labels.Count} is not a string");
+            string? s = null;
+            try { if (x is JsonValue v) v.TryGetValue(out s); }
+            catch (InvalidOperationException) { throw new LoraConfigException($"{path}: label {labels.Count} is not valid Unicode"); }
+            if (s is null) throw new LoraConfigException($"{path}: label {labels.Count} is not a string");
             if (s.Length == 0) throw new LoraConfigException($"{path}: label {labels.Count} is empty");
-            if (labels.Contains(s)) throw new LoraConfigException($"{path}: label '{s}' appears twice");
+            if (!seen.Add(s)) throw new LoraConfigException($"{path}: label {labels.Count} ({System.Text.Json.JsonSerializer.Serialize(s)}) appears twice");
             labels.Add(s);
         }
         if (labels.Count < 2 || labels.Count > MaxLabels) throw new LoraConfigException($"{path}: {labels.Count} label(s); a classifier needs 2 to {MaxLabels}");
@@ -188,7 +193,7 @@ public sealed record AdapterTask(string TaskType, IReadOnlyList<string>? Labels)
 
     /// <summary>The error for a causal-LM adapter used to classify.</summary>
     public static AdapterTaskException NotForClassification(string adapter, AdapterTask t) =>
-        new($"adapter {adapter} is a {t.TaskType} adapter (no classification head and labels), not a sequence-classification (SEQ_CLS) adapter; use it with `lorakit generate` or `lorakit score`");
+        new($"adapter {adapter} is a {(System.Text.RegularExpressions.Regex.IsMatch(t.TaskType, "^[A-Z_]{1,40}\\z") ? t.TaskType : "task_type " + System.Text.Json.JsonSerializer.Serialize(t.TaskType))} adapter (no classification head and labels), not a sequence-classification (SEQ_CLS) adapter; use it with `lorakit generate` or `lorakit score`");
 }
 
 /// <summary>An adapter used for a task it was not trained for (a classifier as a causal LM, or the reverse).</summary>
