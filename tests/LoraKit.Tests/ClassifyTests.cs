@@ -323,6 +323,12 @@ public class ClassifyServingTests : IAsyncLifetime
         var root = Fixtures.TempDir();
         Fixtures.CopyOf(TinyClassifiers.Get("qwen2").adapter, Path.Combine(root, "clf"));
         Fixtures.CopyOf(Fixtures.Path_("adapters", "qwen2", "a"), Path.Combine(root, "causal"));
+        // A classification adapter whose labels.json links outside the adapters directory.
+        var escape = Fixtures.CopyOf(TinyClassifiers.Get("qwen2").adapter, Path.Combine(root, "escape"));
+        var outside = Path.Combine(Fixtures.TempDir(), "labels.json");
+        File.WriteAllText(outside, "[\"x\", \"y\", \"z\"]");
+        File.Delete(Path.Combine(escape, AdapterFiles.LabelsFile));
+        File.CreateSymbolicLink(Path.Combine(escape, AdapterFiles.LabelsFile), outside);
         _server = await OpenAiServer.StartAsync(new ServerOptions
         {
             Model = Fixtures.Model("qwen2"), Adapters = root, Port = 0, ApiKey = UserKey, AdminKey = AdminKey, Device = "cpu",
@@ -400,6 +406,8 @@ public class ClassifyServingTests : IAsyncLifetime
         }
         await Expect("{\"model\":\"causal\",\"input\":\"hi\"}", HttpStatusCode.BadRequest, "model",
             "adapter 'causal' is not a sequence-classification adapter (no score head and labels); use /v1/chat/completions or /v1/completions");
+        await Expect("{\"model\":\"escape\",\"input\":\"hi\"}", HttpStatusCode.BadRequest, "model",
+            "adapter 'escape' has a file that links outside the adapters directory");
         await Expect("{\"model\":\"tiny-qwen2\",\"input\":\"hi\"}", HttpStatusCode.BadRequest, "model");
         await Expect("{\"model\":\"base\",\"input\":\"hi\"}", HttpStatusCode.BadRequest, "model");
         await Expect("{\"model\":\"nope\",\"input\":\"hi\"}", HttpStatusCode.NotFound, "model");

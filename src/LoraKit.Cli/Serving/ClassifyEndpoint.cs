@@ -125,6 +125,11 @@ public sealed class ClassifyEndpoint(InferenceEngine engine, AdapterRegistry reg
         try { dir = registry.Resolve(name); }
         catch (AdapterNameException e) { throw new Refused(400, e.Message, "model"); }
         catch (KeyNotFoundException e) { throw new Refused(404, $"{e.Message} (see /v1/models)", "model"); }
+        // labels.json follows the registry's containment rule for adapter files: no link leading outside the root.
+        var root = Path.GetFullPath(o.Adapters) + Path.DirectorySeparatorChar;
+        var labels = new FileInfo(Path.Combine(dir, AdapterFiles.LabelsFile));
+        if (labels.Exists && labels.ResolveLinkTarget(true) is { } target && !Path.GetFullPath(target.FullName).StartsWith(root, StringComparison.Ordinal))
+            throw new Refused(400, $"adapter '{name}' has a file that links outside the adapters directory", "model");
         try { return SequenceClassifier.ReadHead(dir, engine.Model.Config.HiddenSize); }
         catch (AdapterTaskException)
         {
