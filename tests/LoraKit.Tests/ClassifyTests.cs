@@ -184,6 +184,12 @@ public class ClassifyTests
         Assert.False(Close.RelError(m, Reference(arch, texts)) > 1e-4);
 
         // The merged classifier is not a causal LM; nor does it take another adapter.
+        var (sc, _, se) = CliTests.RunCli("score", "--model", output, "--text", "hi", "--device", "cpu");
+        Assert.Equal(1, sc);
+        Assert.Equal($"error: {output} is a sequence-classification checkpoint (a merged classifier), not a causal LM; use `lorakit classify --model {output}`", se.Trim());
+        (sc, var sout, se) = CliTests.RunCli("classify", "--model", output, "--text", texts[0], "--json", "--device", "cpu");
+        Assert.True(sc == 0, se);
+        Assert.True(Close.RelError(tensor(JsonNode.Parse(sout)!["predictions"]![0]!["logits"]!.AsArray().Select(x => x!.GetValue<float>()).ToArray()), m[0]) <= 1e-6);
         Assert.Contains("already a sequence classifier", Assert.ThrowsAny<LoraKitException>(() => TextClassifier.Load(output, adapter, ScalarType.Float32, CPU)).Message);
     }
 
