@@ -100,7 +100,7 @@ public static class Trainer
         bool fast = FastKernels(c.Kernels, device, dtype);
         lm.UseFastTraining(fast);
         if (fast) log.Info("kernels: fast (LoRA branch in the base dtype, lean RMSNorm/SwiGLU backwards; --kernels exact for PEFT's fp32 branch)");
-        using var classifier = classify ? new SequenceClassifier(model, labels!, c.Seed) : null;
+        using var classifier = classify ? new SequenceClassifier(model, labels!, c.Seed) { PadTokenId = SequenceClassifier.PadFor(tok, model.Config) } : null;
         if (classifier != null) trainable.Add(("score.weight", classifier.Score));
         if (c.GradientCheckpointing)
         {
