@@ -25,28 +25,45 @@ public static class AdapterFiles
         public void Dispose() { foreach (var (a, b) in Weights.Values) { a.Dispose(); b.Dispose(); } }
     }
 
-    public static LoraConfig Load(LoraModel lm, string name, string dir)
+    /// <summary>
+    /// Reads, validates and injects an adapter under <paramref name="name"/> and makes it active. The model is left in
+    /// evaluation mode (as PEFT's from_pretrained without is_trainable): LoRA dropout is off; a trainer switches to
+    /// training mode itself.
+    /// </summary>
+    public static LoraConfig Load(LoraModel lm, string name, string dir, AdapterLoadOptions? options = null)
     {
-        using var prepared = Read(lm, dir);
-        return Apply(lm, name, prepared);
+        using var prepared = Read(lm, dir, options);
+        var config = Apply(lm, name, prepared);
+        lm.Model.eval();
+        return config;
     }
+
+    /// <summary>Largest |value| accepted in adapter weights; beyond it B·A overflows fp16/bf16 activations.</summary>
+    public const double MaxAbsWeight = 1e6;
 
     /// <summary>
     /// Reads and validates an adapter for <paramref name="lm"/>'s base without touching the model (safe on any thread:
-    /// it only consults the immutable layer shapes).
+    /// it only consults the immutable layer shapes). An adapter LoraKit wrote for another base (its recorded
+    /// <see cref="BaseFingerprint"/> differs) is refused unless <see cref="AdapterLoadOptions.AllowBaseMismatch"/>;
+    /// for adapters without a fingerprint (PEFT's) the architecture and shapes are checked, and a differing recorded
+    /// base name is a warning.
     /// </summary>
-    public static Prepared Read(LoraModel lm, string dir)
+    public static Prepared Read(LoraModel lm, string dir, AdapterLoadOptions? options = null)
     {
+        options ??= AdapterLoadOptions.Default;
         if (!Directory.Exists(dir)) throw new DirectoryNotFoundException($"adapter directory '{dir}' does not exist");
         var config = LoraConfig.Load(dir);
-        config.Validate();
+        var configPath = Path.Combine(dir, ConfigFile);
+        try { config.Validate(); }
+        catch (LoraConfigException e) { throw new LoraConfigException($"{configPath}: {e.Message}"); }
         // A sequence-classification adapter carries its head (score) as modules_to_save; the head is loaded by
         // Training.SequenceClassifier, the LoRA weights here. Anything else in modules_to_save is not supported.
         bool seqCls = config.TaskType == "SEQ_CLS";
         if (config.ModulesToSave is { Count: > 0 } mts && !(seqCls && mts.All(m => m is "score" or "classifier")))
             throw new LoraConfigException($"{dir}: modules_to_save ({string.Join(", ", mts)}) is not supported (only a SEQ_CLS score head)");
-        if (config.Extra["auto_mapping"] is JsonObject am && am["base_model_class"]?.GetValue<string>() is string cls && cls != lm.Model.Config.Architecture)
-            throw new LoraConfigException($"{dir}: adapter was made for a {cls}, but the base model is a {lm.Model.Config.Architecture}");
+        if (config.Extra["auto_mapping"] is JsonObject am && am["base_model_class"] is JsonValue bmc && bmc.TryGetValue<string>(out var cls)
+            && cls != lm.Model.Config.Architecture && !options.AllowBaseMismatch)
+            throw new AdapterBaseMismatchException($"{dir}: adapter was made for a {cls}, but the base model is a {lm.Model.Config.Architecture}");
 
         var weightsPath = Path.Combine(dir, WeightsFile);
         if (!File.Exists(weightsPath))
@@ -54,6 +71,7 @@ public static class AdapterFiles
                 ? $"{dir}: only adapter_model.bin found; LoraKit reads safetensors only (pickle files can run code)"
                 : $"{dir}: {WeightsFile} not found");
         using var file = SafetensorsFile.Open(weightsPath);
+        CheckBase(lm, dir, config, file, options);
 
         // Group the file's tensors by module path.
         var byModule = new Dictionary<string, Dictionary<string, SafetensorsEntry>>(StringComparer.Ordinal);
@@ -78,6 +96,7 @@ public static class AdapterFiles
         foreach (var module in byModule.Keys)
             if (!targets.Contains(module))
                 throw new InvalidDataException($"{dir}: the adapter has weights for '{module}', which its config does not target on this base model");
+        lm.CheckRanks(config, targets);
         foreach (var key in targets)
         {
             if (!byModule.TryGetValue(key, out var parts) || !parts.ContainsKey("A") || !parts.ContainsKey("B"))
@@ -92,7 +111,19 @@ public static class AdapterFiles
         {
             using var a = file.Read(byModule[key]["A"].Name);
             using var b = file.Read(byModule[key]["B"].Name);
-            weights[key] = (a.to(ScalarType.Float32, copy: true).DetachFromDisposeScope(), b.to(ScalarType.Float32, copy: true).DetachFromDisposeScope());
+            var a32 = a.to(ScalarType.Float32, copy: true).DetachFromDisposeScope();
+            var b32 = b.to(ScalarType.Float32, copy: true).DetachFromDisposeScope();
+            weights[key] = (a32, b32);
+            try
+            {
+                CheckFinite(a32, byModule[key]["A"].Name, weightsPath);
+                CheckFinite(b32, byModule[key]["B"].Name, weightsPath);
+            }
+            catch
+            {
+                foreach (var (x, y) in weights.Values) { x.Dispose(); y.Dispose(); }
+                throw;
+            }
         }
         return new Prepared(config, weights);
     }
@@ -111,18 +142,100 @@ public static class AdapterFiles
 
     static void Check(SafetensorsEntry e, long[] expected, int r, string dir)
     {
+        if (e.DType is not ("F32" or "F16" or "BF16" or "F64"))
+            throw new InvalidDataException($"{dir}: tensor '{e.Name}' has dtype {e.DType}; LoRA weights must be floating point (F32, BF16, F16)");
         if (!e.Shape.SequenceEqual(expected))
             throw new InvalidDataException($"{dir}: tensor '{e.Name}' has shape [{string.Join(", ", e.Shape)}] but the adapter config (r={r}) " +
                 $"and the base model imply [{string.Join(", ", expected)}]; the adapter does not fit this base model");
     }
 
-    /// <summary>Writes the adapter in PEFT's format (fp32 weights, as PEFT keeps them).</summary>
+    /// <summary>
+    /// Refuses NaN, ±Inf and absurd magnitudes (|x| &gt; <see cref="MaxAbsWeight"/>) in <paramref name="t"/>, naming the
+    /// tensor and where it comes from (read) or goes to (write).
+    /// </summary>
+    public static void CheckFinite(Tensor t, string tensorName, string where)
+    {
+        using var scope = NewDisposeScope();
+        using var _ = no_grad();
+        if (t.numel() == 0) return;
+        var f = t.detach().to(ScalarType.Float32);
+        long bad = f.isfinite().logical_not().sum().item<long>();
+        if (bad > 0)
+            throw new InvalidDataException($"{where}: tensor '{tensorName}' has {bad} non-finite value{(bad == 1 ? "" : "s")} (NaN or infinity)");
+        double max = f.abs().max().item<float>();
+        if (max > MaxAbsWeight)
+            throw new InvalidDataException($"{where}: tensor '{tensorName}' has a value of magnitude {max:G3}, beyond the {MaxAbsWeight:G} a LoRA weight can plausibly have");
+    }
+
+    /// <summary>Refuses an adapter LoraKit wrote for another base; warns when a PEFT adapter names another base.</summary>
+    static void CheckBase(LoraModel lm, string dir, LoraConfig config, SafetensorsFile file, AdapterLoadOptions options)
+    {
+        var model = lm.Model;
+        string here = $"{DisplayName(model.NameOrPath) ?? "this model"} ({model.Config.ModelType})";
+        if (file.Metadata.TryGetValue(Models.BaseFingerprint.MetadataKey, out var recorded) && model.Fingerprint is { } actual)
+        {
+            if (string.Equals(recorded, actual, StringComparison.OrdinalIgnoreCase)) return;
+            file.Metadata.TryGetValue(Models.BaseFingerprint.ModelTypeKey, out var recordedType);
+            string there = $"{DisplayName(config.BaseModelNameOrPath) ?? "an unnamed model"}{(recordedType is null ? "" : $" ({recordedType})")}";
+            string message = $"{dir}: adapter was trained on another base model, {there}, fingerprint {Models.BaseFingerprint.Short(recorded)}; " +
+                $"the loaded base is {here}, fingerprint {Models.BaseFingerprint.Short(actual)}";
+            if (!options.AllowBaseMismatch) throw new AdapterBaseMismatchException(message);
+            options.Warn?.Invoke($"{message} (loading anyway, as asked)");
+            return;
+        }
+        // No fingerprint (made by PEFT or an older LoraKit): shapes are checked by the caller; names can only be compared.
+        if (DisplayName(config.BaseModelNameOrPath) is { } named && DisplayName(model.NameOrPath) is { } ours
+            && !string.Equals(named, ours, StringComparison.OrdinalIgnoreCase))
+            options.Warn?.Invoke($"{dir}: adapter records base model '{config.BaseModelNameOrPath}', but it is being loaded onto {here}; " +
+                "its shapes fit, but if it was trained on another model its outputs will be wrong");
+    }
+
+    /// <summary>
+    /// The comparable name of a model path or hub id: its last component ("Qwen/Qwen2-0.5B" and "/models/Qwen2-0.5B"
+    /// agree); inside a Hugging Face cache (models--Org--Name/snapshots/REV) the repository's name.
+    /// </summary>
+    static string? DisplayName(string? nameOrPath)
+    {
+        if (string.IsNullOrWhiteSpace(nameOrPath)) return null;
+        var parts = nameOrPath.Replace('\\', '/').Split('/', StringSplitOptions.RemoveEmptyEntries);
+        if (parts.Length == 0) return null;
+        int snap = Array.LastIndexOf(parts, "snapshots");
+        if (snap > 0 && parts[snap - 1].StartsWith("models--", StringComparison.Ordinal)) return parts[snap - 1].Split("--")[^1];
+        return parts[^1];
+    }
+
+    /// <summary>
+    /// Writes the adapter in PEFT's format (fp32 weights, as PEFT keeps them), recording its base: the config's
+    /// base_model_name_or_path (<paramref name="baseModelPath"/>, else the directory the base was loaded from) and the
+    /// base's <see cref="Models.BaseFingerprint"/> in the safetensors metadata. Non-finite weights are refused before
+    /// anything is written.
+    /// </summary>
     public static void Save(LoraModel lm, string name, string dir, string? baseModelPath = null)
     {
         if (!lm.Configs.TryGetValue(name, out var config)) throw new KeyNotFoundException($"no adapter named '{name}'");
-        Directory.CreateDirectory(dir);
         var tensors = lm.Parameters(name).ToDictionary(p => Prefix + p.key, p => (Tensor)p.param);
-        SafetensorsWriter.Save(Path.Combine(dir, WeightsFile), tensors, new Dictionary<string, string> { ["format"] = "pt" });
-        (baseModelPath is null ? config : config with { BaseModelNameOrPath = baseModelPath }).Save(dir);
+        foreach (var (key, t) in tensors) CheckFinite(t, key, $"adapter '{name}' (not written to {dir})");
+        Directory.CreateDirectory(dir);
+        var metadata = new Dictionary<string, string> { ["format"] = "pt" };
+        if (lm.Model.Fingerprint is { } fp)
+        {
+            metadata[Models.BaseFingerprint.MetadataKey] = fp;
+            metadata[Models.BaseFingerprint.ModelTypeKey] = lm.Model.Config.ModelType;
+        }
+        SafetensorsWriter.Save(Path.Combine(dir, WeightsFile), tensors, metadata);
+        var basePath = baseModelPath ?? lm.Model.NameOrPath;
+        (basePath is null ? config : config with { BaseModelNameOrPath = basePath }).Save(dir);
     }
+}
+
+/// <summary>How <see cref="AdapterFiles"/> treats an adapter whose recorded base is not the loaded one.</summary>
+public sealed record AdapterLoadOptions
+{
+    public static readonly AdapterLoadOptions Default = new();
+
+    /// <summary>Load an adapter LoraKit wrote for another base anyway (shapes must still fit); a warning is issued.</summary>
+    public bool AllowBaseMismatch { get; init; }
+
+    /// <summary>Where warnings go (default: one "warning: …" line on stderr; null = silent).</summary>
+    public Action<string>? Warn { get; init; } = message => Console.Error.WriteLine($"warning: {message}");
 }
