@@ -71,13 +71,16 @@ public static class AdapterCommands
     {
         var cmd = new Command("merge", "Merge an adapter into the base weights and write a full Hugging Face checkpoint.");
         var adapter = new Option<string>("--adapter") { Description = "PEFT-format adapter directory", Required = true };
+        var allow = CommonOptions.NewAllowBaseMismatch();
         cmd.Options.Add(adapter);
+        cmd.Options.Add(allow);
         var (model, output, device, dtype) = ModelOutputOptions(cmd);
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             using var lm = LoadBase(r, model, device, dtype);
-            AdapterFiles.Load(lm, "default", r.GetValue(adapter)!);
+            AdapterFiles.Load(lm, "default", r.GetValue(adapter)!, new AdapterLoadOptions { AllowBaseMismatch = r.GetValue(allow) });
             lm.Merge("default");
+            foreach (var (name, p) in lm.Model.named_parameters()) AdapterFiles.CheckFinite(p, name, $"merged model (not written to {r.GetValue(output)})", double.PositiveInfinity);
             CheckpointWriter.Save(lm.Model, r.GetValue(model)!, r.GetValue(output)!);
             Console.WriteLine($"merged {r.GetValue(adapter)} into {r.GetValue(model)} → {r.GetValue(output)}");
             return 0;
@@ -94,6 +97,8 @@ public static class AdapterCommands
         cmd.Options.Add(adapters);
         cmd.Options.Add(method);
         cmd.Options.Add(svdRank);
+        var allow = CommonOptions.NewAllowBaseMismatch();
+        cmd.Options.Add(allow);
         var (model, output, device, dtype) = ModelOutputOptions(cmd);
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
@@ -109,7 +114,8 @@ public static class AdapterCommands
                 throw new IOException($"output directory '{outDir}' exists and is not empty");
             using var lm = LoadBase(r, model, device, dtype);
             var names = parts.Select((p, i) => $"in{i}").ToList();
-            for (int i = 0; i < parts.Count; i++) AdapterFiles.Load(lm, names[i], parts[i].dir);
+            var load = new AdapterLoadOptions { AllowBaseMismatch = r.GetValue(allow) };
+            for (int i = 0; i < parts.Count; i++) AdapterFiles.Load(lm, names[i], parts[i].dir, load);
             AdapterCombiner.Combine(lm, names, parts.Select(p => p.w).ToList(), "combined", r.GetValue(method)!, r.GetValue(svdRank));
             AdapterFiles.Save(lm, "combined", outDir, r.GetValue(model));
             Console.WriteLine($"combined {parts.Count} adapters ({r.GetValue(method)}) → {outDir} (r={lm.Configs["combined"].R})");

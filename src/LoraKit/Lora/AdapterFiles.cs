@@ -153,7 +153,7 @@ public static class AdapterFiles
     /// Refuses NaN, ±Inf and absurd magnitudes (|x| &gt; <see cref="MaxAbsWeight"/>) in <paramref name="t"/>, naming the
     /// tensor and where it comes from (read) or goes to (write).
     /// </summary>
-    public static void CheckFinite(Tensor t, string tensorName, string where)
+    public static void CheckFinite(Tensor t, string tensorName, string where, double maxAbs = MaxAbsWeight)
     {
         using var scope = NewDisposeScope();
         using var _ = no_grad();
@@ -163,8 +163,8 @@ public static class AdapterFiles
         if (bad > 0)
             throw new InvalidDataException($"{where}: tensor '{tensorName}' has {bad} non-finite value{(bad == 1 ? "" : "s")} (NaN or infinity)");
         double max = f.abs().max().item<float>();
-        if (max > MaxAbsWeight)
-            throw new InvalidDataException($"{where}: tensor '{tensorName}' has a value of magnitude {max:G3}, beyond the {MaxAbsWeight:G} a LoRA weight can plausibly have");
+        if (max > maxAbs)
+            throw new InvalidDataException($"{where}: tensor '{tensorName}' has a value of magnitude {max:G3}, beyond the {maxAbs:G} a LoRA weight can plausibly have");
     }
 
     /// <summary>Refuses an adapter LoraKit wrote for another base; warns when a PEFT adapter names another base.</summary>
