@@ -79,7 +79,7 @@ public static class AdapterFiles
         {
             if (seqCls && key.StartsWith(Prefix + "score.", StringComparison.Ordinal)) continue; // the head, loaded separately
             if (!key.StartsWith(Prefix, StringComparison.Ordinal) || !(key.EndsWith(".lora_A.weight", StringComparison.Ordinal) || key.EndsWith(".lora_B.weight", StringComparison.Ordinal)))
-                throw new InvalidDataException($"{weightsPath}: tensor '{key}' is not a LoRA A/B weight in PEFT's naming (DoRA, embeddings and biases are not supported)");
+                throw new InvalidDataException(LoraConfigException.OneLine($"{weightsPath}: tensor '{key}' is not a LoRA A/B weight in PEFT's naming (DoRA, embeddings and biases are not supported)"));
             string rest = key[Prefix.Length..];
             string module = rest[..^".lora_A.weight".Length];
             string part = rest.EndsWith(".lora_A.weight", StringComparison.Ordinal) ? "A" : "B";
@@ -89,18 +89,18 @@ public static class AdapterFiles
 
         var linear = lm.LinearKeys().ToHashSet();
         if (byModule.Count > 0 && !byModule.Keys.Any(linear.Contains))
-            throw new InvalidDataException($"{dir}: none of the adapter's weights match a module of this {lm.Model.Config.Architecture} " +
-                $"(first: '{byModule.Keys.First()}'); it was made for another model");
+            throw new InvalidDataException(LoraConfigException.OneLine($"{dir}: none of the adapter's weights match a module of this {lm.Model.Config.Architecture} " +
+                $"(first: '{byModule.Keys.First()}'); it was made for another model"));
         var targets = lm.TargetKeys(config);
         config = lm.Resolve(config);
         foreach (var module in byModule.Keys)
             if (!targets.Contains(module))
-                throw new InvalidDataException($"{dir}: the adapter has weights for '{module}', which its config does not target on this base model");
+                throw new InvalidDataException(LoraConfigException.OneLine($"{dir}: the adapter has weights for '{module}', which its config does not target on this base model"));
         lm.CheckRanks(config, targets);
         foreach (var key in targets)
         {
             if (!byModule.TryGetValue(key, out var parts) || !parts.ContainsKey("A") || !parts.ContainsKey("B"))
-                throw new InvalidDataException($"{dir}: the adapter file has no lora_A/lora_B weights for targeted module '{key}'");
+                throw new InvalidDataException(LoraConfigException.OneLine($"{dir}: the adapter file has no lora_A/lora_B weights for targeted module '{key}'"));
             int r = config.RankFor(key);
             var (inF, outF) = lm.LinearShapes[key];
             Check(parts["A"], [r, inF], r, dir);
@@ -143,10 +143,10 @@ public static class AdapterFiles
     static void Check(SafetensorsEntry e, long[] expected, int r, string dir)
     {
         if (e.DType is not ("F32" or "F16" or "BF16" or "F64"))
-            throw new InvalidDataException($"{dir}: tensor '{e.Name}' has dtype {e.DType}; LoRA weights must be floating point (F32, BF16, F16)");
+            throw new InvalidDataException(LoraConfigException.OneLine($"{dir}: tensor '{e.Name}' has dtype {e.DType}; LoRA weights must be floating point (F32, BF16, F16)"));
         if (!e.Shape.SequenceEqual(expected))
-            throw new InvalidDataException($"{dir}: tensor '{e.Name}' has shape [{string.Join(", ", e.Shape)}] but the adapter config (r={r}) " +
-                $"and the base model imply [{string.Join(", ", expected)}]; the adapter does not fit this base model");
+            throw new InvalidDataException(LoraConfigException.OneLine($"{dir}: tensor '{e.Name}' has shape [{string.Join(", ", e.Shape)}] but the adapter config (r={r}) " +
+                $"and the base model imply [{string.Join(", ", expected)}]; the adapter does not fit this base model"));
     }
 
     /// <summary>
@@ -161,10 +161,10 @@ public static class AdapterFiles
         var f = t.detach().to(ScalarType.Float32);
         long bad = f.isfinite().logical_not().sum().item<long>();
         if (bad > 0)
-            throw new InvalidDataException($"{where}: tensor '{tensorName}' has {bad} non-finite value{(bad == 1 ? "" : "s")} (NaN or infinity)");
+            throw new InvalidDataException(LoraConfigException.OneLine($"{where}: tensor '{tensorName}' has {bad} non-finite value{(bad == 1 ? "" : "s")} (NaN or infinity)"));
         double max = f.abs().max().item<float>();
         if (max > maxAbs)
-            throw new InvalidDataException($"{where}: tensor '{tensorName}' has a value of magnitude {max:G3}, beyond the {maxAbs:G} a LoRA weight can plausibly have");
+            throw new InvalidDataException(LoraConfigException.OneLine($"{where}: tensor '{tensorName}' has a value of magnitude {max:G3}, beyond the {maxAbs:G} a LoRA weight can plausibly have"));
     }
 
     /// <summary>Refuses an adapter LoraKit wrote for another base; warns when a PEFT adapter names another base.</summary>
@@ -180,14 +180,14 @@ public static class AdapterFiles
             string message = $"{dir}: adapter was trained on another base model, {there}, fingerprint {Models.BaseFingerprint.Short(recorded)}; " +
                 $"the loaded base is {here}, fingerprint {Models.BaseFingerprint.Short(actual)}";
             if (!options.AllowBaseMismatch) throw new AdapterBaseMismatchException(message);
-            options.Warn?.Invoke($"{message} (loading anyway, as asked)");
+            options.Warn?.Invoke(LoraConfigException.OneLine($"{message} (loading anyway, as asked)"));
             return;
         }
         // No fingerprint (made by PEFT or an older LoraKit): shapes are checked by the caller; names can only be compared.
         if (DisplayName(config.BaseModelNameOrPath) is { } named && DisplayName(model.NameOrPath) is { } ours
             && !string.Equals(named, ours, StringComparison.OrdinalIgnoreCase))
-            options.Warn?.Invoke($"{dir}: adapter records base model '{config.BaseModelNameOrPath}', but it is being loaded onto {here}; " +
-                "its shapes fit, but if it was trained on another model its outputs will be wrong");
+            options.Warn?.Invoke(LoraConfigException.OneLine($"{dir}: adapter records base model '{config.BaseModelNameOrPath}', but it is being loaded onto {here}; " +
+                "its shapes fit, but if it was trained on another model its outputs will be wrong"));
     }
 
     /// <summary>

@@ -288,7 +288,24 @@ public sealed record LoraConfig
 }
 
 /// <summary>An adapter configuration (or its pairing with a base model) LoraKit refuses; the server answers 422.</summary>
-public class LoraConfigException(string message) : LoraKitException(message);
+public class LoraConfigException(string message) : LoraKitException(OneLine(message))
+{
+    /// <summary>
+    /// Messages quote names from the user's files (keys, patterns, paths); control characters in them are escaped so
+    /// the error stays one printable line.
+    /// </summary>
+    internal static string OneLine(string s)
+    {
+        if (!s.Any(char.IsControl) && s.Length <= 2000) return s;
+        var sb = new System.Text.StringBuilder(Math.Min(s.Length, 2000));
+        foreach (char c in s)
+        {
+            if (sb.Length >= 1990) { sb.Append('…'); break; }
+            if (char.IsControl(c)) sb.Append($"\\u{(int)c:x4}"); else sb.Append(c);
+        }
+        return sb.ToString();
+    }
+}
 
 /// <summary>
 /// An adapter LoraKit wrote for one base model, loaded onto another (different fingerprint or architecture). Callers
