@@ -32,11 +32,13 @@ public static class AdapterCommands
                 {
                     r = config.R, lora_alpha = config.LoraAlpha, use_rslora = config.UseRslora, target_modules = targets, modules,
                     trainable_params = parameters, file_bytes = bytes, base_model = config.BaseModelNameOrPath,
+                    base_fingerprint = file.Metadata.GetValueOrDefault(BaseFingerprint.MetadataKey),
                 }));
                 return 0;
             }
             Console.WriteLine($"adapter:          {Path.GetFullPath(d)}");
             Console.WriteLine($"base model:       {config.BaseModelNameOrPath ?? "(not recorded)"}");
+            Console.WriteLine($"base fingerprint: {(file.Metadata.TryGetValue(BaseFingerprint.MetadataKey, out var fp) ? BaseFingerprint.Short(fp) : "(none: not written by LoraKit)")}");
             Console.WriteLine($"rank (r):         {config.R}{(config.RankPattern.Count > 0 ? $" (patterns: {string.Join(", ", config.RankPattern.Select(kv => $"{kv.Key}={kv.Value}"))})" : "")}");
             Console.WriteLine($"lora_alpha:       {config.LoraAlpha}{(config.UseRslora ? " (rsLoRA: scaling alpha/√r)" : " (scaling alpha/r)")}");
             Console.WriteLine($"targets:          {targets}{(config.LayersToTransform is { } l ? $" in layers {string.Join(", ", l)}" : "")}");
