@@ -274,13 +274,14 @@ public class FuzzAdapterTests
         string a = Fixtures.Path_("adapters", "llama", "a"), b = Fixtures.Path_("adapters", "llama", "b");
         var cases = new (string Name, string[] Args)[]
         {
-            ("combine weight nan", ["combine", "--model", Fixtures.Model("llama"), "--adapters", $"{a}:nan,{b}:1", "--output", Path.Combine(root, "o1")]),
             ("combine svd rank 100000", ["combine", "--model", Fixtures.Model("llama"), "--adapters", $"{a}:0.7,{b}:0.3", "--method", "svd", "--svd-rank", "100000", "--output", Path.Combine(root, "o2")]),
-            ("combine nan adapter", ["combine", "--model", Fixtures.Model("llama"), "--adapters", $"{nanAdapter}:1", "--output", Path.Combine(root, "o3")]),
             ("score nan adapter", ["score", "--model", Fixtures.Model("llama"), "--adapter", nanAdapter, "--text", "hi", "--device", "cpu"]),
             ("generate run folder", ["generate", "--model", Fixtures.Model("llama"), "--adapter", Path.Combine(root, "run"), "--prompt", "hi", "--device", "cpu"]),
+            ("combine nan adapter", ["combine", "--model", Fixtures.Model("llama"), "--adapters", $"{nanAdapter}:1", "--output", Path.Combine(root, "o3")]),
+            ("combine weight nan", ["combine", "--model", Fixtures.Model("llama"), "--adapters", $"{a}:nan,{b}:1", "--output", Path.Combine(root, "o1")]),
         };
-        foreach (var (name, args) in cases)
+        // Each CLI case is a process (~3 s here); the in-process tests above cover the same inputs, so ./test runs three.
+        foreach (var (name, args) in cases.Take(FuzzContract.Scale > 1 ? cases.Length : 3))
         {
             var (code, _, stderr) = CliTests.RunCli(args);
             FuzzContract.CheckCli(Area, $"cli {name}", code, stderr);
