@@ -50,6 +50,12 @@ public class AdapterSafetyTests
         AdapterFiles.Load(lm, "a", Adapter("llama", "a"));
         Assert.All(lm.Model.modules(), m => Assert.False(m.training));
         Assert.NotEmpty(lm.LoraLayers());
+        lm.Model.train(); // as a trainer leaves it: wrapping and serving switch back
+        _ = new LoraModel(lm.Model); // (not disposed: it would dispose the shared model)
+        Assert.All(lm.Model.modules(), m => Assert.False(m.training));
+        lm.Model.train();
+        using var engine = new InferenceEngine(lm, Tokenizer.Load(Fixtures.Model("llama")));
+        Assert.All(lm.Model.modules(), m => Assert.False(m.training));
     }
 
     /// <summary>

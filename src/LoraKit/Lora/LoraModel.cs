@@ -16,9 +16,11 @@ public sealed class LoraModel : IDisposable
     public CausalLM Model { get; }
     public IReadOnlyDictionary<string, LoraConfig> Configs => _configs;
 
+    /// <summary>Wraps <paramref name="model"/> and puts it in evaluation mode (no LoRA dropout); trainers call train() themselves.</summary>
     public LoraModel(CausalLM model)
     {
         Model = model;
+        model.eval();
         // Layer paths and shapes never change once built (wrapping keeps both), so they are read once and can be
         // consulted from any thread — the serving engine validates adapters off its decode thread.
         LinearShapes = model.named_modules()
