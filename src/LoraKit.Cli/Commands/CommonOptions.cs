@@ -49,13 +49,17 @@ public sealed class CommonOptions
         return (model, tokenizer);
     }
 
+    /// <summary>Whether the running command has --allow-base-mismatch (the hint must name a flag that exists).</summary>
+    static bool OffersAllowBaseMismatch() =>
+        Environment.GetCommandLineArgs().Skip(1).FirstOrDefault() is "score" or "generate" or "merge" or "combine" or "serve";
+
     /// <summary>Runs a command body, turning expected failures into one clear line on stderr and exit code 1.</summary>
     public static int Run(Func<int> body)
     {
         try { return body(); }
         catch (Exception e) when (Environment.GetEnvironmentVariable("LORAKIT_DEBUG") is null)
         {
-            Console.Error.WriteLine($"error: {e.Message}{(e is AdapterBaseMismatchException ? " (--allow-base-mismatch loads it anyway)" : "")}");
+            Console.Error.WriteLine($"error: {e.Message}{(e is AdapterBaseMismatchException && OffersAllowBaseMismatch() ? " (--allow-base-mismatch loads it anyway)" : "")}");
             return 1;
         }
     }

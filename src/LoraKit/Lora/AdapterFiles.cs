@@ -51,7 +51,10 @@ public static class AdapterFiles
     public static Prepared Read(LoraModel lm, string dir, AdapterLoadOptions? options = null)
     {
         options ??= AdapterLoadOptions.Default;
-        if (!Directory.Exists(dir)) throw new DirectoryNotFoundException($"adapter directory '{dir}' does not exist");
+        if (!Directory.Exists(dir))
+            throw new DirectoryNotFoundException(File.Exists(dir)
+                ? $"adapter '{dir}' is a file; give the directory holding {ConfigFile} and {WeightsFile}"
+                : $"adapter directory '{dir}' does not exist");
         var config = LoraConfig.Load(dir);
         var configPath = Path.Combine(dir, ConfigFile);
         try { config.Validate(); }
@@ -73,7 +76,16 @@ public static class AdapterFiles
         using var file = SafetensorsFile.Open(weightsPath);
         CheckBase(lm, dir, config, file, options);
 
-        // Group the file's tensors by module path.
+        try { return ReadWeights(lm, dir, config, seqCls, file, weightsPath); }
+        catch (LoraConfigException e) when (e is not AdapterBaseMismatchException && !e.Message.StartsWith(dir, StringComparison.Ordinal))
+        {
+            throw new LoraConfigException($"{configPath}: {e.Message}"); // targeting and rank errors, named by file
+        }
+    }
+
+    /// <summary>Groups the file's tensors by module, checks them against the config's targets and ranks, reads them.</summary>
+    static Prepared ReadWeights(LoraModel lm, string dir, LoraConfig config, bool seqCls, SafetensorsFile file, string weightsPath)
+    {
         var byModule = new Dictionary<string, Dictionary<string, SafetensorsEntry>>(StringComparer.Ordinal);
         foreach (var (key, entry) in file.Entries)
         {
@@ -97,6 +109,8 @@ public static class AdapterFiles
             if (!targets.Contains(module))
                 throw new InvalidDataException(LoraConfigException.OneLine($"{dir}: the adapter has weights for '{module}', which its config does not target on this base model"));
         lm.CheckRanks(config, targets);
+        try { foreach (var key in targets) _ = config.Scaling(key); }
+        catch (System.Text.RegularExpressions.RegexMatchTimeoutException) { throw new LoraConfigException("an alpha_pattern key is a regex too slow to match module names"); }
         foreach (var key in targets)
         {
             if (!byModule.TryGetValue(key, out var parts) || !parts.ContainsKey("A") || !parts.ContainsKey("B"))

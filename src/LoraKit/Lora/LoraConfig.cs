@@ -126,9 +126,8 @@ public sealed record LoraConfig
                 throw new LoraConfigException($"{adapterDir} is a training run folder, not an adapter; use {Path.Combine(adapterDir, "adapter")}");
             throw new LoraConfigException($"{adapterDir}: adapter_config.json not found");
         }
-        if (new FileInfo(path).Length > MaxConfigBytes) throw new LoraConfigException($"{path}: {new FileInfo(path).Length} bytes, too large for an adapter config");
         JsonNode? node;
-        try { node = JsonNode.Parse(File.ReadAllText(path), documentOptions: new JsonDocumentOptions { AllowDuplicateProperties = false }); }
+        try { node = JsonNode.Parse(ReadBounded(path), documentOptions: new JsonDocumentOptions { AllowDuplicateProperties = false }); }
         catch (JsonException e) { throw new LoraConfigException($"{path}: invalid JSON at line {(e.LineNumber ?? 0) + 1}{Near(e.Path)}: {CleanJsonMessage(e.Message)}"); }
         try
         {
@@ -136,6 +135,17 @@ public sealed record LoraConfig
             return FromJson(obj);
         }
         catch (LoraConfigException e) { throw new LoraConfigException($"{path}: {e.Message}"); }
+    }
+
+    /// <summary>The file's text, refusing more than <see cref="MaxConfigBytes"/> (also for devices and pipes, whose length reads 0).</summary>
+    static string ReadBounded(string path)
+    {
+        using var fs = new FileStream(path, FileMode.Open, FileAccess.Read);
+        var buffer = new byte[MaxConfigBytes + 1];
+        int n = 0, read;
+        while (n < buffer.Length && (read = fs.Read(buffer, n, buffer.Length - n)) > 0) n += read;
+        if (n > MaxConfigBytes) throw new LoraConfigException($"{path}: larger than {MaxConfigBytes} bytes, too large for an adapter config");
+        return new System.Text.UTF8Encoding(false, false).GetString(buffer, 0, n).TrimStart('\uFEFF');
     }
 
     static string Near(string? jsonPath) => jsonPath is null or "$" ? "" : $" (near '{jsonPath.TrimStart('$', '.')}')";
