@@ -24,7 +24,8 @@ public static class AdapterCombiner
     public static LoraConfig Combine(LoraModel lm, IReadOnlyList<string> adapters, IReadOnlyList<double> weights, string newName,
         string method, int? svdRank = null)
     {
-        if (adapters.Count == 0 || adapters.Count != weights.Count) throw new ArgumentException("give one weight per adapter");
+        if (adapters.Count == 0) throw new ArgumentException("no adapters to combine");
+        if (adapters.Count != weights.Count) throw new ArgumentException($"{weights.Count} weights for {adapters.Count} adapters; give one weight per adapter");
         for (int i = 0; i < weights.Count; i++)
             if (!double.IsFinite(weights[i]) || Math.Abs(weights[i]) > MaxWeight)
                 throw new ArgumentException($"weight {weights[i]} of adapter '{adapters[i]}' must be a finite number between -{MaxWeight:G} and {MaxWeight:G}");
