@@ -172,6 +172,15 @@ public class AdapterSafetyTests
         Assert.NotNull(fp32.Model.Fingerprint);
         Assert.Equal(fp32.Model.Fingerprint, bf16.Model.Fingerprint);
         Assert.NotEqual(fp32.Model.Fingerprint, qwen2.Model.Fingerprint);
+        // The same checkpoint saved in bf16 (rounded to nearest, as torch does) is the same base too.
+        var copy = Fixtures.CopyOf(Fixtures.Model("llama"));
+        var path = Path.Combine(copy, "model.safetensors");
+        var tensors = new Dictionary<string, Tensor>();
+        using (var f = SafetensorsFile.Open(path))
+            foreach (var name in f.Entries.Keys) tensors[name] = f.Read(name).to(ScalarType.BFloat16);
+        SafetensorsWriter.Save(path, tensors);
+        using var stored16 = new LoraModel(CausalLM.Load(copy, ScalarType.Float32, CPU));
+        Assert.Equal(fp32.Model.Fingerprint, stored16.Model.Fingerprint);
     }
 
     [Fact]
