@@ -76,7 +76,7 @@ public class ClassifyTests
     {
         var adapter = TinyClassifiers.Get(arch).adapter;
         using var lm = new LoraModel(CausalLM.Load(Fixtures.Model(arch), ScalarType.Float32, CPU));
-        AdapterFiles.Load(lm, "default", adapter, sequenceClassification: true);
+        AdapterFiles.Load(lm, "default", adapter, new AdapterLoadOptions { SequenceClassification = true });
         lm.Model.eval();
         var tok = Tokenizer.Load(Fixtures.Model(arch));
         int? pad = tok.Config.PadToken is string p ? tok.TokenToId(p) : lm.Model.Config.PadTokenId;

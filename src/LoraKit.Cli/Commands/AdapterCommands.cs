@@ -34,6 +34,7 @@ public static class AdapterCommands
                     r = config.R, lora_alpha = config.LoraAlpha, use_rslora = config.UseRslora, target_modules = targets, modules,
                     trainable_params = parameters, file_bytes = bytes, base_model = config.BaseModelNameOrPath,
                     task_type = task.TaskType, labels = task.Labels,
+                    base_fingerprint = file.Metadata.GetValueOrDefault(BaseFingerprint.MetadataKey),
                 }));
                 return 0;
             }
@@ -41,6 +42,7 @@ public static class AdapterCommands
             Console.WriteLine($"base model:       {config.BaseModelNameOrPath ?? "(not recorded)"}");
             Console.WriteLine($"task type:        {task.TaskType}{(task.IsSequenceClassification ? " (sequence classification: `lorakit classify`)" : "")}");
             if (task.Labels is { } labels) Console.WriteLine($"labels:           {labels.Count}: {task.LabelList}");
+            Console.WriteLine($"base fingerprint: {(file.Metadata.TryGetValue(BaseFingerprint.MetadataKey, out var fp) ? BaseFingerprint.Short(fp) : "(none: not written by LoraKit)")}");
             Console.WriteLine($"rank (r):         {config.R}{(config.RankPattern.Count > 0 ? $" (patterns: {string.Join(", ", config.RankPattern.Select(kv => $"{kv.Key}={kv.Value}"))})" : "")}");
             Console.WriteLine($"lora_alpha:       {config.LoraAlpha}{(config.UseRslora ? " (rsLoRA: scaling alpha/√r)" : " (scaling alpha/r)")}");
             Console.WriteLine($"targets:          {targets}{(config.LayersToTransform is { } l ? $" in layers {string.Join(", ", l)}" : "")}");
@@ -75,7 +77,9 @@ public static class AdapterCommands
     {
         var cmd = new Command("merge", "Merge an adapter into the base weights and write a full Hugging Face checkpoint.");
         var adapter = new Option<string>("--adapter") { Description = "PEFT-format adapter directory", Required = true };
+        var allow = CommonOptions.NewAllowBaseMismatch();
         cmd.Options.Add(adapter);
+        cmd.Options.Add(allow);
         var (model, output, device, dtype) = ModelOutputOptions(cmd);
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
@@ -91,8 +95,9 @@ public static class AdapterCommands
                 return 0;
             }
             using var lm = LoadBase(r, model, device, dtype);
-            AdapterFiles.Load(lm, "default", r.GetValue(adapter)!);
+            AdapterFiles.Load(lm, "default", r.GetValue(adapter)!, new AdapterLoadOptions { AllowBaseMismatch = r.GetValue(allow) });
             lm.Merge("default");
+            foreach (var (name, p) in lm.Model.named_parameters()) AdapterFiles.CheckFinite(p, name, $"merged model (not written to {r.GetValue(output)})", double.PositiveInfinity);
             CheckpointWriter.Save(lm.Model, r.GetValue(model)!, r.GetValue(output)!);
             Console.WriteLine($"merged {r.GetValue(adapter)} into {r.GetValue(model)} → {r.GetValue(output)}");
             return 0;
@@ -109,6 +114,8 @@ public static class AdapterCommands
         cmd.Options.Add(adapters);
         cmd.Options.Add(method);
         cmd.Options.Add(svdRank);
+        var allow = CommonOptions.NewAllowBaseMismatch();
+        cmd.Options.Add(allow);
         var (model, output, device, dtype) = ModelOutputOptions(cmd);
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
@@ -124,7 +131,8 @@ public static class AdapterCommands
                 throw new IOException($"output directory '{outDir}' exists and is not empty");
             using var lm = LoadBase(r, model, device, dtype);
             var names = parts.Select((p, i) => $"in{i}").ToList();
-            for (int i = 0; i < parts.Count; i++) AdapterFiles.Load(lm, names[i], parts[i].dir);
+            var load = new AdapterLoadOptions { AllowBaseMismatch = r.GetValue(allow) };
+            for (int i = 0; i < parts.Count; i++) AdapterFiles.Load(lm, names[i], parts[i].dir, load);
             AdapterCombiner.Combine(lm, names, parts.Select(p => p.w).ToList(), "combined", r.GetValue(method)!, r.GetValue(svdRank));
             AdapterFiles.Save(lm, "combined", outDir, r.GetValue(model));
             Console.WriteLine($"combined {parts.Count} adapters ({r.GetValue(method)}) → {outDir} (r={lm.Configs["combined"].R})");

@@ -16,6 +16,13 @@ public sealed class CommonOptions
     public Option<string?> DType { get; } = new("--dtype") { Description = "fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)" };
     public Option<bool> Json { get; } = new("--json") { Description = "print one JSON object instead of text for people" };
     public Option<string?> Adapter { get; } = new("--adapter") { Description = "PEFT-format LoRA adapter directory to apply" };
+    public Option<bool> AllowBaseMismatch { get; } = NewAllowBaseMismatch();
+
+    /// <summary>--allow-base-mismatch, for every command that loads adapters.</summary>
+    public static Option<bool> NewAllowBaseMismatch() => new("--allow-base-mismatch")
+    {
+        Description = "load an adapter even though LoraKit recorded that it was trained on another base model",
+    };
 
     public void AddTo(Command c)
     {
@@ -24,6 +31,7 @@ public sealed class CommonOptions
         c.Options.Add(DType);
         c.Options.Add(Json);
         c.Options.Add(Adapter);
+        c.Options.Add(AllowBaseMismatch);
     }
 
     /// <summary>Loads the model (and the --adapter on top of it, when given) and its tokenizer.</summary>
@@ -39,9 +47,13 @@ public sealed class CommonOptions
         var tokenizer = Tokenizer.Load(dir);
         var model = CausalLM.Load(dir, dtype, device);
         if (r.GetValue(Adapter) is string adapter)
-            AdapterFiles.Load(new LoraModel(model), "default", adapter);
+            AdapterFiles.Load(new LoraModel(model), "default", adapter, new AdapterLoadOptions { AllowBaseMismatch = r.GetValue(AllowBaseMismatch) });
         return (model, tokenizer);
     }
+
+    /// <summary>Whether the running command has --allow-base-mismatch (the hint must name a flag that exists).</summary>
+    static bool OffersAllowBaseMismatch() =>
+        Environment.GetCommandLineArgs().Skip(1).FirstOrDefault() is "score" or "generate" or "merge" or "combine" or "serve";
 
     /// <summary>Runs a command body, turning expected failures into one clear line on stderr and exit code 1.</summary>
     public static int Run(Func<int> body)
@@ -49,7 +61,7 @@ public sealed class CommonOptions
         try { return body(); }
         catch (Exception e) when (Environment.GetEnvironmentVariable("LORAKIT_DEBUG") is null)
         {
-            Console.Error.WriteLine($"error: {e.Message}");
+            Console.Error.WriteLine($"error: {e.Message}{(e is AdapterBaseMismatchException && OffersAllowBaseMismatch() ? " (--allow-base-mismatch loads it anyway)" : "")}");
             return 1;
         }
     }

@@ -21,8 +21,9 @@ public static class ServeCommand
         var maxTokens = new Option<int>("--max-tokens-limit") { Description = "largest max_tokens a request may ask for", DefaultValueFactory = _ => 1024 };
         var maxPrompt = new Option<int>("--max-prompt-tokens") { Description = "longest prompt accepted", DefaultValueFactory = _ => 4096 };
         var maxConcurrent = new Option<int>("--max-concurrent") { Description = "requests generating at once (more queue, then 429)", DefaultValueFactory = _ => 32 };
+        var allowMismatch = CommonOptions.NewAllowBaseMismatch();
         var cmd = new Command("serve", "Serve one base model and many LoRA adapters over an OpenAI-compatible HTTP API.")
-            { model, adapters, host, port, apiKey, adminKey, device, dtype, maxAdapters, maxBatch, maxTokens, maxPrompt, maxConcurrent };
+            { model, adapters, host, port, apiKey, adminKey, device, dtype, maxAdapters, maxBatch, maxTokens, maxPrompt, maxConcurrent, allowMismatch };
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             var options = new ServerOptions
@@ -32,6 +33,7 @@ public static class ServeCommand
                 AdminKey = r.GetValue(adminKey) ?? Environment.GetEnvironmentVariable("LORAKIT_ADMIN_KEY"),
                 Device = r.GetValue(device)!, Dtype = r.GetValue(dtype), MaxLoadedAdapters = r.GetValue(maxAdapters), MaxBatch = r.GetValue(maxBatch),
                 MaxTokens = r.GetValue(maxTokens), MaxPromptTokens = r.GetValue(maxPrompt), MaxConcurrent = r.GetValue(maxConcurrent),
+                AllowBaseMismatch = r.GetValue(allowMismatch),
             };
             var server = OpenAiServer.StartAsync(options).GetAwaiter().GetResult();
             Console.WriteLine($"lorakit serve: listening on {server.Url} (model {options.Model}, adapters from {options.Adapters}); Ctrl+C stops");

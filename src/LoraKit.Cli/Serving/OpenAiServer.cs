@@ -57,7 +57,7 @@ public sealed class OpenAiServer : IAsyncDisposable
         var eos = GenerationDefaults.EosTokenIds(o.Model, lm.Model.Config)
             .Concat(tok.EosTokenId is int id ? [id] : Array.Empty<int>()).Distinct().ToArray();
         var engine = new InferenceEngine(lm, tok, o.MaxBatch);
-        var server = new OpenAiServer(o, engine, new AdapterRegistry(engine, o.Adapters, o.MaxLoadedAdapters), eos);
+        var server = new OpenAiServer(o, engine, new AdapterRegistry(engine, o.Adapters, o.MaxLoadedAdapters) { AllowBaseMismatch = o.AllowBaseMismatch }, eos);
         await server.StartHttpAsync();
         return server;
     }

@@ -22,4 +22,6 @@ public sealed record ServerOptions
     /// <summary>Requests generating at once; more wait in a queue of <see cref="MaxQueued"/>, beyond that 429.</summary>
     public int MaxConcurrent { get; init; } = 32;
     public int MaxQueued { get; init; } = 64;
+    /// <summary>Serve adapters LoraKit recorded as trained on another base model anyway (otherwise 422).</summary>
+    public bool AllowBaseMismatch { get; init; }
 }

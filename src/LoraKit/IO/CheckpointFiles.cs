@@ -81,6 +81,10 @@ public sealed class CheckpointFiles : IDisposable
         return raw.to(dtype, device);
     }
 
+    /// <summary>Up to <paramref name="count"/> evenly spaced elements of a tensor in its stored dtype (see <see cref="SafetensorsFile.ReadSample"/>).</summary>
+    public Tensor ReadSample(string name, int count) =>
+        _fileOf.TryGetValue(name, out var file) ? file.ReadSample(name, count) : throw new KeyNotFoundException($"checkpoint has no tensor '{name}'");
+
     public void Dispose()
     {
         foreach (var f in _files) f.Dispose();

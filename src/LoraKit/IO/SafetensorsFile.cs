@@ -164,6 +164,32 @@ public sealed class SafetensorsFile : IDisposable
         return t;
     }
 
+    /// <summary>
+    /// Up to <paramref name="count"/> evenly spaced elements of one tensor, in its stored dtype, read straight from the
+    /// mapping without copying the rest (cheap on a multi-GB tensor; used to fingerprint a base model).
+    /// </summary>
+    public unsafe Tensor ReadSample(string name, int count)
+    {
+        if (!Entries.TryGetValue(name, out var e)) throw new SafetensorsException(Path, $"no tensor named '{name}'");
+        var scalar = DTypes.ToScalarType(e.DType) ?? throw new SafetensorsException(Path, $"tensor '{name}' dtype {e.DType} cannot be loaded");
+        long elem = DTypes.SizeOf(e.DType)!.Value, n = e.ByteCount / elem;
+        int k = (int)Math.Min(count, n);
+        var t = torch.empty([k], scalar, device: CPU);
+        if (k == 0) return t;
+        var bytes = new byte[k * elem];
+        byte* basePtr = null;
+        _view!.SafeMemoryMappedViewHandle.AcquirePointer(ref basePtr);
+        try
+        {
+            byte* src = basePtr + _view.PointerOffset + _dataStart + e.Begin;
+            for (int i = 0; i < k; i++)
+                new Span<byte>(src + (i * n / k) * elem, (int)elem).CopyTo(bytes.AsSpan(i * (int)elem));
+        }
+        finally { _view.SafeMemoryMappedViewHandle.ReleasePointer(); }
+        t.bytes = bytes;
+        return t;
+    }
+
     unsafe void CopyInto(Tensor t, SafetensorsEntry e)
     {
         byte* basePtr = null;

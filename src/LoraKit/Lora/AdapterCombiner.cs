@@ -18,10 +18,19 @@ namespace LoraKit.Lora;
 /// </summary>
 public static class AdapterCombiner
 {
+    /// <summary>Largest |weight| accepted for one adapter in a combination.</summary>
+    public const double MaxWeight = 1e3;
+
     public static LoraConfig Combine(LoraModel lm, IReadOnlyList<string> adapters, IReadOnlyList<double> weights, string newName,
         string method, int? svdRank = null)
     {
-        if (adapters.Count == 0 || adapters.Count != weights.Count) throw new ArgumentException("give one weight per adapter");
+        if (adapters.Count == 0) throw new ArgumentException("no adapters to combine");
+        if (adapters.Count != weights.Count) throw new ArgumentException($"{weights.Count} weights for {adapters.Count} adapters; give one weight per adapter");
+        for (int i = 0; i < weights.Count; i++)
+            if (!double.IsFinite(weights[i]) || Math.Abs(weights[i]) > MaxWeight)
+                throw new ArgumentException($"weight {weights[i]} of adapter '{adapters[i]}' must be a finite number between -{MaxWeight:G} and {MaxWeight:G}");
+        if (method is not ("linear" or "cat" or "svd")) throw new ArgumentException($"unknown combination method '{method}' (linear, cat or svd)");
+        if (method != "svd" && svdRank is not null) throw new ArgumentException("a target rank applies to the svd method only");
         if (lm.Configs.ContainsKey(newName)) throw new ArgumentException($"an adapter named '{newName}' already exists");
         var configs = adapters.Select(a => lm.Configs.TryGetValue(a, out var c) ? c : throw new KeyNotFoundException($"no adapter named '{a}'")).ToList();
         // PEFT sizes the result from the configs' r, which breaks (shape error) under rank_pattern; the largest rank an
@@ -37,7 +46,7 @@ public static class AdapterCombiner
             "svd" => svdRank ?? maxRanks.Max(),
             _ => throw new ArgumentException($"unknown combination method '{method}' (linear, cat or svd)"),
         };
-        if (newRank <= 0) throw new ArgumentException("the combined rank must be positive");
+        if (newRank <= 0) throw new ArgumentException($"the combined rank must be positive (got {newRank})");
         bool regex = configs[0].TargetRegex is not null;
         if (configs.Any(c => (c.TargetRegex is not null) != regex))
             throw new ArgumentException("cannot combine adapters whose target_modules mix a regex and a list");
@@ -52,6 +61,12 @@ public static class AdapterCombiner
 
         using var _ = no_grad();
         var keys = lm.TargetKeys(newConfig);
+        // A rank above min(in, out) of a layer cannot add anything (svd has no more singular values; cat's extra rows are
+        // linearly dependent) but would be allocated and written on every layer.
+        long maxRank = keys.Min(k => Math.Min(lm.LinearShapes[k].InFeatures, lm.LinearShapes[k].OutFeatures));
+        if (newRank > maxRank)
+            throw new ArgumentException($"the combined rank {newRank} exceeds {maxRank}, the smallest min(in, out) of the targeted layers" +
+                (method == "svd" ? "" : $"; use svd with a rank of at most {maxRank}"));
         foreach (var key in keys)
         {
             var layer = lm.WrapForLoad(key);

@@ -48,35 +48,49 @@ public sealed record LoraConfig
             throw new LoraConfigException($"init_lora_weights '{InitLoraWeights}' is not supported (true, false or gaussian)");
         if (TargetModules is null && TargetRegex is null) throw new LoraConfigException("no target_modules");
         if (TargetModules is { Count: 0 }) throw new LoraConfigException("target_modules is empty");
+        if (!(LoraAlpha <= MaxAlpha)) throw new LoraConfigException($"lora_alpha {LoraAlpha} is implausibly large (at most {MaxAlpha:G})");
         foreach (var (k, v) in RankPattern) if (v <= 0) throw new LoraConfigException($"rank_pattern '{k}' must be positive (got {v})");
-        foreach (var (k, v) in AlphaPattern) if (!(v > 0)) throw new LoraConfigException($"alpha_pattern '{k}' must be positive (got {v})");
-        if (TargetRegex is not null && TargetRegex != AllLinear)
-        {
-            try { _ = new Regex(TargetRegex); }
-            catch (ArgumentException e) { throw new LoraConfigException($"target_modules regex is invalid: {e.Message}"); }
-        }
+        foreach (var (k, v) in AlphaPattern)
+            if (!(v > 0 && v <= MaxAlpha)) throw new LoraConfigException($"alpha_pattern '{k}' must be positive and at most {MaxAlpha:G} (got {v})");
+        if (TargetRegex is not null && TargetRegex != AllLinear) CheckRegex(TargetRegex, "target_modules regex");
+        foreach (var k in RankPattern.Keys) CheckRegex(k, $"rank_pattern key '{k}'");
+        foreach (var k in AlphaPattern.Keys) CheckRegex(k, $"alpha_pattern key '{k}'");
+        foreach (var k in LayersPattern ?? []) CheckRegex(k, $"layers_pattern '{k}'");
+        if (LayersToTransform?.FirstOrDefault(l => l < 0) is int neg && neg < 0) throw new LoraConfigException($"layers_to_transform has a negative layer ({neg})");
         foreach (var field in new[] { "use_dora", "fan_in_fan_out", "lora_bias" })
             if (Extra[field] is JsonValue v && v.TryGetValue<bool>(out bool on) && on)
                 throw new LoraConfigException($"{field}=true is not supported");
-        if (Extra["peft_type"] is JsonValue pt && pt.GetValue<string>() != "LORA")
-            throw new LoraConfigException($"peft_type '{pt}' is not LoRA");
+        if (Extra.ContainsKey("peft_type") && !(Extra["peft_type"] is JsonValue pt && pt.TryGetValue<string>(out var pts) && pts == "LORA"))
+            throw new LoraConfigException($"peft_type {Show(Extra["peft_type"])} is not LORA (LoraKit reads LoRA adapters only)");
+    }
+
+    /// <summary>Largest lora_alpha accepted: beyond it the adapter's scale overflows low-precision activations.</summary>
+    public const double MaxAlpha = 1e6;
+
+    /// <summary>User regexes (targets, patterns) are matched with this timeout, so a catastrophic one fails fast.</summary>
+    internal static readonly TimeSpan RegexTimeout = TimeSpan.FromSeconds(1);
+
+    static void CheckRegex(string pattern, string what)
+    {
+        try { _ = new Regex(pattern, RegexOptions.None, RegexTimeout); }
+        catch (ArgumentException e) { throw new LoraConfigException($"{what} is not a valid regex: {e.Message}"); }
     }
 
     /// <summary>Whether the module at <paramref name="key"/> (e.g. model.layers.0.self_attn.q_proj) gets this adapter.</summary>
     public bool Targets(string key)
     {
         if (ExcludeModules is { } ex && (ex.Contains(key) || ex.Any(e => key.EndsWith("." + e, StringComparison.Ordinal)))) return false;
-        if (TargetRegex is { } regex) return Regex.IsMatch(key, $"^(?:{regex})$");
+        if (TargetRegex is { } regex) return Regex.IsMatch(key, $"^(?:{regex})$", RegexOptions.None, RegexTimeout);
         var targets = TargetModules!;
         if (targets.Contains(key)) return true;
         if (!targets.Any(t => key.EndsWith("." + t, StringComparison.Ordinal))) return false;
         if (LayersToTransform is not { Count: > 0 } layers) return true;
         Match? m = null;
-        if (LayersPattern is not { Count: > 0 } patterns) m = Regex.Match(key, @"^.*?\.[^.]*\.(\d+)\.");
+        if (LayersPattern is not { Count: > 0 } patterns) m = Regex.Match(key, @"^.*?\.[^.]*\.(\d+)\.", RegexOptions.None, RegexTimeout);
         else
             foreach (var p in patterns)
-                if ((m = Regex.Match(key, $@"^.*?\.{p}\.(\d+)\.")).Success) break;
-        return m is { Success: true } && layers.Contains(int.Parse(m.Groups[1].Value));
+                if ((m = Regex.Match(key, $@"^.*?\.{p}\.(\d+)\.", RegexOptions.None, RegexTimeout)).Success) break;
+        return m is { Success: true } && int.TryParse(m.Groups[1].Value, out int layer) && layers.Contains(layer);
     }
 
     /// <summary>Rank for a module: the first rank_pattern key matching it (PEFT's get_pattern_key), else r.</summary>
@@ -87,7 +101,7 @@ public sealed record LoraConfig
     static T? PatternValue<T>(IReadOnlyDictionary<string, T> patterns, string key) where T : struct
     {
         foreach (var (pattern, value) in patterns)
-            if (Regex.IsMatch(key, $@"^(.*\.)?({pattern})$")) return value;
+            if (Regex.IsMatch(key, $@"^(.*\.)?({pattern})$", RegexOptions.None, RegexTimeout)) return value;
         return null;
     }
 
@@ -100,19 +114,48 @@ public sealed record LoraConfig
 
     // ---- adapter_config.json ----
 
+    /// <summary>adapter_config.json files larger than this are refused unread (PEFT's are a few KB).</summary>
+    public const long MaxConfigBytes = 1 << 20;
+
     public static LoraConfig Load(string adapterDir)
     {
         var path = Path.Combine(adapterDir, "adapter_config.json");
-        if (!File.Exists(path)) throw new LoraConfigException($"{adapterDir}: adapter_config.json not found");
+        if (!File.Exists(path))
+        {
+            if (File.Exists(Path.Combine(adapterDir, "adapter", "adapter_config.json")))
+                throw new LoraConfigException($"{adapterDir} is a training run folder, not an adapter; use {Path.Combine(adapterDir, "adapter")}");
+            throw new LoraConfigException($"{adapterDir}: adapter_config.json not found");
+        }
+        JsonNode? node;
+        try { node = JsonNode.Parse(ReadBounded(path), documentOptions: new JsonDocumentOptions { AllowDuplicateProperties = false }); }
+        catch (JsonException e) { throw new LoraConfigException($"{path}: invalid JSON at line {(e.LineNumber ?? 0) + 1}{Near(e.Path)}: {CleanJsonMessage(e.Message)}"); }
         try
         {
-            var obj = JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new LoraConfigException($"{path}: not a JSON object");
+            var obj = node as JsonObject ?? throw new LoraConfigException($"not a JSON object");
             return FromJson(obj);
         }
-        catch (Exception e) when (e is JsonException or InvalidOperationException or FormatException)
-        {
-            throw new LoraConfigException($"{path}: {e.Message}");
-        }
+        catch (LoraConfigException e) { throw new LoraConfigException($"{path}: {e.Message}"); }
+    }
+
+    /// <summary>The file's text, refusing more than <see cref="MaxConfigBytes"/> (also for devices and pipes, whose length reads 0).</summary>
+    static string ReadBounded(string path)
+    {
+        using var fs = new FileStream(path, FileMode.Open, FileAccess.Read);
+        var buffer = new byte[MaxConfigBytes + 1];
+        int n = 0, read;
+        while (n < buffer.Length && (read = fs.Read(buffer, n, buffer.Length - n)) > 0) n += read;
+        if (n > MaxConfigBytes) throw new LoraConfigException($"{path}: larger than {MaxConfigBytes} bytes, too large for an adapter config");
+        return new System.Text.UTF8Encoding(false, false).GetString(buffer, 0, n).TrimStart('\uFEFF');
+    }
+
+    static string Near(string? jsonPath) => jsonPath is null or "$" ? "" : $" (near '{jsonPath.TrimStart('$', '.')}')";
+
+    /// <summary>System.Text.Json's message without its "Path: $ | LineNumber: …" tail (the caller names the place).</summary>
+    internal static string CleanJsonMessage(string m)
+    {
+        int cut = m.IndexOf(" Path: ", StringComparison.Ordinal);
+        if (cut < 0) cut = m.IndexOf(" LineNumber:", StringComparison.Ordinal);
+        return (cut >= 0 ? m[..cut] : m).Trim().TrimEnd('.');
     }
 
     static readonly HashSet<string> Known =
@@ -122,6 +165,7 @@ public sealed record LoraConfig
         "base_model_name_or_path", "task_type",
     ];
 
+    /// <summary>Reads PEFT's fields; a field of the wrong type is a <see cref="LoraConfigException"/> naming it.</summary>
     public static LoraConfig FromJson(JsonObject o)
     {
         var extra = new JsonObject();
@@ -129,50 +173,92 @@ public sealed record LoraConfig
         var (targets, regex) = o["target_modules"] switch
         {
             null => (DefaultTargets, (string?)null),
-            JsonArray a => (a.Select(x => x!.GetValue<string>()).ToList(), null),
-            JsonValue v => (null, v.GetValue<string>()),
-            _ => throw new LoraConfigException("target_modules must be a list, a string or null"),
+            JsonArray => (StringList(o, "target_modules"), null),
+            JsonValue v when v.TryGetValue<string>(out var str) => (null, str),
+            var other => throw new LoraConfigException($"'target_modules' must be a list of names, a regex string or null (got {Show(other)})"),
         };
         return new LoraConfig
         {
-            R = o["r"]?.GetValue<int>() ?? 8,
-            LoraAlpha = o["lora_alpha"]?.GetValue<double>() ?? 8,
-            LoraDropout = o["lora_dropout"]?.GetValue<double>() ?? 0,
+            R = Int(o, "r") ?? 8,
+            LoraAlpha = Num(o, "lora_alpha") ?? 8,
+            LoraDropout = Num(o, "lora_dropout") ?? 0,
             TargetModules = targets,
             TargetRegex = regex is not null && regex.Equals(AllLinear, StringComparison.OrdinalIgnoreCase) ? AllLinear : regex,
-            ExcludeModules = StringList(o["exclude_modules"]),
-            UseRslora = o["use_rslora"]?.GetValue<bool>() ?? false,
+            ExcludeModules = StringList(o, "exclude_modules"),
+            UseRslora = Bool(o, "use_rslora") ?? false,
             InitLoraWeights = o["init_lora_weights"] switch
             {
                 null => "true",
                 JsonValue v when v.TryGetValue<bool>(out var b) => b ? "true" : "false",
-                JsonValue v => v.GetValue<string>().ToLowerInvariant(),
-                _ => "true",
+                JsonValue v when v.TryGetValue<string>(out var str) => str.ToLowerInvariant(),
+                var other => throw new LoraConfigException($"'init_lora_weights' must be true, false or a method name (got {Show(other)})"),
             },
             LayersToTransform = o["layers_to_transform"] switch
             {
                 null => null,
-                JsonArray a => a.Select(x => x!.GetValue<int>()).ToList(),
-                JsonValue v => [v.GetValue<int>()],
-                _ => null,
+                JsonArray a => a.Select(x => AsInt(x) ?? throw new LoraConfigException($"'layers_to_transform' must list layer numbers (got {Show(x)})")).ToList(),
+                JsonValue v => [Int(o, "layers_to_transform")!.Value],
+                var other => throw new LoraConfigException($"'layers_to_transform' must be a layer number or a list of them (got {Show(other)})"),
             },
-            LayersPattern = StringList(o["layers_pattern"]),
-            RankPattern = (o["rank_pattern"] as JsonObject)?.ToDictionary(kv => kv.Key, kv => kv.Value!.GetValue<int>()) ?? new Dictionary<string, int>(),
-            AlphaPattern = (o["alpha_pattern"] as JsonObject)?.ToDictionary(kv => kv.Key, kv => kv.Value!.GetValue<double>()) ?? new Dictionary<string, double>(),
-            Bias = o["bias"]?.GetValue<string>() ?? "none",
-            ModulesToSave = StringList(o["modules_to_save"]),
-            BaseModelNameOrPath = o["base_model_name_or_path"]?.GetValue<string>(),
-            TaskType = o["task_type"]?.GetValue<string>() ?? "CAUSAL_LM",
+            LayersPattern = StringList(o, "layers_pattern"),
+            RankPattern = Pattern<int>(o, "rank_pattern", AsInt),
+            AlphaPattern = Pattern<double>(o, "alpha_pattern", AsNum),
+            Bias = Str(o, "bias") ?? "none",
+            ModulesToSave = StringList(o, "modules_to_save"),
+            BaseModelNameOrPath = Str(o, "base_model_name_or_path"),
+            TaskType = Str(o, "task_type") ?? "CAUSAL_LM",
             Extra = extra,
         };
     }
 
-    static IReadOnlyList<string>? StringList(JsonNode? n) => n switch
+    static string Show(JsonNode? n)
+    {
+        var s = n?.ToJsonString() ?? "null";
+        return s.Length > 60 ? s[..60] + "…" : s;
+    }
+
+    static int? AsInt(JsonNode? n) => n is JsonValue v
+        ? v.TryGetValue<int>(out int i) ? i
+        : v.TryGetValue<double>(out double d) && d == Math.Floor(d) && d is >= int.MinValue and <= int.MaxValue ? (int)d : null
+        : null;
+
+    static double? AsNum(JsonNode? n) => n is JsonValue v && v.TryGetValue<double>(out double d) ? d : null;
+
+    static int? Int(JsonObject o, string field) => o[field] is null ? null
+        : AsInt(o[field]) ?? throw new LoraConfigException($"'{field}' must be an integer (got {Show(o[field])})");
+
+    static double? Num(JsonObject o, string field) => o[field] is null ? null
+        : AsNum(o[field]) ?? throw new LoraConfigException($"'{field}' must be a number (got {Show(o[field])})");
+
+    static bool? Bool(JsonObject o, string field) => o[field] switch
     {
         null => null,
-        JsonArray a => a.Select(x => x!.GetValue<string>()).ToList(),
-        JsonValue v => [v.GetValue<string>()],
-        _ => null,
+        JsonValue v when v.TryGetValue<bool>(out bool b) => b,
+        var other => throw new LoraConfigException($"'{field}' must be true or false (got {Show(other)})"),
+    };
+
+    static string? Str(JsonObject o, string field) => o[field] switch
+    {
+        null => null,
+        JsonValue v when v.TryGetValue<string>(out var str) => str,
+        var other => throw new LoraConfigException($"'{field}' must be a string (got {Show(other)})"),
+    };
+
+    static IReadOnlyList<string>? StringList(JsonObject o, string field) => o[field] switch
+    {
+        null => null,
+        JsonArray a => a.Select(x => x is JsonValue v && v.TryGetValue<string>(out var str) ? str
+            : throw new LoraConfigException($"'{field}' must list strings (got {Show(x)} in it)")).ToList(),
+        JsonValue v when v.TryGetValue<string>(out var str) => [str],
+        var other => throw new LoraConfigException($"'{field}' must be a string or a list of strings (got {Show(other)})"),
+    };
+
+    static Dictionary<string, T> Pattern<T>(JsonObject o, string field, Func<JsonNode?, T?> value) where T : struct => o[field] switch
+    {
+        null => new Dictionary<string, T>(),
+        JsonObject p => p.ToDictionary(kv => kv.Key, kv => value(kv.Value)
+            ?? throw new LoraConfigException($"'{field}' value for '{kv.Key}' must be a {(typeof(T) == typeof(int) ? "whole number" : "number")} (got {Show(kv.Value)})")),
+        var other => throw new LoraConfigException($"'{field}' must be an object of pattern: value (got {Show(other)})"),
     };
 
     /// <summary>The adapter_config.json PEFT reads: known fields from this record, the rest as loaded.</summary>
@@ -211,4 +297,28 @@ public sealed record LoraConfig
     }
 }
 
-public sealed class LoraConfigException(string message) : LoraKitException(message);
+/// <summary>An adapter configuration (or its pairing with a base model) LoraKit refuses; the server answers 422.</summary>
+public class LoraConfigException(string message) : LoraKitException(OneLine(message))
+{
+    /// <summary>
+    /// Messages quote names from the user's files (keys, patterns, paths); control characters in them are escaped so
+    /// the error stays one printable line.
+    /// </summary>
+    internal static string OneLine(string s)
+    {
+        if (!s.Any(char.IsControl) && s.Length <= 2000) return s;
+        var sb = new System.Text.StringBuilder(Math.Min(s.Length, 2000));
+        foreach (char c in s)
+        {
+            if (sb.Length >= 1990) { sb.Append('…'); break; }
+            if (char.IsControl(c)) sb.Append($"\\u{(int)c:x4}"); else sb.Append(c);
+        }
+        return sb.ToString();
+    }
+}
+
+/// <summary>
+/// An adapter LoraKit wrote for one base model, loaded onto another (different fingerprint or architecture). Callers
+/// can override with AllowBaseMismatch; the CLI names its flag.
+/// </summary>
+public sealed class AdapterBaseMismatchException(string message) : LoraConfigException(message);

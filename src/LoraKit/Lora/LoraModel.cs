@@ -16,9 +16,11 @@ public sealed class LoraModel : IDisposable
     public CausalLM Model { get; }
     public IReadOnlyDictionary<string, LoraConfig> Configs => _configs;
 
+    /// <summary>Wraps <paramref name="model"/> and puts it in evaluation mode (no LoRA dropout); trainers call train() themselves.</summary>
     public LoraModel(CausalLM model)
     {
         Model = model;
+        model.eval();
         // Layer paths and shapes never change once built (wrapping keeps both), so they are read once and can be
         // consulted from any thread — the serving engine validates adapters off its decode thread.
         LinearShapes = model.named_modules()
@@ -48,11 +50,34 @@ public sealed class LoraModel : IDisposable
     {
         config.Validate();
         config = Resolve(config);
-        var keys = LinearKeys().Where(config.Targets).ToList();
+        List<string> keys;
+        try { keys = LinearKeys().Where(config.Targets).ToList(); }
+        catch (System.Text.RegularExpressions.RegexMatchTimeoutException)
+        {
+            throw new LoraConfigException($"target_modules / layers_pattern {Describe(config)} is a regex too slow to match module names (catastrophic backtracking)");
+        }
         if (keys.Count == 0)
             throw new LoraConfigException($"target modules {Describe(config)} match no linear layer of this {Model.Config.Architecture} " +
                 $"(its layers are named like {string.Join(", ", LinearKeys().Take(7).Select(k => k.Split('.')[^1]).Distinct())})");
         return keys;
+    }
+
+    /// <summary>
+    /// Refuses ranks above a targeted layer's smaller dimension: B·A then has more parameters than the full update
+    /// and no more expressiveness, and an absurd r (100000) would allocate gigabytes before anything else fails.
+    /// </summary>
+    public void CheckRanks(LoraConfig config, IEnumerable<string> keys)
+    {
+        foreach (var key in keys)
+        {
+            int r;
+            try { r = config.RankFor(key); }
+            catch (System.Text.RegularExpressions.RegexMatchTimeoutException) { throw new LoraConfigException("a rank_pattern key is a regex too slow to match module names"); }
+            var (inF, outF) = LinearShapes[key];
+            long max = Math.Min(inF, outF);
+            if (r > max)
+                throw new LoraConfigException($"rank {r} for '{key}' exceeds the layer's smaller dimension min(in={inF}, out={outF}) = {max}");
+        }
     }
 
     static string Describe(LoraConfig c) => c.TargetRegex ?? "[" + string.Join(", ", c.TargetModules!) + "]";
@@ -62,6 +87,7 @@ public sealed class LoraModel : IDisposable
     {
         var keys = TargetKeys(config);
         config = Resolve(config);
+        CheckRanks(config, keys);
         var gen = new Generator((ulong)seed);
         using var _ = no_grad();
         foreach (var key in keys)
@@ -113,6 +139,7 @@ public sealed class LoraModel : IDisposable
         if (dot < 0 || modules[key[..dot]] is not ContainerModule parent)
             throw new LoraConfigException($"module '{key}' cannot take a LoRA adapter");
         var wrapped = new LoraLinear((Linear)module);
+        wrapped.train(module.training); // a wrapper starts in the mode of what it wraps (eval after a load: no dropout)
         parent.ReplaceChild(key[(dot + 1)..], wrapped);
         return wrapped;
     }

@@ -17,6 +17,10 @@ public sealed class CausalLM : nn.Module<Tensor, Tensor>
     public ModelConfig Config { get; }
     public ScalarType DType { get; }
     public Device Device { get; }
+    /// <summary>The directory the model was loaded from (null when built in memory).</summary>
+    public string? NameOrPath { get; private set; }
+    /// <summary>The base checkpoint's <see cref="BaseFingerprint"/> (null when built in memory, not from files).</summary>
+    public string? Fingerprint { get; private set; }
 
     public CausalLM(ModelConfig config, WeightSource w) : base("CausalLM")
     {
@@ -29,7 +33,10 @@ public sealed class CausalLM : nn.Module<Tensor, Tensor>
         w.EnsureAllUsed();
     }
 
-    /// <summary>Loads config.json and the safetensors weights of an HF checkpoint directory.</summary>
+    /// <summary>
+    /// Loads config.json and the safetensors weights of an HF checkpoint directory, in evaluation mode (as transformers'
+    /// from_pretrained): dropout is off everywhere until a trainer switches to training mode itself.
+    /// </summary>
     public static CausalLM Load(string dir, ScalarType dtype, Device device)
     {
         var config = ModelConfig.Load(dir);
@@ -37,7 +44,11 @@ public sealed class CausalLM : nn.Module<Tensor, Tensor>
         // A tied checkpoint may still carry lm_head.weight (equal to the embeddings); transformers ignores it.
         var ignorable = config.TieWordEmbeddings ? new[] { "lm_head.weight" } : [];
         using var _ = no_grad();
-        return new CausalLM(config, new CheckpointWeights(files, dtype, device, ignorable));
+        var model = new CausalLM(config, new CheckpointWeights(files, dtype, device, ignorable));
+        model.NameOrPath = dir;
+        model.Fingerprint = BaseFingerprint.Compute(config, files);
+        model.eval();
+        return model;
     }
 
     public override Tensor forward(Tensor ids) => Logits(ids, null, null);

@@ -20,6 +20,9 @@ public sealed partial class AdapterRegistry(InferenceEngine engine, string root,
     [GeneratedRegex(@"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
     private static partial Regex PlainName();
 
+    /// <summary>Load adapters LoraKit recorded as trained on another base anyway (a warning each time).</summary>
+    public bool AllowBaseMismatch { get; init; }
+
     public IReadOnlyCollection<string> Loaded { get { lock (_lru) return _lru.ToList(); } }
 
     /// <summary>The directory of a valid adapter name, or an error saying why the name is refused.</summary>
@@ -104,7 +107,7 @@ public sealed partial class AdapterRegistry(InferenceEngine engine, string root,
         }
         // Reading and validating happen here, off the engine thread; only the injection pauses decoding.
         // Classification adapters load too (their LoRA part); the server checks each request's task against the adapter's.
-        using var prepared = await Task.Run(() => AdapterFiles.Read(engine.Lora, dir, sequenceClassification: true));
+        using var prepared = await Task.Run(() => AdapterFiles.Read(engine.Lora, dir, new AdapterLoadOptions { AllowBaseMismatch = AllowBaseMismatch, SequenceClassification = true }));
         await engine.RunAsync(lm =>
         {
             if (lm.Configs.ContainsKey(name)) lm.DeleteAdapter(name);

@@ -45,6 +45,7 @@ public sealed class InferenceEngine : IDisposable
     public InferenceEngine(LoraModel lm, Tokenizer tokenizer, int maxBatch = 16)
     {
         _lm = lm;
+        _lm.Model.eval(); // serving never trains: LoRA dropout stays off
         _tok = tokenizer;
         MaxBatch = maxBatch;
         _worker = new Thread(Loop) { IsBackground = true, Name = "lorakit-engine" };

@@ -39,7 +39,7 @@ public sealed class SequenceClassifier : IDisposable
         var (labels, head) = ReadHead(adapterDir, lm.Model.Config.HiddenSize);
         using (head)
         {
-            AdapterFiles.Load(lm, "default", adapterDir, sequenceClassification: true);
+            AdapterFiles.Load(lm, "default", adapterDir, new AdapterLoadOptions { SequenceClassification = true });
             var clf = new SequenceClassifier(lm.Model, labels, 0) { PadTokenId = padTokenId };
             using var _ = no_grad();
             clf.Score.copy_(head);
