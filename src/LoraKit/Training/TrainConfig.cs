@@ -92,20 +92,27 @@ public sealed class TrainConfig
         UnmappedMemberHandling = JsonUnmappedMemberHandling.Disallow,
     };
 
-    public static TrainConfig Load(string path)
-    {
-        if (!File.Exists(path)) throw new FileNotFoundException($"config file '{path}' not found");
-        string text = File.ReadAllText(path);
-        string json = path.EndsWith(".yaml", StringComparison.OrdinalIgnoreCase) || path.EndsWith(".yml", StringComparison.OrdinalIgnoreCase)
-            ? YamlToJson(text) : text;
-        try { return JsonSerializer.Deserialize<TrainConfig>(json, Json) ?? new TrainConfig(); }
-        catch (JsonException e) { throw new InvalidDataException($"{path}: {e.Message}"); }
-    }
+    /// <summary>Reads a JSON or YAML config file (see <see cref="TrainConfigFile"/>: LoraKit's keys or the HF/PEFT spellings).</summary>
+    public static TrainConfig Load(string path) => TrainConfigFile.Load(path);
 
-    static string YamlToJson(string yaml)
+    /// <summary>
+    /// The configuration a run in <paramref name="output"/> was started with, from its newest readable checkpoint (so that
+    /// resuming needs only the output directory); null when there is none.
+    /// </summary>
+    public static TrainConfig? FromRun(string output)
     {
-        var obj = new YamlDotNet.Serialization.DeserializerBuilder().WithAttemptingUnquotedStringTypeDeserialization().Build().Deserialize<object>(yaml);
-        return JsonSerializer.Serialize(obj);
+        foreach (var dir in Checkpoints.Complete(output))
+        {
+            try
+            {
+                var state = Checkpoints.ReadState(dir);
+                var c = JsonSerializer.Deserialize<TrainConfig>(state.Config.ToJsonString(), Json) ?? new TrainConfig();
+                c.Output = output;
+                return c;
+            }
+            catch (Exception e) when (e is LoraKitException or JsonException) { }
+        }
+        return null;
     }
 
     public string ToJson() => JsonSerializer.Serialize(this, Json);
@@ -125,6 +132,11 @@ public sealed class TrainConfig
     public void Validate()
     {
         void Check(bool ok, string msg) { if (!ok) throw new ArgumentException(msg); }
+        foreach (var p in typeof(TrainConfig).GetProperties().Where(p => p.PropertyType == typeof(double)))
+            Check(double.IsFinite((double)p.GetValue(this)!), $"{JsonNamingPolicy.SnakeCaseLower.ConvertName(p.Name)} must be a finite number");
+        Check(Output.Length > 0, "the output directory is required");
+        Check(R > 0, "r must be positive");
+        Check(TargetModules.Count > 0, "target_modules must name at least one module");
         Check(Model.Length > 0, "--model is required");
         Check(Kernels is "auto" or "fast" or "exact", $"--kernels must be auto, fast or exact, not '{Kernels}'");
         Check(CudaGraph is "auto" or "on" or "off", $"--cuda-graph must be auto, on or off, not '{CudaGraph}'");
