@@ -60,7 +60,9 @@ public static class JsonlDataset
                 var s = Build(e, format, tok, o, lineNo, labels);
                 if (s.InputIds.Length > o.MaxLength)
                 {
-                    s = new Sample(s.InputIds[..o.MaxLength], s.Labels[..o.MaxLength], lineNo);
+                    s = format == DataFormat.Classification // Labels holds the class index
+                        ? new Sample(s.InputIds[..o.MaxLength], s.Labels, lineNo)
+                        : new Sample(s.InputIds[..o.MaxLength], s.Labels[..o.MaxLength], lineNo);
                     truncated++;
                 }
                 if (s.TargetCount == 0 && format != DataFormat.Classification)
@@ -98,7 +100,7 @@ public static class JsonlDataset
                 classification = true;
                 if (LabelText(e.GetProperty("label")) is string l) labels.Add(l);
             }
-            catch (Exception ex) when (ex is JsonException or DataException) { } // reported with its line number by Load
+            catch (Exception ex) when (ex is JsonException or DataException or InvalidOperationException) { } // reported with its line number by Load
         }
         return classification ? labels.ToList() : null;
     }

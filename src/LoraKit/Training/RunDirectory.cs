@@ -55,7 +55,8 @@ public sealed class RunDirectory
             if (!isRun && !legacyRun) throw new LoraKitException($"{output} holds no LoraKit run to resume");
             return run;
         }
-        var meaningful = Directory.EnumerateFileSystemEntries(run._root).Select(Path.GetFileName).Where(n => !IsDebris(n!)).ToList();
+        // Files (at any depth) that are neither debris nor what a run that never got going wrote (its manifest only).
+        var meaningful = present.Where(f => f != ManifestFile && !f.Split(Path.DirectorySeparatorChar).Any(IsDebris)).ToList();
         if (meaningful.Count == 0) { run.WriteManifest(); return run; }
         if (!overwrite)
         {
@@ -106,7 +107,7 @@ public sealed class RunDirectory
         }
         catch (Exception e) when (e is JsonException or InvalidOperationException or FormatException)
         {
-            throw new LoraKitException($"{path}: unreadable run manifest ({e.Message.Split('.')[0]}); move the directory aside or remove the file");
+            throw new LoraKitException($"{path}: unreadable run manifest ({(e is JsonException ? "invalid JSON" : "\"files\" must be a list of relative paths")}); move the directory aside or remove the file");
         }
     }
 

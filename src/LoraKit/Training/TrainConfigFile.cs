@@ -217,17 +217,17 @@ public static class TrainConfigFile
         {
             string where = $"{path}:{e.Line}";
             var prior = entries.First(x => x.Key == e.Key);
-            if (!ReferenceEquals(prior, e)) throw new LoraKitException($"{where}: key '{e.Key}' is set twice (first on line {prior.Line})");
+            if (!ReferenceEquals(prior, e)) throw new LoraKitException($"{where}: key '{Short(e.Key)}' is set twice (first on line {prior.Line})");
             if (Special.Contains(e.Key)) { ApplySpecial(c, where, e, setBy); continue; }
             string name = Aliases.GetValueOrDefault(e.Key, e.Key);
             if (!Properties.TryGetValue(name, out var prop))
             {
                 string hint = e.Key == "warmup_ratio" ? " (LoraKit counts warm-up in steps: use warmup_steps)"
                     : Nearest(e.Key) is string near ? $" (did you mean '{near}'?)" : "";
-                throw new LoraKitException($"{where}: unknown key '{e.Key}'{hint}");
+                throw new LoraKitException($"{where}: unknown key '{Short(e.Key)}'{hint}");
             }
             if (setBy.TryGetValue(name, out var other))
-                throw new LoraKitException($"{where}: '{e.Key}' and '{other.Key}' (line {other.Line}) both set {name}; keep one");
+                throw new LoraKitException($"{where}: '{Short(e.Key)}' and '{Short(other.Key)}' (line {other.Line}) both set {name}; keep one");
             setBy[name] = e;
             object? value = Convert(where, e.Key, e.Value, prop.PropertyType);
             value = Translate(where, e.Key, name, value);
@@ -247,19 +247,19 @@ public static class TrainConfigFile
                     "constant" or "constant_with_warmup" => "constant",
                     "linear" => "linear",
                     "cosine" => "cosine",
-                    _ => throw new LoraKitException($"{where}: {key} '{s}' is not supported (constant, constant_with_warmup, linear or cosine)"),
+                    _ => throw new LoraKitException($"{where}: {key} '{Short(s)}' is not supported (constant, constant_with_warmup, linear or cosine)"),
                 };
             case "metric" when value is string m:
                 return m switch
                 {
                     "loss" or "eval_loss" => "eval_loss",
                     "accuracy" or "eval_accuracy" => "eval_accuracy",
-                    _ => throw new LoraKitException($"{where}: {key} '{m}' is not supported (eval_loss or eval_accuracy)"),
+                    _ => throw new LoraKitException($"{where}: {key} '{Short(m)}' is not supported (eval_loss or eval_accuracy)"),
                 };
             case "steps" when key == "max_steps" && value is int n && n < 0:
                 return 0; // transformers' -1: not set
             case "format" when key == "dataset_text_field":
-                if (value is not "text") throw new LoraKitException($"{where}: dataset_text_field '{value}' is not supported: LoraKit reads the \"text\" field (or prompt/completion, messages)");
+                if (value is not "text") throw new LoraKitException($"{where}: dataset_text_field '{Short(value as string)}' is not supported: LoraKit reads the \"text\" field (or prompt/completion, messages)");
                 return "text";
         }
         return value;
@@ -272,18 +272,18 @@ public static class TrainConfigFile
             case "bf16" or "fp16":
                 if ((bool)Convert(where, e.Key, e.Value, typeof(bool))!)
                 {
-                    if (setBy.TryGetValue("dtype", out var other)) throw new LoraKitException($"{where}: '{e.Key}' and '{other.Key}' (line {other.Line}) both set dtype; keep one");
+                    if (setBy.TryGetValue("dtype", out var other)) throw new LoraKitException($"{where}: '{Short(e.Key)}' and '{Short(other.Key)}' (line {other.Line}) both set dtype; keep one");
                     setBy["dtype"] = e;
                     c.Dtype = e.Key;
                 }
                 break;
             case "task_type":
                 var t = (string?)Convert(where, e.Key, e.Value, typeof(string));
-                if (t is not ("CAUSAL_LM" or "SEQ_CLS")) throw new LoraKitException($"{where}: task_type '{t}' is not supported (CAUSAL_LM or SEQ_CLS; the data's format decides)");
+                if (t is not ("CAUSAL_LM" or "SEQ_CLS")) throw new LoraKitException($"{where}: task_type '{Short(t)}' is not supported (CAUSAL_LM or SEQ_CLS; the data's format decides)");
                 break;
             case "bias":
                 var b = (string?)Convert(where, e.Key, e.Value, typeof(string));
-                if (b != "none") throw new LoraKitException($"{where}: bias '{b}' is not supported (LoraKit trains no biases: 'none')");
+                if (b != "none") throw new LoraKitException($"{where}: bias '{Short(b)}' is not supported (LoraKit trains no biases: 'none')");
                 break;
             case "val_set_size":
                 double v = (double)Convert(where, e.Key, e.Value, typeof(double))!;
@@ -300,7 +300,7 @@ public static class TrainConfigFile
         var t = underlying ?? type;
         string Expected() => t == typeof(int) ? "an integer" : t == typeof(double) ? "a number" : t == typeof(bool) ? "true or false"
             : t == typeof(List<string>) ? "a list of names (or one name, e.g. all-linear)" : "a string";
-        LoraKitException Wrong() => new($"{where}: '{key}' must be {Expected()}, not {v.Describe()}");
+        LoraKitException Wrong() => new($"{where}: '{Short(key)}' must be {Expected()}, not {v.Describe()}");
         if (v.Mapping) throw Wrong();
         if (v.Kind == JsonValueKind.Null)
             return nullable ? null : throw Wrong();
@@ -308,7 +308,7 @@ public static class TrainConfigFile
         {
             if (v.Items is { } items)
             {
-                if (items.Count == 0) throw new LoraKitException($"{where}: '{key}' is an empty list");
+                if (items.Count == 0) throw new LoraKitException($"{where}: '{Short(key)}' is an empty list");
                 return items.Select(i => i.Kind == JsonValueKind.String && i.Text is { Length: > 0 } s ? s : throw Wrong()).ToList();
             }
             if (v.Kind != JsonValueKind.String || string.IsNullOrWhiteSpace(v.Text)) throw Wrong();
@@ -328,12 +328,12 @@ public static class TrainConfigFile
             throw Wrong();
         }
         if (!numberLike || !double.TryParse(text, NumberStyles.Float, CultureInfo.InvariantCulture, out double d)) throw Wrong();
-        if (!double.IsFinite(d)) throw new LoraKitException($"{where}: '{key}' must be a finite number, not {text}");
+        if (!double.IsFinite(d)) throw new LoraKitException($"{where}: '{Short(key)}' must be a finite number, not {Short(text)}");
         if (t == typeof(double)) return d;
         if (t == typeof(int))
         {
-            if (d != Math.Floor(d)) throw new LoraKitException($"{where}: '{key}' must be an integer, not {text}");
-            if (d is > int.MaxValue or < int.MinValue) throw new LoraKitException($"{where}: '{key}' is out of range ({text})");
+            if (d != Math.Floor(d)) throw new LoraKitException($"{where}: '{Short(key)}' must be an integer, not {Short(text)}");
+            if (d is > int.MaxValue or < int.MinValue) throw new LoraKitException($"{where}: '{Short(key)}' is out of range ({Short(text)})");
             return (int)d;
         }
         throw Wrong();
