@@ -262,7 +262,7 @@ public class TrainingTests
     public void SchedulesFollowTransformers()
     {
         // fixtures/training/schedules.json: transformers' get_{constant,linear,cosine}_schedule_with_warmup lr_lambda at
-        // every step 0..total (scripts/fixtures/make_schedule_fixture.py).
+        // every step 0..total (scripts/fixtures/make_schedule_fixtures.py).
         var cases = Fixtures.Json("training", "schedules.json").GetProperty("cases").EnumerateArray().ToList();
         Assert.NotEmpty(cases);
         foreach (var c in cases)
