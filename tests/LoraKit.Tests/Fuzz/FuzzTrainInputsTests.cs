@@ -261,6 +261,39 @@ public class FuzzTrainInputsTests
         Assert.True(failures.Count == 0, string.Join("\n", failures));
     }
 
+    [Fact]
+    public void CliCases()
+    {
+        // A few through the real CLI: one "error:" line on stderr and exit 1 (each process costs a second or two).
+        var dir = Fixtures.TempDir();
+        var laughs = Path.Combine(dir, "laughs.yaml");
+        File.WriteAllText(laughs, "a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n");
+        var typo = Path.Combine(dir, "typo.json");
+        File.WriteAllText(typo, "{\n  \"learning_rat\": 0.001\n}");
+        var file = Path.Combine(dir, "a-file");
+        File.WriteAllText(file, "x");
+        var foreign = Path.Combine(dir, "foreign");
+        Foreign(foreign, "adapter/precious.txt", "metrics.jsonl");
+        var before = FuzzContract.Snapshot(foreign);
+        string[] model = ["--model", Fixtures.Model("llama"), "--data", Fixtures.Path_("training", "data.jsonl"), "--device", "cpu", "--steps", "1"];
+        var cases = new (string name, string[] args)[]
+        {
+            ("yaml billion laughs", ["train", "--config", laughs]),
+            ("config key typo", ["train", "--config", typo]),
+            ("output is a file", ["train", .. model, "--output", file]),
+            ("resume with no run", ["train", "--output", Path.Combine(dir, "none"), "--resume"]),
+            ("foreign output", ["train", .. model, "--output", foreign]),
+            ("foreign output, overwrite", ["train", .. model, "--output", foreign, "--overwrite"]),
+        };
+        foreach (var (name, args) in cases)
+        {
+            var (code, _, stderr) = CliTests.RunCli(args);
+            FuzzContract.CheckCli("train-cli", name, code, stderr);
+            Assert.Equal(1, code);
+        }
+        FuzzContract.AssertUntouched(before, foreign, "CLI runs into a foreign directory");
+    }
+
     /// <summary>Creates files (relative path, optionally "=content") under the output directory.</summary>
     static void Foreign(string output, params string[] files)
     {
