@@ -10,6 +10,7 @@ public static class Program
         var root = new RootCommand("LoraKit: LoRA fine-tuning, evaluation and serving for Hugging Face causal LMs.");
         root.Subcommands.Add(ScoreCommand.Build());
         root.Subcommands.Add(GenerateCommand.Build());
+        root.Subcommands.Add(ClassifyCommand.Build());
         root.Subcommands.Add(AdapterCommands.Adapter());
         root.Subcommands.Add(AdapterCommands.Merge());
         root.Subcommands.Add(AdapterCommands.Combine());

@@ -23,7 +23,8 @@ public static class AdapterCommands
             var weights = Path.Combine(d, AdapterFiles.WeightsFile);
             using var file = SafetensorsFile.Open(weights);
             long parameters = file.Entries.Values.Sum(e => e.Shape.Aggregate(1L, (a, b) => a * b));
-            int modules = file.Entries.Count / 2;
+            int modules = file.Entries.Keys.Count(k => k.EndsWith(".lora_A.weight", StringComparison.Ordinal));
+            var task = AdapterFiles.Task(d);
             long bytes = new FileInfo(weights).Length;
             string targets = config.TargetRegex ?? string.Join(", ", config.TargetModules!.Select(t => t.Split('.')[^1]).Distinct().Order());
             if (r.GetValue(json))
@@ -32,11 +33,14 @@ public static class AdapterCommands
                 {
                     r = config.R, lora_alpha = config.LoraAlpha, use_rslora = config.UseRslora, target_modules = targets, modules,
                     trainable_params = parameters, file_bytes = bytes, base_model = config.BaseModelNameOrPath,
+                    task_type = task.TaskType, labels = task.Labels,
                 }));
                 return 0;
             }
             Console.WriteLine($"adapter:          {Path.GetFullPath(d)}");
             Console.WriteLine($"base model:       {config.BaseModelNameOrPath ?? "(not recorded)"}");
+            Console.WriteLine($"task type:        {task.TaskType}{(task.IsSequenceClassification ? " (sequence classification: `lorakit classify`)" : "")}");
+            if (task.Labels is { } labels) Console.WriteLine($"labels:           {labels.Count}: {task.LabelList}");
             Console.WriteLine($"rank (r):         {config.R}{(config.RankPattern.Count > 0 ? $" (patterns: {string.Join(", ", config.RankPattern.Select(kv => $"{kv.Key}={kv.Value}"))})" : "")}");
             Console.WriteLine($"lora_alpha:       {config.LoraAlpha}{(config.UseRslora ? " (rsLoRA: scaling alpha/√r)" : " (scaling alpha/r)")}");
             Console.WriteLine($"targets:          {targets}{(config.LayersToTransform is { } l ? $" in layers {string.Join(", ", l)}" : "")}");
@@ -75,6 +79,17 @@ public static class AdapterCommands
         var (model, output, device, dtype) = ModelOutputOptions(cmd);
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
+            if (Directory.Exists(r.GetValue(adapter)) && AdapterFiles.Task(r.GetValue(adapter)!) is { IsSequenceClassification: true } task)
+            {
+                // A classifier merges into a *ForSequenceClassification checkpoint: the score head replaces the LM head.
+                var dev = Devices.Resolve(r.GetValue(device)!);
+                var dt = r.GetValue(dtype) is string s ? IO.DTypes.Parse(s) : Devices.DefaultDType(dev);
+                using var clf = Classification.TextClassifier.Load(r.GetValue(model)!, r.GetValue(adapter)!, dt, dev);
+                clf.SaveMerged(r.GetValue(model)!, r.GetValue(output)!);
+                Console.WriteLine($"merged {r.GetValue(adapter)} into {r.GetValue(model)} → {r.GetValue(output)} " +
+                    $"({clf.Model.Config.Architecture.Replace("ForCausalLM", "ForSequenceClassification")}, labels: {task.LabelList})");
+                return 0;
+            }
             using var lm = LoadBase(r, model, device, dtype);
             AdapterFiles.Load(lm, "default", r.GetValue(adapter)!);
             lm.Merge("default");

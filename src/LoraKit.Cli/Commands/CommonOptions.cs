@@ -31,6 +31,8 @@ public sealed class CommonOptions
     {
         var dir = r.GetValue(Model)!;
         if (!Directory.Exists(dir)) throw new DirectoryNotFoundException($"model directory '{dir}' does not exist");
+        if (Classification.TextClassifier.IsSequenceClassificationCheckpoint(dir))
+            throw new ArgumentException($"{dir} is a sequence-classification checkpoint (a merged classifier), not a causal LM; use `lorakit classify --model {dir}`");
         var device = Devices.Resolve(r.GetValue(Device)!);
         var dtypeName = r.GetValue(DType);
         var dtype = dtypeName is null ? Devices.DefaultDType(device) : DTypes.Parse(dtypeName);

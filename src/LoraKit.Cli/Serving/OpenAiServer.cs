@@ -76,6 +76,7 @@ public sealed class OpenAiServer : IAsyncDisposable
         app.MapGet("/v1/models", Models);
         app.MapPost("/v1/completions", (HttpContext c) => Complete(c, chat: false));
         app.MapPost("/v1/chat/completions", (HttpContext c) => Complete(c, chat: true));
+        app.MapPost("/v1/classify", new ClassifyEndpoint(_engine, _registry, _o, _baseName).Handle); // a user route (LoraKit extension)
         app.MapGet("/admin/adapters", () => Results.Json(new { available = _registry.Available(), loaded = _registry.Loaded }));
         app.MapPost("/admin/adapters/{name}/load", (string name) => Admin(() => _registry.LoadAsync(name, reload: false), name, "loaded"));
         app.MapPost("/admin/adapters/{name}/reload", (string name) => Admin(() => _registry.LoadAsync(name, reload: true), name, "reloaded"));
@@ -164,6 +165,7 @@ public sealed class OpenAiServer : IAsyncDisposable
             catch (BadHttpRequestException e) when (e.StatusCode == 413) { throw new ApiError(413, $"request body exceeds {_o.MaxBodyBytes} bytes"); }
 
             var (adapter, modelName) = ResolveModel(body);
+            if (adapter != null && ClassifyEndpoint.RefuseGeneration(_registry, adapter) is string why) throw new ApiError(400, why, "model");
             var (prompt, promptIds) = chat ? ChatPrompt(body) : TextPrompt(body);
             if (promptIds.Length > _o.MaxPromptTokens) throw new ApiError(400, $"the prompt has {promptIds.Length} tokens; the limit is {_o.MaxPromptTokens}", chat ? "messages" : "prompt");
             var options = Sampling(body, chat);

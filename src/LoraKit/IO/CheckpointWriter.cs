@@ -15,7 +15,10 @@ public static class CheckpointWriter
     static readonly string[] SideFiles =
         ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"];
 
-    public static void Save(CausalLM model, string sourceDir, string outDir, long maxShardBytes = 5L << 30)
+    /// <param name="editConfig">changes config.json before it is written (e.g. a classifier's architecture and labels)</param>
+    /// <param name="head">tensors that replace lm_head.weight (e.g. a classifier's score.weight), or null to keep it</param>
+    public static void Save(CausalLM model, string sourceDir, string outDir, long maxShardBytes = 5L << 30,
+        Action<JsonObject>? editConfig = null, IReadOnlyDictionary<string, Tensor>? head = null)
     {
         if (Directory.Exists(outDir) && Directory.EnumerateFileSystemEntries(outDir).Any())
             throw new IOException($"output directory '{outDir}' exists and is not empty");
@@ -32,6 +35,7 @@ public static class CheckpointWriter
             _ => "float32",
         };
         config.Remove("torch_dtype");
+        editConfig?.Invoke(config);
         File.WriteAllText(Path.Combine(tmp, "config.json"), config.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
         foreach (var f in SideFiles)
             if (File.Exists(Path.Combine(sourceDir, f))) File.Copy(Path.Combine(sourceDir, f), Path.Combine(tmp, f));
@@ -40,9 +44,10 @@ public static class CheckpointWriter
         foreach (var (name, p) in model.named_parameters())
         {
             string key = name.Replace(".base_layer.", ".", StringComparison.Ordinal); // LoRA wrappers are not part of the checkpoint
-            if (key == "lm_head.weight" && model.Config.TieWordEmbeddings) continue;
+            if (key == "lm_head.weight" && (model.Config.TieWordEmbeddings || head != null)) continue;
             tensors.Add((key, p));
         }
+        if (head != null) tensors.AddRange(head.Select(kv => (kv.Key, kv.Value)));
         WriteShards(tmp, tensors, maxShardBytes);
 
         if (Directory.Exists(full)) Directory.Delete(full);

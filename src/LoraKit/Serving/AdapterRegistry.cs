@@ -103,7 +103,8 @@ public sealed partial class AdapterRegistry(InferenceEngine engine, string root,
             if (victim != null) await UnloadLockedAsync(victim);
         }
         // Reading and validating happen here, off the engine thread; only the injection pauses decoding.
-        using var prepared = await Task.Run(() => AdapterFiles.Read(engine.Lora, dir));
+        // Classification adapters load too (their LoRA part); the server checks each request's task against the adapter's.
+        using var prepared = await Task.Run(() => AdapterFiles.Read(engine.Lora, dir, sequenceClassification: true));
         await engine.RunAsync(lm =>
         {
             if (lm.Configs.ContainsKey(name)) lm.DeleteAdapter(name);

@@ -120,7 +120,7 @@ public static class Trainer
         lm.UseFastTraining(fast);
         lm.UseRng(rng);
         if (fast) log.Info("kernels: fast (LoRA branch in the base dtype, lean RMSNorm/SwiGLU backwards; --kernels exact for PEFT's fp32 branch)");
-        using var classifier = classify ? new SequenceClassifier(model, labels!, c.Seed) : null;
+        using var classifier = classify ? new SequenceClassifier(model, labels!, c.Seed) { PadTokenId = SequenceClassifier.PadFor(tok, model.Config) } : null;
         if (classifier != null) trainable.Add(("score.weight", classifier.Score));
         if (c.GradientCheckpointing)
         {
