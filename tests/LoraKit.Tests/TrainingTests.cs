@@ -90,10 +90,20 @@ public class TrainingTests
     {
         TrainConfig Cfg(int seed) { var c = Small(); c.Seed = seed; c.LoraDropout = 0.1; c.Shuffle = true; c.Steps = 5; c.InitAdapter = null; return c; }
         var a = Trainer.Run(Cfg(1), false, new ListLog());
-        var b = Trainer.Run(Cfg(1), false, new ListLog());
+        // The same seed while something else in the process draws from torch's global generator (another run, a test,
+        // a request): a run's randomness (dropout, shuffling, initialisation) must come from its seed alone.
+        using var stop = new CancellationTokenSource();
+        var noise = new Thread(() => { while (!stop.IsCancellationRequested) { using var _ = randn(64); using var __ = rand(64).bernoulli(); } });
+        noise.Start();
+        TrainResult b;
+        try { b = Trainer.Run(Cfg(1), false, new ListLog()); }
+        finally { stop.Cancel(); noise.Join(); }
         var c = Trainer.Run(Cfg(2), false, new ListLog());
         AssertSameAdapters(a.AdapterDir, b.AdapterDir);
-        Assert.ThrowsAny<Exception>(() => AssertSameAdapters(a.AdapterDir, c.AdapterDir));
+        var x = Adapter(a.AdapterDir);
+        var y = Adapter(c.AdapterDir);
+        double largest = x.Keys.Max(k => (x[k] - y[k]).abs().max().item<float>());
+        Assert.True(largest > 1e-3, $"another seed gave the same adapter (largest difference {largest:E2})");
     }
 
     [Fact]
@@ -139,18 +149,18 @@ public class TrainingTests
         Trainer.Run(c, false, new ListLog());
         var changed = Small(c.Output);
         changed.Lr = 2e-2;
-        var ex = Assert.Throws<InvalidOperationException>(() => Trainer.Run(changed, true, new ListLog()));
+        var ex = Assert.Throws<LoraKitException>(() => Trainer.Run(changed, true, new ListLog()));
         Assert.Contains("lr: 0.01 → 0.02", ex.Message);
 
         var data = Path.Combine(Fixtures.TempDir(), "data.jsonl");
         File.WriteAllLines(data, File.ReadAllLines(TrainingData).Reverse());
         var otherData = Small(c.Output);
         otherData.Data = data;
-        ex = Assert.Throws<InvalidOperationException>(() => Trainer.Run(otherData, true, new ListLog()));
+        ex = Assert.Throws<LoraKitException>(() => Trainer.Run(otherData, true, new ListLog()));
         Assert.Contains("data", ex.Message);
 
         // And a fresh run into a directory that holds one is refused rather than overwriting it.
-        ex = Assert.Throws<InvalidOperationException>(() => Trainer.Run(Small(c.Output), false, new ListLog()));
+        ex = Assert.Throws<LoraKitException>(() => Trainer.Run(Small(c.Output), false, new ListLog()));
         Assert.Contains("--resume", ex.Message);
     }
 
@@ -248,18 +258,26 @@ public class TrainingTests
         Assert.True(Close.RelError(p1, p2) < 1e-6);
     }
 
-    [Theory]
-    [InlineData("constant", 0, 10, 100, 0.0)]
-    [InlineData("constant", 5, 10, 100, 0.5)]
-    [InlineData("constant", 50, 10, 100, 1.0)]
-    [InlineData("linear", 10, 10, 100, 1.0)]
-    [InlineData("linear", 55, 10, 100, 0.5)]
-    [InlineData("linear", 100, 10, 100, 0.0)]
-    [InlineData("cosine", 0, 0, 100, 1.0)]
-    [InlineData("cosine", 50, 0, 100, 0.5)]
-    [InlineData("cosine", 100, 0, 100, 0.0)]
-    public void SchedulesFollowTransformers(string schedule, int step, int warmup, int total, double expected) =>
-        Assert.Equal(expected, LrSchedule.Factor(schedule, step, warmup, total), 9);
+    [Fact]
+    public void SchedulesFollowTransformers()
+    {
+        // fixtures/training/schedules.json: transformers' get_{constant,linear,cosine}_schedule_with_warmup lr_lambda at
+        // every step 0..total (scripts/fixtures/make_schedule_fixtures.py).
+        var cases = Fixtures.Json("training", "schedules.json").GetProperty("cases").EnumerateArray().ToList();
+        Assert.NotEmpty(cases);
+        foreach (var c in cases)
+        {
+            string schedule = c.GetProperty("schedule").GetString()!;
+            int warmup = c.GetProperty("warmup").GetInt32(), total = c.GetProperty("total").GetInt32();
+            var factors = c.GetProperty("factors").EnumerateArray().Select(f => f.GetDouble()).ToList();
+            Assert.Equal(total + 1, factors.Count);
+            for (int step = 0; step <= total; step++)
+            {
+                double mine = LrSchedule.Factor(schedule, step, warmup, total);
+                Assert.True(Math.Abs(mine - factors[step]) <= 1e-9, $"{schedule} warmup {warmup} total {total} step {step}: {mine} vs transformers {factors[step]}");
+            }
+        }
+    }
 
     [Fact]
     public void NativeMemoryStaysFlatOverManySteps()
@@ -312,8 +330,25 @@ public class TrainingTests
         var log = new ListLog();
         var r = Trainer.Run(c, false, log);
         Assert.Contains(log.Infos, i => i.Contains("trainable%: 100.0000"));
+        // The saved checkpoint holds exactly the trained weights (those of the last step's training checkpoint) ...
         using var m = CausalLM.Load(r.AdapterDir, ScalarType.Float32, CPU);
-        Assert.True(log.Steps[^1].Loss < log.Steps[0].Loss + 1);
+        using var trained = SafetensorsFile.Open(Path.Combine(Checkpoints.Latest(c.Output)!, "model.safetensors"));
+        var saved = m.named_parameters().ToDictionary(p => p.name, p => p.parameter);
+        int compared = 0;
+        foreach (var key in trained.Entries.Keys)
+        {
+            if (!saved.TryGetValue(key, out var p)) continue;
+            using var t = trained.Read(key);
+            Assert.True(p.eq(t).all().item<bool>(), $"{key}: the saved model differs from the trained weights");
+            compared++;
+        }
+        Assert.True(compared >= saved.Count - 1, $"compared {compared} of {saved.Count} tensors"); // a tied head is saved once
+        // ... and they fit the training data better than the base did, by a clear margin.
+        using var baseModel = CausalLM.Load(Fixtures.Model("llama"), ScalarType.Float32, CPU);
+        var tok = Tokenizer.Load(Fixtures.Model("llama"));
+        var (samples, _) = JsonlDataset.Load(TrainingData, tok, new DataOptions());
+        double before = Trainer.Evaluate(baseModel, samples, 2, 0, CPU), after = Trainer.Evaluate(m, samples, 2, 0, CPU);
+        Assert.True(after < before - 0.05, $"loss on the training data went from {before:F4} to {after:F4}");
     }
 
     [Fact]
@@ -445,6 +480,6 @@ public class ClassificationTests
         var tok = Tokenizer.Load(Fixtures.Model("qwen2"));
         var (samples, _) = JsonlDataset.Load(valid, tok, new DataOptions(), clf.Labels);
         var (_, accuracy) = clf.Evaluate(samples, 8, 0);
-        Assert.Equal(r.LastEval!.Accuracy!.Value, accuracy, 6); // the reloaded adapter scores as the final model did
+        Assert.Equal(r.Best!.Accuracy!.Value, accuracy, 6); // the reloaded adapter (the best, adapter/) scores as it did in training
     }
 }

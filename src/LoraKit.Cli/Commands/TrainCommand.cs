@@ -65,9 +65,11 @@ public static class TrainCommand
     {
         var cmd = new Command("train", "Train a LoRA adapter (or fine-tune fully) on a JSONL dataset, with evaluation, checkpoints and a report.");
         var config = new Option<string?>("--config") { Description = "JSON or YAML file with any of the options below (snake_case keys)" };
-        var resume = new Option<bool>("--resume") { Description = "continue the run in --output from its last completed checkpoint" };
+        var resume = new Option<bool>("--resume") { Description = "continue the run in --output from its last completed checkpoint (its configuration is read from the checkpoint; a larger --steps extends a finished run)" };
+        var overwrite = new Option<bool>("--overwrite") { Description = "start again in an --output that holds a run: deletes only the files LoraKit wrote there" };
         cmd.Options.Add(config);
         cmd.Options.Add(resume);
+        cmd.Options.Add(overwrite);
         var defaults = new TrainConfig();
         var bindings = new List<(Option option, PropertyInfo prop)>();
         foreach (var prop in typeof(TrainConfig).GetProperties())
@@ -94,7 +96,16 @@ public static class TrainCommand
 
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
-            var c = r.GetValue(config) is string path ? TrainConfig.Load(path) : new TrainConfig();
+            TrainConfig c;
+            if (r.GetValue(config) is string path) c = TrainConfig.Load(path);
+            else if (r.GetValue(resume))
+            {
+                // --output DIR --resume is enough: the checkpoint holds the run's configuration; flags given override it.
+                var outOption = bindings.First(b => b.prop.Name == nameof(TrainConfig.Output)).option;
+                var output = r.GetResult(outOption) is { Implicit: false } ? (string)GetValue(r, outOption)! : new TrainConfig().Output;
+                c = TrainConfig.FromRun(output) ?? new TrainConfig();
+            }
+            else c = new TrainConfig();
             foreach (var (option, prop) in bindings)
             {
                 var result = r.GetResult(option);
@@ -106,7 +117,29 @@ public static class TrainCommand
                 prop.SetValue(c, value);
             }
             var log = new ConsoleTrainLog(!Console.IsOutputRedirected);
-            Trainer.Run(c, r.GetValue(resume), log);
+            // Ctrl+C and SIGTERM (docker stop, systemd, Kubernetes) end the run after the current step, with a checkpoint
+            // and the adapter so far saved; a second signal is not intercepted and ends the process at once.
+            using var stop = new CancellationTokenSource();
+            int signals = 0;
+            void OnSignal(System.Runtime.InteropServices.PosixSignalContext ctx)
+            {
+                if (Interlocked.Increment(ref signals) > 1) return;
+                ctx.Cancel = true;
+                Console.Error.WriteLine($"\n{(ctx.Signal == System.Runtime.InteropServices.PosixSignal.SIGTERM ? "SIGTERM" : "interrupt")}: finishing the current step, then saving a checkpoint and the adapter (again to stop at once)");
+                stop.Cancel();
+            }
+            using var sigint = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGINT, OnSignal);
+            using var sigterm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, OnSignal);
+            try
+            {
+                Trainer.Run(c, r.GetValue(resume), log, r.GetValue(overwrite), stop.Token);
+            }
+            catch (TrainingInterruptedException e)
+            {
+                log.Done();
+                Console.Error.WriteLine($"{e.Message}; continue with: lorakit train --output {c.Output} --resume");
+                return 130;
+            }
             log.Done();
             return 0;
         }));

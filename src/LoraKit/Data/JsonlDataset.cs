@@ -46,13 +46,13 @@ public static class JsonlDataset
         var samples = new List<Sample>();
         var problems = new List<string>();
         var format = o.Format;
-        int lineNo = 0, truncated = 0;
-        foreach (var raw in File.ReadLines(path))
+        int truncated = 0;
+        foreach (var (lineNo, raw, badUtf8) in Lines(path))
         {
-            lineNo++;
-            if (string.IsNullOrWhiteSpace(raw)) continue;
+            if (badUtf8 is null && string.IsNullOrWhiteSpace(raw)) continue;
             try
             {
+                if (badUtf8 is not null) throw new DataException(badUtf8);
                 using var doc = JsonDocument.Parse(raw);
                 var e = doc.RootElement;
                 if (e.ValueKind != JsonValueKind.Object) throw new DataException("line is not a JSON object");
@@ -60,7 +60,9 @@ public static class JsonlDataset
                 var s = Build(e, format, tok, o, lineNo, labels);
                 if (s.InputIds.Length > o.MaxLength)
                 {
-                    s = new Sample(s.InputIds[..o.MaxLength], s.Labels[..o.MaxLength], lineNo);
+                    s = format == DataFormat.Classification // Labels holds the class index
+                        ? new Sample(s.InputIds[..o.MaxLength], s.Labels, lineNo)
+                        : new Sample(s.InputIds[..o.MaxLength], s.Labels[..o.MaxLength], lineNo);
                     truncated++;
                 }
                 if (s.TargetCount == 0 && format != DataFormat.Classification)
@@ -85,21 +87,61 @@ public static class JsonlDataset
     {
         if (!File.Exists(path)) return null;
         var labels = new SortedSet<string>(StringComparer.Ordinal);
-        foreach (var line in File.ReadLines(path))
+        bool classification = false;
+        foreach (var (_, line, bad) in Lines(path))
         {
-            if (string.IsNullOrWhiteSpace(line)) continue;
+            if (bad is not null || string.IsNullOrWhiteSpace(line)) continue;
             try
             {
                 using var doc = JsonDocument.Parse(line);
                 var e = doc.RootElement;
                 if (e.ValueKind != JsonValueKind.Object) continue;
-                if (Detect(e) != DataFormat.Classification) return labels.Count == 0 ? null : labels.ToList();
-                var v = e.GetProperty("label");
-                labels.Add(v.ValueKind == JsonValueKind.String ? v.GetString()! : v.ToString());
+                if (Detect(e) != DataFormat.Classification) return classification ? labels.ToList() : null;
+                classification = true;
+                if (LabelText(e.GetProperty("label")) is string l) labels.Add(l);
             }
-            catch (Exception ex) when (ex is JsonException or DataException) { } // reported with its line number by Load
+            catch (Exception ex) when (ex is JsonException or DataException or InvalidOperationException) { } // reported with its line number by Load
         }
-        return labels.Count == 0 ? null : labels.ToList();
+        return classification ? labels.ToList() : null;
+    }
+
+    /// <summary>A label as text: a non-empty string or a number; null for anything else (Load reports it).</summary>
+    static string? LabelText(JsonElement v) => v.ValueKind switch
+    {
+        JsonValueKind.String when v.GetString() is { Length: > 0 } s => s,
+        JsonValueKind.Number => v.GetRawText(),
+        _ => null,
+    };
+
+    /// <summary>
+    /// The file's lines (1-based numbers), decoded strictly: a line that is not valid UTF-8 comes with the reason instead
+    /// of being read with replacement characters. A UTF-8 byte order mark at the start is skipped; CRLF endings are read.
+    /// </summary>
+    public static IEnumerable<(int line, string text, string? invalid)> Lines(string path)
+    {
+        var utf8 = new System.Text.UTF8Encoding(false, throwOnInvalidBytes: true);
+        using var fs = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 16);
+        var buf = new MemoryStream();
+        int lineNo = 0, b;
+        bool first = true;
+        while (true)
+        {
+            b = fs.ReadByte();
+            if (b != '\n' && b != -1) { buf.WriteByte((byte)b); continue; }
+            if (b == -1 && buf.Length == 0) yield break;
+            lineNo++;
+            var bytes = buf.GetBuffer().AsSpan(0, (int)buf.Length);
+            if (first && bytes.StartsWith(System.Text.Encoding.UTF8.Preamble)) bytes = bytes[3..];
+            first = false;
+            if (bytes.Length > 0 && bytes[^1] == '\r') bytes = bytes[..^1];
+            string text = "";
+            string? invalid = null;
+            try { text = utf8.GetString(bytes); }
+            catch (System.Text.DecoderFallbackException e) { invalid = $"invalid UTF-8 (byte {Math.Max(0, e.Index) + 1} of the line); the file must be UTF-8 text"; }
+            yield return (lineNo, text, invalid);
+            buf.SetLength(0);
+            if (b == -1) yield break;
+        }
     }
 
     static DataFormat Detect(JsonElement e)
@@ -147,7 +189,7 @@ public static class JsonlDataset
                 if (labels is null) throw new DataException("classification data needs the label set");
                 var text = Field(e, "text");
                 if (!e.TryGetProperty("label", out var lv)) throw new DataException("missing field \"label\"");
-                string label = lv.ValueKind == JsonValueKind.String ? lv.GetString()! : lv.ToString();
+                string label = LabelText(lv) ?? throw new DataException($"field \"label\" must be a non-empty string or a number, not {(lv.ValueKind == JsonValueKind.String ? "an empty string" : lv.ValueKind.ToString().ToLowerInvariant())}");
                 int index = labels.ToList().IndexOf(label);
                 if (index < 0) throw new DataException($"label '{label}' is not one of the known labels");
                 return new Sample(tok.Encode(text), [index], line);

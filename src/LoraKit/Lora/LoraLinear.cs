@@ -71,6 +71,9 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
 
     static string Shape(Tensor t) => "[" + string.Join(", ", t.shape) + "]";
 
+    /// <summary>Where dropout masks come from while training (a run's own seeded stream); null: torch's global generator.</summary>
+    public Runtime.RngStream? Rng { get; set; }
+
     public override Tensor forward(Tensor x)
     {
         if (ComputeInInputDtype && TrySingleAdapter(out var single) && single != null)
@@ -87,7 +90,7 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
             if (_merged.Contains(name)) continue; // already inside the base weight
             var w = _adapters[name];
             var h = x.to(w.A.dtype);
-            if (w.Dropout > 0 && training) h = nn.functional.dropout(h, w.Dropout, training: true);
+            if (w.Dropout > 0 && training) h = Rng is { } rng ? rng.Dropout(h, w.Dropout) : nn.functional.dropout(h, w.Dropout, training: true);
             var lora = nn.functional.linear(nn.functional.linear(h, w.A), w.B) * w.Scaling;
             acc = acc + lora;
         }
@@ -118,7 +121,7 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         {
             if (_merged.Contains(name)) continue;
             var w = _adapters[name];
-            var h = w.Dropout > 0 && training ? nn.functional.dropout(x2, w.Dropout, training: true) : x2;
+            var h = w.Dropout > 0 && training ? (Rng is { } rng ? rng.Dropout(x2, w.Dropout) : nn.functional.dropout(x2, w.Dropout, training: true)) : x2;
             var down = nn.functional.linear(h, w.A.to(x.dtype));                       // [N, r]
             acc = acc.addmm(down, w.B.to(x.dtype).t(), beta: 1, alpha: (float)w.Scaling); // base + s·(x·Aᵀ)·Bᵀ
         }

@@ -183,6 +183,13 @@ public sealed class LoraModel : IDisposable
     /// hand-written backwards that keep less for backward. Forward values equal the plain path in fp32; in bf16 the
     /// LoRA branch rounds its [tokens, r] intermediate, as PEFT does when the adapter itself is bf16.
     /// </summary>
+    /// <summary>Dropout in every wrapped layer draws from <paramref name="rng"/> (null: torch's global generator).</summary>
+    public void UseRng(Runtime.RngStream? rng)
+    {
+        foreach (var m in Model.modules()) if (m is LoraLinear l) l.Rng = rng;
+        Model.model.Rng = rng;
+    }
+
     public void UseFastTraining(bool on)
     {
         foreach (var m in Model.modules())

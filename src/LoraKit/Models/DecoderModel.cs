@@ -14,6 +14,8 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
 
     /// <summary>Recompute each layer's activations in backward instead of keeping them (training only).</summary>
     public bool GradientCheckpointing { get; set; }
+    /// <summary>The private random stream dropout draws from (see <see cref="Runtime.RngStream"/>), replayed by checkpointed layers.</summary>
+    public Runtime.RngStream? Rng { get; set; }
     /// <summary>
     /// Checkpointing: device memory (bytes) the layers may spend keeping their gate/up outputs, so that their replay skips
     /// those two GEMMs (about half a layer's recompute; see <see cref="LayerStash"/>). The last layers keep them: backward
@@ -78,7 +80,7 @@ public sealed class DecoderModel : nn.Module<Tensor, Tensor>
             }
             var stash = layers[i].LeanReplayable ? new LayerStash(keepMlp.Contains(i), keepQkv.Contains(i)) : null;
             var input = h;
-            h = LayerCheckpoint.Run(layers[i], h, cos, sin, mask, i, stash);
+            h = LayerCheckpoint.Run(layers[i], h, cos, sin, mask, i, stash, Rng);
             // An offloaded input's device memory goes once its copy is done, so this scope must not hold it either.
             if (stash is not null && offload is not null && offload.AfterForward(i, stash)) input.Dispose();
             Runtime.Cuda.MemoryTrace.Mark("forward layer {0}", i, h.device);

@@ -16,7 +16,7 @@ public sealed class LayerCheckpoint : autograd.SingleTensorFunction<LayerCheckpo
     /// <summary>Everything the layer needs besides its input, passed through apply() as one object.</summary>
     /// The tensors are aliases taken out of the caller's dispose scope (which ends before backward runs); backward frees them.
     /// The input is kept by the stash when there is one (it may spend the time until backward in host memory).
-    sealed record Call(DecoderLayer Layer, Tensor? Input, Tensor Cos, Tensor Sin, Tensor? Mask, int Index, byte[] RngState, LayerStash? Stash)
+    sealed record Call(DecoderLayer Layer, Tensor? Input, Tensor Cos, Tensor Sin, Tensor? Mask, int Index, byte[] RngState, LayerStash? Stash, Runtime.RngStream? Rng = null, byte[]? StreamState = null)
     {
         public void Free() { Input?.Dispose(); Cos.Dispose(); Sin.Dispose(); Mask?.Dispose(); Stash?.Dispose(); }
     }
@@ -25,14 +25,15 @@ public sealed class LayerCheckpoint : autograd.SingleTensorFunction<LayerCheckpo
 
     /// <param name="stash">For a lean replay (when <see cref="DecoderLayer.LeanReplayable"/>): what the forward keeps;
     /// null replays the whole layer. Freed after backward.</param>
-    public static Tensor Run(DecoderLayer layer, Tensor x, Tensor cos, Tensor sin, Tensor? mask, int index, LayerStash? stash = null)
+    public static Tensor Run(DecoderLayer layer, Tensor x, Tensor cos, Tensor sin, Tensor? mask, int index, LayerStash? stash = null, Runtime.RngStream? rngStream = null)
     {
         // TorchSharp wraps forward's result in a second handle, so the first one (put in this scope by the layer) is
         // freed here: the caller's scope would otherwise hold every layer's output until the whole forward ends.
         using var scope = NewDisposeScope();
         using var rng = random.get_rng_state();
+        var stream = rngStream;
         stash?.KeepInput(x);
-        var call = new Call(layer, stash is null ? Keep(x.detach()) : null, Keep(cos.alias()), Keep(sin.alias()), mask is null ? null : Keep(mask.alias()), index, rng.bytes.ToArray(), stash);
+        var call = new Call(layer, stash is null ? Keep(x.detach()) : null, Keep(cos.alias()), Keep(sin.alias()), mask is null ? null : Keep(mask.alias()), index, rng.bytes.ToArray(), stash, stream, stream?.State());
         return CustomFunctions.AfterApply(apply(x, call)).MoveToOuterDisposeScope();
     }
 
@@ -56,6 +57,8 @@ public sealed class LayerCheckpoint : autograd.SingleTensorFunction<LayerCheckpo
             saved.bytes = call.RngState;
             random.set_rng_state(saved);
         }
+        var outerStream = call.Rng?.State();
+        if (call.StreamState is { } st) call.Rng!.Restore(st);
         Tensor grad;
         using (var scope = NewDisposeScope())
         using (var __ = enable_grad())
@@ -66,6 +69,7 @@ public sealed class LayerCheckpoint : autograd.SingleTensorFunction<LayerCheckpo
                 : FullReplay(call, gradOutput)).MoveToOuterDisposeScope();
         }
         random.set_rng_state(outerRng);
+        if (outerStream is not null) call.Rng!.Restore(outerStream);
         call.Free();
         gradOutput.Dispose();
         Runtime.Cuda.MemoryTrace.Mark("backward layer {0}", call.Index, grad.device);

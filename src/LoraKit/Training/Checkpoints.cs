@@ -21,6 +21,13 @@ public sealed record TrainState
     public double? BestAccuracy { get; init; }
     public int EvalsWithoutImprovement { get; init; }
     public long TokensSeen { get; init; }
+    /// <summary>The run's planned total steps when this checkpoint was written.</summary>
+    public int TotalSteps { get; init; }
+    /// <summary>The run ended with this checkpoint (its last step, or early stopping).</summary>
+    public bool Finished { get; init; }
+    public bool StoppedEarly { get; init; }
+    /// <summary>The last logged training loss (null before the first step).</summary>
+    public double? LastLoss { get; init; }
 }
 
 /// <summary>
@@ -36,13 +43,13 @@ public static class Checkpoints
 
     public static string Root(string output) => Path.Combine(output, "checkpoints");
 
-    public static string Save(string output, TrainState state, Action<string> writeWeights, AdamW optimizer)
+    public static string Save(string output, TrainState state, Action<string> writeWeights, AdamW optimizer, RunDirectory? run = null)
     {
         var root = Root(output);
         Directory.CreateDirectory(root);
         var final = Path.Combine(root, $"step-{state.Step:D6}");
         var tmp = Path.Combine(root, $".tmp-step-{state.Step:D6}-{Environment.ProcessId}");
-        if (Directory.Exists(tmp)) Directory.Delete(tmp, true);
+        RunDirectory.ClearDebris(tmp);
         Directory.CreateDirectory(tmp);
 
         writeWeights(tmp);
@@ -50,9 +57,20 @@ public static class Checkpoints
             SafetensorsWriter.Save(Path.Combine(tmp, OptimizerFile), optimizer.State());
         WriteDurable(Path.Combine(tmp, StateFile), JsonSerializer.Serialize(state, new JsonSerializerOptions { WriteIndented = true }));
 
-        if (Directory.Exists(final)) Directory.Delete(final, true);
-        Directory.Move(tmp, final);
+        // A directory of this name may be left by a killed run (no marker) or be a completed one being redone: remove
+        // what LoraKit wrote in it; anything else stays, and the new files are moved in beside it.
+        if (Directory.Exists(final))
+        {
+            if (run is not null) run.Clear(final); else RunDirectory.ClearDebris(final);
+        }
+        if (!Directory.Exists(final)) Directory.Move(tmp, final);
+        else
+        {
+            foreach (var f in Directory.GetFiles(tmp)) File.Move(f, Path.Combine(final, Path.GetFileName(f)), overwrite: true);
+            Directory.Delete(tmp);
+        }
         WriteDurable(Path.Combine(final, Marker), $"step {state.Step}\n");
+        run?.Record(final);
         return final;
     }
 
@@ -65,19 +83,54 @@ public static class Checkpoints
     }
 
     /// <summary>The newest checkpoint that has its completion marker, or null.</summary>
-    public static string? Latest(string output)
+    public static string? Latest(string output) => Complete(output).FirstOrDefault();
+
+    /// <summary>The checkpoints that have their completion marker, newest first.</summary>
+    public static List<string> Complete(string output)
     {
         var root = Root(output);
-        if (!Directory.Exists(root)) return null;
+        if (!Directory.Exists(root)) return [];
         return Directory.GetDirectories(root, "step-*")
             .Where(d => File.Exists(Path.Combine(d, Marker)))
             .OrderByDescending(d => d, StringComparer.Ordinal)
-            .FirstOrDefault();
+            .ToList();
     }
 
-    public static TrainState ReadState(string dir) =>
-        JsonSerializer.Deserialize<TrainState>(File.ReadAllText(Path.Combine(dir, StateFile)))
-        ?? throw new InvalidDataException($"{dir}: unreadable {StateFile}");
+    /// <summary>
+    /// The newest complete checkpoint whose files are readable (state parses, weight and optimizer headers are whole);
+    /// each one skipped is reported through <paramref name="skipped"/> with the reason.
+    /// </summary>
+    public static (string dir, TrainState state)? LatestReadable(string output, string weightsFile, Action<string> skipped)
+    {
+        foreach (var dir in Complete(output))
+        {
+            try
+            {
+                var state = ReadState(dir);
+                using (SafetensorsFile.Open(Path.Combine(dir, weightsFile))) { }
+                using (SafetensorsFile.Open(Path.Combine(dir, OptimizerFile))) { }
+                return (dir, state);
+            }
+            catch (LoraKitException e) { skipped($"{e.Message}; using an earlier checkpoint"); }
+        }
+        return null;
+    }
+
+    public static TrainState ReadState(string dir)
+    {
+        var path = Path.Combine(dir, StateFile);
+        if (!File.Exists(path)) throw new LoraKitException($"{path}: missing (the checkpoint is incomplete)");
+        TrainState? state;
+        try { state = JsonSerializer.Deserialize<TrainState>(File.ReadAllText(path)); }
+        catch (Exception e) when (e is JsonException or NotSupportedException or ArgumentException)
+        {
+            throw new LoraKitException($"{path}: truncated or invalid JSON" + (e is JsonException { LineNumber: long l } ? $" at line {l + 1}" : ""));
+        }
+        if (state is null) throw new LoraKitException($"{path}: empty state");
+        if (state.Version != 1) throw new LoraKitException($"{path}: state version {state.Version} is not supported (this LoraKit reads version 1)");
+        if (state.Step < 1 || state.ConfigHash.Length == 0) throw new LoraKitException($"{path}: incomplete state (step {state.Step})");
+        return state;
+    }
 
     public static void RestoreOptimizer(string dir, AdamW optimizer, long steps)
     {
@@ -86,28 +139,26 @@ public static class Checkpoints
     }
 
     /// <summary>Keeps the newest <paramref name="keep"/> complete checkpoints (plus <paramref name="protect"/>) and removes stale temporaries.</summary>
-    public static void Prune(string output, int keep, string? protect)
+    public static void Prune(string output, int keep, string? protect, RunDirectory? run = null)
     {
         var root = Root(output);
-        foreach (var tmp in Directory.GetDirectories(root, ".tmp-step-*")) Directory.Delete(tmp, true);
-        var complete = Directory.GetDirectories(root, "step-*").Where(d => File.Exists(Path.Combine(d, Marker)))
-            .OrderByDescending(d => d, StringComparer.Ordinal).ToList();
-        foreach (var d in complete.Skip(keep))
-            if (protect is null || Path.GetFullPath(d) != Path.GetFullPath(protect)) Directory.Delete(d, true);
+        foreach (var tmp in Directory.GetDirectories(root, ".tmp-step-*")) RunDirectory.ClearDebris(tmp);
+        foreach (var d in Complete(output).Skip(keep))
+            if (protect is null || Path.GetFullPath(d) != Path.GetFullPath(protect))
+            {
+                if (run is not null) run.Clear(d); else RunDirectory.ClearDebris(d);
+            }
     }
 
-    public static string EncodeRng()
-    {
-        using var state = random.get_rng_state();
-        return Convert.ToBase64String(state.bytes.ToArray());
-    }
+    public static string EncodeRng(Runtime.RngStream rng) => Convert.ToBase64String(rng.State());
 
-    public static void RestoreRng(string encoded)
+    public static void RestoreRng(string encoded, Runtime.RngStream rng)
     {
         if (string.IsNullOrEmpty(encoded)) return;
-        var bytes = Convert.FromBase64String(encoded);
-        using var t = empty(bytes.Length, ScalarType.Byte);
-        t.bytes = bytes;
-        random.set_rng_state(t);
+        byte[] bytes;
+        try { bytes = Convert.FromBase64String(encoded); }
+        catch (FormatException) { throw new LoraKitException($"{StateFile}: rng_state is not base64"); }
+        try { rng.Restore(bytes); }
+        catch (Exception e) when (e is not LoraKitException) { throw new LoraKitException($"{StateFile}: rng_state does not fit this device's generator ({bytes.Length} bytes)"); }
     }
 }

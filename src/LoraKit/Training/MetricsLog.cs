@@ -15,7 +15,7 @@ public sealed class MetricsLog : IDisposable
     {
         if (resumeStep > 0 && File.Exists(path))
         {
-            var kept = File.ReadAllLines(path).Where(l => l.Length > 0 && (JsonNode.Parse(l)?["step"]?.GetValue<int>() ?? 0) <= resumeStep).ToList();
+            var kept = File.ReadAllLines(path).Where(l => StepOf(l) is int s && s <= resumeStep).ToList(); // a line cut off by a kill goes too
             File.WriteAllLines(path, kept);
         }
         else if (File.Exists(path)) File.Delete(path);
@@ -24,13 +24,23 @@ public sealed class MetricsLog : IDisposable
 
     public void Step(StepMetrics m) => Write(new
     {
-        step = m.Step, epoch = Math.Round(m.Epoch, 4), loss = m.Loss, lr = m.Lr, grad_norm = m.GradNorm, tokens = m.Tokens,
-        tokens_per_s = Math.Round(m.TokensPerSecond, 1), elapsed_s = Math.Round(m.ElapsedSeconds, 3),
+        step = m.Step, epoch = F(Math.Round(m.Epoch, 4)), loss = F(m.Loss), lr = F(m.Lr), grad_norm = F(m.GradNorm), tokens = m.Tokens,
+        tokens_per_s = F(Math.Round(m.TokensPerSecond, 1)), elapsed_s = F(Math.Round(m.ElapsedSeconds, 3)),
     });
 
     public void Eval(EvalMetrics m) => Write(m.Accuracy is double a
-        ? new { step = m.Step, eval_loss = m.Loss, eval_accuracy = a, is_best = m.IsBest }
-        : (object)new { step = m.Step, eval_loss = m.Loss, eval_ppl = m.Perplexity, is_best = m.IsBest });
+        ? new { step = m.Step, eval_loss = F(m.Loss), eval_accuracy = F(a), is_best = m.IsBest }
+        : (object)new { step = m.Step, eval_loss = F(m.Loss), eval_ppl = F(m.Perplexity), is_best = m.IsBest });
+
+    /// <summary>JSON has no NaN or infinity: a non-finite value is written as null.</summary>
+    public static double? F(double x) => double.IsFinite(x) ? x : null;
+
+    static int? StepOf(string line)
+    {
+        if (line.Length == 0) return null;
+        try { return JsonNode.Parse(line)?["step"]?.GetValue<int>(); }
+        catch (Exception e) when (e is JsonException or InvalidOperationException or FormatException) { return null; }
+    }
 
     void Write(object o) => _w.WriteLine(JsonSerializer.Serialize(o));
 
@@ -44,10 +54,9 @@ public sealed class MetricsLog : IDisposable
         if (!File.Exists(path)) return (train, eval);
         foreach (var line in File.ReadLines(path))
         {
-            if (JsonNode.Parse(line) is not JsonObject o) continue;
-            int step = o["step"]!.GetValue<int>();
-            if (o["loss"] is JsonNode l) train.Add((step, l.GetValue<double>()));
-            if (o["eval_loss"] is JsonNode e) eval.Add((step, e.GetValue<double>()));
+            if (StepOf(line) is not int step || JsonNode.Parse(line) is not JsonObject o) continue;
+            if (o["loss"] is JsonValue l && l.TryGetValue<double>(out var lv)) train.Add((step, lv));
+            if (o["eval_loss"] is JsonValue e && e.TryGetValue<double>(out var ev)) eval.Add((step, ev));
         }
         return (train, eval);
     }

@@ -92,20 +92,27 @@ public sealed class TrainConfig
         UnmappedMemberHandling = JsonUnmappedMemberHandling.Disallow,
     };
 
-    public static TrainConfig Load(string path)
-    {
-        if (!File.Exists(path)) throw new FileNotFoundException($"config file '{path}' not found");
-        string text = File.ReadAllText(path);
-        string json = path.EndsWith(".yaml", StringComparison.OrdinalIgnoreCase) || path.EndsWith(".yml", StringComparison.OrdinalIgnoreCase)
-            ? YamlToJson(text) : text;
-        try { return JsonSerializer.Deserialize<TrainConfig>(json, Json) ?? new TrainConfig(); }
-        catch (JsonException e) { throw new InvalidDataException($"{path}: {e.Message}"); }
-    }
+    /// <summary>Reads a JSON or YAML config file (see <see cref="TrainConfigFile"/>: LoraKit's keys or the HF/PEFT spellings).</summary>
+    public static TrainConfig Load(string path) => TrainConfigFile.Load(path);
 
-    static string YamlToJson(string yaml)
+    /// <summary>
+    /// The configuration a run in <paramref name="output"/> was started with, from its newest readable checkpoint (so that
+    /// resuming needs only the output directory); null when there is none.
+    /// </summary>
+    public static TrainConfig? FromRun(string output)
     {
-        var obj = new YamlDotNet.Serialization.DeserializerBuilder().WithAttemptingUnquotedStringTypeDeserialization().Build().Deserialize<object>(yaml);
-        return JsonSerializer.Serialize(obj);
+        foreach (var dir in Checkpoints.Complete(output))
+        {
+            try
+            {
+                var state = Checkpoints.ReadState(dir);
+                var c = JsonSerializer.Deserialize<TrainConfig>(state.Config.ToJsonString(), Json) ?? new TrainConfig();
+                c.Output = output;
+                return c;
+            }
+            catch (Exception e) when (e is LoraKitException or JsonException) { }
+        }
+        return null;
     }
 
     public string ToJson() => JsonSerializer.Serialize(this, Json);
@@ -125,15 +132,21 @@ public sealed class TrainConfig
     public void Validate()
     {
         void Check(bool ok, string msg) { if (!ok) throw new ArgumentException(msg); }
+        static string Q(string s) => s.Length > 40 ? s[..40] + "…" : s;
+        foreach (var p in typeof(TrainConfig).GetProperties().Where(p => p.PropertyType == typeof(double)))
+            Check(double.IsFinite((double)p.GetValue(this)!), $"{JsonNamingPolicy.SnakeCaseLower.ConvertName(p.Name)} must be a finite number");
+        Check(Output.Length > 0, "the output directory is required");
+        Check(R > 0, "r must be positive");
+        Check(TargetModules.Count > 0, "target_modules must name at least one module");
         Check(Model.Length > 0, "--model is required");
-        Check(Kernels is "auto" or "fast" or "exact", $"--kernels must be auto, fast or exact, not '{Kernels}'");
-        Check(CudaGraph is "auto" or "on" or "off", $"--cuda-graph must be auto, on or off, not '{CudaGraph}'");
-        Check(EmbeddingsOnHost is "auto" or "on" or "off", $"--embeddings-on-host must be auto, on or off, not '{EmbeddingsOnHost}'");
-        Check(OffloadCheckpoints is "auto" or "on" or "off", $"--offload-checkpoints must be auto, on or off, not '{OffloadCheckpoints}'");
+        Check(Kernels is "auto" or "fast" or "exact", $"--kernels must be auto, fast or exact, not '{Q(Kernels)}'");
+        Check(CudaGraph is "auto" or "on" or "off", $"--cuda-graph must be auto, on or off, not '{Q(CudaGraph)}'");
+        Check(EmbeddingsOnHost is "auto" or "on" or "off", $"--embeddings-on-host must be auto, on or off, not '{Q(EmbeddingsOnHost)}'");
+        Check(OffloadCheckpoints is "auto" or "on" or "off", $"--offload-checkpoints must be auto, on or off, not '{Q(OffloadCheckpoints)}'");
         Check(OffloadMlpLayers >= 0, "--offload-mlp-layers must be ≥ 0");
         Check(Data.Length > 0, "--data is required");
-        Check(Method is "lora" or "full", $"method must be lora or full (got '{Method}')");
-        Check(Schedule is "constant" or "linear" or "cosine", $"schedule must be constant, linear or cosine (got '{Schedule}')");
+        Check(Method is "lora" or "full", $"method must be lora or full (got '{Q(Method)}')");
+        Check(Schedule is "constant" or "linear" or "cosine", $"schedule must be constant, linear or cosine (got '{Q(Schedule)}')");
         Check(Lr > 0, "lr must be positive");
         Check(BatchSize > 0 && GradAccum > 0, "batch size and gradient accumulation must be positive");
         Check(Steps >= 0 && Epochs > 0, "steps must be ≥ 0 and epochs positive");
@@ -141,7 +154,7 @@ public sealed class TrainConfig
         Check(ValidationFraction >= 0 && ValidationFraction < 1, "validation fraction must be in [0, 1)");
         Check(WarmupSteps >= 0 && WeightDecay >= 0 && MaxGradNorm >= 0, "warmup, weight decay and max grad norm must be ≥ 0");
         Check(Beta1 is >= 0 and < 1 && Beta2 is >= 0 and < 1 && AdamEps > 0, "betas must be in [0, 1) and eps positive");
-        Check(Metric is "eval_loss" or "eval_accuracy", $"metric must be eval_loss or eval_accuracy (got '{Metric}')");
+        Check(Metric is "eval_loss" or "eval_accuracy", $"metric must be eval_loss or eval_accuracy (got '{Q(Metric)}')");
         Check(EvalEvery >= 0 && EarlyStoppingPatience >= 0 && SaveEvery >= 0 && LogEvery > 0, "eval/save/log intervals must be ≥ 0");
     }
 }

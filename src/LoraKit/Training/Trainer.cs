@@ -29,6 +29,15 @@ public interface ITrainLog
     void Eval(EvalMetrics m);
 }
 
+/// <summary>A run stopped on request (Ctrl+C, SIGTERM) after saving a checkpoint and the adapter so far.</summary>
+public sealed class TrainingInterruptedException(int step, int totalSteps, string checkpoint, string adapterDir)
+    : LoraKitException($"training interrupted at step {step} of {totalSteps}: saved checkpoint {checkpoint} and the adapter so far in {adapterDir}")
+{
+    public int Step { get; } = step;
+    public string Checkpoint { get; } = checkpoint;
+    public string AdapterDir { get; } = adapterDir;
+}
+
 public sealed record TrainResult(string OutputDir, string AdapterDir, int Steps, double FinalLoss, EvalMetrics? Best, EvalMetrics? LastEval,
     string TrainableReport, DataSummary Data, DataSummary? Validation, double WallSeconds, bool StoppedEarly);
 
@@ -41,13 +50,20 @@ public static class Trainer
 {
     public const string AdapterName = "default";
 
-    public static TrainResult Run(TrainConfig c, bool resume, ITrainLog log)
+    /// <param name="resume">continue the run in the output directory from its newest readable checkpoint</param>
+    /// <param name="overwrite">replace the run in the output directory (only the files LoraKit wrote are deleted)</param>
+    /// <param name="cancel">when signalled, the run saves a checkpoint and the adapter after the current step and throws
+    /// <see cref="TrainingInterruptedException"/></param>
+    public static TrainResult Run(TrainConfig c, bool resume, ITrainLog log, bool overwrite = false, CancellationToken cancel = default)
     {
         c.Validate();
         var wall = Stopwatch.StartNew();
         var device = Devices.Resolve(c.Device);
         var dtype = c.Dtype is string d ? DTypes.Parse(d) : Devices.DefaultDType(device);
-        manual_seed(c.Seed);
+        // Everything random in a run comes from the seed through generators of its own (initialisation, the score
+        // head, shuffling, dropout), never from torch's global one, which anything else in the process may draw from.
+        if (resume && overwrite) throw new LoraKitException("resume and overwrite exclude each other: resume continues the run, overwrite starts it again");
+        var run = RunDirectory.Open(c.Output, c.Identity(), resume, overwrite, DescribeRun);
 
         // ---- data ----
         var tok = Tokenizer.Load(c.Model);
@@ -58,6 +74,8 @@ public static class Trainer
         var labels = JsonlDataset.ClassificationLabels(c.Data);
         var (train, trainSummary) = JsonlDataset.Load(c.Data, tok, opts, labels);
         bool classify = trainSummary.Format == DataFormat.Classification;
+        if (classify && labels!.Count < 2)
+            throw new DataException($"{c.Data}: classification needs at least two labels, but every line has {(labels.Count == 1 ? $"label '{labels[0]}'" : "no usable label")}");
         if (classify && (c.Method != "lora" || c.Packing)) throw new ArgumentException("classification data trains a LoRA adapter with a score head; --method full and --packing do not apply");
         if (!classify && c.Metric == "eval_accuracy") throw new ArgumentException("--metric eval_accuracy needs classification data ({\"text\", \"label\"})");
         List<Sample>? valid = null;
@@ -80,6 +98,7 @@ public static class Trainer
                  (valid is null ? "" : $"; {valid.Count} validation samples") + (trainSummary.Truncated > 0 ? $"; {trainSummary.Truncated} truncated to {c.MaxLength}" : ""));
 
         var model = CausalLM.Load(c.Model, dtype, device);
+        using var rng = new RngStream((ulong)c.Seed, device);
         CheckStopToken(c, tok, model, train, trainSummary.Format, log);
         if (c.Packing) train = Batches.Pack(train, c.MaxLength);
 
@@ -99,6 +118,7 @@ public static class Trainer
         }
         bool fast = FastKernels(c.Kernels, device, dtype);
         lm.UseFastTraining(fast);
+        lm.UseRng(rng);
         if (fast) log.Info("kernels: fast (LoRA branch in the base dtype, lean RMSNorm/SwiGLU backwards; --kernels exact for PEFT's fp32 branch)");
         using var classifier = classify ? new SequenceClassifier(model, labels!, c.Seed) { PadTokenId = SequenceClassifier.PadFor(tok, model.Config) } : null;
         if (classifier != null) trainable.Add(("score.weight", classifier.Score));
@@ -149,30 +169,41 @@ public static class Trainer
             : () => { var (l, a) = classifier.Evaluate(valid!, c.BatchSize, padId); return (l, a); };
 
         // ---- fresh start or resume ----
-        Directory.CreateDirectory(c.Output);
         string configHash = TrainConfig.Hash(c.Identity().ToJsonString());
         string dataHash = DataHash(c);
-        var state = new TrainState { ConfigHash = configHash, DataHash = dataHash, Config = c.Identity() };
+        var state = new TrainState { ConfigHash = configHash, DataHash = dataHash, Config = c.Identity(), TotalSteps = totalSteps };
+        string weightsFile = c.Method == "lora" ? AdapterFiles.WeightsFile : "model.safetensors";
+        var finalDir = Path.Combine(c.Output, c.Method == "lora" ? "adapter" : "model");
         if (resume)
         {
-            var ckpt = Checkpoints.Latest(c.Output) ?? throw new InvalidOperationException($"--resume: no completed checkpoint in {Checkpoints.Root(c.Output)}");
-            state = Checkpoints.ReadState(ckpt);
-            if (state.ConfigHash != configHash) throw new InvalidOperationException($"--resume: the configuration differs from the checkpoint's: {Differences(state.Config, c.Identity())}");
-            if (state.DataHash != dataHash) throw new InvalidOperationException("--resume: the training or validation data differ from the checkpoint's (content hash changed)");
+            var (ckpt, saved) = Checkpoints.LatestReadable(c.Output, weightsFile, log.Warn)
+                ?? throw new LoraKitException($"{Checkpoints.Root(c.Output)}: no complete, readable checkpoint to resume from");
+            if (Differences(saved.Config, c.Identity()) is string diffs) throw new LoraKitException($"cannot resume {c.Output}: the configuration differs from the checkpoint's: {diffs}");
+            if (saved.DataHash != dataHash) throw new LoraKitException($"cannot resume {c.Output}: the training or validation data differ from the checkpoint's (content hash changed)");
+            if (saved.Finished && (saved.StoppedEarly || totalSteps <= saved.Step))
+            {
+                log.Info($"the run in {c.Output} is already complete (step {saved.Step} of {saved.TotalSteps}{(saved.StoppedEarly ? ", stopped early" : "")}); " +
+                         $"its result is in {finalDir}; nothing to do (to train longer, resume with more steps)");
+                lm.Dispose();
+                var bestSoFar = saved.BestEvalLoss is double b0 ? new EvalMetrics(saved.BestStep ?? 0, b0, Math.Exp(b0), true, saved.BestAccuracy) : null;
+                return new TrainResult(c.Output, finalDir, saved.Step, saved.LastLoss ?? double.NaN, bestSoFar, null, report, trainSummary, validSummary, wall.Elapsed.TotalSeconds, saved.StoppedEarly);
+            }
+            if (totalSteps < saved.Step) throw new LoraKitException($"cannot resume {c.Output} with {totalSteps} steps: it is already at step {saved.Step}");
+            state = saved with { TotalSteps = totalSteps, Finished = false, Config = c.Identity(), ConfigHash = configHash };
             RestoreWeights(ckpt, c, lm, trainable);
             Checkpoints.RestoreOptimizer(ckpt, optimizer, state.OptimizerSteps);
-            Checkpoints.RestoreRng(state.RngState);
+            Checkpoints.RestoreRng(state.RngState, rng);
             log.Info($"resumed from {ckpt} (step {state.Step} of {totalSteps})");
         }
-        else if (Checkpoints.Latest(c.Output) is string existing)
-            throw new InvalidOperationException($"{c.Output} already holds a run ({existing}); use --resume to continue it or choose another --output");
 
-        using var metrics = new MetricsLog(Path.Combine(c.Output, "metrics.jsonl"), resume ? state.Step : 0);
+        var metricsPath = Path.Combine(c.Output, "metrics.jsonl");
+        using var metrics = new MetricsLog(metricsPath, resume ? state.Step : 0);
+        run.Record(metricsPath);
         EvalMetrics? best = state.BestEvalLoss is double bl ? new EvalMetrics(state.BestStep ?? 0, bl, Math.Exp(bl), true, state.BestAccuracy) : null;
         EvalMetrics? lastEval = null;
         int badEvals = state.EvalsWithoutImprovement;
         long cursor = state.Cursor, tokensSeen = state.TokensSeen;
-        double lastLoss = double.NaN;
+        double lastLoss = state.LastLoss ?? double.NaN;
         bool stoppedEarly = false;
         var clock = Stopwatch.StartNew();
         long tokensAtStart = tokensSeen;
@@ -202,10 +233,18 @@ public static class Trainer
                     graphWarned = true;
                 }
                 gradNorm = optimizer.ClipGradNorm(c.MaxGradNorm);
+                double stepLoss = lossSum / Math.Max(1, targets);
+                if (!double.IsFinite(stepLoss) || !double.IsFinite(gradNorm))
+                {
+                    // Nothing of this step is applied or saved: the checkpoints and adapter already written stay as they are.
+                    string kept = Checkpoints.Latest(c.Output) is string good ? $"the last good checkpoint is {good}" : "no checkpoint had been written yet";
+                    throw new LoraKitException($"{(double.IsFinite(stepLoss) ? $"gradient norm became non-finite at step {step} (loss {stepLoss:G6})" : $"loss became non-finite at step {step}")}; " +
+                                               $"training stopped and these weights were not saved; {kept} (a lower learning rate or gradient clipping may help)");
+                }
                 double lr = c.Lr * LrSchedule.Factor(c.Schedule, step - 1, c.WarmupSteps, totalSteps);
                 optimizer.Step(lr);
                 optimizer.ZeroGrad();
-                lastLoss = lossSum / Math.Max(1, targets);
+                lastLoss = stepLoss;
                 if (step % c.LogEvery == 0 || step == totalSteps)
                 {
                     double secs = clock.Elapsed.TotalSeconds;
@@ -221,9 +260,9 @@ public static class Trainer
             {
                 var (vl, acc) = evaluate();
                 var candidate = new EvalMetrics(step, vl, Math.Exp(vl), false, acc);
-                bool improved = best is null || candidate.Key(c.Metric) < best.Key(c.Metric);
+                bool improved = double.IsFinite(candidate.Key(c.Metric)) && (best is null || candidate.Key(c.Metric) < best.Key(c.Metric));
                 lastEval = candidate with { IsBest = improved };
-                if (improved) { best = lastEval; badEvals = 0; SaveWeights(Path.Combine(c.Output, "best"), c, lm, model, trainable, classifier); }
+                if (improved) { best = lastEval; badEvals = 0; SaveWeights(Path.Combine(c.Output, "best"), c, lm, model, trainable, classifier, run); }
                 else badEvals++;
                 metrics.Eval(lastEval);
                 log.Eval(lastEval);
@@ -233,15 +272,25 @@ public static class Trainer
                     stoppedEarly = true;
                 }
             }
-            if (step % saveEvery == 0 || step == totalSteps || stoppedEarly)
+            bool interrupted = cancel.IsCancellationRequested;
+            string? savedCheckpoint = null;
+            if (step % saveEvery == 0 || step == totalSteps || stoppedEarly || interrupted)
             {
                 var st = state with
                 {
-                    Step = step, Cursor = cursor, OptimizerSteps = optimizer.StepCount, RngState = Checkpoints.EncodeRng(),
-                    BestEvalLoss = best?.Loss, BestStep = best?.Step, BestAccuracy = best?.Accuracy, EvalsWithoutImprovement = badEvals, TokensSeen = tokensSeen,
+                    Step = step, Cursor = cursor, OptimizerSteps = optimizer.StepCount, RngState = Checkpoints.EncodeRng(rng),
+                    BestEvalLoss = Finite(best?.Loss), BestStep = best?.Step, BestAccuracy = Finite(best?.Accuracy), EvalsWithoutImprovement = badEvals, TokensSeen = tokensSeen,
+                    Finished = step == totalSteps || stoppedEarly, StoppedEarly = stoppedEarly, LastLoss = Finite(lastLoss),
                 };
-                Checkpoints.Save(c.Output, st, dir => SaveWeights(dir, c, lm, model, trainable, classifier, checkpoint: true), optimizer);
-                Checkpoints.Prune(c.Output, keep: 2, protect: null);
+                savedCheckpoint = Checkpoints.Save(c.Output, st, dir => SaveWeights(dir, c, lm, model, trainable, classifier, null, checkpoint: true), optimizer, run);
+                Checkpoints.Prune(c.Output, keep: 2, protect: null, run);
+            }
+            if (interrupted && step < totalSteps && !stoppedEarly)
+            {
+                model.eval();
+                SaveWeights(finalDir, c, lm, model, trainable, classifier, run);
+                lm.Dispose();
+                throw new TrainingInterruptedException(step, totalSteps, savedCheckpoint!, finalDir);
             }
             if (delayMs > 0) Thread.Sleep(delayMs);
             if (stoppedEarly) break;
@@ -251,13 +300,44 @@ public static class Trainer
         if (Runtime.Cuda.CudaMemoryStats.Read(device) is { } mem)
             log.Info($"peak GPU memory: {Runtime.Cuda.CudaMemory.Gib(mem.PeakAllocated):F2} GiB allocated, {Runtime.Cuda.CudaMemory.Gib(mem.PeakReserved):F2} GiB reserved by libtorch's allocator (since the start, model load included)");
         model.eval();
-        var adapterDir = Path.Combine(c.Output, c.Method == "lora" ? "adapter" : "model");
-        SaveWeights(adapterDir, c, lm, model, trainable, classifier);
+        var adapterDir = finalDir;
+        string what = c.Method == "lora" ? "adapter" : "model";
+        var bestDir = Path.Combine(c.Output, "best");
+        if (best is not null && Directory.Exists(bestDir))
+        {
+            // As transformers' load_best_model_at_end: the result is the best by the metric; the last step's is kept beside it.
+            var lastDir = Path.Combine(c.Output, "last");
+            SaveWeights(lastDir, c, lm, model, trainable, classifier, run);
+            run.Clear(adapterDir);
+            CopyInto(bestDir, adapterDir, run);
+            log.Info($"{adapterDir} is the best {what} by {c.Metric} (step {best.Step} of {step}, {c.Metric} {(c.Metric == "eval_accuracy" ? best.Accuracy : best.Loss):G6}); " +
+                     $"the last step's {what} is in {lastDir}");
+        }
+        else SaveWeights(adapterDir, c, lm, model, trainable, classifier, run);
         var result = new TrainResult(c.Output, adapterDir, step, lastLoss, best, lastEval, report, trainSummary, validSummary, wall.Elapsed.TotalSeconds, stoppedEarly);
-        TrainReport.Write(c, result, Path.Combine(c.Output, "metrics.jsonl"));
+        TrainReport.Write(c, result, metricsPath);
+        foreach (var f in new[] { "report.json", "report.html", "loss.png" }) run.Record(Path.Combine(c.Output, f));
         lm.Dispose();
-        log.Info($"saved {(c.Method == "lora" ? "adapter" : "model")} to {adapterDir}; report in {Path.Combine(c.Output, "report.html")}");
+        log.Info($"saved {what} to {adapterDir}; report in {Path.Combine(c.Output, "report.html")}");
         return result;
+    }
+
+    static double? Finite(double? x) => x is double v && double.IsFinite(v) ? v : null;
+
+    /// <summary>Copies the files of one output subdirectory into another (the best adapter into adapter/), recording them as the run's.</summary>
+    static void CopyInto(string from, string to, RunDirectory run)
+    {
+        Directory.CreateDirectory(to);
+        foreach (var f in Directory.GetFiles(from))
+            if (run.IsOurs(f)) File.Copy(f, Path.Combine(to, Path.GetFileName(f)), overwrite: true);
+        run.Record(to);
+    }
+
+    /// <summary>What an existing run directory holds, for the message that refuses to write over it.</summary>
+    static string? DescribeRun(string output)
+    {
+        try { return Checkpoints.Latest(output) is string l ? $"checkpoint {Path.GetFileName(l)}" : null; }
+        catch (IOException) { return null; }
     }
 
     static DataFormat ParseFormat(string f) => f.ToLowerInvariant() switch
@@ -393,9 +473,9 @@ public static class Trainer
     /// for LoRA; for full fine-tuning a raw tensor file inside checkpoints and an HF checkpoint as the final output.
     /// </summary>
     static void SaveWeights(string dir, TrainConfig c, LoraModel lm, CausalLM model, List<(string name, Parameter param)> trainable,
-        SequenceClassifier? classifier, bool checkpoint = false)
+        SequenceClassifier? classifier, RunDirectory? run, bool checkpoint = false)
     {
-        if (!checkpoint && Directory.Exists(dir)) Directory.Delete(dir, true);
+        if (!checkpoint) run?.Clear(dir); // only what LoraKit wrote there: a file the user put beside it stays
         if (c.Method == "lora")
         {
             AdapterFiles.Save(lm, AdapterName, dir, c.Model);
@@ -405,6 +485,7 @@ public static class Trainer
             SafetensorsWriter.Save(Path.Combine(dir, "model.safetensors"), trainable.ToDictionary(p => p.name, p => (Tensor)p.param));
         else
             CheckpointWriter.Save(model, c.Model, dir);
+        if (!checkpoint) run?.Record(dir);
     }
 
     static void RestoreWeights(string ckpt, TrainConfig c, LoraModel lm, List<(string name, Parameter param)> trainable)
@@ -415,7 +496,7 @@ public static class Trainer
         foreach (var (name, p) in trainable)
         {
             string key = c.Method == "lora" ? "base_model.model." + name : name;
-            if (!f.Entries.ContainsKey(key)) throw new InvalidDataException($"{file}: checkpoint lacks '{key}'");
+            if (!f.Entries.ContainsKey(key)) throw new LoraKitException($"{file}: checkpoint lacks '{key}'");
             using var t = f.Read(key);
             p.copy_(t);
         }
@@ -433,12 +514,15 @@ public static class Trainer
         return Convert.ToHexString(sha.Hash!)[..16].ToLowerInvariant();
     }
 
-    static string Differences(JsonObject saved, JsonObject now)
+    /// <summary>What differs between a checkpoint's configuration and this run's, or null; the length of the run (steps,
+    /// epochs) may change, so a finished run can be extended.</summary>
+    static string? Differences(JsonObject saved, JsonObject now)
     {
-        var keys = saved.Select(kv => kv.Key).Union(now.Select(kv => kv.Key));
+        string[] extendable = ["steps", "epochs"];
+        var keys = saved.Select(kv => kv.Key).Union(now.Select(kv => kv.Key)).Where(k => !extendable.Contains(k));
         var diffs = keys.Where(k => saved[k]?.ToJsonString() != now[k]?.ToJsonString())
             .Select(k => $"{k}: {saved[k]?.ToJsonString() ?? "unset"} → {now[k]?.ToJsonString() ?? "unset"}").ToList();
-        return diffs.Count == 0 ? "(field order only)" : string.Join("; ", diffs);
+        return diffs.Count == 0 ? null : string.Join("; ", diffs);
     }
 
     /// <summary>
