@@ -24,7 +24,7 @@ public static class AdapterCommands
             using var file = SafetensorsFile.Open(weights);
             long parameters = file.Entries.Values.Sum(e => e.Shape.Aggregate(1L, (a, b) => a * b));
             int modules = file.Entries.Count / 2;
-            long bytes = new FileInfo(weights).Length;
+            long bytes = (new FileInfo(weights).ResolveLinkTarget(true) as FileInfo ?? new FileInfo(weights)).Length; // HF cache: a link into blobs/
             string targets = config.TargetRegex ?? string.Join(", ", config.TargetModules!.Select(t => t.Split('.')[^1]).Distinct().Order());
             if (r.GetValue(json))
             {

@@ -30,7 +30,7 @@ public sealed class CommonOptions
     public (CausalLM model, Tokenizer tokenizer) Load(ParseResult r)
     {
         var dir = r.GetValue(Model)!;
-        if (!Directory.Exists(dir)) throw new DirectoryNotFoundException($"model directory '{dir}' does not exist");
+        ModelDirectory.Require(dir);
         var device = Devices.Resolve(r.GetValue(Device)!);
         var dtypeName = r.GetValue(DType);
         var dtype = dtypeName is null ? Devices.DefaultDType(device) : DTypes.Parse(dtypeName);

@@ -38,6 +38,8 @@ public static class AdapterFiles
     public static Prepared Read(LoraModel lm, string dir)
     {
         if (!Directory.Exists(dir)) throw new DirectoryNotFoundException($"adapter directory '{dir}' does not exist");
+        if (!File.Exists(Path.Combine(dir, ConfigFile)) && File.Exists(Path.Combine(dir, "adapter", ConfigFile)))
+            throw new LoraConfigException($"'{dir}' is a training run folder, not an adapter; its adapter is '{Path.Combine(dir, "adapter")}'");
         var config = LoraConfig.Load(dir);
         config.Validate();
         // A sequence-classification adapter carries its head (score) as modules_to_save; the head is loaded by

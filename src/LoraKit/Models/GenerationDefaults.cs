@@ -1,4 +1,5 @@
 using System.Text.Json;
+using LoraKit.IO;
 
 namespace LoraKit.Models;
 
@@ -10,11 +11,13 @@ public static class GenerationDefaults
         var path = Path.Combine(modelDir, "generation_config.json");
         if (File.Exists(path))
         {
-            using var doc = JsonDocument.Parse(File.ReadAllText(path));
-            if (doc.RootElement.TryGetProperty("eos_token_id", out var e))
+            using var doc = JsonFiles.Parse(path);
+            if (doc.RootElement.ValueKind == JsonValueKind.Object && doc.RootElement.TryGetProperty("eos_token_id", out var e)
+                && e.ValueKind is JsonValueKind.Number or JsonValueKind.Array)
             {
-                if (e.ValueKind == JsonValueKind.Number) return [e.GetInt32()];
-                if (e.ValueKind == JsonValueKind.Array) return e.EnumerateArray().Select(x => x.GetInt32()).ToArray();
+                var items = e.ValueKind == JsonValueKind.Array ? e.EnumerateArray().ToArray() : [e];
+                return items.Select(x => x.TryGetInt32(out int id) && id >= 0 && id < config.VocabSize ? id
+                    : throw new LoraKitException($"{path}: 'eos_token_id' {x.GetRawText()} is not a token id of this model (0..{config.VocabSize - 1})")).ToArray();
             }
         }
         return config.EosTokenIds;
