@@ -48,7 +48,7 @@ public static class Builtins
 
     static IEnumerable<object?> StringChars(string s)
     {
-        RenderLimits.Charge(s.Length);
+        RenderLimits.Charge(s.Length / 4);
         for (int i = 0; i < s.Length;)
         {
             int len = char.IsSurrogatePair(s, i) ? 2 : 1;
@@ -305,6 +305,7 @@ public static class Builtins
         {
             var t = PyValues.Str(x);
             RenderLimits.CheckChars((long)sb.Length + sep.Length + t.Length, 0, "join()'s result");
+            RenderLimits.Charge(1 + t.Length / 16);
             if (!first) sb.Append(sep);
             sb.Append(t);
             first = false;

@@ -35,6 +35,7 @@ public sealed class Interpreter
     static void Append(StringBuilder sb, string text, int line)
     {
         RenderLimits.CheckChars((long)sb.Length + text.Length, line, "the rendered text");
+        RenderLimits.Charge(text.Length / 16, line);
         sb.Append(text);
     }
 
@@ -123,6 +124,7 @@ public sealed class Interpreter
                 int idx = i;
                 loop["cycle"] = (Callable)((args, _) => args.Count == 0 ? Undefined.Instance : args[idx % args.Count]);
                 _scopes[^1]["loop"] = loop;
+                RenderLimits.Charge(RenderLimits.IterationCost, f.Line);
                 Bind(f.Targets, items[i], f.Line);
                 try { Exec(f.Body, sb); }
                 catch (LoopSignal s) { if (s.IsBreak) break; }

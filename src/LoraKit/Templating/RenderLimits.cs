@@ -20,7 +20,13 @@ public static class RenderLimits
     public const long MaxItems = 1_000_000;
 
     /// <summary>Total work of one rendering: expression evaluations, loop iterations, characters and items produced.</summary>
-    public const long MaxWork = 20_000_000;
+    public const long MaxWork = 5_000_000;
+
+    /// <summary>What one loop iteration costs (it builds the loop object and binds the targets: several evaluations' worth).</summary>
+    public const int IterationCost = 16;
+
+    /// <summary>Work used by the last rendering on this thread (for tests that check realistic templates stay far below the limit).</summary>
+    public static long WorkUsed => _work;
 
     [ThreadStatic] static long _work;
     [ThreadStatic] static int _depth;
@@ -68,12 +74,11 @@ public static class RenderLimits
         public void Dispose() => _depth--;
     }
 
-    /// <summary>Refuses a string of <paramref name="length"/> characters before it is built.</summary>
+    /// <summary>Refuses a string of <paramref name="length"/> characters before it is built (charges nothing: callers charge what they copy).</summary>
     public static void CheckChars(long length, int line = 0, string what = "a string")
     {
         if (length > MaxChars)
             throw new TemplateException($"{what} would be {length:N0} characters, over the {MaxChars:N0}-character limit", line);
-        Charge(length / 8, line);
     }
 
     /// <summary>Refuses a list of <paramref name="count"/> items before it is built.</summary>
@@ -89,7 +94,7 @@ public static class RenderLimits
     {
         switch (v)
         {
-            case string s: CheckChars(s.Length, line); break;
+            case string s: CheckChars(s.Length, line); Charge(s.Length / 16, line); break;
             case List<object?> l: CheckItems(l.Count, line); break;
         }
         return v;
