@@ -69,6 +69,7 @@ public sealed record ModelConfig
 
         int hidden = r.Int("hidden_size");
         int heads = r.Int("num_attention_heads");
+        if (heads <= 0) throw new ModelConfigException(source, $"field 'num_attention_heads' must be positive, got {heads}");
         int kvHeads = r.OptInt("num_key_value_heads") ?? heads;
         int headDim = r.OptInt("head_dim") ?? hidden / heads;
         if (hidden <= 0 || heads <= 0 || kvHeads <= 0 || headDim <= 0)
