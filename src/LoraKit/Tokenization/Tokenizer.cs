@@ -30,12 +30,12 @@ public sealed class Tokenizer
         Config = config;
         _path = path;
         if (root.ValueKind != JsonValueKind.Object) throw new TokenizerFormatException($"the file must hold a JSON object, got {JsonFiles.KindOf(root)}");
-        _added = new AddedVocabulary(root.Opt("added_tokens", "tokenizer"));
-        _normalize = Normalizers.Build(root.Opt("normalizer", "tokenizer"));
-        _preTokenize = PreTokenizers.Build(root.Opt("pre_tokenizer", "tokenizer"));
-        _model = new BpeModel(root.Req("model", "tokenizer"));
-        _decode = Decoders.Build(root.Opt("decoder", "tokenizer"));
-        var post = root.Opt("post_processor", "tokenizer");
+        _added = new AddedVocabulary(root.Opt("added_tokens", ""));
+        _normalize = Normalizers.Build(root.Opt("normalizer", ""));
+        _preTokenize = PreTokenizers.Build(root.Opt("pre_tokenizer", ""));
+        _model = new BpeModel(root.Req("model", ""));
+        _decode = Decoders.Build(root.Opt("decoder", ""));
+        var post = root.Opt("post_processor", "");
         _postProcess = PostProcessor.Build(post);
         _idToToken = new Dictionary<int, string>();
         foreach (var (token, id) in _model.Vocab) _idToToken.TryAdd(id, token);

@@ -11,27 +11,30 @@ static class TokenizerJson
 {
     public static JsonElement Req(this JsonElement e, string name, string where)
     {
-        if (e.ValueKind != JsonValueKind.Object) throw new TokenizerFormatException($"'{where}' must be an object, got {JsonFiles.KindOf(e)}");
+        if (e.ValueKind != JsonValueKind.Object) throw new TokenizerFormatException($"'{(where.Length == 0 ? "the file" : where)}' must be an object, got {JsonFiles.KindOf(e)}");
         return e.TryGetProperty(name, out var v) && v.ValueKind != JsonValueKind.Null ? v
-            : throw new TokenizerFormatException($"'{where}.{name}' is missing");
+            : throw new TokenizerFormatException($"'{Join(where, name)}' is missing");
     }
 
     /// <summary>The property, or default (Undefined) when absent or null.</summary>
     public static JsonElement Opt(this JsonElement e, string name, string where)
     {
-        if (e.ValueKind != JsonValueKind.Object) throw new TokenizerFormatException($"'{where}' must be an object, got {JsonFiles.KindOf(e)}");
+        if (e.ValueKind != JsonValueKind.Object) throw new TokenizerFormatException($"'{(where.Length == 0 ? "the file" : where)}' must be an object, got {JsonFiles.KindOf(e)}");
         return e.TryGetProperty(name, out var v) && v.ValueKind != JsonValueKind.Null ? v : default;
     }
 
-    public static string Str(this JsonElement e, string name, string where) => AsStr(e.Req(name, where), $"{where}.{name}");
+    /// <summary>"where.name", or just "name" for a top-level field (where is "").</summary>
+    static string Join(string where, string name) => where.Length == 0 ? name : $"{where}.{name}";
+
+    public static string Str(this JsonElement e, string name, string where) => AsStr(e.Req(name, where), Join(where, name));
 
     public static string? OptStr(this JsonElement e, string name, string where) =>
-        e.Opt(name, where) is { ValueKind: not JsonValueKind.Undefined } v ? AsStr(v, $"{where}.{name}") : null;
+        e.Opt(name, where) is { ValueKind: not JsonValueKind.Undefined } v ? AsStr(v, Join(where, name)) : null;
 
     public static string AsStr(this JsonElement v, string field) =>
         v.ValueKind == JsonValueKind.String ? v.GetString()! : throw new TokenizerFormatException($"'{field}' must be a string, got {JsonFiles.KindOf(v)}");
 
-    public static int Int(this JsonElement e, string name, string where) => AsInt(e.Req(name, where), $"{where}.{name}");
+    public static int Int(this JsonElement e, string name, string where) => AsInt(e.Req(name, where), Join(where, name));
 
     public static int AsInt(this JsonElement v, string field) =>
         v.ValueKind == JsonValueKind.Number && v.TryGetInt32(out int i) ? i
@@ -45,7 +48,7 @@ static class TokenizerJson
             JsonValueKind.Undefined => dflt,
             JsonValueKind.True => true,
             JsonValueKind.False => false,
-            _ => throw new TokenizerFormatException($"'{where}.{name}' must be true or false, got {JsonFiles.KindOf(v)}"),
+            _ => throw new TokenizerFormatException($"'{Join(where, name)}' must be true or false, got {JsonFiles.KindOf(v)}"),
         };
     }
 
@@ -53,13 +56,13 @@ static class TokenizerJson
     {
         var v = e.Req(name, where);
         return v.ValueKind == JsonValueKind.Array ? v.EnumerateArray()
-            : throw new TokenizerFormatException($"'{where}.{name}' must be a list, got {JsonFiles.KindOf(v)}");
+            : throw new TokenizerFormatException($"'{Join(where, name)}' must be a list, got {JsonFiles.KindOf(v)}");
     }
 
     public static IEnumerable<JsonProperty> Obj(this JsonElement e, string name, string where)
     {
         var v = e.Req(name, where);
         return v.ValueKind == JsonValueKind.Object ? v.EnumerateObject()
-            : throw new TokenizerFormatException($"'{where}.{name}' must be an object, got {JsonFiles.KindOf(v)}");
+            : throw new TokenizerFormatException($"'{Join(where, name)}' must be an object, got {JsonFiles.KindOf(v)}");
     }
 }

@@ -321,6 +321,50 @@ public class FuzzFilesTests
         }
     }
 
+    [Fact]
+    public void MutatedShardIndexAndGenerationConfigFailCleanly()
+    {
+        var dir = LinkedModel("mistral", "model.safetensors.index.json", "generation_config.json");
+        var index = ReadNode(Path.Combine(Fixtures.Model("mistral"), "model.safetensors.index.json"));
+        var firstKey = ((JsonObject)index["weight_map"]!).First().Key;
+        var indexCases = new (string what, Func<JsonNode, string> edit)[]
+        {
+            ("weight_map missing", n => { ((JsonObject)n).Remove("weight_map"); return n.ToJsonString(); }),
+            ("weight_map = []", n => { n["weight_map"] = new JsonArray(); return n.ToJsonString(); }),
+            ("shard = 5", n => { n["weight_map"]![firstKey] = 5; return n.ToJsonString(); }),
+            ("shard = ''", n => { n["weight_map"]![firstKey] = ""; return n.ToJsonString(); }),
+            ("shard = ../x", n => { n["weight_map"]![firstKey] = "../config.json"; return n.ToJsonString(); }),
+            ("shard missing", n => { n["weight_map"]![firstKey] = "model-99999-of-00006.safetensors"; return n.ToJsonString(); }),
+            ("shard = config.json", n => { n["weight_map"]![firstKey] = "config.json"; return n.ToJsonString(); }),
+            ("tensor listed in the wrong shard", n => { n["weight_map"]![firstKey] = "model-00006-of-00006.safetensors"; return n.ToJsonString(); }),
+            ("extra tensor", n => { n["weight_map"]!["model.extra.weight"] = "model-00001-of-00006.safetensors"; return n.ToJsonString(); }),
+            ("root = []", _ => "[]"),
+            ("truncated", n => n.ToJsonString()[..40]),
+            ("duplicate key", n => n.ToJsonString().Replace("\"weight_map\":{", $"\"weight_map\":{{\"{firstKey}\":\"x\",")),
+        };
+        var gen = ReadNode(Path.Combine(Fixtures.Model("mistral"), "generation_config.json"));
+        File.WriteAllText(Path.Combine(dir, "generation_config.json"), gen.ToJsonString());
+        foreach (var (what, edit) in indexCases)
+        {
+            File.WriteAllText(Path.Combine(dir, "model.safetensors.index.json"), edit(index.DeepClone()));
+            FuzzContract.Check("safetensors-index", what, () => LoadModel(dir));
+        }
+        File.WriteAllText(Path.Combine(dir, "model.safetensors.index.json"), index.ToJsonString());
+        var config = ModelConfig.Load(dir);
+        foreach (var eos in new[] { "-1", "99999", "\"x\"", "[1, \"x\"]", "[1, 2.5]", "null", "{}", "1e30" })
+        {
+            var g = gen.DeepClone();
+            g["eos_token_id"] = JsonNode.Parse(eos);
+            File.WriteAllText(Path.Combine(dir, "generation_config.json"), g.ToJsonString());
+            FuzzContract.Check("generation_config.json", $"eos_token_id = {eos}", () => GenerationDefaults.EosTokenIds(dir, config));
+        }
+        foreach (var bad in new[] { "", "[", "[]", "{\"eos_token_id\": 1, \"eos_token_id\": 2}" })
+        {
+            File.WriteAllText(Path.Combine(dir, "generation_config.json"), bad);
+            FuzzContract.Check("generation_config.json", $"file = {bad}", () => GenerationDefaults.EosTokenIds(dir, config));
+        }
+    }
+
     // ---- fuzz: config.json ----
 
     static readonly (string name, Func<JsonNode?, JsonNode?> make)[] ValueMutations =
