@@ -164,7 +164,9 @@ public static class Lexer
         }
         foreach (var op in Ops)
             if (string.CompareOrdinal(s, i, op, 0, op.Length) == 0) { i += op.Length; return new Tok(TokKind.Op, op, line); }
-        throw new TemplateException($"unexpected character '{c}'", line);
+        throw new TemplateException(char.IsSurrogate(c) || char.IsControl(c)
+            ? $"unexpected character U+{(char.IsHighSurrogate(c) && i + 1 < s.Length && char.IsLowSurrogate(s[i + 1]) ? char.ConvertToUtf32(c, s[i + 1]) : c):X4}"
+            : $"unexpected character '{c}'", line);
     }
 }
 
