@@ -159,7 +159,7 @@ public sealed class Interpreter
     {
         using var depth = RenderLimits.Enter(e.Line);
         try { return EvalCore(e); }
-        catch (Exception x) when (x is ArgumentException or InvalidCastException or OverflowException or FormatException
+        catch (Exception x) when (x is ArgumentException or InvalidCastException or ArithmeticException or FormatException
                                       or IndexOutOfRangeException or InvalidOperationException or NullReferenceException or KeyNotFoundException)
         {
             // A builtin given arguments it cannot use (too few, wrong type, out of range): the template's error, not ours.

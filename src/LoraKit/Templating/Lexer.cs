@@ -170,5 +170,6 @@ public static class Lexer
     }
 }
 
+/// <summary>An error in a chat template; one line always (raise_exception's text may span lines: they are joined).</summary>
 public sealed class TemplateException(string message, int line = 0)
-    : LoraKitException(line > 0 ? $"chat template line {line}: {message}" : $"chat template: {message}");
+    : LoraKitException((line > 0 ? $"chat template line {line}: {message}" : $"chat template: {message}").ReplaceLineEndings(" "));

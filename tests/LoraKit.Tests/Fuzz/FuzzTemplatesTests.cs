@@ -68,6 +68,10 @@ public class FuzzTemplatesTests
     [Fact] public void DeeplyNestedBlocksAreAParseError() =>
         AssertRefused("10k nested ifs", string.Concat(Enumerable.Repeat("{% if true %}", 10_000)) + string.Concat(Enumerable.Repeat("{% endif %}", 10_000)), "nests deeper");
 
+    [Fact] public void DivisibleByZeroIsATemplateError() => AssertRefused("divisibleby(0)", "{{ 4 is divisibleby(0) }}", "test 'divisibleby'");
+
+    [Fact] public void RaisedMessagesStayOnOneLine() => AssertRefused("raise multi-line", "{{ raise_exception('first\nsecond') }}", "first second");
+
     [Fact] public void BreakOutsideALoopIsAnError() => AssertRefused("break outside loop", "a{% break %}b", "outside a for loop");
 
     [Fact]
