@@ -14,7 +14,8 @@ public sealed class BpeModel
     readonly int? _unkId;
     readonly bool _byteFallback, _fuseUnk, _ignoreMerges;
     readonly int[] _byteIds = new int[256];
-    readonly Dictionary<string, int[]> _cache = new(StringComparer.Ordinal);
+    // The server encodes requests on many threads at once: a plain Dictionary written concurrently can corrupt itself.
+    readonly System.Collections.Concurrent.ConcurrentDictionary<string, int[]> _cache = new(StringComparer.Ordinal);
 
     public IReadOnlyDictionary<string, int> Vocab => _vocab;
 
