@@ -25,7 +25,7 @@ public static class AdapterCommands
             long parameters = file.Entries.Values.Sum(e => e.Shape.Aggregate(1L, (a, b) => a * b));
             int modules = file.Entries.Keys.Count(k => k.EndsWith(".lora_A.weight", StringComparison.Ordinal));
             var task = AdapterFiles.Task(d);
-            long bytes = new FileInfo(weights).Length;
+            long bytes = (new FileInfo(weights).ResolveLinkTarget(true) as FileInfo ?? new FileInfo(weights)).Length; // HF cache: a link into blobs/
             string targets = config.TargetRegex ?? string.Join(", ", config.TargetModules!.Select(t => t.Split('.')[^1]).Distinct().Order());
             if (r.GetValue(json))
             {

@@ -38,7 +38,7 @@ public sealed class CommonOptions
     public (CausalLM model, Tokenizer tokenizer) Load(ParseResult r)
     {
         var dir = r.GetValue(Model)!;
-        if (!Directory.Exists(dir)) throw new DirectoryNotFoundException($"model directory '{dir}' does not exist");
+        ModelDirectory.Require(dir);
         if (Classification.TextClassifier.IsSequenceClassificationCheckpoint(dir))
             throw new ArgumentException($"{dir} is a sequence-classification checkpoint (a merged classifier), not a causal LM; use `lorakit classify --model {dir}`");
         var device = Devices.Resolve(r.GetValue(Device)!);

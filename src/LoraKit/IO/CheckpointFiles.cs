@@ -34,16 +34,14 @@ public sealed class CheckpointFiles : IDisposable
 
     void AddSharded(string dir, string indexPath)
     {
-        Dictionary<string, string> weightMap;
-        try
+        var weightMap = new Dictionary<string, string>(StringComparer.Ordinal);
+        using (var doc = JsonFiles.Parse(indexPath))
         {
-            using var doc = JsonDocument.Parse(File.ReadAllText(indexPath));
-            weightMap = doc.RootElement.GetProperty("weight_map").EnumerateObject()
-                .ToDictionary(p => p.Name, p => p.Value.GetString() ?? throw new InvalidDataException("null file name"));
-        }
-        catch (Exception e) when (e is JsonException or KeyNotFoundException or InvalidOperationException or InvalidDataException)
-        {
-            throw new InvalidDataException($"{indexPath}: not a valid safetensors index ({e.Message})");
+            if (doc.RootElement.ValueKind != JsonValueKind.Object || !doc.RootElement.TryGetProperty("weight_map", out var wm) || wm.ValueKind != JsonValueKind.Object)
+                throw new InvalidDataException($"{indexPath}: not a valid safetensors index (no 'weight_map' object)");
+            foreach (var p in wm.EnumerateObject())
+                weightMap[p.Name] = p.Value.ValueKind == JsonValueKind.String && p.Value.GetString() is { Length: > 0 } f ? f
+                    : throw new InvalidDataException($"{indexPath}: weight_map entry '{p.Name}' must name a shard file, got {JsonFiles.KindOf(p.Value)}");
         }
         foreach (var shard in weightMap.Values.Distinct())
         {

@@ -40,12 +40,22 @@ public sealed class SafetensorsFile : IDisposable
     public static SafetensorsFile Open(string path)
     {
         if (!File.Exists(path)) throw new SafetensorsException(path, "file not found");
-        long fileLength = new FileInfo(path).Length;
-        if (fileLength < 8) throw new SafetensorsException(path, $"file is {fileLength} bytes, too short for the 8-byte header length");
-
+        long fileLength;
         byte[] header;
-        using (var fs = File.OpenRead(path))
+        // The length comes from the opened stream, not FileInfo: in the Hugging Face cache layout the file is a symlink
+        // into blobs/, and FileInfo.Length is the link's own size.
+        FileStream OpenRead()
         {
+            try { return File.OpenRead(path); }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                throw new SafetensorsException(path, $"cannot be read ({e.GetType().Name.Replace("Exception", "")})");
+            }
+        }
+        using (var fs = OpenRead())
+        {
+            fileLength = fs.Length;
+            if (fileLength < 8) throw new SafetensorsException(path, $"file is {fileLength} bytes, too short for the 8-byte header length");
             Span<byte> lenBytes = stackalloc byte[8];
             fs.ReadExactly(lenBytes);
             ulong headerLen = BitConverter.ToUInt64(lenBytes);
@@ -73,8 +83,8 @@ public sealed class SafetensorsFile : IDisposable
         catch (DecoderFallbackException) { throw new SafetensorsException(path, "header is not valid UTF-8"); }
 
         JsonDocument doc;
-        try { doc = JsonDocument.Parse(json); }
-        catch (JsonException e) { throw new SafetensorsException(path, $"header is not valid JSON ({e.Message})"); }
+        try { doc = JsonDocument.Parse(json, JsonFiles.Options); }
+        catch (JsonException e) { throw new SafetensorsException(path, $"header is not valid JSON ({JsonFiles.Describe(e)})"); }
 
         using (doc)
         {

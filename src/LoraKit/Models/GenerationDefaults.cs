@@ -1,4 +1,5 @@
 using System.Text.Json;
+using LoraKit.IO;
 
 namespace LoraKit.Models;
 
@@ -10,11 +11,16 @@ public static class GenerationDefaults
         var path = Path.Combine(modelDir, "generation_config.json");
         if (File.Exists(path))
         {
-            using var doc = JsonDocument.Parse(File.ReadAllText(path));
-            if (doc.RootElement.TryGetProperty("eos_token_id", out var e))
+            using var doc = JsonFiles.Parse(path);
+            if (doc.RootElement.ValueKind != JsonValueKind.Object)
+                throw new LoraKitException($"{path}: must hold a JSON object, got {JsonFiles.KindOf(doc.RootElement)}");
+            if (doc.RootElement.TryGetProperty("eos_token_id", out var e) && e.ValueKind != JsonValueKind.Null)
             {
-                if (e.ValueKind == JsonValueKind.Number) return [e.GetInt32()];
-                if (e.ValueKind == JsonValueKind.Array) return e.EnumerateArray().Select(x => x.GetInt32()).ToArray();
+                if (e.ValueKind is not (JsonValueKind.Number or JsonValueKind.Array))
+                    throw new LoraKitException($"{path}: 'eos_token_id' must be a token id or a list of them, got {JsonFiles.KindOf(e)}");
+                var items = e.ValueKind == JsonValueKind.Array ? e.EnumerateArray().ToArray() : [e];
+                return items.Select(x => x.ValueKind == JsonValueKind.Number && x.TryGetInt32(out int id) && id >= 0 && id < config.VocabSize ? id
+                    : throw new LoraKitException($"{path}: 'eos_token_id' {x.GetRawText()} is not a token id of this model (0..{config.VocabSize - 1})")).ToArray();
             }
         }
         return config.EosTokenIds;

@@ -1,5 +1,6 @@
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using LoraKit.IO;
 
 namespace LoraKit.Models;
 
@@ -46,26 +47,29 @@ public sealed record ModelConfig
 
     public static ModelConfig Load(string modelDir)
     {
+        ModelDirectory.Require(modelDir);
         var path = Path.Combine(modelDir, "config.json");
         if (!File.Exists(path)) throw new ModelConfigException(path, "config.json not found");
-        JsonObject raw;
-        try { raw = JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new ModelConfigException(path, "config.json is not a JSON object"); }
-        catch (JsonException e) { throw new ModelConfigException(path, $"config.json is not valid JSON ({e.Message})"); }
+        var raw = JsonFiles.ParseNode(path) as JsonObject ?? throw new ModelConfigException(path, "config.json is not a JSON object");
         return Parse(raw, path);
     }
 
     public static ModelConfig Parse(JsonObject raw, string source = "config.json")
     {
         var r = new Reader(raw, source);
-        var archs = raw["architectures"] as JsonArray;
-        string arch = archs?.FirstOrDefault()?.GetValue<string>()
-            ?? throw new ModelConfigException(source, "no 'architectures' entry; cannot tell which model this is");
+        if (raw["architectures"] is not JsonArray archs || archs.Count == 0)
+            throw new ModelConfigException(source, raw["architectures"] is null
+                ? "no 'architectures' entry; cannot tell which model this is"
+                : $"field 'architectures' must be a non-empty list of class names, got {JsonFiles.KindOf(raw["architectures"])}");
+        string arch = archs[0] is JsonValue av && av.TryGetValue<string>(out var a0) ? a0
+            : throw new ModelConfigException(source, $"field 'architectures' must list class names (strings), got {JsonFiles.KindOf(archs[0])}");
         if (!SupportedArchitectures.Contains(arch))
             throw new ModelConfigException(source, $"unsupported architecture '{arch}' (supported: {string.Join(", ", SupportedArchitectures)})");
         string modelType = r.Str("model_type") ?? "";
 
         int hidden = r.Int("hidden_size");
         int heads = r.Int("num_attention_heads");
+        if (heads <= 0) throw new ModelConfigException(source, $"field 'num_attention_heads' must be positive, got {heads}");
         int kvHeads = r.OptInt("num_key_value_heads") ?? heads;
         int headDim = r.OptInt("head_dim") ?? hidden / heads;
         if (hidden <= 0 || heads <= 0 || kvHeads <= 0 || headDim <= 0)
@@ -81,6 +85,23 @@ public sealed record ModelConfig
 
         var (theta, scaling) = ParseRope(raw, r, source);
         int layers = r.Int("num_hidden_layers");
+        if (layers <= 0 || layers > MaxLayers)
+            throw new ModelConfigException(source, $"field 'num_hidden_layers' must be between 1 and {MaxLayers}, got {layers}");
+        int vocab = r.Int("vocab_size");
+        if (vocab <= 0) throw new ModelConfigException(source, $"field 'vocab_size' must be positive, got {vocab}");
+        int intermediate = r.Int("intermediate_size");
+        if (intermediate <= 0) throw new ModelConfigException(source, $"field 'intermediate_size' must be positive, got {intermediate}");
+        double eps = r.OptDouble("rms_norm_eps") ?? 1e-6;
+        if (!(eps > 0) || double.IsInfinity(eps))
+            throw new ModelConfigException(source, $"field 'rms_norm_eps' must be a positive number, got {eps}");
+        int maxPos = r.OptInt("max_position_embeddings") ?? 4096;
+        if (maxPos <= 0) throw new ModelConfigException(source, $"field 'max_position_embeddings' must be positive, got {maxPos}");
+        var eos = IntList(raw["eos_token_id"], "eos_token_id", source);
+        foreach (var id in eos) CheckTokenId("eos_token_id", id, vocab, source);
+        int? bos = r.OptInt("bos_token_id");
+        if (bos is int b) CheckTokenId("bos_token_id", b, vocab, source);
+        int? pad = r.OptInt("pad_token_id");
+        if (pad >= vocab) throw new ModelConfigException(source, $"field 'pad_token_id' is {pad}, outside the vocabulary (vocab_size {vocab})");
         bool isQwen2 = arch == "Qwen2ForCausalLM";
         bool isQwen3 = arch == "Qwen3ForCausalLM";
         bool attnBias = r.OptBool("attention_bias") ?? false;
@@ -89,14 +110,14 @@ public sealed record ModelConfig
         {
             Architecture = arch,
             ModelType = modelType,
-            VocabSize = r.Int("vocab_size"),
+            VocabSize = vocab,
             HiddenSize = hidden,
-            IntermediateSize = r.Int("intermediate_size"),
+            IntermediateSize = intermediate,
             NumHiddenLayers = layers,
             NumAttentionHeads = heads,
             NumKeyValueHeads = kvHeads,
             HeadDim = headDim,
-            RmsNormEps = r.OptDouble("rms_norm_eps") ?? 1e-6,
+            RmsNormEps = eps,
             RopeTheta = theta,
             RopeScaling = scaling,
             TieWordEmbeddings = r.OptBool("tie_word_embeddings") ?? false,
@@ -105,30 +126,53 @@ public sealed record ModelConfig
             MlpBias = arch == "LlamaForCausalLM" && (r.OptBool("mlp_bias") ?? false),
             QkNorm = isQwen3,
             SlidingWindows = ParseSlidingWindows(raw, r, arch, layers, source),
-            MaxPositionEmbeddings = r.OptInt("max_position_embeddings") ?? 4096,
-            EosTokenIds = IntList(raw["eos_token_id"]),
-            BosTokenId = r.OptInt("bos_token_id"),
-            PadTokenId = r.OptInt("pad_token_id"),
+            MaxPositionEmbeddings = maxPos,
+            EosTokenIds = eos,
+            BosTokenId = bos,
+            PadTokenId = pad,
             Raw = raw,
         };
+    }
+
+    /// <summary>No released decoder has more than a few hundred layers; the bound keeps a typo from allocating gigabytes.</summary>
+    public const int MaxLayers = 10_000;
+
+    static void CheckTokenId(string field, int id, int vocab, string source)
+    {
+        if (id < 0 || id >= vocab)
+            throw new ModelConfigException(source, $"field '{field}' is {id}, outside the vocabulary (ids 0..{vocab - 1})");
     }
 
     static (double theta, Llama3RopeScaling? scaling) ParseRope(JsonObject raw, Reader r, string source)
     {
         // transformers ≥5 writes "rope_parameters"; older files write rope_theta + "rope_scaling".
+        foreach (var key in (string[])["rope_parameters", "rope_scaling"])
+            if (raw[key] is { } n && n is not JsonObject)
+                throw new ModelConfigException(source, $"field '{key}' must be an object (or null), got {JsonFiles.KindOf(n)}");
         var ropeParams = raw["rope_parameters"] as JsonObject;
         var ropeScaling = raw["rope_scaling"] as JsonObject;
         var p = ropeParams ?? ropeScaling;
-        double theta = (p != null ? new Reader(p, source).OptDouble("rope_theta") : null) ?? r.OptDouble("rope_theta") ?? 10000.0;
+        string where = p == null ? "" : ropeParams != null ? "rope_parameters." : "rope_scaling.";
+        double theta = (p != null ? new Reader(p, source, where).OptDouble("rope_theta") : null) ?? r.OptDouble("rope_theta") ?? 10000.0;
+        if (!(theta > 0) || double.IsInfinity(theta))
+            throw new ModelConfigException(source, $"field 'rope_theta' must be a positive number, got {theta}");
         if (p == null) return (theta, null);
-        var pr = new Reader(p, source);
+        var pr = new Reader(p, source, where);
         string type = pr.Str("rope_type") ?? pr.Str("type") ?? "default";
         switch (type)
         {
             case "default": return (theta, null);
             case "llama3":
-                return (theta, new Llama3RopeScaling(pr.Double("factor"), pr.Double("low_freq_factor"),
-                    pr.Double("high_freq_factor"), pr.Int("original_max_position_embeddings")));
+            {
+                var s = new Llama3RopeScaling(pr.Double("factor"), pr.Double("low_freq_factor"),
+                    pr.Double("high_freq_factor"), pr.Int("original_max_position_embeddings"));
+                if (!(s.Factor > 0) || !(s.LowFreqFactor > 0) || !(s.HighFreqFactor > 0) || s.OriginalMaxPositionEmbeddings <= 0
+                    || double.IsInfinity(s.Factor) || double.IsInfinity(s.LowFreqFactor) || double.IsInfinity(s.HighFreqFactor))
+                    throw new ModelConfigException(source, $"{where}factor, low_freq_factor, high_freq_factor and original_max_position_embeddings must be positive");
+                if (s.HighFreqFactor == s.LowFreqFactor)
+                    throw new ModelConfigException(source, $"{where}high_freq_factor must differ from low_freq_factor (llama3 rope divides by their difference)");
+                return (theta, s);
+            }
             default:
                 throw new ModelConfigException(source, $"unsupported rope scaling type '{type}' (supported: default, llama3)");
         }
@@ -150,7 +194,8 @@ public sealed record ModelConfig
                 if (raw["layer_types"] is JsonArray types && types.Count == layers)
                 {
                     for (int i = 0; i < layers; i++)
-                        result[i] = types[i]?.GetValue<string>() == "sliding_attention" ? window : null;
+                        result[i] = types[i] is JsonValue tv && tv.TryGetValue<string>(out var lt) ? (lt == "sliding_attention" ? window : null)
+                            : throw new ModelConfigException(source, $"field 'layer_types' must list strings, got {JsonFiles.KindOf(types[i])} at index {i}");
                     return result;
                 }
                 int maxWindowLayers = r.OptInt("max_window_layers") ?? layers;
@@ -161,46 +206,73 @@ public sealed record ModelConfig
         }
     }
 
-    static int[] IntList(JsonNode? n) => n switch
+    static int[] IntList(JsonNode? n, string key, string source)
     {
-        null => [],
-        JsonArray a => a.Where(x => x != null).Select(x => x!.GetValue<int>()).ToArray(),
-        JsonValue v => [v.GetValue<int>()],
-        _ => [],
-    };
+        var items = n switch
+        {
+            null => [],
+            JsonArray a => a.ToArray(),
+            _ => [n],
+        };
+        return items.Where(x => x != null).Select(x => ToInt(x, key, source)
+            ?? throw new ModelConfigException(source, $"field '{key}' must be an integer or a list of integers, got {JsonFiles.KindOf(x)}")).ToArray();
+    }
 
-    /// <summary>Typed, error-naming access to JSON fields.</summary>
-    sealed class Reader(JsonObject o, string source)
+    static int? ToInt(JsonNode? n, string key, string source)
     {
-        JsonValue? Val(string key) => o[key] as JsonValue;
+        if (n is not JsonValue v || v.GetValueKind() != JsonValueKind.Number) return null;
+        if (v.TryGetValue<int>(out var i)) return i;
+        if (v.TryGetValue<double>(out var d) && d == Math.Floor(d))
+            return d is >= int.MinValue and <= int.MaxValue ? (int)d
+                : throw new ModelConfigException(source, $"field '{key}' is {d}, too large for an integer");
+        return null;
+    }
 
-        public string? Str(string key) => Val(key)?.TryGetValue<string>(out var s) == true ? s : null;
+    /// <summary>Typed, error-naming access to JSON fields; null (or absent) means "not set", anything of the wrong type is an error.</summary>
+    sealed class Reader(JsonObject o, string source, string prefix = "")
+    {
+        JsonValue? Val(string key, string expected)
+        {
+            var n = o[key];
+            if (n is null) return null;
+            if (n is JsonValue v && v.GetValueKind() != JsonValueKind.Null) return v;
+            if (n is JsonValue) return null;
+            throw Wrong(key, expected, n);
+        }
 
-        public int Int(string key) => OptInt(key) ?? throw new ModelConfigException(source, $"missing required field '{key}'");
+        ModelConfigException Wrong(string key, string expected, JsonNode? n) =>
+            new(source, $"field '{prefix}{key}' must be {expected}, got {JsonFiles.KindOf(n)}" + (n is JsonValue ? $" ({n.ToJsonString()})" : ""));
 
-        public double Double(string key) => OptDouble(key) ?? throw new ModelConfigException(source, $"missing required field '{key}'");
+        public string? Str(string key)
+        {
+            var v = Val(key, "a string");
+            if (v == null) return null;
+            return v.GetValueKind() == JsonValueKind.String ? v.GetValue<string>() : throw Wrong(key, "a string", v);
+        }
+
+        public int Int(string key) => OptInt(key) ?? throw new ModelConfigException(source, $"missing required field '{prefix}{key}'");
+
+        public double Double(string key) => OptDouble(key) ?? throw new ModelConfigException(source, $"missing required field '{prefix}{key}'");
 
         public int? OptInt(string key)
         {
-            var v = Val(key);
+            var v = Val(key, "an integer");
             if (v == null) return null;
-            if (v.TryGetValue<int>(out var i)) return i;
-            if (v.TryGetValue<double>(out var d) && d == Math.Floor(d)) return (int)d;
-            throw new ModelConfigException(source, $"field '{key}' must be an integer");
+            return ToInt(v, prefix + key, source) ?? throw Wrong(key, "an integer", v);
         }
 
         public double? OptDouble(string key)
         {
-            var v = Val(key);
+            var v = Val(key, "a number");
             if (v == null) return null;
-            return v.TryGetValue<double>(out var d) ? d : throw new ModelConfigException(source, $"field '{key}' must be a number");
+            return v.GetValueKind() == JsonValueKind.Number && v.TryGetValue<double>(out var d) ? d : throw Wrong(key, "a number", v);
         }
 
         public bool? OptBool(string key)
         {
-            var v = Val(key);
+            var v = Val(key, "true or false");
             if (v == null) return null;
-            return v.TryGetValue<bool>(out var b) ? b : throw new ModelConfigException(source, $"field '{key}' must be true or false");
+            return v.GetValueKind() is JsonValueKind.True or JsonValueKind.False ? v.GetValue<bool>() : throw Wrong(key, "true or false", v);
         }
     }
 }

@@ -48,7 +48,25 @@ public sealed class CheckpointWeights(CheckpointFiles files, ScalarType dtype, D
         var e = files.Entry(name);
         if (!e.Shape.SequenceEqual(shape))
             throw new InvalidDataException($"tensor '{name}' has shape {Shape(e.Shape)} but the config implies {Shape(shape)}");
-        return files.Read(name, DType, Device);
+        var t = files.Read(name, DType, Device);
+        if (!AllFinite(t))
+        {
+            t.Dispose();
+            throw new LoraKitException($"checkpoint tensor '{name}' contains NaN or infinite values; refusing a base model with non-finite weights");
+        }
+        return t;
+    }
+
+    /// <summary>Whether every element is finite, checked in chunks so the temporary mask stays small.</summary>
+    static bool AllFinite(Tensor t)
+    {
+        if (!t.is_floating_point() || t.numel() == 0) return true;
+        using var scope = NewDisposeScope();
+        var flat = t.reshape(-1);
+        const long chunk = 1 << 24;
+        for (long start = 0; start < flat.shape[0]; start += chunk)
+            if (!isfinite(flat.narrow(0, start, Math.Min(chunk, flat.shape[0] - start))).all().item<bool>()) return false;
+        return true;
     }
 
     public override void EnsureAllUsed()

@@ -22,11 +22,15 @@ public static class Builtins
             if (a.Count == 1) stop = Int(a[0]);
             else { start = Int(a[0]); stop = Int(a[1]); if (a.Count > 2) step = Int(a[2]); }
             if (step == 0) throw new TemplateException("range() step must not be zero");
+            // Count first (in floating point: the bounds may be anything), so range(10**12) is refused, not built.
+            double count = Math.Max(0, Math.Ceiling(((double)stop - start) / step));
+            RenderLimits.CheckItems((long)Math.Min(count, long.MaxValue / 2), 0, "range()");
             var r = new List<object?>();
             for (long i = start; step > 0 ? i < stop : i > stop; i += step) r.Add(i);
             return r;
         }),
-        ["strftime_now"] = (Callable)((a, _) => StrFTime(DateTime.Now, PyValues.Str(a[0]))),
+        ["strftime_now"] = (Callable)((a, _) => StrFTime(DateTime.Now, a.Count > 0 ? PyValues.Str(a[0])
+            : throw new TemplateException("strftime_now() needs a format"))),
     };
 
     static long Int(object? v) => v is long l ? l : v is double d ? (long)d : v is bool b ? (b ? 1 : 0)
@@ -44,6 +48,7 @@ public static class Builtins
 
     static IEnumerable<object?> StringChars(string s)
     {
+        RenderLimits.Charge(s.Length / 4);
         for (int i = 0; i < s.Length;)
         {
             int len = char.IsSurrogatePair(s, i) ? 2 : 1;
@@ -131,7 +136,7 @@ public static class Builtins
                     "replace" => (a, _) => Replace(s, PyValues.Str(a[0]), PyValues.Str(a[1]), a.Count > 2 ? Int(a[2]) : -1),
                     "find" => (a, _) => (long)s.IndexOf(PyValues.Str(a[0]), StringComparison.Ordinal),
                     "count" => (a, _) => (long)CountOf(s, PyValues.Str(a[0])),
-                    "join" => (a, _) => string.Join(s, Iterate(a[0], 0).Select(PyValues.Str)),
+                    "join" => (a, _) => Join(s, Iterate(a[0], 0)),
                     "isdigit" => (_, _) => s.Length > 0 && s.All(char.IsDigit),
                     "isspace" => (_, _) => s.Length > 0 && s.All(char.IsWhiteSpace),
                     "splitlines" => (_, _) => s.Split('\n').Select(x => (object?)x.TrimEnd('\r')).ToList(),
@@ -184,6 +189,8 @@ public static class Builtins
 
     static string Replace(string s, string a, string b, long count)
     {
+        if (a.Length > 0 && b.Length > a.Length) // the result grows: size it before building it
+            RenderLimits.CheckChars(s.Length + (long)CountOf(s, a) * (b.Length - a.Length), 0, "replace()'s result");
         if (count < 0) return a.Length == 0 ? s : s.Replace(a, b, StringComparison.Ordinal);
         var sb = new System.Text.StringBuilder();
         int pos = 0;
@@ -244,8 +251,10 @@ public static class Builtins
                 return (a, b) switch
                 {
                     (long x, long y) => x * y,
-                    (string s, long n) => string.Concat(Enumerable.Repeat(s, (int)Math.Max(0, n))),
-                    (List<object?> l, long n) => Enumerable.Repeat(l, (int)Math.Max(0, n)).SelectMany(x => x).ToList(),
+                    (string s, long n) => Repeat(s, n, line),
+                    (long n, string s) => Repeat(s, n, line),
+                    (List<object?> l, long n) => Repeat(l, n, line),
+                    (long n, List<object?> l) => Repeat(l, n, line),
                     _ => PyValues.ToDouble(a) * PyValues.ToDouble(b),
                 };
             case "/": return PyValues.ToDouble(a) / PyValues.ToDouble(b);
@@ -269,6 +278,39 @@ public static class Builtins
                 return (a, b) is (long x4, long y4) && y4 >= 0 ? (object)(long)Math.Pow(x4, y4) : Math.Pow(PyValues.ToDouble(a), PyValues.ToDouble(b));
             default: throw new TemplateException($"unknown operator '{op}'", line);
         }
+    }
+
+    static string Repeat(string s, long n, int line)
+    {
+        if (n <= 0 || s.Length == 0) return "";
+        RenderLimits.CheckChars(s.Length * (double)n > long.MaxValue / 2 ? long.MaxValue / 2 : s.Length * n, line, "string repetition");
+        return string.Concat(Enumerable.Repeat(s, (int)n));
+    }
+
+    static List<object?> Repeat(List<object?> l, long n, int line)
+    {
+        if (n <= 0 || l.Count == 0) return [];
+        RenderLimits.CheckItems(l.Count * (double)n > long.MaxValue / 2 ? long.MaxValue / 2 : l.Count * n, line, "list repetition");
+        var r = new List<object?>((int)(l.Count * n));
+        for (long i = 0; i < n; i++) r.AddRange(l);
+        return r;
+    }
+
+    /// <summary>str.join with the result's size checked as it grows (the items may repeat one long string).</summary>
+    static string Join(string sep, IEnumerable<object?> items)
+    {
+        var sb = new System.Text.StringBuilder();
+        bool first = true;
+        foreach (var x in items)
+        {
+            var t = PyValues.Str(x);
+            RenderLimits.CheckChars((long)sb.Length + sep.Length + t.Length, 0, "join()'s result");
+            RenderLimits.Charge(1 + t.Length / 16);
+            if (!first) sb.Append(sep);
+            sb.Append(t);
+            first = false;
+        }
+        return sb.ToString();
     }
 
     static bool Contains(object? container, object? item, int line) => container switch
@@ -331,7 +373,7 @@ public static class Builtins
             {
                 var items = Iterate(v, line);
                 if (Arg(1, "attribute") is string attr) items = items.Select(x => GetItem(x, attr, line));
-                return string.Join(Str(Arg(0, "d", "")), items.Select(PyValues.Str));
+                return Join(Str(Arg(0, "d", "")), items);
             }
             case "tojson":
                 return PyValues.ToJson(v, Arg(0, "indent") is long ind ? (int)ind : null);
@@ -352,7 +394,7 @@ public static class Builtins
             case "last": return v is List<object?> l3 && l3.Count > 0 ? l3[^1] : Iterate(v, line).LastOrDefault(Undefined.Instance);
             case "list": return Iterate(v, line).ToList();
             case "reverse": return v is string s3 ? new string(s3.Reverse().ToArray()) : Iterate(v, line).Reverse().ToList();
-            case "unique": return Iterate(v, line).Aggregate(new List<object?>(), (acc, x) => { if (!acc.Any(y => PyValues.Eq(x, y))) acc.Add(x); return acc; });
+            case "unique": return Iterate(v, line).Aggregate(new List<object?>(), (acc, x) => { RenderLimits.Charge(acc.Count, line); if (!acc.Any(y => PyValues.Eq(x, y))) acc.Add(x); return acc; });
             case "sum": return Iterate(v, line).Aggregate((object?)0L, (acc, x) => Binary("+", acc, x, line));
             case "replace": return Replace(Str(v), Str(a[0]), Str(a[1]), a.Count > 2 ? Int(a[2]) : -1);
             case "safe": return v;
@@ -366,7 +408,7 @@ public static class Builtins
             case "select" or "reject":
             {
                 bool keep = name == "select";
-                string test = Str(a[0]);
+                string test = a.Count > 0 ? Str(a[0]) : "";
                 return Iterate(v, line).Where(x => (a.Count == 0 ? PyValues.Truthy(x) : Test(test, x, a.Skip(1).ToList(), line)) == keep).ToList();
             }
             case "selectattr" or "rejectattr":
@@ -390,6 +432,7 @@ public static class Builtins
             {
                 bool rev = PyValues.Truthy(Arg(0, "reverse", false));
                 var items = Iterate(v, line).ToList();
+                RenderLimits.Charge(items.Count * (long)Math.Ceiling(Math.Log2(items.Count + 2)), line);
                 Func<object?, object?> key = kw.TryGetValue("attribute", out var at) ? x => GetItem(x, Str(at), line) : x => x;
                 items.Sort((x, y) => PyValues.Compare(key(x), key(y)));
                 if (rev) items.Reverse();
@@ -398,9 +441,12 @@ public static class Builtins
             case "indent":
             {
                 var width = Arg(0, "width", 4L);
-                string pad = width is string ws ? ws : new string(' ', (int)Int(width));
+                long padLength = width is string ws0 ? ws0.Length : Math.Max(0, Int(width));
+                var text = Str(v);
+                RenderLimits.CheckChars(text.Length + padLength * (CountOf(text, "\n") + 1), line, "indent()'s result");
+                string pad = width is string ws ? ws : new string(' ', (int)padLength);
                 bool first = PyValues.Truthy(Arg(1, "first", false));
-                var lines = Str(v).Split('\n');
+                var lines = text.Split('\n');
                 for (int i = 0; i < lines.Length; i++)
                     if ((i > 0 || first) && lines[i].Length > 0) lines[i] = pad + lines[i];
                 return string.Join("\n", lines);
@@ -408,7 +454,7 @@ public static class Builtins
             case "round":
             {
                 long precision = Arg(0, "precision") is long p ? p : 0;
-                return Math.Round(PyValues.ToDouble(v), (int)precision, MidpointRounding.ToEven);
+                return Math.Round(PyValues.ToDouble(v), (int)Math.Clamp(precision, 0, 15), MidpointRounding.ToEven);
             }
             default: throw new TemplateException($"unknown filter '{name}'", line);
         }

@@ -10,7 +10,11 @@ public sealed class Interpreter
 {
     readonly List<Dictionary<string, object?>> _scopes = [];
 
-    sealed class LoopSignal(bool isBreak) : Exception { public bool IsBreak { get; } = isBreak; }
+    sealed class LoopSignal(bool isBreak, int line) : Exception
+    {
+        public bool IsBreak { get; } = isBreak;
+        public int Line { get; } = line;
+    }
 
     public Interpreter(Dictionary<string, object?> globals)
     {
@@ -20,9 +24,19 @@ public sealed class Interpreter
 
     public string Render(List<Node> nodes)
     {
+        using var budget = RenderLimits.Begin();
         var sb = new StringBuilder();
-        Exec(nodes, sb);
+        try { Exec(nodes, sb); }
+        catch (LoopSignal s) { throw new TemplateException($"'{(s.IsBreak ? "break" : "continue")}' outside a for loop", s.Line); }
+        catch (InsufficientExecutionStackException) { throw new TemplateException("template nests or recurses too deeply for the stack"); }
         return sb.ToString();
+    }
+
+    static void Append(StringBuilder sb, string text, int line)
+    {
+        RenderLimits.CheckChars((long)sb.Length + text.Length, line, "the rendered text");
+        RenderLimits.Charge(text.Length / 16, line);
+        sb.Append(text);
     }
 
     object? Lookup(string name)
@@ -39,10 +53,11 @@ public sealed class Interpreter
 
     void Exec(Node node, StringBuilder sb)
     {
+        using var depth = RenderLimits.Enter(node.Line);
         switch (node)
         {
-            case TextNode t: sb.Append(t.Text); break;
-            case OutputNode o: sb.Append(PyValues.Str(Eval(o.Value))); break;
+            case TextNode t: Append(sb, t.Text, t.Line); break;
+            case OutputNode o: Append(sb, PyValues.Str(Eval(o.Value)), o.Line); break;
             case IfNode i:
                 foreach (var (cond, body) in i.Branches)
                     if (PyValues.Truthy(Eval(cond))) { Exec(body, sb); return; }
@@ -64,11 +79,11 @@ public sealed class Interpreter
             {
                 var caller = (Callable)((_, _) => RenderBlock(c.Body));
                 _scopes.Add(new() { ["caller"] = caller });
-                try { sb.Append(PyValues.Str(Eval(c.Call))); }
+                try { Append(sb, PyValues.Str(Eval(c.Call)), c.Line); }
                 finally { _scopes.RemoveAt(_scopes.Count - 1); }
                 break;
             }
-            case LoopControlNode l: throw new LoopSignal(l.IsBreak);
+            case LoopControlNode l: throw new LoopSignal(l.IsBreak, l.Line);
             default: throw new TemplateException($"cannot execute {node.GetType().Name}", node.Line);
         }
     }
@@ -83,6 +98,7 @@ public sealed class Interpreter
     void ExecFor(ForNode f, StringBuilder sb)
     {
         var items = Builtins.Iterate(Eval(f.Iter), f.Line).ToList();
+        RenderLimits.Charge(items.Count, f.Line);
         if (f.Filter != null)
         {
             items = items.Where(item =>
@@ -108,6 +124,7 @@ public sealed class Interpreter
                 int idx = i;
                 loop["cycle"] = (Callable)((args, _) => args.Count == 0 ? Undefined.Instance : args[idx % args.Count]);
                 _scopes[^1]["loop"] = loop;
+                RenderLimits.Charge(RenderLimits.IterationCost, f.Line);
                 Bind(f.Targets, items[i], f.Line);
                 try { Exec(f.Body, sb); }
                 catch (LoopSignal s) { if (s.IsBreak) break; }
@@ -134,17 +151,36 @@ public sealed class Interpreter
         }
         _scopes.Add(scope);
         try { return RenderBlock(m.Body); }
+        catch (LoopSignal s) { throw new TemplateException($"'{(s.IsBreak ? "break" : "continue")}' outside a for loop", s.Line); }
         finally { _scopes.RemoveAt(_scopes.Count - 1); }
     };
 
     public object? Eval(Expr e)
+    {
+        using var depth = RenderLimits.Enter(e.Line);
+        try { return EvalCore(e); }
+        catch (Exception x) when (x is ArgumentException or InvalidCastException or ArithmeticException or FormatException
+                                      or IndexOutOfRangeException or InvalidOperationException or NullReferenceException or KeyNotFoundException)
+        {
+            // A builtin given arguments it cannot use (too few, wrong type, out of range): the template's error, not ours.
+            if (x.InnerException is TemplateException inner) throw inner;
+            throw new TemplateException($"{Describe(e)}: invalid arguments or operands", e.Line);
+        }
+    }
+
+    object? EvalCore(Expr e)
     {
         switch (e)
         {
             case Literal l: return l.Value;
             case NameExpr n: return Lookup(n.Name);
             case ListExpr l: return l.Items.Select(Eval).ToList();
-            case DictExpr d: return d.Items.ToDictionary(kv => PyValues.Str(Eval(kv.key)), kv => Eval(kv.value));
+            case DictExpr d:
+            {
+                var dict = new Dictionary<string, object?>();
+                foreach (var (dk, dv) in d.Items) dict[PyValues.Str(Eval(dk))] = Eval(dv); // a repeated key keeps the last value, as in Python
+                return dict;
+            }
             case AttrExpr a: return Builtins.GetAttr(Eval(a.Target), a.Name, a.Line);
             case IndexExpr i: return Builtins.GetItem(Eval(i.Target), Eval(i.Index), i.Line);
             case SliceExpr s:
@@ -154,10 +190,10 @@ public sealed class Interpreter
             {
                 var target = Eval(c.Target);
                 if (target is not Callable fn) throw new TemplateException($"{Describe(c.Target)} is not callable", c.Line);
-                return fn(c.Args.Select(Eval).ToList(), c.Kwargs.ToDictionary(k => k.name, k => Eval(k.value)));
+                return RenderLimits.Checked(fn(c.Args.Select(Eval).ToList(), Kwargs(c.Kwargs)), c.Line);
             }
             case FilterExpr f:
-                return Builtins.Filter(f.Name, Eval(f.Target), f.Args.Select(Eval).ToList(), f.Kwargs.ToDictionary(k => k.name, k => Eval(k.value)), f.Line);
+                return RenderLimits.Checked(Builtins.Filter(f.Name, Eval(f.Target), f.Args.Select(Eval).ToList(), Kwargs(f.Kwargs), f.Line), f.Line);
             case TestExpr t:
             {
                 bool r = Builtins.Test(t.Name, Eval(t.Target), t.Args.Select(Eval).ToList(), t.Line);
@@ -174,7 +210,7 @@ public sealed class Interpreter
             case BinaryExpr b:
                 if (b.Op == "and") { var l = Eval(b.Left); return PyValues.Truthy(l) ? Eval(b.Right) : l; }
                 if (b.Op == "or") { var l = Eval(b.Left); return PyValues.Truthy(l) ? l : Eval(b.Right); }
-                return Builtins.Binary(b.Op, Eval(b.Left), Eval(b.Right), b.Line);
+                return RenderLimits.Checked(Builtins.Binary(b.Op, Eval(b.Left), Eval(b.Right), b.Line), b.Line);
             case CondExpr c:
                 return PyValues.Truthy(Eval(c.Cond)) ? Eval(c.Then) : c.Else != null ? Eval(c.Else) : Undefined.Instance;
             default:
@@ -182,10 +218,22 @@ public sealed class Interpreter
         }
     }
 
+    Dictionary<string, object?> Kwargs(List<(string name, Expr value)> kwargs)
+    {
+        var d = new Dictionary<string, object?>();
+        foreach (var (name, value) in kwargs) d[name] = Eval(value);
+        return d;
+    }
+
     static string Describe(Expr e) => e switch
     {
         NameExpr n => $"'{n.Name}'",
         AttrExpr a => $"'{a.Name}'",
+        CallExpr c => $"call of {Describe(c.Target)}",
+        FilterExpr f => $"filter '{f.Name}'",
+        TestExpr t => $"test '{t.Name}'",
+        BinaryExpr b => $"operator '{b.Op}'",
+        UnaryExpr u => $"operator '{u.Op}'",
         _ => "value",
     };
 }

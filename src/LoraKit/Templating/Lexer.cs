@@ -164,9 +164,12 @@ public static class Lexer
         }
         foreach (var op in Ops)
             if (string.CompareOrdinal(s, i, op, 0, op.Length) == 0) { i += op.Length; return new Tok(TokKind.Op, op, line); }
-        throw new TemplateException($"unexpected character '{c}'", line);
+        throw new TemplateException(char.IsSurrogate(c) || char.IsControl(c)
+            ? $"unexpected character U+{(char.IsHighSurrogate(c) && i + 1 < s.Length && char.IsLowSurrogate(s[i + 1]) ? char.ConvertToUtf32(c, s[i + 1]) : c):X4}"
+            : $"unexpected character '{c}'", line);
     }
 }
 
+/// <summary>An error in a chat template; one line always (raise_exception's text may span lines: they are joined).</summary>
 public sealed class TemplateException(string message, int line = 0)
-    : LoraKitException(line > 0 ? $"chat template line {line}: {message}" : $"chat template: {message}");
+    : LoraKitException((line > 0 ? $"chat template line {line}: {message}" : $"chat template: {message}").ReplaceLineEndings(" "));

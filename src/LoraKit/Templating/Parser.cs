@@ -30,7 +30,20 @@ public sealed record CondExpr(Expr Cond, Expr Then, Expr? Else, int Line) : Expr
 public sealed class Parser
 {
     readonly List<Tok> _t;
-    int _p;
+    int _p, _depth;
+
+    /// <summary>Nesting of blocks and sub-expressions; deeper templates are refused before they can overflow the stack.</summary>
+    public const int MaxDepth = 200;
+
+    Nest Enter()
+    {
+        if (++_depth > MaxDepth) throw new TemplateException($"template nests deeper than {MaxDepth} levels", Peek.Line);
+        if (!System.Runtime.CompilerServices.RuntimeHelpers.TryEnsureSufficientExecutionStack())
+            throw new TemplateException("template nests too deeply for the stack", Peek.Line);
+        return new Nest(this);
+    }
+
+    readonly struct Nest(Parser p) : IDisposable { public void Dispose() => p._depth--; }
 
     Parser(List<Tok> tokens) { _t = tokens; }
 
@@ -42,8 +55,9 @@ public sealed class Parser
         return body;
     }
 
-    Tok Peek => _t[_p];
-    Tok Next() => _t[_p++];
+    Tok Peek => _t[Math.Min(_p, _t.Count - 1)];
+    Tok PeekAt(int k) => _t[Math.Min(_p + k, _t.Count - 1)];
+    Tok Next() => _t[Math.Min(_p++, _t.Count - 1)];
 
     bool IsOp(string op) => Peek.Kind == TokKind.Op && Peek.Value == op;
     bool IsName(string n) => Peek.Kind == TokKind.Name && Peek.Value == n;
@@ -81,7 +95,7 @@ public sealed class Parser
                     nodes.Add(new OutputNode(e, t.Line));
                     break;
                 case TokKind.BlockStart:
-                    var kw = _t[_p + 1];
+                    var kw = PeekAt(1);
                     if (kw.Kind == TokKind.Name && stops.Contains(kw.Value)) return nodes;
                     Next();
                     nodes.Add(ParseStatement());
@@ -94,6 +108,7 @@ public sealed class Parser
 
     Node ParseStatement()
     {
+        using var nest = Enter();
         var kw = Next();
         if (kw.Kind != TokKind.Name) throw new TemplateException("expected a statement keyword", kw.Line);
         switch (kw.Value)
@@ -209,6 +224,7 @@ public sealed class Parser
     // ---- expressions, lowest precedence first ----
     Expr ParseExpr(bool allowCond = true)
     {
+        using var nest = Enter();
         var e = ParseOr();
         if (allowCond && IsName("if"))
         {
@@ -237,7 +253,7 @@ public sealed class Parser
 
     Expr ParseNot()
     {
-        if (IsName("not")) { int l = Next().Line; return new UnaryExpr("not", ParseNot(), l); }
+        if (IsName("not")) { using var nest = Enter(); int l = Next().Line; return new UnaryExpr("not", ParseNot(), l); }
         return ParseCompare();
     }
 
@@ -253,7 +269,7 @@ public sealed class Parser
                 e = new BinaryExpr(op, e, ParseMath1(), l);
             }
             else if (IsName("in")) { Next(); e = new BinaryExpr("in", e, ParseMath1(), l); }
-            else if (IsName("not") && _t[_p + 1].Kind == TokKind.Name && _t[_p + 1].Value == "in")
+            else if (IsName("not") && PeekAt(1).Kind == TokKind.Name && PeekAt(1).Value == "in")
             {
                 _p += 2;
                 e = new UnaryExpr("not", new BinaryExpr("in", e, ParseMath1(), l), l);
@@ -292,6 +308,7 @@ public sealed class Parser
 
     Expr ParseUnary()
     {
+        using var nest = Enter();
         if (IsOp("-")) { var t = Next(); return ParseFilters(new UnaryExpr("-", ParseUnary(), t.Line)); }
         if (IsOp("+")) { Next(); return ParseUnary(); }
         return ParseFilters(ParsePostfix(ParsePrimary()));
@@ -338,7 +355,7 @@ public sealed class Parser
                 Next();
                 var t = Next();
                 e = t.Kind is TokKind.Name or TokKind.Int
-                    ? (t.Kind == TokKind.Int ? new IndexExpr(e, new Literal(long.Parse(t.Value), t.Line), t.Line) : new AttrExpr(e, t.Value, t.Line))
+                    ? (t.Kind == TokKind.Int ? new IndexExpr(e, IntLiteral(t), t.Line) : new AttrExpr(e, t.Value, t.Line))
                     : throw new TemplateException("expected an attribute name after '.'", t.Line);
             }
             else if (IsOp("["))
@@ -373,7 +390,7 @@ public sealed class Parser
         var kwargs = new List<(string, Expr)>();
         while (!IsOp(")"))
         {
-            if (Peek.Kind == TokKind.Name && _t[_p + 1].Kind == TokKind.Op && _t[_p + 1].Value == "=")
+            if (Peek.Kind == TokKind.Name && PeekAt(1).Kind == TokKind.Op && PeekAt(1).Value == "=")
             {
                 var n = Next().Value; Next();
                 kwargs.Add((n, ParseExpr()));
@@ -386,6 +403,12 @@ public sealed class Parser
         return (args, kwargs);
     }
 
+    /// <summary>An integer literal; one beyond 64 bits becomes a float (Python's ints are unbounded, ours are not).</summary>
+    static Literal IntLiteral(Tok t) =>
+        long.TryParse(t.Value, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out long v)
+            ? new Literal(v, t.Line)
+            : new Literal(double.Parse(t.Value, System.Globalization.CultureInfo.InvariantCulture), t.Line);
+
     Expr ParsePrimary()
     {
         var t = Next();
@@ -395,7 +418,7 @@ public sealed class Parser
                 var s = t.Value; // adjacent string literals concatenate
                 while (Peek.Kind == TokKind.String) s += Next().Value;
                 return new Literal(s, t.Line);
-            case TokKind.Int: return new Literal(long.Parse(t.Value), t.Line);
+            case TokKind.Int: return IntLiteral(t);
             case TokKind.Float: return new Literal(double.Parse(t.Value, System.Globalization.CultureInfo.InvariantCulture), t.Line);
             case TokKind.Name:
                 return t.Value switch

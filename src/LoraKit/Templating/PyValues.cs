@@ -42,15 +42,67 @@ public static class PyValues
         _ => Repr(v),
     };
 
-    public static string Repr(object? v) => v switch
+    public static string Repr(object? v)
+    {
+        if (v is not (List<object?> or Dictionary<string, object?>)) return ReprScalar(v);
+        var sb = new StringBuilder();
+        WriteRepr(sb, v, 0);
+        return sb.ToString();
+    }
+
+    static string ReprScalar(object? v) => v switch
     {
         string s => StrRepr(s),
-        List<object?> l => "[" + string.Join(", ", l.Select(Repr)) + "]",
-        Namespace n => "<Namespace " + string.Join(", ", n.Select(kv => kv.Key + "=" + Repr(kv.Value))) + ">",
-        Dictionary<string, object?> d => "{" + string.Join(", ", d.Select(kv => StrRepr(kv.Key) + ": " + Repr(kv.Value))) + "}",
         Callable => "<function>",
         _ => Str(v),
     };
+
+    // Containers are written into one builder with the size and nesting bounds checked as it grows: a list holding
+    // the same long string a million times, or a namespace that contains itself, is an error, not gigabytes.
+    static void WriteRepr(StringBuilder sb, object? v, int depth)
+    {
+        if (depth > RenderLimits.MaxDepth) throw new TemplateException($"value nests deeper than {RenderLimits.MaxDepth} levels (does it contain itself?)");
+        RenderLimits.CheckChars(sb.Length, 0, "a value's text");
+        switch (v)
+        {
+            case List<object?> l:
+                sb.Append('[');
+                for (int i = 0; i < l.Count; i++)
+                {
+                    if (i > 0) sb.Append(", ");
+                    WriteRepr(sb, l[i], depth + 1);
+                }
+                sb.Append(']');
+                break;
+            case Namespace n:
+                sb.Append("<Namespace ");
+                int k = 0;
+                foreach (var kv in n)
+                {
+                    if (k++ > 0) sb.Append(", ");
+                    sb.Append(kv.Key).Append('=');
+                    WriteRepr(sb, kv.Value, depth + 1);
+                }
+                sb.Append('>');
+                break;
+            case Dictionary<string, object?> d:
+                sb.Append('{');
+                int j = 0;
+                foreach (var kv in d)
+                {
+                    if (j++ > 0) sb.Append(", ");
+                    sb.Append(StrRepr(kv.Key)).Append(": ");
+                    WriteRepr(sb, kv.Value, depth + 1);
+                }
+                sb.Append('}');
+                break;
+            default:
+                var text = ReprScalar(v);
+                RenderLimits.CheckChars((long)sb.Length + text.Length, 0, "a value's text");
+                sb.Append(text);
+                break;
+        }
+    }
 
     static string StrRepr(string s)
     {
@@ -90,7 +142,16 @@ public static class PyValues
         return r;
     }
 
-    public static bool Eq(object? a, object? b) => (a, b) switch
+    public static bool Eq(object? a, object? b) => Eq(a, b, 0);
+
+    static bool Eq(object? a, object? b, int depth)
+    {
+        if (depth > RenderLimits.MaxDepth) throw new TemplateException($"values nest deeper than {RenderLimits.MaxDepth} levels (does one contain itself?)");
+        RenderLimits.Charge(1);
+        return EqCore(a, b, depth);
+    }
+
+    static bool EqCore(object? a, object? b, int depth) => (a, b) switch
     {
         (null, null) => true,
         (Undefined, Undefined) => true,
@@ -100,9 +161,9 @@ public static class PyValues
         (double x, long y) => x == y,
         (double x, double y) => x == y,
         (string x, string y) => x == y,
-        (List<object?> x, List<object?> y) => x.Count == y.Count && x.Zip(y).All(p => Eq(p.First, p.Second)),
+        (List<object?> x, List<object?> y) => x.Count == y.Count && x.Zip(y).All(p => Eq(p.First, p.Second, depth + 1)),
         (Dictionary<string, object?> x, Dictionary<string, object?> y) =>
-            x.Count == y.Count && x.All(kv => y.TryGetValue(kv.Key, out var o) && Eq(kv.Value, o)),
+            x.Count == y.Count && x.All(kv => y.TryGetValue(kv.Key, out var o) && Eq(kv.Value, o, depth + 1)),
         _ => ReferenceEquals(a, b),
     };
 
@@ -146,6 +207,8 @@ public static class PyValues
 
     static void WriteJson(StringBuilder sb, object? v, int? indent, int depth)
     {
+        if (depth > RenderLimits.MaxDepth) throw new TemplateException($"value nests deeper than {RenderLimits.MaxDepth} levels (does it contain itself?)");
+        RenderLimits.CheckChars(sb.Length, 0, "tojson's text");
         string itemSep = indent is null ? ", " : ",";
         switch (v)
         {
@@ -153,7 +216,7 @@ public static class PyValues
             case bool b: sb.Append(b ? "true" : "false"); break;
             case long l: sb.Append(l.ToString(CultureInfo.InvariantCulture)); break;
             case double d: sb.Append(double.IsNaN(d) ? "NaN" : double.IsInfinity(d) ? (d > 0 ? "Infinity" : "-Infinity") : FloatRepr(d)); break;
-            case string s: JsonString(sb, s); break;
+            case string s: RenderLimits.CheckChars((long)sb.Length + s.Length, 0, "tojson's text"); JsonString(sb, s); break;
             case List<object?> list:
                 if (list.Count == 0) { sb.Append("[]"); break; }
                 sb.Append('[');
@@ -187,7 +250,9 @@ public static class PyValues
 
     static void NewLine(StringBuilder sb, int? indent, int depth)
     {
-        if (indent is int n) sb.Append('\n').Append(' ', n * depth);
+        if (indent is not int n) return;
+        RenderLimits.CheckChars(sb.Length + (long)n * depth, 0, "tojson's text");
+        sb.Append('\n').Append(' ', n * depth);
     }
 
     static void JsonString(StringBuilder sb, string s)

@@ -16,11 +16,15 @@ public sealed class AddedVocabulary
 
     public AddedVocabulary(JsonElement added)
     {
+        if (added.ValueKind is not (JsonValueKind.Array or JsonValueKind.Null or JsonValueKind.Undefined))
+            throw new TokenizerFormatException($"'added_tokens' must be a list, got {LoraKit.IO.JsonFiles.KindOf(added)}");
         _tokens = added.ValueKind == JsonValueKind.Array
             ? added.EnumerateArray().Select(a => new AddedToken(
-                a.GetProperty("id").GetInt32(), a.GetProperty("content").GetString()!,
+                a.Int("id", "added_tokens[]"), a.Str("content", "added_tokens[]"),
                 Flag(a, "special"), Flag(a, "lstrip"), Flag(a, "rstrip"), Flag(a, "single_word"), Flag(a, "normalized"))).ToList()
             : [];
+        foreach (var t in _tokens)
+            if (t.Id < 0) throw new TokenizerFormatException($"added token '{t.Content}' has the negative id {t.Id}");
         _byId = _tokens.GroupBy(t => t.Id).ToDictionary(g => g.Key, g => g.Last());
         _tokens.Sort((a, b) => b.Content.Length.CompareTo(a.Content.Length));
     }

@@ -14,40 +14,52 @@ public sealed class BpeModel
     readonly int? _unkId;
     readonly bool _byteFallback, _fuseUnk, _ignoreMerges;
     readonly int[] _byteIds = new int[256];
-    readonly Dictionary<string, int[]> _cache = new(StringComparer.Ordinal);
+    // The server encodes requests on many threads at once: a plain Dictionary written concurrently can corrupt itself.
+    readonly System.Collections.Concurrent.ConcurrentDictionary<string, int[]> _cache = new(StringComparer.Ordinal);
 
     public IReadOnlyDictionary<string, int> Vocab => _vocab;
 
     public BpeModel(JsonElement m)
     {
-        string type = m.TryGetProperty("type", out var t) ? t.GetString()! : "BPE";
-        if (type != "BPE") throw new NotSupportedException($"tokenizer.json: unsupported model type '{type}' (only BPE)");
+        string type = m.OptStr("type", "model") ?? "BPE";
+        if (type != "BPE") throw new NotSupportedException($"unsupported model type '{type}' (only BPE)");
         if (m.TryGetProperty("continuing_subword_prefix", out var csp) && csp.ValueKind == JsonValueKind.String && csp.GetString() != "")
-            throw new NotSupportedException("tokenizer.json: BPE continuing_subword_prefix is not supported");
+            throw new NotSupportedException("BPE continuing_subword_prefix is not supported");
         if (m.TryGetProperty("end_of_word_suffix", out var eow) && eow.ValueKind == JsonValueKind.String && eow.GetString() != "")
-            throw new NotSupportedException("tokenizer.json: BPE end_of_word_suffix is not supported");
+            throw new NotSupportedException("BPE end_of_word_suffix is not supported");
 
-        _vocab = m.GetProperty("vocab").EnumerateObject().ToDictionary(p => p.Name, p => p.Value.GetInt32(), StringComparer.Ordinal);
-        _byteFallback = m.TryGetProperty("byte_fallback", out var bf) && bf.ValueKind == JsonValueKind.True;
-        _fuseUnk = m.TryGetProperty("fuse_unk", out var fu) && fu.ValueKind == JsonValueKind.True;
-        _ignoreMerges = m.TryGetProperty("ignore_merges", out var im) && im.ValueKind == JsonValueKind.True;
+        _vocab = new Dictionary<string, int>(StringComparer.Ordinal);
+        foreach (var p in m.Obj("vocab", "model"))
+        {
+            int id = p.Value.AsInt($"model.vocab['{p.Name}']");
+            if (id < 0) throw new TokenizerFormatException($"'model.vocab' gives token '{p.Name}' the negative id {id}");
+            _vocab[p.Name] = id;
+        }
+        if (_vocab.Count == 0) throw new TokenizerFormatException("'model.vocab' is empty");
+        _byteFallback = m.Bool("byte_fallback", "model", false);
+        _fuseUnk = m.Bool("fuse_unk", "model", false);
+        _ignoreMerges = m.Bool("ignore_merges", "model", false);
         if (m.TryGetProperty("unk_token", out var unk) && unk.ValueKind == JsonValueKind.String && _vocab.TryGetValue(unk.GetString()!, out int u))
             _unkId = u;
         for (int b = 0; b < 256; b++) _byteIds[b] = _vocab.TryGetValue($"<0x{b:X2}>", out int id) ? id : -1;
 
         int rank = 0;
-        foreach (var merge in m.GetProperty("merges").EnumerateArray())
+        foreach (var merge in m.Arr("merges", "model"))
         {
             string a, c;
-            if (merge.ValueKind == JsonValueKind.Array) { a = merge[0].GetString()!; c = merge[1].GetString()!; }
+            if (merge.ValueKind == JsonValueKind.Array)
+            {
+                if (merge.GetArrayLength() != 2) throw new TokenizerFormatException($"merge {merge.GetRawText()} (number {rank + 1}) must be a pair of tokens");
+                a = merge[0].AsStr("model.merges"); c = merge[1].AsStr("model.merges");
+            }
             else
             {
-                var parts = merge.GetString()!.Split(' ');
-                if (parts.Length != 2) throw new InvalidDataException($"tokenizer.json: malformed merge '{merge.GetString()}'");
+                var parts = merge.AsStr("model.merges").Split(' ');
+                if (parts.Length != 2) throw new TokenizerFormatException($"malformed merge '{merge.GetString()}' (number {rank + 1})");
                 (a, c) = (parts[0], parts[1]);
             }
             if (!_vocab.TryGetValue(a, out int ia) || !_vocab.TryGetValue(c, out int ic) || !_vocab.TryGetValue(a + c, out int inew))
-                throw new InvalidDataException($"tokenizer.json: merge '{a} {c}' uses tokens missing from the vocabulary");
+                throw new TokenizerFormatException($"merge '{a} {c}' uses tokens missing from the vocabulary");
             _merges.TryAdd((ia, ic), (rank++, inew));
         }
     }

@@ -11,35 +11,37 @@ public static class Decoders
 
     public static Step Build(JsonElement d)
     {
-        if (d.ValueKind == JsonValueKind.Null) return t => [string.Join(" ", t)];
-        string type = d.GetProperty("type").GetString()!;
+        if (d.ValueKind is JsonValueKind.Null or JsonValueKind.Undefined) return t => [string.Join(" ", t)];
+        string type = d.Str("type", "decoder");
         switch (type)
         {
             case "Sequence":
-                var steps = d.GetProperty("decoders").EnumerateArray().Select(Build).ToList();
+                var steps = d.Arr("decoders", "decoder").Select(Build).ToList();
                 return t => steps.Aggregate(t, (acc, s) => s(acc));
             case "ByteLevel":
                 return t => [DecodeByteLevel(t)];
             case "Replace":
             {
-                var (pattern, isRegex) = Normalizers.Pattern(d.GetProperty("pattern"));
-                if (isRegex) throw new NotSupportedException("tokenizer.json: regex Replace decoder is not supported");
-                string content = d.GetProperty("content").GetString()!;
+                var (pattern, isRegex) = Normalizers.Pattern(d.Req("pattern", "decoder"), "decoder.pattern");
+                if (isRegex) throw new NotSupportedException("regex Replace decoder is not supported");
+                if (pattern.Length == 0) throw new TokenizerFormatException("'decoder.pattern' must not be empty");
+                string content = d.Str("content", "decoder");
                 return t => t.Select(x => x.Replace(pattern, content, StringComparison.Ordinal)).ToList();
             }
             case "ByteFallback": return ByteFallback;
             case "Fuse": return t => [string.Concat(t)];
             case "Strip":
             {
-                string content = d.GetProperty("content").GetString()!;
-                int start = d.GetProperty("start").GetInt32(), stop = d.GetProperty("stop").GetInt32();
+                string content = d.Str("content", "decoder");
+                if (content.Length == 0) throw new TokenizerFormatException("'decoder.content' of Strip must not be empty");
+                int start = d.Int("start", "decoder"), stop = d.Int("stop", "decoder");
                 return t => t.Select(x => Strip(x, content, start, stop)).ToList();
             }
             case "Metaspace":
             {
-                string rep = d.GetProperty("replacement").GetString()!;
-                string scheme = d.TryGetProperty("prepend_scheme", out var ps) ? ps.GetString()! :
-                    (d.TryGetProperty("add_prefix_space", out var aps) && !aps.GetBoolean() ? "never" : "always");
+                string rep = d.Str("replacement", "decoder");
+                if (rep.Length == 0) throw new TokenizerFormatException("'decoder.replacement' must not be empty");
+                string scheme = d.OptStr("prepend_scheme", "decoder") ?? (d.Bool("add_prefix_space", "decoder", true) ? "always" : "never");
                 return t => t.Select((x, i) =>
                 {
                     var s = x.Replace(rep, " ", StringComparison.Ordinal);
@@ -47,7 +49,7 @@ public static class Decoders
                 }).ToList();
             }
             default:
-                throw new NotSupportedException($"tokenizer.json: unsupported decoder type '{type}'");
+                throw new NotSupportedException($"unsupported decoder type '{type}'");
         }
     }
 

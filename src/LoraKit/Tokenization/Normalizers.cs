@@ -8,12 +8,12 @@ public static class Normalizers
 {
     public static Func<string, string> Build(JsonElement n)
     {
-        if (n.ValueKind == JsonValueKind.Null) return s => s;
-        string type = n.GetProperty("type").GetString()!;
+        if (n.ValueKind is JsonValueKind.Null or JsonValueKind.Undefined) return s => s;
+        string type = n.Str("type", "normalizer");
         switch (type)
         {
             case "Sequence":
-                var parts = n.GetProperty("normalizers").EnumerateArray().Select(Build).ToList();
+                var parts = n.Arr("normalizers", "normalizer").Select(Build).ToList();
                 return s => parts.Aggregate(s, (acc, f) => f(acc));
             case "NFC": return s => s.Normalize(NormalizationForm.FormC);
             case "NFD": return s => s.Normalize(NormalizationForm.FormD);
@@ -21,26 +21,27 @@ public static class Normalizers
             case "NFKD": return s => s.Normalize(NormalizationForm.FormKD);
             case "Lowercase": return s => s.ToLowerInvariant();
             case "Prepend":
-                string prefix = n.GetProperty("prepend").GetString()!;
+                string prefix = n.Str("prepend", "normalizer");
                 return s => s.Length == 0 ? s : prefix + s;
             case "Replace":
-                var (pattern, isRegex) = Pattern(n.GetProperty("pattern"));
-                string content = n.GetProperty("content").GetString()!;
+                var (pattern, isRegex) = Pattern(n.Req("pattern", "normalizer"), "normalizer.pattern");
+                string content = n.Str("content", "normalizer");
                 if (isRegex)
                 {
-                    var re = new System.Text.RegularExpressions.Regex(pattern);
+                    var re = PreTokenizers.Compile(pattern, "normalizer", System.Text.RegularExpressions.RegexOptions.None);
                     return s => re.Replace(s, content);
                 }
                 return s => s.Replace(pattern, content, StringComparison.Ordinal);
             case "Strip":
-                bool left = n.GetProperty("strip_left").GetBoolean(), right = n.GetProperty("strip_right").GetBoolean();
+                bool left = n.Bool("strip_left", "normalizer", false), right = n.Bool("strip_right", "normalizer", false);
                 return s => left && right ? s.Trim() : left ? s.TrimStart() : right ? s.TrimEnd() : s;
             default:
-                throw new NotSupportedException($"tokenizer.json: unsupported normalizer type '{type}'");
+                throw new NotSupportedException($"unsupported normalizer type '{type}'");
         }
     }
 
     /// <summary>A pattern object: {"String": "..."} or {"Regex": "..."}.</summary>
-    public static (string pattern, bool isRegex) Pattern(JsonElement p) =>
-        p.TryGetProperty("Regex", out var r) ? (r.GetString()!, true) : (p.GetProperty("String").GetString()!, false);
+    public static (string pattern, bool isRegex) Pattern(JsonElement p, string where) =>
+        p.ValueKind != JsonValueKind.Object ? throw new TokenizerFormatException($"'{where}' must be an object {{\"Regex\": ...}} or {{\"String\": ...}}, got {LoraKit.IO.JsonFiles.KindOf(p)}")
+        : p.TryGetProperty("Regex", out var r) ? (r.AsStr(where + ".Regex"), true) : (p.Str("String", where), false);
 }

@@ -17,27 +17,29 @@ public static class PreTokenizers
 
     public static Step Build(JsonElement p)
     {
-        if (p.ValueKind == JsonValueKind.Null) return (w, _) => w;
-        string type = p.GetProperty("type").GetString()!;
+        if (p.ValueKind is JsonValueKind.Null or JsonValueKind.Undefined) return (w, _) => w;
+        string type = p.Str("type", "pre_tokenizer");
         switch (type)
         {
             case "Sequence":
-                var steps = p.GetProperty("pretokenizers").EnumerateArray().Select(Build).ToList();
+                var steps = p.Arr("pretokenizers", "pre_tokenizer").Select(Build).ToList();
                 return (w, first) => steps.Aggregate(w, (acc, s) => s(acc, first));
             case "Split":
             {
-                var (pattern, isRegex) = Normalizers.Pattern(p.GetProperty("pattern"));
-                var re = new Regex(isRegex ? pattern : Regex.Escape(pattern), RegexOptions.CultureInvariant);
-                string behavior = p.GetProperty("behavior").GetString()!;
-                bool invert = p.TryGetProperty("invert", out var inv) && inv.GetBoolean();
-                if (invert) throw new NotSupportedException("tokenizer.json: Split with invert=true is not supported");
+                var (pattern, isRegex) = Normalizers.Pattern(p.Req("pattern", "pre_tokenizer"), "pre_tokenizer.pattern");
+                var re = Compile(isRegex ? pattern : Regex.Escape(pattern), "pre_tokenizer", RegexOptions.CultureInvariant);
+                string behavior = p.Str("behavior", "pre_tokenizer");
+                if (behavior is not ("Isolated" or "Removed" or "MergedWithPrevious" or "MergedWithNext" or "Contiguous"))
+                    throw new NotSupportedException($"unsupported split behavior '{behavior}'");
+                bool invert = p.Bool("invert", "pre_tokenizer", false);
+                if (invert) throw new NotSupportedException("Split with invert=true is not supported");
                 return (w, _) => w.SelectMany(x => Split(x, re, behavior)).ToList();
             }
             case "ByteLevel":
             {
-                bool prefix = p.TryGetProperty("add_prefix_space", out var ap) && ap.GetBoolean();
-                bool useRegex = !p.TryGetProperty("use_regex", out var ur) || ur.GetBoolean();
-                var re = new Regex(Gpt2Pattern, RegexOptions.CultureInvariant);
+                bool prefix = p.Bool("add_prefix_space", "pre_tokenizer", false);
+                bool useRegex = p.Bool("use_regex", "pre_tokenizer", true);
+                var re = Compile(Gpt2Pattern, "pre_tokenizer", RegexOptions.CultureInvariant);
                 return (w, first) => w.SelectMany(x =>
                 {
                     if (prefix && first && !x.StartsWith(' ')) x = " " + x;
@@ -47,10 +49,11 @@ public static class PreTokenizers
             }
             case "Metaspace":
             {
-                string rep = p.GetProperty("replacement").GetString()!;
-                string scheme = p.TryGetProperty("prepend_scheme", out var ps) ? ps.GetString()! :
-                    (p.TryGetProperty("add_prefix_space", out var aps) && !aps.GetBoolean() ? "never" : "always");
-                bool split = !p.TryGetProperty("split", out var sp) || sp.GetBoolean();
+                string rep = p.Str("replacement", "pre_tokenizer");
+                if (rep.Length == 0) throw new TokenizerFormatException("'pre_tokenizer.replacement' must not be empty");
+                string scheme = p.OptStr("prepend_scheme", "pre_tokenizer") ?? (p.Bool("add_prefix_space", "pre_tokenizer", true) ? "always" : "never");
+                if (scheme is not ("always" or "first" or "never")) throw new NotSupportedException($"unsupported Metaspace prepend_scheme '{scheme}'");
+                bool split = p.Bool("split", "pre_tokenizer", true);
                 return (w, first) => w.SelectMany(x =>
                 {
                     x = x.Replace(" ", rep, StringComparison.Ordinal);
@@ -61,12 +64,30 @@ public static class PreTokenizers
             }
             case "Digits":
             {
-                bool individual = p.TryGetProperty("individual_digits", out var d) && d.GetBoolean();
+                bool individual = p.Bool("individual_digits", "pre_tokenizer", false);
                 var re = new Regex(individual ? @"\p{Nd}" : @"\p{Nd}+");
                 return (w, _) => w.SelectMany(x => Split(x, re, "Isolated")).ToList();
             }
             default:
-                throw new NotSupportedException($"tokenizer.json: unsupported pre_tokenizer type '{type}'");
+                throw new NotSupportedException($"unsupported pre_tokenizer type '{type}'");
+        }
+    }
+
+    /// <summary>Longest a tokenizer.json regex may spend on one match before the pattern is reported as pathological.</summary>
+    public static readonly TimeSpan MatchTimeout = TimeSpan.FromSeconds(2);
+
+    /// <summary>
+    /// Compiles a regex from tokenizer.json with a match timeout: a catastrophically backtracking pattern such as
+    /// <c>(a+)+$</c> then fails in seconds (RegexMatchTimeoutException, which <see cref="Tokenizer.Encode"/> reports
+    /// naming the file and pattern) instead of hanging the process.
+    /// </summary>
+    public static Regex Compile(string pattern, string where, RegexOptions options)
+    {
+        try { return new Regex(pattern, options, MatchTimeout); }
+        catch (ArgumentException e)
+        {
+            string why = e is RegexParseException rp ? $"{rp.Error} at offset {rp.Offset}" : "invalid";
+            throw new TokenizerFormatException($"'{where}' regex '{pattern}' is not a valid .NET regular expression ({why})");
         }
     }
 
@@ -104,7 +125,7 @@ public static class PreTokenizers
                     if (before.Length == 0 && prevWasMatch) result[^1] += m.Value; // adjacent matches fuse
                     else result.Add(m.Value);
                     break;
-                default: throw new NotSupportedException($"tokenizer.json: unsupported split behavior '{behavior}'");
+                default: throw new NotSupportedException($"unsupported split behavior '{behavior}'");
             }
             last = m.Index + m.Length;
             prevWasMatch = true;

@@ -1,4 +1,6 @@
 using System.Text.Json;
+using System.Text.RegularExpressions;
+using LoraKit.IO;
 
 namespace LoraKit.Tokenization;
 
@@ -18,43 +20,83 @@ public sealed class Tokenizer
     readonly Func<List<int>, List<int>> _postProcess;
     readonly Dictionary<int, string> _idToToken;
 
+    readonly string _path;
+
     public TokenizerConfig Config { get; }
     public int VocabSize { get; }
 
-    Tokenizer(JsonElement root, TokenizerConfig config)
+    Tokenizer(JsonElement root, TokenizerConfig config, string path, int? modelVocabSize)
     {
         Config = config;
-        _added = new AddedVocabulary(root.GetProperty("added_tokens"));
-        _normalize = Normalizers.Build(Prop(root, "normalizer"));
-        _preTokenize = PreTokenizers.Build(Prop(root, "pre_tokenizer"));
-        _model = new BpeModel(root.GetProperty("model"));
-        _decode = Decoders.Build(Prop(root, "decoder"));
-        _postProcess = PostProcessor.Build(Prop(root, "post_processor"));
-        _idToToken = _model.Vocab.ToDictionary(kv => kv.Value, kv => kv.Key);
+        _path = path;
+        if (root.ValueKind != JsonValueKind.Object) throw new TokenizerFormatException($"the file must hold a JSON object, got {JsonFiles.KindOf(root)}");
+        _added = new AddedVocabulary(root.Opt("added_tokens", ""));
+        _normalize = Normalizers.Build(root.Opt("normalizer", ""));
+        _preTokenize = PreTokenizers.Build(root.Opt("pre_tokenizer", ""));
+        _model = new BpeModel(root.Req("model", ""));
+        _decode = Decoders.Build(root.Opt("decoder", ""));
+        var post = root.Opt("post_processor", "");
+        _postProcess = PostProcessor.Build(post);
+        _idToToken = new Dictionary<int, string>();
+        foreach (var (token, id) in _model.Vocab) _idToToken.TryAdd(id, token);
         foreach (var t in _added.Tokens) _idToToken[t.Id] = t.Content;
+
+        // Every id the tokenizer can produce must index the model's embedding table, or the first forward pass fails
+        // deep in libtorch. Without a model config next to it, ids stay below 2^30 (no vocabulary is that large).
+        int limit = modelVocabSize ?? (1 << 30);
+        string against = modelVocabSize is int v ? $"the model's vocab_size {v} (config.json)" : "any plausible vocabulary size";
+        foreach (var t in _added.Tokens)
+            if (t.Id >= limit) throw new TokenizerFormatException($"added token '{t.Content}' has id {t.Id}, beyond {against}");
+        foreach (var (token, id) in _model.Vocab)
+            if (id >= limit) throw new TokenizerFormatException($"token '{token}' has id {id}, beyond {against}");
+        foreach (var (name, id) in PostProcessor.SpecialIds(post))
+            if (id < 0 || id >= limit || !_idToToken.ContainsKey(id))
+                throw new TokenizerFormatException($"post_processor special token '{name}' has id {id}, which is not in the vocabulary");
         VocabSize = _idToToken.Keys.Max() + 1;
     }
 
-    static JsonElement Prop(JsonElement e, string name) => e.TryGetProperty(name, out var v) ? v : default;
-
     public static Tokenizer Load(string dir)
     {
+        ModelDirectory.Require(dir);
         var path = Path.Combine(dir, "tokenizer.json");
         if (!File.Exists(path)) throw new FileNotFoundException($"{dir}: tokenizer.json not found (LoraKit reads the fast-tokenizer file)");
+        var config = TokenizerConfig.Load(dir);
+        using var doc = JsonFiles.Parse(path);
+        try { return new Tokenizer(doc.RootElement, config, path, ModelVocabSize(dir)); }
+        catch (Exception e) when (e is TokenizerFormatException or NotSupportedException or InvalidDataException)
+        {
+            throw new TokenizerFormatException($"{path}: {e.Message}");
+        }
+    }
+
+    /// <summary>config.json's vocab_size beside the tokenizer, when there is a readable one (its own errors are ModelConfig's to report).</summary>
+    static int? ModelVocabSize(string dir)
+    {
+        var path = Path.Combine(dir, "config.json");
+        if (!File.Exists(path)) return null;
         try
         {
-            using var doc = JsonDocument.Parse(File.ReadAllText(path));
-            return new Tokenizer(doc.RootElement.Clone(), TokenizerConfig.Load(dir));
+            using var doc = JsonFiles.Parse(path);
+            return doc.RootElement.ValueKind == JsonValueKind.Object && doc.RootElement.TryGetProperty("vocab_size", out var v)
+                && v.TryGetInt32(out int n) && n > 0 ? n : null;
         }
-        catch (JsonException e) { throw new InvalidDataException($"{path}: not valid JSON ({e.Message})"); }
-        catch (Exception e) when (e is NotSupportedException or KeyNotFoundException or InvalidOperationException)
-        {
-            throw new InvalidDataException($"{path}: {e.Message}", e);
-        }
+        catch (LoraKitException) { return null; }
     }
 
     /// <summary>Token ids for <paramref name="text"/>; with <paramref name="addSpecialTokens"/> the post-processor adds BOS etc.</summary>
     public int[] Encode(string text, bool addSpecialTokens = true)
+    {
+        try { return EncodeCore(text, addSpecialTokens); }
+        catch (RegexMatchTimeoutException e)
+        {
+            throw new LoraKitException($"{_path}: the regex '{Trim(e.Pattern)}' took over {e.MatchTimeout.TotalSeconds:0} s on a " +
+                $"{e.Input.Length}-character text (catastrophic backtracking); the tokenizer's pattern must be fixed");
+        }
+    }
+
+    static string Trim(string s) => s.Length > 200 ? s[..200] + "…" : s;
+
+    int[] EncodeCore(string text, bool addSpecialTokens)
     {
         var ids = new List<int>();
         foreach (var piece in _added.Split(text))

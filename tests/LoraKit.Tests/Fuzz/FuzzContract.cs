@@ -30,6 +30,9 @@ public static class FuzzContract
 
     static readonly object ReportLock = new();
 
+    // Fuzz inputs include lone surrogates; the report writes them as U+FFFD instead of throwing.
+    static readonly System.Text.UTF8Encoding Lenient = new(encoderShouldEmitUTF8Identifier: false, throwOnInvalidBytes: false);
+
     // .NET's and libraries' own wording: a message containing any of these leaked an internal failure to the user.
     static readonly string[] LeakMarkers =
     [
@@ -118,7 +121,7 @@ public static class FuzzContract
         Tally.Enqueue((area, caseName, outcome, detail));
         if (Environment.GetEnvironmentVariable("LORAKIT_FUZZ_REPORT") is string path && path.Length > 0)
             lock (ReportLock)
-                File.AppendAllText(path, $"{area}\t{Regex.Replace(caseName, @"\s+", " ")}\t{outcome}\t{Regex.Replace(detail, @"\s+", " ")}\n");
+                File.AppendAllText(path, $"{area}\t{Regex.Replace(caseName, @"\s+", " ")}\t{outcome}\t{Regex.Replace(detail, @"\s+", " ")}\n", Lenient);
     }
 
     /// <summary>
