@@ -61,8 +61,19 @@ public sealed class CommonOptions
         try { return body(); }
         catch (Exception e) when (Environment.GetEnvironmentVariable("LORAKIT_DEBUG") is null)
         {
-            Console.Error.WriteLine($"error: {e.Message}{(e is AdapterBaseMismatchException && OffersAllowBaseMismatch() ? " (--allow-base-mismatch loads it anyway)" : "")}");
+            Console.Error.WriteLine($"error: {OneLine(e)}{(e is AdapterBaseMismatchException && OffersAllowBaseMismatch() ? " (--allow-base-mismatch loads it anyway)" : "")}");
             return 1;
         }
+    }
+
+    /// <summary>
+    /// The error as one line. LoraKit's own messages already are; libtorch's carry a C++ backtrace after the first
+    /// line ("Exception raised from … frame #0 …"), which is noise to a user and is cut (LORAKIT_DEBUG=1 shows it all).
+    /// </summary>
+    public static string OneLine(Exception e)
+    {
+        var first = e.Message.Split('\n', 2)[0].TrimEnd('\r');
+        return e is LoraKitException || first.Length == e.Message.TrimEnd('\n', '\r').Length
+            ? first : $"{first} (set LORAKIT_DEBUG=1 for the full message)";
     }
 }

@@ -8,10 +8,14 @@ namespace LoraKit.Runtime;
 /// generator is shared by everything in the process (another run, a test or request running beside this one), so a run
 /// that drew from it would not be reproducible from its seed; one seeded stream per run is, and its state is what a
 /// checkpoint saves and what activation checkpointing replays.
+/// TorchSharp 0.107 creates generators on the CPU only (THSGenerator_new ignores the device), and a CPU-drawn mask
+/// copied over PCIe would cost more than the layer it masks; so on CUDA the stream draws a seed per mask and the
+/// device's default generator, reseeded with it, draws the mask. The masks still follow from the run's seed and this
+/// stream's state alone.
 /// </summary>
-public sealed class RngStream(ulong seed, Device device) : IDisposable
+public sealed class RngStream(ulong seed) : IDisposable
 {
-    readonly Generator _gen = new(seed, device);
+    readonly Generator _gen = new(seed, torch.CPU);
 
     public byte[] State()
     {
@@ -30,7 +34,14 @@ public sealed class RngStream(ulong seed, Device device) : IDisposable
     public Tensor Dropout(Tensor x, double p)
     {
         using var scope = NewDisposeScope();
-        var keep = empty_like(x).bernoulli_(1 - p, _gen);
+        Tensor keep;
+        if (x.device_type == DeviceType.CUDA)
+        {
+            using var drawn = randint(long.MaxValue, new long[] { 1 }, dtype: ScalarType.Int64, generator: _gen);
+            torch.cuda.manual_seed_all(drawn.item<long>());
+            keep = empty_like(x).bernoulli_(1 - p);
+        }
+        else keep = empty_like(x).bernoulli_(1 - p, _gen);
         return (x * keep).mul_(1.0 / (1 - p)).MoveToOuterDisposeScope();
     }
 

@@ -98,7 +98,7 @@ public static class Trainer
                  (valid is null ? "" : $"; {valid.Count} validation samples") + (trainSummary.Truncated > 0 ? $"; {trainSummary.Truncated} truncated to {c.MaxLength}" : ""));
 
         var model = CausalLM.Load(c.Model, dtype, device);
-        using var rng = new RngStream((ulong)c.Seed, device);
+        using var rng = new RngStream((ulong)c.Seed);
         CheckStopToken(c, tok, model, train, trainSummary.Format, log);
         if (c.Packing) train = Batches.Pack(train, c.MaxLength);
 
@@ -126,9 +126,6 @@ public static class Trainer
         {
             model.model.GradientCheckpointing = true;
             model.model.CheckpointKeepBytes = (long)(c.CheckpointKeepGib * (1L << 30));
-            if (device.type == TorchSharp.DeviceType.CUDA && c.LoraDropout > 0)
-                log.Warn("gradient checkpointing on CUDA cannot replay dropout masks (TorchSharp exposes no CUDA RNG state): " +
-                         "the recomputed layers draw new masks; use --lora-dropout 0 for exact gradients");
         }
         if (PlaceEmbeddings(model, c.EmbeddingsOnHost, c.GradientCheckpointing) is { } placed) log.Info(placed);
         if (PlaceCheckpoints(model, c.OffloadCheckpoints, c.GradientCheckpointing, c.OffloadMlpLayers) is { } offloaded) log.Info(offloaded);
