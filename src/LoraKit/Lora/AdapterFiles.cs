@@ -181,10 +181,10 @@ public static class AdapterFiles
         var f = t.detach().to(ScalarType.Float32);
         long bad = f.isfinite().logical_not().sum().item<long>();
         if (bad > 0)
-            throw new InvalidDataException(LoraConfigException.OneLine($"{where}: tensor '{tensorName}' has {bad} non-finite value{(bad == 1 ? "" : "s")} (NaN or infinity)"));
+            throw new WeightValueException(LoraConfigException.OneLine($"{where}: tensor '{tensorName}' has {bad} non-finite value{(bad == 1 ? "" : "s")} (NaN or infinity)"));
         double max = f.abs().max().item<float>();
         if (max > maxAbs)
-            throw new InvalidDataException(LoraConfigException.OneLine($"{where}: tensor '{tensorName}' has a value of magnitude {max:G3}, beyond the {maxAbs:G} a LoRA weight can plausibly have"));
+            throw new WeightValueException(LoraConfigException.OneLine($"{where}: tensor '{tensorName}' has a value of magnitude {max:G3}, beyond the {maxAbs:G} a LoRA weight can plausibly have"));
     }
 
     /// <summary>Refuses an adapter LoraKit wrote for another base; warns when a PEFT adapter names another base.</summary>
@@ -328,3 +328,6 @@ public sealed record AdapterLoadOptions
     /// <summary>Where warnings go (default: one "warning: …" line on stderr; null = silent).</summary>
     public Action<string>? Warn { get; init; } = message => Console.Error.WriteLine($"warning: {message}");
 }
+
+/// <summary>LoRA weights that are non-finite or implausibly large (a corrupt file, or a training run that diverged).</summary>
+public sealed class WeightValueException(string message) : LoraKitException(message);

@@ -279,7 +279,14 @@ public static class Trainer
                     BestEvalLoss = Finite(best?.Loss), BestStep = best?.Step, BestAccuracy = Finite(best?.Accuracy), EvalsWithoutImprovement = badEvals, TokensSeen = tokensSeen,
                     Finished = step == totalSteps || stoppedEarly, StoppedEarly = stoppedEarly, LastLoss = Finite(lastLoss),
                 };
-                savedCheckpoint = Checkpoints.Save(c.Output, st, dir => SaveWeights(dir, c, lm, model, trainable, classifier, null, checkpoint: true), optimizer, run);
+                try { savedCheckpoint = Checkpoints.Save(c.Output, st, dir => SaveWeights(dir, c, lm, model, trainable, classifier, null, checkpoint: true), optimizer, run); }
+                catch (WeightValueException e)
+                {
+                    // The loss can stay finite for a step while the weights have already blown up (a huge learning rate).
+                    string kept = Checkpoints.Latest(c.Output) is string good ? $"the last good checkpoint is {good}" : "no checkpoint had been written yet";
+                    throw new LoraKitException($"the LoRA weights diverged at step {step} ({e.Message}); training stopped and these weights were not saved; " +
+                                               $"{kept} (a lower learning rate or gradient clipping may help)");
+                }
                 Checkpoints.Prune(c.Output, keep: 2, protect: null, run);
             }
             if (interrupted && step < totalSteps && !stoppedEarly)
