@@ -22,4 +22,14 @@ public sealed record ServerOptions
     /// <summary>Requests generating at once; more wait in a queue of <see cref="MaxQueued"/>, beyond that 429.</summary>
     public int MaxConcurrent { get; init; } = 32;
     public int MaxQueued { get; init; } = 64;
+    /// <summary>On stop, how long in-flight requests may still run before their connections are closed.</summary>
+    public TimeSpan DrainTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    /// <summary>Allow listening on a non-loopback address with no key (refused otherwise).</summary>
+    public bool Insecure { get; init; }
+    /// <summary>Receives one line per request (method, route, model, status, tokens, ms) and server errors; null = silent.</summary>
+    public Action<string>? Log { get; init; }
+
+    /// <summary>Whether <see cref="Host"/> names only this machine (localhost, 127.0.0.0/8, ::1).</summary>
+    public bool IsLoopback => Host.Equals("localhost", StringComparison.OrdinalIgnoreCase)
+        || (System.Net.IPAddress.TryParse(Host.Trim('[', ']'), out var ip) && System.Net.IPAddress.IsLoopback(ip));
 }
