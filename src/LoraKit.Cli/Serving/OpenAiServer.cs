@@ -316,8 +316,8 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         catch (JsonException e)
         {
             var what = e.Message;
-            int cut = what.IndexOf(" Path: ", StringComparison.Ordinal);
-            if (cut > 0) what = what[..cut];
+            foreach (var tail in new[] { " Path: ", " LineNumber: " }) // System.Text.Json's position, said above in the user's terms
+                if (what.IndexOf(tail, StringComparison.Ordinal) is > 0 and var cut) what = what[..cut];
             throw new ApiError(400, $"the request body is not valid JSON (line {(e.LineNumber ?? 0) + 1}, byte {(e.BytePositionInLine ?? 0) + 1}): {what.TrimEnd('.')}");
         }
         return node as JsonObject ?? throw new ApiError(400, $"the request body must be a JSON object, not {Json.Kind(node)}");
