@@ -30,13 +30,27 @@ public static class Json
 
     static JsonNode? Field(JsonObject o, string key) => o.TryGetPropertyValue(key, out var v) ? v : null;
 
+    /// <summary>A JSON string's text; a lone surrogate ("\ud800") is refused, since no tokenizer or writer can take it.</summary>
+    public static string Text(JsonNode v, string param)
+    {
+        string s;
+        try { s = v.GetValue<string>(); }
+        catch (InvalidOperationException) { s = "\ud800"; } // System.Text.Json refuses to decode it: the same error below
+        for (int i = 0; i < s.Length; i++)
+            if (char.IsHighSurrogate(s[i]) && i + 1 < s.Length && char.IsLowSurrogate(s[i + 1])) i++;
+            else if (char.IsSurrogate(s[i])) throw new ApiError(400, $"\"{param}\" holds an unpaired UTF-16 surrogate (an escape like \\ud800 without its pair)", param);
+        return s;
+    }
+
+    public static bool IsString(JsonNode? v) => v is JsonValue && v.GetValueKind() == JsonValueKind.String;
+
     static bool Is(JsonNode? v, JsonValueKind kind) => v is JsonValue && v.GetValueKind() == kind;
 
     public static string? Str(JsonObject o, string key, string? param = null)
     {
         var v = Field(o, key);
         if (v is null) return null;
-        if (Is(v, JsonValueKind.String)) return v.GetValue<string>();
+        if (Is(v, JsonValueKind.String)) return Text(v, param ?? key);
         throw new ApiError(400, $"\"{param ?? key}\" must be a string, not {Kind(v)}", param ?? key);
     }
 
@@ -96,8 +110,8 @@ public sealed record CompletionRequest(SamplingOptions Options, bool Stream, boo
         var stops = body["stop"] switch
         {
             null => [],
-            JsonValue v when v.GetValueKind() == JsonValueKind.String => [v.GetValue<string>()],
-            JsonArray a => a.Select((x, i) => x is JsonValue xv && xv.GetValueKind() == JsonValueKind.String ? xv.GetValue<string>()
+            JsonValue v when v.GetValueKind() == JsonValueKind.String => [Json.Text(v, "stop")],
+            JsonArray a => a.Select((x, i) => Json.IsString(x) ? Json.Text(x!, "stop")
                 : throw new ApiError(400, $"\"stop[{i}]\" must be a string, not {Json.Kind(x)}", "stop")).ToList(),
             var other => throw new ApiError(400, $"\"stop\" must be a string or an array of strings, not {Json.Kind(other)}", "stop"),
         };

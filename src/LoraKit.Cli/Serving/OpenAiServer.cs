@@ -214,8 +214,13 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         var model = Path.GetFullPath(_o.Model).TrimEnd(Path.DirectorySeparatorChar);
         message = message.Replace(root + Path.DirectorySeparatorChar, "").Replace(root, "<adapters>")
             .Replace(model + Path.DirectorySeparatorChar, "").Replace(model, "<model>");
+        message = JsonPosition().Replace(message, "");
         return AbsolutePath().Replace(message, m => Path.GetFileName(m.Value.TrimEnd('/')) is { Length: > 0 } f ? f : "<path>");
     }
+
+    /// <summary>System.Text.Json's " Path: $.x | LineNumber: 0 | BytePositionInLine: 13." tail (internal coordinates).</summary>
+    [GeneratedRegex(@"\s*(Path: \$\S* \| )?LineNumber: \d+ \| BytePositionInLine: \d+\.?")]
+    private static partial Regex JsonPosition();
 
     [GeneratedRegex(@"(?<![\w.~-])/[^\s'""()\[\],;]+")]
     private static partial Regex AbsolutePath();
@@ -248,7 +253,10 @@ public sealed partial class OpenAiServer : IAsyncDisposable
 
     /// <summary>OpenAI's error object.</summary>
     static object ErrorBody(string message, string? param = null, string type = "invalid_request_error") =>
-        new { error = new { message, type, param, code = (string?)null } };
+        new { error = new { message = WellFormed(message), type, param = param is null ? null : WellFormed(param), code = (string?)null } };
+
+    /// <summary>Unpaired surrogates (which a client may have sent, and which JSON writers refuse) become U+FFFD.</summary>
+    static string WellFormed(string s) => Encoding.UTF8.GetString(Encoding.UTF8.GetBytes(s));
 
     async Task Complete(HttpContext c, bool chat)
     {
@@ -311,6 +319,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         }
         catch (BadHttpRequestException e) when (e.StatusCode == 413) { throw new ApiError(413, $"the request body exceeds {_o.MaxBodyBytes} bytes"); }
         if (bytes.AsSpan().Trim(" \t\r\n"u8).Length == 0) throw new ApiError(400, "the request body is empty; send a JSON object");
+        if (!System.Text.Unicode.Utf8.IsValid(bytes)) throw new ApiError(400, "the request body is not valid UTF-8");
         JsonNode? node;
         try { node = JsonNode.Parse(bytes, documentOptions: new JsonDocumentOptions { MaxDepth = 64, AllowDuplicateProperties = false }); }
         catch (JsonException e)
@@ -349,8 +358,8 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         var prompt = body["prompt"] switch
         {
             null => throw new ApiError(400, "missing \"prompt\"", "prompt"),
-            JsonValue v when v.GetValueKind() == JsonValueKind.String => v.GetValue<string>(),
-            JsonArray { Count: 1 } a when a[0] is JsonValue v1 && v1.GetValueKind() == JsonValueKind.String => v1.GetValue<string>(),
+            JsonValue v when v.GetValueKind() == JsonValueKind.String => Json.Text(v, "prompt"),
+            JsonArray { Count: 1 } a when Json.IsString(a[0]) => Json.Text(a[0]!, "prompt"),
             var other => throw new ApiError(400, $"\"prompt\" must be a string (one prompt per request; token ids are not accepted), not {Json.Kind(other)}", "prompt"),
         };
         if (prompt.Length == 0) throw new ApiError(400, "\"prompt\" is empty", "prompt");
@@ -382,7 +391,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
             {
                 null when role == "assistant" => "",
                 null => throw new ApiError(400, $"{at} has no \"content\"", $"{at}.content"),
-                JsonValue v when v.GetValueKind() == JsonValueKind.String => v.GetValue<string>(),
+                JsonValue v when v.GetValueKind() == JsonValueKind.String => Json.Text(v, $"{at}.content"),
                 JsonArray parts => string.Concat(parts.Select((p, k) => p is JsonObject po && Json.Str(po, "type", $"{at}.content[{k}].type") == "text"
                     ? Json.Str(po, "text", $"{at}.content[{k}].text") ?? throw new ApiError(400, $"{at}.content[{k}] has no \"text\"", $"{at}.content[{k}].text")
                     : throw new ApiError(400, $"{at}.content[{k}] must be a text part ({{\"type\": \"text\", \"text\": ...}})", $"{at}.content[{k}]"))),
