@@ -408,7 +408,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
             using var doc = JsonDocument.Parse(clean.ToJsonString());
             text = _template.Render(doc.RootElement, addGenerationPrompt: true, _engine.Tokenizer.Config);
         }
-        catch (Templating.TemplateException e) { throw new ApiError(400, Scrub(e.Message), "messages"); }
+        catch (LoraKitException e) { throw new ApiError(400, Scrub(e.Message), "messages"); } // the template's own errors and limits
         var ids = _engine.Tokenizer.Encode(text, addSpecialTokens: false);
         if (ids.Length == 0) throw new ApiError(400, "the messages render to no tokens", "messages");
         return ids;
