@@ -27,6 +27,9 @@ namespace LoraKit.Cli.Serving;
 /// OpenAI-compatible HTTP API over one <see cref="InferenceEngine"/>: /v1/chat/completions, /v1/completions (both with
 /// SSE streaming), /v1/models; /admin/adapters to load, reload and unload adapters; /health without a key.
 /// The request's "model" picks the base ("base" or its name) or an adapter by name.
+/// Contract: every error is OpenAI's error object (a 4xx naming the field in "param" for bad requests; a 500 only for a
+/// defect, saying no more than that); keys are checked on the matched endpoint (<see cref="Access"/>); client-facing
+/// messages carry no server paths; <see cref="DisposeAsync"/> drains in-flight requests for a bounded time.
 /// </summary>
 public sealed partial class OpenAiServer : IAsyncDisposable
 {
@@ -127,7 +130,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
                 }
             }
         }
-        if (!c.Response.HasStarted && c.Response.StatusCode >= 400)
+        if (!c.Response.HasStarted && c.Response.StatusCode >= 400 && !c.RequestAborted.IsCancellationRequested)
             await Error(c, c.Response.StatusCode, c.Response.StatusCode switch
             {
                 404 => $"no such endpoint: {c.Request.Method} {Printable(c.Request.Path.Value)}",
