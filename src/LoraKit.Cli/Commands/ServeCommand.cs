@@ -41,7 +41,7 @@ public static class ServeCommand
                 Insecure = r.GetValue(insecure),
                 Log = r.GetValue(quiet) ? null : Console.Out.WriteLine,
             };
-            if (options.ApiKey is null && options.AdminKey is null)
+            if (options.ApiKey is null && options.AdminKey is null && (options.IsLoopback || options.Insecure)) // else StartAsync refuses
                 Console.Error.WriteLine($"warning: no --api-key or --admin-key: ANYONE who can reach {options.Host}:{options.Port} can generate, " +
                                         "list adapters and load or unload them");
             // SIGTERM (docker, systemd, Kubernetes) and SIGINT (Ctrl+C) both stop gracefully; a second one ends at once.
