@@ -253,6 +253,16 @@ public class ServerHardeningTests
         Assert.Single(stderr.Trim().Split('\n'));
     }
 
+    [Fact]
+    public void GenerateCliWithATinyTemperatureIsGreedy()
+    {
+        var greedy = CliTests.RunCli("generate", "--model", Fixtures.Model("qwen2"), "--prompt", "Hello", "--max-new-tokens", "6", "--json", "--device", "cpu");
+        var tiny = CliTests.RunCli("generate", "--model", Fixtures.Model("qwen2"), "--prompt", "Hello", "--max-new-tokens", "6", "--json", "--device", "cpu",
+            "--temperature", "1e-300", "--seed", "3");
+        Assert.True(tiny.code == 0, tiny.stderr);
+        Assert.Equal(greedy.stdout, tiny.stdout);
+    }
+
     // ---- item 17: keys, logging, help ----
 
     [Fact]
