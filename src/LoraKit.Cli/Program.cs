@@ -20,6 +20,30 @@ public static class Program
         root.Subcommands.Add(ServeCommand.Build());
         root.Subcommands.Add(BenchServeCommand.Build());
         root.Subcommands.Add(CheckKernelsCommand.Build());
+        root.Subcommands.Add(HelpCommand(root));
+        HelpDefaults(root);
         return root.Parse(args).Invoke();
+    }
+
+    /// <summary><c>lorakit help [command...]</c>: the same as <c>lorakit [command...] --help</c>.</summary>
+    static Command HelpCommand(RootCommand root)
+    {
+        var names = new Argument<string[]>("command") { Description = "the command to describe (none: all commands)", Arity = ArgumentArity.ZeroOrMore };
+        var help = new Command("help", "Show help for LoraKit or one of its commands.") { names };
+        help.SetAction(r => root.Parse([.. r.GetValue(names) ?? [], "--help"]).Invoke());
+        return help;
+    }
+
+    /// <summary>
+    /// One spelling for defaults in --help: System.CommandLine prints "[default: X]" for options with a default value;
+    /// options whose default depends on something else (or is "none") say it in their description, moved here to the
+    /// same place and form.
+    /// </summary>
+    static void HelpDefaults(Command command)
+    {
+        foreach (var o in command.Options)
+            if (o.Description is string d && System.Text.RegularExpressions.Regex.Match(d, @"\s*\(default:?\s*([^()]*(?:\([^()]*\)[^()]*)*)\)") is { Success: true } m)
+                o.Description = (d.Remove(m.Index, m.Length) + $" [default: {m.Groups[1].Value.Trim()}]").Trim();
+        foreach (var c in command.Subcommands) HelpDefaults(c);
     }
 }

@@ -305,14 +305,19 @@ public class ServerQueueTests
     [Fact]
     public async Task BeyondConcurrencyAndQueueRequestsGet429()
     {
+        // A context beyond the 1,000 tokens streamed (the fixture's 256 ends generation early).
+        var model = Fixtures.CopyOf(Fixtures.Model("qwen2"));
+        var config = JsonNode.Parse(File.ReadAllText(Path.Combine(model, "config.json")))!;
+        config["max_position_embeddings"] = 1100;
+        File.WriteAllText(Path.Combine(model, "config.json"), config.ToJsonString());
         await using var server = await OpenAiServer.StartAsync(new ServerOptions
         {
-            Model = Fixtures.Model("qwen2"), Adapters = Fixtures.TempDir(), Port = 0, Device = "cpu", MaxConcurrent = 1, MaxQueued = 0, MaxTokens = 5000,
+            Model = model, Adapters = Fixtures.TempDir(), Port = 0, Device = "cpu", MaxConcurrent = 1, MaxQueued = 0, MaxTokens = 1000,
         });
         using var http = new HttpClient { BaseAddress = new Uri(server.Url) };
-        var content = (bool stream) => new StringContent("{\"model\":\"base\",\"prompt\":\"Hello\",\"max_tokens\":5000,\"temperature\":0,\"ignore_eos\":true,\"stream\":" +
+        var content = (bool stream) => new StringContent("{\"model\":\"base\",\"prompt\":\"Hello\",\"max_tokens\":1000,\"temperature\":0,\"ignore_eos\":true,\"stream\":" +
             (stream ? "true" : "false") + "}", Encoding.UTF8, "application/json");
-        // The first request streams 5,000 tokens (EOS ignored); once its first event has arrived it holds the only slot
+        // The first request streams 1,000 tokens (EOS ignored); once its first event has arrived it holds the only slot
         // for seconds, so the second is refused without relying on fixed delays.
         using var slow = await http.SendAsync(new HttpRequestMessage(HttpMethod.Post, "/v1/completions") { Content = content(true) }, HttpCompletionOption.ResponseHeadersRead);
         Assert.Equal(HttpStatusCode.OK, slow.StatusCode);

@@ -366,7 +366,7 @@ public class TrainingTests
         (code, var help, _) = CliTests.RunCli("train", "--help");
         foreach (var flag in new[] { "--lr", "--batch-size", "--grad-accum", "--no-shuffle", "--no-eos", "--train-on-all-tokens", "--packing", "--early-stopping-patience", "--resume", "--config" })
             Assert.Contains(flag, help);
-        Assert.Contains("(default: 0.0002)", help);
+        Assert.Contains("[default: 0.0002]", help);
     }
 }
 

@@ -1,4 +1,5 @@
 using System.CommandLine;
+using System.Runtime.InteropServices;
 using LoraKit.Cli.Serving;
 
 namespace LoraKit.Cli.Commands;
@@ -22,8 +23,12 @@ public static class ServeCommand
         var maxPrompt = new Option<int>("--max-prompt-tokens") { Description = "longest prompt accepted", DefaultValueFactory = _ => 4096 };
         var maxConcurrent = new Option<int>("--max-concurrent") { Description = "requests generating at once (more queue, then 429)", DefaultValueFactory = _ => 32 };
         var allowMismatch = CommonOptions.NewAllowBaseMismatch();
-        var cmd = new Command("serve", "Serve one base model and many LoRA adapters over an OpenAI-compatible HTTP API.")
-            { model, adapters, host, port, apiKey, adminKey, device, dtype, maxAdapters, maxBatch, maxTokens, maxPrompt, maxConcurrent, allowMismatch };
+        var drain = new Option<double>("--drain-seconds") { Description = "on SIGTERM or Ctrl+C, how long in-flight requests may finish", DefaultValueFactory = _ => 30.0 };
+        var insecure = new Option<bool>("--insecure") { Description = "allow a non-loopback --host without any key" };
+        var quiet = new Option<bool>("--quiet") { Description = "no log line per request" };
+        var cmd = new Command("serve", "Serve one base model and many LoRA adapters over an OpenAI-compatible HTTP API. " +
+                                       "With a key set, every endpoint but /health needs one; the admin key also works on /v1.")
+            { model, adapters, host, port, apiKey, adminKey, device, dtype, maxAdapters, maxBatch, maxTokens, maxPrompt, maxConcurrent, drain, insecure, quiet, allowMismatch };
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             var options = new ServerOptions
@@ -34,14 +39,30 @@ public static class ServeCommand
                 Device = r.GetValue(device)!, Dtype = r.GetValue(dtype), MaxLoadedAdapters = r.GetValue(maxAdapters), MaxBatch = r.GetValue(maxBatch),
                 MaxTokens = r.GetValue(maxTokens), MaxPromptTokens = r.GetValue(maxPrompt), MaxConcurrent = r.GetValue(maxConcurrent),
                 AllowBaseMismatch = r.GetValue(allowMismatch),
+                DrainTimeout = TimeSpan.FromSeconds(r.GetValue(drain) is var d && d >= 0 && d <= 3600 ? d : throw new LoraKitException("--drain-seconds must be between 0 and 3600")),
+                Insecure = r.GetValue(insecure),
+                Log = r.GetValue(quiet) ? null : Console.Out.WriteLine,
             };
+            if (options.ApiKey is null && options.AdminKey is null && (options.IsLoopback || options.Insecure)) // else StartAsync refuses
+                Console.Error.WriteLine($"warning: no --api-key or --admin-key: ANYONE who can reach {options.Host}:{options.Port} can generate, " +
+                                        "list adapters and load or unload them");
+            // SIGTERM (docker, systemd, Kubernetes) and SIGINT (Ctrl+C) both stop gracefully; a second one ends at once.
+            using var done = new ManualResetEventSlim();
+            int signals = 0;
+            void OnSignal(PosixSignalContext ctx)
+            {
+                if (Interlocked.Increment(ref signals) > 1) return; // not cancelled: the default action ends the process
+                ctx.Cancel = true;
+                done.Set();
+            }
+            using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, OnSignal);
+            using var intr = PosixSignalRegistration.Create(PosixSignal.SIGINT, OnSignal);
             var server = OpenAiServer.StartAsync(options).GetAwaiter().GetResult();
-            Console.WriteLine($"lorakit serve: listening on {server.Url} (model {options.Model}, adapters from {options.Adapters}); Ctrl+C stops");
-            var done = new ManualResetEventSlim();
-            Console.CancelKeyPress += (_, e) => { e.Cancel = true; done.Set(); };
-            AppDomain.CurrentDomain.ProcessExit += (_, _) => done.Set();
+            Console.WriteLine($"lorakit serve: listening on {server.Url} (model {options.Model}, adapters from {options.Adapters}); Ctrl+C or SIGTERM stops");
             done.Wait();
+            Console.WriteLine($"lorakit serve: stopping; in-flight requests have {options.DrainTimeout.TotalSeconds:0.#} s to finish");
             server.DisposeAsync().AsTask().GetAwaiter().GetResult();
+            Console.WriteLine("lorakit serve: stopped");
             return 0;
         }));
         return cmd;

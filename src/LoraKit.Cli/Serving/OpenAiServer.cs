@@ -1,7 +1,9 @@
+using System.Diagnostics;
 using System.Security.Cryptography;
 using System.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using System.Text.RegularExpressions;
 using System.Threading.Channels;
 using LoraKit.Generation;
 using LoraKit.Lora;
@@ -14,7 +16,9 @@ using Microsoft.AspNetCore.Hosting;
 using Microsoft.AspNetCore.Hosting.Server;
 using Microsoft.AspNetCore.Hosting.Server.Features;
 using Microsoft.AspNetCore.Http;
+using Microsoft.AspNetCore.Routing;
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 
 namespace LoraKit.Cli.Serving;
@@ -23,8 +27,11 @@ namespace LoraKit.Cli.Serving;
 /// OpenAI-compatible HTTP API over one <see cref="InferenceEngine"/>: /v1/chat/completions, /v1/completions (both with
 /// SSE streaming), /v1/models; /admin/adapters to load, reload and unload adapters; /health without a key.
 /// The request's "model" picks the base ("base" or its name) or an adapter by name.
+/// Contract: every error is OpenAI's error object (a 4xx naming the field in "param" for bad requests; a 500 only for a
+/// defect, saying no more than that); keys are checked on the matched endpoint (<see cref="Access"/>); client-facing
+/// messages carry no server paths; <see cref="DisposeAsync"/> drains in-flight requests for a bounded time.
 /// </summary>
-public sealed class OpenAiServer : IAsyncDisposable
+public sealed partial class OpenAiServer : IAsyncDisposable
 {
     readonly ServerOptions _o;
     readonly InferenceEngine _engine;
@@ -49,6 +56,9 @@ public sealed class OpenAiServer : IAsyncDisposable
     /// <summary>Loads the base model once, starts the engine and Kestrel; returns when the server listens.</summary>
     public static async Task<OpenAiServer> StartAsync(ServerOptions o)
     {
+        if (o.ApiKey is null && o.AdminKey is null && !o.Insecure && !o.IsLoopback)
+            throw new LoraKitException($"refusing to listen on '{o.Host}' without a key: anyone who can reach it could use and administer the server; " +
+                                       "set --api-key and --admin-key, or pass --insecure");
         if (!Directory.Exists(o.Adapters)) throw new DirectoryNotFoundException($"adapters directory '{o.Adapters}' does not exist");
         var device = Devices.Resolve(o.Device);
         var dtype = o.Dtype is string d ? IO.DTypes.Parse(d) : Devices.DefaultDType(device);
@@ -68,41 +78,124 @@ public sealed class OpenAiServer : IAsyncDisposable
     {
         var builder = WebApplication.CreateSlimBuilder();
         builder.Logging.ClearProviders();
+        // Signals are the command's business (serve drains on SIGINT and SIGTERM); the host must not stop itself.
+        builder.Services.AddSingleton<IHostLifetime, CallerOwnedLifetime>();
+        builder.Services.Configure<HostOptions>(h => h.ShutdownTimeout = _o.DrainTimeout);
         builder.WebHost.ConfigureKestrel(k => k.Limits.MaxRequestBodySize = _o.MaxBodyBytes);
         builder.WebHost.UseUrls($"http://{_o.Host}:{_o.Port}");
         var app = builder.Build();
-        app.Use(Authorize);
-        app.MapGet("/health", () => Results.Json(new { status = "ok" }));
-        app.MapGet("/v1/models", Models);
-        app.MapPost("/v1/completions", (HttpContext c) => Complete(c, chat: false));
-        app.MapPost("/v1/chat/completions", (HttpContext c) => Complete(c, chat: true));
-        app.MapPost("/v1/classify", new ClassifyEndpoint(_engine, _registry, _o, _baseName).Handle); // a user route (LoraKit extension)
-        app.MapGet("/admin/adapters", () => Results.Json(new { available = _registry.Available(), loaded = _registry.Loaded }));
-        app.MapPost("/admin/adapters/{name}/load", (string name) => Admin(() => _registry.LoadAsync(name, reload: false), name, "loaded"));
-        app.MapPost("/admin/adapters/{name}/reload", (string name) => Admin(() => _registry.LoadAsync(name, reload: true), name, "reloaded"));
-        app.MapDelete("/admin/adapters/{name}", (string name) => Admin(() => _registry.UnloadAsync(name), name, "unloaded"));
+        app.Use(Outermost);
+        app.UseRouting();
+        app.Use(Authorize); // after routing: it reads the matched endpoint's access level, never the raw path
+        app.MapGet("/health", () => Results.Json(new { status = "ok" })).WithMetadata(new AccessMetadata(Access.Public));
+        app.MapGet("/v1/models", Models).WithMetadata(new AccessMetadata(Access.User));
+        app.MapPost("/v1/completions", (HttpContext c) => Complete(c, chat: false)).WithMetadata(new AccessMetadata(Access.User));
+        app.MapPost("/v1/chat/completions", (HttpContext c) => Complete(c, chat: true)).WithMetadata(new AccessMetadata(Access.User));
+        app.MapPost("/v1/classify", new ClassifyEndpoint(_engine, _registry, _o, _baseName).Handle).WithMetadata(new AccessMetadata(Access.User)); // LoraKit extension
+        app.MapGet("/admin/adapters", () => Results.Json(new { available = _registry.Available(), loaded = _registry.Loaded })).WithMetadata(new AccessMetadata(Access.Admin));
+        app.MapPost("/admin/adapters/{name}/load", (string name) => Admin(() => _registry.LoadAsync(name, reload: false), name, "loaded")).WithMetadata(new AccessMetadata(Access.Admin));
+        app.MapPost("/admin/adapters/{name}/reload", (string name) => Admin(() => _registry.LoadAsync(name, reload: true), name, "reloaded")).WithMetadata(new AccessMetadata(Access.Admin));
+        app.MapDelete("/admin/adapters/{name}", (string name) => Admin(() => _registry.UnloadAsync(name), name, "unloaded")).WithMetadata(new AccessMetadata(Access.Admin));
         await app.StartAsync();
         _app = app;
         Url = app.Services.GetRequiredService<IServer>().Features.Get<IServerAddressesFeature>()!.Addresses.First();
     }
 
+    sealed class CallerOwnedLifetime : IHostLifetime
+    {
+        public Task WaitForStartAsync(CancellationToken cancellationToken) => Task.CompletedTask;
+        public Task StopAsync(CancellationToken cancellationToken) => Task.CompletedTask;
+    }
+
+    /// <summary>
+    /// First middleware: one log line per request; any error becomes an OpenAI error object (never an empty body, never
+    /// a stack trace or a server path); an unexpected exception is a 500 that says only that, and is logged in full.
+    /// </summary>
+    async Task Outermost(HttpContext c, Func<Task> next)
+    {
+        var sw = Stopwatch.StartNew();
+        try { await next(); }
+        catch (OperationCanceledException) when (c.RequestAborted.IsCancellationRequested) { }
+        catch (Exception e)
+        {
+            if (c.Response.HasStarted) { c.Abort(); }
+            else
+            {
+                c.Response.Clear();
+                if (e is BadHttpRequestException b)
+                    await Error(c, b.StatusCode, b.StatusCode == 413 ? $"the request body exceeds {_o.MaxBodyBytes} bytes" : "malformed HTTP request");
+                else
+                {
+                    _o.Log?.Invoke($"error: {c.Request.Method} {RouteOf(c)}: {e.GetType().Name}: {e.Message}");
+                    await Error(c, 500, "internal server error (see the server log)", "server_error");
+                }
+            }
+        }
+        if (!c.Response.HasStarted && c.Response.StatusCode >= 400 && !c.RequestAborted.IsCancellationRequested)
+            await Error(c, c.Response.StatusCode, c.Response.StatusCode switch
+            {
+                404 => $"no such endpoint: {c.Request.Method} {Printable(c.Request.Path.Value)}",
+                405 => $"method {Printable(c.Request.Method)} is not allowed on {Printable(c.Request.Path.Value)}",
+                415 => "unsupported content type; send application/json",
+                _ => $"request failed with status {c.Response.StatusCode}",
+            });
+        if (_o.Log is { } log)
+        {
+            var items = c.Items;
+            log($"{DateTime.UtcNow:yyyy-MM-ddTHH:mm:ssZ} {c.Request.Method} {RouteOf(c)} model={items["model"] ?? "-"} status={c.Response.StatusCode} " +
+                $"prompt_tokens={items["prompt_tokens"] ?? 0} completion_tokens={items["completion_tokens"] ?? 0} ms={sw.ElapsedMilliseconds}");
+        }
+    }
+
+    /// <summary>The matched route's pattern (so logs carry no client-chosen text), else the (cleaned, shortened) path.</summary>
+    static string RouteOf(HttpContext c) => c.GetEndpoint() is RouteEndpoint r ? r.RoutePattern.RawText ?? "?" : Printable(c.Request.Path.Value);
+
+    static string Printable(string? s)
+    {
+        s ??= "";
+        if (s.Length > 80) s = s[..80] + "…";
+        return new string(s.Select(ch => char.IsControl(ch) ? '?' : ch).ToArray());
+    }
+
     // ---- auth ----
 
+    /// <summary>Who may call an endpoint: every route carries one as endpoint metadata.</summary>
+    public enum Access { Public, User, Admin }
+
+    sealed record AccessMetadata(Access Level);
+
+    /// <summary>
+    /// Keys are checked against the matched endpoint's <see cref="Access"/> (routing is case-insensitive, so the raw path
+    /// must never decide). With no key configured everything is open (serve warns, and refuses non-loopback addresses).
+    /// With any key configured, only /health answers without one: user routes take the API key or the admin key, admin
+    /// routes only the admin key (with only an API key configured, admin routes are closed). Unmatched routes count as
+    /// user routes, so a caller without a key learns nothing about which paths exist.
+    /// </summary>
     async Task Authorize(HttpContext c, Func<Task> next)
     {
-        var path = c.Request.Path.Value ?? "";
-        if (path == "/health" || (_o.ApiKey is null && _o.AdminKey is null)) { await next(); return; }
-        string? key = c.Request.Headers.Authorization.ToString() is var h && h.StartsWith("Bearer ", StringComparison.Ordinal) ? h[7..].Trim() : null;
-        bool admin = _o.AdminKey is string ak && key is not null && SameKey(key, ak);
-        bool user = _o.ApiKey is string uk && key is not null && SameKey(key, uk);
-        if (path.StartsWith("/admin", StringComparison.Ordinal))
-        {
-            if (admin) { await next(); return; }
-            await Error(c, key is null || !user ? 401 : 403, key is null ? "missing API key (Authorization: Bearer …)" : user ? "this key may not use admin endpoints" : "invalid API key", "authentication_error");
-            return;
-        }
-        if (user || admin || _o.ApiKey is null) { await next(); return; }
-        await Error(c, 401, key is null ? "missing API key (Authorization: Bearer …)" : "invalid API key", "authentication_error");
+        var access = c.GetEndpoint()?.Metadata.GetMetadata<AccessMetadata>()?.Level ?? Access.User;
+        if (access == Access.Public || (_o.ApiKey is null && _o.AdminKey is null)) { await next(); return; }
+        var (present, key) = BearerKey(c.Request.Headers.Authorization);
+        bool admin = key is not null && _o.AdminKey is string ak && SameKey(key, ak);
+        bool user = key is not null && _o.ApiKey is string uk && SameKey(key, uk);
+        if (access == Access.Admin ? admin : admin || user) { await next(); return; }
+        c.Response.Headers.WWWAuthenticate = "Bearer";
+        if (!present) await Error(c, 401, "missing API key (send the header Authorization: Bearer <key>)", "authentication_error");
+        else if (user) await Error(c, 403, _o.AdminKey is null ? "admin endpoints are disabled: the server has no admin key" : "this key may not use admin endpoints", "permission_error");
+        else await Error(c, 401, "invalid API key", "authentication_error");
+    }
+
+    /// <summary>The key of an "Authorization: Bearer KEY" header (scheme case-insensitive); present = some header was sent.</summary>
+    internal static (bool present, string? key) BearerKey(Microsoft.Extensions.Primitives.StringValues values)
+    {
+        if (values.Count == 0) return (false, null);
+        if (values.Count > 1) return (true, null);
+        var h = (values[0] ?? "").Trim();
+        if (h.Length == 0) return (false, null);
+        int sp = h.IndexOfAny([' ', '\t']);
+        if (sp <= 0 || !h[..sp].Equals("Bearer", StringComparison.OrdinalIgnoreCase)) return (true, null);
+        var k = h[(sp + 1)..].Trim();
+        return (true, k.Length == 0 ? null : k);
     }
 
     /// <summary>Constant-time comparison (of fixed-length digests, so lengths do not leak either).</summary>
@@ -115,11 +208,26 @@ public sealed class OpenAiServer : IAsyncDisposable
         return c.Response.WriteAsJsonAsync(ErrorBody(message, param, type));
     }
 
-    sealed class ApiError(int status, string message, string? param = null) : Exception(message)
+    /// <summary>
+    /// A message from lower layers (adapter and model loading) made fit for a client: the adapters root and the model
+    /// directory become relative names, any other absolute path its last segment; the server log keeps the full text.
+    /// </summary>
+    internal string Scrub(string message)
     {
-        public int Status { get; } = status;
-        public string? Param { get; } = param;
+        var root = Path.GetFullPath(_o.Adapters).TrimEnd(Path.DirectorySeparatorChar);
+        var model = Path.GetFullPath(_o.Model).TrimEnd(Path.DirectorySeparatorChar);
+        message = message.Replace(root + Path.DirectorySeparatorChar, "").Replace(root, "<adapters>")
+            .Replace(model + Path.DirectorySeparatorChar, "").Replace(model, "<model>");
+        message = JsonPosition().Replace(message, "");
+        return AbsolutePath().Replace(message, m => Path.GetFileName(m.Value.TrimEnd('/')) is { Length: > 0 } f ? f : "<path>");
     }
+
+    /// <summary>System.Text.Json's " Path: $.x | LineNumber: 0 | BytePositionInLine: 13." tail (internal coordinates).</summary>
+    [GeneratedRegex(@"\s*(Path: \$\S* \| )?LineNumber: \d+ \| BytePositionInLine: \d+\.?")]
+    private static partial Regex JsonPosition();
+
+    [GeneratedRegex(@"(?<![\w.~-])/[^\s'""()\[\],;]+")]
+    private static partial Regex AbsolutePath();
 
     // ---- endpoints ----
 
@@ -133,18 +241,26 @@ public sealed class OpenAiServer : IAsyncDisposable
     async Task<IResult> Admin(Func<Task> op, string name, string verb)
     {
         try { await op(); return Results.Json(new { adapter = name, status = verb, loaded = _registry.Loaded }); }
-        catch (AdapterNameException e) { return Results.Json(ErrorBody(e.Message), statusCode: 400); }
-        catch (KeyNotFoundException e) { return Results.Json(ErrorBody(e.Message), statusCode: 404); }
-        catch (InvalidOperationException e) { return Results.Json(ErrorBody(e.Message), statusCode: 409); }
-        catch (Exception e) when (e is InvalidDataException or LoraConfigException or IO.SafetensorsException or FileNotFoundException)
+        catch (AdapterNameException e) { return Results.Json(ErrorBody(e.Message, "name"), statusCode: 400); }
+        catch (KeyNotFoundException e) { return Results.Json(ErrorBody(Scrub(e.Message), "name"), statusCode: 404); }
+        catch (InvalidOperationException e) { return Results.Json(ErrorBody(Scrub(e.Message), "name"), statusCode: 409); }
+        catch (Exception e) when (IsAdapterFault(e))
         {
-            return Results.Json(ErrorBody($"adapter '{name}' refused: {e.Message}"), statusCode: 422);
+            _o.Log?.Invoke($"adapter '{name}' refused: {e.Message}");
+            return Results.Json(ErrorBody($"adapter '{name}' refused: {Scrub(e.Message)}", "name"), statusCode: 422);
         }
     }
 
+    /// <summary>Errors that mean "this adapter's files are wrong", not "the server is broken".</summary>
+    static bool IsAdapterFault(Exception e) =>
+        e is LoraKitException or InvalidDataException or FileNotFoundException or DirectoryNotFoundException or FormatException or System.Text.Json.JsonException;
+
     /// <summary>OpenAI's error object.</summary>
     static object ErrorBody(string message, string? param = null, string type = "invalid_request_error") =>
-        new { error = new { message, type, param, code = (string?)null } };
+        new { error = new { message = WellFormed(message), type, param = param is null ? null : WellFormed(param), code = (string?)null } };
+
+    /// <summary>Unpaired surrogates (which a client may have sent, and which JSON writers refuse) become U+FFFD.</summary>
+    static string WellFormed(string s) => Encoding.UTF8.GetString(Encoding.UTF8.GetBytes(s));
 
     async Task Complete(HttpContext c, bool chat)
     {
@@ -159,18 +275,18 @@ public sealed class OpenAiServer : IAsyncDisposable
         bool slot = false;
         try
         {
-            JsonObject body;
-            try { body = await JsonNode.ParseAsync(c.Request.Body) as JsonObject ?? throw new ApiError(400, "the body must be a JSON object"); }
-            catch (JsonException e) { throw new ApiError(400, $"invalid JSON: {e.Message}"); }
-            catch (BadHttpRequestException e) when (e.StatusCode == 413) { throw new ApiError(413, $"request body exceeds {_o.MaxBodyBytes} bytes"); }
-
+            var body = await ReadBody(c);
             var (adapter, modelName) = ResolveModel(body);
             if (adapter != null && ClassifyEndpoint.RefuseGeneration(_registry, adapter) is string why) throw new ApiError(400, why, "model");
-            var (prompt, promptIds) = chat ? ChatPrompt(body) : TextPrompt(body);
-            if (promptIds.Length > _o.MaxPromptTokens) throw new ApiError(400, $"the prompt has {promptIds.Length} tokens; the limit is {_o.MaxPromptTokens}", chat ? "messages" : "prompt");
-            var options = Sampling(body, chat);
-            bool stream = body["stream"]?.GetValue<bool>() ?? false;
-            bool includeUsage = body["stream_options"]?["include_usage"]?.GetValue<bool>() ?? false;
+            c.Items["model"] = modelName;
+            var request = CompletionRequest.Parse(body, chat, _o);
+            var promptIds = chat ? ChatPrompt(body) : TextPrompt(body);
+            string promptParam = chat ? "messages" : "prompt";
+            c.Items["prompt_tokens"] = promptIds.Length;
+            if (promptIds.Length > _o.MaxPromptTokens) throw new ApiError(400, $"the prompt has {promptIds.Length} tokens; the limit is {_o.MaxPromptTokens}", promptParam);
+            if (promptIds.Length >= _engine.ContextLength)
+                throw new ApiError(400, $"the prompt has {promptIds.Length} tokens, but this model's context is {_engine.ContextLength} tokens for prompt and completion together", promptParam);
+            var options = request.Options with { EosTokenIds = request.IgnoreEos ? [] : _eos };
 
             if (adapter != null) adapterLease = await AcquireAdapter(adapter);
             await _slots.WaitAsync(c.RequestAborted);
@@ -178,16 +294,16 @@ public sealed class OpenAiServer : IAsyncDisposable
 
             string id = (chat ? "chatcmpl-" : "cmpl-") + Guid.NewGuid().ToString("N")[..24];
             long created = DateTimeOffset.UtcNow.ToUnixTimeSeconds();
-            if (!stream)
+            if (!request.Stream)
             {
                 var r = await _engine.GenerateAsync(promptIds, adapter, options, null, c.RequestAborted);
+                c.Items["completion_tokens"] = r.OutputIds.Length;
                 await c.Response.WriteAsJsonAsync(Body(chat, id, created, modelName, r, promptIds.Length));
                 return;
             }
-            await Stream(c, chat, id, created, modelName, promptIds, adapter, options, includeUsage);
+            await Stream(c, chat, id, created, modelName, promptIds, adapter, options, request.IncludeUsage);
         }
         catch (ApiError e) { await Error(c, e.Status, e.Message, e.Status == 429 ? "rate_limit_error" : "invalid_request_error", e.Param); }
-        catch (OperationCanceledException) when (c.RequestAborted.IsCancellationRequested) { }
         finally
         {
             if (slot) _slots.Release();
@@ -196,85 +312,111 @@ public sealed class OpenAiServer : IAsyncDisposable
         }
     }
 
+    /// <summary>The body as a JSON object, or a 400/413 that says what is wrong with it.</summary>
+    async Task<JsonObject> ReadBody(HttpContext c)
+    {
+        byte[] bytes;
+        try
+        {
+            using var buffer = new MemoryStream();
+            await c.Request.Body.CopyToAsync(buffer, c.RequestAborted);
+            bytes = buffer.ToArray();
+        }
+        catch (BadHttpRequestException e) when (e.StatusCode == 413) { throw new ApiError(413, $"the request body exceeds {_o.MaxBodyBytes} bytes"); }
+        if (bytes.AsSpan().Trim(" \t\r\n"u8).Length == 0) throw new ApiError(400, "the request body is empty; send a JSON object");
+        if (!System.Text.Unicode.Utf8.IsValid(bytes)) throw new ApiError(400, "the request body is not valid UTF-8");
+        JsonNode? node;
+        try { node = JsonNode.Parse(bytes, documentOptions: new JsonDocumentOptions { MaxDepth = 64, AllowDuplicateProperties = false }); }
+        catch (JsonException e)
+        {
+            var what = e.Message;
+            foreach (var tail in new[] { " Path: ", " LineNumber: " }) // System.Text.Json's position, said above in the user's terms
+                if (what.IndexOf(tail, StringComparison.Ordinal) is > 0 and var cut) what = what[..cut];
+            throw new ApiError(400, $"the request body is not valid JSON (line {(e.LineNumber ?? 0) + 1}, byte {(e.BytePositionInLine ?? 0) + 1}): {what.TrimEnd('.')}");
+        }
+        return node as JsonObject ?? throw new ApiError(400, $"the request body must be a JSON object, not {Json.Kind(node)}");
+    }
+
     async Task<IDisposable> AcquireAdapter(string adapter)
     {
         try { return await _registry.AcquireAsync(adapter); }
         catch (AdapterNameException e) { throw new ApiError(400, e.Message, "model"); }
-        catch (KeyNotFoundException e) { throw new ApiError(404, $"{e.Message} (see /v1/models)", "model"); }
-        catch (InvalidOperationException e) { throw new ApiError(429, e.Message, "model"); }
-        catch (Exception e) when (e is InvalidDataException or LoraConfigException or IO.SafetensorsException or FileNotFoundException)
+        catch (KeyNotFoundException e) { throw new ApiError(404, $"{Scrub(e.Message)} (see /v1/models)", "model"); }
+        catch (InvalidOperationException e) { throw new ApiError(429, Scrub(e.Message), "model"); }
+        catch (Exception e) when (IsAdapterFault(e))
         {
-            throw new ApiError(422, $"adapter '{adapter}' cannot be used with this base model: {e.Message}", "model");
+            _o.Log?.Invoke($"adapter '{adapter}' refused: {e.Message}");
+            throw new ApiError(422, $"adapter '{adapter}' cannot be used with this base model: {Scrub(e.Message)}", "model");
         }
     }
 
     (string? adapter, string name) ResolveModel(JsonObject body)
     {
-        var model = body["model"]?.GetValue<string>() ?? throw new ApiError(400, "missing \"model\"", "model");
+        var model = Json.Str(body, "model") ?? throw new ApiError(400, "missing \"model\" (the base model's name, \"base\", or an adapter's name; see /v1/models)", "model");
+        if (model.Length == 0) throw new ApiError(400, "\"model\" is empty", "model");
         if (model == "base" || model == _baseName) return (null, _baseName);
         return (model, model);
     }
 
-    (string, int[]) TextPrompt(JsonObject body)
+    int[] TextPrompt(JsonObject body)
     {
         var prompt = body["prompt"] switch
         {
-            JsonValue v when v.TryGetValue<string>(out var s) => s,
-            JsonArray { Count: 1 } a when a[0] is JsonValue v1 && v1.TryGetValue<string>(out var s1) => s1,
             null => throw new ApiError(400, "missing \"prompt\"", "prompt"),
-            _ => throw new ApiError(400, "\"prompt\" must be a string (one prompt per request)", "prompt"),
+            JsonValue v when v.GetValueKind() == JsonValueKind.String => Json.Text(v, "prompt"),
+            JsonArray { Count: 1 } a when Json.IsString(a[0]) => Json.Text(a[0]!, "prompt"),
+            var other => throw new ApiError(400, $"\"prompt\" must be a string (one prompt per request; token ids are not accepted), not {Json.Kind(other)}", "prompt"),
         };
+        if (prompt.Length == 0) throw new ApiError(400, "\"prompt\" is empty", "prompt");
+        if (prompt.Length > _o.MaxPromptTokens * 64) throw new ApiError(400, $"the prompt is far longer than {_o.MaxPromptTokens} tokens", "prompt");
         var ids = _engine.Tokenizer.Encode(prompt);
-        if (ids.Length == 0) throw new ApiError(400, "the prompt is empty", "prompt");
-        return (prompt, ids);
+        if (ids.Length == 0) throw new ApiError(400, "the prompt encodes to no tokens", "prompt");
+        return ids;
     }
 
-    (string, int[]) ChatPrompt(JsonObject body)
+    int[] ChatPrompt(JsonObject body)
     {
-        if (body["messages"] is not JsonArray { Count: > 0 } messages) throw new ApiError(400, "\"messages\" must be a non-empty array", "messages");
+        var messages = body["messages"] switch
+        {
+            null => throw new ApiError(400, "missing \"messages\"", "messages"),
+            JsonArray { Count: > 0 } a => a,
+            JsonArray => throw new ApiError(400, "\"messages\" is empty", "messages"),
+            var other => throw new ApiError(400, $"\"messages\" must be an array of messages, not {Json.Kind(other)}", "messages"),
+        };
+        // A clean copy with only what templates read: role, content (text parts joined), name.
+        var clean = new JsonArray();
+        for (int i = 0; i < messages.Count; i++)
+        {
+            string at = $"messages[{i}]";
+            if (messages[i] is not JsonObject m) throw new ApiError(400, $"{at} must be an object with \"role\" and \"content\", not {Json.Kind(messages[i])}", at);
+            var role = Json.Str(m, "role", $"{at}.role") ?? throw new ApiError(400, $"{at} has no \"role\"", $"{at}.role");
+            if (role is not ("system" or "developer" or "user" or "assistant" or "tool"))
+                throw new ApiError(400, $"{at}.role must be system, developer, user, assistant or tool", $"{at}.role");
+            string content = m["content"] switch
+            {
+                null when role == "assistant" => "",
+                null => throw new ApiError(400, $"{at} has no \"content\"", $"{at}.content"),
+                JsonValue v when v.GetValueKind() == JsonValueKind.String => Json.Text(v, $"{at}.content"),
+                JsonArray parts => string.Concat(parts.Select((p, k) => p is JsonObject po && Json.Str(po, "type", $"{at}.content[{k}].type") == "text"
+                    ? Json.Str(po, "text", $"{at}.content[{k}].text") ?? throw new ApiError(400, $"{at}.content[{k}] has no \"text\"", $"{at}.content[{k}].text")
+                    : throw new ApiError(400, $"{at}.content[{k}] must be a text part ({{\"type\": \"text\", \"text\": ...}})", $"{at}.content[{k}]"))),
+                var other => throw new ApiError(400, $"{at}.content must be a string or an array of text parts, not {Json.Kind(other)}", $"{at}.content"),
+            };
+            var item = new JsonObject { ["role"] = role == "developer" ? "system" : role, ["content"] = content };
+            if (Json.Str(m, "name", $"{at}.name") is string name) item["name"] = name;
+            clean.Add(item);
+        }
         if (_template is null) throw new ApiError(400, "this model has no chat template; use /v1/completions", "messages");
-        foreach (var m in messages)
-            if (m?["role"]?.GetValue<string>() is not ("system" or "user" or "assistant" or "tool") || m["content"] is null)
-                throw new ApiError(400, "each message needs a role (system, user, assistant, tool) and content", "messages");
         string text;
         try
         {
-            using var doc = JsonDocument.Parse(messages.ToJsonString());
+            using var doc = JsonDocument.Parse(clean.ToJsonString());
             text = _template.Render(doc.RootElement, addGenerationPrompt: true, _engine.Tokenizer.Config);
         }
-        catch (Templating.TemplateException e) { throw new ApiError(400, e.Message, "messages"); }
-        return (text, _engine.Tokenizer.Encode(text, addSpecialTokens: false));
-    }
-
-    SamplingOptions Sampling(JsonObject body, bool chat)
-    {
-        double Num(string key, double dflt) => body[key] is JsonValue v && v.TryGetValue<double>(out var d) ? d : body[key] is null ? dflt
-            : throw new ApiError(400, $"\"{key}\" must be a number", key);
-        int maxTokens = (int)Num(chat && body["max_completion_tokens"] != null ? "max_completion_tokens" : "max_tokens", chat ? Math.Min(_o.MaxTokens, 256) : 16);
-        if (maxTokens < 1 || maxTokens > _o.MaxTokens) throw new ApiError(400, $"max_tokens must be between 1 and {_o.MaxTokens}", "max_tokens");
-        double temperature = Num("temperature", 1.0);
-        if (temperature is < 0 or > 2) throw new ApiError(400, "temperature must be between 0 and 2", "temperature");
-        double topP = Num("top_p", 1.0);
-        if (topP is <= 0 or > 1) throw new ApiError(400, "top_p must be in (0, 1]", "top_p");
-        if (body["n"] is JsonValue n && n.GetValue<int>() != 1) throw new ApiError(400, "only n = 1 is supported", "n");
-        var stops = body["stop"] switch
-        {
-            null => [],
-            JsonValue v when v.TryGetValue<string>(out var s) => [s],
-            JsonArray a => a.Select(x => x?.GetValue<string>() ?? "").ToList(),
-            _ => throw new ApiError(400, "\"stop\" must be a string or an array of strings", "stop"),
-        };
-        if (stops.Count > _o.MaxStopStrings) throw new ApiError(400, $"at most {_o.MaxStopStrings} stop strings", "stop");
-        if (stops.Any(s => s.Length == 0)) throw new ApiError(400, "stop strings must not be empty", "stop");
-        long? seed = body["seed"] is JsonValue sv ? sv.GetValue<long>() : null;
-        // vLLM's extension: generate max_tokens whatever the model says (benchmarks, load tests).
-        bool ignoreEos = body["ignore_eos"] switch
-        {
-            null => false,
-            JsonValue v when v.TryGetValue<bool>(out var b) => b,
-            _ => throw new ApiError(400, "\"ignore_eos\" must be true or false", "ignore_eos"),
-        };
-        return new SamplingOptions { MaxNewTokens = maxTokens, Temperature = temperature, TopP = topP, Seed = seed, StopStrings = stops, EosTokenIds = ignoreEos ? [] : _eos };
+        catch (LoraKitException e) { throw new ApiError(400, Scrub(e.Message), "messages"); } // the template's own errors and limits
+        var ids = _engine.Tokenizer.Encode(text, addSpecialTokens: false);
+        if (ids.Length == 0) throw new ApiError(400, "the messages render to no tokens", "messages");
+        return ids;
     }
 
     static object Usage(int prompt, int completion) => new { prompt_tokens = prompt, completion_tokens = completion, total_tokens = prompt + completion };
@@ -285,7 +427,7 @@ public sealed class OpenAiServer : IAsyncDisposable
         ? new
         {
             id, @object = "chat.completion", created, model,
-            choices = new[] { new { index = 0, message = new { role = "assistant", content = r.Text }, finish_reason = Finish(r.FinishReason) } },
+            choices = new[] { new { index = 0, message = new { role = "assistant", content = r.Text }, logprobs = (object?)null, finish_reason = Finish(r.FinishReason) } },
             usage = Usage(promptTokens, r.OutputIds.Length),
         }
         : new
@@ -313,13 +455,24 @@ public sealed class OpenAiServer : IAsyncDisposable
             : new { id, @object = "text_completion", created, model, choices = new[] { new { index = 0, text = text ?? "", logprobs = (object?)null, finish_reason = finish } } };
         if (chat) await Send(Chunk("", null, first: true));
         await foreach (var piece in pieces.Reader.ReadAllAsync(c.RequestAborted)) await Send(Chunk(piece, null, first: false));
-        var result = await task;
+        GenerationResult result;
+        try { result = await task; }
+        catch (Exception e) when (e is not OperationCanceledException)
+        {
+            // The status line is sent already: the error travels as an event, as OpenAI's own streams do.
+            _o.Log?.Invoke($"error: stream {id}: {e.GetType().Name}: {e.Message}");
+            await Send(ErrorBody("generation failed (see the server log)", null, "server_error"));
+            await c.Response.WriteAsync("data: [DONE]\n\n");
+            return;
+        }
+        c.Items["completion_tokens"] = result.OutputIds.Length;
         await Send(Chunk(null, Finish(result.FinishReason), first: false));
         if (includeUsage)
             await Send(new { id, @object = chat ? "chat.completion.chunk" : "text_completion", created, model, choices = Array.Empty<object>(), usage = Usage(promptIds.Length, result.OutputIds.Length) });
         await c.Response.WriteAsync("data: [DONE]\n\n");
     }
 
+    /// <summary>Stops accepting connections, lets in-flight requests finish for up to <see cref="ServerOptions.DrainTimeout"/>, then stops the engine.</summary>
     public async ValueTask DisposeAsync()
     {
         if (_app != null) { await _app.StopAsync(); await _app.DisposeAsync(); }

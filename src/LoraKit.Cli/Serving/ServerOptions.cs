@@ -24,4 +24,14 @@ public sealed record ServerOptions
     public int MaxQueued { get; init; } = 64;
     /// <summary>Serve adapters LoraKit recorded as trained on another base model anyway (otherwise 422).</summary>
     public bool AllowBaseMismatch { get; init; }
+    /// <summary>On stop, how long in-flight requests may still run before their connections are closed.</summary>
+    public TimeSpan DrainTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    /// <summary>Allow listening on a non-loopback address with no key (refused otherwise).</summary>
+    public bool Insecure { get; init; }
+    /// <summary>Receives one line per request (method, route, model, status, tokens, ms) and server errors; null = silent.</summary>
+    public Action<string>? Log { get; init; }
+
+    /// <summary>Whether <see cref="Host"/> names only this machine (localhost, 127.0.0.0/8, ::1).</summary>
+    public bool IsLoopback => Host.Equals("localhost", StringComparison.OrdinalIgnoreCase)
+        || (System.Net.IPAddress.TryParse(Host.Trim('[', ']'), out var ip) && System.Net.IPAddress.IsLoopback(ip));
 }

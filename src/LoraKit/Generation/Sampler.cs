@@ -12,14 +12,14 @@ public sealed class Sampler
     {
         options.Validate();
         _o = options;
-        if (options.Temperature > 0) _rng = new Generator((ulong)(options.Seed ?? Random.Shared.NextInt64()));
+        if (!options.IsGreedy) _rng = new Generator((ulong)(options.Seed ?? Random.Shared.NextInt64()));
     }
 
     /// <summary>Next token for logits of shape [vocab].</summary>
     public int Next(Tensor logits)
     {
         using var scope = NewDisposeScope();
-        if (_o.Temperature == 0) return (int)logits.argmax().item<long>();
+        if (_o.IsGreedy) return (int)logits.argmax().item<long>();
         var l = logits.to(ScalarType.Float32, CPU) / _o.Temperature;
         if (_o.TopK > 0 && _o.TopK < l.shape[0])
         {

@@ -4,11 +4,20 @@ using static TorchSharp.torch;
 namespace LoraKit.Generation;
 
 /// <summary>
-/// One sequence being decoded: its sampler, the tokens so far, when to stop (EOS id, stop string, length) and the text
-/// already streamed. Used by <see cref="TextGenerator"/> and by the serving engine's batch rows alike.
+/// One sequence being decoded: its sampler, the tokens so far, when to stop (EOS id, stop string, length, the model's
+/// context: prompt and output together never exceed <paramref name="contextLength"/> tokens) and the text already
+/// streamed. Used by <see cref="TextGenerator"/> and by the serving engine's batch rows alike.
 /// </summary>
-public sealed class SequenceState(int[] promptIds, SamplingOptions options, Tokenizer tokenizer, Action<string>? onText)
+public sealed class SequenceState(int[] promptIds, SamplingOptions options, Tokenizer tokenizer, Action<string>? onText, int contextLength = int.MaxValue)
 {
+    /// <summary>Refuses a prompt that leaves no room in the model's context (max_position_embeddings) for one new token.</summary>
+    public static void CheckPromptFits(int promptTokens, int contextLength)
+    {
+        if (promptTokens >= contextLength)
+            throw new LoraKitException($"the prompt has {promptTokens} tokens, but the model's context (max_position_embeddings) is {contextLength} tokens " +
+                                       "for prompt and output together; shorten the prompt");
+    }
+
     readonly Sampler _sampler = new(options);
     readonly List<int> _output = [];
     string _emitted = "";
@@ -22,7 +31,7 @@ public sealed class SequenceState(int[] promptIds, SamplingOptions options, Toke
     public bool Step(Tensor logits) => Accept(_sampler.Next(logits));
 
     /// <summary>Greedy decoding needs no sampler: batch callers take all rows' argmax at once and hand the token in.</summary>
-    public bool IsGreedy => options.Temperature == 0;
+    public bool IsGreedy => options.IsGreedy;
 
     /// <summary>Records an already chosen token and reports whether decoding is over.</summary>
     public bool Accept(int next)
@@ -35,7 +44,7 @@ public sealed class SequenceState(int[] promptIds, SamplingOptions options, Toke
         {
             Emit(text.EndsWith('\uFFFD') ? text[..^1] : text); // a trailing U+FFFD may be half a character
             if (options.EosTokenIds.Contains(next)) Finish(FinishReason.Stop);
-            else if (_output.Count >= options.MaxNewTokens) Finish(FinishReason.Length);
+            else if (_output.Count >= options.MaxNewTokens || promptIds.Length + _output.Count >= contextLength) Finish(FinishReason.Length);
         }
         return Finished;
     }

@@ -8,14 +8,20 @@ public enum FinishReason { Length, Stop }
 
 public sealed record GenerationResult(int[] PromptIds, int[] OutputIds, string Text, FinishReason FinishReason);
 
-/// <summary>Autoregressive decoding of one sequence with a KV cache; one dispose scope per step keeps native memory flat.</summary>
+/// <summary>
+/// Autoregressive decoding of one sequence with a KV cache; one dispose scope per step keeps native memory flat.
+/// Prompt and output stay within the model's max_position_embeddings: a longer prompt is refused, and generation
+/// stops at the limit with <see cref="FinishReason.Length"/>.
+/// </summary>
 public sealed class TextGenerator(CausalLM model, Tokenizer tokenizer)
 {
     /// <summary>Generates from a prompt; <paramref name="onText"/> receives each new piece of decoded text.</summary>
     public GenerationResult Generate(int[] promptIds, SamplingOptions options, Action<string>? onText = null)
     {
         if (promptIds.Length == 0) throw new ArgumentException("the prompt encodes to no tokens; nothing to condition on");
-        var seq = new SequenceState(promptIds, options, tokenizer, onText);
+        int context = model.Config.MaxPositionEmbeddings;
+        SequenceState.CheckPromptFits(promptIds.Length, context);
+        var seq = new SequenceState(promptIds, options, tokenizer, onText, context);
         using var cache = new KvCache(model.Config.NumHiddenLayers);
         using var _ = no_grad();
         int[] step = promptIds;

@@ -39,6 +39,8 @@ public sealed class InferenceEngine : IDisposable
     /// <summary>For thread-safe reads only (layer shapes, loaded configs); mutate through <see cref="RunAsync{T}"/>.</summary>
     public LoraModel Lora => _lm;
     public Tokenizer Tokenizer => _tok;
+    /// <summary>Prompt and output tokens together (max_position_embeddings); longer prompts are refused, outputs stop there.</summary>
+    public int ContextLength => _lm.Model.Config.MaxPositionEmbeddings;
     /// <summary>Largest number of rows decoded together so far (for tests and benchmarks).</summary>
     public int PeakBatch { get; private set; }
 
@@ -56,6 +58,7 @@ public sealed class InferenceEngine : IDisposable
     public Task<GenerationResult> GenerateAsync(int[] promptIds, string? adapter, SamplingOptions options, Action<string>? onText = null, CancellationToken ct = default)
     {
         if (promptIds.Length == 0) throw new ArgumentException("the prompt encodes to no tokens");
+        SequenceState.CheckPromptFits(promptIds.Length, ContextLength);
         options.Validate();
         var done = new TaskCompletionSource<GenerationResult>(TaskCreationOptions.RunContinuationsAsynchronously);
         if (!_queue.Writer.TryWrite(new Generate(promptIds, adapter, options, onText, done, ct))) throw new ObjectDisposedException(nameof(InferenceEngine));
@@ -115,7 +118,7 @@ public sealed class InferenceEngine : IDisposable
     void Admit(Generate g, List<Row> rows, ref KvCache? cache, ref Tensor? mask)
     {
         if (g.Adapter != null && !_lm.Configs.ContainsKey(g.Adapter)) throw new KeyNotFoundException($"adapter '{g.Adapter}' is not loaded");
-        var state = new SequenceState(g.PromptIds, g.Options, _tok, g.OnText);
+        var state = new SequenceState(g.PromptIds, g.Options, _tok, g.OnText, ContextLength);
         if (g.Options.MaxNewTokens == 0) { g.Done.TrySetResult(state.Result()); return; }
         var rowCache = new KvCache(_lm.Model.Config.NumHiddenLayers);
         using (var scope = NewDisposeScope())
