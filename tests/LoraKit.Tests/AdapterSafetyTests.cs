@@ -284,7 +284,7 @@ public class AdapterSafetyTests
             return c;
         });
         using var lm = Base("llama");
-        var ex = Assert.Throws<InvalidDataException>(() => AdapterFiles.Load(lm, "x", dir));
+        var ex = Assert.Throws<WeightValueException>(() => AdapterFiles.Load(lm, "x", dir));
         Assert.Contains(victim, ex.Message);
         Assert.Empty(lm.Configs);
     }
@@ -296,7 +296,7 @@ public class AdapterSafetyTests
         AdapterFiles.Load(lm, "a", Adapter("llama", "a"));
         using (var _ = no_grad()) lm.Parameters("a")[0].param[0, 0] = float.NaN;
         var dir = Path.Combine(Fixtures.TempDir(), "out");
-        var ex = Assert.Throws<InvalidDataException>(() => AdapterFiles.Save(lm, "a", dir));
+        var ex = Assert.Throws<WeightValueException>(() => AdapterFiles.Save(lm, "a", dir));
         Assert.Contains(lm.Parameters("a")[0].key, ex.Message);
         Assert.False(Directory.Exists(dir));
     }
