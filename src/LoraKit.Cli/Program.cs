@@ -22,15 +22,41 @@ public static class Program
         root.Subcommands.Add(CheckKernelsCommand.Build());
         root.Subcommands.Add(HelpCommand(root));
         HelpDefaults(root);
-        return root.Parse(args).Invoke();
+        var parsed = root.Parse(args);
+        if (parsed.Action is System.CommandLine.Invocation.ParseErrorAction) return ParseError(parsed);
+        return parsed.Invoke();
     }
+
+    /// <summary>
+    /// A command line that does not parse gets the same one-line <c>error: …</c> as every other bad input (System.CommandLine
+    /// would print one line per problem and the whole help after them), and where to read the options.
+    /// </summary>
+    static int ParseError(ParseResult parsed)
+    {
+        var problems = parsed.Errors.Select(e => e.Message.ReplaceLineEndings(" ").Trim().TrimEnd('.')).Distinct().ToList();
+        // "lorakit scroe": the unknown word is the problem, not the missing command.
+        if (parsed.UnmatchedTokens.Count > 0 && problems.Count > 1) problems.RemoveAll(p => p.StartsWith("Required command", StringComparison.Ordinal));
+        var command = parsed.CommandResult.Command;
+        var path = command is RootCommand ? "lorakit" : "lorakit " + CommandPath(parsed.CommandResult);
+        var message = problems.Count == 0 ? "the command line does not parse" : string.Join("; ", problems);
+        Console.Error.WriteLine($"error: {message} (see `{path} --help`)");
+        return 1;
+    }
+
+    static string CommandPath(System.CommandLine.Parsing.CommandResult r) =>
+        r.Parent is System.CommandLine.Parsing.CommandResult p && p.Command is not RootCommand ? CommandPath(p) + " " + r.Command.Name : r.Command.Name;
 
     /// <summary><c>lorakit help [command...]</c>: the same as <c>lorakit [command...] --help</c>.</summary>
     static Command HelpCommand(RootCommand root)
     {
         var names = new Argument<string[]>("command") { Description = "the command to describe (none: all commands)", Arity = ArgumentArity.ZeroOrMore };
         var help = new Command("help", "Show help for LoraKit or one of its commands.") { names };
-        help.SetAction(r => root.Parse([.. r.GetValue(names) ?? [], "--help"]).Invoke());
+        help.SetAction(r =>
+        {
+            string[] words = r.GetValue(names) ?? [];
+            var asked = root.Parse(words); // "help frobnicate" is an unknown command, not the root's help
+            return asked.UnmatchedTokens.Count > 0 ? ParseError(asked) : root.Parse([.. words, "--help"]).Invoke();
+        });
         return help;
     }
 
