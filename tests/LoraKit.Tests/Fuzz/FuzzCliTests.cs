@@ -251,4 +251,21 @@ public class FuzzCliTests
             Assert.Contains("exceeds", e!.Message);
         }
     }
+
+    /// <summary>
+    /// A batch larger than the data was filled by cycling through it (--batch-size 100000 on 6 samples: past 25 s and
+    /// 4 GB); it is now the whole data, with a warning.
+    /// </summary>
+    [Fact]
+    public void BatchSizeLargerThanTheDataIsTheWholeData()
+    {
+        var output = Path.Combine(Fixtures.TempDir(), "run");
+        var sw = System.Diagnostics.Stopwatch.StartNew();
+        var (code, _, stderr) = CliTests.RunCli("train", "--model", Fixtures.Model("llama"), "--data", Fixtures.Path_("training", "data.jsonl"),
+            "--output", output, "--steps", "1", "--max-length", "32", "--batch-size", "100000", "--device", "cpu");
+        FuzzContract.CheckCli("cli-train", "--batch-size 100000 on 6 samples", code, stderr);
+        Assert.Equal(0, code);
+        Assert.True(sw.Elapsed < TimeSpan.FromSeconds(20), $"took {sw.Elapsed}");
+        Assert.Contains("batch size 100000 is more than the 6 training samples; using 6", stderr);
+    }
 }
