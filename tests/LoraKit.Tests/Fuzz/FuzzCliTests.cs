@@ -268,4 +268,16 @@ public class FuzzCliTests
         Assert.True(sw.Elapsed < TimeSpan.FromSeconds(20), $"took {sw.Elapsed}");
         Assert.Contains("batch size 100000 is more than the 6 training samples; using 6", stderr);
     }
+
+    /// <summary>score took any length (1,601 tokens on a 256-token model, a silently meaningless loss; attention memory
+    /// grows with the square); it now refuses a text past the context, as generate does.</summary>
+    [Fact]
+    public void ScoreRefusesATextPastTheContext()
+    {
+        var text = string.Concat(Enumerable.Repeat("hello ", 400));
+        var (code, _, stderr) = CliTests.RunCli("score", "--model", Fixtures.Model("llama"), "--text", text, "--device", "cpu");
+        FuzzContract.CheckCli("cli-score", "400 words on a 256-token model", code, stderr);
+        Assert.Equal(1, code);
+        Assert.Contains("max_position_embeddings", stderr);
+    }
 }
