@@ -83,6 +83,7 @@ public static class AdapterCommands
         var (model, output, device, dtype) = ModelOutputOptions(cmd);
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
+            OutputDirectory.EnsureNewOrEmpty(r.GetValue(output)!); // before minutes of loading and merging
             if (Directory.Exists(r.GetValue(adapter)) && AdapterFiles.Task(r.GetValue(adapter)!) is { IsSequenceClassification: true } task)
             {
                 // A classifier merges into a *ForSequenceClassification checkpoint: the score head replaces the LM head.
@@ -127,8 +128,7 @@ public static class AdapterCommands
                 return (dir: p[..colon], w);
             }).ToList();
             var outDir = r.GetValue(output)!;
-            if (Directory.Exists(outDir) && Directory.EnumerateFileSystemEntries(outDir).Any())
-                throw new IOException($"output directory '{outDir}' exists and is not empty");
+            OutputDirectory.EnsureNewOrEmpty(outDir);
             using var lm = LoadBase(r, model, device, dtype);
             var names = parts.Select((p, i) => $"in{i}").ToList();
             var load = new AdapterLoadOptions { AllowBaseMismatch = r.GetValue(allow) };

@@ -17,8 +17,15 @@ public static class ScoreCommand
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             var (model, tokenizer) = common.Load(r);
+            // Past the context the positions are ones the model never saw (a silently meaningless loss), and attention
+            // grows with the square of the length: refuse, as generate does; no token spans 1,024 characters.
+            int limit = model.Config.MaxPositionEmbeddings;
+            if ((long)r.GetValue(text)!.Length > 1024L * limit)
+                throw new ArgumentException($"the text has {r.GetValue(text)!.Length} characters, far past the model's context of {limit} tokens");
             var ids = tokenizer.Encode(r.GetValue(text)!);
             if (ids.Length == 0) throw new ArgumentException("the text encodes to no tokens");
+            if (ids.Length > limit)
+                throw new ArgumentException($"the text has {ids.Length} tokens, but the model's context (max_position_embeddings) is {limit} tokens; shorten it");
             float[] last;
             double? loss = null;
             using (var _ = no_grad())

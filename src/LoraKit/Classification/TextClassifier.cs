@@ -68,10 +68,10 @@ public sealed class TextClassifier : IDisposable
         if (!File.Exists(path)) return false;
         try
         {
-            return JsonNode.Parse(File.ReadAllText(path)) is JsonObject o && o["architectures"] is JsonArray { Count: > 0 } a
+            return JsonNode.Parse(IO.JsonFiles.ReadText(path)) is JsonObject o && o["architectures"] is JsonArray { Count: > 0 } a
                 && a[0] is JsonValue v && v.TryGetValue<string>(out var arch) && arch.EndsWith(SeqClsSuffix, StringComparison.Ordinal);
         }
-        catch (System.Text.Json.JsonException) { return false; } // ModelConfig.Load reports it properly
+        catch (Exception e) when (e is System.Text.Json.JsonException or LoraKitException) { return false; } // ModelConfig.Load reports it properly
     }
 
     const string SeqClsSuffix = "ForSequenceClassification";
@@ -84,7 +84,7 @@ public sealed class TextClassifier : IDisposable
     static TextClassifier LoadMerged(string dir, ScalarType dtype, Device device)
     {
         var path = Path.Combine(dir, "config.json");
-        var raw = (JsonObject)JsonNode.Parse(File.ReadAllText(path))!;
+        var raw = (JsonObject)JsonNode.Parse(IO.JsonFiles.ReadText(path))!;
         string arch = raw["architectures"]![0]!.GetValue<string>();
         var asCausal = (JsonObject)raw.DeepClone();
         asCausal["architectures"] = new JsonArray(arch[..^SeqClsSuffix.Length] + CausalSuffix);

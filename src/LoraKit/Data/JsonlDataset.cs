@@ -42,6 +42,7 @@ public static class JsonlDataset
 
     public static (List<Sample> samples, DataSummary summary) Load(string path, Tokenizer tok, DataOptions o, IReadOnlyList<string>? labels = null)
     {
+        if (Directory.Exists(path)) throw new DataException($"{path}: is a directory; give a JSONL file (one JSON object per line)");
         if (!File.Exists(path)) throw new DataException($"{path}: file not found");
         var samples = new List<Sample>();
         var problems = new List<string>();
@@ -117,17 +118,26 @@ public static class JsonlDataset
     /// The file's lines (1-based numbers), decoded strictly: a line that is not valid UTF-8 comes with the reason instead
     /// of being read with replacement characters. A UTF-8 byte order mark at the start is skipped; CRLF endings are read.
     /// </summary>
+    /// <summary>The longest line read (a JSONL sample is KBs; a file without newlines, or /dev/zero, would fill memory).</summary>
+    public const int MaxLineBytes = 64 << 20;
+
     public static IEnumerable<(int line, string text, string? invalid)> Lines(string path)
     {
         var utf8 = new System.Text.UTF8Encoding(false, throwOnInvalidBytes: true);
-        using var fs = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 16);
+        using var fs = new BufferedStream(IO.FileProblem.OpenRead(path), 1 << 16);
         var buf = new MemoryStream();
         int lineNo = 0, b;
         bool first = true;
         while (true)
         {
             b = fs.ReadByte();
-            if (b != '\n' && b != -1) { buf.WriteByte((byte)b); continue; }
+            if (b != '\n' && b != -1)
+            {
+                if (buf.Length >= MaxLineBytes)
+                    throw new DataException($"{path}:{lineNo + 1}: line longer than {MaxLineBytes:N0} bytes; is this a JSONL file (one JSON object per line)?");
+                buf.WriteByte((byte)b);
+                continue;
+            }
             if (b == -1 && buf.Length == 0) yield break;
             lineNo++;
             var bytes = buf.GetBuffer().AsSpan(0, (int)buf.Length);

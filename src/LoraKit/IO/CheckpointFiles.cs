@@ -71,6 +71,9 @@ public sealed class CheckpointFiles : IDisposable
 
     public SafetensorsEntry Entry(string name) => _fileOf[name].Entries[name];
 
+    /// <summary>The safetensors file that holds <paramref name="name"/>.</summary>
+    public string PathOf(string name) => _fileOf[name].Path;
+
     /// <summary>Reads one tensor and converts it to the given dtype and device.</summary>
     public Tensor Read(string name, ScalarType dtype, Device device)
     {

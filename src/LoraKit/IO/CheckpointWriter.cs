@@ -20,13 +20,24 @@ public static class CheckpointWriter
     public static void Save(CausalLM model, string sourceDir, string outDir, long maxShardBytes = 5L << 30,
         Action<JsonObject>? editConfig = null, IReadOnlyDictionary<string, Tensor>? head = null)
     {
-        if (Directory.Exists(outDir) && Directory.EnumerateFileSystemEntries(outDir).Any())
-            throw new IOException($"output directory '{outDir}' exists and is not empty");
+        OutputDirectory.EnsureNewOrEmpty(outDir);
         var full = Path.GetFullPath(outDir);
         var tmp = Path.Combine(Path.GetDirectoryName(full)!, $".{Path.GetFileName(full)}.tmp-{Environment.ProcessId}");
         if (Directory.Exists(tmp)) Directory.Delete(tmp, true);
         Directory.CreateDirectory(tmp);
+        try { Write(model, sourceDir, tmp, maxShardBytes, editConfig, head); }
+        catch
+        {
+            try { Directory.Delete(tmp, true); } catch (IOException) { } // never leave a half checkpoint behind
+            throw;
+        }
+        if (Directory.Exists(full)) Directory.Delete(full);
+        Directory.Move(tmp, full);
+    }
 
+    static void Write(CausalLM model, string sourceDir, string tmp, long maxShardBytes,
+        Action<JsonObject>? editConfig, IReadOnlyDictionary<string, Tensor>? head)
+    {
         var config = (JsonObject)model.Config.Raw.DeepClone();
         config["dtype"] = model.DType switch
         {
@@ -49,9 +60,6 @@ public static class CheckpointWriter
         }
         if (head != null) tensors.AddRange(head.Select(kv => (kv.Key, kv.Value)));
         WriteShards(tmp, tensors, maxShardBytes);
-
-        if (Directory.Exists(full)) Directory.Delete(full);
-        Directory.Move(tmp, full);
     }
 
     static void WriteShards(string dir, List<(string name, Tensor t)> tensors, long maxShardBytes)

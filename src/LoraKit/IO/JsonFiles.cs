@@ -28,13 +28,14 @@ public static class JsonFiles
         catch (JsonException e) { throw new LoraKitException($"{path}: not valid JSON ({Describe(e)})"); }
     }
 
+    /// <summary>The most a JSON file of a model or run is read (tokenizer.json of a 256k vocabulary is ~35 MB).</summary>
+    public const long MaxBytes = 128L << 20;
+
+    /// <summary>The file as text (UTF-8, BOM dropped), bounded by <see cref="MaxBytes"/>; read problems name the file.</summary>
     public static string ReadText(string path)
     {
-        try { return File.ReadAllText(path); }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            throw new LoraKitException($"{path}: cannot be read ({e.GetType().Name.Replace("Exception", "")})");
-        }
+        var bytes = FileProblem.ReadAllBytes(path, MaxBytes);
+        return new System.Text.UTF8Encoding(false, false).GetString(bytes).TrimStart('\uFEFF');
     }
 
     /// <summary>"line 3, column 7: duplicate key 'x'" from a JsonException, without the library's path boilerplate.</summary>

@@ -49,7 +49,7 @@ public sealed class SafetensorsFile : IDisposable
             try { return File.OpenRead(path); }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
-                throw new SafetensorsException(path, $"cannot be read ({e.GetType().Name.Replace("Exception", "")})");
+                throw new SafetensorsException(path, FileProblem.Describe(path, e));
             }
         }
         using (var fs = OpenRead())

@@ -60,7 +60,8 @@ public static class AdapterCombiner
         };
 
         using var _ = no_grad();
-        var keys = lm.TargetKeys(newConfig);
+        // Targets only (rank 1): an absurd rank must fail on the layers' size below, not as an implausible lora_alpha.
+        var keys = lm.TargetKeys(newConfig with { R = 1, LoraAlpha = 1 });
         // A rank above min(in, out) of a layer cannot add anything (svd has no more singular values; cat's extra rows are
         // linearly dependent) but would be allocated and written on every layer.
         long maxRank = keys.Min(k => Math.Min(lm.LinearShapes[k].InFeatures, lm.LinearShapes[k].OutFeatures));

@@ -274,7 +274,7 @@ public static class AdapterFiles
     public static List<string> ReadLabels(string path)
     {
         JsonNode? node;
-        try { node = JsonNode.Parse(File.ReadAllText(path)); }
+        try { node = JsonNode.Parse(IO.JsonFiles.ReadText(path)); }
         catch (System.Text.Json.JsonException) { throw new LoraConfigException($"{path}: not valid JSON (expected an array of label names)"); }
         if (node is not JsonArray a) throw new LoraConfigException($"{path}: expected a JSON array of label names");
         if (a.Count > MaxLabels) throw new LoraConfigException($"{path}: {a.Count} labels; a classifier needs 2 to {MaxLabels}");

@@ -120,8 +120,14 @@ public sealed record LoraConfig
     public static LoraConfig Load(string adapterDir)
     {
         var path = Path.Combine(adapterDir, "adapter_config.json");
+        if (!Directory.Exists(adapterDir))
+            throw new LoraConfigException(File.Exists(adapterDir)
+                ? $"adapter '{adapterDir}' is a file; give the directory holding adapter_config.json and adapter_model.safetensors"
+                : $"adapter directory '{adapterDir}' does not exist");
         if (!File.Exists(path))
         {
+            if (File.Exists(Path.Combine(adapterDir, "config.json")))
+                throw new LoraConfigException($"{adapterDir} holds a model (config.json), not an adapter: no adapter_config.json");
             if (File.Exists(Path.Combine(adapterDir, "adapter", "adapter_config.json")))
                 throw new LoraConfigException($"{adapterDir} is a training run folder, not an adapter; use {Path.Combine(adapterDir, "adapter")}");
             throw new LoraConfigException($"{adapterDir}: adapter_config.json not found");
@@ -140,7 +146,7 @@ public sealed record LoraConfig
     /// <summary>The file's text, refusing more than <see cref="MaxConfigBytes"/> (also for devices and pipes, whose length reads 0).</summary>
     static string ReadBounded(string path)
     {
-        using var fs = new FileStream(path, FileMode.Open, FileAccess.Read);
+        using var fs = IO.FileProblem.OpenRead(path);
         var buffer = new byte[MaxConfigBytes + 1];
         int n = 0, read;
         while (n < buffer.Length && (read = fs.Read(buffer, n, buffer.Length - n)) > 0) n += read;

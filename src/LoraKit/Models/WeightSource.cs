@@ -47,7 +47,11 @@ public sealed class CheckpointWeights(CheckpointFiles files, ScalarType dtype, D
             throw new InvalidDataException($"checkpoint is missing tensor '{name}' (expected shape {Shape(shape)})");
         var e = files.Entry(name);
         if (!e.Shape.SequenceEqual(shape))
-            throw new InvalidDataException($"tensor '{name}' has shape {Shape(e.Shape)} but the config implies {Shape(shape)}");
+            throw new InvalidDataException($"{files.PathOf(name)}: tensor '{name}' has shape {Shape(e.Shape)} but the config implies {Shape(shape)}");
+        // Integer and bool tensors under a weight's name are quantized or foreign checkpoints; casting them to float
+        // would run a silently wrong model.
+        if (e.DType is not ("F32" or "F16" or "BF16" or "F64"))
+            throw new SafetensorsException(files.PathOf(name), $"tensor '{name}' has dtype {e.DType}; model weights must be floating point (F32, BF16, F16, F64)");
         var t = files.Read(name, DType, Device);
         if (!AllFinite(t))
         {

@@ -121,7 +121,7 @@ public static class Checkpoints
         var path = Path.Combine(dir, StateFile);
         if (!File.Exists(path)) throw new LoraKitException($"{path}: missing (the checkpoint is incomplete)");
         TrainState? state;
-        try { state = JsonSerializer.Deserialize<TrainState>(File.ReadAllText(path)); }
+        try { state = JsonSerializer.Deserialize<TrainState>(IO.JsonFiles.ReadText(path)); }
         catch (Exception e) when (e is JsonException or NotSupportedException or ArgumentException)
         {
             throw new LoraKitException($"{path}: truncated or invalid JSON" + (e is JsonException { LineNumber: long l } ? $" at line {l + 1}" : ""));

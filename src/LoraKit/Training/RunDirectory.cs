@@ -102,7 +102,7 @@ public sealed class RunDirectory
     {
         try
         {
-            var o = JsonNode.Parse(File.ReadAllText(path)) as JsonObject ?? throw new JsonException("not an object");
+            var o = JsonNode.Parse(IO.JsonFiles.ReadText(path)) as JsonObject ?? throw new JsonException("not an object");
             foreach (var f in o["files"]?.AsArray() ?? []) if (f?.GetValue<string>() is string s && !s.Contains("..")) _ours.Add(s.Replace('/', Path.DirectorySeparatorChar));
         }
         catch (Exception e) when (e is JsonException or InvalidOperationException or FormatException)

@@ -151,7 +151,7 @@ public sealed class SequenceClassifier : IDisposable
         foreach (var (k, t) in all) if (k != ScoreKey) t.Dispose();
 
         var configPath = Path.Combine(adapterDir, AdapterFiles.ConfigFile);
-        var config = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(configPath))!.AsObject();
+        var config = System.Text.Json.Nodes.JsonNode.Parse(IO.JsonFiles.ReadText(configPath))!.AsObject();
         config["task_type"] = "SEQ_CLS";
         config["modules_to_save"] = new System.Text.Json.Nodes.JsonArray("classifier", "score"); // what PEFT writes for SEQ_CLS
         File.WriteAllText(configPath, config.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));

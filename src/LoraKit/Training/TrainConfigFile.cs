@@ -61,7 +61,7 @@ public static class TrainConfigFile
         if (!File.Exists(path)) throw new LoraKitException($"config file '{path}' not found");
         long size = new FileInfo(path).Length;
         if (size > MaxBytes) throw new LoraKitException($"{path}: {size:N0} bytes is too large for a train config (at most {MaxBytes:N0})");
-        var bytes = File.ReadAllBytes(path);
+        var bytes = IO.FileProblem.ReadAllBytes(path, MaxBytes);
         bool yaml = path.EndsWith(".yaml", StringComparison.OrdinalIgnoreCase) || path.EndsWith(".yml", StringComparison.OrdinalIgnoreCase);
         var entries = yaml ? ReadYaml(path, bytes) : ReadJson(path, bytes);
         return Apply(path, entries);

@@ -134,11 +134,15 @@ public static class Trainer
         log.Info(report);
 
         int microPerStep = c.GradAccum;
-        int stepsPerEpoch = (int)Math.Ceiling((double)train.Count / (c.BatchSize * microPerStep));
+        // A micro-batch larger than the data would be filled by cycling through it again and again (--batch-size 100000
+        // on 6 samples ran out of time and memory); like a PyTorch DataLoader, the batch is then the whole data.
+        int batchSize = Math.Min(c.BatchSize, train.Count);
+        if (batchSize < c.BatchSize) log.Warn($"batch size {c.BatchSize} is more than the {train.Count} training samples; using {batchSize}");
+        int stepsPerEpoch = (int)Math.Ceiling((double)train.Count / ((long)batchSize * microPerStep));
         int totalSteps = c.Steps > 0 ? c.Steps : Math.Max(1, (int)Math.Ceiling(c.Epochs * stepsPerEpoch));
         int evalEvery = valid is null ? 0 : c.EvalEvery > 0 ? c.EvalEvery : Math.Max(1, totalSteps / 10);
         int saveEvery = c.SaveEvery > 0 ? c.SaveEvery : evalEvery > 0 ? evalEvery : Math.Max(1, totalSteps / 5);
-        var batches = new Batches(train, c.BatchSize, c.Shuffle, c.Seed);
+        var batches = new Batches(train, batchSize, c.Shuffle, c.Seed);
         using var optimizer = new AdamW(trainable, c.Beta1, c.Beta2, c.AdamEps, c.WeightDecay);
         int padId = tok.Config.PadToken is string pt && tok.TokenToId(pt) is int pid ? pid : model.Config.PadTokenId ?? 0;
         // The task decides what a micro-batch's summed loss is and what it is normalised by: target tokens for language

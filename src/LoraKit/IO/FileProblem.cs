@@ -1,0 +1,51 @@
+namespace LoraKit.IO;
+
+/// <summary>
+/// Why a file could not be opened, in a few words for an error line that already names the file: a dangling link,
+/// a link loop, permissions — instead of the exception's type name or .NET's sentence with the path repeated.
+/// </summary>
+public static class FileProblem
+{
+    public static string Describe(string path, Exception e) => e switch
+    {
+        FileNotFoundException or DirectoryNotFoundException when new FileInfo(path).LinkTarget is string target
+            => $"is a symbolic link to '{target}', which does not exist",
+        FileNotFoundException or DirectoryNotFoundException => "not found",
+        UnauthorizedAccessException => "permission denied",
+        IOException when e.Message.Contains("symbolic links", StringComparison.OrdinalIgnoreCase)
+            => "cannot be read: too many levels of symbolic links (a link loop?)",
+        _ => "cannot be read: " + e.Message.Replace($" : '{path}'", "").Replace($"'{path}'", "the file").TrimEnd('.'),
+    };
+
+    /// <summary>Opens a file for reading; failures become a <see cref="LoraKitException"/> naming the file and the reason.</summary>
+    public static FileStream OpenRead(string path)
+    {
+        try { return File.OpenRead(path); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { throw new LoraKitException($"{path}: {Describe(path, e)}"); }
+    }
+
+    /// <summary>
+    /// The whole file, refusing more than <paramref name="maxBytes"/> — also for devices (/dev/zero) and pipes, whose
+    /// length reads 0 and which would otherwise be read until memory runs out.
+    /// </summary>
+    public static byte[] ReadAllBytes(string path, long maxBytes)
+    {
+        using var fs = OpenRead(path);
+        try
+        {
+            long length = fs.CanSeek ? fs.Length : 0;
+            if (length > maxBytes) throw new LoraKitException($"{path}: {length:N0} bytes, more than the {maxBytes:N0} bytes LoraKit reads from such a file");
+            using var ms = new MemoryStream(length > 0 ? (int)length : 0);
+            var buffer = new byte[1 << 16];
+            int read;
+            while ((read = fs.Read(buffer, 0, buffer.Length)) > 0)
+            {
+                if (ms.Length + read > maxBytes)
+                    throw new LoraKitException($"{path}: more than {maxBytes:N0} bytes{(length == 0 ? " (a device or a pipe?)" : "")}, more than LoraKit reads from such a file");
+                ms.Write(buffer, 0, read);
+            }
+            return ms.ToArray();
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { throw new LoraKitException($"{path}: {Describe(path, e)}"); }
+    }
+}
