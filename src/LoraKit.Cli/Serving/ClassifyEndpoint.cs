@@ -47,6 +47,10 @@ public sealed class ClassifyEndpoint(InferenceEngine engine, AdapterRegistry reg
 
     public async Task Handle(HttpContext c)
     {
+        // The body first, outside the queue (see OpenAiServer.Complete: slow bodies must not hold places).
+        (string name, List<string> texts) request;
+        try { request = await ParseAsync(c); }
+        catch (Refused e) { await Write(c, e.Status, e, "invalid_request_error"); return; }
         if (Interlocked.Increment(ref _inFlight) > o.MaxConcurrent + o.MaxQueued)
         {
             Interlocked.Decrement(ref _inFlight);
@@ -55,7 +59,7 @@ public sealed class ClassifyEndpoint(InferenceEngine engine, AdapterRegistry reg
         }
         try
         {
-            var (name, texts) = await ParseAsync(c);
+            var (name, texts) = request;
             if (name == "base" || name == baseName)
                 throw new Refused(400, $"'{name}' is the base model, which has no classification head; name a sequence-classification adapter", "model");
             var (labels, score) = ReadHead(name);
@@ -92,6 +96,7 @@ public sealed class ClassifyEndpoint(InferenceEngine engine, AdapterRegistry reg
         try { body = await JsonNode.ParseAsync(c.Request.Body, cancellationToken: c.RequestAborted) as JsonObject ?? throw new Refused(400, "the body must be a JSON object", "body"); }
         catch (JsonException e) { throw new Refused(400, $"invalid JSON: {e.Message.Split(" Path:")[0].Split(" LineNumber:")[0]}", "body"); }
         catch (BadHttpRequestException e) when (e.StatusCode == 413) { throw new Refused(413, $"request body exceeds {o.MaxBodyBytes} bytes", "body"); }
+        catch (IOException) when (!c.RequestAborted.IsCancellationRequested) { throw new Refused(400, OpenAiServer.MalformedFraming, "body"); }
         string name = body["model"] switch
         {
             null => throw new Refused(400, "missing \"model\" (the classification adapter's name)", "model"),

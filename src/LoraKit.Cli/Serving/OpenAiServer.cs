@@ -264,6 +264,11 @@ public sealed partial class OpenAiServer : IAsyncDisposable
 
     async Task Complete(HttpContext c, bool chat)
     {
+        // The body is read before the request takes a place in the queue: clients trickling their bodies (slowloris)
+        // must not hold places that complete requests need. Kestrel's minimum body data rate bounds how slow they may be.
+        JsonObject body;
+        try { body = await ReadBody(c); }
+        catch (ApiError e) { await Error(c, e.Status, e.Message, param: e.Param); return; }
         // Queue, then 429: at most MaxConcurrent generate, MaxQueued wait.
         if (Interlocked.Increment(ref _waiting) > _o.MaxConcurrent + _o.MaxQueued)
         {
@@ -275,7 +280,6 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         bool slot = false;
         try
         {
-            var body = await ReadBody(c);
             var (adapter, modelName) = ResolveModel(body);
             if (adapter != null && ClassifyEndpoint.RefuseGeneration(_registry, adapter) is string why) throw new ApiError(400, why, "model");
             c.Items["model"] = modelName;
@@ -323,6 +327,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
             bytes = buffer.ToArray();
         }
         catch (BadHttpRequestException e) when (e.StatusCode == 413) { throw new ApiError(413, $"the request body exceeds {_o.MaxBodyBytes} bytes"); }
+        catch (IOException) when (!c.RequestAborted.IsCancellationRequested) { throw new ApiError(400, MalformedFraming); } // e.g. a chunk size that overflows
         if (bytes.AsSpan().Trim(" \t\r\n"u8).Length == 0) throw new ApiError(400, "the request body is empty; send a JSON object");
         if (!System.Text.Unicode.Utf8.IsValid(bytes)) throw new ApiError(400, "the request body is not valid UTF-8");
         JsonNode? node;
@@ -336,6 +341,9 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         }
         return node as JsonObject ?? throw new ApiError(400, $"the request body must be a JSON object, not {Json.Kind(node)}");
     }
+
+    /// <summary>Kestrel's IOException for a body whose framing is broken (a chunk size that overflows), said to the client.</summary>
+    internal const string MalformedFraming = "the request body's framing is malformed (bad chunked transfer encoding)";
 
     async Task<IDisposable> AcquireAdapter(string adapter)
     {
