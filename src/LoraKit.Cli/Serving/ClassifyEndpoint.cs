@@ -96,6 +96,7 @@ public sealed class ClassifyEndpoint(InferenceEngine engine, AdapterRegistry reg
         try { body = await JsonNode.ParseAsync(c.Request.Body, cancellationToken: c.RequestAborted) as JsonObject ?? throw new Refused(400, "the body must be a JSON object", "body"); }
         catch (JsonException e) { throw new Refused(400, $"invalid JSON: {e.Message.Split(" Path:")[0].Split(" LineNumber:")[0]}", "body"); }
         catch (BadHttpRequestException e) when (e.StatusCode == 413) { throw new Refused(413, $"request body exceeds {o.MaxBodyBytes} bytes", "body"); }
+        catch (BadHttpRequestException e) { throw new Refused(e.StatusCode, OpenAiServer.BodyFault(e), "body"); }
         catch (IOException) when (!c.RequestAborted.IsCancellationRequested) { throw new Refused(400, OpenAiServer.MalformedFraming, "body"); }
         string name = body["model"] switch
         {

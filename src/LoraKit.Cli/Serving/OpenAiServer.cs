@@ -327,6 +327,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
             bytes = buffer.ToArray();
         }
         catch (BadHttpRequestException e) when (e.StatusCode == 413) { throw new ApiError(413, $"the request body exceeds {_o.MaxBodyBytes} bytes"); }
+        catch (BadHttpRequestException e) { throw new ApiError(e.StatusCode, BodyFault(e)); }
         catch (IOException) when (!c.RequestAborted.IsCancellationRequested) { throw new ApiError(400, MalformedFraming); } // e.g. a chunk size that overflows
         if (bytes.AsSpan().Trim(" \t\r\n"u8).Length == 0) throw new ApiError(400, "the request body is empty; send a JSON object");
         if (!System.Text.Unicode.Utf8.IsValid(bytes)) throw new ApiError(400, "the request body is not valid UTF-8");
@@ -344,6 +345,11 @@ public sealed partial class OpenAiServer : IAsyncDisposable
 
     /// <summary>Kestrel's IOException for a body whose framing is broken (a chunk size that overflows), said to the client.</summary>
     internal const string MalformedFraming = "the request body's framing is malformed (bad chunked transfer encoding)";
+
+    /// <summary>Kestrel's refusal of a body (other than 413), said to the client.</summary>
+    internal static string BodyFault(BadHttpRequestException e) => e.StatusCode == 408
+        ? "the request body arrived too slowly or stopped before its declared end"
+        : "the request body is malformed HTTP";
 
     async Task<IDisposable> AcquireAdapter(string adapter)
     {
