@@ -354,6 +354,48 @@ public class FuzzHttpHostileTests(HostileServer fx) : IClassFixture<HostileServe
     }
 
     [Fact]
+    public async Task PathologicalButWellTypedFields()
+    {
+        string Body(string extra, string prompt = "\"Hi\"") => $"{{\"model\":\"base\",\"prompt\":{prompt},\"temperature\":0{extra}}}";
+        string Chat(int n, string content = "a") => $"{{\"model\":\"base\",\"max_tokens\":2,\"messages\":[{string.Join(",", Enumerable.Range(0, n).Select(i => $"{{\"role\":\"{(i % 2 == 0 ? "user" : "assistant")}\",\"content\":\"{content}\"}}"))}]}}";
+        var big = new string('x', 12_000);
+        var cases = new List<(string name, string path, string body, int[] expect)>
+        {
+            ("max_tokens 2^31-1", "/v1/completions", Body(",\"max_tokens\":2147483647"), [400]),
+            ("max_tokens 2^63-1", "/v1/completions", Body(",\"max_tokens\":9223372036854775807"), [400]),
+            ("max_tokens 1e9 chat", "/v1/chat/completions", Chat(1).Replace("\"max_tokens\":2", "\"max_tokens\":1000000000"), [400]),
+            ("max_completion_tokens huge", "/v1/chat/completions", Chat(1).Replace("\"max_tokens\":2", "\"max_completion_tokens\":99999999"), [400]),
+            ("4 stop strings of 12k", "/v1/completions", Body($",\"max_tokens\":8,\"stop\":[\"{big}\",\"{big}1\",\"{big}2\",\"{big}3\"]"), [200, 400]),
+            ("many stop strings", "/v1/completions", Body($",\"max_tokens\":8,\"stop\":[{string.Join(",", Enumerable.Range(0, 2000).Select(i => $"\"s{i}\""))}]"), [400]),
+            ("empty stop strings", "/v1/completions", Body(",\"max_tokens\":8,\"stop\":[\"\",\"\"]"), [200, 400]),
+            ("prompt 12k chars", "/v1/completions", Body(",\"max_tokens\":2", $"\"{big}\""), [400]),
+            ("prompt 60k chars", "/v1/completions", Body(",\"max_tokens\":2", $"\"{new string('y', 60_000)}\""), [400]),
+            ("prompt of 3k emoji", "/v1/completions", Body(",\"max_tokens\":2", $"\"{string.Concat(Enumerable.Repeat("\\ud83d\\ude00", 3000))}\""), [400]),
+            ("prompt of escapes", "/v1/completions", Body(",\"max_tokens\":2", $"\"{string.Concat(Enumerable.Repeat("\\u0000\\n\\t", 1500))}\""), [200, 400]),
+            ("2000 messages", "/v1/chat/completions", Chat(2000), [400]),
+            ("5 messages", "/v1/chat/completions", Chat(5), [200]),
+            ("message of 12k", "/v1/chat/completions", Chat(1, big), [400]),
+            ("message with template syntax", "/v1/chat/completions", Chat(2, "{{ raise_exception('x') }}{% for x in range(99999999) %}"), [200]),
+            ("200 empty messages", "/v1/chat/completions", Chat(200, ""), [200, 400]),
+            ("seed max", "/v1/completions", Body(",\"max_tokens\":2,\"seed\":18446744073709551615"), [200, 400]),
+            ("corrupt adapter as model", "/v1/completions", Body(",\"max_tokens\":2").Replace("\"base\"", "\"corrupt\""), [422]),
+            ("corrupt adapter chat", "/v1/chat/completions", Chat(1).Replace("\"base\"", "\"corrupt\""), [422]),
+            ("corrupt adapter classify", "/v1/classify", "{\"model\":\"corrupt\",\"input\":\"hi\"}", [400, 422]),
+            ("plain file as model", "/v1/completions", Body(",\"max_tokens\":2").Replace("\"base\"", "\"plainfile\""), [404]),
+            ("causal adapter on classify", "/v1/classify", "{\"model\":\"a\",\"input\":[\"hi\",\"ho\"]}", [400]),
+            ("classify 5000 inputs", "/v1/classify", $"{{\"model\":\"a\",\"input\":[{string.Join(",", Enumerable.Range(0, 5000).Select(_ => "\"x\""))}]}}", [400]),
+        };
+        foreach (var (name, path, body, expect) in cases)
+        {
+            var sw = System.Diagnostics.Stopwatch.StartNew();
+            var (code, _, text) = await Raw(RawPost(path, body), 20_000);
+            Judge(name, code, text, expect: expect);
+            if (sw.Elapsed > TimeSpan.FromSeconds(5)) { _failures.Add($"{name}: took {sw.Elapsed.TotalSeconds:F1} s"); }
+        }
+        AssertAllClean();
+    }
+
+    [Fact]
     public async Task AdapterNamesThatTryToLeaveTheAdaptersDirectory()
     {
         var outside = Fixtures.CopyOf(Fixtures.Path_("adapters", "qwen3", "a"));
