@@ -461,3 +461,51 @@ public class ServerTensorCountTests
         finally { await fx.DisposeAsync(); }
     }
 }
+
+/// <summary>Classification and causal adapters on each other's routes, concurrently, while the admin reloads them.</summary>
+public class FuzzHttpTaskMixTests
+{
+    [Fact]
+    public async Task ClassificationAndCausalAdaptersOnEachOthersRoutesUnderLoadAndReloads()
+    {
+        var root = Fixtures.TempDir();
+        Fixtures.CopyOf(TinyClassifiers.Get("qwen2").adapter, Path.Combine(root, "clf"));
+        Fixtures.CopyOf(Fixtures.Path_("adapters", "qwen2", "a"), Path.Combine(root, "causal"));
+        var log = new System.Collections.Concurrent.ConcurrentQueue<string>();
+        await using var server = await OpenAiServer.StartAsync(new ServerOptions
+        {
+            Model = Fixtures.Model("qwen2"), Adapters = root, Port = 0, ApiKey = "u", AdminKey = "ad", Device = "cpu",
+            MaxTokens = 16, MaxConcurrent = 4, MaxQueued = 8, MaxLoadedAdapters = 1, Log = log.Enqueue, // one slot: every switch evicts
+        });
+        using var http = new HttpClient { BaseAddress = new Uri(server.Url), Timeout = TimeSpan.FromSeconds(30) };
+        var failures = new System.Collections.Concurrent.ConcurrentBag<string>();
+        async Task Call(string name, HttpMethod method, string path, string? body, string key, int[] expect)
+        {
+            using var req = new HttpRequestMessage(method, path);
+            if (body != null) req.Content = new StringContent(body, Encoding.UTF8, "application/json");
+            req.Headers.Authorization = new System.Net.Http.Headers.AuthenticationHeaderValue("Bearer", key);
+            using var res = await http.SendAsync(req);
+            var text = await res.Content.ReadAsStringAsync();
+            int code = (int)res.StatusCode;
+            string? verdict = code >= 500 ? $"status {code}: {log.LastOrDefault(l => l.StartsWith("error:", StringComparison.Ordinal))}"
+                : !expect.Contains(code) ? $"status {code}: {text}"
+                : code >= 400 && !text.Contains("\"message\"", StringComparison.Ordinal) ? $"status {code} without an error object: {text}" : null;
+            FuzzContract.Record("http-hostile", name, verdict is null ? (code < 400 ? "ok" : "clean-error") : "unclean", verdict ?? $"{code}");
+            if (verdict != null) failures.Add($"{name}: {verdict}");
+        }
+        int n = 6 * FuzzContract.Scale;
+        var work = new List<Task>();
+        for (int i = 0; i < n; i++)
+        {
+            work.Add(Call($"clf on completions {i}", HttpMethod.Post, "/v1/completions", "{\"model\":\"clf\",\"prompt\":\"hi\",\"max_tokens\":4}", "u", [400, 429]));
+            work.Add(Call($"causal on classify {i}", HttpMethod.Post, "/v1/classify", "{\"model\":\"causal\",\"input\":\"hi\"}", "u", [400, 429]));
+            work.Add(Call($"clf on classify {i}", HttpMethod.Post, "/v1/classify", "{\"model\":\"clf\",\"input\":[\"reset my password\",\"refund my payment\"]}", "u", [200, 429]));
+            work.Add(Call($"causal on completions {i}", HttpMethod.Post, "/v1/completions", "{\"model\":\"causal\",\"prompt\":\"hi\",\"max_tokens\":8,\"stream\":" + (i % 2 == 0 ? "true" : "false") + "}", "u", [200, 429]));
+            work.Add(Call($"clf on chat {i}", HttpMethod.Post, "/v1/chat/completions", "{\"model\":\"clf\",\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}", "u", [400, 429]));
+            work.Add(Call($"reload clf {i}", HttpMethod.Post, "/admin/adapters/clf/reload", null, "ad", [200, 409]));
+            work.Add(Call($"unload causal {i}", HttpMethod.Delete, "/admin/adapters/causal", null, "ad", [200, 404, 409]));
+        }
+        await Task.WhenAll(work);
+        Assert.True(failures.IsEmpty, $"{failures.Count} of {work.Count} broke the contract:\n" + string.Join("\n", failures.Take(30)));
+    }
+}
