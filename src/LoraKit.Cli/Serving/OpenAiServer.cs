@@ -59,6 +59,8 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         if (o.ApiKey is null && o.AdminKey is null && !o.Insecure && !o.IsLoopback)
             throw new LoraKitException($"refusing to listen on '{o.Host}' without a key: anyone who can reach it could use and administer the server; " +
                                        "set --api-key and --admin-key, or pass --insecure");
+        CheckKeyShape(o.ApiKey, "API key (--api-key or LORAKIT_API_KEY)");
+        CheckKeyShape(o.AdminKey, "admin key (--admin-key or LORAKIT_ADMIN_KEY)");
         if (!Directory.Exists(o.Adapters)) throw new DirectoryNotFoundException($"adapters directory '{o.Adapters}' does not exist");
         var device = Devices.Resolve(o.Device);
         var dtype = o.Dtype is string d ? IO.DTypes.Parse(d) : Devices.DefaultDType(device);
@@ -70,6 +72,18 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         var server = new OpenAiServer(o, engine, new AdapterRegistry(engine, o.Adapters, o.MaxLoadedAdapters) { AllowBaseMismatch = o.AllowBaseMismatch }, eos);
         await server.StartHttpAsync();
         return server;
+    }
+
+    /// <summary>
+    /// A key a client can send in a Bearer header: printable ASCII without spaces. An empty key (an empty environment
+    /// variable) or one with padding or control characters would lock every client out while looking configured.
+    /// </summary>
+    static void CheckKeyShape(string? key, string what)
+    {
+        if (key is null) return;
+        if (key.Length == 0) throw new LoraKitException($"the {what} is empty; set a key or leave it unset");
+        if (key.Any(ch => ch is <= ' ' or > '~'))
+            throw new LoraKitException($"the {what} must be printable ASCII without spaces (it has whitespace, control or non-ASCII characters, which no client could send in a Bearer header)");
     }
 
     public InferenceEngine Engine => _engine;

@@ -509,3 +509,23 @@ public class FuzzHttpTaskMixTests
         Assert.True(failures.IsEmpty, $"{failures.Count} of {work.Count} broke the contract:\n" + string.Join("\n", failures.Take(30)));
     }
 }
+
+/// <summary>Keys no client can send (empty, padded, with spaces, control or non-ASCII characters) are refused at start.</summary>
+public class ServerKeyShapeTests
+{
+    public static TheoryData<string> Unusable => new() { "", " ", " zq9secret", "zq9secret ", "zq9 secret", "zq9secret\n", "zq9se\tcret", "zq9sécret", "zq9secret\u0000", "\u00a0zq9secret" };
+
+    [Theory, MemberData(nameof(Unusable))]
+    public async Task KeysThatNoClientCouldSendAreRefusedAtStart(string key)
+    {
+        foreach (var (api, admin) in new[] { (key, (string?)null), ((string?)null, key), ("fine-key", key) })
+        {
+            var e = await Assert.ThrowsAnyAsync<LoraKitException>(() => OpenAiServer.StartAsync(new ServerOptions
+            {
+                Model = Fixtures.Model("qwen3"), Adapters = Fixtures.TempDir(), Port = 0, ApiKey = api, AdminKey = admin, Device = "cpu",
+            }));
+            Assert.Contains(api == key ? "API key" : "admin key", e.Message);
+            Assert.DoesNotContain("zq9", e.Message); // never echo the secret
+        }
+    }
+}
