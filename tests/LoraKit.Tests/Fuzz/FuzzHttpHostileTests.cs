@@ -247,6 +247,47 @@ public class FuzzHttpHostileTests(HostileServer fx) : IClassFixture<HostileServe
     }
 
     [Fact]
+    public async Task IdleConnectionsAndPipelinedRequestsLeaveTheServerResponsive()
+    {
+        var idle = new List<TcpClient>();
+        try
+        {
+            for (int i = 0; i < 150 * FuzzContract.Scale; i++)
+            {
+                var t = new TcpClient();
+                idle.Add(t);
+                await t.ConnectAsync(fx.Uri.Host, fx.Uri.Port);
+                if (i % 3 == 1) await t.GetStream().WriteAsync("POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: "u8.ToArray()); // headers never end
+            }
+            var sw = System.Diagnostics.Stopwatch.StartNew();
+            await AssertServes("base");
+            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(5), $"a request took {sw.Elapsed.TotalSeconds:F1} s next to {idle.Count} idle connections");
+        }
+        finally { foreach (var t in idle) t.Dispose(); }
+        // Pipelined on one keep-alive connection: an error in the middle must not desynchronise the rest.
+        string Req(string method, string path, string body, bool close = false) =>
+            $"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {HostileServer.UserKey}\r\nContent-Type: application/json\r\n" +
+            $"Content-Length: {Encoding.UTF8.GetByteCount(body)}\r\n{(close ? "Connection: close\r\n" : "")}\r\n{body}";
+        var pipelined = Req("GET", "/health", "") + Req("POST", "/v1/completions", "{\"model\":") + Req("POST", "/v1/completions", "{\"model\":\"nope\",\"prompt\":\"x\"}")
+            + Req("GET", "/v1/models", "") + Req("POST", "/v1/completions", Completion("base", 2), close: true);
+        var (code, _, _) = await Raw(Encoding.UTF8.GetBytes(pipelined));
+        using (var tcp = new TcpClient())
+        {
+            await tcp.ConnectAsync(fx.Uri.Host, fx.Uri.Port);
+            var st = tcp.GetStream();
+            await st.WriteAsync(Encoding.UTF8.GetBytes(pipelined));
+            using var cts = new CancellationTokenSource(15_000);
+            var all = new MemoryStream();
+            try { await st.CopyToAsync(all, cts.Token); } catch (OperationCanceledException) { } catch (IOException) { }
+            var text = Encoding.UTF8.GetString(all.ToArray());
+            var statuses = System.Text.RegularExpressions.Regex.Matches(text, @"HTTP/1\.1 (\d{3})").Select(m => m.Groups[1].Value).ToList();
+            Judge("pipelined", code, "{\"error\":{\"message\":\"x\"}}", expect: [200]);
+            Judge("pipelined statuses " + string.Join(",", statuses), string.Join(",", statuses) == "200,400,404,200,200" ? 200 : 418, text, expect: [200]);
+        }
+        AssertAllClean();
+    }
+
+    [Fact]
     public async Task AdaptersLoadedReloadedAndUnloadedUnderLoadNeverGiveA500()
     {
         int rounds = 4 * FuzzContract.Scale;
