@@ -40,6 +40,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
     readonly int[] _eos;
     readonly ChatTemplate? _template;
     readonly SemaphoreSlim _slots;
+    readonly BodyGate _bodies;
     int _waiting;
     WebApplication? _app;
 
@@ -51,6 +52,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         _baseName = o.ModelName ?? Path.GetFileName(Path.GetFullPath(o.Model).TrimEnd(Path.DirectorySeparatorChar));
         _template = engine.Tokenizer.Config.ChatTemplate is string t ? new ChatTemplate(t) : null;
         _slots = new SemaphoreSlim(o.MaxConcurrent, o.MaxConcurrent);
+        _bodies = new BodyGate(4 * (o.MaxConcurrent + o.MaxQueued), o.BodyTimeout);
     }
 
     /// <summary>Loads the base model once, starts the engine and Kestrel; returns when the server listens.</summary>
@@ -105,7 +107,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         app.MapGet("/v1/models", Models).WithMetadata(new AccessMetadata(Access.User));
         app.MapPost("/v1/completions", (HttpContext c) => Complete(c, chat: false)).WithMetadata(new AccessMetadata(Access.User));
         app.MapPost("/v1/chat/completions", (HttpContext c) => Complete(c, chat: true)).WithMetadata(new AccessMetadata(Access.User));
-        app.MapPost("/v1/classify", new ClassifyEndpoint(_engine, _registry, _o, _baseName).Handle).WithMetadata(new AccessMetadata(Access.User)); // LoraKit extension
+        app.MapPost("/v1/classify", new ClassifyEndpoint(_engine, _registry, _o, _baseName, _bodies).Handle).WithMetadata(new AccessMetadata(Access.User)); // LoraKit extension
         app.MapGet("/admin/adapters", () => Results.Json(new { available = _registry.Available(), loaded = _registry.Loaded })).WithMetadata(new AccessMetadata(Access.Admin));
         app.MapPost("/admin/adapters/{name}/load", (string name) => Admin(() => _registry.LoadAsync(name, reload: false), name, "loaded")).WithMetadata(new AccessMetadata(Access.Admin));
         app.MapPost("/admin/adapters/{name}/reload", (string name) => Admin(() => _registry.LoadAsync(name, reload: true), name, "reloaded")).WithMetadata(new AccessMetadata(Access.Admin));
@@ -282,7 +284,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         // must not hold places that complete requests need. Kestrel's minimum body data rate bounds how slow they may be.
         JsonObject body;
         try { body = await ReadBody(c); }
-        catch (ApiError e) { await Error(c, e.Status, e.Message, param: e.Param); return; }
+        catch (ApiError e) { await Error(c, e.Status, e.Message, e.Status == 429 ? "rate_limit_error" : "invalid_request_error", e.Param); return; }
         // Queue, then 429: at most MaxConcurrent generate, MaxQueued wait.
         if (Interlocked.Increment(ref _waiting) > _o.MaxConcurrent + _o.MaxQueued)
         {
@@ -334,15 +336,19 @@ public sealed partial class OpenAiServer : IAsyncDisposable
     async Task<JsonObject> ReadBody(HttpContext c)
     {
         byte[] bytes;
+        if (!_bodies.TryEnter()) throw new ApiError(429, BodyGate.Busy);
         try
         {
             using var buffer = new MemoryStream();
-            await c.Request.Body.CopyToAsync(buffer, c.RequestAborted);
+            using var deadline = _bodies.Deadline(c.RequestAborted);
+            await c.Request.Body.CopyToAsync(buffer, deadline.Token);
             bytes = buffer.ToArray();
         }
+        catch (OperationCanceledException) when (!c.RequestAborted.IsCancellationRequested) { throw new ApiError(408, _bodies.TooSlow); }
         catch (BadHttpRequestException e) when (e.StatusCode == 413) { throw new ApiError(413, $"the request body exceeds {_o.MaxBodyBytes} bytes"); }
         catch (BadHttpRequestException e) { throw new ApiError(e.StatusCode, BodyFault(e)); }
         catch (IOException) when (!c.RequestAborted.IsCancellationRequested) { throw new ApiError(400, MalformedFraming); } // e.g. a chunk size that overflows
+        finally { _bodies.Exit(); }
         if (bytes.AsSpan().Trim(" \t\r\n"u8).Length == 0) throw new ApiError(400, "the request body is empty; send a JSON object");
         if (!System.Text.Unicode.Utf8.IsValid(bytes)) throw new ApiError(400, "the request body is not valid UTF-8");
         JsonNode? node;
@@ -355,6 +361,27 @@ public sealed partial class OpenAiServer : IAsyncDisposable
             throw new ApiError(400, $"the request body is not valid JSON (line {(e.LineNumber ?? 0) + 1}, byte {(e.BytePositionInLine ?? 0) + 1}): {what.TrimEnd('.')}");
         }
         return node as JsonObject ?? throw new ApiError(400, $"the request body must be a JSON object, not {Json.Kind(node)}");
+    }
+
+    /// <summary>Bodies arriving at once, and how long one may take (see <see cref="ServerOptions.BodyTimeout"/>).</summary>
+    public sealed class BodyGate(int max, TimeSpan timeout)
+    {
+        int _n;
+        public const string Busy = "too many request bodies are arriving at once; retry later";
+        public string TooSlow => $"the request body did not arrive within {timeout.TotalSeconds:0.#} s";
+        public bool TryEnter()
+        {
+            if (Interlocked.Increment(ref _n) <= max) return true;
+            Interlocked.Decrement(ref _n);
+            return false;
+        }
+        public void Exit() => Interlocked.Decrement(ref _n);
+        public CancellationTokenSource Deadline(CancellationToken aborted)
+        {
+            var cts = CancellationTokenSource.CreateLinkedTokenSource(aborted);
+            cts.CancelAfter(timeout);
+            return cts;
+        }
     }
 
     /// <summary>Kestrel's IOException for a body whose framing is broken (a chunk size that overflows), said to the client.</summary>

@@ -27,7 +27,7 @@ public sealed class HostileServer : IAsyncLifetime
         {
             Model = Fixtures.Model("qwen3"), Adapters = Adapters, Port = 0, ApiKey = UserKey, AdminKey = AdminKey, Device = "cpu",
             MaxTokens = 200, MaxBodyBytes = 65536, MaxPromptTokens = 200, MaxConcurrent = MaxConcurrent, MaxQueued = MaxQueued,
-            ModelName = "tiny", Log = ServerLog.Enqueue,
+            ModelName = "tiny", Log = ServerLog.Enqueue, BodyTimeout = TimeSpan.FromSeconds(2),
         });
         Uri = new Uri(Server.Url);
     }
@@ -284,6 +284,47 @@ public class FuzzHttpHostileTests(HostileServer fx) : IClassFixture<HostileServe
             Judge("pipelined", code, "{\"error\":{\"message\":\"x\"}}", expect: [200]);
             Judge("pipelined statuses " + string.Join(",", statuses), string.Join(",", statuses) == "200,400,404,200,200" ? 200 : 418, text, expect: [200]);
         }
+        AssertAllClean();
+    }
+
+    [Fact]
+    public async Task StalledBodiesAreBoundedInNumberAndTime()
+    {
+        int gate = 4 * (HostileServer.MaxConcurrent + HostileServer.MaxQueued);
+        var stalled = new List<TcpClient>();
+        try
+        {
+            foreach (var path in new[] { "/v1/completions", "/v1/classify" })
+            {
+                var req = RawPost(path, Completion("base", 3));
+                for (int i = 0; i < gate; i++)
+                {
+                    var t = new TcpClient();
+                    stalled.Add(t);
+                    await t.ConnectAsync(fx.Uri.Host, fx.Uri.Port);
+                    await t.GetStream().WriteAsync(req.AsMemory(0, req.Length - 10));
+                }
+                await Task.Delay(300);
+                // Every place for a body is taken: the next is refused at once, with a reason.
+                var sw = System.Diagnostics.Stopwatch.StartNew();
+                var (code, _, body) = await Raw(RawPost(path, Completion("base", 3)));
+                Judge($"gate full {path}", code, body, expect: [429]);
+                Assert.True(sw.Elapsed < TimeSpan.FromSeconds(2), $"the refusal took {sw.Elapsed.TotalSeconds:F1} s");
+                // The stalled ones run out of time (BodyTimeout 2 s here) with a 408 and an error object.
+                using var cts = new CancellationTokenSource(10_000);
+                var first = stalled[^1].GetStream();
+                var got = new MemoryStream();
+                try { await first.CopyToAsync(got, cts.Token); } catch (OperationCanceledException) { } catch (IOException) { }
+                var text = Encoding.UTF8.GetString(got.ToArray());
+                int sep = text.IndexOf("\r\n\r\n", StringComparison.Ordinal);
+                var answer = sep < 0 ? "" : Encoding.UTF8.GetString(Dechunk(Encoding.UTF8.GetBytes(text[(sep + 4)..])));
+                Judge($"stalled body {path}", text.Length >= 12 && int.TryParse(text.AsSpan(9, 3), out var c) ? c : 0, answer, expect: [408]);
+                foreach (var t in stalled) t.Dispose();
+                stalled.Clear();
+                await AssertServes("base");
+            }
+        }
+        finally { foreach (var t in stalled) t.Dispose(); }
         AssertAllClean();
     }
 
