@@ -158,7 +158,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         if (_o.Log is { } log)
         {
             var items = c.Items;
-            log($"{DateTime.UtcNow:yyyy-MM-ddTHH:mm:ssZ} {c.Request.Method} {RouteOf(c)} model={items["model"] ?? "-"} status={c.Response.StatusCode} " +
+            log($"{DateTime.UtcNow:yyyy-MM-ddTHH:mm:ssZ} {c.Request.Method} {RouteOf(c)} model={Printable(items["model"] as string ?? "-").Replace(' ', '_')} status={c.Response.StatusCode} " +
                 $"prompt_tokens={items["prompt_tokens"] ?? 0} completion_tokens={items["completion_tokens"] ?? 0} ms={sw.ElapsedMilliseconds}");
         }
     }
@@ -170,7 +170,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
     {
         s ??= "";
         if (s.Length > 80) s = s[..80] + "…";
-        return new string(s.Select(ch => char.IsControl(ch) ? '?' : ch).ToArray());
+        return new string(s.Select(ch => char.IsControl(ch) || ch is '\u2028' or '\u2029' ? '?' : ch).ToArray());
     }
 
     // ---- auth ----

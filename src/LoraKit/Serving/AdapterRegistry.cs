@@ -49,7 +49,7 @@ public sealed partial class AdapterRegistry(InferenceEngine engine, string root,
     /// <summary>A client-chosen name as error messages show it: control characters replaced, at most 80 characters.</summary>
     public static string Shown(string name)
     {
-        var s = new string(name.Select(ch => char.IsControl(ch) ? '?' : ch).ToArray());
+        var s = new string(name.Select(ch => char.IsControl(ch) || ch is '\u2028' or '\u2029' ? '?' : ch).ToArray());
         return s.Length > 80 ? s[..80] + "…" : s;
     }
 

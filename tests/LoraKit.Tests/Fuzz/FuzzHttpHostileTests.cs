@@ -478,6 +478,26 @@ public class FuzzHttpHostileTests(HostileServer fx) : IClassFixture<HostileServe
     }
 
     [Fact]
+    public async Task ClientTextCannotForgeRequestLogLines()
+    {
+        var marker = "FORGED" + Guid.NewGuid().ToString("N")[..8];
+        foreach (var model in new[] { $"x\n{marker} POST /admin/adapters status=200", $"x\r{marker}", $"x\u2028{marker}", $"x\u0085{marker}", $"x status=200 {marker}", new string('m', 3000) + marker })
+        {
+            var json = new JsonObject { ["model"] = model, ["prompt"] = "Hi", ["max_tokens"] = 2 }.ToJsonString();
+            var (code, _, body) = await Raw(RawPost("/v1/completions", json));
+            Judge($"log forging {Trunc(model)}", code, body, expect: [400, 404]);
+        }
+        await Task.Delay(100);
+        foreach (var line in fx.ServerLog.Where(l => l.Contains(marker, StringComparison.Ordinal) || l.Contains("mmmmmmmmmm", StringComparison.Ordinal)))
+        {
+            _cases++;
+            if (line.Any(ch => char.IsControl(ch) || ch is '\u2028' or '\u2029') || line.Contains($" {marker}", StringComparison.Ordinal) || line.Length > 400)
+                _failures.Add($"a log line carries the client's text as it came: {Trunc(line)}");
+        }
+        AssertAllClean();
+    }
+
+    [Fact]
     public async Task AdapterNamesThatTryToLeaveTheAdaptersDirectory()
     {
         var outside = Fixtures.CopyOf(Fixtures.Path_("adapters", "qwen3", "a"));
