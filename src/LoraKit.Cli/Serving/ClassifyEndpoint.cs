@@ -16,7 +16,7 @@ namespace LoraKit.Cli.Serving;
 /// part is loaded through the registry like any adapter, its score head and labels are read per request. The forward
 /// runs on the engine thread between decode steps, a few texts at a time, each in its own dispose scope.
 /// </summary>
-public sealed class ClassifyEndpoint(InferenceEngine engine, AdapterRegistry registry, ServerOptions o, string baseName)
+public sealed class ClassifyEndpoint(InferenceEngine engine, AdapterRegistry registry, ServerOptions o, string baseName, OpenAiServer.BodyGate bodies)
 {
     /// <summary>Texts per request at most, and per forward pass on the engine thread.</summary>
     public const int MaxInputs = 256, BatchPerStep = 8;
@@ -47,6 +47,12 @@ public sealed class ClassifyEndpoint(InferenceEngine engine, AdapterRegistry reg
 
     public async Task Handle(HttpContext c)
     {
+        // The body first, outside the queue (see OpenAiServer.Complete: slow bodies must not hold places).
+        (string name, List<string> texts) request;
+        if (!bodies.TryEnter()) { await Write(c, 429, new Refused(429, OpenAiServer.BodyGate.Busy, "body"), "rate_limit_error"); return; }
+        try { request = await ParseAsync(c); }
+        catch (Refused e) { await Write(c, e.Status, e, "invalid_request_error"); return; }
+        finally { bodies.Exit(); }
         if (Interlocked.Increment(ref _inFlight) > o.MaxConcurrent + o.MaxQueued)
         {
             Interlocked.Decrement(ref _inFlight);
@@ -55,7 +61,7 @@ public sealed class ClassifyEndpoint(InferenceEngine engine, AdapterRegistry reg
         }
         try
         {
-            var (name, texts) = await ParseAsync(c);
+            var (name, texts) = request;
             if (name == "base" || name == baseName)
                 throw new Refused(400, $"'{name}' is the base model, which has no classification head; name a sequence-classification adapter", "model");
             var (labels, score) = ReadHead(name);
@@ -89,9 +95,13 @@ public sealed class ClassifyEndpoint(InferenceEngine engine, AdapterRegistry reg
     async Task<(string name, List<string> texts)> ParseAsync(HttpContext c)
     {
         JsonObject body;
-        try { body = await JsonNode.ParseAsync(c.Request.Body, cancellationToken: c.RequestAborted) as JsonObject ?? throw new Refused(400, "the body must be a JSON object", "body"); }
+        using var deadline = bodies.Deadline(c.RequestAborted);
+        try { body = await JsonNode.ParseAsync(c.Request.Body, cancellationToken: deadline.Token) as JsonObject ?? throw new Refused(400, "the body must be a JSON object", "body"); }
         catch (JsonException e) { throw new Refused(400, $"invalid JSON: {e.Message.Split(" Path:")[0].Split(" LineNumber:")[0]}", "body"); }
         catch (BadHttpRequestException e) when (e.StatusCode == 413) { throw new Refused(413, $"request body exceeds {o.MaxBodyBytes} bytes", "body"); }
+        catch (OperationCanceledException) when (!c.RequestAborted.IsCancellationRequested) { throw new Refused(408, bodies.TooSlow, "body"); }
+        catch (BadHttpRequestException e) { throw new Refused(e.StatusCode, OpenAiServer.BodyFault(e), "body"); }
+        catch (IOException) when (!c.RequestAborted.IsCancellationRequested) { throw new Refused(400, OpenAiServer.MalformedFraming, "body"); }
         string name = body["model"] switch
         {
             null => throw new Refused(400, "missing \"model\" (the classification adapter's name)", "model"),

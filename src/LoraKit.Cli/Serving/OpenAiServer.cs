@@ -40,6 +40,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
     readonly int[] _eos;
     readonly ChatTemplate? _template;
     readonly SemaphoreSlim _slots;
+    readonly BodyGate _bodies;
     int _waiting;
     WebApplication? _app;
 
@@ -51,6 +52,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         _baseName = o.ModelName ?? Path.GetFileName(Path.GetFullPath(o.Model).TrimEnd(Path.DirectorySeparatorChar));
         _template = engine.Tokenizer.Config.ChatTemplate is string t ? new ChatTemplate(t) : null;
         _slots = new SemaphoreSlim(o.MaxConcurrent, o.MaxConcurrent);
+        _bodies = new BodyGate(4 * (o.MaxConcurrent + o.MaxQueued), o.BodyTimeout);
     }
 
     /// <summary>Loads the base model once, starts the engine and Kestrel; returns when the server listens.</summary>
@@ -59,6 +61,8 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         if (o.ApiKey is null && o.AdminKey is null && !o.Insecure && !o.IsLoopback)
             throw new LoraKitException($"refusing to listen on '{o.Host}' without a key: anyone who can reach it could use and administer the server; " +
                                        "set --api-key and --admin-key, or pass --insecure");
+        CheckKeyShape(o.ApiKey, "API key (--api-key or LORAKIT_API_KEY)");
+        CheckKeyShape(o.AdminKey, "admin key (--admin-key or LORAKIT_ADMIN_KEY)");
         if (!Directory.Exists(o.Adapters)) throw new DirectoryNotFoundException($"adapters directory '{o.Adapters}' does not exist");
         var device = Devices.Resolve(o.Device);
         var dtype = o.Dtype is string d ? IO.DTypes.Parse(d) : Devices.DefaultDType(device);
@@ -70,6 +74,18 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         var server = new OpenAiServer(o, engine, new AdapterRegistry(engine, o.Adapters, o.MaxLoadedAdapters) { AllowBaseMismatch = o.AllowBaseMismatch }, eos);
         await server.StartHttpAsync();
         return server;
+    }
+
+    /// <summary>
+    /// A key a client can send in a Bearer header: printable ASCII without spaces. An empty key (an empty environment
+    /// variable) or one with padding or control characters would lock every client out while looking configured.
+    /// </summary>
+    static void CheckKeyShape(string? key, string what)
+    {
+        if (key is null) return;
+        if (key.Length == 0) throw new LoraKitException($"the {what} is empty; set a key or leave it unset");
+        if (key.Any(ch => ch is <= ' ' or > '~'))
+            throw new LoraKitException($"the {what} must be printable ASCII without spaces (it has whitespace, control or non-ASCII characters, which no client could send in a Bearer header)");
     }
 
     public InferenceEngine Engine => _engine;
@@ -91,7 +107,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         app.MapGet("/v1/models", Models).WithMetadata(new AccessMetadata(Access.User));
         app.MapPost("/v1/completions", (HttpContext c) => Complete(c, chat: false)).WithMetadata(new AccessMetadata(Access.User));
         app.MapPost("/v1/chat/completions", (HttpContext c) => Complete(c, chat: true)).WithMetadata(new AccessMetadata(Access.User));
-        app.MapPost("/v1/classify", new ClassifyEndpoint(_engine, _registry, _o, _baseName).Handle).WithMetadata(new AccessMetadata(Access.User)); // LoraKit extension
+        app.MapPost("/v1/classify", new ClassifyEndpoint(_engine, _registry, _o, _baseName, _bodies).Handle).WithMetadata(new AccessMetadata(Access.User)); // LoraKit extension
         app.MapGet("/admin/adapters", () => Results.Json(new { available = _registry.Available(), loaded = _registry.Loaded })).WithMetadata(new AccessMetadata(Access.Admin));
         app.MapPost("/admin/adapters/{name}/load", (string name) => Admin(() => _registry.LoadAsync(name, reload: false), name, "loaded")).WithMetadata(new AccessMetadata(Access.Admin));
         app.MapPost("/admin/adapters/{name}/reload", (string name) => Admin(() => _registry.LoadAsync(name, reload: true), name, "reloaded")).WithMetadata(new AccessMetadata(Access.Admin));
@@ -142,7 +158,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         if (_o.Log is { } log)
         {
             var items = c.Items;
-            log($"{DateTime.UtcNow:yyyy-MM-ddTHH:mm:ssZ} {c.Request.Method} {RouteOf(c)} model={items["model"] ?? "-"} status={c.Response.StatusCode} " +
+            log($"{DateTime.UtcNow:yyyy-MM-ddTHH:mm:ssZ} {c.Request.Method} {RouteOf(c)} model={Printable(items["model"] as string ?? "-").Replace(' ', '_')} status={c.Response.StatusCode} " +
                 $"prompt_tokens={items["prompt_tokens"] ?? 0} completion_tokens={items["completion_tokens"] ?? 0} ms={sw.ElapsedMilliseconds}");
         }
     }
@@ -154,7 +170,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
     {
         s ??= "";
         if (s.Length > 80) s = s[..80] + "…";
-        return new string(s.Select(ch => char.IsControl(ch) ? '?' : ch).ToArray());
+        return new string(s.Select(ch => char.IsControl(ch) || ch is '\u2028' or '\u2029' ? '?' : ch).ToArray());
     }
 
     // ---- auth ----
@@ -264,6 +280,11 @@ public sealed partial class OpenAiServer : IAsyncDisposable
 
     async Task Complete(HttpContext c, bool chat)
     {
+        // The body is read before the request takes a place in the queue: clients trickling their bodies (slowloris)
+        // must not hold places that complete requests need. Kestrel's minimum body data rate bounds how slow they may be.
+        JsonObject body;
+        try { body = await ReadBody(c); }
+        catch (ApiError e) { await Error(c, e.Status, e.Message, e.Status == 429 ? "rate_limit_error" : "invalid_request_error", e.Param); return; }
         // Queue, then 429: at most MaxConcurrent generate, MaxQueued wait.
         if (Interlocked.Increment(ref _waiting) > _o.MaxConcurrent + _o.MaxQueued)
         {
@@ -275,7 +296,6 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         bool slot = false;
         try
         {
-            var body = await ReadBody(c);
             var (adapter, modelName) = ResolveModel(body);
             if (adapter != null && ClassifyEndpoint.RefuseGeneration(_registry, adapter) is string why) throw new ApiError(400, why, "model");
             c.Items["model"] = modelName;
@@ -316,13 +336,19 @@ public sealed partial class OpenAiServer : IAsyncDisposable
     async Task<JsonObject> ReadBody(HttpContext c)
     {
         byte[] bytes;
+        if (!_bodies.TryEnter()) throw new ApiError(429, BodyGate.Busy);
         try
         {
             using var buffer = new MemoryStream();
-            await c.Request.Body.CopyToAsync(buffer, c.RequestAborted);
+            using var deadline = _bodies.Deadline(c.RequestAborted);
+            await c.Request.Body.CopyToAsync(buffer, deadline.Token);
             bytes = buffer.ToArray();
         }
+        catch (OperationCanceledException) when (!c.RequestAborted.IsCancellationRequested) { throw new ApiError(408, _bodies.TooSlow); }
         catch (BadHttpRequestException e) when (e.StatusCode == 413) { throw new ApiError(413, $"the request body exceeds {_o.MaxBodyBytes} bytes"); }
+        catch (BadHttpRequestException e) { throw new ApiError(e.StatusCode, BodyFault(e)); }
+        catch (IOException) when (!c.RequestAborted.IsCancellationRequested) { throw new ApiError(400, MalformedFraming); } // e.g. a chunk size that overflows
+        finally { _bodies.Exit(); }
         if (bytes.AsSpan().Trim(" \t\r\n"u8).Length == 0) throw new ApiError(400, "the request body is empty; send a JSON object");
         if (!System.Text.Unicode.Utf8.IsValid(bytes)) throw new ApiError(400, "the request body is not valid UTF-8");
         JsonNode? node;
@@ -336,6 +362,35 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         }
         return node as JsonObject ?? throw new ApiError(400, $"the request body must be a JSON object, not {Json.Kind(node)}");
     }
+
+    /// <summary>Bodies arriving at once, and how long one may take (see <see cref="ServerOptions.BodyTimeout"/>).</summary>
+    public sealed class BodyGate(int max, TimeSpan timeout)
+    {
+        int _n;
+        public const string Busy = "too many request bodies are arriving at once; retry later";
+        public string TooSlow => $"the request body did not arrive within {timeout.TotalSeconds:0.#} s";
+        public bool TryEnter()
+        {
+            if (Interlocked.Increment(ref _n) <= max) return true;
+            Interlocked.Decrement(ref _n);
+            return false;
+        }
+        public void Exit() => Interlocked.Decrement(ref _n);
+        public CancellationTokenSource Deadline(CancellationToken aborted)
+        {
+            var cts = CancellationTokenSource.CreateLinkedTokenSource(aborted);
+            cts.CancelAfter(timeout);
+            return cts;
+        }
+    }
+
+    /// <summary>Kestrel's IOException for a body whose framing is broken (a chunk size that overflows), said to the client.</summary>
+    internal const string MalformedFraming = "the request body's framing is malformed (bad chunked transfer encoding)";
+
+    /// <summary>Kestrel's refusal of a body (other than 413), said to the client.</summary>
+    internal static string BodyFault(BadHttpRequestException e) => e.StatusCode == 408
+        ? "the request body arrived too slowly or stopped before its declared end"
+        : "the request body is malformed HTTP";
 
     async Task<IDisposable> AcquireAdapter(string adapter)
     {

@@ -22,6 +22,12 @@ public sealed record ServerOptions
     /// <summary>Requests generating at once; more wait in a queue of <see cref="MaxQueued"/>, beyond that 429.</summary>
     public int MaxConcurrent { get; init; } = 32;
     public int MaxQueued { get; init; } = 64;
+    /// <summary>
+    /// A request body must arrive within this time (else 408); at most 4 × (<see cref="MaxConcurrent"/> +
+    /// <see cref="MaxQueued"/>) bodies arrive at once (else 429). Bodies are read before a request takes a queue place,
+    /// so these two bound what slow or stalled senders can hold: time, and memory (that many × <see cref="MaxBodyBytes"/>).
+    /// </summary>
+    public TimeSpan BodyTimeout { get; init; } = TimeSpan.FromSeconds(30);
     /// <summary>Serve adapters LoraKit recorded as trained on another base model anyway (otherwise 422).</summary>
     public bool AllowBaseMismatch { get; init; }
     /// <summary>On stop, how long in-flight requests may still run before their connections are closed.</summary>

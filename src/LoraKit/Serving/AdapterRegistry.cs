@@ -29,7 +29,7 @@ public sealed partial class AdapterRegistry(InferenceEngine engine, string root,
     public string Resolve(string name)
     {
         if (!PlainName().IsMatch(name) || name.Contains(".."))
-            throw new AdapterNameException($"'{name}' is not a plain adapter name (letters, digits, '.', '_', '-'; no paths)");
+            throw new AdapterNameException($"'{Shown(name)}' is not a plain adapter name (letters, digits, '.', '_', '-'; no paths)");
         var dir = Path.Combine(_root, name);
         if (!Directory.Exists(dir)) throw new KeyNotFoundException($"no adapter named '{name}'");
         // A symlink may point anywhere: follow it and insist the target is still inside the root.
@@ -44,6 +44,13 @@ public sealed partial class AdapterRegistry(InferenceEngine engine, string root,
                 throw new AdapterNameException($"adapter '{name}' has a file that links outside the adapters directory");
         }
         return full;
+    }
+
+    /// <summary>A client-chosen name as error messages show it: control characters replaced, at most 80 characters.</summary>
+    public static string Shown(string name)
+    {
+        var s = new string(name.Select(ch => char.IsControl(ch) || ch is '\u2028' or '\u2029' ? '?' : ch).ToArray());
+        return s.Length > 80 ? s[..80] + "…" : s;
     }
 
     bool Inside(string fullPath) => fullPath.StartsWith(_root + Path.DirectorySeparatorChar, StringComparison.Ordinal);
@@ -123,7 +130,7 @@ public sealed partial class AdapterRegistry(InferenceEngine engine, string root,
         await _lock.WaitAsync();
         try
         {
-            lock (_lru) if (!_lru.Contains(name)) throw new KeyNotFoundException($"adapter '{name}' is not loaded");
+            lock (_lru) if (!_lru.Contains(name)) throw new KeyNotFoundException($"adapter '{Shown(name)}' is not loaded");
             if (InFlight(name) > 0) throw new InvalidOperationException($"adapter '{name}' is serving requests; retry when they finish");
             await UnloadLockedAsync(name);
         }
