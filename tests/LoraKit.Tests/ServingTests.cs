@@ -16,6 +16,23 @@ namespace LoraKit.Tests;
 public class InferenceEngineTests
 {
     [Fact]
+    public async Task AFailingDecodeStepFailsItsRequestsAndTheEngineGoesOn()
+    {
+        // Before: an exception in a decode step (here a streaming callback that throws, as a broken client writer
+        // could) escaped the engine's thread and ended the whole process.
+        var dir = Fixtures.Model("qwen3");
+        var tok = Tokenizer.Load(dir);
+        using var engine = new InferenceEngine(new LoraModel(CausalLM.Load(dir, ScalarType.Float32, CPU)), tok);
+        int calls = 0;
+        var failing = engine.GenerateAsync(tok.Encode("Hello, world!"), null, new SamplingOptions { MaxNewTokens = 8, EosTokenIds = [] },
+            _ => { if (++calls >= 2) throw new IOException("client went away"); });
+        var ex = await Assert.ThrowsAsync<IOException>(() => failing);
+        Assert.Equal("client went away", ex.Message);
+        var after = await engine.GenerateAsync(tok.Encode("Hello, world!"), null, new SamplingOptions { MaxNewTokens = 4, EosTokenIds = [] });
+        Assert.Equal(4, after.OutputIds.Length);
+    }
+
+    [Fact]
     public async Task MixedAdapterBatchEqualsEachRequestAlone()
     {
         var dir = Fixtures.Model("qwen3");

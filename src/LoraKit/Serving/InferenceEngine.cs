@@ -95,11 +95,24 @@ public sealed class InferenceEngine : IDisposable
                 }
                 if (rows.Count == 0) continue;
                 PeakBatch = Math.Max(PeakBatch, rows.Count);
-                DecodeStep(rows, cache!, ref mask);
-                Retire(rows, ref cache, ref mask);
+                try
+                {
+                    DecodeStep(rows, cache!, ref mask);
+                    Retire(rows, ref cache, ref mask);
+                }
+                catch (Exception e) when (e is not OperationCanceledException)
+                {
+                    // An exception on this thread would end the whole process: the batch's requests fail with it
+                    // instead, and the engine goes on with the next ones on a fresh cache.
+                    foreach (var r in rows) r.Request.Done.TrySetException(e);
+                    rows.Clear();
+                    cache?.Dispose(); cache = null;
+                    mask?.Dispose(); mask = null;
+                }
             }
         }
         catch (OperationCanceledException) { }
+        catch (ObjectDisposedException) { } // disposed while waiting for work
         finally
         {
             foreach (var r in rows) r.Request.Done.TrySetCanceled();
@@ -226,7 +239,8 @@ public sealed class InferenceEngine : IDisposable
     {
         _queue.Writer.TryComplete();
         _stop.Cancel();
-        _worker.Join(TimeSpan.FromSeconds(10));
-        _stop.Dispose();
+        // The worker finishes its current step first; disposing the token source under a running worker would make
+        // its next wait throw on a thread where nothing catches it.
+        if (_worker.Join(TimeSpan.FromSeconds(60))) _stop.Dispose();
     }
 }
