@@ -81,12 +81,15 @@ public sealed class ServerTests : IAsyncLifetime
     {
         var root = Fixtures.TempDir();
         foreach (var name in new[] { "a", "regex" }) Fixtures.CopyOf(Fixtures.Path_("adapters", "qwen3", name), Path.Combine(root, name));
+        Fixtures.CopyOf(Fixtures.Path_("adapters", "qwen3", "a"), Path.Combine(root, "a2")); // a third, so the 2-slot LRU must evict
         // An adapter made for another base (Llama shapes) and a symlink leading outside the root.
         Fixtures.CopyOf(Fixtures.Path_("adapters", "llama", "a"), Path.Combine(root, "llama-adapter"));
         var outside = Fixtures.CopyOf(Fixtures.Path_("adapters", "qwen3", "a"));
         Directory.CreateSymbolicLink(Path.Combine(root, "escape"), outside);
         return root;
     }
+
+    readonly System.Collections.Concurrent.ConcurrentQueue<string> ServerErrors = new();
 
     public async Task InitializeAsync()
     {
@@ -95,6 +98,7 @@ public sealed class ServerTests : IAsyncLifetime
         {
             Model = Fixtures.Model("qwen3"), Adapters = _adapters, Port = 0, ApiKey = UserKey, AdminKey = AdminKey, Device = "cpu",
             MaxLoadedAdapters = 2, MaxTokens = 64, MaxPromptTokens = 200, MaxBodyBytes = 8192, MaxStopStrings = 2, ModelName = "tiny-qwen3",
+            Log = l => { if (l.StartsWith("error:", StringComparison.Ordinal)) ServerErrors.Enqueue(l); }, // what a 500 was, for the assertion messages
         });
         _http = new HttpClient { BaseAddress = new Uri(_server.Url) };
         _http.DefaultRequestHeaders.Authorization = new AuthenticationHeaderValue("Bearer", UserKey);
@@ -226,11 +230,15 @@ public sealed class ServerTests : IAsyncLifetime
             del.Headers.Authorization = new AuthenticationHeaderValue("Bearer", AdminKey);
             Assert.Equal(HttpStatusCode.NotFound, (await _http.SendAsync(del)).StatusCode);
         }
-        // Cap of 2 loaded adapters: using a third... (only two good ones exist) — load both, then the first used is evicted by a reload cycle.
-        await Post("/v1/completions", new { model = "a", prompt = "hi", max_tokens = 1 });
-        await Post("/v1/completions", new { model = "regex", prompt = "hi", max_tokens = 1 });
-        var loaded = JsonNode.Parse(await AdminGet("/admin/adapters"))!["loaded"]!.AsArray().Select(x => x!.GetValue<string>()).ToList();
-        Assert.Equal(["regex", "a"], loaded); // most recent first
+        // Cap of 2 loaded adapters: a, then regex, then a2 evicts a (the least recently used); using a again evicts regex.
+        List<string> Loaded() => JsonNode.Parse(AdminGet("/admin/adapters").Result)!["loaded"]!.AsArray().Select(x => x!.GetValue<string>()).ToList();
+        Assert.Equal(HttpStatusCode.OK, (await Post("/v1/completions", new { model = "a", prompt = "hi", max_tokens = 1 })).code);
+        Assert.Equal(HttpStatusCode.OK, (await Post("/v1/completions", new { model = "regex", prompt = "hi", max_tokens = 1 })).code);
+        Assert.Equal(["regex", "a"], Loaded()); // most recent first
+        Assert.Equal(HttpStatusCode.OK, (await Post("/v1/completions", new { model = "a2", prompt = "hi", max_tokens = 1 })).code);
+        Assert.Equal(["a2", "regex"], Loaded());
+        Assert.Equal(HttpStatusCode.OK, (await Post("/v1/completions", new { model = "a", prompt = "hi", max_tokens = 1 })).code);
+        Assert.Equal(["a", "a2"], Loaded());
     }
 
     async Task<string> AdminGet(string path)
@@ -310,7 +318,7 @@ public sealed class ServerTests : IAsyncLifetime
         Assert.Equal(640, results.Count); // 32 clients × 20 requests, none lost
         Assert.All(results, r =>
         {
-            Assert.Equal(HttpStatusCode.OK, r.code);
+            Assert.True(r.code == HttpStatusCode.OK, $"{r.w}: {r.code}; server log: {string.Join(" | ", ServerErrors)}");
             Assert.Equal(expected[r.w], r.text);
         });
         Assert.True(_server.Engine.PeakBatch > 1, "concurrent requests should share decode steps");
