@@ -97,7 +97,7 @@ public sealed class ClassifyEndpoint(InferenceEngine engine, AdapterRegistry reg
         JsonObject body;
         using var deadline = bodies.Deadline(c.RequestAborted);
         try { body = await JsonNode.ParseAsync(c.Request.Body, cancellationToken: deadline.Token) as JsonObject ?? throw new Refused(400, "the body must be a JSON object", "body"); }
-        catch (JsonException e) { throw new Refused(400, $"invalid JSON: {e.Message.Split(" Path:")[0].Split(" LineNumber:")[0]}", "body"); }
+        catch (JsonException e) { throw new Refused(400, $"invalid JSON: {LoraKit.IO.JsonFiles.Reason(e)}", "body"); }
         catch (BadHttpRequestException e) when (e.StatusCode == 413) { throw new Refused(413, $"request body exceeds {o.MaxBodyBytes} bytes", "body"); }
         catch (OperationCanceledException) when (!c.RequestAborted.IsCancellationRequested) { throw new Refused(408, bodies.TooSlow, "body"); }
         catch (BadHttpRequestException e) { throw new Refused(e.StatusCode, OpenAiServer.BodyFault(e), "body"); }

@@ -355,10 +355,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         try { node = JsonNode.Parse(bytes, documentOptions: new JsonDocumentOptions { MaxDepth = 64, AllowDuplicateProperties = false }); }
         catch (JsonException e)
         {
-            var what = e.Message;
-            foreach (var tail in new[] { " Path: ", " LineNumber: " }) // System.Text.Json's position, said above in the user's terms
-                if (what.IndexOf(tail, StringComparison.Ordinal) is > 0 and var cut) what = what[..cut];
-            throw new ApiError(400, $"the request body is not valid JSON (line {(e.LineNumber ?? 0) + 1}, byte {(e.BytePositionInLine ?? 0) + 1}): {what.TrimEnd('.')}");
+            throw new ApiError(400, $"the request body is not valid JSON (line {(e.LineNumber ?? 0) + 1}, byte {(e.BytePositionInLine ?? 0) + 1}): {IO.JsonFiles.Reason(e)}");
         }
         return node as JsonObject ?? throw new ApiError(400, $"the request body must be a JSON object, not {Json.Kind(node)}");
     }

@@ -41,13 +41,21 @@ public static class JsonFiles
     /// <summary>"line 3, column 7: duplicate key 'x'" from a JsonException, without the library's path boilerplate.</summary>
     public static string Describe(JsonException e)
     {
+        // .NET words a repeated key "Duplicate property 'x' encountered during deserialization" or similar.
+        return e.LineNumber is long line ? $"line {line + 1}, column {(e.BytePositionInLine ?? 0) + 1}: {Reason(e)}" : Reason(e);
+    }
+
+    /// <summary>
+    /// What System.Text.Json says is wrong, as one line without its " Path: $.x | LineNumber: 0 | …" tail (internal
+    /// coordinates; callers say where in the user's terms).
+    /// </summary>
+    public static string Reason(JsonException e)
+    {
         string m = e.Message;
         int cut = m.IndexOf(" Path: ", StringComparison.Ordinal);
         if (cut < 0) cut = m.IndexOf(" LineNumber:", StringComparison.Ordinal);
         if (cut >= 0) m = m[..cut];
-        m = m.Replace("\r", " ").Replace("\n", " ").TrimEnd('.', ' ');
-        // .NET words a repeated key "Duplicate property 'x' encountered during deserialization" or similar.
-        return e.LineNumber is long line ? $"line {line + 1}, column {(e.BytePositionInLine ?? 0) + 1}: {m}" : m;
+        return m.Replace("\r", " ").Replace("\n", " ").TrimEnd('.', ' ');
     }
 
     /// <summary>JSON's name for a node's kind, for "must be an integer, got a string" messages.</summary>

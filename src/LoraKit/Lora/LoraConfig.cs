@@ -134,7 +134,7 @@ public sealed record LoraConfig
         }
         JsonNode? node;
         try { node = JsonNode.Parse(ReadBounded(path), documentOptions: new JsonDocumentOptions { AllowDuplicateProperties = false }); }
-        catch (JsonException e) { throw new LoraConfigException($"{path}: invalid JSON at line {(e.LineNumber ?? 0) + 1}{Near(e.Path)}: {CleanJsonMessage(e.Message)}"); }
+        catch (JsonException e) { throw new LoraConfigException($"{path}: invalid JSON at line {(e.LineNumber ?? 0) + 1}{Near(e.Path)}: {IO.JsonFiles.Reason(e)}"); }
         try
         {
             var obj = node as JsonObject ?? throw new LoraConfigException($"not a JSON object");
@@ -155,14 +155,6 @@ public sealed record LoraConfig
     }
 
     static string Near(string? jsonPath) => jsonPath is null or "$" ? "" : $" (near '{jsonPath.TrimStart('$', '.')}')";
-
-    /// <summary>System.Text.Json's message without its "Path: $ | LineNumber: …" tail (the caller names the place).</summary>
-    internal static string CleanJsonMessage(string m)
-    {
-        int cut = m.IndexOf(" Path: ", StringComparison.Ordinal);
-        if (cut < 0) cut = m.IndexOf(" LineNumber:", StringComparison.Ordinal);
-        return (cut >= 0 ? m[..cut] : m).Trim().TrimEnd('.');
-    }
 
     static readonly HashSet<string> Known =
     [

@@ -95,7 +95,7 @@ public static class TrainConfigFile
         }
         catch (JsonException e)
         {
-            throw new LoraKitException($"{path}:{(e.LineNumber ?? 0) + 1}: invalid JSON ({e.Message.Split(" LineNumber", 2)[0].Split(" Path:", 2)[0].TrimEnd('.', ' ')})");
+            throw new LoraKitException($"{path}:{(e.LineNumber ?? 0) + 1}: invalid JSON ({IO.JsonFiles.Reason(e)})");
         }
         catch (InvalidOperationException e)
         {
