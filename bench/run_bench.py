@@ -141,9 +141,22 @@ def hf_run(d, ids, ckpt, steps, warm, profile=False):
     return res
 
 
+def old_app_launcher(tgz):
+    """A second LoraKit build beside the packed one (A/B of two builds in one call, e.g. before/after a restructure):
+    the packed app with the managed assemblies of `tgz` (LoraKit*.dll, LoraKit.Cli.deps.json, ...) laid over it."""
+    subprocess.run(["bash", ".gpu/on-gpu.sh", "LoraKit.Cli", "--version"], capture_output=True)  # unpacks /tmp/gpuapp once
+    old = "/tmp/gpuapp-old"
+    subprocess.run(f"rm -rf {old} && mkdir -p {old} && cp -r /tmp/gpuapp/app {old}/ && tar xzf {tgz} -C {old}/app", shell=True, check=True)
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib")
+    return ["env", f"LD_LIBRARY_PATH={lib}:{os.environ.get('LD_LIBRARY_PATH', '')}", f"LIBTORCH_DIR={lib}", f"{old}/app/LoraKit.Cli"]
+
+
+LAUNCHER = ["bash", ".gpu/on-gpu.sh", "LoraKit.Cli"]
+
+
 def lorakit_run(d, ids_path, ckpt, steps, warm, plain=False, kernels="fast", profile=False, keep_gib=None, graph="auto", main=False,
-                embeddings="auto", extra=(), label="", memory_trace=False, offload_mlp=0):
-    args = ["bash", ".gpu/on-gpu.sh", "LoraKit.Cli", "bench", "--model", d, "--ids", ids_path, "--steps", str(steps),
+                embeddings="auto", extra=(), label="", memory_trace=False, offload_mlp=0, launcher=None):
+    args = (launcher or LAUNCHER) + ["bench", "--model", d, "--ids", ids_path, "--steps", str(steps),
             "--warmup", str(warm), "--rank", "16", "--device", "cuda", "--kernels", kernels] + \
            (["--gradient-checkpointing"] if ckpt else []) + (["--plain-loss"] if plain else []) + (["--profile"] if profile else []) + \
            (["--checkpoint-keep-gib", str(keep_gib)] if keep_gib is not None and "--checkpoint-keep-gib" not in extra else []) + ["--cuda-graph", graph, "--embeddings-on-host", embeddings] + \
@@ -198,9 +211,13 @@ def main():
     ap.add_argument("--memory-trace", action="store_true", help="LoraKit's main run also reports the allocated bytes between a step's phases")
     ap.add_argument("--variant", nargs="*", default=[], metavar="NAME=ARGS",
                     help="also time LoraKit with these extra `lorakit bench` arguments (A/B experiments), e.g. chunk64='--loss-chunk-mib 64'")
+    ap.add_argument("--old-app", default=None, metavar="TGZ",
+                    help="also time another LoraKit build (its managed assemblies in TGZ, laid over the packed app), "
+                         "run before and after the main LoraKit row: label 'old'")
     ap.add_argument("--out", default="bench/results/latest.json")
     a = ap.parse_args()
     torch.cuda.init()
+    old = old_app_launcher(a.old_app) if a.old_app else None
     rows = []
     for shape, b, s, ckpt in WORKLOADS:
         if a.only and shape not in a.only:
@@ -211,6 +228,14 @@ def main():
         runs = [] if a.no_hf else [lambda: hf_run(d, ids, ckpt, a.steps, a.warmup, a.hf_profile)]
         runs.append(lambda: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, profile=a.profile, keep_gib=a.keep if ckpt else None, main=True,
                                        memory_trace=a.memory_trace, offload_mlp=mlp if ckpt else 0))
+        if old:
+            # old, new, old, new: a drift of the machine over the call shows as a difference between the two old rows
+            runs.insert(len(runs) - 1, lambda: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, keep_gib=a.keep if ckpt else None, main=True,
+                                                           offload_mlp=mlp if ckpt else 0, label="old", launcher=old))
+            runs.append(lambda: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, keep_gib=a.keep if ckpt else None, main=True,
+                                            offload_mlp=mlp if ckpt else 0, label="old", launcher=old))
+            runs.append(lambda: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, keep_gib=a.keep if ckpt else None, main=True,
+                                            offload_mlp=mlp if ckpt else 0))
         for v in a.variant:
             label, _, args = v.partition("=")
             runs.append(lambda label=label, args=args: lorakit_run(d, ids_path, ckpt, a.steps, a.warmup, keep_gib=a.keep if ckpt else None,
