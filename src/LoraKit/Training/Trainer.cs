@@ -58,8 +58,7 @@ public static class Trainer
     {
         c.Validate();
         var wall = Stopwatch.StartNew();
-        var device = Devices.Resolve(c.Device);
-        var dtype = c.Dtype is string d ? DTypes.Parse(d) : Devices.DefaultDType(device);
+        var (device, dtype) = Placement.Resolve(c.Device, c.Dtype);
         // Everything random in a run comes from the seed through generators of its own (initialisation, the score
         // head, shuffling, dropout), never from torch's global one, which anything else in the process may draw from.
         if (resume && overwrite) throw new LoraKitException("resume and overwrite exclude each other: resume continues the run, overwrite starts it again");
@@ -541,7 +540,7 @@ public static class Trainer
     {
         if (format is not (DataFormat.Chat or DataFormat.PromptCompletion or DataFormat.Text)) return;
         if (format != DataFormat.Chat && !c.Eos) return;
-        var stops = GenerationDefaults.EosTokenIds(c.Model, model.Config).ToHashSet();
+        var stops = Generation.StopTokens.EosTokenIds(model.Config, tok, c.Model).ToHashSet();
         bool trainedStop = train.Any(s => s.Labels.Skip(1).Any(stops.Contains));
         if (trainedStop) return;
         // Which token ends the trained spans? The last special token in them (e.g. <|im_end|>), else the last token.
