@@ -49,9 +49,9 @@ public static class BenchCommand
             lm.Model.model.GradientCheckpointing = r.GetValue(ckpt);
             lm.Model.model.CheckpointKeepBytes = (long)(r.GetValue(keep) * (1L << 30));
             string? placed = Trainer.PlaceEmbeddings(lm.Model, r.GetValue(embeddings)!, r.GetValue(ckpt));
-            if (placed != null) Console.Error.WriteLine(placed);
+            if (placed != null) Console.Error.WriteLine(FlagNames.Rephrase(placed));
             string? offloaded = Trainer.PlaceCheckpoints(lm.Model, r.GetValue(offload)!, r.GetValue(ckpt), r.GetValue(offloadMlp));
-            if (offloaded != null) Console.Error.WriteLine(offloaded);
+            if (offloaded != null) Console.Error.WriteLine(FlagNames.Rephrase(offloaded));
             bool fast = Trainer.FastKernels(r.GetValue(kernels)!, dev, dtype);
             lm.UseFastTraining(fast);
             lm.Model.train();

@@ -70,8 +70,8 @@ public sealed class CommonOptions
     /// </summary>
     public static string OneLine(Exception e)
     {
-        var first = e.Message.Split('\n', 2)[0].TrimEnd('\r');
-        return e is LoraKitException || first.Length == e.Message.TrimEnd('\n', '\r').Length
+        var first = FlagNames.Rephrase(e.Message.Split('\n', 2)[0].TrimEnd('\r'));
+        return e is LoraKitException || !e.Message.TrimEnd('\n', '\r').Contains('\n')
             ? first : $"{first} (set LORAKIT_DEBUG=1 for the full message)";
     }
 }

@@ -75,8 +75,8 @@ public static class Trainer
         bool classify = trainSummary.Format == DataFormat.Classification;
         if (classify && labels!.Count < 2)
             throw new DataException($"{c.Data}: classification needs at least two labels, but every line has {(labels.Count == 1 ? $"label '{labels[0]}'" : "no usable label")}");
-        if (classify && (c.Method != "lora" || c.Packing)) throw new ArgumentException("classification data trains a LoRA adapter with a score head; --method full and --packing do not apply");
-        if (!classify && c.Metric == "eval_accuracy") throw new ArgumentException("--metric eval_accuracy needs classification data ({\"text\", \"label\"})");
+        if (classify && (c.Method != "lora" || c.Packing)) throw new ArgumentException("classification data trains a LoRA adapter with a score head; `method` full and `packing` do not apply");
+        if (!classify && c.Metric == "eval_accuracy") throw new ArgumentException("`metric` eval_accuracy needs classification data ({\"text\", \"label\"})");
         List<Sample>? valid = null;
         DataSummary? validSummary = null;
         if (c.ValidationData is string vpath) (valid, validSummary) = JsonlDataset.Load(vpath, tok, opts, labels);
@@ -118,7 +118,7 @@ public static class Trainer
         bool fast = FastKernels(c.Kernels, device, dtype);
         lm.UseFastTraining(fast);
         lm.UseRng(rng);
-        if (fast) log.Info("kernels: fast (LoRA branch in the base dtype, lean RMSNorm/SwiGLU backwards; --kernels exact for PEFT's fp32 branch)");
+        if (fast) log.Info("kernels: fast (LoRA branch in the base dtype, lean RMSNorm/SwiGLU backwards; `kernels` exact for PEFT's fp32 branch)");
         using var classifier = classify ? new SequenceClassifier(model, labels!, c.Seed) { PadTokenId = SequenceClassifier.PadFor(tok, model.Config) } : null;
         if (classifier != null) trainable.Add(("score.weight", classifier.Score));
         if (c.GradientCheckpointing)
@@ -160,7 +160,7 @@ public static class Trainer
                 return loss.detach();
             };
         bool graphWarned = false;
-        if (graphed) log.Info("CUDA graph: the training step is captured after its first batch and replayed for batches of the same shape (--cuda-graph off to disable)");
+        if (graphed) log.Info("CUDA graph: the training step is captured after its first batch and replayed for batches of the same shape (`cuda_graph` off to disable)");
         Func<List<Sample>, long> countOf = classifier is null
             ? rows => rows.Sum(r => (long)r.Labels.Skip(1).Count(l => l != Sample.IgnoreIndex))
             : rows => rows.Count;
@@ -379,10 +379,10 @@ public static class Trainer
             case "off": return false;
             case "auto": return possible && fastKernels && dropout == 0;
             case "on":
-                if (!possible) throw new ArgumentException("--cuda-graph on needs CUDA and a libtorch that exports its stream API (PyTorch 2.4+)");
-                if (dropout > 0) throw new ArgumentException("--cuda-graph on needs --lora-dropout 0: a replayed graph would reuse one dropout mask");
+                if (!possible) throw new ArgumentException("`cuda_graph` on needs CUDA and a libtorch that exports its stream API (PyTorch 2.4+)");
+                if (dropout > 0) throw new ArgumentException("`cuda_graph` on needs `lora_dropout` 0: a replayed graph would reuse one dropout mask");
                 return true;
-            default: throw new ArgumentException($"--cuda-graph must be auto, on or off, not '{mode}'");
+            default: throw new ArgumentException($"`cuda_graph` must be auto, on or off, not '{mode}'");
         }
     }
 
@@ -393,7 +393,7 @@ public static class Trainer
     /// </summary>
     public static string? PlaceEmbeddings(CausalLM model, string mode, bool checkpointing)
     {
-        if (!WantsForMemory(mode, "--embeddings-on-host", model, checkpointing)) return null;
+        if (!WantsForMemory(mode, "`embeddings_on_host`", model, checkpointing)) return null;
         if (model.Config.TieWordEmbeddings) return "input embeddings stay on the GPU: the LM head shares them";
         var table = model.model.embed_tokens;
         long bytes = table.weight.numel() * table.weight.ElementSize;
@@ -420,8 +420,8 @@ public static class Trainer
     /// </summary>
     public static string? PlaceCheckpoints(CausalLM model, string mode, bool checkpointing, int mlpLayers = 0)
     {
-        if (!WantsForMemory(mode, "--offload-checkpoints", model, checkpointing)) return null;
-        if (!checkpointing) return "checkpoints stay on the device: there are none without --gradient-checkpointing";
+        if (!WantsForMemory(mode, "`offload_checkpoints`", model, checkpointing)) return null;
+        if (!checkpointing) return "checkpoints stay on the device: there are none without `gradient_checkpointing`";
         var offload = CheckpointOffload.TryCreate(model.Device, out var why);
         if (offload is null) return $"checkpoints stay on the device: {why}";
         offload.MlpLayers = mlpLayers;
@@ -553,6 +553,6 @@ public static class Trainer
         string ender = enders >= 0 ? $"'{tok.IdToToken(enders)}' (id {enders})" : "none";
         log.Warn($"no trained label is a stop token of the model's generation config (eos ids: [{string.Join(", ", stops)}]); " +
                  $"trained spans end with {ender}. The fine-tuned model may never stop generating: add that id to eos_token_id in " +
-                 "generation_config.json, or check the chat template / --eos setting.");
+                 "generation_config.json, or check the chat template / the `eos` setting.");
     }
 }
