@@ -65,9 +65,9 @@ public sealed partial class OpenAiServer : IAsyncDisposable
     {
         if (o.ApiKey is null && o.AdminKey is null && !o.Insecure && !o.IsLoopback)
             throw new LoraKitException($"refusing to listen on '{o.Host}' without a key: anyone who can reach it could use and administer the server; " +
-                                       "set --api-key and --admin-key, or pass --insecure");
-        CheckKeyShape(o.ApiKey, "API key (--api-key or LORAKIT_API_KEY)");
-        CheckKeyShape(o.AdminKey, "admin key (--admin-key or LORAKIT_ADMIN_KEY)");
+                                       "set an API key and an admin key (ApiKey, AdminKey; lorakit serve: --api-key, --admin-key), or allow it (Insecure; --insecure)");
+        CheckKeyShape(o.ApiKey, "API key (ApiKey; lorakit serve: --api-key or LORAKIT_API_KEY)");
+        CheckKeyShape(o.AdminKey, "admin key (AdminKey; lorakit serve: --admin-key or LORAKIT_ADMIN_KEY)");
         if (!Directory.Exists(o.Adapters)) throw new DirectoryNotFoundException($"adapters directory '{o.Adapters}' does not exist");
         var (device, dtype) = Placement.Resolve(o.Device, o.Dtype);
         var tok = Tokenizer.Load(o.Model);
