@@ -6,11 +6,13 @@ using LoraKit.Tokenization;
 namespace LoraKit.Generation;
 
 /// <summary>
-/// The one rule for which token ids end a generation, used by every surface (<c>lorakit generate</c>, the demo, the
-/// HTTP server, the chat client, the trainer's stop-token check): <c>generation_config.json</c>'s <c>eos_token_id</c>
+/// The one rule for which token ids end a generation, used by every surface that generates (<c>lorakit generate</c>,
+/// the demo, the HTTP server and its chat client): <c>generation_config.json</c>'s <c>eos_token_id</c>
 /// (one id or a list; when the file or the field is absent, config.json's), plus the tokenizer's EOS token when it
 /// names another id. vLLM stops on the same union: chat models whose tokenizer ends a turn with a token (e.g.
-/// <c>&lt;|im_end|&gt;</c>) that generation_config does not list would otherwise never stop.
+/// <c>&lt;|im_end|&gt;</c>) that generation_config does not list would otherwise never stop. Without a tokenizer it
+/// is transformers' rule (generation_config alone): the trainer checks trained data against that one, since an
+/// exported adapter often runs under transformers.
 /// </summary>
 public static class StopTokens
 {

@@ -540,7 +540,8 @@ public static class Trainer
     {
         if (format is not (DataFormat.Chat or DataFormat.PromptCompletion or DataFormat.Text)) return;
         if (format != DataFormat.Chat && !c.Eos) return;
-        var stops = Generation.StopTokens.EosTokenIds(model.Config, tok, c.Model).ToHashSet();
+        // generation_config's ids only (no tokenizer EOS): transformers' generate, where an exported adapter often runs, stops on those.
+        var stops = Generation.StopTokens.EosTokenIds(model.Config, null, c.Model).ToHashSet();
         bool trainedStop = train.Any(s => s.Labels.Skip(1).Any(stops.Contains));
         if (trainedStop) return;
         // Which token ends the trained spans? The last special token in them (e.g. <|im_end|>), else the last token.
