@@ -110,7 +110,7 @@ public class AdapterSafetyTests
         AdapterFiles.Load(served, "d", dir);
         var tok = Tokenizer.Load(Fixtures.Model("llama"));
         using var engine = new InferenceEngine(served, tok);
-        var eos = GenerationDefaults.EosTokenIds(Fixtures.Model("llama"), served.Model.Config);
+        var eos = StopTokens.EosTokenIds(served.Model.Config, tok, Fixtures.Model("llama"));
         var result = await engine.GenerateAsync(tok.Encode("The quick"), "d", new SamplingOptions { MaxNewTokens = 12, EosTokenIds = eos });
         Assert.Equal(cliIds, result.OutputIds.Select(x => (long)x).ToArray());
     }

@@ -70,6 +70,23 @@ public class CliTests
         Assert.Equal(1, code);
         Assert.Contains("top-p", stderr);
     }
+
+    /// <summary>
+    /// The library names a training setting by its key (`cuda_graph`), the CLI by the flag the user typed: the train
+    /// command's errors keep saying --cuda-graph, and a switch on by default is named by its --no- flag.
+    /// </summary>
+    [Fact]
+    public void TrainErrorsNameTheFlagsTheLibraryNamesAsSettings()
+    {
+        var (code, stdout, stderr) = RunCli("train", "--model", Fixtures.Model("llama"), "--data", "d.jsonl", "--cuda-graph", "yes");
+        Assert.Equal(1, code);
+        Assert.Equal("", stdout);
+        Assert.Equal("error: --cuda-graph must be auto, on or off, not 'yes'", stderr.Trim());
+        Assert.Contains("`cuda_graph`", Assert.Throws<ArgumentException>(new LoraKit.Training.TrainConfig { Model = "m", Data = "d", CudaGraph = "yes" }.Validate).Message);
+
+        Assert.Equal("--no-eos and --lora-dropout, `not_a_setting`", LoraKit.Cli.Commands.FlagNames.Rephrase("`eos` and `lora_dropout`, `not_a_setting`"));
+        Assert.Equal("resume it (--resume) or replace what it wrote (--overwrite)", LoraKit.Cli.Commands.FlagNames.Rephrase("resume it (`resume`) or replace what it wrote (`overwrite`)"));
+    }
 }
 
 /// <summary>The adapter-related CLI: --adapter, adapter info, merge, combine.</summary>

@@ -128,11 +128,11 @@ public class FastTrainingTests
         using var model = CausalLM.Load(Fixtures.Model("llama"), ScalarType.Float32, CPU);
         Assert.Null(Trainer.PlaceCheckpoints(model, "off", checkpointing: true));
         Assert.Null(Trainer.PlaceCheckpoints(model, "auto", checkpointing: true));
-        Assert.Contains("none without --gradient-checkpointing", Trainer.PlaceCheckpoints(model, "on", checkpointing: false));
+        Assert.Contains("none without `gradient_checkpointing`", Trainer.PlaceCheckpoints(model, "on", checkpointing: false));
         Assert.Null(model.model.Offload); // a refusal changes nothing
         Assert.Contains("auto, on or off", Assert.Throws<ArgumentException>(() => Trainer.PlaceCheckpoints(model, "host", true)).Message);
         var c = new TrainConfig { Model = "m", Data = "d", OffloadCheckpoints = "yes" };
-        Assert.Contains("--offload-checkpoints", Assert.Throws<ArgumentException>(c.Validate).Message);
+        Assert.Contains("`offload_checkpoints`", Assert.Throws<ArgumentException>(c.Validate).Message);
         // Where checkpoints wait does not change what a run computes (the copies are exact), so a resume may switch it.
         Assert.False(new TrainConfig { OffloadCheckpoints = "on" }.Identity().ContainsKey("offload_checkpoints"));
     }
@@ -234,7 +234,7 @@ public class GraphedStepTests
         Assert.Equal(TorchSharp.DeviceType.CPU, untied.model.embed_tokens.weight.device_type); // a refusal changes nothing
         Assert.Contains("auto, on or off", Assert.Throws<ArgumentException>(() => Trainer.PlaceEmbeddings(untied, "host", true)).Message);
         var c = new TrainConfig { Model = "m", Data = "d", EmbeddingsOnHost = "yes" };
-        Assert.Contains("--embeddings-on-host", Assert.Throws<ArgumentException>(c.Validate).Message);
+        Assert.Contains("`embeddings_on_host`", Assert.Throws<ArgumentException>(c.Validate).Message);
         // Where the table lives does not change what a run computes (the gather is exact), so a resume may switch it.
         Assert.False(new TrainConfig { EmbeddingsOnHost = "on" }.Identity().ContainsKey("embeddings_on_host"));
     }
@@ -247,7 +247,7 @@ public class GraphedStepTests
         Assert.Contains("CUDA", Assert.Throws<ArgumentException>(() => Trainer.UseCudaGraph("on", CPU, true, 0)).Message);
         Assert.Contains("auto, on or off", Assert.Throws<ArgumentException>(() => Trainer.UseCudaGraph("always", CPU, true, 0)).Message);
         var c = new TrainConfig { Model = "m", Data = "d", CudaGraph = "yes" };
-        Assert.Contains("--cuda-graph", Assert.Throws<ArgumentException>(c.Validate).Message);
+        Assert.Contains("`cuda_graph`", Assert.Throws<ArgumentException>(c.Validate).Message);
         // The option does not change what a run computes, so resuming with another value is allowed.
         Assert.False(new TrainConfig { CudaGraph = "off" }.Identity().ContainsKey("cuda_graph"));
     }

@@ -22,7 +22,7 @@ public class GenerationTests
             var promptIds = tok.Encode(g.GetProperty("prompt").GetString()!);
             Assert.Equal(Fixtures.Ids(g.GetProperty("prompt_ids")).Select(x => (int)x), promptIds);
             var expected = Fixtures.Ids(g.GetProperty("output_ids")).Select(x => (int)x).ToArray();
-            var options = new SamplingOptions { MaxNewTokens = 20, EosTokenIds = GenerationDefaults.EosTokenIds(dir, model.Config) };
+            var options = new SamplingOptions { MaxNewTokens = 20, EosTokenIds = StopTokens.EosTokenIds(model.Config, tok, dir) };
             var result = new TextGenerator(model, tok).Generate(promptIds, options);
             Assert.Equal(expected, result.OutputIds);
             Assert.Equal(g.GetProperty("text").GetString(), result.Text);

@@ -248,7 +248,7 @@ public class LoraTests
         AdapterFiles.Load(lm, "a", Adapter("qwen2", "a"));
         lm.Merge("a");
         var outDir = Path.Combine(Fixtures.TempDir(), "merged");
-        CheckpointWriter.Save(lm.Model, Fixtures.Model("qwen2"), outDir);
+        MergedCheckpoint.Save(lm, Fixtures.Model("qwen2"), outDir);
         using var merged = CausalLM.Load(outDir, ScalarType.Float32, CPU); // strict loader: no stray or missing keys
         using var _ = no_grad();
         var ids = tensor(Fixtures.Ids(Fixtures.Json("reference", "peft_qwen2.json").GetProperty("texts")[0].GetProperty("input_ids"))).unsqueeze(0);

@@ -2,7 +2,7 @@ using System.Diagnostics;
 using System.Net;
 using System.Text;
 using System.Text.Json.Nodes;
-using LoraKit.Cli.Serving;
+using LoraKit.Server;
 using LoraKit.Generation;
 using LoraKit.Models;
 using LoraKit.Tokenization;

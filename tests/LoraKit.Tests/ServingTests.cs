@@ -2,7 +2,7 @@ using System.Net;
 using System.Net.Http.Headers;
 using System.Text;
 using System.Text.Json.Nodes;
-using LoraKit.Cli.Serving;
+using LoraKit.Server;
 using LoraKit.Generation;
 using LoraKit.Lora;
 using LoraKit.Models;
@@ -126,7 +126,7 @@ public sealed class ServerTests : IAsyncLifetime
         using var lm = new LoraModel(CausalLM.Load(Fixtures.Model("qwen3"), ScalarType.Float32, CPU));
         if (adapter != null) AdapterFiles.Load(lm, adapter, Fixtures.Path_("adapters", "qwen3", adapter));
         var tok = Tokenizer.Load(Fixtures.Model("qwen3"));
-        var eos = GenerationDefaults.EosTokenIds(Fixtures.Model("qwen3"), lm.Model.Config).Append(tok.EosTokenId!.Value).ToArray();
+        var eos = StopTokens.EosTokenIds(lm.Model.Config, tok, Fixtures.Model("qwen3"));
         return new TextGenerator(lm.Model, tok).Generate(tok.Encode(prompt), new SamplingOptions { MaxNewTokens = maxTokens, EosTokenIds = eos }).OutputIds;
     }
 

@@ -56,7 +56,7 @@ public class TrainingRunTests
         var before = FuzzContract.Snapshot(output);
         var ex = Assert.Throws<LoraKitException>(() => Trainer.Run(Small(output), false, new ListLog()));
         Assert.Contains("not empty", ex.Message);
-        Assert.Contains("--overwrite", ex.Message);
+        Assert.Contains("`overwrite`", ex.Message);
         FuzzContract.AssertUntouched(before, output, "refused run");
         // --overwrite replaces only what LoraKit wrote: metrics.jsonl here is the user's, so it is refused too.
         ex = Assert.Throws<LoraKitException>(() => Trainer.Run(Small(output), false, new ListLog(), overwrite: true));

@@ -161,7 +161,7 @@ public class TrainingTests
 
         // And a fresh run into a directory that holds one is refused rather than overwriting it.
         ex = Assert.Throws<LoraKitException>(() => Trainer.Run(Small(c.Output), false, new ListLog()));
-        Assert.Contains("--resume", ex.Message);
+        Assert.Contains("`resume`", ex.Message);
     }
 
     [Fact]

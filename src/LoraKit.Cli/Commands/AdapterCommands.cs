@@ -66,13 +66,6 @@ public static class AdapterCommands
         return (model, output, device, dtype);
     }
 
-    static LoraModel LoadBase(ParseResult r, Option<string> model, Option<string> device, Option<string?> dtype)
-    {
-        var dev = Devices.Resolve(r.GetValue(device)!);
-        var dt = r.GetValue(dtype) is string s ? IO.DTypes.Parse(s) : Devices.DefaultDType(dev);
-        return new LoraModel(CausalLM.Load(r.GetValue(model)!, dt, dev));
-    }
-
     public static Command Merge()
     {
         var cmd = new Command("merge", "Merge an adapter into the base weights and write a full Hugging Face checkpoint.");
@@ -84,22 +77,18 @@ public static class AdapterCommands
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             OutputDirectory.EnsureNewOrEmpty(r.GetValue(output)!); // before minutes of loading and merging
+            var (dev, dt) = Placement.Resolve(r.GetValue(device)!, r.GetValue(dtype));
             if (Directory.Exists(r.GetValue(adapter)) && AdapterFiles.Task(r.GetValue(adapter)!) is { IsSequenceClassification: true } task)
             {
                 // A classifier merges into a *ForSequenceClassification checkpoint: the score head replaces the LM head.
-                var dev = Devices.Resolve(r.GetValue(device)!);
-                var dt = r.GetValue(dtype) is string s ? IO.DTypes.Parse(s) : Devices.DefaultDType(dev);
                 using var clf = Classification.TextClassifier.Load(r.GetValue(model)!, r.GetValue(adapter)!, dt, dev);
                 clf.SaveMerged(r.GetValue(model)!, r.GetValue(output)!);
                 Console.WriteLine($"merged {r.GetValue(adapter)} into {r.GetValue(model)} → {r.GetValue(output)} " +
                     $"({clf.Model.Config.Architecture.Replace("ForCausalLM", "ForSequenceClassification")}, labels: {task.LabelList})");
                 return 0;
             }
-            using var lm = LoadBase(r, model, device, dtype);
-            AdapterFiles.Load(lm, "default", r.GetValue(adapter)!, new AdapterLoadOptions { AllowBaseMismatch = r.GetValue(allow) });
-            lm.Merge("default");
-            foreach (var (name, p) in lm.Model.named_parameters()) AdapterFiles.CheckFinite(p, name, $"merged model (not written to {r.GetValue(output)})", double.PositiveInfinity);
-            CheckpointWriter.Save(lm.Model, r.GetValue(model)!, r.GetValue(output)!);
+            MergedCheckpoint.Merge(r.GetValue(model)!, r.GetValue(adapter)!, r.GetValue(output)!, new Placement(dev, dt),
+                new AdapterLoadOptions { AllowBaseMismatch = r.GetValue(allow) });
             Console.WriteLine($"merged {r.GetValue(adapter)} into {r.GetValue(model)} → {r.GetValue(output)}");
             return 0;
         }));
@@ -128,14 +117,9 @@ public static class AdapterCommands
                 return (dir: p[..colon], w);
             }).ToList();
             var outDir = r.GetValue(output)!;
-            OutputDirectory.EnsureNewOrEmpty(outDir);
-            using var lm = LoadBase(r, model, device, dtype);
-            var names = parts.Select((p, i) => $"in{i}").ToList();
-            var load = new AdapterLoadOptions { AllowBaseMismatch = r.GetValue(allow) };
-            for (int i = 0; i < parts.Count; i++) AdapterFiles.Load(lm, names[i], parts[i].dir, load);
-            AdapterCombiner.Combine(lm, names, parts.Select(p => p.w).ToList(), "combined", r.GetValue(method)!, r.GetValue(svdRank));
-            AdapterFiles.Save(lm, "combined", outDir, r.GetValue(model));
-            Console.WriteLine($"combined {parts.Count} adapters ({r.GetValue(method)}) → {outDir} (r={lm.Configs["combined"].R})");
+            var combined = AdapterFileCombiner.Combine(r.GetValue(model)!, parts, r.GetValue(method)!, r.GetValue(svdRank), outDir,
+                Placement.Resolve(r.GetValue(device)!, r.GetValue(dtype)), new AdapterLoadOptions { AllowBaseMismatch = r.GetValue(allow) });
+            Console.WriteLine($"combined {parts.Count} adapters ({r.GetValue(method)}) → {outDir} (r={combined.R})");
             return 0;
         }));
         return cmd;

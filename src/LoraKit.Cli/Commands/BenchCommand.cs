@@ -41,18 +41,18 @@ public static class BenchCommand
         var cmd = new Command("bench", "Time LoRA training steps on a fixed batch (for bench/run_bench.py).") { model, ids, steps, warmup, rank, ckpt, keep, embeddings, plain, device, kernels, graph, profile, profileRange, memoryTrace, lossChunk, offload, offloadMlp };
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
-            var dev = Devices.Resolve(r.GetValue(device)!);
+            var (dev, dtype) = Placement.Resolve(r.GetValue(device)!);
             if (r.GetValue(lossChunk) is int mib) ChunkedLmLoss.ChunkBytes = (long)mib << 20;
-            using var lm = new LoraModel(CausalLM.Load(r.GetValue(model)!, Devices.DefaultDType(dev), dev));
+            using var lm = new LoraModel(CausalLM.Load(r.GetValue(model)!, dtype, dev));
             int rk = r.GetValue(rank);
             lm.AddAdapter("bench", new LoraConfig { R = rk, LoraAlpha = 2 * rk, LoraDropout = 0, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] });
             lm.Model.model.GradientCheckpointing = r.GetValue(ckpt);
             lm.Model.model.CheckpointKeepBytes = (long)(r.GetValue(keep) * (1L << 30));
             string? placed = Trainer.PlaceEmbeddings(lm.Model, r.GetValue(embeddings)!, r.GetValue(ckpt));
-            if (placed != null) Console.Error.WriteLine(placed);
+            if (placed != null) Console.Error.WriteLine(FlagNames.Rephrase(placed));
             string? offloaded = Trainer.PlaceCheckpoints(lm.Model, r.GetValue(offload)!, r.GetValue(ckpt), r.GetValue(offloadMlp));
-            if (offloaded != null) Console.Error.WriteLine(offloaded);
-            bool fast = Trainer.FastKernels(r.GetValue(kernels)!, dev, Devices.DefaultDType(dev));
+            if (offloaded != null) Console.Error.WriteLine(FlagNames.Rephrase(offloaded));
+            bool fast = Trainer.FastKernels(r.GetValue(kernels)!, dev, dtype);
             lm.UseFastTraining(fast);
             lm.Model.train();
             using var f = SafetensorsFile.Open(r.GetValue(ids)!);

@@ -28,9 +28,9 @@ public static class BenchServeCommand
         var cmd = new Command("bench-serve", "Measure multi-adapter serving throughput (for bench/run_serve_bench.sh).") { model, adapters, requests, maxTokens, promptTokens, maxBatch, device };
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
-            var dev = Devices.Resolve(r.GetValue(device)!);
+            var (dev, dtype) = Placement.Resolve(r.GetValue(device)!);
             var dir = r.GetValue(model)!;
-            var lm = new LoraModel(CausalLM.Load(dir, Devices.DefaultDType(dev), dev));
+            var lm = new LoraModel(CausalLM.Load(dir, dtype, dev));
             int k = r.GetValue(adapters);
             for (int i = 0; i < k; i++)
                 lm.AddAdapter($"ad{i}", new LoraConfig { R = 16, LoraAlpha = 32, LoraDropout = 0, InitLoraWeights = "false",

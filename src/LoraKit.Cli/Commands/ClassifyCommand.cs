@@ -28,8 +28,7 @@ public static class ClassifyCommand
             if ((t is null) == (d is null)) throw new ArgumentException("give exactly one of --text or --data");
             if (r.GetValue(batch) < 1) throw new ArgumentException("--batch-size must be at least 1");
             if (d is not null && !File.Exists(d)) throw new FileNotFoundException($"{d}: file not found");
-            var dev = Devices.Resolve(r.GetValue(device)!);
-            var dt = r.GetValue(dtype) is string s ? IO.DTypes.Parse(s) : Devices.DefaultDType(dev);
+            var (dev, dt) = Placement.Resolve(r.GetValue(device)!, r.GetValue(dtype));
             using var clf = TextClassifier.Load(r.GetValue(model)!, r.GetValue(adapter), dt, dev);
 
             var rows = d is null ? [new LabelledText(0, t!, null)] : ClassificationData.Read(d, clf.Labels);

@@ -41,9 +41,7 @@ public sealed class CommonOptions
         ModelDirectory.Require(dir);
         if (Classification.TextClassifier.IsSequenceClassificationCheckpoint(dir))
             throw new ArgumentException($"{dir} is a sequence-classification checkpoint (a merged classifier), not a causal LM; use `lorakit classify --model {dir}`");
-        var device = Devices.Resolve(r.GetValue(Device)!);
-        var dtypeName = r.GetValue(DType);
-        var dtype = dtypeName is null ? Devices.DefaultDType(device) : DTypes.Parse(dtypeName);
+        var (device, dtype) = Placement.Resolve(r.GetValue(Device)!, r.GetValue(DType));
         var tokenizer = Tokenizer.Load(dir);
         var model = CausalLM.Load(dir, dtype, device);
         if (r.GetValue(Adapter) is string adapter)
@@ -72,8 +70,8 @@ public sealed class CommonOptions
     /// </summary>
     public static string OneLine(Exception e)
     {
-        var first = e.Message.Split('\n', 2)[0].TrimEnd('\r');
-        return e is LoraKitException || first.Length == e.Message.TrimEnd('\n', '\r').Length
+        var first = FlagNames.Rephrase(e.Message.Split('\n', 2)[0].TrimEnd('\r'));
+        return e is LoraKitException || !e.Message.TrimEnd('\n', '\r').Contains('\n')
             ? first : $"{first} (set LORAKIT_DEBUG=1 for the full message)";
     }
 }

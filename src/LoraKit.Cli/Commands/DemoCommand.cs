@@ -71,7 +71,7 @@ public static class DemoCommand
         {
             AdapterFiles.Load(lm, "default", result.AdapterDir);
             lm.Merge("default");
-            CheckpointWriter.Save(lm.Model, baseDir, mergedDir);
+            MergedCheckpoint.Save(lm, baseDir, mergedDir);
         }
         Console.WriteLine($"Merged the adapter into the base weights: {mergedDir} (a plain Hugging Face checkpoint)\n");
         Console.WriteLine("Generating with the merged model on held-out requests:");
@@ -81,7 +81,7 @@ public static class DemoCommand
             var gen = new TextGenerator(merged, tok);
             foreach (var (prompt, label) in valid.GroupBy(v => v.label).Select(g => g.ElementAt(g.Count() / 2)))
             {
-                var res = gen.Generate(tok.Encode(prompt), new SamplingOptions { MaxNewTokens = 10, EosTokenIds = GenerationDefaults.EosTokenIds(mergedDir, merged.Config) });
+                var res = gen.Generate(tok.Encode(prompt), new SamplingOptions { MaxNewTokens = 10, EosTokenIds = StopTokens.EosTokenIds(merged.Config, tok, mergedDir) });
                 Console.WriteLine($"  {System.Text.Json.JsonSerializer.Serialize(prompt)} → \"{res.Text.Trim()}\" (expected {label})");
             }
         }
@@ -98,7 +98,7 @@ public static class DemoCommand
         if (adapterDir != null) AdapterFiles.Load(new LoraModel(model), "default", adapterDir);
         var tok = Tokenizer.Load(modelDir);
         var gen = new TextGenerator(model, tok);
-        var eos = GenerationDefaults.EosTokenIds(modelDir, model.Config);
+        var eos = StopTokens.EosTokenIds(model.Config, tok, modelDir);
         int ok = 0;
         foreach (var (prompt, label) in rows)
         {

@@ -1,6 +1,6 @@
 using System.CommandLine;
 using System.Runtime.InteropServices;
-using LoraKit.Cli.Serving;
+using LoraKit.Server;
 
 namespace LoraKit.Cli.Commands;
 

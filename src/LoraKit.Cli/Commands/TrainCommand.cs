@@ -160,9 +160,9 @@ public sealed class ConsoleTrainLog(bool interactive) : ITrainLog
 {
     bool _barShown;
 
-    public void Info(string message) { ClearBar(); Console.WriteLine(message); }
+    public void Info(string message) { ClearBar(); Console.WriteLine(FlagNames.Rephrase(message)); }
 
-    public void Warn(string message) { ClearBar(); Console.Error.WriteLine($"warning: {message}"); }
+    public void Warn(string message) { ClearBar(); Console.Error.WriteLine($"warning: {FlagNames.Rephrase(message)}"); }
 
     public void Step(StepMetrics m)
     {

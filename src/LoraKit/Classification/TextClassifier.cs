@@ -175,7 +175,7 @@ public sealed class TextClassifier : IDisposable
         for (int i = 0; i < Labels.Count; i++) { id2label[i.ToString(System.Globalization.CultureInfo.InvariantCulture)] = Labels[i]; label2id[Labels[i]] = i; }
         string arch = Model.Config.Architecture[..^CausalSuffix.Length] + SeqClsSuffix;
         using var score = Head.Score.detach().to(Model.DType);
-        CheckpointWriter.Save(Model, sourceDir, outDir, editConfig: c =>
+        MergedCheckpoint.Save(_lora, sourceDir, outDir, editConfig: c =>
         {
             c["architectures"] = new JsonArray(arch);
             c["id2label"] = id2label;

@@ -73,7 +73,7 @@ public static class JsonlDataset
             catch (Exception ex) when (ex is JsonException or DataException or InvalidOperationException or Templating.TemplateException)
             {
                 string msg = $"{path}:{lineNo}: {(ex is JsonException ? "invalid JSON (" + ex.Message.Split('.')[0] + ")" : ex.Message)}";
-                if (!o.SkipBadLines) throw new DataException(msg + " (use --skip-bad-lines to skip such lines and count them)");
+                if (!o.SkipBadLines) throw new DataException(msg + " (use `skip_bad_lines` to skip such lines and count them)");
                 problems.Add(msg);
             }
         }
@@ -246,7 +246,7 @@ public static class JsonlDataset
             string before = template.Render(messages.Take(i), addGenerationPrompt: true, tok.Config);
             string through = template.Render(messages.Take(i + 1), addGenerationPrompt: false, tok.Config);
             if (!before.StartsWith(done, StringComparison.Ordinal) || !through.StartsWith(before, StringComparison.Ordinal))
-                throw new DataException("the chat template does not render conversations as growing prefixes, so assistant turns cannot be located; use --train-on-all-tokens");
+                throw new DataException("the chat template does not render conversations as growing prefixes, so assistant turns cannot be located; use `train_on_all_tokens`");
             Append(before[done.Length..], false);
             Append(through[before.Length..], true);
             done = through;

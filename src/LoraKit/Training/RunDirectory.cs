@@ -61,8 +61,8 @@ public sealed class RunDirectory
         if (!overwrite)
         {
             string what = isRun || legacyRun
-                ? $"already holds a LoraKit run{(describeExisting?.Invoke(run._root) is string d ? $" ({d})" : "")}; resume it (--resume) or replace what it wrote (--overwrite)"
-                : $"is not empty and holds no LoraKit run ({string.Join(", ", meaningful.Take(3))}{(meaningful.Count > 3 ? ", …" : "")}); choose an empty or new directory, or --overwrite to write beside those files";
+                ? $"already holds a LoraKit run{(describeExisting?.Invoke(run._root) is string d ? $" ({d})" : "")}; resume it (`resume`) or replace what it wrote (`overwrite`)"
+                : $"is not empty and holds no LoraKit run ({string.Join(", ", meaningful.Take(3))}{(meaningful.Count > 3 ? ", …" : "")}); choose an empty or new directory, or `overwrite` to write beside those files";
             throw new LoraKitException($"output directory {output} {what}");
         }
         // overwrite: nothing foreign may sit where the run writes its top-level files.

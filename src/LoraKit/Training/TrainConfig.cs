@@ -9,6 +9,9 @@ namespace LoraKit.Training;
 /// <summary>
 /// Everything a training run depends on. File keys are the snake_case property names (lr, batch_size, …); the same
 /// names as CLI flags (--lr, --batch-size) override the file. Defaults are the common LoRA recipe.
+/// Messages about a setting (here, in the trainer and in the data reader) name it by its key in backquotes
+/// (<c>`cuda_graph`</c>, and <c>`resume`</c>/<c>`overwrite`</c> for <see cref="Trainer.Run"/>'s arguments), never by a
+/// front end's spelling: the CLI maps those names to its flags.
 /// </summary>
 public sealed class TrainConfig
 {
@@ -138,13 +141,13 @@ public sealed class TrainConfig
         Check(Output.Length > 0, "the output directory is required");
         Check(R > 0, "r must be positive");
         Check(TargetModules.Count > 0, "target_modules must name at least one module");
-        Check(Model.Length > 0, "--model is required");
-        Check(Kernels is "auto" or "fast" or "exact", $"--kernels must be auto, fast or exact, not '{Q(Kernels)}'");
-        Check(CudaGraph is "auto" or "on" or "off", $"--cuda-graph must be auto, on or off, not '{Q(CudaGraph)}'");
-        Check(EmbeddingsOnHost is "auto" or "on" or "off", $"--embeddings-on-host must be auto, on or off, not '{Q(EmbeddingsOnHost)}'");
-        Check(OffloadCheckpoints is "auto" or "on" or "off", $"--offload-checkpoints must be auto, on or off, not '{Q(OffloadCheckpoints)}'");
-        Check(OffloadMlpLayers >= 0, "--offload-mlp-layers must be ≥ 0");
-        Check(Data.Length > 0, "--data is required");
+        Check(Model.Length > 0, "`model` is required");
+        Check(Kernels is "auto" or "fast" or "exact", $"`kernels` must be auto, fast or exact, not '{Q(Kernels)}'");
+        Check(CudaGraph is "auto" or "on" or "off", $"`cuda_graph` must be auto, on or off, not '{Q(CudaGraph)}'");
+        Check(EmbeddingsOnHost is "auto" or "on" or "off", $"`embeddings_on_host` must be auto, on or off, not '{Q(EmbeddingsOnHost)}'");
+        Check(OffloadCheckpoints is "auto" or "on" or "off", $"`offload_checkpoints` must be auto, on or off, not '{Q(OffloadCheckpoints)}'");
+        Check(OffloadMlpLayers >= 0, "`offload_mlp_layers` must be ≥ 0");
+        Check(Data.Length > 0, "`data` is required");
         Check(Method is "lora" or "full", $"method must be lora or full (got '{Q(Method)}')");
         Check(Schedule is "constant" or "linear" or "cosine", $"schedule must be constant, linear or cosine (got '{Q(Schedule)}')");
         Check(Lr > 0, "lr must be positive");

@@ -58,8 +58,7 @@ public static class Trainer
     {
         c.Validate();
         var wall = Stopwatch.StartNew();
-        var device = Devices.Resolve(c.Device);
-        var dtype = c.Dtype is string d ? DTypes.Parse(d) : Devices.DefaultDType(device);
+        var (device, dtype) = Placement.Resolve(c.Device, c.Dtype);
         // Everything random in a run comes from the seed through generators of its own (initialisation, the score
         // head, shuffling, dropout), never from torch's global one, which anything else in the process may draw from.
         if (resume && overwrite) throw new LoraKitException("resume and overwrite exclude each other: resume continues the run, overwrite starts it again");
@@ -76,8 +75,8 @@ public static class Trainer
         bool classify = trainSummary.Format == DataFormat.Classification;
         if (classify && labels!.Count < 2)
             throw new DataException($"{c.Data}: classification needs at least two labels, but every line has {(labels.Count == 1 ? $"label '{labels[0]}'" : "no usable label")}");
-        if (classify && (c.Method != "lora" || c.Packing)) throw new ArgumentException("classification data trains a LoRA adapter with a score head; --method full and --packing do not apply");
-        if (!classify && c.Metric == "eval_accuracy") throw new ArgumentException("--metric eval_accuracy needs classification data ({\"text\", \"label\"})");
+        if (classify && (c.Method != "lora" || c.Packing)) throw new ArgumentException("classification data trains a LoRA adapter with a score head; `method` full and `packing` do not apply");
+        if (!classify && c.Metric == "eval_accuracy") throw new ArgumentException("`metric` eval_accuracy needs classification data ({\"text\", \"label\"})");
         List<Sample>? valid = null;
         DataSummary? validSummary = null;
         if (c.ValidationData is string vpath) (valid, validSummary) = JsonlDataset.Load(vpath, tok, opts, labels);
@@ -119,7 +118,7 @@ public static class Trainer
         bool fast = FastKernels(c.Kernels, device, dtype);
         lm.UseFastTraining(fast);
         lm.UseRng(rng);
-        if (fast) log.Info("kernels: fast (LoRA branch in the base dtype, lean RMSNorm/SwiGLU backwards; --kernels exact for PEFT's fp32 branch)");
+        if (fast) log.Info("kernels: fast (LoRA branch in the base dtype, lean RMSNorm/SwiGLU backwards; `kernels` exact for PEFT's fp32 branch)");
         using var classifier = classify ? new SequenceClassifier(model, labels!, c.Seed) { PadTokenId = SequenceClassifier.PadFor(tok, model.Config) } : null;
         if (classifier != null) trainable.Add(("score.weight", classifier.Score));
         if (c.GradientCheckpointing)
@@ -161,7 +160,7 @@ public static class Trainer
                 return loss.detach();
             };
         bool graphWarned = false;
-        if (graphed) log.Info("CUDA graph: the training step is captured after its first batch and replayed for batches of the same shape (--cuda-graph off to disable)");
+        if (graphed) log.Info("CUDA graph: the training step is captured after its first batch and replayed for batches of the same shape (`cuda_graph` off to disable)");
         Func<List<Sample>, long> countOf = classifier is null
             ? rows => rows.Sum(r => (long)r.Labels.Skip(1).Count(l => l != Sample.IgnoreIndex))
             : rows => rows.Count;
@@ -380,10 +379,10 @@ public static class Trainer
             case "off": return false;
             case "auto": return possible && fastKernels && dropout == 0;
             case "on":
-                if (!possible) throw new ArgumentException("--cuda-graph on needs CUDA and a libtorch that exports its stream API (PyTorch 2.4+)");
-                if (dropout > 0) throw new ArgumentException("--cuda-graph on needs --lora-dropout 0: a replayed graph would reuse one dropout mask");
+                if (!possible) throw new ArgumentException("`cuda_graph` on needs CUDA and a libtorch that exports its stream API (PyTorch 2.4+)");
+                if (dropout > 0) throw new ArgumentException("`cuda_graph` on needs `lora_dropout` 0: a replayed graph would reuse one dropout mask");
                 return true;
-            default: throw new ArgumentException($"--cuda-graph must be auto, on or off, not '{mode}'");
+            default: throw new ArgumentException($"`cuda_graph` must be auto, on or off, not '{mode}'");
         }
     }
 
@@ -394,7 +393,7 @@ public static class Trainer
     /// </summary>
     public static string? PlaceEmbeddings(CausalLM model, string mode, bool checkpointing)
     {
-        if (!WantsForMemory(mode, "--embeddings-on-host", model, checkpointing)) return null;
+        if (!WantsForMemory(mode, "`embeddings_on_host`", model, checkpointing)) return null;
         if (model.Config.TieWordEmbeddings) return "input embeddings stay on the GPU: the LM head shares them";
         var table = model.model.embed_tokens;
         long bytes = table.weight.numel() * table.weight.ElementSize;
@@ -421,8 +420,8 @@ public static class Trainer
     /// </summary>
     public static string? PlaceCheckpoints(CausalLM model, string mode, bool checkpointing, int mlpLayers = 0)
     {
-        if (!WantsForMemory(mode, "--offload-checkpoints", model, checkpointing)) return null;
-        if (!checkpointing) return "checkpoints stay on the device: there are none without --gradient-checkpointing";
+        if (!WantsForMemory(mode, "`offload_checkpoints`", model, checkpointing)) return null;
+        if (!checkpointing) return "checkpoints stay on the device: there are none without `gradient_checkpointing`";
         var offload = CheckpointOffload.TryCreate(model.Device, out var why);
         if (offload is null) return $"checkpoints stay on the device: {why}";
         offload.MlpLayers = mlpLayers;
@@ -541,7 +540,8 @@ public static class Trainer
     {
         if (format is not (DataFormat.Chat or DataFormat.PromptCompletion or DataFormat.Text)) return;
         if (format != DataFormat.Chat && !c.Eos) return;
-        var stops = GenerationDefaults.EosTokenIds(c.Model, model.Config).ToHashSet();
+        // generation_config's ids only (no tokenizer EOS): transformers' generate, where an exported adapter often runs, stops on those.
+        var stops = Generation.StopTokens.EosTokenIds(model.Config, null, c.Model).ToHashSet();
         bool trainedStop = train.Any(s => s.Labels.Skip(1).Any(stops.Contains));
         if (trainedStop) return;
         // Which token ends the trained spans? The last special token in them (e.g. <|im_end|>), else the last token.
@@ -554,6 +554,6 @@ public static class Trainer
         string ender = enders >= 0 ? $"'{tok.IdToToken(enders)}' (id {enders})" : "none";
         log.Warn($"no trained label is a stop token of the model's generation config (eos ids: [{string.Join(", ", stops)}]); " +
                  $"trained spans end with {ender}. The fine-tuned model may never stop generating: add that id to eos_token_id in " +
-                 "generation_config.json, or check the chat template / --eos setting.");
+                 "generation_config.json, or check the chat template / the `eos` setting.");
     }
 }

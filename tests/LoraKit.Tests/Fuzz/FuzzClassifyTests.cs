@@ -3,7 +3,7 @@ using System.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using LoraKit.Classification;
-using LoraKit.Cli.Serving;
+using LoraKit.Server;
 using LoraKit.Data;
 using LoraKit.IO;
 using LoraKit.Lora;

@@ -1,6 +1,7 @@
 using System.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using LoraKit.Generation;
 using LoraKit.IO;
 using LoraKit.Lora;
 using LoraKit.Models;
@@ -356,12 +357,12 @@ public class FuzzFilesTests
             var g = gen.DeepClone();
             g["eos_token_id"] = JsonNode.Parse(eos);
             File.WriteAllText(Path.Combine(dir, "generation_config.json"), g.ToJsonString());
-            FuzzContract.Check("generation_config.json", $"eos_token_id = {eos}", () => GenerationDefaults.EosTokenIds(dir, config));
+            FuzzContract.Check("generation_config.json", $"eos_token_id = {eos}", () => StopTokens.EosTokenIds(config, null, dir));
         }
         foreach (var bad in new[] { "", "[", "[]", "{\"eos_token_id\": 1, \"eos_token_id\": 2}" })
         {
             File.WriteAllText(Path.Combine(dir, "generation_config.json"), bad);
-            FuzzContract.Check("generation_config.json", $"file = {bad}", () => GenerationDefaults.EosTokenIds(dir, config));
+            FuzzContract.Check("generation_config.json", $"file = {bad}", () => StopTokens.EosTokenIds(config, null, dir));
         }
     }
 

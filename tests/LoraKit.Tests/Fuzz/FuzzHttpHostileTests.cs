@@ -1,7 +1,7 @@
 using System.Net.Sockets;
 using System.Text;
 using System.Text.Json.Nodes;
-using LoraKit.Cli.Serving;
+using LoraKit.Server;
 
 namespace LoraKit.Tests.Fuzz;
 

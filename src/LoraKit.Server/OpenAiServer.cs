@@ -21,7 +21,7 @@ using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
 
-namespace LoraKit.Cli.Serving;
+namespace LoraKit.Server;
 
 /// <summary>
 /// OpenAI-compatible HTTP API over one <see cref="InferenceEngine"/>: /v1/chat/completions, /v1/completions (both with
@@ -44,6 +44,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
     int _waiting;
     WebApplication? _app;
 
+    /// <summary>The address the server listens on (e.g. <c>http://127.0.0.1:8000</c>; with port 0, the port chosen).</summary>
     public string Url { get; private set; } = "";
 
     OpenAiServer(ServerOptions o, InferenceEngine engine, AdapterRegistry registry, int[] eos)
@@ -55,21 +56,23 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         _bodies = new BodyGate(4 * (o.MaxConcurrent + o.MaxQueued), o.BodyTimeout);
     }
 
-    /// <summary>Loads the base model once, starts the engine and Kestrel; returns when the server listens.</summary>
+    /// <summary>
+    /// Hosts the server in this process: loads the base model once, starts the engine and Kestrel, and returns when the
+    /// server listens on <see cref="Url"/>. <see cref="DisposeAsync"/> (or <see cref="StopAsync"/>) stops it. Refuses
+    /// (a <see cref="LoraKitException"/>) a non-loopback host without any key unless <see cref="ServerOptions.Insecure"/>.
+    /// </summary>
     public static async Task<OpenAiServer> StartAsync(ServerOptions o)
     {
         if (o.ApiKey is null && o.AdminKey is null && !o.Insecure && !o.IsLoopback)
             throw new LoraKitException($"refusing to listen on '{o.Host}' without a key: anyone who can reach it could use and administer the server; " +
-                                       "set --api-key and --admin-key, or pass --insecure");
-        CheckKeyShape(o.ApiKey, "API key (--api-key or LORAKIT_API_KEY)");
-        CheckKeyShape(o.AdminKey, "admin key (--admin-key or LORAKIT_ADMIN_KEY)");
+                                       "set an API key and an admin key (ApiKey, AdminKey; lorakit serve: --api-key, --admin-key), or allow it (Insecure; --insecure)");
+        CheckKeyShape(o.ApiKey, "API key (ApiKey; lorakit serve: --api-key or LORAKIT_API_KEY)");
+        CheckKeyShape(o.AdminKey, "admin key (AdminKey; lorakit serve: --admin-key or LORAKIT_ADMIN_KEY)");
         if (!Directory.Exists(o.Adapters)) throw new DirectoryNotFoundException($"adapters directory '{o.Adapters}' does not exist");
-        var device = Devices.Resolve(o.Device);
-        var dtype = o.Dtype is string d ? IO.DTypes.Parse(d) : Devices.DefaultDType(device);
+        var (device, dtype) = Placement.Resolve(o.Device, o.Dtype);
         var tok = Tokenizer.Load(o.Model);
         var lm = new LoraModel(CausalLM.Load(o.Model, dtype, device));
-        var eos = GenerationDefaults.EosTokenIds(o.Model, lm.Model.Config)
-            .Concat(tok.EosTokenId is int id ? [id] : Array.Empty<int>()).Distinct().ToArray();
+        var eos = StopTokens.EosTokenIds(lm.Model.Config, tok, o.Model);
         var engine = new InferenceEngine(lm, tok, o.MaxBatch);
         var server = new OpenAiServer(o, engine, new AdapterRegistry(engine, o.Adapters, o.MaxLoadedAdapters) { AllowBaseMismatch = o.AllowBaseMismatch }, eos);
         await server.StartHttpAsync();
@@ -88,7 +91,11 @@ public sealed partial class OpenAiServer : IAsyncDisposable
             throw new LoraKitException($"the {what} must be printable ASCII without spaces (it has whitespace, control or non-ASCII characters, which no client could send in a Bearer header)");
     }
 
+    /// <summary>The engine behind the endpoints (for in-process use beside HTTP, e.g. a <see cref="LoraKitChatClient"/>).</summary>
     public InferenceEngine Engine => _engine;
+
+    /// <summary>The same as <see cref="DisposeAsync"/>: drains in-flight requests, then stops Kestrel and the engine.</summary>
+    public Task StopAsync() => DisposeAsync().AsTask();
 
     async Task StartHttpAsync()
     {

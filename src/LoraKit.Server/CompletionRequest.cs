@@ -2,7 +2,7 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using LoraKit.Generation;
 
-namespace LoraKit.Cli.Serving;
+namespace LoraKit.Server;
 
 /// <summary>A request error for the client: its HTTP status, one line, and the field it is about (OpenAI's "param").</summary>
 public sealed class ApiError(int status, string message, string? param = null) : Exception(message)

@@ -1,26 +1,44 @@
-namespace LoraKit.Cli.Serving;
+namespace LoraKit.Server;
 
-/// <summary>Settings of <c>lorakit serve</c>; every limit is enforced with a clear 4xx error.</summary>
+/// <summary>
+/// Settings of <see cref="OpenAiServer.StartAsync"/> (and so of <c>lorakit serve</c>, whose flags set them); every limit
+/// is enforced with a clear 4xx error.
+/// </summary>
 public sealed record ServerOptions
 {
+    /// <summary>Base model directory (Hugging Face layout: config.json, safetensors, tokenizer.json).</summary>
     public required string Model { get; init; }
+    /// <summary>Directory whose subdirectories are PEFT adapters, addressed by their names.</summary>
     public required string Adapters { get; init; }
+    /// <summary>Interface to listen on.</summary>
     public string Host { get; init; } = "127.0.0.1";
+    /// <summary>TCP port (0 = any free port; <see cref="OpenAiServer.Url"/> tells which).</summary>
     public int Port { get; init; } = 8000;
+    /// <summary>Bearer key for the /v1 endpoints; null = none (see <see cref="Insecure"/>).</summary>
     public string? ApiKey { get; init; }
+    /// <summary>Bearer key for the /admin endpoints (it also works on /v1); null = admin endpoints open only without any key.</summary>
     public string? AdminKey { get; init; }
+    /// <summary>auto, cpu or cuda (see <see cref="LoraKit.Runtime.Placement"/>).</summary>
     public string Device { get; init; } = "auto";
+    /// <summary>fp32, bf16 or fp16; null = the device's default.</summary>
     public string? Dtype { get; init; }
     /// <summary>Name the base model is listed and addressed by (besides "base"); default: the model directory's name.</summary>
     public string? ModelName { get; init; }
+    /// <summary>Adapters kept loaded at once (least recently used evicted).</summary>
     public int MaxLoadedAdapters { get; init; } = 8;
+    /// <summary>Sequences decoded together.</summary>
     public int MaxBatch { get; init; } = 16;
+    /// <summary>Largest request body (else 413).</summary>
     public long MaxBodyBytes { get; init; } = 1 << 20;
+    /// <summary>Longest prompt accepted, in tokens.</summary>
     public int MaxPromptTokens { get; init; } = 4096;
+    /// <summary>Largest max_tokens a request may ask for.</summary>
     public int MaxTokens { get; init; } = 1024;
+    /// <summary>Most stop strings per request.</summary>
     public int MaxStopStrings { get; init; } = 4;
     /// <summary>Requests generating at once; more wait in a queue of <see cref="MaxQueued"/>, beyond that 429.</summary>
     public int MaxConcurrent { get; init; } = 32;
+    /// <summary>Requests waiting for a generation slot at most (beyond that 429).</summary>
     public int MaxQueued { get; init; } = 64;
     /// <summary>
     /// A request body must arrive within this time (else 408); at most 4 × (<see cref="MaxConcurrent"/> +

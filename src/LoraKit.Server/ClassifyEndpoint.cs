@@ -7,7 +7,7 @@ using LoraKit.Training;
 using Microsoft.AspNetCore.Http;
 using static TorchSharp.torch;
 
-namespace LoraKit.Cli.Serving;
+namespace LoraKit.Server;
 
 /// <summary>
 /// <c>POST /v1/classify</c> (a LoraKit extension; a user route, keys enforced like the others):
