@@ -49,7 +49,7 @@ internal static class RopeConfigParser
         {
             // transformers ≥5 writes "rope_parameters"; older files write rope_theta + "rope_scaling".
             var p = ropeParams ?? ropeScaling;
-            double theta = Theta(p?.OptDouble("rope_theta") ?? r.OptDouble("rope_theta") ?? defaultTheta, p ?? r);
+            double theta = Theta(p?.OptDouble("rope_theta") ?? r.OptDouble("rope_theta") ?? defaultTheta, r, "rope_theta");
             var one = new RopeConfig(theta, rotaryDim, Scaling(p, r, arch, rotaryDim, maxPos));
             return new() { [Full] = one, [Sliding] = one };
         }
@@ -61,17 +61,19 @@ internal static class RopeConfigParser
         var sliding = ropeParams?.OptObject(Sliding);
         return new()
         {
-            [Full] = new RopeConfig(Theta(full?.OptDouble("rope_theta") ?? r.OptDouble("rope_theta") ?? defaultTheta, full ?? r),
+            [Full] = new RopeConfig(Theta(full?.OptDouble("rope_theta") ?? r.OptDouble("rope_theta") ?? defaultTheta, r, "rope_theta"),
                 rotaryDim, Scaling(full, r, arch, rotaryDim, maxPos)),
-            [Sliding] = new RopeConfig(Theta(sliding?.OptDouble("rope_theta") ?? r.OptDouble("rope_local_base_freq") ?? defaultLocalTheta, sliding ?? r),
+            // Older files: the sliding layers' base is rope_local_base_freq.
+            [Sliding] = new RopeConfig(Theta(sliding?.OptDouble("rope_theta") ?? r.OptDouble("rope_local_base_freq") ?? defaultLocalTheta, r,
+                    sliding is null ? "rope_local_base_freq" : "rope_parameters.sliding_attention.rope_theta"),
                 rotaryDim, Scaling(sliding, r, arch, rotaryDim, maxPos)),
         };
     }
 
-    static double Theta(double theta, ConfigReader where)
+    static double Theta(double theta, ConfigReader r, string key)
     {
         if (!(theta > 0) || double.IsInfinity(theta))
-            throw where.Error($"field 'rope_theta' must be a positive number, got {theta}");
+            throw r.Error($"field '{key}' must be a positive number, got {theta}");
         return theta;
     }
 
