@@ -72,10 +72,13 @@ internal static class RopeConfigParser
 
     static double Theta(double theta, ConfigReader r, string key)
     {
-        if (!(theta > 0) || double.IsInfinity(theta))
-            throw r.Error($"field '{key}' must be a positive number, got {theta}");
+        if (!Fp32Positive(theta))
+            throw r.Error($"field '{key}' must be a positive number (within float32's range), got {theta}");
         return theta;
     }
+
+    /// <summary>The tables are computed in fp32 as transformers does: a value that rounds to 0 or ∞ there gives NaN tables.</summary>
+    static bool Fp32Positive(double x) => (float)x > 0 && float.IsFinite((float)x);
 
     /// <summary>Phi-3's partial_rotary_factor, at the top level (Hub files) or in rope_parameters (transformers 5).</summary>
     static int RotaryDim(ConfigReader r, ConfigReader? ropeParams, string arch, int headDim)
@@ -105,7 +108,11 @@ internal static class RopeConfigParser
         {
             case "default": return null;
             case "linear":
-                return new LinearRopeScaling(p.OptPositive("factor") ?? throw p.Error($"missing required field '{where}factor'"));
+            {
+                double factor = p.OptPositive("factor") ?? throw p.Error($"missing required field '{where}factor'");
+                return Fp32Positive(factor) ? new LinearRopeScaling(factor)
+                    : throw p.Error($"field '{where}factor' must be within float32's range, got {factor}");
+            }
             case "llama3":
             {
                 var s = new Llama3RopeScaling(p.Double("factor"), p.Double("low_freq_factor"), p.Double("high_freq_factor"),
@@ -132,8 +139,8 @@ internal static class RopeConfigParser
         {
             if (f.Length != rotaryDim / 2)
                 throw p.Error($"field '{where}{name}' must have {rotaryDim / 2} entries (rotary dimensions / 2), got {f.Length}");
-            if (f.Any(x => !(x > 0)))
-                throw p.Error($"field '{where}{name}' must list positive numbers");
+            if (!f.All(Fp32Positive))
+                throw p.Error($"field '{where}{name}' must list positive numbers (within float32's range)");
         }
         // Phi3Config always has original_max_position_embeddings (default 4096) and transformers gives it priority over
         // the one in rope_parameters; other configs fall back to max_position_embeddings.
