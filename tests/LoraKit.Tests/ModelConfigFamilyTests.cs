@@ -250,4 +250,30 @@ public class ModelConfigFamilyTests
         gemma["rope_scaling"] = JsonNode.Parse("{\"type\": \"su\"}");
         Assert.Contains("unsupported rope scaling type 'su'", Refused(gemma));
     }
+
+    // ---- the fixture checkpoints (what make_family_fixtures.py asks transformers for) ----
+
+    [Fact(Skip = FamilyFixtures.Pending)]
+    public void FixtureConfigsDescribeWhatTheScriptBuilt()
+    {
+        var phi3 = FamilyFixtures.Config("phi3");
+        Assert.True(phi3.FusedQkv && phi3.FusedGateUp && !phi3.TieWordEmbeddings);
+        Assert.All(phi3.SlidingWindows, w => Assert.Equal(40, w));
+        var phi4 = FamilyFixtures.Config("phi4mini");
+        Assert.Equal((int)(phi4.HeadDim * 0.75), phi4.RopeFor(0).RotaryDim);
+        Assert.Equal(64, Assert.IsType<LongRopeScaling>(phi4.RopeFor(0).Scaling).OriginalMaxPositionEmbeddings);
+        Assert.True(phi4.TieWordEmbeddings);
+        var gemma2 = FamilyFixtures.Config("gemma2");
+        Assert.Equal((1.0, 3.0), (gemma2.AttnLogitSoftcap, gemma2.FinalLogitSoftcap));
+        Assert.Equal(1 / Math.Sqrt(24), gemma2.AttentionScale);
+        Assert.Equal([24, null, 24], gemma2.SlidingWindows);
+        var gemma3 = FamilyFixtures.Config("gemma3");
+        Assert.Equal(new[] { ModelConfig.SlidingAttention, ModelConfig.SlidingAttention, ModelConfig.FullAttention, ModelConfig.SlidingAttention },
+            gemma3.LayerTypes);
+        Assert.Equal(new LinearRopeScaling(4), gemma3.Rope[ModelConfig.FullAttention].Scaling);
+        Assert.Equal(10_000, gemma3.Rope[ModelConfig.SlidingAttention].Theta);
+        Assert.True(gemma3.QkNorm && gemma3.PostNorms && gemma3.Norm == NormKind.OnePlusWeight);
+        foreach (var arch in FamilyFixtures.Architectures) // still refused for loading until wave 2's modules land
+            Assert.Throws<ModelConfigException>(() => ModelConfig.Load(Fixtures.Model(arch)));
+    }
 }

@@ -14,11 +14,7 @@ namespace LoraKit.Tests;
 /// </summary>
 public class RotaryEmbeddingTests
 {
-    /// <summary>
-    /// Set to null once fixtures/models/{phi3,phi4mini,gemma2,gemma3} and fixtures/reference/{arch}.* from
-    /// make_family_fixtures.py are committed.
-    /// </summary>
-    const string? FamilyFixturesPending = "needs the family fixtures of scripts/fixtures/make_family_fixtures.py (run on the GPU machine)";
+    const string? FamilyFixturesPending = FamilyFixtures.Pending;
 
     static ModelConfig Described(JsonObject c) => ModelConfig.Parse(c, "config.json", describedToo: true);
 
@@ -127,8 +123,7 @@ public class RotaryEmbeddingTests
     public void TablesMatchTransformers(string arch)
     {
         using var _ = NewDisposeScope();
-        var config = ModelConfig.Parse((JsonObject)JsonNode.Parse(File.ReadAllText(Path.Combine(Fixtures.Model(arch), "config.json")))!,
-            "config.json", describedToo: true);
+        var config = FamilyFixtures.Config(arch);
         using var rope = new RotaryEmbedding(config, CPU);
         var meta = Fixtures.Json("reference", arch + ".json").GetProperty("rope");
         using var file = SafetensorsFile.Open(Fixtures.Path_("reference", arch + ".safetensors"));
@@ -160,8 +155,7 @@ public class RotaryEmbeddingTests
         var reference = Fixtures.Json("reference", arch + ".json");
         Assert.True(reference.GetProperty("hub_config_equivalent").GetBoolean(), "transformers itself read the two forms differently");
         var hub = Described((JsonObject)JsonNode.Parse(reference.GetProperty("hub_config").GetRawText())!);
-        var saved = ModelConfig.Parse((JsonObject)JsonNode.Parse(File.ReadAllText(Path.Combine(Fixtures.Model(arch), "config.json")))!,
-            "config.json", describedToo: true);
+        var saved = FamilyFixtures.Config(arch);
         Assert.Equal(hub.LayerTypes, saved.LayerTypes);
         Assert.Equal(hub.SlidingWindows, saved.SlidingWindows);
         Assert.Equal((hub.AttnLogitSoftcap, hub.FinalLogitSoftcap, hub.AttentionScale, hub.EmbeddingScale, hub.TieWordEmbeddings),
