@@ -202,6 +202,7 @@ public class ModelConfigFamilyTests
         { "gemma3-1b", "rope_scaling", "{\"rope_type\": \"dynamic\", \"factor\": 2.0}", "unsupported rope scaling type 'dynamic'" },
         { "gemma3-1b", "rope_local_base_freq", "-5", "'rope_local_base_freq' must be a positive number" },
         { "phi3-mini", "hidden_act", "\"gelu_pytorch_tanh\"", "unsupported hidden_act 'gelu_pytorch_tanh'" },
+        { "gemma2-2b", "rope_parameters", "{\"full_attention\": {\"rope_type\": \"default\"}}", "per layer type are supported for Gemma3ForCausalLM only" },
         { "phi4-mini", "partial_rotary_factor", "1.5", "'partial_rotary_factor' must be in (0, 1]" },
         { "phi4-mini", "partial_rotary_factor", "0.5", "'rope_scaling.short_factor' must have 32 entries" },
         { "phi4-mini", "partial_rotary_factor", "0.001", "rotary dimensions of head_dim 128" },

@@ -49,6 +49,8 @@ internal static class RopeConfigParser
         {
             // transformers ≥5 writes "rope_parameters"; older files write rope_theta + "rope_scaling".
             var p = ropeParams ?? ropeScaling;
+            if (p != null && (p.Has(Full) || p.Has(Sliding)))
+                throw r.Error($"RoPE parameters per layer type are supported for Gemma3ForCausalLM only, not {arch}");
             double theta = Theta(p?.OptDouble("rope_theta") ?? r.OptDouble("rope_theta") ?? defaultTheta, r, "rope_theta");
             var one = new RopeConfig(theta, rotaryDim, Scaling(p, r, arch, rotaryDim, maxPos));
             return new() { [Full] = one, [Sliding] = one };
