@@ -55,6 +55,7 @@ public static class CheckpointWriter
         foreach (var (name, p) in model.named_parameters())
         {
             string key = name.Replace(".base_layer.", ".", StringComparison.Ordinal); // LoRA wrappers are not part of the checkpoint
+            if (key.Contains(".lora_", StringComparison.Ordinal)) continue; // nor are adapters (registered parameters: …lora_A.<adapter>.weight)
             if (key == "lm_head.weight" && (model.Config.TieWordEmbeddings || head != null)) continue;
             tensors.Add((key, p));
         }
