@@ -39,10 +39,12 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
     public IReadOnlyDictionary<string, LoraWeights> Adapters => _adapters;
     /// <summary>Adapters applied in forward (ignored while <see cref="Disabled"/>).</summary>
     public List<string> Active { get; } = [];
+    /// <summary>While true the layer computes the base layer alone (PEFT's disable_adapter).</summary>
     public bool Disabled { get; set; }
     /// <summary>
-    /// Serving: the adapter of each batch row (null = base model). When set, it replaces <see cref="Active"/>: each
-    /// adapter's rows are gathered, sent through its A and B, and added back (a segmented LoRA, as in Punica/S-LoRA).
+    /// Serving: the adapter of each batch row (null = base model). When set, it replaces <see cref="Active"/>: plain
+    /// adapters' rows go through one gathered batched GEMM pair (BGMV, as in Punica/S-LoRA), other variants' rows
+    /// through their own forward (PEFT's mixed-batch forward).
     /// </summary>
     public string?[]? RowAdapters { get; set; }
     /// <summary>The adapters merged into the base weight, the most recent first.</summary>

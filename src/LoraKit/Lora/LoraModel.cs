@@ -36,7 +36,11 @@ public sealed class LoraModel : IDisposable
 
     /// <summary>Every wrapped layer with its module path (e.g. model.layers.0.self_attn.q_proj).</summary>
     public IEnumerable<(string key, LoraLinear layer)> LoraLayers() =>
-        Model.named_modules().Where(m => m.module is LoraLinear).Select(m => (m.name, (LoraLinear)m.module));
+        _layers ??= Model.named_modules().Where(m => m.module is LoraLinear).Select(m => (m.name, (LoraLinear)m.module)).ToList();
+
+    // The wrapped layers in model order, found once per wrap: serving consults them on every decode step, and the
+    // model's module tree also holds every adapter's registered tensors, so walking it each time grows with the adapters.
+    List<(string key, LoraLinear layer)>? _layers;
 
     /// <summary>Module paths of the base model's linear layers that LoRA can wrap (every Linear but the LM head).</summary>
     public IReadOnlyList<string> LinearKeys() => _linearKeys;
@@ -141,6 +145,7 @@ public sealed class LoraModel : IDisposable
         var wrapped = new LoraLinear((Linear)module);
         wrapped.train(module.training); // a wrapper starts in the mode of what it wraps (eval after a load: no dropout)
         parent.ReplaceChild(key[(dot + 1)..], wrapped);
+        _layers = null;
         return wrapped;
     }
 
