@@ -119,6 +119,20 @@ public class DoraTests
             AssertClose(Logits(lm, Ids(Reference("qwen2"), i)), Fixtures.ReferenceTensor(Reference("qwen2"), $"unmerged_dora_{i}"), $"unmerged text {i}");
     }
 
+    [FixtureFact("adapters/qwen2/dora", "reference/peft_qwen2_dora.safetensors")]
+    public void MergedDoraExportLoadsAsAPlainCheckpointWithPeftMergedLogits()
+    {
+        using var lm = Base("qwen2");
+        AdapterFiles.Load(lm, "dora", Fixtures.Path_("adapters", "qwen2", "dora"));
+        lm.Merge("dora");
+        var outDir = Path.Combine(Fixtures.TempDir(), "merged");
+        CheckpointWriter.Save(lm.Model, Fixtures.Model("qwen2"), outDir);
+        using var merged = CausalLM.Load(outDir, ScalarType.Float32, CPU); // strict loader: no adapter keys may leak into it
+        using var _ = no_grad();
+        var logits = merged.Logits(tensor(Ids(Reference("qwen2"), 0)).unsqueeze(0), null, null)[0];
+        AssertClose(logits, Fixtures.ReferenceTensor(Reference("qwen2"), "merged_dora_0"), "exported merged DoRA checkpoint");
+    }
+
     [FixtureFact("adapters/llama/dora")]
     public void PeftDoraFileRoundTripsBitIdentically()
     {
