@@ -156,9 +156,9 @@ public class LoraTests
     public void TrainableParameterReportUsesPeftWordingAndCounts()
     {
         using var lm = Base("llama");
+        long baseParams = lm.Model.parameters().Sum(p => p.numel()); // before the adapter: its tensors are registered parameters
         AdapterFiles.Load(lm, "a", Adapter("llama", "a"));
         long expected = Fixtures.Json("reference", "peft_llama.json").GetProperty("adapters").GetProperty("a").GetProperty("trainable_params").GetInt64();
-        long baseParams = lm.Model.parameters().Sum(p => p.numel());
         string report = lm.TrainableReport("a");
         Assert.Equal($"trainable params: {expected:N0} || all params: {baseParams + expected:N0} || trainable%: {100.0 * expected / (baseParams + expected):F4}", report);
     }

@@ -33,6 +33,12 @@ public static class AdapterCombiner
         if (method != "svd" && svdRank is not null) throw new ArgumentException("a target rank applies to the svd method only");
         if (lm.Configs.ContainsKey(newName)) throw new ArgumentException($"an adapter named '{newName}' already exists");
         var configs = adapters.Select(a => lm.Configs.TryGetValue(a, out var c) ? c : throw new KeyNotFoundException($"no adapter named '{a}'")).ToList();
+        // PEFT's add_weighted_adapter combines only A and B: the result keeps use_dora but its magnitude is a fresh
+        // initialisation (‖W + s·B₀·A₀‖ with the init's B₀), not a combination of the adapters' magnitudes, so its output
+        // depends on init_lora_weights rather than on the adapters. LoraKit refuses rather than reproduce that.
+        if (adapters.FirstOrDefault(a => !lm.Configs[a].Variant.IsPlainTerm) is { } variantAdapter)
+            throw new ArgumentException($"adapter '{variantAdapter}' is a {lm.Configs[variantAdapter].Variant.Name} adapter; combining supports plain LoRA only " +
+                "(PEFT's add_weighted_adapter would combine A and B but not the DoRA magnitudes)");
         // PEFT sizes the result from the configs' r, which breaks (shape error) under rank_pattern; the largest rank an
         // adapter actually has on any module is the same number without patterns and also works with them.
         var maxRanks = adapters.Select(a => lm.LoraLayers().Where(l => l.layer.Adapters.ContainsKey(a)).Max(l => l.layer.Adapters[a].Rank)).ToList();

@@ -7,9 +7,10 @@ namespace LoraKit.Lora;
 
 /// <summary>
 /// PEFT's on-disk adapter format: <c>adapter_config.json</c> + <c>adapter_model.safetensors</c> with keys like
-/// <c>base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight</c>. Loading fails closed: every tensor must belong
-/// to a module the config targets on this base, every targeted module must have both tensors, and every shape must
-/// equal what the config's rank and the base model's layer imply — all checked before the model is touched.
+/// <c>base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight</c> (and, for DoRA, <c>….q_proj.lora_magnitude_vector</c>:
+/// the keys of the config's variant, <see cref="ILoraVariant.FileSuffixes"/>). Loading fails closed: every tensor must
+/// belong to a module the config targets on this base, every targeted module must have all its variant's tensors, and
+/// every shape must equal what the config's rank and the base model's layer imply — all checked before the model is touched.
 /// </summary>
 public static class AdapterFiles
 {
@@ -21,12 +22,24 @@ public static class AdapterFiles
     /// <summary>The label names of a sequence-classification adapter (a JSON array; PEFT itself stores none).</summary>
     public const string LabelsFile = "labels.json";
 
-    /// <summary>An adapter read and validated against a base, its tensors in CPU memory, ready to be injected.</summary>
-    public sealed class Prepared(LoraConfig config, Dictionary<string, (Tensor a, Tensor b)> weights) : IDisposable
+    /// <summary>One module's adapter tensors as read: A [r, in], B [out, r], DoRA's magnitude [out] (fp32, CPU).</summary>
+    public sealed record ModuleWeights(Tensor A, Tensor B, Tensor? Magnitude) : IDisposable
     {
+        /// <summary>A and B (callers that only look at the low-rank pair).</summary>
+        public void Deconstruct(out Tensor a, out Tensor b) { a = A; b = B; }
+        /// <summary>Frees the tensors.</summary>
+        public void Dispose() { A.Dispose(); B.Dispose(); Magnitude?.Dispose(); }
+    }
+
+    /// <summary>An adapter read and validated against a base, its tensors in CPU memory, ready to be injected.</summary>
+    public sealed class Prepared(LoraConfig config, Dictionary<string, ModuleWeights> weights) : IDisposable
+    {
+        /// <summary>The adapter's config, targets resolved against the base.</summary>
         public LoraConfig Config { get; } = config;
-        public IReadOnlyDictionary<string, (Tensor a, Tensor b)> Weights { get; } = weights;
-        public void Dispose() { foreach (var (a, b) in Weights.Values) { a.Dispose(); b.Dispose(); } }
+        /// <summary>The tensors by module path.</summary>
+        public IReadOnlyDictionary<string, ModuleWeights> Weights { get; } = weights;
+        /// <summary>Frees the tensors.</summary>
+        public void Dispose() { foreach (var w in Weights.Values) w.Dispose(); }
     }
 
     /// <summary>
@@ -93,16 +106,18 @@ public static class AdapterFiles
     static Prepared ReadWeights(LoraModel lm, string dir, LoraConfig config, bool seqCls, SafetensorsFile file, string weightsPath)
     {
         var byModule = new Dictionary<string, Dictionary<string, SafetensorsEntry>>(StringComparer.Ordinal);
+        var suffixes = config.Variant.FileSuffixes;
         foreach (var (key, entry) in file.Entries)
         {
             if (seqCls && key.StartsWith(Prefix + "score.", StringComparison.Ordinal)) continue; // the head, loaded separately
-            if (!key.StartsWith(Prefix, StringComparison.Ordinal) || !(key.EndsWith(".lora_A.weight", StringComparison.Ordinal) || key.EndsWith(".lora_B.weight", StringComparison.Ordinal)))
-                throw new InvalidDataException(LoraConfigException.OneLine($"{weightsPath}: tensor '{key}' is not a LoRA A/B weight in PEFT's naming (DoRA, embeddings and biases are not supported)"));
-            string rest = key[Prefix.Length..];
-            string module = rest[..^".lora_A.weight".Length];
-            string part = rest.EndsWith(".lora_A.weight", StringComparison.Ordinal) ? "A" : "B";
+            string? suffix = key.StartsWith(Prefix, StringComparison.Ordinal) ? suffixes.FirstOrDefault(s => key.EndsWith("." + s, StringComparison.Ordinal)) : null;
+            if (suffix is null)
+                throw new InvalidDataException(LoraConfigException.OneLine(key.EndsWith("." + DoraVariant.MagnitudeSuffix, StringComparison.Ordinal)
+                    ? $"{weightsPath}: tensor '{key}' is a DoRA magnitude, but {ConfigFile} does not set use_dora: true"
+                    : $"{weightsPath}: tensor '{key}' is not a {config.Variant.Name} weight in PEFT's naming ({string.Join(", ", suffixes)}; embeddings and biases are not supported)"));
+            string module = key[Prefix.Length..^(suffix.Length + 1)];
             if (!byModule.TryGetValue(module, out var parts)) byModule[module] = parts = [];
-            parts[part] = entry;
+            parts[suffix] = entry;
         }
 
         var linear = lm.LinearKeys().ToHashSet();
@@ -119,31 +134,46 @@ public static class AdapterFiles
         catch (System.Text.RegularExpressions.RegexMatchTimeoutException) { throw new LoraConfigException("an alpha_pattern key is a regex too slow to match module names"); }
         foreach (var key in targets)
         {
-            if (!byModule.TryGetValue(key, out var parts) || !parts.ContainsKey("A") || !parts.ContainsKey("B"))
-                throw new InvalidDataException(LoraConfigException.OneLine($"{dir}: the adapter file has no lora_A/lora_B weights for targeted module '{key}'"));
+            var parts = byModule.GetValueOrDefault(key);
+            var missing = parts is null ? LoraVariant.ASuffix : suffixes.FirstOrDefault(s => !parts.ContainsKey(s));
+            if (parts is null || missing is not null)
+                throw new InvalidDataException(LoraConfigException.OneLine(missing == DoraVariant.MagnitudeSuffix
+                    ? $"{dir}: the DoRA adapter file has no {DoraVariant.MagnitudeSuffix} for targeted module '{key}'"
+                    : $"{dir}: the adapter file has no lora_A/lora_B weights for targeted module '{key}'"));
             int r = config.RankFor(key);
             var (inF, outF) = lm.LinearShapes[key];
-            Check(parts["A"], [r, inF], r, dir);
-            Check(parts["B"], [outF, r], r, dir);
+            Check(parts![LoraVariant.ASuffix], [r, inF], r, dir);
+            Check(parts[LoraVariant.BSuffix], [outF, r], r, dir);
+            if (parts.TryGetValue(DoraVariant.MagnitudeSuffix, out var m)) Check(m, [outF], r, dir);
         }
-        var weights = new Dictionary<string, (Tensor, Tensor)>();
-        foreach (var key in targets)
+        var weights = new Dictionary<string, ModuleWeights>();
+        try
         {
-            using var a = file.Read(byModule[key]["A"].Name);
-            using var b = file.Read(byModule[key]["B"].Name);
-            var a32 = a.to(ScalarType.Float32, copy: true).DetachFromDisposeScope();
-            var b32 = b.to(ScalarType.Float32, copy: true).DetachFromDisposeScope();
-            weights[key] = (a32, b32);
-            try
+            foreach (var key in targets)
             {
-                CheckFinite(a32, byModule[key]["A"].Name, weightsPath);
-                CheckFinite(b32, byModule[key]["B"].Name, weightsPath);
+                var parts = byModule[key];
+                Tensor ReadChecked(string suffix)
+                {
+                    using var t = file.Read(parts[suffix].Name);
+                    var t32 = t.to(ScalarType.Float32, copy: true).DetachFromDisposeScope();
+                    try { CheckFinite(t32, parts[suffix].Name, weightsPath); }
+                    catch { t32.Dispose(); throw; }
+                    return t32;
+                }
+                var a32 = ReadChecked(LoraVariant.ASuffix);
+                Tensor? b32 = null;
+                try
+                {
+                    b32 = ReadChecked(LoraVariant.BSuffix);
+                    weights[key] = new ModuleWeights(a32, b32, parts.ContainsKey(DoraVariant.MagnitudeSuffix) ? ReadChecked(DoraVariant.MagnitudeSuffix) : null);
+                }
+                catch { a32.Dispose(); b32?.Dispose(); throw; }
             }
-            catch
-            {
-                foreach (var (x, y) in weights.Values) { x.Dispose(); y.Dispose(); }
-                throw;
-            }
+        }
+        catch
+        {
+            foreach (var w in weights.Values) w.Dispose();
+            throw;
         }
         return new Prepared(config, weights);
     }
@@ -152,9 +182,10 @@ public static class AdapterFiles
     public static LoraConfig Apply(LoraModel lm, string name, Prepared p)
     {
         using var _ = no_grad();
-        foreach (var (key, (a, b)) in p.Weights)
-            lm.WrapForLoad(key).AddAdapter(name, new LoraWeights(new Parameter(a.to(lm.Model.Device, copy: true), true),
-                new Parameter(b.to(lm.Model.Device, copy: true), true), p.Config.Scaling(key), p.Config.LoraDropout));
+        Parameter OnDevice(Tensor t) => new(t.to(lm.Model.Device, copy: true), true);
+        foreach (var (key, w) in p.Weights)
+            lm.WrapForLoad(key).AddAdapter(name, new LoraWeights(OnDevice(w.A), OnDevice(w.B), p.Config.Scaling(key), p.Config.LoraDropout,
+                p.Config.Variant, w.Magnitude is { } m ? OnDevice(m) : null));
         lm.Register(name, p.Config);
         lm.SetActive(name);
         return p.Config;

@@ -32,6 +32,10 @@ public sealed record LoraConfig
     public IReadOnlyDictionary<string, double> AlphaPattern { get; init; } = new Dictionary<string, double>();
     public string Bias { get; init; } = "none";
     public IReadOnlyList<string>? ModulesToSave { get; init; }
+    /// <summary>DoRA (weight-decomposed LoRA): PEFT's use_dora, see <see cref="DoraVariant"/>.</summary>
+    public bool UseDora { get; init; }
+    /// <summary>The variant this config's adapters use.</summary>
+    public ILoraVariant Variant => UseDora ? DoraVariant.Instance : LoraVariant.Instance;
     public string? BaseModelNameOrPath { get; init; }
     public string TaskType { get; init; } = "CAUSAL_LM";
     /// <summary>Fields LoraKit does not interpret, written back unchanged.</summary>
@@ -57,7 +61,7 @@ public sealed record LoraConfig
         foreach (var k in AlphaPattern.Keys) CheckRegex(k, $"alpha_pattern key '{k}'");
         foreach (var k in LayersPattern ?? []) CheckRegex(k, $"layers_pattern '{k}'");
         if (LayersToTransform?.FirstOrDefault(l => l < 0) is int neg && neg < 0) throw new LoraConfigException($"layers_to_transform has a negative layer ({neg})");
-        foreach (var field in new[] { "use_dora", "fan_in_fan_out", "lora_bias" })
+        foreach (var field in new[] { "fan_in_fan_out", "lora_bias" })
             if (Extra[field] is JsonValue v && v.TryGetValue<bool>(out bool on) && on)
                 throw new LoraConfigException($"{field}=true is not supported");
         if (Extra.ContainsKey("peft_type") && !(Extra["peft_type"] is JsonValue pt && pt.TryGetValue<string>(out var pts) && pts == "LORA"))
@@ -160,7 +164,7 @@ public sealed record LoraConfig
     [
         "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora", "init_lora_weights",
         "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern", "bias", "modules_to_save",
-        "base_model_name_or_path", "task_type",
+        "base_model_name_or_path", "task_type", "use_dora",
     ];
 
     /// <summary>Reads PEFT's fields; a field of the wrong type is a <see cref="LoraConfigException"/> naming it.</summary>
@@ -184,6 +188,7 @@ public sealed record LoraConfig
             TargetRegex = regex is not null && regex.Equals(AllLinear, StringComparison.OrdinalIgnoreCase) ? AllLinear : regex,
             ExcludeModules = StringList(o, "exclude_modules"),
             UseRslora = Bool(o, "use_rslora") ?? false,
+            UseDora = Bool(o, "use_dora") ?? false,
             InitLoraWeights = o["init_lora_weights"] switch
             {
                 null => "true",
@@ -281,7 +286,7 @@ public sealed record LoraConfig
             ["bias"] = Bias,
             ["modules_to_save"] = ModulesToSave is null ? null : new JsonArray(ModulesToSave.Select(t => (JsonNode?)JsonValue.Create(t)).ToArray()),
             ["fan_in_fan_out"] = false,
-            ["use_dora"] = false,
+            ["use_dora"] = UseDora,
             ["inference_mode"] = true,
         };
         foreach (var (k, v) in Extra) if (!o.ContainsKey(k)) o[k] = v?.DeepClone();

@@ -3,45 +3,51 @@ using static TorchSharp.torch;
 
 namespace LoraKit.Lora;
 
-/// <summary>One adapter's weights on one layer: A [r, in], B [out, r] (fp32, trainable), its scaling and dropout.</summary>
-public sealed class LoraWeights(Parameter a, Parameter b, double scaling, double dropout)
-{
-    public Parameter A { get; } = a;
-    public Parameter B { get; } = b;
-    public double Scaling { get; } = scaling;
-    public double Dropout { get; } = dropout;
-    public int Rank => (int)A.shape[0];
-}
-
 /// <summary>
-/// A frozen base linear layer plus any number of named LoRA adapters (PEFT's lora.Linear):
-/// y = base(x) + Σ_active scaling · B(A(dropout(x))). Adapters are kept in fp32 and computed on an fp32 copy of x,
-/// the sum cast back to the base output's dtype. Merging adds scaling·B·A into the base weight (computed in fp32,
-/// committed only if finite); unmerging subtracts it again, last merged first.
+/// A frozen base linear layer plus any number of named adapters (PEFT's lora.Linear), each a plain LoRA or a variant
+/// (<see cref="ILoraVariant"/>): y = base(x) + Σ_active variant term (plain: s·B(A(dropout(x)))). Adapters are kept in
+/// fp32 and computed on an fp32 copy of x, the sum cast back to the base output's dtype. Their tensors are registered
+/// parameters under PEFT's names (lora_A.&lt;adapter&gt;.weight, lora_B.&lt;adapter&gt;.weight,
+/// lora_magnitude_vector.&lt;adapter&gt;.weight). Merging puts an adapter into the base weight through its variant
+/// (computed in fp32 from <see cref="DeltaWeight"/>, committed only if finite); unmerging takes them out again, last
+/// merged first. Three strategies compute the same terms: the reference loop (PEFT's numerics), the training fast path
+/// in the input's dtype (<see cref="ComputeInInputDtype"/>, plain terms only) and per-row serving (<see cref="RowAdapters"/>).
 /// </summary>
 public sealed class LoraLinear : nn.Module<Tensor, Tensor>
 {
-#pragma warning disable IDE1006 // PEFT's module name, so paths read model.layers.0.self_attn.q_proj.base_layer
+#pragma warning disable IDE1006 // PEFT's module names, so paths read model.layers.0.self_attn.q_proj.base_layer, ….lora_A.default.weight
+    /// <summary>The wrapped frozen layer.</summary>
     public Models.Linear base_layer;
+    /// <summary>Each adapter's A, by adapter name.</summary>
+    public AdapterSlots lora_A = new();
+    /// <summary>Each adapter's B, by adapter name.</summary>
+    public AdapterSlots lora_B = new();
+    /// <summary>Each DoRA adapter's magnitude, by adapter name.</summary>
+    public AdapterSlots lora_magnitude_vector = new();
 #pragma warning restore IDE1006
     readonly Dictionary<string, LoraWeights> _adapters = new(StringComparer.Ordinal);
     readonly Stack<string> _merged = new();
 
+    /// <summary>Wraps <paramref name="baseLayer"/> with no adapters yet.</summary>
     public LoraLinear(Models.Linear baseLayer) : base("LoraLinear")
     {
         base_layer = baseLayer;
         RegisterComponents();
     }
 
+    /// <summary>The adapters on this layer by name.</summary>
     public IReadOnlyDictionary<string, LoraWeights> Adapters => _adapters;
     /// <summary>Adapters applied in forward (ignored while <see cref="Disabled"/>).</summary>
     public List<string> Active { get; } = [];
+    /// <summary>While true the layer computes the base layer alone (PEFT's disable_adapter).</summary>
     public bool Disabled { get; set; }
     /// <summary>
-    /// Serving: the adapter of each batch row (null = base model). When set, it replaces <see cref="Active"/>: each
-    /// adapter's rows are gathered, sent through its A and B, and added back (a segmented LoRA, as in Punica/S-LoRA).
+    /// Serving: the adapter of each batch row (null = base model). When set, it replaces <see cref="Active"/>: plain
+    /// adapters' rows go through one gathered batched GEMM pair (BGMV, as in Punica/S-LoRA), other variants' rows
+    /// through their own forward (PEFT's mixed-batch forward).
     /// </summary>
     public string?[]? RowAdapters { get; set; }
+    /// <summary>The adapters merged into the base weight, the most recent first.</summary>
     public IReadOnlyCollection<string> Merged => _merged;
     /// <summary>
     /// Training fast path: compute the adapters in the input's dtype (bf16 on GPUs) instead of on an fp32 copy of x.
@@ -51,22 +57,42 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
     /// </summary>
     public bool ComputeInInputDtype { get; set; }
 
+    /// <summary>
+    /// Adds (or replaces) adapter <paramref name="name"/>, registering its tensors; the variant derives what it needs
+    /// from the base layer first (DoRA without a loaded magnitude: m = ‖W + s·B·A‖).
+    /// </summary>
     public void AddAdapter(string name, LoraWeights w)
     {
         if (w.A.shape[1] != base_layer.InFeatures || w.B.shape[0] != base_layer.OutFeatures || w.B.shape[1] != w.A.shape[0])
             throw new ArgumentException($"adapter '{name}' shapes A{Shape(w.A)} B{Shape(w.B)} do not fit a layer {base_layer.InFeatures}→{base_layer.OutFeatures}");
         if (_merged.Contains(name)) throw new InvalidOperationException($"adapter '{name}' is merged; unmerge before replacing it");
-        if (_adapters.Remove(name, out var old)) { old.A.Dispose(); old.B.Dispose(); }
+        w.Variant.Init(base_layer, w);
+        if (w.Magnitude is { } m && !m.shape.SequenceEqual([base_layer.OutFeatures]))
+            throw new ArgumentException($"adapter '{name}' magnitude {Shape(m)} does not fit a layer with {base_layer.OutFeatures} outputs");
+        Unregister(name);
         _adapters[name] = w;
+        lora_A.Set(name, w.AFactor);
+        lora_B.Set(name, w.BFactor);
+        if (w.MagnitudeFactor is { } mf) lora_magnitude_vector.Set(name, mf);
         InvalidateStack();
     }
 
+    /// <summary>Removes adapter <paramref name="name"/> (it must not be merged) and frees its tensors.</summary>
     public void RemoveAdapter(string name)
     {
         if (_merged.Contains(name)) throw new InvalidOperationException($"adapter '{name}' is merged; unmerge before removing it");
-        if (_adapters.Remove(name, out var w)) { w.A.Dispose(); w.B.Dispose(); }
+        Unregister(name);
         Active.Remove(name);
         InvalidateStack();
+    }
+
+    void Unregister(string name)
+    {
+        if (!_adapters.Remove(name, out var old)) return;
+        lora_A.Remove(name);
+        lora_B.Remove(name);
+        lora_magnitude_vector.Remove(name);
+        old.Dispose();
     }
 
     static string Shape(Tensor t) => "[" + string.Join(", ", t.shape) + "]";
@@ -74,29 +100,40 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
     /// <summary>Where dropout masks come from while training (a run's own seeded stream); null: torch's global generator.</summary>
     public Runtime.RngStream? Rng { get; set; }
 
+    /// <summary>y = base(x) + the active adapters' terms, by the strategy the layer's settings select.</summary>
     public override Tensor forward(Tensor x)
     {
+        // Training fast path: the fused autograd function, which hand-writes s·B·A·x and its backward (plain terms only).
         if (ComputeInInputDtype && TrySingleAdapter(out var single) && single != null)
             return training && is_grad_enabled() ? LoraProjection.Apply(x, base_layer, single) : SingleInInputDtype(x, single);
         var result = base_layer.forward(x);
         if (RowAdapters is { } rows && !Disabled) return PerRow(x, result, rows);
         if (Disabled || Active.Count == 0) return result;
-        if (ComputeInInputDtype) return InInputDtype(x, result);
+        if (ComputeInInputDtype && LiveAdapters().All(w => w.Variant.IsPlainTerm)) return InInputDtype(x, result);
+        return Reference(x, result);
+    }
+
+    /// <summary>PEFT's loop: each live adapter's variant adds its term, computed on an fp32 copy of x; cast back once.</summary>
+    Tensor Reference(Tensor x, Tensor result)
+    {
         using var scope = NewDisposeScope();
         var dtype = result.dtype;
         var acc = result;
-        foreach (var name in Active)
-        {
-            if (_merged.Contains(name)) continue; // already inside the base weight
-            var w = _adapters[name];
-            var h = x.to(w.A.dtype);
-            if (w.Dropout > 0 && training) h = Rng is { } rng ? rng.Dropout(h, w.Dropout) : nn.functional.dropout(h, w.Dropout, training: true);
-            var lora = nn.functional.linear(nn.functional.linear(h, w.A), w.B) * w.Scaling;
-            acc = acc + lora;
-        }
-        var y = acc.to(dtype);
-        return y.MoveToOuterDisposeScope();
+        foreach (var w in LiveAdapters())
+            acc = w.Variant.Forward(base_layer, w, x.to(w.A.dtype), acc, DropoutFor(w));
+        return acc.to(dtype).MoveToOuterDisposeScope();
     }
+
+    /// <summary>The active adapters not merged into the base weight, in activation order.</summary>
+    IEnumerable<LoraWeights> LiveAdapters()
+    {
+        foreach (var name in Active)
+            if (!_merged.Contains(name)) yield return _adapters[name];
+    }
+
+    /// <summary>The dropout this adapter applies now (null in eval mode or at p = 0), drawing from <see cref="Rng"/>.</summary>
+    Func<Tensor, Tensor>? DropoutFor(LoraWeights w) =>
+        w.Dropout > 0 && training ? h => Rng is { } rng ? rng.Dropout(h, w.Dropout) : nn.functional.dropout(h, w.Dropout, training: true) : null;
 
     /// <summary>
     /// One adapter in the input's dtype without gradients (evaluation inside a fast-path run), computed as
@@ -117,18 +154,15 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         using var scope = NewDisposeScope();
         var x2 = x.reshape(-1, x.shape[^1]);
         var acc = result.reshape(-1, result.shape[^1]);
-        foreach (var name in Active)
-        {
-            if (_merged.Contains(name)) continue;
-            var w = _adapters[name];
-            var h = w.Dropout > 0 && training ? (Rng is { } rng ? rng.Dropout(x2, w.Dropout) : nn.functional.dropout(x2, w.Dropout, training: true)) : x2;
-            var down = nn.functional.linear(h, w.A.to(x.dtype));                       // [N, r]
-            acc = acc.addmm(down, w.B.to(x.dtype).t(), beta: 1, alpha: (float)w.Scaling); // base + s·(x·Aᵀ)·Bᵀ
-        }
+        foreach (var w in LiveAdapters())
+            acc = w.AddTerm(acc, DropoutFor(w) is { } drop ? drop(x2) : x2); // base + s·(x·Aᵀ)·Bᵀ in x's dtype
         return acc.view(result.shape).MoveToOuterDisposeScope();
     }
 
-    /// <summary>The one adapter a fused training kernel may fold in: exactly one active, unmerged, without dropout.</summary>
+    /// <summary>
+    /// The one adapter a fused training kernel may fold in: exactly one active and unmerged, without dropout in training,
+    /// a plain term (a variant such as DoRA makes this false, and the reference path runs); null weights: none live.
+    /// </summary>
     public bool TrySingleAdapter(out LoraWeights? weights)
     {
         weights = null;
@@ -139,6 +173,7 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
             if (weights != null) { weights = null; return false; } // a second live adapter
             weights = _adapters[name];
         }
+        if (weights is { Variant.IsPlainTerm: false }) { weights = null; return false; }
         return weights is null || weights.Dropout == 0 || !training;
     }
 
@@ -146,12 +181,28 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
     /// Per-row LoRA with one gathered batched matmul pair for the whole batch, however many adapters it mixes (BGMV,
     /// as in Punica): every adapter's A and B are stacked once (zero-padded to the largest rank, plus an all-zero slot
     /// for base rows), each row gathers its slot, and two bmm calls compute all rows' contributions in their dtype.
+    /// Adapters of another variant (DoRA) are not stacked: their rows are gathered and go through the variant's own
+    /// forward in fp32, as PEFT's mixed-batch forward does with a sub-batch per adapter.
     /// </summary>
     Tensor PerRow(Tensor x, Tensor result, string?[] rows)
     {
         if (rows.Length != x.shape[0]) throw new InvalidOperationException($"{rows.Length} row adapters for a batch of {x.shape[0]}");
         if (rows.All(r => r is null || !_adapters.ContainsKey(r))) return result;
         using var scope = NewDisposeScope();
+        if (rows.Any(r => r != null && _adapters.TryGetValue(r, out var w) && w.Variant.IsPlainTerm)) result = PerRowStacked(x, result, rows);
+        foreach (var name in rows.Distinct().Where(r => r != null && _adapters.TryGetValue(r, out var w) && !w.Variant.IsPlainTerm))
+        {
+            var w = _adapters[name!];
+            var idx = tensor(Enumerable.Range(0, rows.Length).Where(i => rows[i] == name).Select(i => (long)i).ToArray(), device: x.device);
+            var sub = w.Variant.Forward(base_layer, w, x.index_select(0, idx).to(w.A.dtype), result.index_select(0, idx), null);
+            result = result.index_copy(0, idx, sub.to(result.dtype));
+        }
+        return result.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>The stacked (BGMV) strategy for the rows whose adapters are plain terms.</summary>
+    Tensor PerRowStacked(Tensor x, Tensor result, string?[] rows)
+    {
         var (a, b, scale, slotOf) = Stacked(x.dtype, x.device);
         var slots = tensor(rows.Select(r => r != null && slotOf.TryGetValue(r, out int i) ? (long)i : 0L).ToArray(), device: x.device);
         var ar = a.index_select(0, slots);                        // [B, r, in]
@@ -160,24 +211,25 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         var h = x.dim() == 2 ? x.unsqueeze(1) : x;                // [B, T, in]
         var lora = h.bmm(ar.transpose(1, 2)).bmm(br.transpose(1, 2)) * sr;
         if (x.dim() == 2) lora = lora.squeeze(1);
-        return (result + lora.to(result.dtype)).MoveToOuterDisposeScope();
+        return result + lora.to(result.dtype);
     }
 
     (Tensor a, Tensor b, Tensor scale, Dictionary<string, int> slotOf)? _stack;
     ScalarType _stackType;
 
     /// <summary>
-    /// The stacked adapters in <paramref name="dtype"/>, slot 0 the zero adapter. A snapshot for serving: rebuilt when
-    /// adapters are added or removed, not when their weights are trained in place (training never uses row adapters).
+    /// The stacked plain-term adapters in <paramref name="dtype"/>, slot 0 the zero adapter (also the slot of rows of
+    /// other variants). A snapshot for serving: rebuilt when adapters are added or removed, not when their weights are
+    /// trained in place (training never uses row adapters).
     /// </summary>
     (Tensor a, Tensor b, Tensor scale, Dictionary<string, int> slotOf) Stacked(ScalarType dtype, Device device)
     {
-        if (_stack is { } st && _stackType == dtype && st.slotOf.Count == _adapters.Count && _adapters.Keys.All(st.slotOf.ContainsKey)) return st;
+        if (_stack is { } st && _stackType == dtype) return st; // invalidated whenever the adapters change
         InvalidateStack();
         using var scope = NewDisposeScope();
-        int r = _adapters.Values.Max(w => w.Rank);
+        var names = _adapters.Where(kv => kv.Value.Variant.IsPlainTerm).Select(kv => kv.Key).ToList();
+        int r = names.Max(n => _adapters[n].Rank);
         long inF = base_layer.InFeatures, outF = base_layer.OutFeatures;
-        var names = _adapters.Keys.ToList();
         var a = zeros([names.Count + 1, r, inF], dtype, device);
         var b = zeros([names.Count + 1, outF, r], dtype, device);
         var scales = new float[names.Count + 1];
@@ -202,45 +254,55 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         _stack = null;
     }
 
-    /// <summary>scaling · B · A in fp32 ([out, in]), the one definition every merge path uses.</summary>
-    public Tensor DeltaWeight(string name)
-    {
-        var w = _adapters[name];
-        using var _ = no_grad();
-        return w.B.to(ScalarType.Float32).matmul(w.A.to(ScalarType.Float32)) * w.Scaling;
-    }
+    /// <summary>scaling · B · A in fp32 ([out, in]), the one definition every merge path uses (PEFT's get_delta_weight).</summary>
+    public Tensor DeltaWeight(string name) => _adapters[name].Delta();
 
-    /// <summary>Adds the adapter into the base weight. Safe merge: computed on an fp32 clone and committed only if finite.</summary>
+    /// <summary>
+    /// Puts the adapter into the base weight through its variant. Safe merge: computed on an fp32 clone of the weight and
+    /// committed only if every value is finite; otherwise nothing changes and the call throws.
+    /// </summary>
     public void Merge(string name)
     {
         if (_merged.Contains(name)) return;
+        var w = _adapters[name];
         using var scope = NewDisposeScope();
         using var _ = no_grad();
         var weight = base_layer.weight;
-        var merged = weight.to(ScalarType.Float32) + DeltaWeight(name);
+        var merged = w.Variant.Merged(w, weight.to(ScalarType.Float32), w.Delta(), out var cache);
         if (!merged.isfinite().all().item<bool>())
             throw new InvalidOperationException($"merging adapter '{name}' would put non-finite values into the weights; nothing was changed");
         weight.copy_(merged.to(weight.dtype));
+        w.MergeCache?.Dispose();
+        w.MergeCache = cache?.DetachFromDisposeScope();
         _merged.Push(name);
     }
 
-    /// <summary>Undoes the most recent merges until none remain (base weights restored within rounding).</summary>
+    /// <summary>Takes the most recently merged adapter out of the base weight; false when none is merged.</summary>
+    public bool UnmergeLast()
+    {
+        if (!_merged.TryPop(out var name)) return false;
+        var w = _adapters[name];
+        using var scope = NewDisposeScope();
+        using var _ = no_grad();
+        var weight = base_layer.weight;
+        weight.copy_(w.Variant.Unmerged(w, weight.to(ScalarType.Float32), w.Delta(), w.MergeCache).to(weight.dtype));
+        w.MergeCache?.Dispose();
+        w.MergeCache = null;
+        return true;
+    }
+
+    /// <summary>Undoes the merges, last merged first, until none remain (base weights restored within rounding).</summary>
     public void UnmergeAll()
     {
-        using var _ = no_grad();
-        while (_merged.TryPop(out var name))
-        {
-            using var scope = NewDisposeScope();
-            var weight = base_layer.weight;
-            weight.copy_((weight.to(ScalarType.Float32) - DeltaWeight(name)).to(weight.dtype));
-        }
+        while (UnmergeLast()) { }
     }
 
     protected override void Dispose(bool disposing)
     {
         if (disposing)
         {
-            foreach (var w in _adapters.Values) { w.A.Dispose(); w.B.Dispose(); }
+            foreach (var w in _adapters.Values) w.Dispose();
+            _adapters.Clear();
             InvalidateStack();
         }
         base.Dispose(disposing);

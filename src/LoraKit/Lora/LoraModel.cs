@@ -36,7 +36,11 @@ public sealed class LoraModel : IDisposable
 
     /// <summary>Every wrapped layer with its module path (e.g. model.layers.0.self_attn.q_proj).</summary>
     public IEnumerable<(string key, LoraLinear layer)> LoraLayers() =>
-        Model.named_modules().Where(m => m.module is LoraLinear).Select(m => (m.name, (LoraLinear)m.module));
+        _layers ??= Model.named_modules().Where(m => m.module is LoraLinear).Select(m => (m.name, (LoraLinear)m.module)).ToList();
+
+    // The wrapped layers in model order, found once per wrap: serving consults them on every decode step, and the
+    // model's module tree also holds every adapter's registered tensors, so walking it each time grows with the adapters.
+    List<(string key, LoraLinear layer)>? _layers;
 
     /// <summary>Module paths of the base model's linear layers that LoRA can wrap (every Linear but the LM head).</summary>
     public IReadOnlyList<string> LinearKeys() => _linearKeys;
@@ -82,7 +86,7 @@ public sealed class LoraModel : IDisposable
 
     static string Describe(LoraConfig c) => c.TargetRegex ?? "[" + string.Join(", ", c.TargetModules!) + "]";
 
-    /// <summary>Injects a new adapter with fresh weights (PEFT's initialisation) and makes it the active one.</summary>
+    /// <summary>Injects a new adapter with fresh weights (PEFT's initialisation, DoRA's included) and makes it the active one.</summary>
     public void AddAdapter(string name, LoraConfig config, long seed = 0)
     {
         var keys = TargetKeys(config);
@@ -100,7 +104,7 @@ public sealed class LoraModel : IDisposable
             using var b = empty(outF, r, ScalarType.Float32);
             InitLoraWeights(a, b, config.InitLoraWeights, r, gen);
             layer.AddAdapter(name, new LoraWeights(new Parameter(a.to(Model.Device, copy: true), true), new Parameter(b.to(Model.Device, copy: true), true),
-                config.Scaling(key), config.LoraDropout));
+                config.Scaling(key), config.LoraDropout, config.Variant)); // DoRA's magnitude starts as ‖W + s·B·A‖ (its Init)
         }
         _configs[name] = config;
         SetActive(name);
@@ -141,6 +145,7 @@ public sealed class LoraModel : IDisposable
         var wrapped = new LoraLinear((Linear)module);
         wrapped.train(module.training); // a wrapper starts in the mode of what it wraps (eval after a load: no dropout)
         parent.ReplaceChild(key[(dot + 1)..], wrapped);
+        _layers = null;
         return wrapped;
     }
 
@@ -202,20 +207,44 @@ public sealed class LoraModel : IDisposable
             }
     }
 
-    /// <summary>The adapter's trainable tensors (A and B of every wrapped layer), in a stable order.</summary>
+    /// <summary>
+    /// The adapter's trainable tensors (A, B and DoRA's magnitude of every wrapped layer) in a stable order, keyed as
+    /// PEFT's adapter file names them without its "base_model.model." prefix (…q_proj.lora_A.weight,
+    /// …q_proj.lora_magnitude_vector). In the model they are the parameters …q_proj.lora_A.&lt;name&gt;.weight etc.
+    /// </summary>
     public List<(string key, Parameter param)> Parameters(string name) => LoraLayers()
         .Where(l => l.layer.Adapters.ContainsKey(name))
-        .SelectMany(l => new[] { ($"{l.key}.lora_A.weight", l.layer.Adapters[name].A), ($"{l.key}.lora_B.weight", l.layer.Adapters[name].B) })
+        .SelectMany(l => l.layer.Adapters[name].FileTensors().Select(t => ($"{l.key}.{t.Suffix}", t.Tensor)))
         .ToList();
+
+    /// <summary>
+    /// The base model's parameters under checkpoint names: wrappers' ".base_layer" dropped, adapter tensors left out
+    /// (what a merged export writes).
+    /// </summary>
+    public IEnumerable<(string name, Parameter param)> BaseParameters()
+    {
+        var adapterTensors = LoraLayers().SelectMany(l => l.layer.Adapters.Values.SelectMany(w => w.FileTensors().Select(t => t.Tensor.Handle))).ToHashSet();
+        return Model.named_parameters().Where(p => !adapterTensors.Contains(p.parameter.Handle))
+            .Select(p => (p.name.Replace(".base_layer.", ".", StringComparison.Ordinal), p.parameter));
+    }
 
     /// <summary>PEFT's print_trainable_parameters line for one adapter.</summary>
     public string TrainableReport(string name)
     {
         long trainable = Parameters(name).Sum(p => p.param.numel());
-        long baseCount = Model.parameters().Distinct().Sum(p => p.numel()); // a tied LM head counts once
-        long all = baseCount + _configs.Keys.Sum(n => Parameters(n).Sum(p => p.param.numel()));
+        // Adapters are registered parameters, so the model's own count includes every loaded adapter (a tied LM head counts once).
+        long all = Model.parameters().DistinctBy(p => p.Handle).Sum(p => p.numel());
         return $"trainable params: {trainable:N0} || all params: {all:N0} || trainable%: {100.0 * trainable / all:F4}";
     }
+
+    /// <summary>
+    /// Why the fused training kernels leave an adapter to the reference path (null when they take it): they hand-write
+    /// the plain s·B·A·x term and its backward, which a variant such as DoRA is not.
+    /// </summary>
+    public string? FastTrainingDeclines(string name) =>
+        _configs.TryGetValue(name, out var c) && !c.Variant.IsPlainTerm
+            ? $"the fused LoRA kernels compute plain LoRA only; {c.Variant.Name} adapter '{name}' runs on the reference path (RMSNorm/SwiGLU kernels still apply)"
+            : null;
 
     public void Merge(params string[] names)
     {

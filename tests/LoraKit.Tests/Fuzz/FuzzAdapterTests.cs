@@ -25,10 +25,13 @@ public class FuzzAdapterTests
     {
         using var p = AdapterFiles.Read(Llama.Value, dir, new AdapterLoadOptions { Warn = null });
         p.Config.Validate();
-        foreach (var (key, (a, b)) in p.Weights)
+        foreach (var (key, w) in p.Weights)
         {
+            var (a, b) = w;
             Assert.True(a.isfinite().all().item<bool>() && b.isfinite().all().item<bool>(), $"{key}: non-finite weights accepted");
             var (inF, outF) = Llama.Value.LinearShapes[key];
+            Assert.Equal(p.Config.UseDora, w.Magnitude is not null);
+            if (w.Magnitude is { } m) Assert.True(m.isfinite().all().item<bool>() && m.shape.SequenceEqual([outF]), $"{key}: bad DoRA magnitude accepted");
             Assert.Equal(inF, a.shape[1]);
             Assert.Equal(outF, b.shape[0]);
             Assert.True(a.shape[0] <= Math.Min(inF, outF));
@@ -222,6 +225,60 @@ public class FuzzAdapterTests
             var ex = FuzzContract.Check(Area, $"weights metadata {name}", () => ReadAndCheck(dir));
             Assert.True(ok == (ex is null), name);
         }
+    }
+
+    // ---- DoRA: the magnitude tensors and the use_dora flag ----
+
+    static string DoraSource => Fixtures.Path_("adapters", "llama", "dora_lorakit");
+
+    [Fact]
+    public void MutatedDoraWeightsAndFlag()
+    {
+        var fixtureBefore = FuzzContract.Snapshot(DoraSource);
+        var dir = Fixtures.CopyOf(DoraSource);
+        var path = Path.Combine(dir, AdapterFiles.WeightsFile);
+        var configPath = Path.Combine(dir, AdapterFiles.ConfigFile);
+        var originalConfig = File.ReadAllText(configPath);
+        var original = ReadAll(path);
+        var rng = FuzzContract.Rng("adapter-dora");
+        var magnitudes = original.Keys.Where(k => k.EndsWith("." + DoraVariant.MagnitudeSuffix, StringComparison.Ordinal)).Order(StringComparer.Ordinal).ToList();
+        Assert.NotEmpty(magnitudes);
+        var chosen = FuzzContract.Scale > 1 ? magnitudes : magnitudes.OrderBy(_ => rng.Next()).Take(4).ToList();
+        var cases = new List<(string Name, Action<Dictionary<string, Tensor>> Edit, JsonNode? UseDora, bool MustFail)>();
+        foreach (var k in chosen)
+        {
+            cases.Add(($"{k} missing", t => t.Remove(k), true, true));
+            cases.Add(($"{k} one more", t => t[k] = cat([t[k], t[k][..1]], 0), true, true));
+            cases.Add(($"{k} as a row", t => t[k] = t[k].unsqueeze(0), true, true));
+            cases.Add(($"{k} empty", t => t[k] = empty(0), true, true));
+            cases.Add(($"{k} as I64", t => t[k] = t[k].to(ScalarType.Int64), true, true));
+            cases.Add(($"{k} as F16", t => t[k] = t[k].to(ScalarType.Float16), true, false));
+            cases.Add(($"{k} with .weight", t => { t[k + ".weight"] = t[k]; t.Remove(k); }, true, true));
+            foreach (var bad in new[] { float.NaN, float.PositiveInfinity, float.NegativeInfinity, 1e38f })
+                cases.Add(($"{k} with {bad}", t =>
+                {
+                    var c = t[k].clone();
+                    c.view(-1)[rng.Next((int)c.numel())] = tensor(bad);
+                    t[k] = c;
+                }, true, true));
+        }
+        foreach (var (name, flag) in new (string, JsonNode?)[] { ("false", false), ("null", null), ("'true'", "true"), ("1", 1), ("[]", new JsonArray()), ("{}", new JsonObject()) })
+            cases.Add(($"use_dora {name} with magnitudes", _ => { }, flag, true));
+        cases.Add(("use_dora false without magnitudes", t => { foreach (var k in magnitudes) t.Remove(k); }, false, false));
+        cases.Add(("use_dora true without magnitudes", t => { foreach (var k in magnitudes) t.Remove(k); }, true, true));
+        cases.Add(("unchanged", _ => { }, true, false));
+        foreach (var (name, edit, useDora, mustFail) in cases)
+        {
+            var t = new Dictionary<string, Tensor>(original);
+            edit(t);
+            SafetensorsWriter.Save(path, t);
+            var o = JsonNode.Parse(originalConfig)!.AsObject();
+            o["use_dora"] = useDora?.DeepClone();
+            File.WriteAllText(configPath, o.ToJsonString());
+            var e = FuzzContract.Check(Area, $"DoRA {name}", () => ReadAndCheck(dir));
+            Assert.True(mustFail == (e != null), $"{name}: {(mustFail ? "accepted" : e?.Message)}");
+        }
+        FuzzContract.AssertUntouched(fixtureBefore, DoraSource, "fixture DoRA adapter");
     }
 
     // ---- combine ----
