@@ -126,7 +126,7 @@ public class DoraTests
         AdapterFiles.Load(lm, "dora", Fixtures.Path_("adapters", "qwen2", "dora"));
         lm.Merge("dora");
         var outDir = Path.Combine(Fixtures.TempDir(), "merged");
-        CheckpointWriter.Save(lm.Model, Fixtures.Model("qwen2"), outDir);
+        MergedCheckpoint.Save(lm, Fixtures.Model("qwen2"), outDir);
         using var merged = CausalLM.Load(outDir, ScalarType.Float32, CPU); // strict loader: no adapter keys may leak into it
         using var _ = no_grad();
         var logits = merged.Logits(tensor(Ids(Reference("qwen2"), 0)).unsqueeze(0), null, null)[0];
