@@ -217,7 +217,7 @@ public static class JsonlDataset
     {
         if (!e.TryGetProperty("messages", out var msgs) || msgs.ValueKind != JsonValueKind.Array || msgs.GetArrayLength() == 0)
             throw new DataException("\"messages\" must be a non-empty array");
-        var messages = new List<ChatMessage>();
+        var messages = new List<ChatTurn>();
         int k = 0;
         foreach (var m in msgs.EnumerateArray())
         {
@@ -225,7 +225,7 @@ public static class JsonlDataset
             var role = Field(m, "role");
             if (!Roles.Contains(role)) throw new DataException($"message {k} has unknown role '{role}' (expected system, user, assistant or tool)");
             var content = Field(m, "content", allowEmpty: role != "assistant");
-            messages.Add(new ChatMessage(role, content));
+            messages.Add(new ChatTurn(role, content));
             k++;
         }
         if (!messages.Any(m => m.Role == "assistant")) throw new DataException("conversation has no assistant message to learn from");

@@ -44,7 +44,7 @@ public sealed class LoraKitChatClient(InferenceEngine engine, AdapterRegistry? r
 
     (int[] ids, string? adapter, SamplingOptions sampling) Prepare(IEnumerable<AiChatMessage> messages, ChatOptions? o)
     {
-        var list = messages.Select(m => new Tokenization.ChatMessage(m.Role.Value, m.Text)).ToList();
+        var list = messages.Select(m => new ChatTurn(m.Role.Value, m.Text)).ToList();
         var text = _template.Render(list, addGenerationPrompt: true, engine.Tokenizer.Config);
         string? adapter = o?.ModelId is null or "base" ? null : o.ModelId;
         var sampling = new SamplingOptions
