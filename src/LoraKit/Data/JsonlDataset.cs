@@ -44,11 +44,22 @@ public static class JsonlDataset
     {
         if (Directory.Exists(path)) throw new DataException($"{path}: is a directory; give a JSONL file (one JSON object per line)");
         if (!File.Exists(path)) throw new DataException($"{path}: file not found");
+        return Read(Lines(path), path, tok, o, labels);
+    }
+
+    /// <summary>
+    /// Builds samples from lines already in memory (the in-memory trainer's examples, one JSON object each) exactly as
+    /// <see cref="Load"/> builds a file's; <paramref name="source"/> names them in messages as the path names a file.
+    /// </summary>
+    public static (List<Sample> samples, DataSummary summary) Read(IEnumerable<(int line, string text, string? invalid)> lines, string source,
+        Tokenizer tok, DataOptions o, IReadOnlyList<string>? labels = null)
+    {
+        string path = source;
         var samples = new List<Sample>();
         var problems = new List<string>();
         var format = o.Format;
         int truncated = 0;
-        foreach (var (lineNo, raw, badUtf8) in Lines(path))
+        foreach (var (lineNo, raw, badUtf8) in lines)
         {
             if (badUtf8 is null && string.IsNullOrWhiteSpace(raw)) continue;
             try
