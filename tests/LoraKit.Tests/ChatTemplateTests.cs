@@ -36,7 +36,7 @@ public class ChatTemplateTests
     {
         var tok = Tokenizer.Load(Fixtures.Model("qwen2"));
         var t = new ChatTemplate(tok.Config.ChatTemplate!);
-        var text = t.Render([new ChatMessage("user", "hi")], true, tok.Config);
+        var text = t.Render([new ChatTurn("user", "hi")], true, tok.Config);
         Assert.Equal("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", text);
     }
 

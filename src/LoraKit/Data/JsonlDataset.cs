@@ -44,11 +44,22 @@ public static class JsonlDataset
     {
         if (Directory.Exists(path)) throw new DataException($"{path}: is a directory; give a JSONL file (one JSON object per line)");
         if (!File.Exists(path)) throw new DataException($"{path}: file not found");
+        return Read(Lines(path), path, tok, o, labels);
+    }
+
+    /// <summary>
+    /// Builds samples from lines already in memory (the in-memory trainer's examples, one JSON object each) exactly as
+    /// <see cref="Load"/> builds a file's; <paramref name="source"/> names them in messages as the path names a file.
+    /// </summary>
+    public static (List<Sample> samples, DataSummary summary) Read(IEnumerable<(int line, string text, string? invalid)> lines, string source,
+        Tokenizer tok, DataOptions o, IReadOnlyList<string>? labels = null)
+    {
+        string path = source;
         var samples = new List<Sample>();
         var problems = new List<string>();
         var format = o.Format;
         int truncated = 0;
-        foreach (var (lineNo, raw, badUtf8) in Lines(path))
+        foreach (var (lineNo, raw, badUtf8) in lines)
         {
             if (badUtf8 is null && string.IsNullOrWhiteSpace(raw)) continue;
             try
@@ -217,7 +228,7 @@ public static class JsonlDataset
     {
         if (!e.TryGetProperty("messages", out var msgs) || msgs.ValueKind != JsonValueKind.Array || msgs.GetArrayLength() == 0)
             throw new DataException("\"messages\" must be a non-empty array");
-        var messages = new List<ChatMessage>();
+        var messages = new List<ChatTurn>();
         int k = 0;
         foreach (var m in msgs.EnumerateArray())
         {
@@ -225,7 +236,7 @@ public static class JsonlDataset
             var role = Field(m, "role");
             if (!Roles.Contains(role)) throw new DataException($"message {k} has unknown role '{role}' (expected system, user, assistant or tool)");
             var content = Field(m, "content", allowEmpty: role != "assistant");
-            messages.Add(new ChatMessage(role, content));
+            messages.Add(new ChatTurn(role, content));
             k++;
         }
         if (!messages.Any(m => m.Role == "assistant")) throw new DataException("conversation has no assistant message to learn from");

@@ -4,8 +4,13 @@ using static TorchSharp.torch;
 
 namespace LoraKit.Generation;
 
+/// <summary>Why generation ended: the token limit or the context (Length), or an EOS id or stop string (Stop).</summary>
 public enum FinishReason { Length, Stop }
 
+/// <summary>
+/// One generation: the prompt's ids, the new ids (an EOS that ended it included, as transformers does) and their text
+/// (special tokens skipped, cut before a stop string).
+/// </summary>
 public sealed record GenerationResult(int[] PromptIds, int[] OutputIds, string Text, FinishReason FinishReason);
 
 /// <summary>

@@ -9,9 +9,10 @@ namespace LoraKit.Serving;
 
 /// <summary>
 /// The serving engine in-process, as a Microsoft.Extensions.AI <see cref="IChatClient"/>: <c>ChatOptions.ModelId</c>
-/// picks the adapter (null or "base" = the base model); the chat template, EOS ids and sampling follow the server.
+/// picks the adapter ("base" = the base model; null = <paramref name="defaultAdapter"/>, itself null for the base model);
+/// the chat template, EOS ids and sampling follow the server.
 /// </summary>
-public sealed class LoraKitChatClient(InferenceEngine engine, AdapterRegistry? registry, IReadOnlyCollection<int> eosTokenIds) : IChatClient
+public sealed class LoraKitChatClient(InferenceEngine engine, AdapterRegistry? registry, IReadOnlyCollection<int> eosTokenIds, string? defaultAdapter = null) : IChatClient
 {
     readonly ChatTemplate _template = new(engine.Tokenizer.Config.ChatTemplate ?? throw new InvalidOperationException("the model has no chat template"));
 
@@ -44,9 +45,9 @@ public sealed class LoraKitChatClient(InferenceEngine engine, AdapterRegistry? r
 
     (int[] ids, string? adapter, SamplingOptions sampling) Prepare(IEnumerable<AiChatMessage> messages, ChatOptions? o)
     {
-        var list = messages.Select(m => new Tokenization.ChatMessage(m.Role.Value, m.Text)).ToList();
+        var list = messages.Select(m => new ChatTurn(m.Role.Value, m.Text)).ToList();
         var text = _template.Render(list, addGenerationPrompt: true, engine.Tokenizer.Config);
-        string? adapter = o?.ModelId is null or "base" ? null : o.ModelId;
+        string? adapter = o?.ModelId is null ? defaultAdapter : o.ModelId == "base" ? null : o.ModelId;
         var sampling = new SamplingOptions
         {
             MaxNewTokens = o?.MaxOutputTokens ?? 256, Temperature = o?.Temperature ?? 1.0, TopP = o?.TopP ?? 1.0, Seed = o?.Seed,

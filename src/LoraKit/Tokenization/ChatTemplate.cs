@@ -3,9 +3,6 @@ using LoraKit.Templating;
 
 namespace LoraKit.Tokenization;
 
-/// <summary>One chat message as templates see it (role, content, and any extra fields such as tool_calls).</summary>
-public sealed record ChatMessage(string Role, string Content);
-
 /// <summary>
 /// A model's chat template (Jinja, as in tokenizer_config.json), rendered like transformers' apply_chat_template:
 /// trim_blocks and lstrip_blocks on, <c>messages</c>, <c>add_generation_prompt</c>, the special tokens and
@@ -23,7 +20,7 @@ public sealed class ChatTemplate
         _nodes = Parser.Parse(source);
     }
 
-    public string Render(IEnumerable<ChatMessage> messages, bool addGenerationPrompt, TokenizerConfig tokens,
+    public string Render(IEnumerable<ChatTurn> messages, bool addGenerationPrompt, TokenizerConfig tokens,
         IReadOnlyDictionary<string, object?>? extra = null)
     {
         var list = messages.Select(m => (object?)new Dictionary<string, object?> { ["role"] = m.Role, ["content"] = m.Content }).ToList();

@@ -12,8 +12,10 @@ using static TorchSharp.torch;
 
 namespace LoraKit.Training;
 
+/// <summary>One optimizer step as logged: its loss, learning rate, gradient norm (before clipping) and throughput.</summary>
 public sealed record StepMetrics(int Step, int TotalSteps, double Epoch, double Loss, double Lr, double GradNorm, long Tokens, double TokensPerSecond, double ElapsedSeconds);
 
+/// <summary>One validation pass: mean loss per target token, its perplexity, accuracy (classification) and whether it is the best so far.</summary>
 public sealed record EvalMetrics(int Step, double Loss, double Perplexity, bool IsBest, double? Accuracy = null)
 {
     /// <summary>The value the configured metric compares (lower is better for both: accuracy enters negated).</summary>
@@ -38,18 +40,285 @@ public sealed class TrainingInterruptedException(int step, int totalSteps, strin
     public string AdapterDir { get; } = adapterDir;
 }
 
+/// <summary>
+/// A training step whose loss or gradient norm is not finite: nothing of it was applied (the weights are those of the
+/// step before). The message says which value and at which step.
+/// </summary>
+public sealed class NonFiniteStepException(string message) : LoraKitException(message);
+
+/// <summary>An <see cref="ITrainLog"/> that drops everything (the in-memory trainer reports through its return values).</summary>
+sealed class SilentLog : ITrainLog
+{
+    public static readonly SilentLog Instance = new();
+    public void Info(string message) { }
+    public void Warn(string message) { }
+    public void Step(StepMetrics m) { }
+    public void Eval(EvalMetrics m) { }
+}
+
+/// <summary>What <see cref="Trainer.Run"/> did: where the result is, how far it got, its losses and data.</summary>
 public sealed record TrainResult(string OutputDir, string AdapterDir, int Steps, double FinalLoss, EvalMetrics? Best, EvalMetrics? LastEval,
     string TrainableReport, DataSummary Data, DataSummary? Validation, double WallSeconds, bool StoppedEarly);
 
 /// <summary>
-/// <c>lorakit train</c>, top to bottom: load data and model, build or load the adapter, then per optimizer step
-/// accumulate micro-batches (loss normalised by the target tokens of the whole accumulated batch, so accumulation equals
-/// one big batch), clip, step AdamW on the schedule, log, evaluate, checkpoint; finally save the adapter and the report.
+/// Training a LoRA adapter, in two layers. The instance is the training step over in-memory samples: built from a
+/// model, an adapter config, options and examples, its <see cref="Step"/> runs one optimizer step (micro-batches
+/// accumulated with the loss normalised by the target tokens of the whole accumulated batch, so accumulation equals one
+/// big batch; clip; AdamW on the schedule), <see cref="Evaluate"/> measures a mean loss, <see cref="Save"/> writes a
+/// PEFT adapter. <see cref="Run"/> is <c>lorakit train</c> on top of it, top to bottom: load data and model from files,
+/// then step, log, evaluate, checkpoint and resume in a run directory; finally save the adapter and the report.
 /// </summary>
-public static class Trainer
+public sealed class Trainer : IDisposable
 {
+    /// <summary>The adapter name a training run trains (and PEFT's default name).</summary>
     public const string AdapterName = "default";
 
+    TrainConfig _c = null!;
+    ITrainLog _log = SilentLog.Instance;
+    LoraModel _lm = null!;
+    CausalLM _model = null!;
+    Tokenizer _tok = null!;
+    Device _device = null!;
+    string _name = AdapterName;
+    List<(string name, Parameter param)> _trainable = null!;
+    SequenceClassifier? _classifier;
+    RngStream _rng = null!;
+    AdamW _optimizer = null!;
+    Batches _batches = null!;
+    GraphedStep _lmStep = null!;
+    IDisposable? _sideStream;
+    bool _graphed, _graphWarned;
+    int _padId, _microPerStep;
+    Func<List<Sample>, double, Tensor> _backwardOf = null!;
+    Func<List<Sample>, long> _countOf = null!;
+
+    /// <summary>
+    /// Trains a fresh LoRA adapter named <paramref name="adapterName"/> on <paramref name="model"/> over
+    /// <paramref name="examples"/> (all of one shape: text, prompt/completion or chat), tokenised by
+    /// <paramref name="tokenizer"/>. <paramref name="lora"/> defaults to the adapter <paramref name="options"/> describes
+    /// (r, lora_alpha, lora_dropout, target_modules); <paramref name="options"/> defaults to <see cref="TrainConfig"/>'s
+    /// recipe (its data, output and evaluation fields are not used here). The adapter becomes the model's active one, so
+    /// the model generates with it as it trains. <c>LoraKitModel.CreateTrainer</c> is the usual way to get one.
+    /// </summary>
+    public Trainer(LoraModel model, Tokenizer tokenizer, IEnumerable<TrainingExample> examples, LoraConfig? lora = null,
+        TrainConfig? options = null, string adapterName = AdapterName, string? modelDir = null)
+    {
+        var c = Copy(options ?? new TrainConfig());
+        c.Model = modelDir ?? InMemory;
+        c.Data = InMemory;
+        c.Validate();
+        if (c.Method != "lora") throw new ArgumentException("the in-memory trainer trains LoRA adapters (method lora); full fine-tuning runs through Trainer.Run");
+        if (c.InitAdapter is not null) throw new ArgumentException("the in-memory trainer starts a fresh adapter; load one with LoraKitModel.WithAdapter to generate with it");
+        var (train, summary) = Tokenize(examples, tokenizer, c);
+        if (summary.Format == DataFormat.Classification) throw new ArgumentException("the in-memory trainer trains language modelling (text, prompt/completion, chat); classification runs through Trainer.Run");
+        if (c.Packing) train = Batches.Pack(train, c.MaxLength);
+        _name = adapterName;
+        Init(c, model, tokenizer, train, null, lora ?? LoraConfigFor(c), SilentLog.Instance, model.Model.Device, model.Model.DType);
+        model.SetDisabled(false);
+        model.SetActive(adapterName);
+    }
+
+    Trainer() { }
+
+    /// <summary>Where an in-memory trainer's data and model paths would be, in messages and adapter files.</summary>
+    const string InMemory = "(in memory)";
+
+    /// <summary>Optimizer steps taken so far.</summary>
+    public int StepCount { get; private set; }
+    /// <summary>Optimizer steps the schedule runs to (options' steps, or its epochs over the examples).</summary>
+    public int TotalSteps { get; private set; }
+    /// <summary>The mean loss per target token of the last step (NaN before the first).</summary>
+    public double LastLoss { get; private set; } = double.NaN;
+    /// <summary>The learning rate of the last step.</summary>
+    public double LastLr { get; private set; }
+    /// <summary>The gradient norm of the last step, before clipping.</summary>
+    public double LastGradNorm { get; private set; }
+    /// <summary>Input tokens seen so far (all micro-batches of all steps).</summary>
+    public long TokensSeen { get; private set; }
+    /// <summary>PEFT's print_trainable_parameters line for what is trained.</summary>
+    public string TrainableReport { get; private set; } = "";
+    /// <summary>The model being trained.</summary>
+    public CausalLM Model => _model;
+
+    /// <summary>Micro-batches consumed so far (the data position a checkpoint saves).</summary>
+    long Cursor { get; set; }
+    /// <summary>Data epochs completed so far (fractional).</summary>
+    double Epoch => _batches.EpochAt(Cursor);
+
+    /// <summary>
+    /// One optimizer step: accumulate the gradient of options' grad_accum micro-batches, clip, step AdamW at the
+    /// scheduled learning rate. Returns the step's mean loss per target token. Throws
+    /// <see cref="NonFiniteStepException"/> (nothing applied) when the loss or the gradient norm is not finite.
+    /// </summary>
+    public double Step()
+    {
+        _model.train();
+        int step = StepCount + 1;
+        using var scope = NewDisposeScope();
+        var micro = Enumerable.Range(0, _microPerStep).Select(i => _batches.Take(Cursor + i)).ToList();
+        long targets = micro.Sum(_countOf);
+        double lossSum = 0;
+        long tokens = 0;
+        foreach (var rows in micro)
+        {
+            using var loss = _backwardOf(rows, 1.0 / Math.Max(1, targets));
+            lossSum += loss.item<float>();
+            tokens += rows.Sum(r => (long)r.InputIds.Length);
+        }
+        Cursor += _microPerStep;
+        TokensSeen += tokens;
+        if (_graphed && _lmStep.Disabled is string why && !_graphWarned)
+        {
+            _log.Warn($"CUDA graph off for this run, training continues eagerly: {why}");
+            _graphWarned = true;
+        }
+        double gradNorm = _optimizer.ClipGradNorm(_c.MaxGradNorm);
+        double stepLoss = lossSum / Math.Max(1, targets);
+        if (!double.IsFinite(stepLoss) || !double.IsFinite(gradNorm))
+        {
+            _optimizer.ZeroGrad(); // a later Step starts clean
+            throw new NonFiniteStepException(double.IsFinite(stepLoss) ? $"gradient norm became non-finite at step {step} (loss {stepLoss:G6})" : $"loss became non-finite at step {step}");
+        }
+        double lr = _c.Lr * LrSchedule.Factor(_c.Schedule, step - 1, _c.WarmupSteps, TotalSteps);
+        _optimizer.Step(lr);
+        _optimizer.ZeroGrad();
+        StepCount = step;
+        LastLoss = stepLoss;
+        LastLr = lr;
+        LastGradNorm = gradNorm;
+        return stepLoss;
+    }
+
+    /// <summary>Mean next-token loss per target token over <paramref name="examples"/>, tokenised as the training examples are (no gradient, dropout off).</summary>
+    public double Evaluate(IEnumerable<TrainingExample> examples)
+    {
+        var (samples, _) = Tokenize(examples, _tok, _c);
+        return Evaluate(_model, samples, _c.BatchSize, _padId, _device);
+    }
+
+    /// <summary>Writes the adapter trained so far to <paramref name="dir"/> in PEFT's format (adapter_config.json + adapter_model.safetensors).</summary>
+    public void Save(string dir)
+    {
+        _model.eval();
+        SaveWeights(dir, null);
+    }
+
+    /// <summary>Frees the optimizer state and the step's helpers; the model and its adapter stay (they belong to the model's owner).</summary>
+    public void Dispose()
+    {
+        _lmStep?.Dispose();
+        _sideStream?.Dispose();
+        _optimizer?.Dispose();
+        _classifier?.Dispose();
+        _rng?.Dispose();
+    }
+
+    /// <summary>Examples as samples, through the same path as a JSONL file's lines.</summary>
+    static (List<Sample>, DataSummary) Tokenize(IEnumerable<TrainingExample> examples, Tokenizer tok, TrainConfig c)
+    {
+        var lines = examples.Select((e, i) => (i + 1, e.ToJsonLine(), (string?)null));
+        return JsonlDataset.Read(lines, "example", tok, DataOptionsFor(c));
+    }
+
+    static DataOptions DataOptionsFor(TrainConfig c) => new()
+    {
+        Format = ParseFormat(c.Format), TrainOnAllTokens = c.TrainOnAllTokens, AppendEos = c.Eos, MaxLength = c.MaxLength, SkipBadLines = c.SkipBadLines,
+    };
+
+    static TrainConfig Copy(TrainConfig c) =>
+        System.Text.Json.JsonSerializer.Deserialize<TrainConfig>(c.ToJson(), new System.Text.Json.JsonSerializerOptions { PropertyNamingPolicy = System.Text.Json.JsonNamingPolicy.SnakeCaseLower })!;
+
+    /// <summary>
+    /// Builds what is trained and how one step runs: the adapter (fresh from <paramref name="fresh"/>, or c's init
+    /// adapter) or all weights, the kernels and memory placements, the optimizer, the batches and the task's loss.
+    /// </summary>
+    void Init(TrainConfig c, LoraModel lm, Tokenizer tok, List<Sample> train, IReadOnlyList<string>? labels, LoraConfig? fresh, ITrainLog log, Device device, ScalarType dtype)
+    {
+        _c = c; _lm = lm; _model = lm.Model; _tok = tok; _log = log; _device = device;
+        var model = _model;
+        // Everything random in a run comes from the seed through generators of its own (initialisation, the score
+        // head, shuffling, dropout), never from torch's global one, which anything else in the process may draw from.
+        _rng = new RngStream((ulong)c.Seed);
+        var rng = _rng;
+
+        // ---- what is trained ----
+        List<(string name, Parameter param)> trainable;
+        if (c.Method == "lora")
+        {
+            if (c.InitAdapter is string init) AdapterFiles.Load(lm, _name, init);
+            else lm.AddAdapter(_name, fresh ?? LoraConfigFor(c), c.Seed);
+            trainable = lm.Parameters(_name);
+        }
+        else
+        {
+            trainable = model.named_parameters().GroupBy(p => p.parameter.Handle).Select(g => g.First()).Select(p => (p.name, p.parameter)).ToList();
+            foreach (var (_, p) in trainable) p.requires_grad = true;
+        }
+        bool fast = FastKernels(c.Kernels, device, dtype);
+        lm.UseFastTraining(fast);
+        lm.UseRng(rng);
+        if (fast) log.Info("kernels: fast (LoRA branch in the base dtype, lean RMSNorm/SwiGLU backwards; `kernels` exact for PEFT's fp32 branch)");
+        var classifier = labels is null ? null : new SequenceClassifier(model, labels, c.Seed) { PadTokenId = SequenceClassifier.PadFor(tok, model.Config) };
+        _classifier = classifier;
+        if (classifier != null) trainable.Add(("score.weight", classifier.Score));
+        if (c.GradientCheckpointing)
+        {
+            model.model.GradientCheckpointing = true;
+            model.model.CheckpointKeepBytes = (long)(c.CheckpointKeepGib * (1L << 30));
+        }
+        if (PlaceEmbeddings(model, c.EmbeddingsOnHost, c.GradientCheckpointing) is { } placed) log.Info(placed);
+        if (PlaceCheckpoints(model, c.OffloadCheckpoints, c.GradientCheckpointing, c.OffloadMlpLayers) is { } offloaded) log.Info(offloaded);
+        _trainable = trainable;
+        TrainableReport = c.Method == "lora" ? lm.TrainableReport(_name) + (classifier != null ? $" (+ score head {classifier.Score.numel():N0})" : "")
+            : $"trainable params: {trainable.Sum(p => p.param.numel()):N0} || all params: {trainable.Sum(p => p.param.numel()):N0} || trainable%: 100.0000";
+        log.Info(TrainableReport);
+
+        _microPerStep = c.GradAccum;
+        // A micro-batch larger than the data would be filled by cycling through it again and again (--batch-size 100000
+        // on 6 samples ran out of time and memory); like a PyTorch DataLoader, the batch is then the whole data.
+        int batchSize = Math.Min(c.BatchSize, train.Count);
+        if (batchSize < c.BatchSize) log.Warn($"batch size {c.BatchSize} is more than the {train.Count} training samples; using {batchSize}");
+        int stepsPerEpoch = (int)Math.Ceiling((double)train.Count / ((long)batchSize * _microPerStep));
+        TotalSteps = c.Steps > 0 ? c.Steps : Math.Max(1, (int)Math.Ceiling(c.Epochs * stepsPerEpoch));
+        _batches = new Batches(train, batchSize, c.Shuffle, c.Seed);
+        _optimizer = new AdamW(trainable, c.Beta1, c.Beta2, c.AdamEps, c.WeightDecay);
+        int padId = tok.Config.PadToken is string pt && tok.TokenToId(pt) is int pid ? pid : model.Config.PadTokenId ?? 0;
+        _padId = padId;
+        // The task decides what a micro-batch's summed loss is and what it is normalised by: target tokens for language
+        // modelling, samples for classification. backwardOf(rows, 1/count) back-propagates the normalised loss and
+        // returns the sum; language modelling may replay it from a CUDA graph.
+        bool graphed = classifier is null && c.Method == "lora" && UseCudaGraph(c.CudaGraph, device, fast, fresh?.LoraDropout ?? c.LoraDropout);
+        _graphed = graphed;
+        _sideStream = graphed ? Runtime.Cuda.CudaStreams.UseSideStream(device) : null;
+        var lmStep = new GraphedStep(b => LossSum(model, b, chunked: c.Method == "lora"), graphed);
+        _lmStep = lmStep;
+        _backwardOf = classifier is null
+            ? (rows, scale) => { using var b = Batches.Collate(rows, padId, device); return lmStep.Run(b, scale); }
+            : (rows, scale) =>
+            {
+                using var b = Batches.Collate(SequenceClassifier.Inputs(rows), padId, device);
+                var loss = classifier.LossSum(b, SequenceClassifier.LabelTensor(rows, device));
+                (loss * scale).backward();
+                return loss.detach();
+            };
+        if (graphed) log.Info("CUDA graph: the training step is captured after its first batch and replayed for batches of the same shape (`cuda_graph` off to disable)");
+        _countOf = classifier is null
+            ? rows => rows.Sum(r => (long)r.Labels.Skip(1).Count(l => l != Sample.IgnoreIndex))
+            : rows => rows.Count;
+    }
+
+    /// <summary>Validation loss (and accuracy for classification) over already tokenised samples.</summary>
+    (double loss, double? accuracy) EvaluateSamples(List<Sample> valid)
+    {
+        if (_classifier is null) return (Evaluate(_model, valid, _c.BatchSize, _padId, _device), null);
+        var (l, a) = _classifier.Evaluate(valid, _c.BatchSize, _padId);
+        return (l, a);
+    }
+
+    /// <summary>
+    /// <c>lorakit train</c>, top to bottom: load data and model, build the trainer, then per optimizer step log,
+    /// evaluate and checkpoint; finally save the adapter and the report.
+    /// </summary>
     /// <param name="resume">continue the run in the output directory from its newest readable checkpoint</param>
     /// <param name="overwrite">replace the run in the output directory (only the files LoraKit wrote are deleted)</param>
     /// <param name="cancel">when signalled, the run saves a checkpoint and the adapter after the current step and throws
@@ -66,10 +335,7 @@ public static class Trainer
 
         // ---- data ----
         var tok = Tokenizer.Load(c.Model);
-        var opts = new DataOptions
-        {
-            Format = ParseFormat(c.Format), TrainOnAllTokens = c.TrainOnAllTokens, AppendEos = c.Eos, MaxLength = c.MaxLength, SkipBadLines = c.SkipBadLines,
-        };
+        var opts = DataOptionsFor(c);
         var labels = JsonlDataset.ClassificationLabels(c.Data);
         var (train, trainSummary) = JsonlDataset.Load(c.Data, tok, opts, labels);
         bool classify = trainSummary.Format == DataFormat.Classification;
@@ -97,76 +363,16 @@ public static class Trainer
                  (valid is null ? "" : $"; {valid.Count} validation samples") + (trainSummary.Truncated > 0 ? $"; {trainSummary.Truncated} truncated to {c.MaxLength}" : ""));
 
         var model = CausalLM.Load(c.Model, dtype, device);
-        using var rng = new RngStream((ulong)c.Seed);
         CheckStopToken(c, tok, model, train, trainSummary.Format, log);
         if (c.Packing) train = Batches.Pack(train, c.MaxLength);
 
-        // ---- what is trained ----
         var lm = new LoraModel(model);
-        List<(string name, Parameter param)> trainable;
-        if (c.Method == "lora")
-        {
-            if (c.InitAdapter is string init) AdapterFiles.Load(lm, AdapterName, init);
-            else lm.AddAdapter(AdapterName, LoraConfigFor(c), c.Seed);
-            trainable = lm.Parameters(AdapterName);
-        }
-        else
-        {
-            trainable = model.named_parameters().GroupBy(p => p.parameter.Handle).Select(g => g.First()).Select(p => (p.name, p.parameter)).ToList();
-            foreach (var (_, p) in trainable) p.requires_grad = true;
-        }
-        bool fast = FastKernels(c.Kernels, device, dtype);
-        lm.UseFastTraining(fast);
-        lm.UseRng(rng);
-        if (fast) log.Info("kernels: fast (LoRA branch in the base dtype, lean RMSNorm/SwiGLU backwards; `kernels` exact for PEFT's fp32 branch)");
-        using var classifier = classify ? new SequenceClassifier(model, labels!, c.Seed) { PadTokenId = SequenceClassifier.PadFor(tok, model.Config) } : null;
-        if (classifier != null) trainable.Add(("score.weight", classifier.Score));
-        if (c.GradientCheckpointing)
-        {
-            model.model.GradientCheckpointing = true;
-            model.model.CheckpointKeepBytes = (long)(c.CheckpointKeepGib * (1L << 30));
-        }
-        if (PlaceEmbeddings(model, c.EmbeddingsOnHost, c.GradientCheckpointing) is { } placed) log.Info(placed);
-        if (PlaceCheckpoints(model, c.OffloadCheckpoints, c.GradientCheckpointing, c.OffloadMlpLayers) is { } offloaded) log.Info(offloaded);
-        string report = c.Method == "lora" ? lm.TrainableReport(AdapterName) + (classifier != null ? $" (+ score head {classifier.Score.numel():N0})" : "")
-            : $"trainable params: {trainable.Sum(p => p.param.numel()):N0} || all params: {trainable.Sum(p => p.param.numel()):N0} || trainable%: 100.0000";
-        log.Info(report);
-
-        int microPerStep = c.GradAccum;
-        // A micro-batch larger than the data would be filled by cycling through it again and again (--batch-size 100000
-        // on 6 samples ran out of time and memory); like a PyTorch DataLoader, the batch is then the whole data.
-        int batchSize = Math.Min(c.BatchSize, train.Count);
-        if (batchSize < c.BatchSize) log.Warn($"batch size {c.BatchSize} is more than the {train.Count} training samples; using {batchSize}");
-        int stepsPerEpoch = (int)Math.Ceiling((double)train.Count / ((long)batchSize * microPerStep));
-        int totalSteps = c.Steps > 0 ? c.Steps : Math.Max(1, (int)Math.Ceiling(c.Epochs * stepsPerEpoch));
+        using var t = new Trainer();
+        t.Init(c, lm, tok, train, classify ? labels : null, null, log, device, dtype);
+        int totalSteps = t.TotalSteps;
+        string report = t.TrainableReport;
         int evalEvery = valid is null ? 0 : c.EvalEvery > 0 ? c.EvalEvery : Math.Max(1, totalSteps / 10);
         int saveEvery = c.SaveEvery > 0 ? c.SaveEvery : evalEvery > 0 ? evalEvery : Math.Max(1, totalSteps / 5);
-        var batches = new Batches(train, batchSize, c.Shuffle, c.Seed);
-        using var optimizer = new AdamW(trainable, c.Beta1, c.Beta2, c.AdamEps, c.WeightDecay);
-        int padId = tok.Config.PadToken is string pt && tok.TokenToId(pt) is int pid ? pid : model.Config.PadTokenId ?? 0;
-        // The task decides what a micro-batch's summed loss is and what it is normalised by: target tokens for language
-        // modelling, samples for classification. backwardOf(rows, 1/count) back-propagates the normalised loss and
-        // returns the sum; language modelling may replay it from a CUDA graph.
-        bool graphed = classifier is null && c.Method == "lora" && UseCudaGraph(c.CudaGraph, device, fast, c.LoraDropout);
-        using var sideStream = graphed ? Runtime.Cuda.CudaStreams.UseSideStream(device) : null;
-        using var lmStep = new GraphedStep(b => LossSum(model, b, chunked: c.Method == "lora"), graphed);
-        Func<List<Sample>, double, Tensor> backwardOf = classifier is null
-            ? (rows, scale) => { using var b = Batches.Collate(rows, padId, device); return lmStep.Run(b, scale); }
-            : (rows, scale) =>
-            {
-                using var b = Batches.Collate(SequenceClassifier.Inputs(rows), padId, device);
-                var loss = classifier.LossSum(b, SequenceClassifier.LabelTensor(rows, device));
-                (loss * scale).backward();
-                return loss.detach();
-            };
-        bool graphWarned = false;
-        if (graphed) log.Info("CUDA graph: the training step is captured after its first batch and replayed for batches of the same shape (`cuda_graph` off to disable)");
-        Func<List<Sample>, long> countOf = classifier is null
-            ? rows => rows.Sum(r => (long)r.Labels.Skip(1).Count(l => l != Sample.IgnoreIndex))
-            : rows => rows.Count;
-        Func<(double loss, double? accuracy)> evaluate = classifier is null
-            ? () => (Evaluate(model, valid!, c.BatchSize, padId, device), null)
-            : () => { var (l, a) = classifier.Evaluate(valid!, c.BatchSize, padId); return (l, a); };
 
         // ---- fresh start or resume ----
         string configHash = TrainConfig.Hash(c.Identity().ToJsonString());
@@ -190,9 +396,7 @@ public static class Trainer
             }
             if (totalSteps < saved.Step) throw new LoraKitException($"cannot resume {c.Output} with {totalSteps} steps: it is already at step {saved.Step}");
             state = saved with { TotalSteps = totalSteps, Finished = false, Config = c.Identity(), ConfigHash = configHash };
-            RestoreWeights(ckpt, c, lm, trainable);
-            Checkpoints.RestoreOptimizer(ckpt, optimizer, state.OptimizerSteps);
-            Checkpoints.RestoreRng(state.RngState, rng);
+            t.Restore(ckpt, state);
             log.Info($"resumed from {ckpt} (step {state.Step} of {totalSteps})");
         }
 
@@ -202,67 +406,40 @@ public static class Trainer
         EvalMetrics? best = state.BestEvalLoss is double bl ? new EvalMetrics(state.BestStep ?? 0, bl, Math.Exp(bl), true, state.BestAccuracy) : null;
         EvalMetrics? lastEval = null;
         int badEvals = state.EvalsWithoutImprovement;
-        long cursor = state.Cursor, tokensSeen = state.TokensSeen;
-        double lastLoss = state.LastLoss ?? double.NaN;
         bool stoppedEarly = false;
         var clock = Stopwatch.StartNew();
-        long tokensAtStart = tokensSeen;
+        long tokensAtStart = t.TokensSeen;
         int delayMs = int.TryParse(Environment.GetEnvironmentVariable("LORAKIT_TEST_STEP_DELAY_MS"), out int dm) ? dm : 0; // kill-and-resume test
 
         model.train();
-        int step = state.Step;
+        int step = t.StepCount;
         while (step < totalSteps)
         {
-            step++;
-            double gradNorm;
-            using (var scope = NewDisposeScope())
+            try { t.Step(); }
+            catch (NonFiniteStepException e)
             {
-                var micro = Enumerable.Range(0, microPerStep).Select(i => batches.Take(cursor + i)).ToList();
-                long targets = micro.Sum(countOf);
-                double lossSum = 0;
-                foreach (var rows in micro)
-                {
-                    using var loss = backwardOf(rows, 1.0 / Math.Max(1, targets));
-                    lossSum += loss.item<float>();
-                    tokensSeen += rows.Sum(r => (long)r.InputIds.Length);
-                }
-                cursor += microPerStep;
-                if (graphed && lmStep.Disabled is string why && !graphWarned)
-                {
-                    log.Warn($"CUDA graph off for this run, training continues eagerly: {why}");
-                    graphWarned = true;
-                }
-                gradNorm = optimizer.ClipGradNorm(c.MaxGradNorm);
-                double stepLoss = lossSum / Math.Max(1, targets);
-                if (!double.IsFinite(stepLoss) || !double.IsFinite(gradNorm))
-                {
-                    // Nothing of this step is applied or saved: the checkpoints and adapter already written stay as they are.
-                    string kept = Checkpoints.Latest(c.Output) is string good ? $"the last good checkpoint is {good}" : "no checkpoint had been written yet";
-                    throw new LoraKitException($"{(double.IsFinite(stepLoss) ? $"gradient norm became non-finite at step {step} (loss {stepLoss:G6})" : $"loss became non-finite at step {step}")}; " +
-                                               $"training stopped and these weights were not saved; {kept} (a lower learning rate or gradient clipping may help)");
-                }
-                double lr = c.Lr * LrSchedule.Factor(c.Schedule, step - 1, c.WarmupSteps, totalSteps);
-                optimizer.Step(lr);
-                optimizer.ZeroGrad();
-                lastLoss = stepLoss;
-                if (step % c.LogEvery == 0 || step == totalSteps)
-                {
-                    double secs = clock.Elapsed.TotalSeconds;
-                    var m = new StepMetrics(step, totalSteps, batches.EpochAt(cursor), lastLoss, lr, gradNorm, tokensSeen,
-                        (tokensSeen - tokensAtStart) / Math.Max(secs, 1e-9), wall.Elapsed.TotalSeconds);
-                    metrics.Step(m);
-                    log.Step(m);
-                }
+                // Nothing of this step is applied or saved: the checkpoints and adapter already written stay as they are.
+                string kept = Checkpoints.Latest(c.Output) is string good ? $"the last good checkpoint is {good}" : "no checkpoint had been written yet";
+                throw new LoraKitException($"{e.Message}; training stopped and these weights were not saved; {kept} (a lower learning rate or gradient clipping may help)");
+            }
+            step = t.StepCount;
+            if (step % c.LogEvery == 0 || step == totalSteps)
+            {
+                double secs = clock.Elapsed.TotalSeconds;
+                var m = new StepMetrics(step, totalSteps, t.Epoch, t.LastLoss, t.LastLr, t.LastGradNorm, t.TokensSeen,
+                    (t.TokensSeen - tokensAtStart) / Math.Max(secs, 1e-9), wall.Elapsed.TotalSeconds);
+                metrics.Step(m);
+                log.Step(m);
             }
 
             bool evalNow = evalEvery > 0 && (step % evalEvery == 0 || step == totalSteps);
             if (evalNow)
             {
-                var (vl, acc) = evaluate();
+                var (vl, acc) = t.EvaluateSamples(valid!);
                 var candidate = new EvalMetrics(step, vl, Math.Exp(vl), false, acc);
                 bool improved = double.IsFinite(candidate.Key(c.Metric)) && (best is null || candidate.Key(c.Metric) < best.Key(c.Metric));
                 lastEval = candidate with { IsBest = improved };
-                if (improved) { best = lastEval; badEvals = 0; SaveWeights(Path.Combine(c.Output, "best"), c, lm, model, trainable, classifier, run); }
+                if (improved) { best = lastEval; badEvals = 0; t.SaveWeights(Path.Combine(c.Output, "best"), run); }
                 else badEvals++;
                 metrics.Eval(lastEval);
                 log.Eval(lastEval);
@@ -278,11 +455,11 @@ public static class Trainer
             {
                 var st = state with
                 {
-                    Step = step, Cursor = cursor, OptimizerSteps = optimizer.StepCount, RngState = Checkpoints.EncodeRng(rng),
-                    BestEvalLoss = Finite(best?.Loss), BestStep = best?.Step, BestAccuracy = Finite(best?.Accuracy), EvalsWithoutImprovement = badEvals, TokensSeen = tokensSeen,
-                    Finished = step == totalSteps || stoppedEarly, StoppedEarly = stoppedEarly, LastLoss = Finite(lastLoss),
+                    Step = step, Cursor = t.Cursor, OptimizerSteps = t._optimizer.StepCount, RngState = Checkpoints.EncodeRng(t._rng),
+                    BestEvalLoss = Finite(best?.Loss), BestStep = best?.Step, BestAccuracy = Finite(best?.Accuracy), EvalsWithoutImprovement = badEvals, TokensSeen = t.TokensSeen,
+                    Finished = step == totalSteps || stoppedEarly, StoppedEarly = stoppedEarly, LastLoss = Finite(t.LastLoss),
                 };
-                try { savedCheckpoint = Checkpoints.Save(c.Output, st, dir => SaveWeights(dir, c, lm, model, trainable, classifier, null, checkpoint: true), optimizer, run); }
+                try { savedCheckpoint = Checkpoints.Save(c.Output, st, dir => t.SaveWeights(dir, null, checkpoint: true), t._optimizer, run); }
                 catch (WeightValueException e)
                 {
                     // The loss can stay finite for a step while the weights have already blown up (a huge learning rate).
@@ -295,7 +472,7 @@ public static class Trainer
             if (interrupted && step < totalSteps && !stoppedEarly)
             {
                 model.eval();
-                SaveWeights(finalDir, c, lm, model, trainable, classifier, run);
+                t.SaveWeights(finalDir, run);
                 lm.Dispose();
                 throw new TrainingInterruptedException(step, totalSteps, savedCheckpoint!, finalDir);
             }
@@ -303,7 +480,7 @@ public static class Trainer
             if (stoppedEarly) break;
         }
 
-        if (graphed && lmStep.Disabled is null) log.Info($"CUDA graph: {lmStep.Replays} micro-batches replayed (the others ran eagerly: the first, and any of another shape)");
+        if (t._graphed && t._lmStep.Disabled is null) log.Info($"CUDA graph: {t._lmStep.Replays} micro-batches replayed (the others ran eagerly: the first, and any of another shape)");
         if (Runtime.Cuda.CudaMemoryStats.Read(device) is { } mem)
             log.Info($"peak GPU memory: {Runtime.Cuda.CudaMemory.Gib(mem.PeakAllocated):F2} GiB allocated, {Runtime.Cuda.CudaMemory.Gib(mem.PeakReserved):F2} GiB reserved by libtorch's allocator (since the start, model load included)");
         model.eval();
@@ -314,19 +491,31 @@ public static class Trainer
         {
             // As transformers' load_best_model_at_end: the result is the best by the metric; the last step's is kept beside it.
             var lastDir = Path.Combine(c.Output, "last");
-            SaveWeights(lastDir, c, lm, model, trainable, classifier, run);
+            t.SaveWeights(lastDir, run);
             run.Clear(adapterDir);
             CopyInto(bestDir, adapterDir, run);
             log.Info($"{adapterDir} is the best {what} by {c.Metric} (step {best.Step} of {step}, {c.Metric} {(c.Metric == "eval_accuracy" ? best.Accuracy : best.Loss):G6}); " +
                      $"the last step's {what} is in {lastDir}");
         }
-        else SaveWeights(adapterDir, c, lm, model, trainable, classifier, run);
-        var result = new TrainResult(c.Output, adapterDir, step, lastLoss, best, lastEval, report, trainSummary, validSummary, wall.Elapsed.TotalSeconds, stoppedEarly);
+        else t.SaveWeights(adapterDir, run);
+        var result = new TrainResult(c.Output, adapterDir, step, t.LastLoss, best, lastEval, report, trainSummary, validSummary, wall.Elapsed.TotalSeconds, stoppedEarly);
         TrainReport.Write(c, result, metricsPath);
         foreach (var f in new[] { "report.json", "report.html", "loss.png" }) run.Record(Path.Combine(c.Output, f));
         lm.Dispose();
         log.Info($"saved {what} to {adapterDir}; report in {Path.Combine(c.Output, "report.html")}");
         return result;
+    }
+
+    /// <summary>Continues from a checkpoint: its weights, optimizer moments, dropout stream and data position.</summary>
+    void Restore(string ckpt, TrainState state)
+    {
+        RestoreWeights(ckpt, _c, _trainable);
+        Checkpoints.RestoreOptimizer(ckpt, _optimizer, state.OptimizerSteps);
+        Checkpoints.RestoreRng(state.RngState, _rng);
+        StepCount = state.Step;
+        Cursor = state.Cursor;
+        TokensSeen = state.TokensSeen;
+        LastLoss = state.LastLoss ?? double.NaN;
     }
 
     static double? Finite(double? x) => x is double v && double.IsFinite(v) ? v : null;
@@ -479,23 +668,22 @@ public static class Trainer
     /// Writes what was trained into <paramref name="dir"/> (replacing it): a PEFT adapter (plus the classification head)
     /// for LoRA; for full fine-tuning a raw tensor file inside checkpoints and an HF checkpoint as the final output.
     /// </summary>
-    static void SaveWeights(string dir, TrainConfig c, LoraModel lm, CausalLM model, List<(string name, Parameter param)> trainable,
-        SequenceClassifier? classifier, RunDirectory? run, bool checkpoint = false)
+    void SaveWeights(string dir, RunDirectory? run, bool checkpoint = false)
     {
         if (!checkpoint) run?.Clear(dir); // only what LoraKit wrote there: a file the user put beside it stays
-        if (c.Method == "lora")
+        if (_c.Method == "lora")
         {
-            AdapterFiles.Save(lm, AdapterName, dir, c.Model);
-            classifier?.SaveInto(dir);
+            AdapterFiles.Save(_lm, _name, dir, _c.Model == InMemory ? null : _c.Model);
+            _classifier?.SaveInto(dir);
         }
         else if (checkpoint)
-            SafetensorsWriter.Save(Path.Combine(dir, "model.safetensors"), trainable.ToDictionary(p => p.name, p => (Tensor)p.param));
+            SafetensorsWriter.Save(Path.Combine(dir, "model.safetensors"), _trainable.ToDictionary(p => p.name, p => (Tensor)p.param));
         else
-            CheckpointWriter.Save(model, c.Model, dir);
+            CheckpointWriter.Save(_model, _c.Model, dir);
         if (!checkpoint) run?.Record(dir);
     }
 
-    static void RestoreWeights(string ckpt, TrainConfig c, LoraModel lm, List<(string name, Parameter param)> trainable)
+    static void RestoreWeights(string ckpt, TrainConfig c, List<(string name, Parameter param)> trainable)
     {
         using var _ = no_grad();
         string file = c.Method == "lora" ? Path.Combine(ckpt, AdapterFiles.WeightsFile) : Path.Combine(ckpt, "model.safetensors");

@@ -555,7 +555,7 @@ public class FuzzFilesTests
                 {
                     var tok = Tokenizer.Load(dir);
                     if (tok.Config.ChatTemplate is string ct)
-                        new Tokenization.ChatTemplate(ct).Render([new ChatMessage("user", "hi")], true, tok.Config);
+                        new Tokenization.ChatTemplate(ct).Render([new ChatTurn("user", "hi")], true, tok.Config);
                 });
             }
         var text = original.ToJsonString();

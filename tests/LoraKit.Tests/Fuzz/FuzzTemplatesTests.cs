@@ -78,7 +78,7 @@ public class FuzzTemplatesTests
     public void RealisticTemplatesStayFarBelowTheLimits()
     {
         // A long conversation through the real templates: the limits must never bite on ordinary use.
-        var msgs = Enumerable.Range(0, 400).Select(i => new ChatMessage(i % 2 == 0 ? "user" : "assistant", new string('w', 2000) + i)).ToList();
+        var msgs = Enumerable.Range(0, 400).Select(i => new ChatTurn(i % 2 == 0 ? "user" : "assistant", new string('w', 2000) + i)).ToList();
         foreach (var name in new[] { "llama3", "qwen2", "qwen3", "mistral" })
         {
             var t = new ChatTemplate(File.ReadAllText(Fixtures.Path_("chat_templates", name + ".jinja")));
