@@ -1,7 +1,7 @@
 using LoraKit.Runtime.Cuda;
 using static TorchSharp.torch;
 
-namespace LoraKit.Models;
+namespace LoraKit.Accelerated;
 
 /// <summary>
 /// Moves what checkpointed layers keep for backward besides gate/up (each layer's input and mid-layer residual, two

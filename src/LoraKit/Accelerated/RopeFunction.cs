@@ -1,6 +1,6 @@
 using static TorchSharp.torch;
 
-namespace LoraKit.Models;
+namespace LoraKit.Accelerated;
 
 /// <summary>
 /// Rotary embedding of q and k as one autograd function for training on CUDA bf16: one fused kernel per tensor forward

@@ -1,6 +1,6 @@
 using static TorchSharp.torch;
 
-namespace LoraKit.Models;
+namespace LoraKit.Accelerated;
 
 /// <summary>
 /// What a checkpointed layer keeps from its first (no-grad) forward, so that the replay in backward runs only what

@@ -1,6 +1,6 @@
 using static TorchSharp.torch;
 
-namespace LoraKit.Models;
+namespace LoraKit.Accelerated;
 
 /// <summary>
 /// RMSNorm with a hand-written backward for a frozen weight: the same forward arithmetic as <see cref="RmsNorm"/>
