@@ -1,4 +1,5 @@
 using System.CommandLine;
+using LoraKit.Accelerated;
 using LoraKit.Data;
 using LoraKit.Lora;
 using LoraKit.Models;
@@ -214,7 +215,7 @@ public static class CheckKernelsCommand
         double noise = RelL2(Run(), onDevice);
         OffloadEveryLayer(lm);
         double err = RelL2(Run(), onDevice);
-        long restored = lm.Model.model.Offload!.Restored;
+        long restored = TrainingAccelerator.Offload(lm.Model)!.Restored;
         bool pass = restored == 3 * 4 * lm.Model.model.layers.Count && err <= Math.Max(4 * noise, 1e-6);
         Console.WriteLine($"{(pass ? "ok  " : "FAIL")} {Path.GetFileName(dir.TrimEnd('/'))} checkpoints offloaded to host memory: " +
                           $"{restored} tensors copied back; loss and LoRA grads of 3 steps vs on the device (rel L2) {err:E2}, eager noise {noise:E2}");
@@ -224,8 +225,8 @@ public static class CheckKernelsCommand
     /// <summary>Every layer's checkpoint and kept gate/up go to host memory, released and fetched a layer apart (fixtures have 2 layers).</summary>
     static void OffloadEveryLayer(LoraModel lm)
     {
-        if (Trainer.PlaceCheckpoints(lm.Model, "on", checkpointing: true) is { } line) Console.WriteLine($"     {line}");
-        if (lm.Model.model.Offload is { } o) (o.DeviceLayers, o.ReleaseLag, o.PrefetchAhead, o.MlpLayers, o.MlpStride) = (0, 1, 1, int.MaxValue, 1);
+        if (TrainingAccelerator.PlaceCheckpoints(lm.Model, "on", checkpointing: true) is { } line) Console.WriteLine($"     {line}");
+        if (TrainingAccelerator.Offload(lm.Model) is { } o) (o.DeviceLayers, o.ReleaseLag, o.PrefetchAhead, o.MlpLayers, o.MlpStride) = (0, 1, 1, int.MaxValue, 1);
     }
 
     /// <summary>A fixture model with a random-B adapter on all seven linear modules, on the fast training path.</summary>
@@ -233,11 +234,12 @@ public static class CheckKernelsCommand
     {
         var lm = new LoraModel(CausalLM.Load(dir, dtype, dev));
         lm.AddAdapter("a", new LoraConfig { R = 8, LoraAlpha = 16, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], InitLoraWeights = "false" }, seed: 1);
-        lm.UseFastTraining(true);
         lm.Model.train();
-        lm.Model.model.GradientCheckpointing = checkpointing;
-        lm.Model.model.CheckpointKeepBytes = long.MaxValue; // the lean replay keeps gate/up for every layer
-        Trainer.PlaceEmbeddings(lm.Model, "auto", checkpointing); // untied bf16 tables (llama, mistral) go to host memory
+        // The lean replay keeps gate/up for every layer; untied bf16 tables (llama, mistral) go to host memory when checkpointing.
+        TrainingAccelerator.Apply(lm, new TrainingAcceleration
+        {
+            FusedKernels = true, GradientCheckpointing = checkpointing, CheckpointKeepBytes = long.MaxValue, EmbeddingsOnHost = "auto",
+        });
         return lm;
     }
 
