@@ -52,7 +52,7 @@ public static class TrainingAccelerator
     {
         var trunk = model.model;
         foreach (var layer in trunk.layers) SwapLayer(layer, o.FusedKernels);
-        trunk.ReplaceChild(nameof(trunk.norm), Norm(trunk.norm, o.FusedKernels));
+        trunk.ReplaceChild(nameof(trunk.norm), Norm(trunk.norm, o.FusedKernels), keepPlace: true);
         trunk.Runner = o.GradientCheckpointing
             ? new CheckpointRunner { KeepBytes = o.CheckpointKeepBytes, Rng = o.Rng }
             : PlainLayerRunner.Instance;
@@ -71,12 +71,12 @@ public static class TrainingAccelerator
     static void SwapLayer(DecoderLayer layer, bool fused)
     {
         var attn = new FastAttention(layer.self_attn, fused);
-        if (attn.q_norm is { } qn) attn.ReplaceChild(nameof(attn.q_norm), Norm(qn, fused));
-        if (attn.k_norm is { } kn) attn.ReplaceChild(nameof(attn.k_norm), Norm(kn, fused));
-        layer.ReplaceChild(nameof(layer.self_attn), attn);
-        layer.ReplaceChild(nameof(layer.mlp), fused ? new FastMlp(layer.mlp) : Reference(layer.mlp));
-        layer.ReplaceChild(nameof(layer.input_layernorm), Norm(layer.input_layernorm, fused));
-        layer.ReplaceChild(nameof(layer.post_attention_layernorm), Norm(layer.post_attention_layernorm, fused));
+        if (attn.q_norm is { } qn) attn.ReplaceChild(nameof(attn.q_norm), Norm(qn, fused), keepPlace: true);
+        if (attn.k_norm is { } kn) attn.ReplaceChild(nameof(attn.k_norm), Norm(kn, fused), keepPlace: true);
+        layer.ReplaceChild(nameof(layer.self_attn), attn, keepPlace: true);
+        layer.ReplaceChild(nameof(layer.mlp), fused ? new FastMlp(layer.mlp) : Reference(layer.mlp), keepPlace: true);
+        layer.ReplaceChild(nameof(layer.input_layernorm), Norm(layer.input_layernorm, fused), keepPlace: true);
+        layer.ReplaceChild(nameof(layer.post_attention_layernorm), Norm(layer.post_attention_layernorm, fused), keepPlace: true);
     }
 
     static RmsNorm Norm(RmsNorm norm, bool fused)
@@ -109,7 +109,7 @@ public static class TrainingAccelerator
         string size = bytes >= 1L << 30 ? $"{bytes / (double)(1L << 30):F2} GiB" : $"{bytes / (double)(1L << 20):F1} MiB";
         var moved = HostEmbedding.TryMove(table, out var why);
         if (moved is null) return $"input embeddings stay on the GPU: {why}";
-        model.model.ReplaceChild(nameof(model.model.embed_tokens), moved);
+        model.model.ReplaceChild(nameof(model.model.embed_tokens), moved, keepPlace: true);
         return $"input embeddings in host memory ({size} of device memory freed; each step reads its rows over PCIe)";
     }
 

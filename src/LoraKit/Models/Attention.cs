@@ -43,7 +43,7 @@ public class Attention : ContainerModule
     {
         (Heads, KvHeads, HeadDim) = (other.Heads, other.KvHeads, other.HeadDim);
         (q_proj, k_proj, v_proj, o_proj, q_norm, k_norm) = (other.q_proj, other.k_proj, other.v_proj, other.o_proj, other.q_norm, other.k_norm);
-        RegisterComponents();
+        RegisterChildrenOf(other);
     }
 
     public override Tensor forward(Tensor x) => throw new NotSupportedException("call Forward with positions and mask");

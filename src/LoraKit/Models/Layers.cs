@@ -111,7 +111,7 @@ public class Mlp : ContainerModule
     public Mlp(Mlp other) : base("Mlp")
     {
         (gate_proj, up_proj, down_proj) = (other.gate_proj, other.up_proj, other.down_proj);
-        RegisterComponents();
+        RegisterChildrenOf(other);
     }
 
     public override Tensor forward(Tensor x)
