@@ -13,7 +13,6 @@ cd "$root"
 out=.gpu-tests
 case "${1:-}" in
   pack)
-    mkdir -p .git/info 2>/dev/null && { grep -qx "/$out/" .git/info/exclude 2>/dev/null || echo "/$out/" >> .git/info/exclude; } || true
     rm -rf "$out" && mkdir -p "$out/app"
     dotnet publish tests/LoraKit.GpuTests/LoraKit.GpuTests.csproj -c Release -r linux-x64 --self-contained true -o "$out/app" -p:DebugType=none >/dev/null
     # keep LibTorchSharp (the managed binding's native half); drop the CPU build of libtorch itself (as ../shared/gpu/pack.sh)
