@@ -76,4 +76,17 @@ public class AcceleratedTests
         using var got = fast.Logits(ids, null, null);
         Assert.True(Close.RelError(got, want) <= 1e-5, $"{Close.RelError(got, want):E2}");
     }
+
+    /// <summary>Models is the reference: it names neither the adapters nor the runtime nor the fast paths plugged into it.</summary>
+    [Fact]
+    public void ModelsKnowsNothingOfLoraRuntimeOrAccelerated()
+    {
+        var forbidden = new System.Text.RegularExpressions.Regex(@"\b(Lora|LoRA|Runtime|Accelerated|Cuda)\b");
+        var hits = Directory.GetFiles(Path.Combine(Fixtures.Root, "src", "LoraKit", "Models"), "*.cs")
+            .SelectMany(f => File.ReadLines(f).Select((line, i) => (f, i, line)))
+            .Where(x => forbidden.IsMatch(x.line))
+            .Select(x => $"{Path.GetFileName(x.f)}:{x.i + 1}: {x.line.Trim()}")
+            .ToList();
+        Assert.True(hits.Count == 0, string.Join("\n", hits));
+    }
 }

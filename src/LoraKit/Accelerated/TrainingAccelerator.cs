@@ -33,6 +33,11 @@ public sealed record TrainingAcceleration
 /// plugs <see cref="CheckpointRunner"/> into the model's layer loop. The reference modules stay the oracle the tests
 /// compare these with. Applying again re-decides everything from the new options (a table moved to host memory stays
 /// there).
+/// <para>
+/// The fast modules implement the Llama-family block (SwiGLU MLP, plain RMSNorm, pre-norm residuals: see
+/// <see cref="LeanLayer"/>, <see cref="FastMlp"/>, <see cref="FusedRmsNorm"/>). A family whose modules compute something
+/// else must be declined here (its reference modules then run as they are) until its fast path exists.
+/// </para>
 /// </summary>
 public static class TrainingAccelerator
 {
