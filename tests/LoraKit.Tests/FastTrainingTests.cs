@@ -1,6 +1,8 @@
+using LoraKit.Accelerated;
 using LoraKit.Data;
 using LoraKit.Lora;
 using LoraKit.Models;
+using LoraKit.Runtime;
 using LoraKit.Tokenization;
 using LoraKit.Training;
 using static TorchSharp.torch;
@@ -23,8 +25,8 @@ public class FastTrainingTests
     [InlineData("qwen3", false, 0.0, true, 0)]   // per-head q/k norms go through the fused RMSNorm too
     [InlineData("qwen2", false, 0.0, false, 0)]  // no adapter on down_proj: the fused tail without LoRA
     [InlineData("llama", false, 0.1, true, 0)]   // dropout: LoRA in input dtype with masks, the MLP tail falls back
-    // Checkpointing: the fast path replays lean (o/down GEMMs skipped), keeping gate/up for none, one or all layers;
-    // the plain path replays whole layers.
+    // Checkpointing: the fast path replays lean (o/down GEMMs skipped), keeping gate/up for none, one or all layers,
+    // or whole layers with dropout.
     [InlineData("llama", true, 0.0, true, 0)]
     [InlineData("llama", true, 0.0, true, 1)]
     [InlineData("mistral", true, 0.0, true, 99)]
@@ -41,12 +43,12 @@ public class FastTrainingTests
         var (samples, _) = JsonlDataset.Load(Fixtures.Path_("training", "data.jsonl"), tok, new DataOptions());
         using var batch = Batches.Collate(samples.Take(3).ToList(), 0, CPU);
         lm.Model.train();
-        lm.Model.model.GradientCheckpointing = checkpointing;
         long perLayer = 2 * batch.InputIds.shape[0] * batch.InputIds.shape[1] * lm.Model.Config.IntermediateSize * sizeof(float);
-        lm.Model.model.CheckpointKeepBytes = keepMlpLayers * perLayer;
+        // The plain run is the reference model as loaded (no checkpointing: it keeps every activation); the fast run has
+        // everything TrainingAccelerator swaps in.
         (double loss, List<Tensor> grads) Run(bool fast)
         {
-            lm.UseFastTraining(fast);
+            if (fast) TrainingAccelerator.Apply(lm, new TrainingAcceleration { FusedKernels = true, GradientCheckpointing = checkpointing, CheckpointKeepBytes = keepMlpLayers * perLayer });
             manual_seed(42);
             var loss = Trainer.LossSum(lm.Model, batch, chunked: true);
             loss.backward();
@@ -95,10 +97,11 @@ public class FastTrainingTests
         lm.AddAdapter("a", new LoraConfig { R = 4, LoraAlpha = 8, TargetModules = [.. AllLinear], InitLoraWeights = "false" }, seed: 3);
         var (samples, _) = JsonlDataset.Load(Fixtures.Path_("training", "data.jsonl"), Tokenizer.Load(Fixtures.Model(arch)), new DataOptions());
         using var batch = Batches.Collate(samples.Take(3).ToList(), 0, CPU);
-        lm.UseFastTraining(true);
         lm.Model.train();
-        lm.Model.model.GradientCheckpointing = true;
-        lm.Model.model.CheckpointKeepBytes = keepMlpLayers * 2 * batch.InputIds.numel() * lm.Model.Config.IntermediateSize * sizeof(float);
+        TrainingAccelerator.Apply(lm, new TrainingAcceleration
+        {
+            FusedKernels = true, GradientCheckpointing = true, CheckpointKeepBytes = keepMlpLayers * 2 * batch.InputIds.numel() * lm.Model.Config.IntermediateSize * sizeof(float),
+        });
         List<Tensor> Step()
         {
             var loss = Trainer.LossSum(lm.Model, batch, chunked: true);
@@ -108,9 +111,9 @@ public class FastTrainingTests
             return grads;
         }
         var onDevice = Step();
-        Assert.Null(Trainer.PlaceCheckpoints(lm.Model, "auto", checkpointing: true)); // auto: CUDA only
-        Assert.Contains("host memory", Trainer.PlaceCheckpoints(lm.Model, "on", checkpointing: true));
-        var offload = lm.Model.model.Offload!;
+        Assert.Null(TrainingAccelerator.PlaceCheckpoints(lm.Model, "auto", checkpointing: true)); // auto: CUDA only
+        Assert.Contains("host memory", TrainingAccelerator.PlaceCheckpoints(lm.Model, "on", checkpointing: true));
+        var offload = TrainingAccelerator.Offload(lm.Model)!;
         (offload.DeviceLayers, offload.ReleaseLag, offload.PrefetchAhead, offload.MlpLayers, offload.MlpStride) = (deviceLayers, releaseLag, prefetch, mlpLayers, 1);
         for (int step = 1; step <= 2; step++)
         {
@@ -126,11 +129,11 @@ public class FastTrainingTests
     public void OffloadOptionIsAutoWithCheckpointingOnCudaAndValidated()
     {
         using var model = CausalLM.Load(Fixtures.Model("llama"), ScalarType.Float32, CPU);
-        Assert.Null(Trainer.PlaceCheckpoints(model, "off", checkpointing: true));
-        Assert.Null(Trainer.PlaceCheckpoints(model, "auto", checkpointing: true));
-        Assert.Contains("none without `gradient_checkpointing`", Trainer.PlaceCheckpoints(model, "on", checkpointing: false));
-        Assert.Null(model.model.Offload); // a refusal changes nothing
-        Assert.Contains("auto, on or off", Assert.Throws<ArgumentException>(() => Trainer.PlaceCheckpoints(model, "host", true)).Message);
+        Assert.Null(TrainingAccelerator.PlaceCheckpoints(model, "off", checkpointing: true));
+        Assert.Null(TrainingAccelerator.PlaceCheckpoints(model, "auto", checkpointing: true));
+        Assert.Contains("none without `gradient_checkpointing`", TrainingAccelerator.PlaceCheckpoints(model, "on", checkpointing: false));
+        Assert.Null(TrainingAccelerator.Offload(model)); // a refusal changes nothing
+        Assert.Contains("auto, on or off", Assert.Throws<ArgumentException>(() => TrainingAccelerator.PlaceCheckpoints(model, "host", true)).Message);
         var c = new TrainConfig { Model = "m", Data = "d", OffloadCheckpoints = "yes" };
         Assert.Contains("`offload_checkpoints`", Assert.Throws<ArgumentException>(c.Validate).Message);
         // Where checkpoints wait does not change what a run computes (the copies are exact), so a resume may switch it.
@@ -226,13 +229,13 @@ public class GraphedStepTests
     {
         using var untied = CausalLM.Load(Fixtures.Model("llama"), ScalarType.Float32, CPU);
         using var tied = CausalLM.Load(Fixtures.Model("qwen2"), ScalarType.Float32, CPU);
-        Assert.Null(Trainer.PlaceEmbeddings(untied, "auto", checkpointing: true)); // auto: CUDA only
-        Assert.Null(Trainer.PlaceEmbeddings(untied, "off", checkpointing: true));
-        Assert.Contains("not a frozen CUDA tensor", Trainer.PlaceEmbeddings(untied, "on", checkpointing: false));
-        Assert.Contains("LM head shares them", Trainer.PlaceEmbeddings(tied, "on", checkpointing: true));
-        Assert.False(untied.model.embed_tokens.OnHost);
+        Assert.Null(TrainingAccelerator.PlaceEmbeddings(untied, "auto", checkpointing: true)); // auto: CUDA only
+        Assert.Null(TrainingAccelerator.PlaceEmbeddings(untied, "off", checkpointing: true));
+        Assert.Contains("not a frozen CUDA tensor", TrainingAccelerator.PlaceEmbeddings(untied, "on", checkpointing: false));
+        Assert.Contains("LM head shares them", TrainingAccelerator.PlaceEmbeddings(tied, "on", checkpointing: true));
+        Assert.False(TrainingAccelerator.EmbeddingsOnHost(untied));
         Assert.Equal(TorchSharp.DeviceType.CPU, untied.model.embed_tokens.weight.device_type); // a refusal changes nothing
-        Assert.Contains("auto, on or off", Assert.Throws<ArgumentException>(() => Trainer.PlaceEmbeddings(untied, "host", true)).Message);
+        Assert.Contains("auto, on or off", Assert.Throws<ArgumentException>(() => TrainingAccelerator.PlaceEmbeddings(untied, "host", true)).Message);
         var c = new TrainConfig { Model = "m", Data = "d", EmbeddingsOnHost = "yes" };
         Assert.Contains("`embeddings_on_host`", Assert.Throws<ArgumentException>(c.Validate).Message);
         // Where the table lives does not change what a run computes (the gather is exact), so a resume may switch it.
@@ -257,7 +260,7 @@ public class GraphedStepTests
     {
         using var lm = new LoraModel(CausalLM.Load(Fixtures.Model("llama"), ScalarType.Float32, CPU));
         lm.AddAdapter("a", new LoraConfig { R = 4, LoraAlpha = 8, TargetModules = ["q_proj", "v_proj", "down_proj"], InitLoraWeights = "false" }, seed: 3);
-        lm.UseFastTraining(true);
+        TrainingAccelerator.Apply(lm, new TrainingAcceleration { FusedKernels = true });
         lm.Model.train();
         var (samples, _) = JsonlDataset.Load(Fixtures.Path_("training", "data.jsonl"), Tokenizer.Load(Fixtures.Model("llama")), new DataOptions());
         using var batch = Batches.Collate(samples.Take(3).ToList(), 0, CPU);

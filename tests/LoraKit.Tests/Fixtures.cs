@@ -16,7 +16,9 @@ public static class Fixtures
     {
         for (var d = new DirectoryInfo(AppContext.BaseDirectory); d != null; d = d.Parent)
             if (File.Exists(Path.Combine(d.FullName, "LoraKit.slnx"))) return d.FullName;
-        throw new DirectoryNotFoundException("repository root (LoraKit.slnx) not found above the test binaries");
+        // A published test program (the GPU tests' runner) lives outside the tree: it runs from the repository root.
+        if (File.Exists(Path.Combine(Environment.CurrentDirectory, "LoraKit.slnx"))) return Environment.CurrentDirectory;
+        throw new DirectoryNotFoundException("repository root (LoraKit.slnx) not found above the test binaries or in the current directory");
     }
 
     public static string Path_(params string[] parts) => Path.Combine([Root, "fixtures", .. parts]);

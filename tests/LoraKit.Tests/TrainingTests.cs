@@ -384,9 +384,11 @@ public class GradientCheckpointingTests
         var (samples, _) = JsonlDataset.Load(Fixtures.Path_("training", "data.jsonl"), tok, new DataOptions());
         using var batch = Batches.Collate(samples.Take(3).ToList(), 0, CPU);
         lm.Model.train();
+        // Without checkpointing: the reference model as loaded; with: the checkpointing runner (and the grouped-query
+        // attention kernel) that TrainingAccelerator swaps in.
         (double loss, List<Tensor> grads) Run(bool checkpointing)
         {
-            lm.Model.model.GradientCheckpointing = checkpointing;
+            if (checkpointing) LoraKit.Accelerated.TrainingAccelerator.Apply(lm, new LoraKit.Accelerated.TrainingAcceleration { GradientCheckpointing = true });
             manual_seed(42);
             var loss = Trainer.LossSum(lm.Model, batch);
             loss.backward();

@@ -1,5 +1,6 @@
 using System.CommandLine;
 using System.Diagnostics;
+using LoraKit.Accelerated;
 using LoraKit.Data;
 using LoraKit.IO;
 using LoraKit.Lora;
@@ -46,14 +47,13 @@ public static class BenchCommand
             using var lm = new LoraModel(CausalLM.Load(r.GetValue(model)!, dtype, dev));
             int rk = r.GetValue(rank);
             lm.AddAdapter("bench", new LoraConfig { R = rk, LoraAlpha = 2 * rk, LoraDropout = 0, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] });
-            lm.Model.model.GradientCheckpointing = r.GetValue(ckpt);
-            lm.Model.model.CheckpointKeepBytes = (long)(r.GetValue(keep) * (1L << 30));
-            string? placed = Trainer.PlaceEmbeddings(lm.Model, r.GetValue(embeddings)!, r.GetValue(ckpt));
-            if (placed != null) Console.Error.WriteLine(FlagNames.Rephrase(placed));
-            string? offloaded = Trainer.PlaceCheckpoints(lm.Model, r.GetValue(offload)!, r.GetValue(ckpt), r.GetValue(offloadMlp));
-            if (offloaded != null) Console.Error.WriteLine(FlagNames.Rephrase(offloaded));
             bool fast = Trainer.FastKernels(r.GetValue(kernels)!, dev, dtype);
-            lm.UseFastTraining(fast);
+            var acceleration = new TrainingAcceleration
+            {
+                FusedKernels = fast, GradientCheckpointing = r.GetValue(ckpt), CheckpointKeepBytes = (long)(r.GetValue(keep) * (1L << 30)),
+                EmbeddingsOnHost = r.GetValue(embeddings)!, OffloadCheckpoints = r.GetValue(offload)!, OffloadMlpLayers = r.GetValue(offloadMlp),
+            };
+            foreach (var line in TrainingAccelerator.Apply(lm, acceleration)) Console.Error.WriteLine(FlagNames.Rephrase(line));
             lm.Model.train();
             using var f = SafetensorsFile.Open(r.GetValue(ids)!);
             using var input = f.Read("input_ids").to(dev);
@@ -112,7 +112,7 @@ public static class BenchCommand
                 loss_step1 = Math.Round(first, 4), loss = Math.Round(last, 4), chunked_loss = chunked, gradient_checkpointing = r.GetValue(ckpt), checkpoint_keep_gib = r.GetValue(keep),
                 peak_alloc_gib = memory is { } m ? Math.Round(CudaMemory.Gib(m.PeakAllocated), 2) : (double?)null,
                 peak_reserved_gib = memory is { } n ? Math.Round(CudaMemory.Gib(n.PeakReserved), 2) : (double?)null,
-                embeddings_on_host = lm.Model.model.embed_tokens.OnHost, offload_checkpoints = lm.Model.model.Offload is not null,
+                embeddings_on_host = TrainingAccelerator.EmbeddingsOnHost(lm.Model), offload_checkpoints = TrainingAccelerator.Offload(lm.Model) is not null,
                 kernels = fast ? "fast" : "exact", cuda_graph = graphed ? (step.Disabled ?? $"{step.Replays} replays") : "off", phases_ms = phases,
                 memory_trace = trace,
             }));

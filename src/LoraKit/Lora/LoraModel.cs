@@ -183,28 +183,20 @@ public sealed class LoraModel : IDisposable
         foreach (var (_, layer) in LoraLayers()) layer.RemoveAdapter(name);
     }
 
-    /// <summary>
-    /// Training fast path on or off: LoRA branches in the activations' dtype, RMSNorm and the SwiGLU tail with
-    /// hand-written backwards that keep less for backward. Forward values equal the plain path in fp32; in bf16 the
-    /// LoRA branch rounds its [tokens, r] intermediate, as PEFT does when the adapter itself is bf16.
-    /// </summary>
     /// <summary>Dropout in every wrapped layer draws from <paramref name="rng"/> (null: torch's global generator).</summary>
     public void UseRng(Runtime.RngStream? rng)
     {
         foreach (var m in Model.modules()) if (m is LoraLinear l) l.Rng = rng;
-        Model.model.Rng = rng;
     }
 
+    /// <summary>
+    /// The LoRA side of the training fast path (the model's side is <c>Accelerated.TrainingAccelerator</c>): LoRA branches
+    /// in the activations' dtype. Forward values equal the plain path in fp32; in bf16 the LoRA branch rounds its
+    /// [tokens, r] intermediate, as PEFT does when the adapter itself is bf16.
+    /// </summary>
     public void UseFastTraining(bool on)
     {
-        foreach (var m in Model.modules())
-            switch (m)
-            {
-                case LoraLinear l: l.ComputeInInputDtype = on; break;
-                case Models.RmsNorm n: n.FusedTraining = on; break;
-                case Models.Mlp mlp: mlp.FusedTraining = on; break;
-                case Models.Attention attn: attn.FusedTraining = on; break;
-            }
+        foreach (var m in Model.modules()) if (m is LoraLinear l) l.ComputeInInputDtype = on;
     }
 
     /// <summary>

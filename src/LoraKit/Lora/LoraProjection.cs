@@ -1,4 +1,5 @@
 using LoraKit.Models;
+using LoraKit.Runtime;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
 
@@ -12,7 +13,7 @@ namespace LoraKit.Lora;
 /// dA = dhᵀ·x, dB = s·dyᵀ·h — the ops and roundings of the autograd path otherwise. dA and dB are added straight into
 /// the parameters' grads when those exist (as they do under <see cref="Training.AdamW"/>), which is what autograd's
 /// accumulation would do, in one kernel each.
-/// A checkpoint replay (<see cref="LayerStash"/>) may pass the output's value when it was kept from the first forward,
+/// A checkpoint replay (<c>Accelerated.LayerStash</c>) may pass the output's value when it was kept from the first forward,
 /// or say that nothing reads it (o_proj, down_proj): the function then skips the [tokens, in]×[in, out] GEMM and
 /// returns the kept tensor or an uninitialised one, since its backward needs only x, h and the weights.
 /// </summary>

@@ -1,4 +1,5 @@
 using LoraKit.Models;
+using LoraKit.Runtime;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
 
@@ -23,7 +24,7 @@ public sealed class SwiGluDown : autograd.SingleTensorFunction<SwiGluDown>
 
     /// <summary>The tail for a down layer and adapter resolved by <see cref="LoraProjection.TryResolve"/>.</summary>
     /// <param name="outputUnused">A checkpoint replay that only needs the backward: skip the product and the down GEMM
-    /// and return an uninitialised tensor (see <see cref="LayerStash"/>).</param>
+    /// and return an uninitialised tensor (see <c>Accelerated.LayerStash</c>).</param>
     /// <remarks>On CUDA bf16 the backward writes its results over <paramref name="gate"/> and <paramref name="up"/>
     /// (<see cref="Runtime.Cuda.FusedKernels.SwiGluBackward"/>): nothing may read them after backward.</remarks>
     public static Tensor Apply(Tensor gate, Tensor up, Models.Linear down, LoraWeights? lora, bool outputUnused = false) =>

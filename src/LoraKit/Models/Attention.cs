@@ -6,31 +6,45 @@ namespace LoraKit.Models;
 
 /// <summary>
 /// Grouped-query self-attention with RoPE, optional q/k/v biases (Qwen2), optional per-head q/k RMSNorm (Qwen3)
-/// and an optional KV cache. Attention itself is PyTorch's scaled_dot_product_attention.
+/// and an optional KV cache. Attention itself is PyTorch's scaled_dot_product_attention over k/v heads repeated for
+/// their query-head groups, as transformers' eager path computes it.
+/// <para>
+/// The forward is four steps (project, rotate, attend, project out), each a protected virtual method, so that a faster
+/// implementation can replace one step from outside while this class stays the reference.
+/// </para>
 /// </summary>
-public sealed class Attention : ContainerModule
+public class Attention : ContainerModule
 {
     public nn.Module<Tensor, Tensor> q_proj, k_proj, v_proj, o_proj;
     public RmsNorm? q_norm, k_norm;
-    readonly int _heads, _kvHeads, _headDim;
+
+    /// <summary>Query heads, key/value heads, and the width of one head.</summary>
+    public int Heads { get; }
+    public int KvHeads { get; }
+    public int HeadDim { get; }
 
     public Attention(string name, WeightSource w, ModelConfig c) : base("Attention")
     {
-        _heads = c.NumAttentionHeads; _kvHeads = c.NumKeyValueHeads; _headDim = c.HeadDim;
-        q_proj = new Linear(name + ".q_proj", w, c.HiddenSize, _heads * _headDim, c.QkvBias);
-        k_proj = new Linear(name + ".k_proj", w, c.HiddenSize, _kvHeads * _headDim, c.QkvBias);
-        v_proj = new Linear(name + ".v_proj", w, c.HiddenSize, _kvHeads * _headDim, c.QkvBias);
-        o_proj = new Linear(name + ".o_proj", w, _heads * _headDim, c.HiddenSize, c.OProjBias);
+        Heads = c.NumAttentionHeads; KvHeads = c.NumKeyValueHeads; HeadDim = c.HeadDim;
+        q_proj = new Linear(name + ".q_proj", w, c.HiddenSize, Heads * HeadDim, c.QkvBias);
+        k_proj = new Linear(name + ".k_proj", w, c.HiddenSize, KvHeads * HeadDim, c.QkvBias);
+        v_proj = new Linear(name + ".v_proj", w, c.HiddenSize, KvHeads * HeadDim, c.QkvBias);
+        o_proj = new Linear(name + ".o_proj", w, Heads * HeadDim, c.HiddenSize, c.OProjBias);
         if (c.QkNorm)
         {
-            q_norm = new RmsNorm(name + ".q_norm", w, _headDim, c.RmsNormEps);
-            k_norm = new RmsNorm(name + ".k_norm", w, _headDim, c.RmsNormEps);
+            q_norm = new RmsNorm(name + ".q_norm", w, HeadDim, c.RmsNormEps);
+            k_norm = new RmsNorm(name + ".k_norm", w, HeadDim, c.RmsNormEps);
         }
         RegisterComponents();
     }
 
-    /// <summary>Training: RoPE through <see cref="RopeFunction"/> (fused kernels on CUDA bf16).</summary>
-    public bool FusedTraining { get; set; }
+    /// <summary>A module over <paramref name="other"/>'s submodules (shared, not copied), for a subclass swapped in after build.</summary>
+    public Attention(Attention other) : base("Attention")
+    {
+        (Heads, KvHeads, HeadDim) = (other.Heads, other.KvHeads, other.HeadDim);
+        (q_proj, k_proj, v_proj, o_proj, q_norm, k_norm) = (other.q_proj, other.k_proj, other.v_proj, other.o_proj, other.q_norm, other.k_norm);
+        RegisterChildrenOf(other);
+    }
 
     public override Tensor forward(Tensor x) => throw new NotSupportedException("call Forward with positions and mask");
 
@@ -38,46 +52,52 @@ public sealed class Attention : ContainerModule
     /// <param name="cos">[B, T, head_dim]</param>
     /// <param name="sin">[B, T, head_dim]</param>
     /// <param name="mask">bool [B or 1, 1, T, S] (true = may attend), or null for plain causal attention without cache.</param>
-    /// <param name="stash">In a checkpoint's lean replay, o_proj's output is not read: only its backward runs.</param>
-    public Tensor Forward(Tensor x, Tensor cos, Tensor sin, Tensor? mask, KvCache? cache, int layer, LayerStash? stash = null)
+    /// <param name="cache">Past keys and values (generation), or null.</param>
+    /// <param name="layer">This layer's index (its slot in the cache).</param>
+    public virtual Tensor Forward(Tensor x, Tensor cos, Tensor sin, Tensor? mask, KvCache? cache, int layer)
     {
         using var scope = NewDisposeScope();
         long b = x.shape[0], t = x.shape[1];
-        // RoPE and the GQA repeat (where one is needed) work on the projections' own [B, T, heads, D] layout
-        // (contiguous, so the elementwise kernels vectorise); SDPA takes the [B, heads, T, D] views.
-        // Training: q/k/v as one group whose backwards sum the input grad in one buffer (see Lora.SharedInputGrad).
-        // A checkpoint's replay reuses the outputs its first forward kept, when it kept them (see LayerStash).
-        bool replay = stash is { Replaying: true };
-        var qkv = FusedTraining && training ? Lora.LoraProjection.ApplyShared(x, [q_proj, k_proj, v_proj], replay ? stash!.Qkv : null) : null;
-        qkv ??= [q_proj.forward(x), k_proj.forward(x), v_proj.forward(x)];
-        if (stash is { Replaying: false, KeepQkv: true }) stash.KeepQkvOutputs(qkv);
-        var q = qkv[0].view(b, t, _heads, _headDim);
-        var k = qkv[1].view(b, t, _kvHeads, _headDim);
-        var v = qkv[2].view(b, t, _kvHeads, _headDim);
+        // RoPE and the kv-head repeat work on the projections' own [B, T, heads, D] layout (contiguous, so the
+        // elementwise kernels vectorise); SDPA takes the [B, heads, T, D] views.
+        var qkv = ProjectQkv(x);
+        var q = qkv[0].view(b, t, Heads, HeadDim);
+        var k = qkv[1].view(b, t, KvHeads, HeadDim);
+        var v = qkv[2].view(b, t, KvHeads, HeadDim);
         if (q_norm != null) q = q_norm.forward(q);
         if (k_norm != null) k = k_norm.forward(k);
-        // Training on CUDA bf16: RoPE as one fused kernel each way (no-grad passes, such as a checkpointed layer's first
-        // forward, run the forward kernel alone).
-        bool fusedRope = FusedTraining && training && RopeFunction.Fusable(q, cos, sin) && RopeFunction.Fusable(k, cos, sin);
-        if (fusedRope && (q.requires_grad || k.requires_grad)) (q, k) = RopeFunction.Apply(q, k, cos, sin);
-        else if (fusedRope) (q, k) = (RopeFunction.Rotate(q, cos, sin), RopeFunction.Rotate(k, cos, sin));
-        else (q, k) = (RotaryEmbedding.Apply(q, cos, sin), RotaryEmbedding.Apply(k, cos, sin));
-        q = q.transpose(1, 2);
-        int rep = _heads / _kvHeads;
-        // Plain causal attention (training, unpadded batches): the kernel maps query-head groups onto the kv heads itself.
-        bool grouped = rep > 1 && cache == null && mask is null && Runtime.GqaAttention.Available;
+        (q, k) = Rotate(q, k, cos, sin);
+        var attn = Attend(q.transpose(1, 2), k, v, mask, cache, layer);
+        var merged = attn.transpose(1, 2).reshape(b, t, Heads * HeadDim);
+        return ProjectOut(merged).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>q, k and v projections of <paramref name="x"/>, each [B, T, heads·D].</summary>
+    protected virtual Tensor[] ProjectQkv(Tensor x) => [q_proj.forward(x), k_proj.forward(x), v_proj.forward(x)];
+
+    /// <summary>RoPE on q [B, T, H, D] and k [B, T, kvH, D].</summary>
+    protected virtual (Tensor q, Tensor k) Rotate(Tensor q, Tensor k, Tensor cos, Tensor sin) =>
+        (RotaryEmbedding.Apply(q, cos, sin), RotaryEmbedding.Apply(k, cos, sin));
+
+    /// <summary>
+    /// Attention of q [B, H, T, D] over k, v [B, T, kvH, D] (appended to <paramref name="cache"/> first, when given);
+    /// returns [B, H, T, D].
+    /// </summary>
+    protected virtual Tensor Attend(Tensor q, Tensor k, Tensor v, Tensor? mask, KvCache? cache, int layer)
+    {
+        int rep = Heads / KvHeads;
         if (cache != null)
         {
             (k, v) = cache.Append(layer, k.transpose(1, 2), v.transpose(1, 2));
             if (rep > 1) (k, v) = (RepeatKv(k, rep), RepeatKv(v, rep));
         }
-        else if (rep > 1 && !grouped) (k, v) = (RepeatKvTokensFirst(k, rep).transpose(1, 2), RepeatKvTokensFirst(v, rep).transpose(1, 2));
+        else if (rep > 1) (k, v) = (RepeatKvTokensFirst(k, rep).transpose(1, 2), RepeatKvTokensFirst(v, rep).transpose(1, 2));
         else (k, v) = (k.transpose(1, 2), v.transpose(1, 2));
-        var attn = grouped ? Runtime.GqaAttention.Causal(q, k, v) : nn.functional.scaled_dot_product_attention(q, k, v, mask, 0.0, mask is null);
-        var merged = attn.transpose(1, 2).reshape(b, t, _heads * _headDim);
-        var o = replay ? Lora.LoraProjection.Replay(o_proj, merged, null) : o_proj.forward(merged);
-        return o.MoveToOuterDisposeScope();
+        return nn.functional.scaled_dot_product_attention(q, k, v, mask, 0.0, mask is null);
     }
+
+    /// <summary>o_proj over the heads' merged outputs [B, T, H·D].</summary>
+    protected virtual Tensor ProjectOut(Tensor merged) => o_proj.forward(merged);
 
     /// <summary>[B, S, kvH, D] → [B, S, kvH·rep, D], each kv head repeated for its group of query heads.</summary>
     static Tensor RepeatKvTokensFirst(Tensor x, int rep)

@@ -21,7 +21,7 @@ public sealed class ChunkedLmLoss : autograd.SingleTensorFunction<ChunkedLmLoss>
     /// <param name="targets">[N] int64 next-token ids, <see cref="Data.Sample.IgnoreIndex"/> where no loss is taken</param>
     /// <param name="chunkRows">rows per chunk; by default as many as keep a chunk's logits within <see cref="ChunkBytes"/></param>
     public static Tensor Compute(Tensor hidden, Tensor weight, Tensor targets, long? chunkRows = null) =>
-        Models.CustomFunctions.AfterApply(apply(hidden, weight.detach(), targets, chunkRows ?? DefaultChunkRows(weight)));
+        Runtime.CustomFunctions.AfterApply(apply(hidden, weight.detach(), targets, chunkRows ?? DefaultChunkRows(weight)));
 
     /// <summary>
     /// A chunk's logits are the loss's working memory on top of everything the forward keeps, so they bound the step's
@@ -35,7 +35,7 @@ public sealed class ChunkedLmLoss : autograd.SingleTensorFunction<ChunkedLmLoss>
 
     public override Tensor forward(autograd.AutogradContext ctx, params object[] vars)
     {
-        Models.CustomFunctions.Track(ctx);
+        Runtime.CustomFunctions.Track(ctx);
         var hidden = (Tensor)vars[0];
         var weight = (Tensor)vars[1];
         var targets = (Tensor)vars[2];
@@ -82,6 +82,6 @@ public sealed class ChunkedLmLoss : autograd.SingleTensorFunction<ChunkedLmLoss>
         using var scale = gradOutput.to(gradHidden.dtype);
         var grad = gradHidden * scale;
         gradOutput.Dispose();
-        return Models.CustomFunctions.HandOff(grad, null, null, null);
+        return Runtime.CustomFunctions.HandOff(grad, null, null, null);
     }
 }

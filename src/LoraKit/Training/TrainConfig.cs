@@ -60,15 +60,15 @@ public sealed class TrainConfig
     public bool GradientCheckpointing { get; set; }
     /// <summary>
     /// With checkpointing on the fast path: GiB of device memory the layers may spend keeping their gate/up outputs, so
-    /// that the replay in backward skips those GEMMs (see <see cref="Models.LayerStash"/>). 0 keeps the least memory.
+    /// that the replay in backward skips those GEMMs (see <see cref="Accelerated.LayerStash"/>). 0 keeps the least memory.
     /// </summary>
     public double CheckpointKeepGib { get; set; } = DefaultCheckpointKeepGib;
     public const double DefaultCheckpointKeepGib = 2;
-    /// <summary>auto, on or off: keep an untied input embedding in host memory (see <see cref="Trainer.PlaceEmbeddings"/>); auto with checkpointing on CUDA.</summary>
+    /// <summary>auto, on or off: keep an untied input embedding in host memory (see <see cref="Accelerated.TrainingAccelerator.PlaceEmbeddings"/>); auto with checkpointing on CUDA.</summary>
     public string EmbeddingsOnHost { get; set; } = "auto";
-    /// <summary>auto, on or off: layer checkpoints wait for backward in host memory (see <see cref="Trainer.PlaceCheckpoints"/>); auto with checkpointing on CUDA.</summary>
+    /// <summary>auto, on or off: layer checkpoints wait for backward in host memory (see <see cref="Accelerated.TrainingAccelerator.PlaceCheckpoints"/>); auto with checkpointing on CUDA.</summary>
     public string OffloadCheckpoints { get; set; } = "auto";
-    /// <summary>With offloaded checkpoints: how many layers' kept gate/up go to host memory too (see <see cref="Models.CheckpointOffload.MlpLayers"/>).</summary>
+    /// <summary>With offloaded checkpoints: how many layers' kept gate/up go to host memory too (see <see cref="Accelerated.CheckpointOffload.MlpLayers"/>).</summary>
     public int OffloadMlpLayers { get; set; }
     /// <summary>fast, exact or auto (fast on CUDA with a bf16/fp16 base): see <see cref="Lora.LoraModel.UseFastTraining"/>.</summary>
     public string Kernels { get; set; } = "auto";

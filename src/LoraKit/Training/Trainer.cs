@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using System.Security.Cryptography;
 using System.Text.Json.Nodes;
+using LoraKit.Accelerated;
 using LoraKit.Data;
 using LoraKit.IO;
 using LoraKit.Lora;
@@ -255,19 +256,13 @@ public sealed class Trainer : IDisposable
             foreach (var (_, p) in trainable) p.requires_grad = true;
         }
         bool fast = FastKernels(c.Kernels, device, dtype);
-        lm.UseFastTraining(fast);
         lm.UseRng(rng);
         if (fast) log.Info("kernels: fast (LoRA branch in the base dtype, lean RMSNorm/SwiGLU backwards; `kernels` exact for PEFT's fp32 branch)");
         var classifier = labels is null ? null : new SequenceClassifier(model, labels, c.Seed) { PadTokenId = SequenceClassifier.PadFor(tok, model.Config) };
         _classifier = classifier;
         if (classifier != null) trainable.Add(("score.weight", classifier.Score));
-        if (c.GradientCheckpointing)
-        {
-            model.model.GradientCheckpointing = true;
-            model.model.CheckpointKeepBytes = (long)(c.CheckpointKeepGib * (1L << 30));
-        }
-        if (PlaceEmbeddings(model, c.EmbeddingsOnHost, c.GradientCheckpointing) is { } placed) log.Info(placed);
-        if (PlaceCheckpoints(model, c.OffloadCheckpoints, c.GradientCheckpointing, c.OffloadMlpLayers) is { } offloaded) log.Info(offloaded);
+        // The one place the fast paths (fused kernels, checkpointing, offload, host embeddings) are swapped into the model.
+        foreach (var line in TrainingAccelerator.Apply(lm, Acceleration(c, fast, rng))) log.Info(line);
         _trainable = trainable;
         TrainableReport = c.Method == "lora" ? lm.TrainableReport(_name) + (classifier != null ? $" (+ score head {classifier.Score.numel():N0})" : "")
             : $"trainable params: {trainable.Sum(p => p.param.numel()):N0} || all params: {trainable.Sum(p => p.param.numel()):N0} || trainable%: 100.0000";
@@ -575,50 +570,12 @@ public sealed class Trainer : IDisposable
         }
     }
 
-    /// <summary>
-    /// The --embeddings-on-host rule: move an untied, frozen input embedding to mapped host memory
-    /// (<see cref="Models.Embedding.MoveToHost"/>) when asked, or for auto with gradient checkpointing on CUDA (the
-    /// setting chosen for least memory). Returns what happened, for the log (null: nothing was asked).
-    /// </summary>
-    public static string? PlaceEmbeddings(CausalLM model, string mode, bool checkpointing)
+    /// <summary>The fast paths a run asks for (see <see cref="TrainingAccelerator"/>).</summary>
+    public static TrainingAcceleration Acceleration(TrainConfig c, bool fastKernels, RngStream? rng) => new()
     {
-        if (!WantsForMemory(mode, "`embeddings_on_host`", model, checkpointing)) return null;
-        if (model.Config.TieWordEmbeddings) return "input embeddings stay on the GPU: the LM head shares them";
-        var table = model.model.embed_tokens;
-        long bytes = table.weight.numel() * table.weight.ElementSize;
-        string size = bytes >= 1L << 30 ? $"{bytes / (double)(1L << 30):F2} GiB" : $"{bytes / (double)(1L << 20):F1} MiB";
-        return table.MoveToHost() is { } why
-            ? $"input embeddings stay on the GPU: {why}"
-            : $"input embeddings in host memory ({size} of device memory freed; each step reads its rows over PCIe)";
-    }
-
-    /// <summary>An auto|on|off memory option: auto means with gradient checkpointing on CUDA, the setting chosen for least memory.</summary>
-    static bool WantsForMemory(string mode, string option, CausalLM model, bool checkpointing) => mode switch
-    {
-        "on" => true,
-        "off" => false,
-        "auto" => checkpointing && model.Device.type == TorchSharp.DeviceType.CUDA,
-        _ => throw new ArgumentException($"{option} must be auto, on or off, not '{mode}'"),
+        FusedKernels = fastKernels, GradientCheckpointing = c.GradientCheckpointing, CheckpointKeepBytes = (long)(c.CheckpointKeepGib * (1L << 30)),
+        EmbeddingsOnHost = c.EmbeddingsOnHost, OffloadCheckpoints = c.OffloadCheckpoints, OffloadMlpLayers = c.OffloadMlpLayers, Rng = rng,
     };
-
-    /// <summary>
-    /// The --offload-checkpoints rule: with checkpointing, each layer's checkpoint (input and mid-layer residual) waits
-    /// for backward in page-locked host memory (<see cref="CheckpointOffload"/>); auto: on CUDA. Only the fused
-    /// training path's lean replay uses it. <paramref name="mlpLayers"/>: how many layers' kept gate/up go too
-    /// (<see cref="CheckpointOffload.MlpLayers"/>). Returns a line for the log, or null when nothing was asked.
-    /// </summary>
-    public static string? PlaceCheckpoints(CausalLM model, string mode, bool checkpointing, int mlpLayers = 0)
-    {
-        if (!WantsForMemory(mode, "`offload_checkpoints`", model, checkpointing)) return null;
-        if (!checkpointing) return "checkpoints stay on the device: there are none without `gradient_checkpointing`";
-        var offload = CheckpointOffload.TryCreate(model.Device, out var why);
-        if (offload is null) return $"checkpoints stay on the device: {why}";
-        offload.MlpLayers = mlpLayers;
-        model.model.Offload?.Dispose();
-        model.model.Offload = offload;
-        string mlp = mlpLayers > 0 ? $", and the kept gate/up of up to {mlpLayers} layers (one layer in {offload.MlpStride}, from the first)" : "";
-        return $"layer checkpoints wait for backward in host memory (all but the last {offload.DeviceLayers} layers{mlp}; copied out and back beside the compute)";
-    }
 
     /// <summary>
     /// Summed next-token cross-entropy over the batch's target positions (fp32 logits). With <paramref name="chunked"/>

@@ -1,7 +1,10 @@
+using LoraKit.Models;
+using LoraKit.Runtime;
+using LoraKit.Runtime.Cuda;
 using TorchSharp;
 using static TorchSharp.torch;
 
-namespace LoraKit.Models;
+namespace LoraKit.Accelerated;
 
 /// <summary>
 /// Activation checkpointing for one decoder layer (TorchSharp has none built in): forward runs without building a graph
@@ -16,16 +19,16 @@ public sealed class LayerCheckpoint : autograd.SingleTensorFunction<LayerCheckpo
     /// <summary>Everything the layer needs besides its input, passed through apply() as one object.</summary>
     /// The tensors are aliases taken out of the caller's dispose scope (which ends before backward runs); backward frees them.
     /// The input is kept by the stash when there is one (it may spend the time until backward in host memory).
-    sealed record Call(DecoderLayer Layer, Tensor? Input, Tensor Cos, Tensor Sin, Tensor? Mask, int Index, byte[] RngState, LayerStash? Stash, Runtime.RngStream? Rng = null, byte[]? StreamState = null)
+    sealed record Call(DecoderLayer Layer, Tensor? Input, Tensor Cos, Tensor Sin, Tensor? Mask, int Index, byte[] RngState, LayerStash? Stash, RngStream? Rng = null, byte[]? StreamState = null)
     {
         public void Free() { Input?.Dispose(); Cos.Dispose(); Sin.Dispose(); Mask?.Dispose(); Stash?.Dispose(); }
     }
 
     public override string Name => "LayerCheckpoint";
 
-    /// <param name="stash">For a lean replay (when <see cref="DecoderLayer.LeanReplayable"/>): what the forward keeps;
+    /// <param name="stash">For a lean replay (when <see cref="LeanLayer.Applies"/>): what the forward keeps;
     /// null replays the whole layer. Freed after backward.</param>
-    public static Tensor Run(DecoderLayer layer, Tensor x, Tensor cos, Tensor sin, Tensor? mask, int index, LayerStash? stash = null, Runtime.RngStream? rngStream = null)
+    public static Tensor Run(DecoderLayer layer, Tensor x, Tensor cos, Tensor sin, Tensor? mask, int index, LayerStash? stash = null, RngStream? rngStream = null)
     {
         // TorchSharp wraps forward's result in a second handle, so the first one (put in this scope by the layer) is
         // freed here: the caller's scope would otherwise hold every layer's output until the whole forward ends.
@@ -45,7 +48,10 @@ public sealed class LayerCheckpoint : autograd.SingleTensorFunction<LayerCheckpo
         var call = (Call)vars[1];
         ctx.save_data("call", call);
         using var _ = no_grad();
-        return call.Layer.Forward((Tensor)vars[0], call.Cos, call.Sin, call.Mask, null, call.Index, call.Stash);
+        var x = (Tensor)vars[0];
+        return call.Stash is { } stash
+            ? LeanLayer.Forward(call.Layer, x, call.Cos, call.Sin, call.Mask, call.Index, stash)
+            : call.Layer.Forward(x, call.Cos, call.Sin, call.Mask, null, call.Index);
     }
 
     public override List<Tensor> backward(autograd.AutogradContext ctx, Tensor gradOutput)
@@ -65,14 +71,14 @@ public sealed class LayerCheckpoint : autograd.SingleTensorFunction<LayerCheckpo
         {
             call.Stash?.Offload?.BeforeBackward(call.Index);
             grad = (call.Stash is { } stash
-                ? call.Layer.Replay(stash.Input!, call.Cos, call.Sin, call.Mask, call.Index, stash, gradOutput)
+                ? LeanLayer.Replay(call.Layer, stash.Input!, call.Cos, call.Sin, call.Mask, call.Index, stash, gradOutput)
                 : FullReplay(call, gradOutput)).MoveToOuterDisposeScope();
         }
         random.set_rng_state(outerRng);
         if (outerStream is not null) call.Rng!.Restore(outerStream);
         call.Free();
         gradOutput.Dispose();
-        Runtime.Cuda.MemoryTrace.Mark("backward layer {0}", call.Index, grad.device);
+        MemoryTrace.Mark("backward layer {0}", call.Index, grad.device);
         return CustomFunctions.HandOff(grad, null); // one entry per apply() argument; the Call object has no gradient
     }
 

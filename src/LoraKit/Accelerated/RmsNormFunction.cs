@@ -1,6 +1,9 @@
+using LoraKit.Models;
+using LoraKit.Runtime;
+using LoraKit.Runtime.Cuda;
 using static TorchSharp.torch;
 
-namespace LoraKit.Models;
+namespace LoraKit.Accelerated;
 
 /// <summary>
 /// RMSNorm with a hand-written backward for a frozen weight: the same forward arithmetic as <see cref="RmsNorm"/>
@@ -23,7 +26,7 @@ public sealed class RmsNormFunction : autograd.SingleTensorFunction<RmsNormFunct
         var args = (Args)vars[1];
         using var scope = NewDisposeScope();
         Tensor y, rstd;
-        if (Runtime.Cuda.FusedKernels.Usable(x, args.Weight)) (y, rstd) = Runtime.Cuda.FusedKernels.RmsNormForward(x, args.Weight, args.Eps);
+        if (FusedKernels.Usable(x, args.Weight)) (y, rstd) = FusedKernels.RmsNormForward(x, args.Weight, args.Eps);
         else
         {
             var h = Fp32Copy(x);
@@ -46,8 +49,8 @@ public sealed class RmsNormFunction : autograd.SingleTensorFunction<RmsNormFunct
         {
             var saved = ctx.get_saved_variables();
             var (x, rstd) = (saved[0], saved[1]);
-            if (Runtime.Cuda.FusedKernels.Usable(dy, x, args.Weight))
-                dx = Runtime.Cuda.FusedKernels.RmsNormBackward(dy, x, args.Weight, rstd).MoveToOuterDisposeScope();
+            if (FusedKernels.Usable(dy, x, args.Weight))
+                dx = FusedKernels.RmsNormBackward(dy, x, args.Weight, rstd).MoveToOuterDisposeScope();
             else
             {
                 var n = Fp32Copy(x).mul_(rstd);

@@ -1,6 +1,6 @@
 using static TorchSharp.torch;
 
-namespace LoraKit.Models;
+namespace LoraKit.Accelerated;
 
 /// <summary>
 /// What a checkpointed layer keeps from its first (no-grad) forward, so that the replay in backward runs only what
@@ -9,13 +9,13 @@ namespace LoraKit.Models;
 /// <item>Keeping the residual stream after attention (<see cref="Mid"/>, one [tokens, hidden] tensor) lets the replay
 /// skip o_proj's and down_proj's GEMMs, whose outputs only feed residual adds — about a third of a layer's GEMM FLOPs
 /// for one activation of the size the checkpoint already keeps (<see cref="Input"/>).</item>
-/// <item>Optionally (within <see cref="DecoderModel.CheckpointKeepBytes"/>) keeping gate_proj's and up_proj's outputs
+/// <item>Optionally (within <see cref="CheckpointRunner.KeepBytes"/>) keeping gate_proj's and up_proj's outputs
 /// lets it skip those GEMMs too, about half of the FLOPs, at two [tokens, intermediate] tensors per layer.</item>
 /// <item>Beyond that budget, keeping q_proj's, k_proj's and v_proj's outputs (before RoPE) skips their GEMMs, a ninth of
 /// the FLOPs for [tokens, hidden + 2 · kv width].</item>
 /// </list>
 /// The replay then back-propagates the MLP half from Mid and the attention half from the input (see
-/// <see cref="DecoderLayer.Replay"/>); what it still recomputes is the norms, q/k/v, RoPE and attention.
+/// <see cref="LeanLayer.Replay"/>); what it still recomputes is the norms, q/k/v, RoPE and attention.
 /// Input and Mid (and on some layers Gate and Up) may spend the time between forward and backward in host memory
 /// (<see cref="CheckpointOffload"/>).
 /// </summary>

@@ -1,7 +1,7 @@
 using System.Reflection;
 using static TorchSharp.torch;
 
-namespace LoraKit.Models;
+namespace LoraKit.Runtime;
 
 /// <summary>
 /// Keeps TorchSharp's custom autograd functions (TorchSharp 0.107) from holding memory that PyTorch's would not:

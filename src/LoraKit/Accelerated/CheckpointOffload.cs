@@ -1,7 +1,7 @@
 using LoraKit.Runtime.Cuda;
 using static TorchSharp.torch;
 
-namespace LoraKit.Models;
+namespace LoraKit.Accelerated;
 
 /// <summary>
 /// Moves what checkpointed layers keep for backward besides gate/up (each layer's input and mid-layer residual, two
@@ -10,7 +10,7 @@ namespace LoraKit.Models;
 /// engines work in parallel with its SMs), so they cost PCIe time rather than step time as long as a layer's copies take
 /// less than a layer's compute: on Llama-3-8B at 2 × 2048 tokens, 64 MiB per layer, ~2 ms at 30 GB/s, against ~3 ms of
 /// forward and ~6 ms of backward per layer. The step's peak (the start of backward) then holds a few layers' checkpoints
-/// instead of every layer's, 2 GiB less on Llama-3-8B, which <see cref="DecoderModel.CheckpointKeepBytes"/> can spend on
+/// instead of every layer's, 2 GiB less on Llama-3-8B, which <see cref="CheckpointRunner.KeepBytes"/> can spend on
 /// gate/up (each 224 MiB kept saves a replayed GEMM of ~1.4 ms).
 /// <para>
 /// The host buffers live as long as this object: a CUDA graph captured with the copies reads and writes them at every
@@ -30,7 +30,7 @@ public sealed class CheckpointOffload : IDisposable
     /// (the first layers' wait longest for their backward). Gate/up are 2 · intermediate / hidden times (7× on Llama-3-8B)
     /// the bytes of a layer's input and mid-layer residual, so they are spread out for the copy stream to keep up with
     /// the compute: at 55 GB/s (PCIe 5 on an H100) a Llama-3-8B layer's 302 MB take 5.5 ms, a layer's forward ~2.8 ms.
-    /// What leaves costs no device memory, so <see cref="DecoderModel.CheckpointKeepBytes"/> goes further.
+    /// What leaves costs no device memory, so <see cref="CheckpointRunner.KeepBytes"/> goes further.
     /// </summary>
     public int MlpLayers { get; set; }
     /// <summary>Layers between two whose gate/up go to host memory (see <see cref="MlpLayers"/>).</summary>

@@ -1,6 +1,9 @@
+using LoraKit.Models;
+using LoraKit.Runtime;
+using LoraKit.Runtime.Cuda;
 using static TorchSharp.torch;
 
-namespace LoraKit.Models;
+namespace LoraKit.Accelerated;
 
 /// <summary>
 /// Rotary embedding of q and k as one autograd function for training on CUDA bf16: one fused kernel per tensor forward
@@ -25,16 +28,16 @@ public sealed class RopeFunction : autograd.MultiTensorFunction<RopeFunction>
     }
 
     public static bool Fusable(Tensor x, Tensor cos, Tensor sin) =>
-        x.shape[^1] % 16 == 0 && Runtime.Cuda.FusedKernels.Usable(x, cos, sin);
+        x.shape[^1] % 16 == 0 && FusedKernels.Usable(x, cos, sin);
 
     /// <summary>The forward rotation without autograd: the fused kernel where <see cref="Fusable"/>, else TorchSharp ops.</summary>
     public static Tensor Rotate(Tensor x, Tensor cos, Tensor sin) =>
-        Fusable(x, cos, sin) ? Runtime.Cuda.FusedKernels.Rope(x, cos, sin, backward: false) : RotaryEmbedding.Apply(x, cos, sin);
+        Fusable(x, cos, sin) ? FusedKernels.Rope(x, cos, sin, backward: false) : RotaryEmbedding.Apply(x, cos, sin);
 
     static Tensor RotateBack(Tensor dy, Tensor cos, Tensor sin)
     {
         var g = dy.contiguous();
-        if (Fusable(g, cos, sin)) return Runtime.Cuda.FusedKernels.Rope(g, cos, sin, backward: true);
+        if (Fusable(g, cos, sin)) return FusedKernels.Rope(g, cos, sin, backward: true);
         // dx = dy·cos + rotate_halfᵀ(dy·sin), rotate_halfᵀ(z) = [z₂, −z₁]
         long half = g.shape[^1] / 2;
         var ds = g * sin.unsqueeze(2);

@@ -1,0 +1,54 @@
+using LoraKit.Accelerated;
+using LoraKit.Data;
+using LoraKit.Lora;
+using LoraKit.Models;
+using LoraKit.Tokenization;
+using LoraKit.Training;
+using static TorchSharp.torch;
+
+namespace LoraKit.Tests;
+
+/// <summary>
+/// On CUDA, the model with everything <see cref="TrainingAccelerator"/> swaps in (fused modules, the grouped-query
+/// kernel, lean checkpointing, embeddings in host memory, checkpoints offloaded over the copy stream) computes the
+/// reference model's loss and LoRA gradients: in fp32, where the fused functions compute the reference arithmetic.
+/// GPU only; the CPU twin is <see cref="FastTrainingTests"/>.
+/// </summary>
+[Collection(GlobalRng.Name)]
+public class AcceleratedCudaTests
+{
+    [CudaTheory]
+    [InlineData("llama")]
+    [InlineData("qwen3")]
+    public void AcceleratedStepEqualsTheReference(string arch)
+    {
+        using var lm = new LoraModel(CausalLM.Load(Fixtures.Model(arch), ScalarType.Float32, CUDA));
+        lm.AddAdapter("a", new LoraConfig { R = 4, LoraAlpha = 8, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], InitLoraWeights = "false" }, seed: 3);
+        var (samples, _) = JsonlDataset.Load(Fixtures.Path_("training", "data.jsonl"), Tokenizer.Load(Fixtures.Model(arch)), new DataOptions());
+        using var batch = Batches.Collate(samples.Take(3).ToList(), 0, CUDA);
+        lm.Model.train();
+        (double loss, Tensor grads) Step()
+        {
+            var loss = Trainer.LossSum(lm.Model, batch, chunked: true);
+            loss.backward();
+            var grads = cat(lm.Parameters("a").Select(p => p.param.grad!.flatten()).ToArray()).cpu();
+            foreach (var (_, p) in lm.Parameters("a")) p.grad!.zero_();
+            return (loss.item<float>(), grads);
+        }
+        var (wantLoss, want) = Step();
+        var log = TrainingAccelerator.Apply(lm, new TrainingAcceleration
+        {
+            FusedKernels = true, GradientCheckpointing = true, CheckpointKeepBytes = long.MaxValue, EmbeddingsOnHost = "auto", OffloadCheckpoints = "on",
+        });
+        // Fixture models have 2 layers, which the default keeps on the device: every layer's checkpoint and gate/up leave.
+        var offload = TrainingAccelerator.Offload(lm.Model)!;
+        (offload.DeviceLayers, offload.ReleaseLag, offload.PrefetchAhead, offload.MlpLayers, offload.MlpStride) = (0, 1, 1, int.MaxValue, 1);
+        for (int step = 0; step < 2; step++)
+        {
+            var (loss, grads) = Step();
+            Assert.True(Math.Abs(loss - wantLoss) <= 1e-5 * Math.Abs(wantLoss), $"loss {loss} vs {wantLoss} ({string.Join("; ", log)})");
+            Assert.True(Close.RelError(grads, want) <= 1e-4, $"grads {Close.RelError(grads, want):E2} ({string.Join("; ", log)})");
+        }
+        Assert.True(offload.Restored > 0, "no checkpoint was offloaded");
+    }
+}
