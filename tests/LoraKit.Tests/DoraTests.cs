@@ -391,4 +391,26 @@ public class DoraTests
         if (Environment.GetEnvironmentVariable("LORAKIT_WRITE_DORA_FIXTURE") is { Length: > 0 })
             AdapterFiles.Save(lm, "default", Fixtures.Path_("adapters", "llama", "dora_lorakit"), "fixtures/models/llama");
     }
+
+    /// <summary>
+    /// <c>lorakit train --use-dora</c> writes a PEFT DoRA adapter (use_dora true, a magnitude per wrapped layer) that
+    /// loads back as DoRA; a run without the flag keeps its old identity (use_dora is left out when off, so runs written
+    /// before the flag existed still resume).
+    /// </summary>
+    [Fact]
+    public void TrainCommandTrainsADoraAdapterWithUseDora()
+    {
+        var outDir = Path.Combine(Fixtures.TempDir(), "run");
+        var (code, _, err) = CliTests.RunCli("train", "--model", Fixtures.Model("llama"), "--data", Fixtures.Path_("training", "data.jsonl"),
+            "--output", outDir, "--steps", "2", "--batch-size", "2", "--r", "4", "--use-dora", "--lora-dropout", "0", "--target-modules", "q_proj,v_proj");
+        Assert.True(code == 0, err);
+        var adapter = Path.Combine(outDir, "adapter");
+        var config = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(adapter, "adapter_config.json")))!;
+        Assert.True(config["use_dora"]!.GetValue<bool>());
+        using var lm = Base("llama");
+        AdapterFiles.Load(lm, "default", adapter);
+        Assert.Equal(2 * 2, lm.Parameters("default").Count(p => p.key.EndsWith(DoraVariant.Instance.FileSuffixes.Last())));
+        Assert.False(new TrainConfig().Identity().ContainsKey("use_dora"));
+        Assert.True(new TrainConfig { UseDora = true }.Identity()["use_dora"]!.GetValue<bool>());
+    }
 }

@@ -25,6 +25,7 @@ public static class TrainCommand
         ["lora_dropout"] = "dropout on the LoRA input",
         ["target_modules"] = "comma-separated module names, or all-linear",
         ["use_rslora"] = "rank-stabilised scaling alpha/√r",
+        ["use_dora"] = "DoRA (PEFT's use_dora): a trainable magnitude per output row beside the low-rank update; the CUDA fast path declines it (reference path)",
         ["format"] = "auto, text, prompt-completion or chat",
         ["max_length"] = "truncate samples to this many tokens",
         ["packing"] = "pack several samples per row (attention and positions restart at each sample)",

@@ -33,6 +33,8 @@ public sealed class TrainConfig
     public double LoraDropout { get; set; } = 0.05;
     public List<string> TargetModules { get; set; } = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
     public bool UseRslora { get; set; }
+    /// <summary>DoRA (PEFT's <c>use_dora</c>): a trainable magnitude per output row beside the low-rank update.</summary>
+    public bool UseDora { get; set; }
 
     // data
     public string Format { get; set; } = "auto";
@@ -127,6 +129,8 @@ public sealed class TrainConfig
     {
         var o = ToJsonObject();
         foreach (var k in new[] { "output", "device", "kernels", "cuda_graph", "embeddings_on_host", "offload_checkpoints", "offload_mlp_layers", "log_every", "save_every" }) o.Remove(k);
+        // Added after runs were written: left out when off, so those runs keep their identity and still resume.
+        if (!UseDora) o.Remove("use_dora");
         return o;
     }
 

@@ -544,7 +544,7 @@ public sealed class Trainer : IDisposable
     {
         R = c.R, LoraAlpha = c.LoraAlpha, LoraDropout = c.LoraDropout, TargetModules = c.TargetModules.Count == 1 && c.TargetModules[0] == LoraConfig.AllLinear ? null : c.TargetModules,
         TargetRegex = c.TargetModules.Count == 1 && c.TargetModules[0] == LoraConfig.AllLinear ? LoraConfig.AllLinear : null,
-        UseRslora = c.UseRslora, BaseModelNameOrPath = c.Model,
+        UseRslora = c.UseRslora, UseDora = c.UseDora, BaseModelNameOrPath = c.Model,
     };
 
     /// <summary>The --kernels rule: fast when asked, or for auto on CUDA with a bf16/fp16 base.</summary>
