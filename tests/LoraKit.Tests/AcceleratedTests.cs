@@ -62,6 +62,35 @@ public class AcceleratedTests
         Assert.True(lm.Model.training);
     }
 
+    /// <summary>
+    /// Phi-3's fused qkv_proj / gate_up_proj have no fast modules: Apply declines them with a log line, leaves the
+    /// reference modules in place (checkpointing still plugs in), and the model computes what it computed before.
+    /// </summary>
+    [Theory]
+    [InlineData("phi3")]
+    [InlineData("phi4mini")]
+    public void FusedProjectionFamiliesAreDeclinedAndKeepTheReferenceModules(string arch)
+    {
+        using var lm = new LoraModel(CausalLM.Load(Fixtures.Model(arch), ScalarType.Float32, CPU));
+        lm.AddAdapter("a", new LoraConfig { R = 4, LoraAlpha = 8, TargetRegex = LoraConfig.AllLinear, InitLoraWeights = "false" }, seed: 5);
+        using var ids = tensor(new long[] { 1, 5, 9, 3, 7, 2, 8, 4 }).reshape(2, 4);
+        using var want = lm.Model.Logits(ids, null, null).detach();
+
+        var log = TrainingAccelerator.Apply(lm, new TrainingAcceleration { FusedKernels = true, GradientCheckpointing = true });
+
+        Assert.Contains(log, l => l.Contains("declined for Phi3ForCausalLM"));
+        var layer = lm.Model.model.layers[0];
+        Assert.Equal(typeof(Attention), layer.self_attn.GetType());
+        Assert.Equal(typeof(Mlp), layer.mlp.GetType());
+        Assert.Equal(typeof(RmsNorm), layer.input_layernorm.GetType());
+        Assert.IsType<CheckpointRunner>(lm.Model.model.Runner);
+        using var _ = no_grad();
+        using var got = lm.Model.Logits(ids, null, null);
+        Assert.True(Close.RelError(got, want) <= 1e-6, $"{Close.RelError(got, want):E2}");
+        Assert.Throws<ArgumentException>(() => new FastAttention(layer.self_attn, true));
+        Assert.Throws<ArgumentException>(() => new FastMlp(layer.mlp));
+    }
+
     [Fact]
     public void GroupedQueryKernelEqualsRepeatedKvHeads()
     {

@@ -19,7 +19,7 @@ public class CliTests
         return (p.ExitCode, stdout.Result, stderr.Result);
     }
 
-    public static TheoryData<string> Archs => new(Fixtures.Architectures);
+    public static TheoryData<string> Archs => new(Fixtures.Architectures.Concat(FamilyFixtures.Built));
 
     [Theory]
     [MemberData(nameof(Archs))]
@@ -49,6 +49,29 @@ public class CliTests
         Assert.Equal(Fixtures.Ids(g.GetProperty("prompt_ids")), Fixtures.Ids(doc.RootElement.GetProperty("prompt_ids")));
         Assert.Equal(Fixtures.Ids(g.GetProperty("output_ids")), Fixtures.Ids(doc.RootElement.GetProperty("output_ids")));
         Assert.Equal(g.GetProperty("text").GetString(), doc.RootElement.GetProperty("text").GetString());
+    }
+
+    /// <summary>
+    /// Phi-3 through the CLI: generate, then train a few steps with the default targets, which on Phi-3 are its fused
+    /// projections (as PEFT's Phi-3 adapters), and generate with the trained adapter.
+    /// </summary>
+    [Fact]
+    public void Phi3GeneratesAndTrainsWithItsFusedProjections()
+    {
+        var model = Fixtures.Model("phi3");
+        var (code, stdout, stderr) = RunCli("generate", "--model", model, "--prompt", "Hello world", "--max-new-tokens", "5", "--temperature", "0", "--json");
+        Assert.True(code == 0, stderr);
+        using (var doc = JsonDocument.Parse(stdout)) Assert.Equal(5, doc.RootElement.GetProperty("output_ids").GetArrayLength());
+        var output = Path.Combine(Fixtures.TempDir(), "phi3-run");
+        (code, _, stderr) = RunCli("train", "--model", model, "--data", Fixtures.Path_("training", "data.jsonl"), "--output", output,
+            "--steps", "2", "--batch-size", "2", "--seed", "0");
+        Assert.True(code == 0, stderr);
+        using (var cfg = JsonDocument.Parse(File.ReadAllText(Path.Combine(output, "adapter", "adapter_config.json"))))
+            Assert.Equal(["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+                cfg.RootElement.GetProperty("target_modules").EnumerateArray().Select(t => t.GetString()!));
+        (code, stdout, stderr) = RunCli("generate", "--model", model, "--adapter", Path.Combine(output, "adapter"), "--prompt", "Hello world",
+            "--max-new-tokens", "5", "--temperature", "0", "--json");
+        Assert.True(code == 0, stderr);
     }
 
     [Fact]

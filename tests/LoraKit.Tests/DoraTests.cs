@@ -193,7 +193,7 @@ public class DoraTests
         var before = Logits(lm, Sample);
         lm.AddAdapter("fresh", new LoraConfig { R = 4, LoraAlpha = 8, TargetModules = AllLinear, UseDora = true }, seed: 3);
         AssertClose(Logits(lm, Sample), before, "fresh DoRA adapter", 1e-6);
-        var q = (LoraLinear)lm.Model.model.layers[0].self_attn.q_proj;
+        var q = (LoraLinear)lm.Model.model.layers[0].self_attn.q_proj!;
         // B = 0 at init, so m = ‖W‖ per output row.
         AssertClose(q.Adapters["fresh"].Magnitude!, linalg.vector_norm(q.base_layer.weight, 2, [1]), "initial magnitude", 1e-6);
     }

@@ -31,6 +31,7 @@ public class LoraTests
     {
         { "llama", "a" }, { "llama", "b" }, { "llama", "c" }, { "mistral", "a" }, { "qwen2", "a" }, { "qwen3", "a" }, { "qwen3", "regex" },
         { "llama", "a_b_cat" }, { "llama", "a_c_linear" }, { "llama", "a_b_svd" },
+        { "phi3", "a" }, { "phi3", "b" }, { "phi4mini", "a" }, { "phi4mini", "b" },
     };
 
     [Theory]
@@ -77,22 +78,25 @@ public class LoraTests
         Assert.True(lm.Parameters("fresh")[1].param.eq(0).all().item<bool>());
     }
 
-    [Fact]
-    public void MergeInvariantsAndPeftMergedLogits()
+    [Theory]
+    [InlineData("qwen3")]
+    [InlineData("phi3")]
+    [InlineData("phi4mini")]
+    public void MergeInvariantsAndPeftMergedLogits(string arch)
     {
-        using var lm = Base("qwen3");
-        AdapterFiles.Load(lm, "a", Adapter("qwen3", "a"));
-        var withAdapter = Logits(lm, "qwen3", 0);
+        using var lm = Base(arch);
+        AdapterFiles.Load(lm, "a", Adapter(arch, "a"));
+        var withAdapter = Logits(lm, arch, 0);
         var baseWeights = lm.Model.named_parameters().ToDictionary(p => p.name, p => p.parameter.clone());
         lm.Merge("a");
-        var merged = Logits(lm, "qwen3", 0);
+        var merged = Logits(lm, arch, 0);
         AssertClose(merged, withAdapter, "merged vs adapter");
-        AssertClose(merged, Ref("qwen3", "merged_a_0"), "merged vs PEFT merge_and_unload");
-        Assert.True(Close.RelError(merged, Ref("qwen3", "base_0")) > 1e-3, "merged must differ from base");
+        AssertClose(merged, Ref(arch, "merged_a_0"), "merged vs PEFT merge_and_unload");
+        Assert.True(Close.RelError(merged, Ref(arch, "base_0")) > 1e-3, "merged must differ from base");
         lm.UnmergeAll();
         foreach (var (name, p) in lm.Model.named_parameters())
             Assert.True(Close.RelError(p, baseWeights[name]) <= 1e-6, $"{name} not restored by unmerge");
-        AssertClose(Logits(lm, "qwen3", 0), withAdapter, "unmerged then re-applied");
+        AssertClose(Logits(lm, arch, 0), withAdapter, "unmerged then re-applied");
     }
 
     [Fact]

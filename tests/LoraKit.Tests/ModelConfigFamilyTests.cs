@@ -7,7 +7,7 @@ namespace LoraKit.Tests;
 /// <summary>
 /// Phi-3 / Phi-4-mini, Gemma 2 and Gemma 3 configs (as the Hub serves them, and as transformers 5 writes them) parse into
 /// the architecture-as-data fields with each configuration class's defaults, and every setting LoraKit would compute
-/// differently is refused by name. Until their modules exist the architectures are refused for loading.
+/// differently is refused by name. Until their modules exist the architectures are refused for loading (Phi-3's exist).
 /// </summary>
 public class ModelConfigFamilyTests
 {
@@ -18,8 +18,6 @@ public class ModelConfigFamilyTests
     static string Refused(JsonObject c) => Assert.Throws<ModelConfigException>(() => Described(c)).Message;
 
     [Theory]
-    [InlineData("phi3-mini")]
-    [InlineData("phi4-mini")]
     [InlineData("gemma2-2b")]
     [InlineData("gemma3-1b")]
     public void DescribedArchitecturesAreRefusedForLoadingUntilTheirModulesExist(string name)
@@ -31,6 +29,17 @@ public class ModelConfigFamilyTests
         File.WriteAllText(Path.Combine(dir, "config.json"), c.ToJsonString());
         Assert.Contains("unsupported architecture", Assert.Throws<ModelConfigException>(() => CausalLM.Load(dir, ScalarType.Float32, CPU)).Message);
         Assert.NotNull(Described(c)); // the description itself is valid
+    }
+
+    [Theory]
+    [InlineData("phi3-mini")]
+    [InlineData("phi4-mini")]
+    public void BuiltFamiliesLoadAsSupported(string name)
+    {
+        var c = FamilyConfigs.Parse(FamilyConfigs.Hub[name]);
+        Assert.Equal("Phi3ForCausalLM", ModelConfig.Parse(c).Architecture);
+        Assert.Contains("Phi3ForCausalLM", ModelConfig.SupportedArchitectures);
+        Assert.DoesNotContain("Phi3ForCausalLM", ModelConfig.DescribedArchitectures);
     }
 
     [Fact]
@@ -274,7 +283,8 @@ public class ModelConfigFamilyTests
         Assert.Equal(new LinearRopeScaling(4), gemma3.Rope[ModelConfig.FullAttention].Scaling);
         Assert.Equal(10_000, gemma3.Rope[ModelConfig.SlidingAttention].Theta);
         Assert.True(gemma3.QkNorm && gemma3.PostNorms && gemma3.Norm == NormKind.OnePlusWeight);
-        foreach (var arch in FamilyFixtures.Architectures) // still refused for loading until wave 2's modules land
+        foreach (var arch in FamilyFixtures.Architectures.Except(FamilyFixtures.Built)) // refused for loading until their modules land
             Assert.Throws<ModelConfigException>(() => ModelConfig.Load(Fixtures.Model(arch)));
+        foreach (var arch in FamilyFixtures.Built) Assert.Equal(FamilyFixtures.Config(arch).Architecture, ModelConfig.Load(Fixtures.Model(arch)).Architecture);
     }
 }

@@ -6,7 +6,9 @@ namespace LoraKit.Tests;
 /// <summary>Logits and losses of every architecture against transformers (fp32, CPU).</summary>
 public class ModelParityTests
 {
-    public static TheoryData<string> Archs => new(Fixtures.Architectures);
+    public static TheoryData<string> Archs => new(Fixtures.Architectures.Concat(FamilyFixtures.Built));
+
+    public static TheoryData<string> Families => new(FamilyFixtures.Built);
 
     [Theory]
     [MemberData(nameof(Archs))]
@@ -31,4 +33,38 @@ public class ModelParityTests
         }
         Assert.Equal(3, i);
     }
+
+    /// <summary>
+    /// Left-padded batches with transformers' attention mask and position ids: the logits of the real positions match
+    /// (padding rows' values are meaningless). Phi-4-mini's first batch mixes a short row with one past
+    /// original_max_position_embeddings, so the whole batch uses LongRoPE's long factors, as transformers decides.
+    /// </summary>
+    [Theory]
+    [MemberData(nameof(Families))]
+    public void Fp32PaddedBatchesMatchTransformersUnderTheMask(string arch)
+    {
+        using var model = CausalLM.Load(Fixtures.Model(arch), ScalarType.Float32, CPU);
+        int j = 0;
+        foreach (var batch in Fixtures.Json("reference", arch + ".json").GetProperty("batches").EnumerateArray())
+        {
+            using var scope = NewDisposeScope();
+            using var _ = no_grad();
+            var ids = Rows(batch.GetProperty("input_ids"));
+            var mask = Rows(batch.GetProperty("attention_mask"));
+            var positions = Rows(batch.GetProperty("position_ids"));
+            var logits = model.Logits(ids, mask, null, positions);
+            var expected = Fixtures.ReferenceTensor(arch, $"batch_{j}");
+            var real = mask.to(ScalarType.Bool);
+            double rel = Close.RelError(logits[real], expected[real]);
+            Assert.True(rel <= 1e-4, $"{arch} batch {j}: logits relative error {rel:E2} > 1e-4");
+            // The positions LoraKit derives from the mask itself are transformers' too.
+            double own = Close.RelError(model.Logits(ids, mask, null)[real], expected[real]);
+            Assert.True(own <= 1e-4, $"{arch} batch {j} (positions from the mask): relative error {own:E2} > 1e-4");
+            j++;
+        }
+        Assert.Equal(2, j);
+    }
+
+    static Tensor Rows(System.Text.Json.JsonElement rows) =>
+        stack(rows.EnumerateArray().Select(r => tensor(Fixtures.Ids(r))).ToArray());
 }

@@ -48,27 +48,30 @@ public class TrainingTests
             Assert.True(tol == 0 ? x[k].eq(y[k]).all().item<bool>() : Close.RelError(x[k], y[k]) <= tol, $"{k} differs ({Close.RelError(x[k], y[k]):E2})");
     }
 
-    [Fact]
-    public void ReproducesPeftAdamWTrajectory()
+    [Theory]
+    [InlineData("llama")]
+    [InlineData("phi3")]
+    [InlineData("phi4mini")]
+    public void ReproducesPeftAdamWTrajectory(string arch)
     {
         // The exact command the issue specifies, on the fixture made with PEFT + torch.optim.AdamW.
         var output = Path.Combine(Fixtures.TempDir(), "peft-trajectory");
-        var (code, _, stderr) = CliTests.RunCli("train", "--model", Fixtures.Model("llama"), "--data", TrainingData, "--output", output,
-            "--init-adapter", Fixtures.Path_("adapters", "llama", "a"), "--lr", "1e-3", "--batch-size", "2", "--steps", "3",
+        var (code, _, stderr) = CliTests.RunCli("train", "--model", Fixtures.Model(arch), "--data", TrainingData, "--output", output,
+            "--init-adapter", Fixtures.Path_("adapters", arch, "a"), "--lr", "1e-3", "--batch-size", "2", "--steps", "3",
             "--schedule", "constant", "--warmup-steps", "0", "--weight-decay", "0", "--max-grad-norm", "0", "--no-shuffle", "--no-eos",
             "--train-on-all-tokens", "--seed", "0");
         Assert.True(code == 0, stderr);
-        var expected = Fixtures.Json("training", "llama_trajectory.json").GetProperty("losses").EnumerateArray().Select(x => x.GetDouble()).ToArray();
+        var expected = Fixtures.Json("training", arch + "_trajectory.json").GetProperty("losses").EnumerateArray().Select(x => x.GetDouble()).ToArray();
         var losses = File.ReadLines(Path.Combine(output, "metrics.jsonl")).Select(l => JsonNode.Parse(l)!).Where(n => n["loss"] != null)
             .Select(n => n["loss"]!.GetValue<double>()).ToArray();
         Assert.Equal(expected.Length, losses.Length);
         for (int i = 0; i < expected.Length; i++) Assert.True(Math.Abs(losses[i] - expected[i]) <= 1e-4, $"step {i + 1}: {losses[i]} vs PEFT {expected[i]}");
-        using var peftFinal = SafetensorsFile.Open(Fixtures.Path_("training", "llama_trajectory_final.safetensors"));
+        using var peftFinal = SafetensorsFile.Open(Fixtures.Path_("training", arch + "_trajectory_final.safetensors"));
         var mine = Adapter(Path.Combine(output, "adapter"));
         foreach (var (key, t) in mine)
         {
             var peftKey = key.Replace(".lora_A.weight", ".lora_A.default.weight").Replace(".lora_B.weight", ".lora_B.default.weight");
-            Assert.True(Close.RelError(t, peftFinal.Read(peftKey)) <= 1e-4, key);
+            Assert.True(Close.RelError(t, peftFinal.Read(peftKey)) <= 1e-4, $"{arch} {key}");
         }
     }
 

@@ -28,6 +28,8 @@ public sealed class FastAttention : Attention
     /// <summary>Shares <paramref name="reference"/>'s submodules; starts in its training mode.</summary>
     public FastAttention(Attention reference, bool fused) : base(reference)
     {
+        if (q_proj is null || k_proj is null || v_proj is null)
+            throw new ArgumentException("the fast attention needs separate q/k/v projections (see TrainingAccelerator.Declines)", nameof(reference));
         Fused = fused;
         train(reference.training);
     }
@@ -49,7 +51,7 @@ public sealed class FastAttention : Attention
 
     protected override Tensor[] ProjectQkv(Tensor x)
     {
-        var qkv = FusedNow ? LoraProjection.ApplyShared(x, [q_proj, k_proj, v_proj], Replaying ? _stash!.Qkv : null) : null;
+        var qkv = FusedNow ? LoraProjection.ApplyShared(x, [q_proj!, k_proj!, v_proj!], Replaying ? _stash!.Qkv : null) : null;
         qkv ??= base.ProjectQkv(x);
         if (_stash is { Replaying: false, KeepQkv: true }) _stash.KeepQkvOutputs(qkv);
         return qkv;

@@ -15,7 +15,15 @@ namespace LoraKit.Accelerated;
 public sealed class FastMlp : Mlp
 {
     /// <summary>Shares <paramref name="reference"/>'s projections; starts in its training mode.</summary>
-    public FastMlp(Mlp reference) : base(reference) => train(reference.training);
+    public FastMlp(Mlp reference) : base(reference)
+    {
+        if (gate_proj is null || up_proj is null)
+            throw new ArgumentException("the fast MLP needs separate gate/up projections (see TrainingAccelerator.Declines)", nameof(reference));
+        train(reference.training);
+    }
+
+    nn.Module<Tensor, Tensor> Gate => gate_proj!;
+    nn.Module<Tensor, Tensor> Up => up_proj!;
 
     public override Tensor forward(Tensor x) => training ? Forward(x, null) : base.forward(x);
 
@@ -24,9 +32,9 @@ public sealed class FastMlp : Mlp
     {
         using var scope = NewDisposeScope();
         bool replay = stash is { Replaying: true };
-        var pair = training ? LoraProjection.ApplyShared(x, [gate_proj, up_proj], replay ? [stash!.Gate, stash.Up] : null) : null;
-        var gate = pair?[0] ?? (replay && stash!.Gate is { } g ? LoraProjection.Replay(gate_proj, x, g) : gate_proj.forward(x));
-        var up = pair?[1] ?? (replay && stash!.Up is { } u ? LoraProjection.Replay(up_proj, x, u) : up_proj.forward(x));
+        var pair = training ? LoraProjection.ApplyShared(x, [Gate, Up], replay ? [stash!.Gate, stash.Up] : null) : null;
+        var gate = pair?[0] ?? (replay && stash!.Gate is { } g ? LoraProjection.Replay(Gate, x, g) : Gate.forward(x));
+        var up = pair?[1] ?? (replay && stash!.Up is { } u ? LoraProjection.Replay(Up, x, u) : Up.forward(x));
         if (stash is { Replaying: false, KeepMlp: true }) stash.KeepMlpOutputs(gate, up);
         if (training && is_grad_enabled() && LoraProjection.TryResolve(down_proj, out var down, out var lora))
             return SwiGluDown.Apply(gate, up, down, lora, outputUnused: replay).MoveToOuterDisposeScope();

@@ -23,7 +23,7 @@ public static class LeanLayer
         layer.GetType() == typeof(DecoderLayer) && layer.training &&
         layer.self_attn is FastAttention { Fused: true } attn && layer.mlp is FastMlp mlp &&
         new[] { attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj }
-            .All(p => LoraProjection.TryResolve(p, out _, out _));
+            .All(p => p is not null && LoraProjection.TryResolve(p, out _, out _));
 
     /// <summary>The layer's forward (no grad: a checkpoint's first pass), keeping the mid-layer residual and what else the stash asks for.</summary>
     public static Tensor Forward(DecoderLayer layer, Tensor x, Tensor cos, Tensor sin, Tensor? mask, int index, LayerStash stash)

@@ -36,7 +36,8 @@ public sealed record TrainingAcceleration
 /// <para>
 /// The fast modules implement the Llama-family block (SwiGLU MLP, plain RMSNorm, pre-norm residuals: see
 /// <see cref="LeanLayer"/>, <see cref="FastMlp"/>, <see cref="FusedRmsNorm"/>). A family whose modules compute something
-/// else must be declined here (its reference modules then run as they are) until its fast path exists.
+/// else must be declined here (its reference modules then run as they are) until its fast path exists: see
+/// <see cref="Declines"/>.
 /// </para>
 /// </summary>
 public static class TrainingAccelerator
@@ -56,16 +57,32 @@ public static class TrainingAccelerator
     public static List<string> Apply(CausalLM model, TrainingAcceleration o)
     {
         var trunk = model.model;
-        foreach (var layer in trunk.layers) SwapLayer(layer, o.FusedKernels);
-        trunk.ReplaceChild(nameof(trunk.norm), Norm(trunk.norm, o.FusedKernels), keepPlace: true);
+        var log = new List<string>();
+        if (Declines(model.Config) is { } why)
+        {
+            // The reference modules stay; checkpointing (plain replay) and the memory placements work on any block.
+            if (o.FusedKernels) log.Add($"fast layer modules: declined for {model.Config.Architecture} ({why}); its layers run the reference modules");
+        }
+        else
+        {
+            foreach (var layer in trunk.layers) SwapLayer(layer, o.FusedKernels);
+            trunk.ReplaceChild(nameof(trunk.norm), Norm(trunk.norm, o.FusedKernels), keepPlace: true);
+        }
         trunk.Runner = o.GradientCheckpointing
             ? new CheckpointRunner { KeepBytes = o.CheckpointKeepBytes, Rng = o.Rng }
             : PlainLayerRunner.Instance;
-        var log = new List<string>();
         if (PlaceEmbeddings(model, o.EmbeddingsOnHost, o.GradientCheckpointing) is { } placed) log.Add(placed);
         if (PlaceCheckpoints(model, o.OffloadCheckpoints, o.GradientCheckpointing, o.OffloadMlpLayers) is { } offloaded) log.Add(offloaded);
         return log;
     }
+
+    /// <summary>
+    /// Why the fast layer modules do not apply to a family (null: they do). They implement the Llama-family block with
+    /// separate q/k/v and gate/up projections; Phi-3's fused qkv_proj and gate_up_proj are declined until a fast path
+    /// for them exists.
+    /// </summary>
+    public static string? Declines(ModelConfig c) =>
+        c.FusedQkv || c.FusedGateUp ? "fused qkv_proj / gate_up_proj projections have no fast path yet" : null;
 
     /// <summary>Whether the model's input embedding lives in host memory (<see cref="HostEmbedding"/>).</summary>
     public static bool EmbeddingsOnHost(CausalLM model) => model.model.embed_tokens is HostEmbedding;

@@ -26,6 +26,8 @@ public sealed class SequenceState(int[] promptIds, SamplingOptions options, Toke
     public bool Finished { get; private set; }
     public FinishReason FinishReason { get; private set; } = FinishReason.Length;
     public int LastToken => _output[^1];
+    /// <summary>The prompt and the tokens generated so far.</summary>
+    public int[] Ids => [.. promptIds, .. _output];
 
     /// <summary>Samples the next token from last-position logits, records it and reports whether decoding is over.</summary>
     public bool Step(Tensor logits) => Accept(_sampler.Next(logits));

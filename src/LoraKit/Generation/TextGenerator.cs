@@ -27,17 +27,27 @@ public sealed class TextGenerator(CausalLM model, Tokenizer tokenizer)
         int context = model.Config.MaxPositionEmbeddings;
         SequenceState.CheckPromptFits(promptIds.Length, context);
         var seq = new SequenceState(promptIds, options, tokenizer, onText, context);
-        using var cache = new KvCache(model.Config.NumHiddenLayers);
+        var cache = new KvCache(model.Config.NumHiddenLayers);
         using var _ = no_grad();
-        int[] step = promptIds;
-        while (options.MaxNewTokens > 0)
+        try
         {
-            using var scope = NewDisposeScope();
-            var ids = tensor(step.Select(x => (long)x).ToArray(), device: model.Device).unsqueeze(0);
-            var logits = model.Logits(ids, null, cache);
-            if (seq.Step(logits[0, -1])) break;
-            step = [seq.LastToken];
+            int[] step = promptIds;
+            while (options.MaxNewTokens > 0)
+            {
+                using var scope = NewDisposeScope();
+                if (LongRopeRecompute.Due(model.Config, cache.Length, cache.Length + step.Length))
+                {
+                    cache.Dispose();
+                    cache = new KvCache(model.Config.NumHiddenLayers);
+                    step = seq.Ids;
+                }
+                var ids = tensor(step.Select(x => (long)x).ToArray(), device: model.Device).unsqueeze(0);
+                var logits = model.Logits(ids, null, cache);
+                if (seq.Step(logits[0, -1])) break;
+                step = [seq.LastToken];
+            }
         }
+        finally { cache.Dispose(); }
         return seq.Result();
     }
 }

@@ -45,6 +45,13 @@ public sealed class LoraModel : IDisposable
     /// <summary>Module paths of the base model's linear layers that LoRA can wrap (every Linear but the LM head).</summary>
     public IReadOnlyList<string> LinearKeys() => _linearKeys;
 
+    /// <summary>
+    /// The distinct names of the wrappable linear layers in model order (PEFT's all-linear as module names):
+    /// q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj on the Llama family; qkv_proj, o_proj,
+    /// gate_up_proj, down_proj on Phi-3.
+    /// </summary>
+    public IReadOnlyList<string> ProjectionNames() => _linearKeys.Select(k => k[(k.LastIndexOf('.') + 1)..]).Distinct().ToList();
+
     /// <summary>PEFT expands "all-linear" into the explicit list of module paths; so do we (and so does the saved config).</summary>
     public LoraConfig Resolve(LoraConfig config) =>
         config.TargetRegex == LoraConfig.AllLinear ? config with { TargetRegex = null, TargetModules = LinearKeys() } : config;

@@ -6,8 +6,10 @@ namespace LoraKit.Models;
 
 /// <summary>
 /// Grouped-query self-attention with RoPE, optional q/k/v biases (Qwen2), optional per-head q/k RMSNorm (Qwen3)
-/// and an optional KV cache. Attention itself is PyTorch's scaled_dot_product_attention over k/v heads repeated for
-/// their query-head groups, as transformers' eager path computes it.
+/// and an optional KV cache. q, k and v come from three projections, or from one fused qkv_proj (Phi-3,
+/// <see cref="ModelConfig.FusedQkv"/>) whose output is split as transformers splits it. Attention itself is PyTorch's
+/// scaled_dot_product_attention over k/v heads repeated for their query-head groups, as transformers' eager path
+/// computes it.
 /// <para>
 /// The forward is four steps (project, rotate, attend, project out), each a protected virtual method, so that a faster
 /// implementation can replace one step from outside while this class stays the reference.
@@ -15,7 +17,11 @@ namespace LoraKit.Models;
 /// </summary>
 public class Attention : ContainerModule
 {
-    public nn.Module<Tensor, Tensor> q_proj, k_proj, v_proj, o_proj;
+    /// <summary>The separate projections; null when <see cref="qkv_proj"/> holds all three.</summary>
+    public nn.Module<Tensor, Tensor>? q_proj, k_proj, v_proj;
+    /// <summary>Phi-3: one projection whose output rows are q, then k, then v (null for the other families).</summary>
+    public nn.Module<Tensor, Tensor>? qkv_proj;
+    public nn.Module<Tensor, Tensor> o_proj;
     public RmsNorm? q_norm, k_norm;
 
     /// <summary>Query heads, key/value heads, and the width of one head.</summary>
@@ -26,9 +32,13 @@ public class Attention : ContainerModule
     public Attention(string name, WeightSource w, ModelConfig c) : base("Attention")
     {
         Heads = c.NumAttentionHeads; KvHeads = c.NumKeyValueHeads; HeadDim = c.HeadDim;
-        q_proj = new Linear(name + ".q_proj", w, c.HiddenSize, Heads * HeadDim, c.QkvBias);
-        k_proj = new Linear(name + ".k_proj", w, c.HiddenSize, KvHeads * HeadDim, c.QkvBias);
-        v_proj = new Linear(name + ".v_proj", w, c.HiddenSize, KvHeads * HeadDim, c.QkvBias);
+        if (c.FusedQkv) qkv_proj = new Linear(name + ".qkv_proj", w, c.HiddenSize, (Heads + 2 * KvHeads) * HeadDim, c.QkvBias);
+        else
+        {
+            q_proj = new Linear(name + ".q_proj", w, c.HiddenSize, Heads * HeadDim, c.QkvBias);
+            k_proj = new Linear(name + ".k_proj", w, c.HiddenSize, KvHeads * HeadDim, c.QkvBias);
+            v_proj = new Linear(name + ".v_proj", w, c.HiddenSize, KvHeads * HeadDim, c.QkvBias);
+        }
         o_proj = new Linear(name + ".o_proj", w, Heads * HeadDim, c.HiddenSize, c.OProjBias);
         if (c.QkNorm)
         {
@@ -42,7 +52,8 @@ public class Attention : ContainerModule
     public Attention(Attention other) : base("Attention")
     {
         (Heads, KvHeads, HeadDim) = (other.Heads, other.KvHeads, other.HeadDim);
-        (q_proj, k_proj, v_proj, o_proj, q_norm, k_norm) = (other.q_proj, other.k_proj, other.v_proj, other.o_proj, other.q_norm, other.k_norm);
+        (q_proj, k_proj, v_proj, qkv_proj, o_proj) = (other.q_proj, other.k_proj, other.v_proj, other.qkv_proj, other.o_proj);
+        (q_norm, k_norm) = (other.q_norm, other.k_norm);
         RegisterChildrenOf(other);
     }
 
@@ -72,8 +83,13 @@ public class Attention : ContainerModule
         return ProjectOut(merged).MoveToOuterDisposeScope();
     }
 
-    /// <summary>q, k and v projections of <paramref name="x"/>, each [B, T, heads·D].</summary>
-    protected virtual Tensor[] ProjectQkv(Tensor x) => [q_proj.forward(x), k_proj.forward(x), v_proj.forward(x)];
+    /// <summary>q, k and v projections of <paramref name="x"/>, each [B, T, heads·D] (views of qkv_proj's output when fused).</summary>
+    protected virtual Tensor[] ProjectQkv(Tensor x)
+    {
+        if (qkv_proj is null) return [q_proj!.forward(x), k_proj!.forward(x), v_proj!.forward(x)];
+        var (q, k, v) = FamilyOps.SplitQkv(qkv_proj.forward(x), Heads, KvHeads, HeadDim);
+        return [q, k, v];
+    }
 
     /// <summary>RoPE on q [B, T, H, D] and k [B, T, kvH, D].</summary>
     protected virtual (Tensor q, Tensor k) Rotate(Tensor q, Tensor k, Tensor cos, Tensor sin) =>

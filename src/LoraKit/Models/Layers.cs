@@ -94,15 +94,26 @@ public class Embedding : nn.Module<Tensor, Tensor>
     }
 }
 
-/// <summary>SwiGLU feed-forward: down(silu(gate(x)) · up(x)).</summary>
+/// <summary>
+/// SwiGLU feed-forward: down(silu(gate(x)) · up(x)); gate and up come from two projections, or from one fused
+/// gate_up_proj (Phi-3, <see cref="ModelConfig.FusedGateUp"/>) whose output is split in half, gate first.
+/// </summary>
 public class Mlp : ContainerModule
 {
-    public nn.Module<Tensor, Tensor> gate_proj, up_proj, down_proj;
+    /// <summary>The separate projections; null when <see cref="gate_up_proj"/> holds both.</summary>
+    public nn.Module<Tensor, Tensor>? gate_proj, up_proj;
+    /// <summary>Phi-3: one projection whose output rows are gate, then up (null for the other families).</summary>
+    public nn.Module<Tensor, Tensor>? gate_up_proj;
+    public nn.Module<Tensor, Tensor> down_proj;
 
     public Mlp(string name, WeightSource w, ModelConfig c) : base("Mlp")
     {
-        gate_proj = new Linear(name + ".gate_proj", w, c.HiddenSize, c.IntermediateSize, c.MlpBias);
-        up_proj = new Linear(name + ".up_proj", w, c.HiddenSize, c.IntermediateSize, c.MlpBias);
+        if (c.FusedGateUp) gate_up_proj = new Linear(name + ".gate_up_proj", w, c.HiddenSize, 2L * c.IntermediateSize, c.MlpBias);
+        else
+        {
+            gate_proj = new Linear(name + ".gate_proj", w, c.HiddenSize, c.IntermediateSize, c.MlpBias);
+            up_proj = new Linear(name + ".up_proj", w, c.HiddenSize, c.IntermediateSize, c.MlpBias);
+        }
         down_proj = new Linear(name + ".down_proj", w, c.IntermediateSize, c.HiddenSize, c.MlpBias);
         RegisterComponents();
     }
@@ -110,15 +121,14 @@ public class Mlp : ContainerModule
     /// <summary>A module over <paramref name="other"/>'s projections (shared, not copied), for a subclass swapped in after build.</summary>
     public Mlp(Mlp other) : base("Mlp")
     {
-        (gate_proj, up_proj, down_proj) = (other.gate_proj, other.up_proj, other.down_proj);
+        (gate_proj, up_proj, gate_up_proj, down_proj) = (other.gate_proj, other.up_proj, other.gate_up_proj, other.down_proj);
         RegisterChildrenOf(other);
     }
 
     public override Tensor forward(Tensor x)
     {
         using var scope = NewDisposeScope();
-        var gate = gate_proj.forward(x);
-        var up = up_proj.forward(x);
+        var (gate, up) = gate_up_proj is null ? (gate_proj!.forward(x), up_proj!.forward(x)) : FamilyOps.SplitGateUp(gate_up_proj.forward(x));
         return down_proj.forward(nn.functional.silu(gate) * up).MoveToOuterDisposeScope();
     }
 }

@@ -97,7 +97,7 @@ public sealed class InferenceEngine : IDisposable
                 PeakBatch = Math.Max(PeakBatch, rows.Count);
                 try
                 {
-                    DecodeStep(rows, cache!, ref mask);
+                    DecodeStep(rows, ref cache, ref mask);
                     Retire(rows, ref cache, ref mask);
                 }
                 catch (Exception e) when (e is not OperationCanceledException)
@@ -180,11 +180,29 @@ public sealed class InferenceEngine : IDisposable
         rows.Add(new Row(g, state));
     }
 
-    void DecodeStep(List<Row> rows, KvCache cache, ref Tensor? mask)
+    void DecodeStep(List<Row> rows, ref KvCache? cache, ref Tensor? mask)
     {
         using var scope = NewDisposeScope();
-        var ids = tensor(rows.Select(r => (long)r.State.LastToken).ToArray(), device: _lm.Model.Device).unsqueeze(1);
-        var full = cat([mask!, ones(rows.Count, 1, ScalarType.Int64, mask!.device)], 1);
+        Tensor ids, full;
+        long longest = mask!.sum([1]).max().item<long>(); // real positions cached in the longest row
+        if (LongRopeRecompute.Due(_lm.Model.Config, longest, longest + 1))
+        {
+            // Phi-3 LongRoPE switches to the long factors at this step: every row's whole sequence again, left-padded,
+            // on a fresh cache (as TextGenerator and transformers' Phi3ForCausalLM do).
+            var seqs = rows.Select(r => r.State.Ids).ToList();
+            int s = seqs.Max(x => x.Length);
+            ids = tensor(seqs.SelectMany(x => Enumerable.Repeat(0L, s - x.Length).Concat(x.Select(v => (long)v))).ToArray(),
+                device: _lm.Model.Device).reshape(rows.Count, s);
+            full = tensor(seqs.SelectMany(x => Enumerable.Repeat(0L, s - x.Length).Concat(Enumerable.Repeat(1L, x.Length))).ToArray(),
+                device: _lm.Model.Device).reshape(rows.Count, s);
+            cache!.Dispose();
+            cache = new KvCache(_lm.Model.Config.NumHiddenLayers);
+        }
+        else
+        {
+            ids = tensor(rows.Select(r => (long)r.State.LastToken).ToArray(), device: _lm.Model.Device).unsqueeze(1);
+            full = cat([mask, ones(rows.Count, 1, ScalarType.Int64, mask.device)], 1);
+        }
         _lm.SetRowAdapters(rows.Select(r => r.Request.Adapter).ToArray());
         var last = _lm.Model.Logits(ids, full, cache)[.., -1];
         // One device→host copy for every greedy row's token instead of a synchronisation per row.

@@ -31,7 +31,15 @@ public sealed class TrainConfig
     public int R { get; set; } = 8;
     public double LoraAlpha { get; set; } = 16;
     public double LoraDropout { get; set; } = 0.05;
-    public List<string> TargetModules { get; set; } = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+    /// <summary>
+    /// Module names (or all-linear). The default, <see cref="DefaultTargetModules"/>, names every projection of a
+    /// Llama-family block; on a model whose blocks name them otherwise (Phi-3's qkv_proj and gate_up_proj) it means that
+    /// model's projections (<see cref="Lora.LoraModel.ProjectionNames"/>), as PEFT's Phi-3 adapters target them.
+    /// </summary>
+    public List<string> TargetModules { get; set; } = [.. DefaultTargetModules];
+
+    /// <summary>The default <see cref="TargetModules"/>: every linear layer of a Llama-family block.</summary>
+    public static readonly IReadOnlyList<string> DefaultTargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
     public bool UseRslora { get; set; }
     /// <summary>DoRA (PEFT's <c>use_dora</c>): a trainable magnitude per output row beside the low-rank update.</summary>
     public bool UseDora { get; set; }

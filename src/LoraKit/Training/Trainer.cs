@@ -114,7 +114,7 @@ public sealed class Trainer : IDisposable
         if (summary.Format == DataFormat.Classification) throw new ArgumentException("the in-memory trainer trains language modelling (text, prompt/completion, chat); classification runs through Trainer.Run");
         if (c.Packing) train = Batches.Pack(train, c.MaxLength);
         _name = adapterName;
-        Init(c, model, tokenizer, train, null, lora ?? LoraConfigFor(c), SilentLog.Instance, model.Model.Device, model.Model.DType);
+        Init(c, model, tokenizer, train, null, lora ?? LoraConfigFor(c, model), SilentLog.Instance, model.Model.Device, model.Model.DType);
         model.SetDisabled(false);
         model.SetActive(adapterName);
     }
@@ -247,7 +247,7 @@ public sealed class Trainer : IDisposable
         if (c.Method == "lora")
         {
             if (c.InitAdapter is string init) AdapterFiles.Load(lm, _name, init);
-            else lm.AddAdapter(_name, fresh ?? LoraConfigFor(c), c.Seed);
+            else lm.AddAdapter(_name, fresh ?? LoraConfigFor(c, lm), c.Seed);
             trainable = lm.Parameters(_name);
         }
         else
@@ -540,9 +540,15 @@ public sealed class Trainer : IDisposable
         _ => throw new ArgumentException($"unknown data format '{f}' (auto, text, prompt-completion, chat)"),
     };
 
-    public static LoraConfig LoraConfigFor(TrainConfig c) => new()
+    /// <summary>
+    /// The fresh adapter a run trains. With <paramref name="lm"/>, the default targets become that model's projection
+    /// names (the same seven on the Llama family; qkv_proj, o_proj, gate_up_proj, down_proj on Phi-3).
+    /// </summary>
+    public static LoraConfig LoraConfigFor(TrainConfig c, LoraModel? lm = null) => new()
     {
-        R = c.R, LoraAlpha = c.LoraAlpha, LoraDropout = c.LoraDropout, TargetModules = c.TargetModules.Count == 1 && c.TargetModules[0] == LoraConfig.AllLinear ? null : c.TargetModules,
+        R = c.R, LoraAlpha = c.LoraAlpha, LoraDropout = c.LoraDropout,
+        TargetModules = c.TargetModules.Count == 1 && c.TargetModules[0] == LoraConfig.AllLinear ? null
+            : lm is not null && c.TargetModules.SequenceEqual(TrainConfig.DefaultTargetModules) ? [.. lm.ProjectionNames()] : c.TargetModules,
         TargetRegex = c.TargetModules.Count == 1 && c.TargetModules[0] == LoraConfig.AllLinear ? LoraConfig.AllLinear : null,
         UseRslora = c.UseRslora, UseDora = c.UseDora, BaseModelNameOrPath = c.Model,
     };
