@@ -84,6 +84,7 @@ public class FastTrainingTests
     /// </summary>
     [Theory]
     [InlineData("gemma2")]
+    [InlineData("gemma3")]
     public void DeclinedFamiliesTrainOnTheReferenceModules(string arch)
     {
         using var lm = new LoraModel(CausalLM.Load(Fixtures.Model(arch), ScalarType.Float32, CPU));

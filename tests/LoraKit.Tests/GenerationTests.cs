@@ -110,6 +110,7 @@ public class GenerationTests
     [Theory]
     [InlineData("mistral")] // sliding window 24
     [InlineData("gemma2")]  // sliding window 24 on layers 0 and 2, soft-capped eager attention
+    [InlineData("gemma3")]  // sliding window 16 on layers 0, 1 and 3, their own RoPE base
     public void KvCacheStepsEqualOneFullForward(string arch)
     {
         using var model = CausalLM.Load(Fixtures.Model(arch), ScalarType.Float32, CPU);

@@ -41,6 +41,7 @@ public class ModelParityTests
     /// </summary>
     [Theory]
     [InlineData("gemma2")]
+    [InlineData("gemma3")]
     public void Bf16LogitsMatchTransformers(string arch)
     {
         using var model = CausalLM.Load(Fixtures.Model(arch), ScalarType.BFloat16, CPU);

@@ -35,6 +35,7 @@ public class InferenceEngineTests
     [Theory]
     [InlineData("qwen3", "regex")]
     [InlineData("gemma2", "b")] // sliding windows and soft-capped attention under left padding and a growing cache
+    [InlineData("gemma3", "b")] // per-layer-type RoPE, q/k norms
     public async Task MixedAdapterBatchEqualsEachRequestAlone(string arch, string other)
     {
         var dir = Fixtures.Model(arch);

@@ -53,6 +53,7 @@ public class TrainingTests
     [InlineData("phi3")]
     [InlineData("phi4mini")]
     [InlineData("gemma2")]
+    [InlineData("gemma3")]
     public void ReproducesPeftAdamWTrajectory(string arch)
     {
         // The exact command the issue specifies, on the fixture made with PEFT + torch.optim.AdamW.

@@ -59,6 +59,7 @@ public class AcceleratedCudaTests
     /// </summary>
     [CudaTheory]
     [InlineData("gemma2")]
+    [InlineData("gemma3")]
     public void DeclinedFamilyStepEqualsTheReference(string arch)
     {
         using var lm = new LoraModel(CausalLM.Load(Fixtures.Model(arch), ScalarType.Float32, CUDA));
