@@ -17,7 +17,7 @@ public static class FamilyFixtures
     public static readonly string[] Architectures = ["phi3", "phi4mini", "gemma2", "gemma3"];
 
     /// <summary>The family fixtures whose modules exist: the model-level tests (logits, generation, PEFT, training) run on them.</summary>
-    public static readonly string[] Built = ["phi3", "phi4mini"];
+    public static readonly string[] Built = ["phi3", "phi4mini", "gemma2", "gemma3"];
 
     /// <summary>A fixture model's config.json, parsed as a description (its modules may not exist yet).</summary>
     public static ModelConfig Config(string arch) =>

@@ -78,6 +78,45 @@ public class FastTrainingTests
     }
 
     /// <summary>
+    /// A family whose block the fast modules do not implement (Gemma's (1 + w) norms, GeGLU, post-norms, soft-capped
+    /// attention) is declined with a line in the log: its reference modules stay, checkpointing recomputes them whole,
+    /// nothing is offloaded, and loss and gradients are the reference's.
+    /// </summary>
+    [Theory]
+    [InlineData("gemma2")]
+    [InlineData("gemma3")]
+    public void DeclinedFamiliesTrainOnTheReferenceModules(string arch)
+    {
+        using var lm = new LoraModel(CausalLM.Load(Fixtures.Model(arch), ScalarType.Float32, CPU));
+        lm.AddAdapter("a", new LoraConfig { R = 4, LoraAlpha = 8, TargetModules = [.. AllLinear], InitLoraWeights = "false" }, seed: 3);
+        var tok = Tokenizer.Load(Fixtures.Model(arch));
+        var (samples, _) = JsonlDataset.Load(Fixtures.Path_("training", "data.jsonl"), tok, new DataOptions());
+        using var batch = Batches.Collate(samples.Take(3).ToList(), 0, CPU);
+        lm.Model.train();
+        (double loss, List<Tensor> grads) Run()
+        {
+            var loss = Trainer.LossSum(lm.Model, batch, chunked: true);
+            loss.backward();
+            var grads = lm.Parameters("a").Select(p => p.param.grad!.clone()).ToList();
+            foreach (var (_, p) in lm.Parameters("a")) p.grad!.zero_();
+            return (loss.item<float>(), grads);
+        }
+        var (plainLoss, plainGrads) = Run();
+        var log = TrainingAccelerator.Apply(lm, new TrainingAcceleration { FusedKernels = true, GradientCheckpointing = true, OffloadCheckpoints = "on" });
+        Assert.Contains(log, l => l.Contains($"declined for {lm.Model.Config.Architecture}") && l.Contains("(1 + w) RMSNorm"));
+        Assert.Contains(log, l => l.StartsWith("checkpoints stay on the device", StringComparison.Ordinal));
+        var layer = lm.Model.model.layers[0];
+        Assert.Equal(typeof(Attention), layer.self_attn.GetType());
+        Assert.Equal(typeof(Mlp), layer.mlp.GetType());
+        Assert.Equal(typeof(RmsNorm), layer.input_layernorm.GetType());
+        Assert.IsType<CheckpointRunner>(lm.Model.model.Runner);
+        var (fastLoss, fastGrads) = Run();
+        Assert.True(Math.Abs(fastLoss - plainLoss) <= 1e-5 * Math.Abs(plainLoss), $"loss {fastLoss} vs {plainLoss}");
+        for (int i = 0; i < plainGrads.Count; i++) Assert.True(Close.RelError(fastGrads[i], plainGrads[i]) <= 1e-4, $"grad {i}");
+        Assert.Contains(plainGrads, g => g.abs().sum().item<float>() > 0);
+    }
+
+    /// <summary>
     /// Checkpoints offloaded between forward and backward (on CPU the copies are synchronous clones, so this checks the
     /// bookkeeping: which layer's input and mid-layer residual leave, when they are freed and fetched back) give the very
     /// same loss and gradients, over two steps (the host buffers are reused), with every layer offloaded and with the

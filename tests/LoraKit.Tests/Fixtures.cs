@@ -8,7 +8,7 @@ namespace LoraKit.Tests;
 public static class Fixtures
 {
     public static readonly string[] Architectures = ["llama", "mistral", "qwen2", "qwen3"];
-    public static readonly string[] Tokenizers = ["llama3", "qwen2", "qwen3", "llama2", "metaspace", "gpt2", "phi3", "phi4"];
+    public static readonly string[] Tokenizers = ["llama3", "qwen2", "qwen3", "llama2", "metaspace", "gpt2", "phi3", "phi4", "gemma"];
 
     public static string Root { get; } = FindRoot();
 

@@ -107,10 +107,13 @@ public class GenerationTests
         return ids.Skip(prompt.Length).ToArray();
     }
 
-    [Fact]
-    public void KvCacheStepsEqualOneFullForward()
+    [Theory]
+    [InlineData("mistral")] // sliding window 24
+    [InlineData("gemma2")]  // sliding window 24 on layers 0 and 2, soft-capped eager attention
+    [InlineData("gemma3")]  // sliding window 16 on layers 0, 1 and 3, their own RoPE base
+    public void KvCacheStepsEqualOneFullForward(string arch)
     {
-        using var model = CausalLM.Load(Fixtures.Model("mistral"), ScalarType.Float32, CPU); // sliding window 24
+        using var model = CausalLM.Load(Fixtures.Model(arch), ScalarType.Float32, CPU);
         using var _ = no_grad();
         var ids = arange(1, 41, ScalarType.Int64).unsqueeze(0);
         var full = model.Logits(ids, null, null);

@@ -32,6 +32,7 @@ public class LoraTests
         { "llama", "a" }, { "llama", "b" }, { "llama", "c" }, { "mistral", "a" }, { "qwen2", "a" }, { "qwen3", "a" }, { "qwen3", "regex" },
         { "llama", "a_b_cat" }, { "llama", "a_c_linear" }, { "llama", "a_b_svd" },
         { "phi3", "a" }, { "phi3", "b" }, { "phi4mini", "a" }, { "phi4mini", "b" },
+        { "gemma2", "a" }, { "gemma2", "b" }, { "gemma3", "a" }, { "gemma3", "b" },
     };
 
     [Theory]
@@ -82,6 +83,8 @@ public class LoraTests
     [InlineData("qwen3")]
     [InlineData("phi3")]
     [InlineData("phi4mini")]
+    [InlineData("gemma2")]
+    [InlineData("gemma3")]
     public void MergeInvariantsAndPeftMergedLogits(string arch)
     {
         using var lm = Base(arch);

@@ -32,12 +32,15 @@ public class InferenceEngineTests
         Assert.Equal(4, after.OutputIds.Length);
     }
 
-    [Fact]
-    public async Task MixedAdapterBatchEqualsEachRequestAlone()
+    [Theory]
+    [InlineData("qwen3", "regex")]
+    [InlineData("gemma2", "b")] // sliding windows and soft-capped attention under left padding and a growing cache
+    [InlineData("gemma3", "b")] // per-layer-type RoPE, q/k norms
+    public async Task MixedAdapterBatchEqualsEachRequestAlone(string arch, string other)
     {
-        var dir = Fixtures.Model("qwen3");
+        var dir = Fixtures.Model(arch);
         var tok = Tokenizer.Load(dir);
-        string?[] adapters = [null, "a", "regex", "a", null, "regex", "a", "regex"];
+        string?[] adapters = [null, "a", other, "a", null, other, "a", other];
         string[] prompts = ["Hello, world! How are", "def forward(x):", "Numbers like 12345", "The quick brown fox", "reset my password",
             "Low-rank adapters", "my invoice is wrong and", "Customers ask about"];
 
@@ -45,8 +48,8 @@ public class InferenceEngineTests
         var expected = new List<int[]>();
         using (var solo = new LoraModel(CausalLM.Load(dir, ScalarType.Float32, CPU)))
         {
-            AdapterFiles.Load(solo, "a", Fixtures.Path_("adapters", "qwen3", "a"));
-            AdapterFiles.Load(solo, "regex", Fixtures.Path_("adapters", "qwen3", "regex"));
+            AdapterFiles.Load(solo, "a", Fixtures.Path_("adapters", arch, "a"));
+            AdapterFiles.Load(solo, other, Fixtures.Path_("adapters", arch, other));
             var gen = new TextGenerator(solo.Model, tok);
             for (int i = 0; i < prompts.Length; i++)
             {
@@ -56,8 +59,8 @@ public class InferenceEngineTests
         }
 
         var lm = new LoraModel(CausalLM.Load(dir, ScalarType.Float32, CPU));
-        AdapterFiles.Load(lm, "a", Fixtures.Path_("adapters", "qwen3", "a"));
-        AdapterFiles.Load(lm, "regex", Fixtures.Path_("adapters", "qwen3", "regex"));
+        AdapterFiles.Load(lm, "a", Fixtures.Path_("adapters", arch, "a"));
+        AdapterFiles.Load(lm, other, Fixtures.Path_("adapters", arch, other));
         lm.SetActive();
         using var engine = new InferenceEngine(lm, tok, maxBatch: 8);
         var tasks = prompts.Select((p, i) => engine.GenerateAsync(tok.Encode(p), adapters[i], new SamplingOptions { MaxNewTokens = 12 + i })).ToList();

@@ -52,10 +52,12 @@ public class TrainingTests
     [InlineData("llama")]
     [InlineData("phi3")]
     [InlineData("phi4mini")]
+    [InlineData("gemma2")]
+    [InlineData("gemma3")]
     public void ReproducesPeftAdamWTrajectory(string arch)
     {
         // The exact command the issue specifies, on the fixture made with PEFT + torch.optim.AdamW.
-        var output = Path.Combine(Fixtures.TempDir(), "peft-trajectory");
+        var output = Path.Combine(Fixtures.TempDir(), $"peft-trajectory-{arch}");
         var (code, _, stderr) = CliTests.RunCli("train", "--model", Fixtures.Model(arch), "--data", TrainingData, "--output", output,
             "--init-adapter", Fixtures.Path_("adapters", arch, "a"), "--lr", "1e-3", "--batch-size", "2", "--steps", "3",
             "--schedule", "constant", "--warmup-steps", "0", "--weight-decay", "0", "--max-grad-norm", "0", "--no-shuffle", "--no-eos",

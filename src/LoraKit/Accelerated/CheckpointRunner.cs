@@ -39,7 +39,7 @@ public sealed class CheckpointRunner : ILayerRunner, IDisposable
         }
     }
 
-    public Tensor Run(DecoderModel model, Tensor h, Tensor cos, Tensor sin, Tensor?[] masks, KvCache? cache)
+    public Tensor Run(DecoderModel model, Tensor h, Tensor[] cos, Tensor[] sin, Tensor?[] masks, KvCache? cache)
     {
         if (!(model.training && cache is null && is_grad_enabled())) return PlainLayerRunner.Instance.Run(model, h, cos, sin, masks, cache);
         var layers = model.layers;
@@ -55,7 +55,7 @@ public sealed class CheckpointRunner : ILayerRunner, IDisposable
         {
             var stash = lean[i] ? new LayerStash(keepMlp.Contains(i), keepQkv.Contains(i)) : null;
             var input = h;
-            h = LayerCheckpoint.Run(layers[i], h, cos, sin, masks[i], i, stash, Rng);
+            h = LayerCheckpoint.Run(layers[i], h, cos[i], sin[i], masks[i], i, stash, Rng);
             // An offloaded input's device memory goes once its copy is done, so the caller's scope must not hold it either.
             if (stash is not null && offload is not null && offload.AfterForward(i, stash)) input.Dispose();
             MemoryTrace.Mark("forward layer {0}", i, h.device);

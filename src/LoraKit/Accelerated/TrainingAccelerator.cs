@@ -36,8 +36,9 @@ public sealed record TrainingAcceleration
 /// <para>
 /// The fast modules implement the Llama-family block (SwiGLU MLP, plain RMSNorm, pre-norm residuals: see
 /// <see cref="LeanLayer"/>, <see cref="FastMlp"/>, <see cref="FusedRmsNorm"/>). A family whose modules compute something
-/// else must be declined here (its reference modules then run as they are) until its fast path exists: see
-/// <see cref="Declines"/>.
+/// else is declined here (<see cref="Declines"/>: Phi-3's fused projections, Gemma 2/3's block), with a line in the log:
+/// its reference modules run as they are, with checkpointing if asked (plain recompute, no offload), until its fast path
+/// exists.
 /// </para>
 /// </summary>
 public static class TrainingAccelerator
@@ -61,7 +62,8 @@ public static class TrainingAccelerator
         if (Declines(model.Config) is { } why)
         {
             // The reference modules stay; checkpointing (plain replay) and the memory placements work on any block.
-            if (o.FusedKernels) log.Add($"fast layer modules: declined for {model.Config.Architecture} ({why}); its layers run the reference modules");
+            if (o.FusedKernels || model.Device.type == TorchSharp.DeviceType.CUDA)
+                log.Add($"fast layer modules: declined for {model.Config.Architecture} ({why}); its layers run the reference modules");
         }
         else
         {
@@ -77,12 +79,22 @@ public static class TrainingAccelerator
     }
 
     /// <summary>
-    /// Why the fast layer modules do not apply to a family (null: they do). They implement the Llama-family block with
-    /// separate q/k/v and gate/up projections; Phi-3's fused qkv_proj and gate_up_proj are declined until a fast path
-    /// for them exists.
+    /// Why the fast layer modules do not apply to a family (null: they do): what in <paramref name="c"/>'s block they do
+    /// not compute. They implement the Llama-family block (separate q/k/v and gate/up projections, plain RMSNorm, SwiGLU,
+    /// pre-norm residuals, SDPA attention); Phi-3's fused projections and Gemma 2/3's block are declined until a fast
+    /// path for them exists.
     /// </summary>
-    public static string? Declines(ModelConfig c) =>
-        c.FusedQkv || c.FusedGateUp ? "fused qkv_proj / gate_up_proj projections have no fast path yet" : null;
+    public static string? Declines(ModelConfig c)
+    {
+        var differences = new List<string>();
+        if (c.FusedQkv || c.FusedGateUp) differences.Add("fused qkv_proj / gate_up_proj projections have no fast path yet");
+        if (c.Norm != NormKind.Weight) differences.Add("(1 + w) RMSNorm");
+        if (c.HiddenAct != Activation.Silu) differences.Add("a GeGLU MLP");
+        if (c.PostNorms) differences.Add("post-attention/feed-forward norms");
+        if (c.AttnLogitSoftcap is not null) differences.Add("soft-capped attention scores");
+        if (c.AttentionScale != 1.0 / Math.Sqrt(c.HeadDim)) differences.Add("attention scaled by query_pre_attn_scalar");
+        return differences.Count == 0 ? null : string.Join(", ", differences);
+    }
 
     /// <summary>Whether the model's input embedding lives in host memory (<see cref="HostEmbedding"/>).</summary>
     public static bool EmbeddingsOnHost(CausalLM model) => model.model.embed_tokens is HostEmbedding;
@@ -155,6 +167,8 @@ public static class TrainingAccelerator
         if (!WantsForMemory(mode, "`offload_checkpoints`", model, checkpointing)) return null;
         if (!checkpointing || model.model.Runner is not CheckpointRunner runner)
             return "checkpoints stay on the device: there are none without `gradient_checkpointing`";
+        if (Declines(model.Config) is not null)
+            return "checkpoints stay on the device: offloading them needs the fast modules' lean replay, which this model's family declines";
         var offload = CheckpointOffload.TryCreate(model.Device, out var why);
         if (offload is null) return $"checkpoints stay on the device: {why}";
         offload.MlpLayers = mlpLayers;

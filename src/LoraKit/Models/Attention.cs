@@ -5,11 +5,12 @@ namespace LoraKit.Models;
 #pragma warning disable IDE1006 // field names are checkpoint keys
 
 /// <summary>
-/// Grouped-query self-attention with RoPE, optional q/k/v biases (Qwen2), optional per-head q/k RMSNorm (Qwen3)
+/// Grouped-query self-attention with RoPE, optional q/k/v biases (Qwen2), optional per-head q/k RMSNorm (Qwen3, Gemma 3)
 /// and an optional KV cache. q, k and v come from three projections, or from one fused qkv_proj (Phi-3,
 /// <see cref="ModelConfig.FusedQkv"/>) whose output is split as transformers splits it. Attention itself is PyTorch's
 /// scaled_dot_product_attention over k/v heads repeated for their query-head groups, as transformers' eager path
-/// computes it.
+/// computes it; a model whose scores are soft-capped or scaled by other than head_dim^-½ (Gemma) takes transformers'
+/// eager attention itself (<see cref="FamilyOps.EagerAttention"/>).
 /// <para>
 /// The forward is four steps (project, rotate, attend, project out), each a protected virtual method, so that a faster
 /// implementation can replace one step from outside while this class stays the reference.
@@ -28,10 +29,15 @@ public class Attention : ContainerModule
     public int Heads { get; }
     public int KvHeads { get; }
     public int HeadDim { get; }
+    /// <summary>The scores' scale (<see cref="ModelConfig.AttentionScale"/>).</summary>
+    public double Scale { get; }
+    /// <summary>The scores' soft-cap (<see cref="ModelConfig.AttnLogitSoftcap"/>), or null.</summary>
+    public double? Softcap { get; }
 
     public Attention(string name, WeightSource w, ModelConfig c) : base("Attention")
     {
         Heads = c.NumAttentionHeads; KvHeads = c.NumKeyValueHeads; HeadDim = c.HeadDim;
+        (Scale, Softcap) = (c.AttentionScale, c.AttnLogitSoftcap);
         if (c.FusedQkv) qkv_proj = new Linear(name + ".qkv_proj", w, c.HiddenSize, (Heads + 2 * KvHeads) * HeadDim, c.QkvBias);
         else
         {
@@ -42,8 +48,8 @@ public class Attention : ContainerModule
         o_proj = new Linear(name + ".o_proj", w, Heads * HeadDim, c.HiddenSize, c.OProjBias);
         if (c.QkNorm)
         {
-            q_norm = new RmsNorm(name + ".q_norm", w, HeadDim, c.RmsNormEps);
-            k_norm = new RmsNorm(name + ".k_norm", w, HeadDim, c.RmsNormEps);
+            q_norm = new RmsNorm(name + ".q_norm", w, HeadDim, c.RmsNormEps, c.Norm);
+            k_norm = new RmsNorm(name + ".k_norm", w, HeadDim, c.RmsNormEps, c.Norm);
         }
         RegisterComponents();
     }
@@ -51,7 +57,7 @@ public class Attention : ContainerModule
     /// <summary>A module over <paramref name="other"/>'s submodules (shared, not copied), for a subclass swapped in after build.</summary>
     public Attention(Attention other) : base("Attention")
     {
-        (Heads, KvHeads, HeadDim) = (other.Heads, other.KvHeads, other.HeadDim);
+        (Heads, KvHeads, HeadDim, Scale, Softcap) = (other.Heads, other.KvHeads, other.HeadDim, other.Scale, other.Softcap);
         (q_proj, k_proj, v_proj, qkv_proj, o_proj) = (other.q_proj, other.k_proj, other.v_proj, other.qkv_proj, other.o_proj);
         (q_norm, k_norm) = (other.q_norm, other.k_norm);
         RegisterChildrenOf(other);
@@ -109,7 +115,11 @@ public class Attention : ContainerModule
         }
         else if (rep > 1) (k, v) = (RepeatKvTokensFirst(k, rep).transpose(1, 2), RepeatKvTokensFirst(v, rep).transpose(1, 2));
         else (k, v) = (k.transpose(1, 2), v.transpose(1, 2));
-        return nn.functional.scaled_dot_product_attention(q, k, v, mask, 0.0, mask is null);
+        if (Softcap is null && Scale == 1.0 / Math.Sqrt(HeadDim))
+            return nn.functional.scaled_dot_product_attention(q, k, v, mask, 0.0, mask is null);
+        // A null mask means plain causal attention over as many keys as queries (no cache, no window, no padding).
+        mask ??= ones(q.shape[2], k.shape[2], dtype: ScalarType.Bool, device: q.device).tril();
+        return FamilyOps.EagerAttention(q, k, v, mask, Scale, Softcap);
     }
 
     /// <summary>o_proj over the heads' merged outputs [B, T, H·D].</summary>

@@ -6,8 +6,9 @@ namespace LoraKit.Models;
 #pragma warning disable IDE1006 // field names are checkpoint keys
 
 /// <summary>
-/// A decoder-only causal language model (Llama, Mistral, Qwen2, Qwen3) with HF's module tree:
-/// <c>model.embed_tokens</c>, <c>model.layers.N.{self_attn,mlp,…}</c>, <c>model.norm</c>, <c>lm_head</c>.
+/// A decoder-only causal language model (Llama, Mistral, Qwen2, Qwen3, Gemma 2/3) with HF's module tree:
+/// <c>model.embed_tokens</c>, <c>model.layers.N.{self_attn,mlp,…}</c>, <c>model.norm</c>, <c>lm_head</c>; the logits
+/// soft-capped when the config says so (Gemma 2's final_logit_softcapping).
 /// </summary>
 public sealed class CausalLM : nn.Module<Tensor, Tensor>
 {
@@ -58,7 +59,7 @@ public sealed class CausalLM : nn.Module<Tensor, Tensor>
     {
         using var scope = NewDisposeScope();
         var h = model.Forward(ids, attentionMask, cache, positions, segments);
-        return lm_head.forward(h).MoveToOuterDisposeScope();
+        return FamilyOps.SoftCap(lm_head.forward(h), Config.FinalLogitSoftcap).MoveToOuterDisposeScope();
     }
 
     /// <summary>Mean next-token negative log-likelihood of a single sequence [1, T] (fp32 logits, like transformers).</summary>

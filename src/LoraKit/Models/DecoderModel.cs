@@ -4,7 +4,11 @@ namespace LoraKit.Models;
 
 #pragma warning disable IDE1006 // field names are checkpoint keys
 
-/// <summary>The transformer trunk (HF's <c>model.*</c>): embeddings, decoder layers, final norm.</summary>
+/// <summary>
+/// The transformer trunk (HF's <c>model.*</c>): embeddings (times √hidden for Gemma), decoder layers, final norm. Each
+/// layer gets the mask and the RoPE cos/sin of its layer type (<see cref="ModelConfig.LayerTypes"/>); layers of one type
+/// share them.
+/// </summary>
 public sealed class DecoderModel : ContainerModule
 {
     public Embedding embed_tokens;
@@ -37,7 +41,7 @@ public sealed class DecoderModel : ContainerModule
         var list = new List<DecoderLayer>();
         for (int i = 0; i < c.NumHiddenLayers; i++) list.Add(new DecoderLayer($"{name}.layers.{i}", w, c));
         layers = nn.ModuleList(list.ToArray());
-        norm = new RmsNorm(name + ".norm", w, c.HiddenSize, c.RmsNormEps);
+        norm = new RmsNorm(name + ".norm", w, c.HiddenSize, c.RmsNormEps, c.Norm);
         _rope = new RotaryEmbedding(c, w.Device);
         RegisterComponents();
     }
@@ -55,11 +59,25 @@ public sealed class DecoderModel : ContainerModule
         long b = ids.shape[0], t = ids.shape[1];
         long past = cache?.Length ?? 0;
         positions ??= PositionIds(attentionMask, b, t, past, ids.device);
-        var h = embed_tokens.forward(ids);
-        var (cos, sin) = _rope.CosSin(positions, h.dtype);
+        var h = FamilyOps.ScaleEmbedding(embed_tokens.forward(ids), Config.EmbeddingScale);
+        var (cos, sin) = LayerRope(positions, h.dtype);
         var masks = LayerMasks(t, past, attentionMask, ids.device, segments);
         h = _runner.Run(this, h, cos, sin, masks, cache);
         return norm.forward(h).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Each layer's RoPE cos and sin, computed once per layer type.</summary>
+    (Tensor[] cos, Tensor[] sin) LayerRope(Tensor positions, ScalarType dtype)
+    {
+        var byType = new Dictionary<string, (Tensor cos, Tensor sin)>();
+        var (cos, sin) = (new Tensor[layers.Count], new Tensor[layers.Count]);
+        for (int i = 0; i < cos.Length; i++)
+        {
+            string type = Config.LayerTypes[i];
+            if (!byType.TryGetValue(type, out var table)) byType[type] = table = _rope.CosSin(positions, dtype, type);
+            (cos[i], sin[i]) = table;
+        }
+        return (cos, sin);
     }
 
     /// <summary>Each layer's attention mask, one per sliding window size (null: full attention) shared by its layers.</summary>

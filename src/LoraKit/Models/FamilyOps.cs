@@ -43,14 +43,16 @@ public static class FamilyOps
 
     /// <summary>
     /// Embeddings times Gemma's √hidden: the scalar is made an fp32 tensor and rounded to the embeddings' dtype first, as
-    /// transformers does (bf16: √3072 = 55.43 becomes 55.5); <paramref name="h"/> itself when scale is null.
+    /// transformers does (bf16: √3072 = 55.43 becomes 55.5); <paramref name="h"/> itself when scale is null. The rounding
+    /// happens on the host and the product takes the rounded value as a number (exact in fp32, which is what a
+    /// half-precision product computes in), so no host-to-device copy runs inside a captured CUDA graph.
     /// </summary>
     public static Tensor ScaleEmbedding(Tensor h, double? scale)
     {
         if (scale is not double s) return h.alias();
         using var scope = NewDisposeScope();
-        var scalar = tensor((float)s).to(h.dtype, h.device);
-        return (h * scalar).MoveToOuterDisposeScope();
+        double rounded = tensor((float)s).to(h.dtype).to(ScalarType.Float32).item<float>();
+        return (h * rounded).MoveToOuterDisposeScope();
     }
 
     /// <summary>Phi-3's qkv_proj output [.., (H + 2·kvH)·D] as q [.., H·D], k and v [.., kvH·D] (views).</summary>

@@ -10,8 +10,9 @@ namespace LoraKit.Models;
 public interface ILayerRunner
 {
     /// <summary>The last layer's output for the first layer's input <paramref name="h"/> [B, T, hidden].</summary>
+    /// <param name="cos">Each layer's RoPE cos (layers of one type share one), as <paramref name="sin"/>.</param>
     /// <param name="masks">Each layer's attention mask (null: plain causal attention); layers of one kind share one.</param>
-    Tensor Run(DecoderModel model, Tensor h, Tensor cos, Tensor sin, Tensor?[] masks, KvCache? cache);
+    Tensor Run(DecoderModel model, Tensor h, Tensor[] cos, Tensor[] sin, Tensor?[] masks, KvCache? cache);
 }
 
 /// <summary>Runs each layer in turn on the previous one's output.</summary>
@@ -22,9 +23,9 @@ public sealed class PlainLayerRunner : ILayerRunner
 
     PlainLayerRunner() { }
 
-    public Tensor Run(DecoderModel model, Tensor h, Tensor cos, Tensor sin, Tensor?[] masks, KvCache? cache)
+    public Tensor Run(DecoderModel model, Tensor h, Tensor[] cos, Tensor[] sin, Tensor?[] masks, KvCache? cache)
     {
-        for (int i = 0; i < model.layers.Count; i++) h = model.layers[i].Forward(h, cos, sin, masks[i], cache, i);
+        for (int i = 0; i < model.layers.Count; i++) h = model.layers[i].Forward(h, cos[i], sin[i], masks[i], cache, i);
         return h;
     }
 }

@@ -33,7 +33,10 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x) => nn.functional.linear(x, weight, bias);
 }
 
-/// <summary>RMSNorm as transformers computes it: normalise in fp32, cast back, then scale by the weight.</summary>
+/// <summary>
+/// RMSNorm as transformers computes it (see <see cref="FamilyOps.RmsNorm"/>): Llama's normalises in fp32, casts back and
+/// scales by w; Gemma's scales by (1 + w) in fp32 and then casts (<see cref="NormKind"/>).
+/// </summary>
 public class RmsNorm : nn.Module<Tensor, Tensor>
 {
     public Parameter weight;
@@ -41,10 +44,14 @@ public class RmsNorm : nn.Module<Tensor, Tensor>
     /// <summary>The epsilon added to the mean square.</summary>
     public double Eps { get; }
 
-    public RmsNorm(string name, WeightSource w, long dim, double eps) : base("RmsNorm")
+    /// <summary>How the weight applies: w (Llama) or 1 + w (Gemma).</summary>
+    public NormKind Kind { get; }
+
+    public RmsNorm(string name, WeightSource w, long dim, double eps, NormKind kind = NormKind.Weight) : base("RmsNorm")
     {
         weight = w.Take(name + ".weight", dim);
         Eps = eps;
+        Kind = kind;
         RegisterComponents();
     }
 
@@ -53,18 +60,11 @@ public class RmsNorm : nn.Module<Tensor, Tensor>
     {
         weight = other.weight;
         Eps = other.Eps;
+        Kind = other.Kind;
         RegisterComponents();
     }
 
-    public override Tensor forward(Tensor x)
-    {
-        using var scope = NewDisposeScope();
-        var dtype = x.dtype;
-        var h = x.to(ScalarType.Float32);
-        var variance = h.pow(2).mean([-1], keepdim: true);
-        h = h * rsqrt(variance + Eps);
-        return (weight * h.to(dtype)).MoveToOuterDisposeScope();
-    }
+    public override Tensor forward(Tensor x) => FamilyOps.RmsNorm(x, weight, Eps, Kind);
 }
 
 /// <summary>Token embedding table.</summary>
@@ -95,8 +95,9 @@ public class Embedding : nn.Module<Tensor, Tensor>
 }
 
 /// <summary>
-/// SwiGLU feed-forward: down(silu(gate(x)) · up(x)); gate and up come from two projections, or from one fused
-/// gate_up_proj (Phi-3, <see cref="ModelConfig.FusedGateUp"/>) whose output is split in half, gate first.
+/// Gated feed-forward: down(act(gate(x)) · up(x)), act silu (SwiGLU) or tanh-GELU (Gemma's GeGLU); gate and up come
+/// from two projections, or from one fused gate_up_proj (Phi-3, <see cref="ModelConfig.FusedGateUp"/>) whose output is
+/// split in half, gate first.
 /// </summary>
 public class Mlp : ContainerModule
 {
@@ -106,8 +107,12 @@ public class Mlp : ContainerModule
     public nn.Module<Tensor, Tensor>? gate_up_proj;
     public nn.Module<Tensor, Tensor> down_proj;
 
+    /// <summary>The gate's activation (<see cref="ModelConfig.HiddenAct"/>).</summary>
+    public Activation Act { get; }
+
     public Mlp(string name, WeightSource w, ModelConfig c) : base("Mlp")
     {
+        Act = c.HiddenAct;
         if (c.FusedGateUp) gate_up_proj = new Linear(name + ".gate_up_proj", w, c.HiddenSize, 2L * c.IntermediateSize, c.MlpBias);
         else
         {
@@ -122,6 +127,7 @@ public class Mlp : ContainerModule
     public Mlp(Mlp other) : base("Mlp")
     {
         (gate_proj, up_proj, gate_up_proj, down_proj) = (other.gate_proj, other.up_proj, other.gate_up_proj, other.down_proj);
+        Act = other.Act;
         RegisterChildrenOf(other);
     }
 
@@ -129,6 +135,6 @@ public class Mlp : ContainerModule
     {
         using var scope = NewDisposeScope();
         var (gate, up) = gate_up_proj is null ? (gate_proj!.forward(x), up_proj!.forward(x)) : FamilyOps.SplitGateUp(gate_up_proj.forward(x));
-        return down_proj.forward(nn.functional.silu(gate) * up).MoveToOuterDisposeScope();
+        return down_proj.forward(FamilyOps.Activate(gate, Act) * up).MoveToOuterDisposeScope();
     }
 }

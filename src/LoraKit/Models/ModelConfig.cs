@@ -33,13 +33,13 @@ public sealed record ModelConfig
 {
     /// <summary>Architectures that <see cref="CausalLM"/> builds.</summary>
     public static readonly IReadOnlyList<string> SupportedArchitectures =
-        ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM"];
+        ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"];
 
     /// <summary>
     /// Architectures whose config.json is described (parsed and validated) but whose modules are not built yet: loading
     /// one is refused as unsupported. They move to <see cref="SupportedArchitectures"/> when their modules land.
     /// </summary>
-    public static readonly IReadOnlyList<string> DescribedArchitectures = ["Gemma2ForCausalLM", "Gemma3ForCausalLM"];
+    public static readonly IReadOnlyList<string> DescribedArchitectures = [];
 
     /// <summary>The layer types of <see cref="LayerTypes"/> (transformers' names).</summary>
     public const string FullAttention = "full_attention", SlidingAttention = "sliding_attention";

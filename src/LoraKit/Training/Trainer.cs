@@ -585,7 +585,7 @@ public sealed class Trainer : IDisposable
 
     /// <summary>
     /// Summed next-token cross-entropy over the batch's target positions (fp32 logits). With <paramref name="chunked"/>
-    /// (a frozen LM head) the logits are never kept for backward: see <see cref="ChunkedLmLoss"/>.
+    /// (a frozen LM head, logits not soft-capped) the logits are never kept for backward: see <see cref="ChunkedLmLoss"/>.
     /// </summary>
     public static Tensor LossSum(CausalLM model, Batch b, bool chunked = false)
     {
@@ -593,7 +593,8 @@ public sealed class Trainer : IDisposable
         // Rows are right-padded: under causal attention no labelled position sees padding, so unless rows are packed
         // plain causal attention (SDPA's fastest kernel, no mask tensor) is exact for everything the loss reads.
         var mask = b.Segments is null ? null : b.AttentionMask;
-        if (chunked)
+        // The chunked loss computes plain logits; soft-capped ones (Gemma 2) take the reference path.
+        if (chunked && model.Config.FinalLogitSoftcap is null)
         {
             var h = model.model.Forward(b.InputIds, mask, null, b.Positions, b.Segments);
             long len = h.shape[1];
