@@ -166,4 +166,64 @@ internal static class ScalarOps
         using var s = value.ToScalar();
         return a.addcdiv_(t1, t2, s);
     }
+
+    /// <summary>a += v, in place.</summary>
+    public static Tensor PlusInPlace(this Tensor a, double v)
+    {
+        using var s = v.ToScalar();
+        return a.add_(s, One);
+    }
+
+    /// <summary>a to the integer power e (libtorch's integer-exponent paths, as <c>pow(2)</c> took).</summary>
+    public static Tensor Pow(this Tensor a, long e)
+    {
+        using var s = e.ToScalar();
+        return a.pow(s);
+    }
+
+    /// <summary>a with every element set to v, in place.</summary>
+    public static Tensor FillInPlace(this Tensor a, double v)
+    {
+        using var s = v.ToScalar();
+        return a.fill_(s);
+    }
+
+    /// <summary>A tensor shaped like <paramref name="like"/> holding v.</summary>
+    public static Tensor FullLike(Tensor like, double v, ScalarType dtype)
+    {
+        using var s = v.ToScalar();
+        return full_like(like, s, dtype);
+    }
+
+    /// <summary>a ≠ v, elementwise.</summary>
+    public static Tensor NotEqual(this Tensor a, long v)
+    {
+        using var s = v.ToScalar();
+        return a.ne(s);
+    }
+
+    /// <summary>a &lt; v, elementwise.</summary>
+    public static Tensor LessThan(this Tensor a, long v)
+    {
+        using var s = v.ToScalar();
+        return a.lt(s);
+    }
+
+    /// <summary>a ≤ v, elementwise.</summary>
+    public static Tensor AtMost(this Tensor a, double v)
+    {
+        using var s = v.ToScalar();
+        return a.le(s);
+    }
+
+    /// <summary>[start, stop) in steps of 1 (TorchSharp's two-argument <c>arange</c> makes its step Scalar per call).</summary>
+    public static Tensor Range(long start, long stop, ScalarType dtype, Device? device)
+    {
+        using var from = start.ToScalar();
+        using var to = stop.ToScalar();
+        return arange(from, to, One, dtype, device);
+    }
+
+    /// <summary>[0, stop) as int64.</summary>
+    public static Tensor Range(long stop, Device? device) => Range(0, stop, ScalarType.Int64, device);
 }
