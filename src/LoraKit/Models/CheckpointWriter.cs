@@ -8,7 +8,7 @@ namespace LoraKit.Models;
 /// Writes a model as a Hugging Face checkpoint directory transformers can load: its config.json (with the dtype it is
 /// saved in), its parameters under their checkpoint keys (no lm_head when tied), the tokenizer/generation files copied
 /// from the source model. The files themselves are <see cref="HfCheckpointWriter"/>'s; a model wrapped by adapters is
-/// written through Lora's MergedCheckpoint, which maps its parameter names back to the base model's keys.
+/// written through the adapter layer, which maps its parameter names back to the base model's keys (keyOf).
 /// </summary>
 public static class CheckpointWriter
 {
