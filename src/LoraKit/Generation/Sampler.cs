@@ -3,7 +3,7 @@ using static TorchSharp.torch;
 namespace LoraKit.Generation;
 
 /// <summary>Chooses the next token from last-position logits.</summary>
-public sealed class Sampler
+internal sealed class Sampler
 {
     readonly SamplingOptions _o;
     readonly Generator? _rng;
