@@ -226,4 +226,27 @@ internal static class ScalarOps
 
     /// <summary>[0, stop) as int64.</summary>
     public static Tensor Range(long stop, Device? device) => Range(0, stop, ScalarType.Int64, device);
+
+    /// <summary>a &lt; v, elementwise.</summary>
+    public static Tensor LessThan(this Tensor a, double v)
+    {
+        using var s = v.ToScalar();
+        return a.lt(s);
+    }
+
+    /// <summary>a &gt; v, elementwise.</summary>
+    public static Tensor GreaterThan(this Tensor a, double v)
+    {
+        using var s = v.ToScalar();
+        return a.gt(s);
+    }
+
+    /// <summary>[start, stop) in steps of <paramref name="step"/>.</summary>
+    public static Tensor Range(long start, long stop, long step, ScalarType dtype, Device? device = null)
+    {
+        using var from = start.ToScalar();
+        using var to = stop.ToScalar();
+        using var by = step.ToScalar();
+        return arange(from, to, by, dtype, device);
+    }
 }
