@@ -8,6 +8,7 @@ using LoraKit.Models;
 using LoraKit.Runtime;
 using LoraKit.Runtime.Cuda;
 using LoraKit.Training;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace LoraKit.Cli.Commands;
@@ -133,7 +134,8 @@ public static class BenchCommand
         MemoryTrace.Mark("before the step", dev);
         using (NewDisposeScope())
         {
-            var loss = Trainer.LossSum(lm.Model, batch, chunked) / batch.TargetTokens;
+            using var tokens = batch.TargetTokens.ToScalar(); // held across the division (TorchSharp would let a temporary be finalized mid-call)
+            var loss = Trainer.LossSum(lm.Model, batch, chunked).div(tokens);
             loss.backward();
             MemoryTrace.Mark("backward done", dev);
             opt.Step(1e-4);
@@ -157,7 +159,8 @@ public static class BenchCommand
             using var scope = NewDisposeScope();
             Sync(dev);
             var t = Stopwatch.StartNew();
-            var loss = Trainer.LossSum(lm.Model, batch, chunked) / batch.TargetTokens;
+            using var tokens = batch.TargetTokens.ToScalar(); // held across the division (TorchSharp would let a temporary be finalized mid-call)
+            var loss = Trainer.LossSum(lm.Model, batch, chunked).div(tokens);
             fwdQueue += t.Elapsed.TotalMilliseconds;
             Sync(dev);
             fwd += t.Elapsed.TotalMilliseconds;

@@ -30,9 +30,9 @@ public static class LeanLayer
     {
         using var scope = NewDisposeScope();
         var (attn, mlp) = ((FastAttention)layer.self_attn, (FastMlp)layer.mlp);
-        var h = x + attn.Forward(layer.input_layernorm.forward(x), cos, sin, mask, null, index, stash);
+        var h = x.Plus(attn.Forward(layer.input_layernorm.forward(x), cos, sin, mask, null, index, stash));
         stash.KeepMid(h);
-        var y = h + mlp.Forward(layer.post_attention_layernorm.forward(h), stash);
+        var y = h.Plus(mlp.Forward(layer.post_attention_layernorm.forward(h), stash));
         return y.MoveToOuterDisposeScope();
     }
 
@@ -48,11 +48,11 @@ public static class LeanLayer
         var h = stash.Mid!.detach().requires_grad_(true);
         var m = mlp.Forward(layer.post_attention_layernorm.forward(h), stash);
         autograd.backward([m], [dy]);
-        var dh = h.grad!.add_(dy);                                    // the MLP's path plus the residual's own
+        var dh = h.grad!.PlusInPlace(dy);                                    // the MLP's path plus the residual's own
         MemoryTrace.Mark("backward layer {0} mlp", index, dy.device);
         var input = x.detach().requires_grad_(true);
         var o = attn.Forward(layer.input_layernorm.forward(input), cos, sin, mask, null, index, stash);
         autograd.backward([o], [dh]);
-        return dh.add_(input.grad!).MoveToOuterDisposeScope();
+        return dh.PlusInPlace(input.grad!).MoveToOuterDisposeScope();
     }
 }

@@ -30,7 +30,7 @@ public sealed class RmsNormFunction : autograd.SingleTensorFunction<RmsNormFunct
         else
         {
             var h = Fp32Copy(x);
-            rstd = h.pow(2).mean([-1], keepdim: true).add_(args.Eps).rsqrt_();
+            rstd = h.Pow(2).mean([-1], keepdim: true).PlusInPlace(args.Eps).rsqrt_();
             y = args.Weight * h.mul_(rstd).to(x.dtype);
         }
         CustomFunctions.Save(ctx, x, rstd);

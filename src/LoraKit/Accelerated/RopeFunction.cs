@@ -42,7 +42,7 @@ public sealed class RopeFunction : autograd.MultiTensorFunction<RopeFunction>
         long half = g.shape[^1] / 2;
         var ds = g * sin.unsqueeze(2);
         var dx = g * cos.unsqueeze(2);
-        dx.narrow(-1, 0, half).add_(ds.narrow(-1, half, half));
+        dx.narrow(-1, 0, half).PlusInPlace(ds.narrow(-1, half, half));
         dx.narrow(-1, half, half).sub_(ds.narrow(-1, 0, half));
         return dx;
     }

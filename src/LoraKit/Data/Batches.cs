@@ -25,7 +25,7 @@ public sealed class Batch : IDisposable
 /// Deterministic batching: sample order is a function of (seed, epoch) only, so a run can resume from a position
 /// (the data cursor) and see exactly the same batches. Rows are right-padded; labels of padding are -100.
 /// </summary>
-public sealed class Batches(IReadOnlyList<Sample> samples, int batchSize, bool shuffle, int seed)
+internal sealed class Batches(IReadOnlyList<Sample> samples, int batchSize, bool shuffle, int seed)
 {
     readonly Dictionary<long, int[]> _orders = [];
 

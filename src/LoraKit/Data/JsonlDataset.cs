@@ -12,6 +12,8 @@ public sealed record Sample(int[] InputIds, int[] Labels, int Line)
     public int TargetCount => Labels.Count(l => l != IgnoreIndex);
 }
 
+/// <summary>A JSONL training file's layout: <c>Auto</c> detects it from the first line's fields ("messages" → Chat,
+/// "prompt"/"completion" → PromptCompletion, "label" → Classification, "text" → Text).</summary>
 public enum DataFormat { Auto, Text, PromptCompletion, Chat, Classification }
 
 /// <summary>How samples are built from JSONL lines.</summary>
@@ -27,8 +29,12 @@ public sealed record DataOptions
     public bool SkipBadLines { get; init; }
 }
 
+/// <summary>What loading a JSONL file gave: the format used, samples kept, their tokens and loss-bearing tokens, lines
+/// skipped (with the problems found) and samples truncated to the maximum length.</summary>
 public sealed record DataSummary(string Path, DataFormat Format, int Samples, long Tokens, long TargetTokens, int Skipped, int Truncated, IReadOnlyList<string> Problems);
 
+/// <summary>A training/evaluation data file that cannot be used (missing, not JSONL, bad fields, no usable samples); the
+/// one-line message names the file and, where it can, the line.</summary>
 public sealed class DataException(string message) : LoraKitException(message);
 
 /// <summary>

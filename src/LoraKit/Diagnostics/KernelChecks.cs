@@ -60,8 +60,8 @@ public static class KernelChecks
         manual_seed(0);
         foreach (long d in new long[] { 2048, 896, 128, 4096 })
         {
-            var x = (randn(3, 517, d, device: dev) * 3).to(ScalarType.BFloat16);
-            var w = (randn(d, device: dev) * 0.3 + 1).to(ScalarType.BFloat16);
+            var x = randn(3, 517, d, device: dev).Times(3).to(ScalarType.BFloat16);
+            var w = randn(d, device: dev).Times(0.3).Plus(1).to(ScalarType.BFloat16);
             var dy = randn(3, 517, d, device: dev).to(ScalarType.BFloat16);
             results.AddRange(Compare($"rmsnorm D={d}", ["forward", "dx"], dt =>
             {
@@ -73,11 +73,11 @@ public static class KernelChecks
         }
         foreach (long inter in new long[] { 8192, 4864 })
         {
-            var g = randn(2, 333, inter, device: dev).mul_(2).to(ScalarType.BFloat16);
+            var g = randn(2, 333, inter, device: dev).TimesInPlace(2).to(ScalarType.BFloat16);
             var u = randn(2, 333, inter, device: dev).to(ScalarType.BFloat16);
-            var down = new Models.Linear(new Parameter((randn(512, inter, device: dev) * 0.02).to(ScalarType.BFloat16), false));
+            var down = new Models.Linear(new Parameter(randn(512, inter, device: dev).Times(0.02).to(ScalarType.BFloat16), false));
             var down32 = new Models.Linear(new Parameter(down.weight.to(ScalarType.Float32), false));
-            var lora = new LoraWeights(new Parameter(randn(8, inter, device: dev) * 0.02), new Parameter(randn(512, 8, device: dev) * 0.02), 2.0, 0);
+            var lora = new LoraWeights(new Parameter(randn(8, inter, device: dev).Times(0.02)), new Parameter(randn(512, 8, device: dev).Times(0.02)), 2.0, 0);
             var dy = randn(2, 333, 512, device: dev).to(ScalarType.BFloat16);
             results.AddRange(Compare($"swiglu-down I={inter}", ["forward", "d gate", "d up", "d lora_A", "d lora_B"], dt =>
             {
@@ -92,7 +92,7 @@ public static class KernelChecks
         foreach (var (heads, d) in new[] { (32L, 64L), (8L, 128L) })
         {
             var x = randn(2, 300, heads, d, device: dev).to(ScalarType.BFloat16);
-            var angles = randn(2, 300, d / 2, device: dev) * 3;
+            var angles = randn(2, 300, d / 2, device: dev).Times(3);
             var cos = cat([angles.cos(), angles.cos()], -1);
             var sin = cat([angles.sin(), angles.sin()], -1);
             var dy = randn(2, 300, heads, d, device: dev).to(ScalarType.BFloat16);
@@ -109,7 +109,7 @@ public static class KernelChecks
         foreach (long vocab in new long[] { 32000, 128256 })
         {
             var hidden = randn(1500, 256, device: dev).to(ScalarType.BFloat16);
-            var head = (randn(vocab, 256, device: dev) * 0.1).to(ScalarType.BFloat16);
+            var head = randn(vocab, 256, device: dev).Times(0.1).to(ScalarType.BFloat16);
             var targets = randint(0, vocab, [1500], dtype: ScalarType.Int64, device: dev);
             targets[TensorIndex.Slice(0, 1500, 7)] = tensor(-100L, device: dev); // ignored positions
             results.AddRange(Compare($"cross-entropy V={vocab}", ["loss", "d hidden"], dt =>

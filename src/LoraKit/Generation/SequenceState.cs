@@ -8,7 +8,7 @@ namespace LoraKit.Generation;
 /// context: prompt and output together never exceed <paramref name="contextLength"/> tokens) and the text already
 /// streamed. Used by <see cref="TextGenerator"/> and by the serving engine's batch rows alike.
 /// </summary>
-public sealed class SequenceState(int[] promptIds, SamplingOptions options, Tokenizer tokenizer, Action<string>? onText, int contextLength = int.MaxValue)
+internal sealed class SequenceState(int[] promptIds, SamplingOptions options, Tokenizer tokenizer, Action<string>? onText, int contextLength = int.MaxValue)
 {
     /// <summary>Refuses a prompt that leaves no room in the model's context (max_position_embeddings) for one new token.</summary>
     public static void CheckPromptFits(int promptTokens, int contextLength)

@@ -3,7 +3,7 @@ using static TorchSharp.torch;
 namespace LoraKit.IO;
 
 /// <summary>Mapping between safetensors dtype names and TorchSharp scalar types.</summary>
-public static class DTypes
+internal static class DTypes
 {
     /// <summary>Element size in bytes of every dtype the safetensors format defines; null when unknown.</summary>
     public static int? SizeOf(string dtype) => dtype switch

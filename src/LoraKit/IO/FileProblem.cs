@@ -4,7 +4,7 @@ namespace LoraKit.IO;
 /// Why a file could not be opened, in a few words for an error line that already names the file: a dangling link,
 /// a link loop, permissions — instead of the exception's type name or .NET's sentence with the path repeated.
 /// </summary>
-public static class FileProblem
+internal static class FileProblem
 {
     public static string Describe(string path, Exception e) => e switch
     {

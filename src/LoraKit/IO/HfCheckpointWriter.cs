@@ -10,7 +10,7 @@ namespace LoraKit.IO;
 /// files only: which tensors and which config a model has is the caller's (Models/CheckpointWriter).
 /// The directory is assembled under a temporary name and renamed into place, so a crash leaves no half checkpoint.
 /// </summary>
-public static class HfCheckpointWriter
+internal static class HfCheckpointWriter
 {
     static readonly string[] SideFiles =
         ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "generation_config.json"];

@@ -8,7 +8,7 @@ namespace LoraKit.IO;
 /// the file, the line and column, and what is wrong — never System.Text.Json's "Path: $ | LineNumber: 0" wording.
 /// A key given twice in one object is an error (the file is ambiguous: Python keeps the last, other readers the first).
 /// </summary>
-public static class JsonFiles
+internal static class JsonFiles
 {
     public static readonly JsonDocumentOptions Options = new() { AllowDuplicateProperties = false, MaxDepth = 128 };
 

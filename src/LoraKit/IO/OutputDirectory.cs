@@ -4,7 +4,7 @@ namespace LoraKit.IO;
 /// Checks made before anything is written to an output directory that must be new or empty, so a bad path fails at
 /// once with the reason instead of after minutes of work (and with a temporary directory left behind).
 /// </summary>
-public static class OutputDirectory
+internal static class OutputDirectory
 {
     public static void EnsureNewOrEmpty(string outDir)
     {

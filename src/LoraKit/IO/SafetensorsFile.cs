@@ -228,6 +228,8 @@ public sealed class SafetensorsFile : IDisposable
     }
 }
 
+/// <summary>A .safetensors file that cannot be read (bad header, offsets or dtype); <see cref="FilePath"/> names the file
+/// and <see cref="Problem"/> says what is wrong with it.</summary>
 public sealed class SafetensorsException(string path, string problem)
     : LoraKitException($"{path}: {problem}")
 {

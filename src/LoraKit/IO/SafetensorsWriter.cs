@@ -6,7 +6,7 @@ using static TorchSharp.torch;
 namespace LoraKit.IO;
 
 /// <summary>Writes tensors as one safetensors file (keys sorted, 8-byte aligned header), atomically via a temp file.</summary>
-public static class SafetensorsWriter
+internal static class SafetensorsWriter
 {
     public static void Save(string path, IReadOnlyDictionary<string, Tensor> tensors, IReadOnlyDictionary<string, string>? metadata = null)
     {

@@ -88,7 +88,7 @@ public static class AdapterCombiner
                 {
                     case "cat":
                     {
-                        var catA = cat(present.Select(p => layer.Adapters[p.a].A * (p.w * layer.Adapters[p.a].Scaling)).ToArray(), 0);
+                        var catA = cat(present.Select(p => layer.Adapters[p.a].A.Times(p.w * layer.Adapters[p.a].Scaling)).ToArray(), 0);
                         var catB = cat(present.Select(p => (Tensor)layer.Adapters[p.a].B).ToArray(), 1);
                         a[..(int)catA.shape[0]] = catA;
                         b[.., ..(int)catB.shape[1]] = catB;
@@ -98,14 +98,14 @@ public static class AdapterCombiner
                         foreach (var (name, w) in present)
                         {
                             double ws = w * layer.Adapters[name].Scaling;
-                            a.add_(layer.Adapters[name].A * (Math.Sqrt(Math.Abs(ws)) * Math.Sign(ws == 0 ? 1 : ws)));
-                            b.add_(layer.Adapters[name].B * Math.Sqrt(Math.Abs(ws)));
+                            a.PlusInPlace(layer.Adapters[name].A.Times(Math.Sqrt(Math.Abs(ws)) * Math.Sign(ws == 0 ? 1 : ws)));
+                            b.PlusInPlace(layer.Adapters[name].B.Times(Math.Sqrt(Math.Abs(ws))));
                         }
                         break;
                     case "svd":
                     {
                         var delta = zeros(outF, inF, ScalarType.Float32, lm.Model.Device);
-                        foreach (var (name, w) in present) delta.add_(layer.DeltaWeight(name) * w);
+                        foreach (var (name, w) in present) delta.PlusInPlace(layer.DeltaWeight(name).Times(w));
                         var (u, s, vh) = linalg.svd(delta, fullMatrices: true);
                         int k = (int)Math.Min(newRank, s.shape[0]);
                         b[.., ..k] = u[.., ..k].matmul(diag(s[..k]));

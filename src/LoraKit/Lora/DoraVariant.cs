@@ -30,7 +30,7 @@ public sealed class DoraVariant : ILoraVariant
 
     /// <summary>‖W + s·L‖ per output row, in the sum's dtype (PEFT's get_weight_norm).</summary>
     static Tensor WeightNorm(Tensor weight, Tensor loraWeight, double scaling) =>
-        linalg.vector_norm(weight + loraWeight * scaling, 2, [1]);
+        weight.Plus(loraWeight.Times(scaling)).norm(1); // = linalg.vector_norm(·, 2, [1]), which frees its own ord Scalar too early
 
     /// <summary>PEFT's update_layer: m = ‖W + s·B·A‖ with the adapter's initial A and B (fp32, trainable).</summary>
     public void Init(Models.Linear baseLayer, LoraWeights w)
@@ -56,7 +56,7 @@ public sealed class DoraVariant : ILoraVariant
         // Without dropout the base result is the running result less the bias; with it, the dropped-out input's.
         var baseResult = dropout is not null ? nn.functional.linear(x, weight)
             : baseLayer.bias is { } bias ? result - bias : result;
-        return result + ((scale - 1) * baseResult + scale * lora * w.Scaling);
+        return result.Plus(scale.Minus(1).mul(baseResult).Plus(scale.mul(lora).Times(w.Scaling)));
     }
 
     /// <summary>PEFT's merge_safe: W' = (m / ‖W + ΔW‖) · (W + ΔW), the norm kept for the unmerge.</summary>
@@ -64,7 +64,7 @@ public sealed class DoraVariant : ILoraVariant
     {
         var norm = WeightNorm(weight, delta, 1.0);
         cache = norm;
-        return (w.Magnitude! / norm).view(-1, 1) * (weight + delta);
+        return (w.Magnitude! / norm).view(-1, 1) * weight.Plus(delta);
     }
 
     /// <summary>PEFT's unmerge: W = W' / (m / ‖W + ΔW‖) − ΔW, with the norm the merge used.</summary>

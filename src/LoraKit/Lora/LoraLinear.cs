@@ -146,7 +146,7 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         var down = nn.functional.linear(x2, w.A.to(x.dtype));                                // [N, r]
         var shape = x.shape.ToArray();
         shape[^1] = base_layer.OutFeatures;
-        return LoraProjection.Compute(x2, down, (w.B * w.Scaling).to(x.dtype), base_layer).view(shape).MoveToOuterDisposeScope();
+        return LoraProjection.Compute(x2, down, w.B.Times(w.Scaling).to(x.dtype), base_layer).view(shape).MoveToOuterDisposeScope();
     }
 
     Tensor InInputDtype(Tensor x, Tensor result)
@@ -211,7 +211,7 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         var h = x.dim() == 2 ? x.unsqueeze(1) : x;                // [B, T, in]
         var lora = h.bmm(ar.transpose(1, 2)).bmm(br.transpose(1, 2)) * sr;
         if (x.dim() == 2) lora = lora.squeeze(1);
-        return result + lora.to(result.dtype);
+        return result.Plus(lora.to(result.dtype));
     }
 
     (Tensor a, Tensor b, Tensor scale, Dictionary<string, int> slotOf)? _stack;

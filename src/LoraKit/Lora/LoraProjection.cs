@@ -83,7 +83,7 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
             {
                 var shape = x.shape.ToArray();
                 shape[^1] = r.b.OutFeatures;
-                return Compute(x2, downs[i]?.H, r.l is { } w ? (w.B * w.Scaling).to(x.dtype) : null, r.b).view(shape).MoveToOuterDisposeScope();
+                return Compute(x2, downs[i]?.H, r.l is { } w ? w.B.Times(w.Scaling).to(x.dtype) : null, r.b).view(shape).MoveToOuterDisposeScope();
             }).ToArray();
         }
         var shared = x.requires_grad ? new SharedInputGrad(modules.Length) : null; // else only the adapters need grads
@@ -132,7 +132,7 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
         Tensor? h = null, a16 = null, sb16 = null;
         if (args.Lora is { } w)
         {
-            sb16 = (w.B * w.Scaling).to(x.dtype);
+            sb16 = w.B.Times(w.Scaling).to(x.dtype);
             (h, a16) = args.Down is { } g ? (g.H, g.A16) : (nn.functional.linear(x2, a16 = w.A.to(x.dtype)), a16);  // [N, r]
         }
         if (args.Mode != Output.Compute) Interlocked.Increment(ref _skipped);
@@ -167,7 +167,7 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
     {
         using var grad = p.grad;
         if (grad is null) return false;
-        grad.add_(g, scale);
+        grad.PlusInPlace(g, scale);
         return true;
     }
 
@@ -208,7 +208,7 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
                     var gA = dh!.t().mm(x2);
                     if (AccumulateInto(w.A, gA, 1.0) is false) dA = gA.to(w.A.dtype).MoveToOuterDisposeScope();
                 }
-                if (AccumulateInto(w.B, gB, w.Scaling) is false) dB = gB.to(w.B.dtype).mul_(w.Scaling).MoveToOuterDisposeScope();
+                if (AccumulateInto(w.B, gB, w.Scaling) is false) dB = gB.to(w.B.dtype).TimesInPlace(w.Scaling).MoveToOuterDisposeScope();
             }
             dy.Dispose();
         }

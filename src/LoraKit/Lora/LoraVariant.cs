@@ -59,13 +59,13 @@ public sealed class LoraVariant : ILoraVariant
     public void Init(Models.Linear baseLayer, LoraWeights w) { }
     /// <inheritdoc/>
     public Tensor Forward(Models.Linear baseLayer, LoraWeights w, Tensor x, Tensor result, Func<Tensor, Tensor>? dropout) =>
-        result + w.Term(dropout is null ? x : dropout(x));
+        result.Plus(w.Term(dropout is null ? x : dropout(x)));
 
     /// <inheritdoc/>
     public Tensor Merged(LoraWeights w, Tensor weight, Tensor delta, out Tensor? cache)
     {
         cache = null;
-        return weight + delta;
+        return weight.Plus(delta);
     }
 
     /// <inheritdoc/>

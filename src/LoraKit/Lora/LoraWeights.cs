@@ -50,7 +50,7 @@ public sealed class LoraWeights
 
     /// <summary>s·B·(A·h) in h's dtype (the weights cast to it): the LoRA term, written once.</summary>
     public Tensor Term(Tensor h) =>
-        nn.functional.linear(nn.functional.linear(h, A.to(h.dtype)), B.to(h.dtype)) * Scaling;
+        nn.functional.linear(nn.functional.linear(h, A.to(h.dtype)), B.to(h.dtype)).Times(Scaling);
 
     /// <summary>acc + s·(h·Aᵀ)·Bᵀ on 2-D [tokens, ·] tensors, the addition fused into the second GEMM (addmm).</summary>
     public Tensor AddTerm(Tensor acc, Tensor h) =>
@@ -60,7 +60,7 @@ public sealed class LoraWeights
     public Tensor Delta()
     {
         using var _ = no_grad();
-        return B.to(ScalarType.Float32).matmul(A.to(ScalarType.Float32)) * Scaling;
+        return B.to(ScalarType.Float32).matmul(A.to(ScalarType.Float32)).Times(Scaling);
     }
 
     /// <summary>The tensors PEFT saves for this adapter, by key suffix (lora_A.weight, lora_B.weight, lora_magnitude_vector).</summary>

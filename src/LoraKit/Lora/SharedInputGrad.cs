@@ -61,7 +61,7 @@ public sealed class SharedInputGrad(int consumers)
         {
             using var grad = a!.grad!;
             using var rows = all.narrow(0, offset, dh.shape[1]);
-            grad.add_(rows);
+            grad.PlusInPlace(rows);
             offset += dh.shape[1];
         }
     }
@@ -70,6 +70,6 @@ public sealed class SharedInputGrad(int consumers)
     {
         using var grad = a.grad!;
         using var g = dh.t().mm(_x!);
-        grad.add_(g);
+        grad.PlusInPlace(g);
     }
 }

@@ -69,7 +69,7 @@ public sealed class SwiGluDown : autograd.SingleTensorFunction<SwiGluDown>
         if (Runtime.Cuda.FusedKernels.Usable(da, g, u)) return Runtime.Cuda.FusedKernels.SwiGluBackward(da, g, u, product);
         var sig = g.sigmoid();
         var du = da * (g * sig);
-        var dg = (da * u).mul_(sig).mul_(g * (1 - sig) + 1);
+        var dg = (da * u).mul_(sig).mul_(g.mul(ScalarOps.Subtract(1, sig)).Plus(1));
         return (dg, du, product ? Product(g, u) : null);
     }
 
@@ -89,7 +89,7 @@ public sealed class SwiGluDown : autograd.SingleTensorFunction<SwiGluDown>
             Tensor da;
             if (args.Lora is { } w)
             {
-                dh = dy2.mm(w.B.to(dy.dtype)).mul_(w.Scaling);                         // s·dy·B, [N, r]
+                dh = dy2.mm(w.B.to(dy.dtype)).TimesInPlace(w.Scaling);                         // s·dy·B, [N, r]
                 da = dh.mm(w.A.to(dy.dtype)).addmm_(dy2, args.Down.weight);
             }
             else da = dy2.mm(args.Down.weight);
@@ -99,7 +99,7 @@ public sealed class SwiGluDown : autograd.SingleTensorFunction<SwiGluDown>
                 var a2 = a!.view(-1, g.shape[^1]);
                 if (args.OutputUnused) h = a2.mm(lw.A.to(dy.dtype).t());              // a replay's forward kept no h
                 dA = dh!.t().mm(a2).to(lw.A.dtype).MoveToOuterDisposeScope();
-                dB = dy2.t().mm(h).mul_(lw.Scaling).to(lw.B.dtype).MoveToOuterDisposeScope();
+                dB = dy2.t().mm(h).TimesInPlace(lw.Scaling).to(lw.B.dtype).MoveToOuterDisposeScope();
             }
             dg = dg.MoveToOuterDisposeScope();
             du = du.MoveToOuterDisposeScope();

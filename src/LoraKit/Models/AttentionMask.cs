@@ -15,10 +15,10 @@ public static class AttentionMask
         if (padding is null && segments is null && past == 0 && !windowMatters) return null;
         using var scope = NewDisposeScope();
         long s = past + t;
-        var q = arange(past, s, ScalarType.Int64, device).unsqueeze(1);   // [T, 1] absolute query positions
-        var k = arange(0, s, ScalarType.Int64, device).unsqueeze(0);      // [1, S]
+        var q = ScalarOps.Range(past, s, ScalarType.Int64, device).unsqueeze(1);   // [T, 1] absolute query positions
+        var k = ScalarOps.Range(0, s, ScalarType.Int64, device).unsqueeze(0);      // [1, S]
         var allowed = k <= q;
-        if (window is int win) allowed = allowed.logical_and(q - k < win);
+        if (window is int win) allowed = allowed.logical_and((q - k).LessThan(win));
         var mask = allowed.unsqueeze(0).unsqueeze(0);                    // [1, 1, T, S]
         if (padding is not null)
             mask = mask.logical_and(padding.to(ScalarType.Bool).unsqueeze(1).unsqueeze(1)); // [B, 1, T, S]

@@ -93,7 +93,7 @@ public sealed class RandomWeights(ScalarType dtype, Device device, long seed = 0
     {
         if (name.EndsWith("norm.weight", StringComparison.Ordinal)) return ones(shape, DType, Device);
         if (name.EndsWith(".bias", StringComparison.Ordinal)) return zeros(shape, DType, Device);
-        using var t = randn(shape, ScalarType.Float32, generator: _gen) * std;
+        using var t = randn(shape, ScalarType.Float32, generator: _gen).Times(std);
         return t.to(DType, Device);
     }
 }

@@ -8,7 +8,7 @@ namespace LoraKit.Runtime;
 /// checkpointed llama-8b bench, same speed). A <c>PYTORCH_CUDA_ALLOC_CONF</c> the user set is left as it is. The
 /// variable goes through libc's <c>setenv</c>: .NET's own environment block is not what libtorch's <c>getenv</c> reads.
 /// </summary>
-public static class CudaAllocatorConfig
+internal static class CudaAllocatorConfig
 {
     public const string Variable = "PYTORCH_CUDA_ALLOC_CONF";
     public const string Default = "expandable_segments:True";

@@ -6,7 +6,7 @@ namespace LoraKit.Runtime;
 /// cudaProfilerStart/Stop from the CUDA runtime libtorch already loaded, so an external profiler (ncu/nsys with
 /// "profile from start" off) records only the marked range. Does nothing when no CUDA runtime is loaded.
 /// </summary>
-public static class CudaProfiler
+internal static class CudaProfiler
 {
     delegate int Call();
     static readonly (Call? start, Call? stop) Fns = Load();

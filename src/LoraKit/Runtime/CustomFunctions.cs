@@ -17,7 +17,7 @@ namespace LoraKit.Runtime;
 /// </list>
 /// Both reach into TorchSharp internals by name; a version that renames them fails loudly here (and in the tests).
 /// </summary>
-public static class CustomFunctions
+internal static class CustomFunctions
 {
     static readonly FieldInfo NodeField = typeof(autograd.AutogradContext).GetField("_node", BindingFlags.Instance | BindingFlags.NonPublic)
         ?? throw new MissingFieldException("TorchSharp AutogradContext._node (TorchSharp version changed?)");

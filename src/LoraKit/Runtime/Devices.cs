@@ -8,7 +8,7 @@ namespace LoraKit.Runtime;
 /// installation (see README, "GPU"). The <c>./lorakit</c> script arranges that when <c>LORAKIT_TORCH_LIB</c> is set or
 /// <c>python3 -c 'import torch'</c> finds a CUDA-enabled torch.
 /// </summary>
-public static class Devices
+internal static class Devices
 {
     public static Device Resolve(string name)
     {

@@ -16,7 +16,7 @@ namespace LoraKit.Runtime;
 /// flag; <c>std::optional&lt;double&gt;</c> is passed by value (on the stack here: the six integer registers are taken).
 /// </para>
 /// </summary>
-public static unsafe class GqaAttention
+internal static unsafe class GqaAttention
 {
     [StructLayout(LayoutKind.Sequential)]
     struct OptionalTensor { public IntPtr Impl; public byte Engaged; }

@@ -42,7 +42,7 @@ public sealed class RngStream(ulong seed) : IDisposable
             keep = empty_like(x).bernoulli_(1 - p);
         }
         else keep = empty_like(x).bernoulli_(1 - p, _gen);
-        return (x * keep).mul_(1.0 / (1 - p)).MoveToOuterDisposeScope();
+        return (x * keep).TimesInPlace(1.0 / (1 - p)).MoveToOuterDisposeScope();
     }
 
     public void Dispose() => _gen.Dispose();

@@ -3,6 +3,8 @@ using LoraKit.Lora;
 
 namespace LoraKit.Serving;
 
+/// <summary>A requested adapter name that is not a plain name (letters, digits, '.', '_', '-') or that resolves outside the
+/// adapters directory; the server answers it as a client error.</summary>
 public sealed class AdapterNameException(string message) : LoraKitException(message);
 
 /// <summary>

@@ -3,7 +3,7 @@ using System.Globalization;
 namespace LoraKit.Templating;
 
 /// <summary>Jinja's globals, filters, tests, operators and the Python methods chat templates call on values.</summary>
-public static class Builtins
+internal static class Builtins
 {
     public static Dictionary<string, object?> Globals() => new()
     {

@@ -6,7 +6,7 @@ namespace LoraKit.Templating;
 /// Evaluates a parsed template. Scoping follows Jinja: <c>for</c> bodies and macros get their own scope (so a
 /// <c>set</c> inside a loop does not leak out), <c>if</c> does not; <c>namespace()</c> objects carry state across.
 /// </summary>
-public sealed class Interpreter
+internal sealed class Interpreter
 {
     readonly List<Dictionary<string, object?>> _scopes = [];
 

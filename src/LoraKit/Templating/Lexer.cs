@@ -2,16 +2,16 @@ using System.Text;
 
 namespace LoraKit.Templating;
 
-public enum TokKind { Text, VarStart, VarEnd, BlockStart, BlockEnd, Name, String, Int, Float, Op, End }
+internal enum TokKind { Text, VarStart, VarEnd, BlockStart, BlockEnd, Name, String, Int, Float, Op, End }
 
-public readonly record struct Tok(TokKind Kind, string Value, int Line);
+internal readonly record struct Tok(TokKind Kind, string Value, int Line);
 
 /// <summary>
 /// Splits a Jinja template into text and tag tokens, applying whitespace control the way transformers configures
 /// Jinja for chat templates: <c>-</c> markers strip all adjacent whitespace, <c>trim_blocks</c> drops the newline
 /// after a block tag and <c>lstrip_blocks</c> drops indentation before one.
 /// </summary>
-public static class Lexer
+internal static class Lexer
 {
     static readonly string[] Ops = ["**", "//", "==", "!=", "<=", ">=", "+", "-", "*", "/", "%", "~", "<", ">", "(", ")", "[", "]", "{", "}", ",", ".", ":", "|", "="];
 

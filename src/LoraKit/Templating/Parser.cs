@@ -1,33 +1,33 @@
 namespace LoraKit.Templating;
 
 // ---- AST ----
-public abstract record Node(int Line);
-public sealed record TextNode(string Text, int Line) : Node(Line);
-public sealed record OutputNode(Expr Value, int Line) : Node(Line);
-public sealed record IfNode(List<(Expr cond, List<Node> body)> Branches, List<Node>? Else, int Line) : Node(Line);
-public sealed record ForNode(List<string> Targets, Expr Iter, Expr? Filter, List<Node> Body, List<Node>? Else, int Line) : Node(Line);
-public sealed record SetNode(string Name, string? Attr, Expr? Value, List<Node>? Block, int Line) : Node(Line);
-public sealed record MacroNode(string Name, List<(string name, Expr? dflt)> Params, List<Node> Body, int Line) : Node(Line);
-public sealed record LoopControlNode(bool IsBreak, int Line) : Node(Line);
-public sealed record CallBlockNode(Expr Call, List<Node> Body, int Line) : Node(Line);
+internal abstract record Node(int Line);
+internal sealed record TextNode(string Text, int Line) : Node(Line);
+internal sealed record OutputNode(Expr Value, int Line) : Node(Line);
+internal sealed record IfNode(List<(Expr cond, List<Node> body)> Branches, List<Node>? Else, int Line) : Node(Line);
+internal sealed record ForNode(List<string> Targets, Expr Iter, Expr? Filter, List<Node> Body, List<Node>? Else, int Line) : Node(Line);
+internal sealed record SetNode(string Name, string? Attr, Expr? Value, List<Node>? Block, int Line) : Node(Line);
+internal sealed record MacroNode(string Name, List<(string name, Expr? dflt)> Params, List<Node> Body, int Line) : Node(Line);
+internal sealed record LoopControlNode(bool IsBreak, int Line) : Node(Line);
+internal sealed record CallBlockNode(Expr Call, List<Node> Body, int Line) : Node(Line);
 
-public abstract record Expr(int Line);
-public sealed record Literal(object? Value, int Line) : Expr(Line);
-public sealed record NameExpr(string Name, int Line) : Expr(Line);
-public sealed record ListExpr(List<Expr> Items, int Line) : Expr(Line);
-public sealed record DictExpr(List<(Expr key, Expr value)> Items, int Line) : Expr(Line);
-public sealed record AttrExpr(Expr Target, string Name, int Line) : Expr(Line);
-public sealed record IndexExpr(Expr Target, Expr Index, int Line) : Expr(Line);
-public sealed record SliceExpr(Expr Target, Expr? Start, Expr? Stop, Expr? Step, int Line) : Expr(Line);
-public sealed record CallExpr(Expr Target, List<Expr> Args, List<(string name, Expr value)> Kwargs, int Line) : Expr(Line);
-public sealed record FilterExpr(Expr Target, string Name, List<Expr> Args, List<(string name, Expr value)> Kwargs, int Line) : Expr(Line);
-public sealed record TestExpr(Expr Target, string Name, List<Expr> Args, bool Negated, int Line) : Expr(Line);
-public sealed record UnaryExpr(string Op, Expr Operand, int Line) : Expr(Line);
-public sealed record BinaryExpr(string Op, Expr Left, Expr Right, int Line) : Expr(Line);
-public sealed record CondExpr(Expr Cond, Expr Then, Expr? Else, int Line) : Expr(Line);
+internal abstract record Expr(int Line);
+internal sealed record Literal(object? Value, int Line) : Expr(Line);
+internal sealed record NameExpr(string Name, int Line) : Expr(Line);
+internal sealed record ListExpr(List<Expr> Items, int Line) : Expr(Line);
+internal sealed record DictExpr(List<(Expr key, Expr value)> Items, int Line) : Expr(Line);
+internal sealed record AttrExpr(Expr Target, string Name, int Line) : Expr(Line);
+internal sealed record IndexExpr(Expr Target, Expr Index, int Line) : Expr(Line);
+internal sealed record SliceExpr(Expr Target, Expr? Start, Expr? Stop, Expr? Step, int Line) : Expr(Line);
+internal sealed record CallExpr(Expr Target, List<Expr> Args, List<(string name, Expr value)> Kwargs, int Line) : Expr(Line);
+internal sealed record FilterExpr(Expr Target, string Name, List<Expr> Args, List<(string name, Expr value)> Kwargs, int Line) : Expr(Line);
+internal sealed record TestExpr(Expr Target, string Name, List<Expr> Args, bool Negated, int Line) : Expr(Line);
+internal sealed record UnaryExpr(string Op, Expr Operand, int Line) : Expr(Line);
+internal sealed record BinaryExpr(string Op, Expr Left, Expr Right, int Line) : Expr(Line);
+internal sealed record CondExpr(Expr Cond, Expr Then, Expr? Else, int Line) : Expr(Line);
 
 /// <summary>Recursive-descent parser for the Jinja subset chat templates use, with Jinja's operator precedence.</summary>
-public sealed class Parser
+internal sealed class Parser
 {
     readonly List<Tok> _t;
     int _p, _depth;

@@ -4,20 +4,20 @@ using System.Text;
 namespace LoraKit.Templating;
 
 /// <summary>Jinja's undefined value: empty when printed or iterated, false when tested.</summary>
-public sealed class Undefined
+internal sealed class Undefined
 {
     public static readonly Undefined Instance = new();
     Undefined() { }
 }
 
 /// <summary>A <c>namespace(...)</c> object: the one mutable value templates can assign attributes on.</summary>
-public sealed class Namespace : Dictionary<string, object?>;
+internal sealed class Namespace : Dictionary<string, object?>;
 
 /// <summary>A callable value (global function, macro, bound method).</summary>
-public delegate object? Callable(List<object?> args, Dictionary<string, object?> kwargs);
+internal delegate object? Callable(List<object?> args, Dictionary<string, object?> kwargs);
 
 /// <summary>Python semantics for the values templates see: truthiness, str(), repr(), equality, ordering, JSON.</summary>
-public static class PyValues
+internal static class PyValues
 {
     public static bool Truthy(object? v) => v switch
     {

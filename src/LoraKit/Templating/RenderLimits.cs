@@ -8,7 +8,7 @@ namespace LoraKit.Templating;
 /// overflowing the stack, growing to gigabytes or looping for hours. Real chat templates stay orders of magnitude below
 /// every limit. The budget is per rendering and per thread (a rendering never leaves its thread).
 /// </summary>
-public static class RenderLimits
+internal static class RenderLimits
 {
     /// <summary>Nesting of statements, expressions and macro calls (Jinja templates nest a few levels; recursion for JSON schemas a few dozen).</summary>
     public const int MaxDepth = 250;

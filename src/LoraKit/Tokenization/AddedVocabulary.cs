@@ -3,13 +3,13 @@ using System.Text.Json;
 namespace LoraKit.Tokenization;
 
 /// <summary>One entry of tokenizer.json's "added_tokens".</summary>
-public sealed record AddedToken(int Id, string Content, bool Special, bool LStrip, bool RStrip, bool SingleWord, bool Normalized);
+internal sealed record AddedToken(int Id, string Content, bool Special, bool LStrip, bool RStrip, bool SingleWord, bool Normalized);
 
 /// <summary>
 /// Added tokens are matched in the raw text before anything else (leftmost, longest first, as HF's Aho-Corasick
 /// matcher does); the text between them goes through the normal pipeline.
 /// </summary>
-public sealed class AddedVocabulary
+internal sealed class AddedVocabulary
 {
     readonly List<AddedToken> _tokens;
     readonly Dictionary<int, AddedToken> _byId;

@@ -7,7 +7,7 @@ namespace LoraKit.Tokenization;
 /// tokenizer.json "model" of type BPE: merges applied lowest-rank-first (leftmost on ties), as HF tokenizers does,
 /// with <c>ignore_merges</c> (Llama 3), byte fallback to &lt;0xXX&gt; tokens (Llama 2, Mistral) and unk fusing.
 /// </summary>
-public sealed class BpeModel
+internal sealed class BpeModel
 {
     readonly Dictionary<string, int> _vocab;
     readonly Dictionary<(int, int), (int rank, int id)> _merges = [];

@@ -1,7 +1,7 @@
 namespace LoraKit.Tokenization;
 
 /// <summary>GPT-2's reversible byte ↔ printable-character map used by byte-level BPE.</summary>
-public static class ByteLevelAlphabet
+internal static class ByteLevelAlphabet
 {
     public static readonly char[] ByteToChar = Build();
     public static readonly Dictionary<char, byte> CharToByte = ByteToChar.Select((c, b) => (c, b)).ToDictionary(x => x.c, x => (byte)x.b);

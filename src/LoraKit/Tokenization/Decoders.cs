@@ -5,7 +5,7 @@ using System.Text.Json;
 namespace LoraKit.Tokenization;
 
 /// <summary>tokenizer.json "decoder" section: a chain over the token strings, joined at the end.</summary>
-public static class Decoders
+internal static class Decoders
 {
     public delegate List<string> Step(List<string> tokens);
 

@@ -4,7 +4,7 @@ using System.Text.Json;
 namespace LoraKit.Tokenization;
 
 /// <summary>tokenizer.json "normalizer" section: string → string, applied to each piece between added tokens.</summary>
-public static class Normalizers
+internal static class Normalizers
 {
     public static Func<string, string> Build(JsonElement n)
     {

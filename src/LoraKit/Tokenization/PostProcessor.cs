@@ -3,7 +3,7 @@ using System.Text.Json;
 namespace LoraKit.Tokenization;
 
 /// <summary>tokenizer.json "post_processor": adds special tokens (BOS…) around a single sequence.</summary>
-public static class PostProcessor
+internal static class PostProcessor
 {
     /// <summary>The ids a (validated) post_processor adds, with their names, to check against the vocabulary.</summary>
     public static IEnumerable<(string name, int id)> SpecialIds(JsonElement p)

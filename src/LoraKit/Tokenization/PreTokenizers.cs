@@ -8,7 +8,7 @@ namespace LoraKit.Tokenization;
 /// Each step maps a list of words to a new list; <c>isFirst</c> says whether the piece starts the original text
 /// (Metaspace's prepend_scheme "first").
 /// </summary>
-public static class PreTokenizers
+internal static class PreTokenizers
 {
     public delegate List<string> Step(List<string> words, bool isFirst);
 

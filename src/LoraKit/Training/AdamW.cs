@@ -75,11 +75,12 @@ public sealed class AdamW : IDisposable
         double bc2Sqrt = Math.Sqrt(1 - Math.Pow(_beta2, StepCount));
         foreach (var g in _groups)
         {
-            if (_weightDecay != 0) g.Values.mul_(1 - lr * _weightDecay);
-            g.M.lerp_(g.Grads, 1 - _beta1);
-            g.V.mul_(_beta2).addcmul_(g.Grads, g.Grads, 1 - _beta2);
-            using var denom = g.V.sqrt().div_(bc2Sqrt).add_(_eps);
-            g.Values.addcdiv_(g.M, denom, -lr / bc1);
+            if (_weightDecay != 0) g.Values.TimesInPlace(1 - lr * _weightDecay);
+            using Tensor weight = 1 - _beta1; // held: an implicit tensor outside a dispose scope could be finalized mid-call
+            g.M.lerp_(g.Grads, weight);
+            g.V.TimesInPlace(_beta2).AddcmulInPlace(g.Grads, g.Grads, 1 - _beta2);
+            using var denom = g.V.sqrt().DividedByInPlace(bc2Sqrt).PlusInPlace(_eps);
+            g.Values.AddcdivInPlace(g.M, denom, -lr / bc1);
         }
     }
 
@@ -97,7 +98,7 @@ public sealed class AdamW : IDisposable
         var total = stack(_groups.Select(g => g.Grads.to(ScalarType.Float32).norm()).ToArray()).norm();
         double norm = total.item<float>(); // the step's one synchronisation: the logged norm and the clip decision need it
         double coef = maxNorm / (norm + 1e-6);
-        if (maxNorm > 0 && coef < 1) foreach (var g in _groups) g.Grads.mul_(coef);
+        if (maxNorm > 0 && coef < 1) foreach (var g in _groups) g.Grads.TimesInPlace(coef);
         return norm;
     }
 

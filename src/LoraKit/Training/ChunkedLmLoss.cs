@@ -54,12 +54,12 @@ public sealed class ChunkedLmLoss : autograd.SingleTensorFunction<ChunkedLmLoss>
             if (Runtime.Cuda.FusedKernels.Usable(logits))
             {
                 // One fused pass per row: fp32 loss and the gradient written over the logits (ignored rows: zero).
-                total.add_(Runtime.Cuda.FusedKernels.CrossEntropyInPlace(logits, t.contiguous()).sum());
+                total.PlusInPlace(Runtime.Cuda.FusedKernels.CrossEntropyInPlace(logits, t.contiguous()).sum());
                 gradHidden.narrow(0, s, len).copy_(logits.matmul(weight));
                 continue;
             }
-            var valid = t.ne(Data.Sample.IgnoreIndex);
-            var safeT = t.clamp_min(0).unsqueeze(1);
+            var valid = t.NotEqual(Data.Sample.IgnoreIndex);
+            var safeT = t.ClampMin(0).unsqueeze(1);
             // Loss in fp32 as transformers computes it (log-softmax of the fp32-upcast logits), read straight from the
             // head's output; one kernel instead of an fp32 copy plus logsumexp.
             var logProbs = logits.log_softmax(1, ScalarType.Float32);
@@ -67,7 +67,7 @@ public sealed class ChunkedLmLoss : autograd.SingleTensorFunction<ChunkedLmLoss>
             logProbs.Dispose();
             // d loss / d logits = softmax − one-hot, rounded to the head's dtype as transformers' cast back does.
             var g = logits.softmax(1);
-            g.scatter_add_(1, safeT, full_like(safeT, -1.0, g.dtype));
+            g.scatter_add_(1, safeT, ScalarOps.FullLike(safeT, -1.0, g.dtype));
             // Ignored rows: zero their [hidden] result rather than their [V] gradient row.
             gradHidden.narrow(0, s, len).copy_(g.matmul(weight).mul_(valid.unsqueeze(1)));
         }

@@ -47,7 +47,7 @@ public sealed class GraphedStep(Func<Batch, Tensor> lossSum, bool capture = true
         using (no_grad())
         {
             Copy(batch, _inputs!);
-            _scale!.fill_(scale);
+            _scale!.FillInPlace(scale);
         }
         _graph.Replay();
         Replays++;
@@ -57,7 +57,7 @@ public sealed class GraphedStep(Func<Batch, Tensor> lossSum, bool capture = true
     Tensor Eager(Batch batch, double scale)
     {
         var loss = lossSum(batch);
-        (loss * scale).backward();
+        loss.Times(scale).backward();
         return loss.detach();
     }
 

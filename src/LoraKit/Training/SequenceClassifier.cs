@@ -101,9 +101,9 @@ public sealed class SequenceClassifier : IDisposable
     {
         using var scope = NewDisposeScope();
         var real = mask.to(ScalarType.Bool);
-        if (padTokenId is int pad) real = real.logical_and(ids.ne(pad));
-        var index = (arange(ids.shape[1], device: ids.device).unsqueeze(0) * real.to(ScalarType.Int64)).argmax(1);
-        return hidden[arange(hidden.shape[0], device: hidden.device), index].MoveToOuterDisposeScope();
+        if (padTokenId is int pad) real = real.logical_and(ids.NotEqual(pad));
+        var index = (ScalarOps.Range(ids.shape[1], ids.device).unsqueeze(0) * real.to(ScalarType.Int64)).argmax(1);
+        return hidden[ScalarOps.Range(hidden.shape[0], hidden.device), index].MoveToOuterDisposeScope();
     }
 
     /// <summary>Summed cross-entropy over the batch (labels are the samples' single label index).</summary>

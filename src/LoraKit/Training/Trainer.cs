@@ -293,7 +293,7 @@ public sealed class Trainer : IDisposable
             {
                 using var b = Batches.Collate(SequenceClassifier.Inputs(rows), padId, device);
                 var loss = classifier.LossSum(b, SequenceClassifier.LabelTensor(rows, device));
-                (loss * scale).backward();
+                loss.Times(scale).backward();
                 return loss.detach();
             };
         if (graphed) log.Info("CUDA graph: the training step is captured after its first batch and replayed for batches of the same shape (`cuda_graph` off to disable)");

@@ -10,7 +10,7 @@ namespace LoraKit.Runtime.Cuda;
 /// event waits fork the copy stream into the graph and join it back, and the copies become memcpy nodes (their host
 /// buffers must then stay where they are for as long as the graph lives).
 /// </summary>
-public sealed class CopyStream : IDisposable
+internal sealed class CopyStream : IDisposable
 {
     delegate int StreamCreateFn(out IntPtr stream, uint flags);
     delegate int HandleFn(IntPtr handle);

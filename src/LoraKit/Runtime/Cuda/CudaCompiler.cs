@@ -10,7 +10,7 @@ namespace LoraKit.Runtime.Cuda;
 /// their device pointers. Everything is loaded lazily; when any piece is missing <see cref="TryLoad"/> returns null and
 /// callers keep their TorchSharp path.
 /// </summary>
-public sealed class CudaCompiler
+internal sealed class CudaCompiler
 {
     // ---- driver API (libcuda) and NVRTC entry points, bound at run time ----
     [UnmanagedFunctionPointer(CallingConvention.Cdecl)] delegate int CuInit(uint flags);

@@ -11,7 +11,7 @@ namespace LoraKit.Runtime.Cuda;
 /// work must be static: same shapes, no host synchronisation, no host-to-device copy, no random numbers.
 /// </para>
 /// </summary>
-public sealed class CudaGraph : IDisposable
+internal sealed class CudaGraph : IDisposable
 {
     delegate int BeginCaptureFn(IntPtr stream, int mode);
     delegate int EndCaptureFn(IntPtr stream, out IntPtr graph);

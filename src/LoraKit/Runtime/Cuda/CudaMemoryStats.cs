@@ -4,7 +4,7 @@ using static TorchSharp.torch;
 namespace LoraKit.Runtime.Cuda;
 
 /// <summary>Bytes held by libtorch's CUDA caching allocator on one device, as <c>torch.cuda.memory_stats</c> reports them.</summary>
-public readonly record struct CudaMemory(long Allocated, long PeakAllocated, long Reserved, long PeakReserved)
+internal readonly record struct CudaMemory(long Allocated, long PeakAllocated, long Reserved, long PeakReserved)
 {
     public static double Gib(long bytes) => bytes / (double)(1L << 30);
 }
@@ -23,7 +23,7 @@ public readonly record struct CudaMemory(long Allocated, long PeakAllocated, lon
 /// The first read checks that layout against a fresh 4 MiB allocation and turns the reader off if it does not hold.
 /// </para>
 /// </summary>
-public static unsafe class CudaMemoryStats
+internal static unsafe class CudaMemoryStats
 {
     const int StatBytes = 32, ArrayBytes = 3 * StatBytes;
     const int AllocatedOffset = 4 * ArrayBytes, ReservedOffset = 5 * ArrayBytes;

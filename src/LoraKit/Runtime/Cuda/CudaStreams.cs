@@ -11,7 +11,7 @@ namespace LoraKit.Runtime.Cuda;
 /// setter is not exported by PyTorch's wheels). <c>c10::cuda::CUDAStream</c> is a trivially copyable 16-byte value
 /// (device type and index, then the stream id), passed and returned in registers like <see cref="C10Stream"/>.
 /// </summary>
-public static class CudaStreams
+internal static class CudaStreams
 {
     delegate int GetCurrentFn(int device, out IntPtr stream);
     delegate C10Stream FromExternalFn(IntPtr stream, sbyte device);

@@ -9,7 +9,7 @@ namespace LoraKit.Runtime.Cuda;
 /// those ops round), so they are checked against the plain path (`lorakit check-kernels`). Used only for contiguous,
 /// 16-byte-aligned CUDA bf16 tensors; everything else takes the TorchSharp path. LORAKIT_FUSED_KERNELS=0 turns them off.
 /// </summary>
-public static class FusedKernels
+internal static class FusedKernels
 {
     const string Source = """
         typedef unsigned short bf16;

@@ -8,7 +8,7 @@ namespace LoraKit.Runtime.Cuda;
 /// Used for frozen tables of which a step reads only a few rows (the untied input embedding: 1 GiB on Llama-3-8B, of
 /// which a step reads [tokens, hidden]).
 /// </summary>
-public sealed class HostMappedMemory : IDisposable
+internal sealed class HostMappedMemory : IDisposable
 {
     delegate int Register(IntPtr p, nuint bytes, uint flags);
     delegate int DevicePointer(out IntPtr device, IntPtr p, uint flags);

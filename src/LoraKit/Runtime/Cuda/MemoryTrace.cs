@@ -7,7 +7,7 @@ namespace LoraKit.Runtime.Cuda;
 /// <see cref="Mark"/> records the bytes allocated now and the peak since the previous mark, then restarts the peak.
 /// Off unless <see cref="Enabled"/>; reading the counters costs no synchronisation (they are the host's bookkeeping).
 /// </summary>
-public static class MemoryTrace
+internal static class MemoryTrace
 {
     public readonly record struct Entry(string Label, double AllocatedGib, double PeakGib);
 
