@@ -40,13 +40,13 @@ public class DecoderLayer : ContainerModule
         Tensor y;
         if (pre_feedforward_layernorm is null || post_feedforward_layernorm is null)
         {
-            var h = x + attn;
-            y = h + mlp.forward(post_attention_layernorm.forward(h));
+            var h = x.Plus(attn);
+            y = h.Plus(mlp.forward(post_attention_layernorm.forward(h)));
         }
         else
         {
-            var h = x + post_attention_layernorm.forward(attn);
-            y = h + post_feedforward_layernorm.forward(mlp.forward(pre_feedforward_layernorm.forward(h)));
+            var h = x.Plus(post_attention_layernorm.forward(attn));
+            y = h.Plus(post_feedforward_layernorm.forward(mlp.forward(pre_feedforward_layernorm.forward(h))));
         }
         return y.MoveToOuterDisposeScope();
     }

@@ -109,9 +109,9 @@ public sealed class DecoderModel : ContainerModule
     /// <summary>Positions count real tokens only, so left-padded rows start at 0 like transformers' generate.</summary>
     static Tensor PositionIds(Tensor? attentionMask, long b, long t, long past, Device device)
     {
-        if (attentionMask is null) return arange(past, past + t, ScalarType.Int64, device).unsqueeze(0).expand(b, t);
-        var pos = attentionMask.to(ScalarType.Int64).cumsum(1) - 1;
-        pos = pos.clamp_min(0);
+        if (attentionMask is null) return ScalarOps.Range(past, past + t, ScalarType.Int64, device).unsqueeze(0).expand(b, t);
+        var pos = attentionMask.to(ScalarType.Int64).cumsum(1).Minus(1L);
+        pos = pos.ClampMin(0L);
         return pos[TensorIndex.Colon, TensorIndex.Slice(past, past + t)];
     }
 }

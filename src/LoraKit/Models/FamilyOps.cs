@@ -20,8 +20,8 @@ public static class FamilyOps
         using var scope = NewDisposeScope();
         var dtype = x.dtype;
         var h = x.to(ScalarType.Float32);
-        h = h * rsqrt(h.pow(2).mean([-1], keepdim: true) + eps);
-        var y = kind == NormKind.Weight ? weight * h.to(dtype) : (h * (1.0 + weight.to(ScalarType.Float32))).to(dtype);
+        h = h * rsqrt(h.Pow(2L).mean([-1], keepdim: true).Plus(eps));
+        var y = kind == NormKind.Weight ? weight * h.to(dtype) : (h * weight.to(ScalarType.Float32).Plus(1.0)).to(dtype);
         return y.MoveToOuterDisposeScope();
     }
 
@@ -38,7 +38,7 @@ public static class FamilyOps
     {
         if (cap is not double c) return x.alias();
         using var scope = NewDisposeScope();
-        return ((x / c).tanh() * c).MoveToOuterDisposeScope();
+        return x.DividedBy(c).tanh().Times(c).MoveToOuterDisposeScope();
     }
 
     /// <summary>
@@ -52,7 +52,7 @@ public static class FamilyOps
         if (scale is not double s) return h.alias();
         using var scope = NewDisposeScope();
         double rounded = tensor((float)s).to(h.dtype).to(ScalarType.Float32).item<float>();
-        return (h * rounded).MoveToOuterDisposeScope();
+        return h.Times(rounded).MoveToOuterDisposeScope();
     }
 
     /// <summary>Phi-3's qkv_proj output [.., (H + 2·kvH)·D] as q [.., H·D], k and v [.., kvH·D] (views).</summary>
@@ -80,9 +80,9 @@ public static class FamilyOps
     public static Tensor EagerAttention(Tensor q, Tensor k, Tensor v, Tensor? mask, double scale, double? softcap)
     {
         using var scope = NewDisposeScope();
-        var scores = matmul(q, k.transpose(-2, -1)) * scale;
+        var scores = matmul(q, k.transpose(-2, -1)).Times(scale);
         scores = SoftCap(scores, softcap);
-        if (mask is not null) scores = scores.masked_fill(mask.logical_not(), LowestOf(scores.dtype));
+        if (mask is not null) scores = scores.MaskedFill(mask.logical_not(), LowestOf(scores.dtype));
         var weights = scores.softmax(-1, ScalarType.Float32).to(q.dtype);
         return matmul(weights, v).MoveToOuterDisposeScope();
     }

@@ -46,24 +46,24 @@ public sealed class RotaryEmbedding : IDisposable
     {
         using var scope = NewDisposeScope();
         int dim = rope.RotaryDim;
-        var exponent = arange(0, dim, 2, ScalarType.Int64).to(ScalarType.Float32) / dim;
+        var exponent = ScalarOps.Range(0, dim, 2, ScalarType.Int64).to(ScalarType.Float32).DividedBy(dim);
         Tensor inv, longInv = null!;
         switch (rope.Scaling)
         {
             case LongRopeScaling s:
                 // transformers: 1 / (factors · base^(2i/d)), the factors chosen per forward (see CosSin).
                 var powers = pow(rope.Theta, exponent);
-                inv = 1.0f / (tensor(s.ShortFactor.Select(x => (float)x).ToArray()) * powers);
-                longInv = 1.0f / (tensor(s.LongFactor.Select(x => (float)x).ToArray()) * powers);
+                inv = (tensor(s.ShortFactor.Select(x => (float)x).ToArray()) * powers).reciprocal();
+                longInv = (tensor(s.LongFactor.Select(x => (float)x).ToArray()) * powers).reciprocal();
                 break;
             case LinearRopeScaling s:
-                inv = 1.0f / pow(rope.Theta, exponent) / s.Factor;
+                inv = pow(rope.Theta, exponent).reciprocal().DividedBy(s.Factor);
                 break;
             case Llama3RopeScaling s:
-                inv = Llama3Scale(1.0f / pow(rope.Theta, exponent), s);
+                inv = Llama3Scale(pow(rope.Theta, exponent).reciprocal(), s);
                 break;
             default:
-                inv = 1.0f / pow(rope.Theta, exponent);
+                inv = pow(rope.Theta, exponent).reciprocal();
                 break;
         }
         var longRope = rope.Scaling as LongRopeScaling;
@@ -75,12 +75,12 @@ public sealed class RotaryEmbedding : IDisposable
     {
         double lowFreqWavelen = s.OriginalMaxPositionEmbeddings / s.LowFreqFactor;
         double highFreqWavelen = s.OriginalMaxPositionEmbeddings / s.HighFreqFactor;
-        var wavelen = 2 * Math.PI / invFreq;
+        var wavelen = ScalarOps.FullLike(invFreq, 2 * Math.PI, invFreq.dtype).div(invFreq);
         // Long wavelengths are divided by the factor, short ones kept, and the band between is interpolated.
-        var scaled = where(wavelen > lowFreqWavelen, invFreq / s.Factor, invFreq);
-        var smooth = (s.OriginalMaxPositionEmbeddings / wavelen - s.LowFreqFactor) / (s.HighFreqFactor - s.LowFreqFactor);
-        var smoothed = (1 - smooth) * scaled / s.Factor + smooth * scaled;
-        var isMedium = (wavelen < highFreqWavelen).logical_not().logical_and((wavelen > lowFreqWavelen).logical_not());
+        var scaled = where(wavelen.GreaterThan(lowFreqWavelen), invFreq.DividedBy(s.Factor), invFreq);
+        var smooth = ScalarOps.FullLike(wavelen, s.OriginalMaxPositionEmbeddings, wavelen.dtype).div(wavelen).Minus(s.LowFreqFactor).DividedBy(s.HighFreqFactor - s.LowFreqFactor);
+        var smoothed = ScalarOps.Subtract(1, smooth).mul(scaled).DividedBy(s.Factor).Plus(smooth * scaled);
+        var isMedium = wavelen.LessThan(highFreqWavelen).logical_not().logical_and(wavelen.GreaterThan(lowFreqWavelen).logical_not());
         return where(isMedium, smoothed, scaled);
     }
 
@@ -114,7 +114,7 @@ public sealed class RotaryEmbedding : IDisposable
         var emb = cat([freqs, freqs], -1);
         var cos = emb.cos();
         var sin = emb.sin();
-        if (attention != 1.0) { cos = cos * attention; sin = sin * attention; }
+        if (attention != 1.0) { cos = cos.Times(attention); sin = sin.Times(attention); }
         return (cos.to(dtype).MoveToOuterDisposeScope(), sin.to(dtype).MoveToOuterDisposeScope());
     }
 
@@ -143,7 +143,7 @@ public sealed class RotaryEmbedding : IDisposable
         var x1 = x[TensorIndex.Ellipsis, TensorIndex.Slice(0, half)];
         var x2 = x[TensorIndex.Ellipsis, TensorIndex.Slice(half)];
         var rotated = cat([-x2, x1], -1);
-        return x * c + rotated * s;
+        return (x * c).Plus(rotated * s);
     }
 
     public void Dispose()

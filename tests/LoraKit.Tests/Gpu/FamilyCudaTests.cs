@@ -17,10 +17,16 @@ namespace LoraKit.Tests;
 [Collection(GlobalRng.Name)]
 public class FamilyCudaTests
 {
-    public static TheoryData<string> Archs => new(["llama", "mistral", "qwen2", "qwen3", "phi3", "phi4mini", "gemma2", "gemma3"]);
-
+    // InlineData, not MemberData: tests/LoraKit.GpuTests' reflection runner reads inline rows only.
     [CudaTheory]
-    [MemberData(nameof(Archs))]
+    [InlineData("llama")]
+    [InlineData("mistral")]
+    [InlineData("qwen2")]
+    [InlineData("qwen3")]
+    [InlineData("phi3")]
+    [InlineData("phi4mini")]
+    [InlineData("gemma2")]
+    [InlineData("gemma3")]
     public void Bf16LogitsMatchTransformersOnCuda(string arch)
     {
         using var model = CausalLM.Load(Fixtures.Model(arch), ScalarType.BFloat16, CUDA);
@@ -38,7 +44,14 @@ public class FamilyCudaTests
     }
 
     [CudaTheory]
-    [MemberData(nameof(Archs))]
+    [InlineData("llama")]
+    [InlineData("mistral")]
+    [InlineData("qwen2")]
+    [InlineData("qwen3")]
+    [InlineData("phi3")]
+    [InlineData("phi4mini")]
+    [InlineData("gemma2")]
+    [InlineData("gemma3")]
     public void Bf16TrainingStepWithEveryAccelerationEqualsTheReference(string arch)
     {
         using var lm = new LoraModel(CausalLM.Load(Fixtures.Model(arch), ScalarType.BFloat16, CUDA));
