@@ -22,20 +22,9 @@ public class AcceleratedCudaTests
     [InlineData("qwen3")]
     public void AcceleratedStepEqualsTheReference(string arch)
     {
-        using var lm = new LoraModel(CausalLM.Load(Fixtures.Model(arch), ScalarType.Float32, CUDA));
-        lm.AddAdapter("a", new LoraConfig { R = 4, LoraAlpha = 8, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], InitLoraWeights = "false" }, seed: 3);
-        var (samples, _) = JsonlDataset.Load(Fixtures.Path_("training", "data.jsonl"), Tokenizer.Load(Fixtures.Model(arch)), new DataOptions());
-        using var batch = Batches.Collate(samples.Take(3).ToList(), 0, CUDA);
-        lm.Model.train();
-        (double loss, Tensor grads) Step()
-        {
-            var loss = Trainer.LossSum(lm.Model, batch, chunked: true);
-            loss.backward();
-            var grads = cat(lm.Parameters("a").Select(p => p.param.grad!.flatten()).ToArray()).cpu();
-            foreach (var (_, p) in lm.Parameters("a")) p.grad!.zero_();
-            return (loss.item<float>(), grads);
-        }
-        var (wantLoss, want) = Step();
+        using var run = new CudaTrainingStep(arch, ScalarType.Float32, CudaTrainingStep.SevenProjections);
+        var lm = run.Lm;
+        var (wantLoss, want) = run.Step();
         var log = TrainingAccelerator.Apply(lm, new TrainingAcceleration
         {
             FusedKernels = true, GradientCheckpointing = true, CheckpointKeepBytes = long.MaxValue, EmbeddingsOnHost = "auto", OffloadCheckpoints = "on",
@@ -45,7 +34,7 @@ public class AcceleratedCudaTests
         (offload.DeviceLayers, offload.ReleaseLag, offload.PrefetchAhead, offload.MlpLayers, offload.MlpStride) = (0, 1, 1, int.MaxValue, 1);
         for (int step = 0; step < 2; step++)
         {
-            var (loss, grads) = Step();
+            var (loss, grads) = run.Step();
             Assert.True(Math.Abs(loss - wantLoss) <= 1e-5 * Math.Abs(wantLoss), $"loss {loss} vs {wantLoss} ({string.Join("; ", log)})");
             Assert.True(Close.RelError(grads, want) <= 1e-4, $"grads {Close.RelError(grads, want):E2} ({string.Join("; ", log)})");
         }
@@ -62,20 +51,9 @@ public class AcceleratedCudaTests
     [InlineData("gemma3")]
     public void DeclinedFamilyStepEqualsTheReference(string arch)
     {
-        using var lm = new LoraModel(CausalLM.Load(Fixtures.Model(arch), ScalarType.Float32, CUDA));
-        lm.AddAdapter("a", new LoraConfig { R = 4, LoraAlpha = 8, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], InitLoraWeights = "false" }, seed: 3);
-        var (samples, _) = JsonlDataset.Load(Fixtures.Path_("training", "data.jsonl"), Tokenizer.Load(Fixtures.Model(arch)), new DataOptions());
-        using var batch = Batches.Collate(samples.Take(3).ToList(), 0, CUDA);
-        lm.Model.train();
-        (double loss, Tensor grads) Step()
-        {
-            var loss = Trainer.LossSum(lm.Model, batch, chunked: true);
-            loss.backward();
-            var grads = cat(lm.Parameters("a").Select(p => p.param.grad!.flatten()).ToArray()).cpu();
-            foreach (var (_, p) in lm.Parameters("a")) p.grad!.zero_();
-            return (loss.item<float>(), grads);
-        }
-        var (wantLoss, want) = Step();
+        using var run = new CudaTrainingStep(arch, ScalarType.Float32, CudaTrainingStep.SevenProjections);
+        var lm = run.Lm;
+        var (wantLoss, want) = run.Step();
         var log = TrainingAccelerator.Apply(lm, new TrainingAcceleration
         {
             FusedKernels = true, GradientCheckpointing = true, CheckpointKeepBytes = long.MaxValue, EmbeddingsOnHost = "auto", OffloadCheckpoints = "on",
@@ -83,7 +61,7 @@ public class AcceleratedCudaTests
         Assert.Contains(log, l => l.Contains($"declined for {lm.Model.Config.Architecture}"));
         Assert.Null(TrainingAccelerator.Offload(lm.Model));
         Assert.Equal(typeof(Attention), lm.Model.model.layers[0].self_attn.GetType());
-        var (loss, grads) = Step();
+        var (loss, grads) = run.Step();
         Assert.True(Math.Abs(loss - wantLoss) <= 1e-5 * Math.Abs(wantLoss), $"loss {loss} vs {wantLoss} ({string.Join("; ", log)})");
         Assert.True(Close.RelError(grads, want) <= 1e-4, $"grads {Close.RelError(grads, want):E2} ({string.Join("; ", log)})");
     }

@@ -64,25 +64,14 @@ public class FamilyCudaTests
     [InlineData("gemma3")]
     public void Bf16TrainingStepWithEveryAccelerationEqualsTheReference(string arch)
     {
-        using var lm = new LoraModel(CausalLM.Load(Fixtures.Model(arch), ScalarType.BFloat16, CUDA));
-        lm.AddAdapter("a", new LoraConfig { R = 4, LoraAlpha = 8, TargetRegex = LoraConfig.AllLinear, InitLoraWeights = "false" }, seed: 3);
-        var (samples, _) = JsonlDataset.Load(Fixtures.Path_("training", "data.jsonl"), Tokenizer.Load(Fixtures.Model(arch)), new DataOptions());
-        using var batch = Batches.Collate(samples.Take(3).ToList(), 0, CUDA);
-        lm.Model.train();
-        double Step()
-        {
-            using var scope = NewDisposeScope();
-            var loss = Trainer.LossSum(lm.Model, batch, chunked: true);
-            loss.backward();
-            foreach (var (_, p) in lm.Parameters("a")) p.grad!.zero_();
-            return loss.item<float>();
-        }
-        double want = Step();
+        using var run = new CudaTrainingStep(arch, ScalarType.BFloat16, new LoraConfig { R = 4, LoraAlpha = 8, TargetRegex = LoraConfig.AllLinear, InitLoraWeights = "false" });
+        var lm = run.Lm;
+        double want = run.Step().loss;
         var log = TrainingAccelerator.Apply(lm, new TrainingAcceleration
         {
             FusedKernels = true, GradientCheckpointing = true, CheckpointKeepBytes = long.MaxValue, EmbeddingsOnHost = "auto", OffloadCheckpoints = "auto",
         });
-        double got = Step();
+        double got = run.Step().loss;
         Assert.True(double.IsFinite(got) && Math.Abs(got - want) <= 1e-2 * Math.Abs(want), $"{arch}: loss {got} vs reference {want} ({string.Join("; ", log)})");
     }
 }
