@@ -26,6 +26,7 @@ public class ArchitectureTests
         ["Lora"],
         ["Accelerated"],
         ["Generation", "Training", "Classification", "Serving"],
+        ["Evaluation"],
         ["Diagnostics"],
         ["Api"],
     ];
