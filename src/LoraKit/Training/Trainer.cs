@@ -342,7 +342,7 @@ public sealed class Trainer : IDisposable
     {
         c.Validate();
         if (c.EvalSuite.Count > 0 && suites is null)
-            throw new ArgumentException($"`eval_suite` names {c.EvalSuite.Count} evaluation suite(s) but no evaluator was given to run them ({nameof(IStepEvaluator)})");
+            throw new ArgumentException($"`eval_suite` names {string.Join(", ", c.EvalSuite)} but no evaluator was given to run the suites ({nameof(IStepEvaluator)})");
         if (c.EvalSuite.Count == 0 && suites is not null)
             throw new ArgumentException($"an evaluator ({nameof(IStepEvaluator)}) was given but `eval_suite` names no evaluation suite: the run's configuration must record what it measures");
         var wall = Stopwatch.StartNew();
