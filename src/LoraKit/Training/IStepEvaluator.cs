@@ -14,8 +14,10 @@ namespace LoraKit.Training;
 /// model, since a fresh adapter's B is zero; the starting adapter with <c>init_adapter</c>), and again at every
 /// evaluation (every <c>eval_every</c> steps and at the last step) with that step. A resumed run does not call it
 /// for step 0 again: that record is already in metrics.jsonl.</item>
-/// <item>The model is in eval mode (no dropout) under <c>torch.no_grad()</c> and a dispose scope of the trainer's;
-/// the adapter being trained, <paramref name="adapterName"/> (null when every weight is trained, <c>method</c> full),
+/// <item>The model is in eval mode (no dropout) under <c>torch.no_grad()</c> and a dispose scope of the trainer's:
+/// every tensor made during the call is freed when it returns, so an evaluator keeps none across calls (or takes it
+/// out of the scope with <c>DetachFromDisposeScope</c>);
+/// the adapter being trained, <c>adapterName</c> (null when every weight is trained, <c>method</c> full),
 /// is the active, enabled one. The evaluator may switch adapters (to score the base beside it, say) but must leave
 /// that adapter active and enabled and every weight unchanged; the trainer puts the model back in train mode after.</item>
 /// <item>It returns named metrics, every name starting with <c>suite:</c>: <c>suite:task</c>,
