@@ -158,7 +158,7 @@ public static class TrainCommand
     /// it names none. Built after the configuration is complete (file, flags, or a resumed run's checkpoint).
     /// </summary>
     static IStepEvaluator? SuiteEvaluator(TrainConfig c) =>
-        null; // lead: c.EvalSuite.Count == 0 ? null : new LoraKit.Evaluation.SuiteStepEvaluator(...)
+        c.EvalSuite.Count == 0 ? null : LoraKit.Evaluation.SuiteStepEvaluator.ForModel(c.Model, c.EvalSuite);
 
     static object? GetValue(ParseResult r, Option option)
     {
