@@ -109,6 +109,8 @@ public class SuiteReaderTests
     [InlineData("""{"id": "x", "kind": "task", "messages": [{"role": "user"}], "expect": {"json": true}}""", "messages[0].content", "missing")]
     [InlineData("""{"id": "x", "kind": "task", "messages": [{"role": "user", "content": 1}], "expect": {"json": true}}""", "messages[0].content", "must be a string")]
     [InlineData("""{"id": "x", "kind": "task", "messages": [{"role": "user", "content": "c"}, {"role": "assistant", "content": "a"}], "expect": {"json": true}}""", "messages[1].role", "the last message is the assistant's")]
+    [InlineData("""{"id": "x", "kind": "task", "messages": [{"role": "system", "content": "s"}], "expect": {"json": true}}""", "messages[0].role", "the last message is the system's")]
+    [InlineData("""{"id": "x", "kind": "tâche", "prompt": "p", "expect": {"json": true}}""", "kind", "unknown kind \"tâche\"")]
     // perplexity cases
     [InlineData("""{"id": "x", "kind": "capability", "text": "t", "expect": {"json": true}}""", "expect", "perplexity case")]
     [InlineData("""{"id": "x", "kind": "capability", "text": "t", "max_tokens": 5}""", "max_tokens", "perplexity case")]
@@ -124,8 +126,8 @@ public class SuiteReaderTests
     [InlineData("""{"id": "x", "kind": "task", "prompt": "p", "expect": {"contains": ["a", 1]}}""", "expect.contains[1]", "must be a string")]
     [InlineData("""{"id": "x", "kind": "task", "prompt": "p", "expect": {"not_contains": "a"}}""", "expect.not_contains", "non-empty array of strings, got a string")]
     [InlineData("""{"id": "x", "kind": "task", "prompt": "p", "expect": {"not_contains": ["a", ""]}}""", "expect.not_contains[1]", "is empty")]
-    [InlineData("""{"id": "x", "kind": "task", "prompt": "p", "expect": {"regex": "(unclosed"}}""", "expect.regex", "not a valid .NET regex")]
-    [InlineData("""{"id": "x", "kind": "task", "prompt": "p", "expect": {"regex": "a{2,1}"}}""", "expect.regex", "not a valid .NET regex")]
+    [InlineData("""{"id": "x", "kind": "task", "prompt": "p", "expect": {"regex": "(unclosed"}}""", "expect.regex", "not a valid .NET regex: insufficient closing parentheses at offset 9")]
+    [InlineData("""{"id": "x", "kind": "task", "prompt": "p", "expect": {"regex": "a{2,1}"}}""", "expect.regex", "not a valid .NET regex: reversed quantifier range")]
     [InlineData("""{"id": "x", "kind": "task", "prompt": "p", "expect": {"json": false}}""", "expect.json", "must be true")]
     [InlineData("""{"id": "x", "kind": "task", "prompt": "p", "expect": {"json": "yes"}}""", "expect.json", "must be true")]
     [InlineData("""{"id": "x", "kind": "task", "prompt": "p", "expect": {"label": ""}}""", "expect.label", "is empty")]
@@ -232,7 +234,7 @@ public class SuiteReaderTests
     public void AnEscapedLoneSurrogateIsNamed()
     {
         var path = Write(Good + "\n" + """{"id": "x", "kind": "task", "prompt": "\ud800", "expect": {"json": true}}""" + "\n");
-        Refused(path, $"{path}:2: ");
+        Refused(path, $"{path}:2: field 'prompt': not valid text");
     }
 
     // ---- built-in suites ----
