@@ -23,6 +23,12 @@ public sealed class CaseRunner
     readonly Tokenizer _tok;
     readonly IReadOnlyCollection<int> _eos;
     readonly List<(EvalSuite Suite, EvalCase Case, int[] Ids)> _cases = [];
+    /// <summary>
+    /// Cases this model cannot run: its chat template refuses them (e.g. a system turn), or they do not fit its context.
+    /// They are skipped on every model with the reason, and counted as skipped in the report, rather than stopping an
+    /// evaluation of suites written for other models (the built-in ones among them).
+    /// </summary>
+    readonly Dictionary<int, string> _unrunnable = [];
 
     /// <summary>Rows decoded together.</summary>
     public int MaxBatch { get; init; } = 32;
@@ -33,7 +39,8 @@ public sealed class CaseRunner
 
     /// <summary>
     /// Prepares the cases: renders chat cases with <paramref name="template"/>, encodes every prompt and checks it fits
-    /// the model's context, all before anything runs; a problem names the case's file and line.
+    /// the model's context, all before anything runs. A chat case on a model without a template is an error naming the
+    /// case's file and line; one the template refuses, or one too long for the context, is skipped with the reason.
     /// </summary>
     public CaseRunner(LoraModel lm, Tokenizer tokenizer, ChatTemplate? template, IReadOnlyCollection<int> eosTokenIds, IReadOnlyList<EvalSuite> suites)
     {
@@ -42,7 +49,15 @@ public sealed class CaseRunner
         foreach (var suite in suites)
         {
             if (!names.Add(suite.Name)) throw new SuiteException($"{suite.Path}: two suites are named '{suite.Name}'; case names (SUITE/ID) would clash — rename one file");
-            foreach (var c in suite.Cases) _cases.Add((suite, c, Encode(c, template)));
+            foreach (var c in suite.Cases)
+            {
+                try { _cases.Add((suite, c, Encode(c, template))); }
+                catch (CaseSkipException e)
+                {
+                    _unrunnable[_cases.Count] = e.Message;
+                    _cases.Add((suite, c, []));
+                }
+            }
         }
     }
 
@@ -54,7 +69,7 @@ public sealed class CaseRunner
             if (template is null) throw new SuiteException($"{c.Where}: a chat case ('messages'), but the model has no chat template (tokenizer_config.json 'chat_template'); use 'prompt'");
             string rendered;
             try { rendered = template.Render(c.Messages, addGenerationPrompt: true, _tok.Config); }
-            catch (LoraKitException e) { throw new SuiteException($"{c.Where}: the chat template cannot render this case: {e.Message}"); }
+            catch (LoraKitException e) { throw new CaseSkipException($"the chat template cannot render this case: {e.Message}"); }
             ids = _tok.Encode(rendered, addSpecialTokens: false);
         }
         else ids = _tok.Encode(c.Prompt ?? c.Text!);
@@ -62,7 +77,7 @@ public sealed class CaseRunner
         int need = ids.Length + (c.Expect is ChoicesExpectation ch ? ch.Choices.Max(x => _tok.Encode(x, addSpecialTokens: false).Length) : c.IsGenerated ? 1 : 0);
         if (ids.Length == 0 || (c.IsPerplexity && ids.Length < 2))
             throw new SuiteException($"{c.Where}: the {(c.IsPerplexity ? "text" : "prompt")} encodes to {(ids.Length == 0 ? "no tokens" : "one token")}; nothing to score");
-        if (need > limit) throw new SuiteException($"{c.Where}: the case needs {need} tokens; the model's context (max_position_embeddings) is {limit}");
+        if (need > limit) throw new CaseSkipException($"the case needs {need} tokens; the model's context (max_position_embeddings) is {limit}");
         return ids;
     }
 
@@ -81,6 +96,7 @@ public sealed class CaseRunner
         try
         {
             var results = new CaseResult?[_cases.Count];
+            foreach (var (i, why) in _unrunnable) results[i] = Skip(i, why);
             if (classify is not null) RunLabels(results, classify, onDone);
             else RunGenerated(results, onDone);
             RunScored(results, skipAll: classify is not null, onDone);
@@ -101,7 +117,7 @@ public sealed class CaseRunner
 
     void RunGenerated(CaseResult?[] results, Action? onDone)
     {
-        var idx = Enumerable.Range(0, _cases.Count).Where(i => _cases[i].Case.IsGenerated).ToList();
+        var idx = Enumerable.Range(0, _cases.Count).Where(i => _cases[i].Case.IsGenerated && !_unrunnable.ContainsKey(i)).ToList();
         var rows = idx.Select(i => (_cases[i].Ids, Options(_cases[i].Case))).ToList();
         var outputs = BatchGenerator.Generate(_lm.Model, _tok, rows, MaxBatch, onDone: onDone);
         for (int k = 0; k < idx.Count; k++)
@@ -136,6 +152,7 @@ public sealed class CaseRunner
         for (int i = 0; i < _cases.Count; i++)
         {
             var (_, c, ids) = _cases[i];
+            if (_unrunnable.ContainsKey(i)) continue;
             if (skipAll && (c.IsPerplexity || c.Expect is ChoicesExpectation)) continue;
             if (c.IsPerplexity) { rows.Add((ids[..1], ids[1..])); owners.Add((i, -1)); }
             else if (c.Expect is ChoicesExpectation ch)
@@ -165,7 +182,7 @@ public sealed class CaseRunner
 
     void RunLabels(CaseResult?[] results, Func<IReadOnlyList<int[]>, IReadOnlyList<string>> classify, Action? onDone)
     {
-        var idx = Enumerable.Range(0, _cases.Count).Where(i => _cases[i].Case.Expect is LabelExpectation).ToList();
+        var idx = Enumerable.Range(0, _cases.Count).Where(i => _cases[i].Case.Expect is LabelExpectation && !_unrunnable.ContainsKey(i)).ToList();
         if (idx.Count == 0) return;
         var labels = classify(idx.Select(i => _cases[i].Ids).ToList());
         for (int k = 0; k < idx.Count; k++)
@@ -176,3 +193,6 @@ public sealed class CaseRunner
         }
     }
 }
+
+/// <summary>A case this model cannot run; the runner skips it rather than stopping the evaluation.</summary>
+internal sealed class CaseSkipException(string message) : LoraKitException(message);
