@@ -6,10 +6,10 @@ public enum CaseStatus { Passed, Failed, Scored, Skipped }
 /// <summary>
 /// One case's outcome on one model (the base, or the base with an adapter). <see cref="Output"/> is the generated
 /// text, the picked choice or the predicted label; <see cref="Reason"/> says in plain words why it failed or was
-/// skipped; perplexity cases carry their log-likelihood.
+/// skipped; perplexity cases carry their log-likelihood, generated cases the number of tokens generated.
 /// </summary>
 public sealed record CaseResult(string Suite, string Id, CaseKind Kind, CaseStatus Status, string? Output = null, string? Reason = null,
-    double? LogLikelihood = null, int? Tokens = null, string? JudgedBy = null)
+    double? LogLikelihood = null, int? Tokens = null, string? JudgedBy = null, int? GeneratedTokens = null)
 {
     /// <summary>The case's name in reports and gate reasons: <c>SUITE/ID</c> (ids are unique within a suite).</summary>
     public string Key => $"{Suite}/{Id}";

@@ -109,10 +109,10 @@ public sealed class CaseRunner
 
     CaseResult Skip(int i, string reason) => Result(i, CaseStatus.Skipped, null, reason);
 
-    CaseResult Result(int i, CaseStatus status, string? output, string? reason, LogLikelihood? ll = null, string? judgedBy = null)
+    CaseResult Result(int i, CaseStatus status, string? output, string? reason, LogLikelihood? ll = null, string? judgedBy = null, int? generated = null)
     {
         var (s, c, _) = _cases[i];
-        return new CaseResult(s.Name, c.Id, c.Kind, status, output, reason, ll?.Sum, ll?.Tokens, judgedBy);
+        return new CaseResult(s.Name, c.Id, c.Kind, status, output, reason, ll?.Sum, ll?.Tokens, judgedBy, generated);
     }
 
     void RunGenerated(CaseResult?[] results, Action? onDone)
@@ -125,15 +125,16 @@ public sealed class CaseRunner
             int i = idx[k];
             var c = _cases[i].Case;
             string text = outputs[k].Text;
+            int n = outputs[k].OutputIds.Length;
             if (c.Expect is RubricExpectation)
             {
-                if (Judge is null) { results[i] = Result(i, CaseStatus.Skipped, text, "a rubric case needs a judge (--judge-url)"); continue; }
+                if (Judge is null) { results[i] = Result(i, CaseStatus.Skipped, text, "a rubric case needs a judge (--judge-url)", generated: n); continue; }
                 var (v, by) = Judge(c, text);
-                results[i] = Result(i, v.Passed ? CaseStatus.Passed : CaseStatus.Failed, text, v.Reason, judgedBy: by);
+                results[i] = Result(i, v.Passed ? CaseStatus.Passed : CaseStatus.Failed, text, v.Reason, judgedBy: by, generated: n);
                 continue;
             }
             var verdict = c.Expect!.Check(text);
-            results[i] = Result(i, verdict.Passed ? CaseStatus.Passed : CaseStatus.Failed, text, verdict.Reason);
+            results[i] = Result(i, verdict.Passed ? CaseStatus.Passed : CaseStatus.Failed, text, verdict.Reason, generated: n);
         }
     }
 

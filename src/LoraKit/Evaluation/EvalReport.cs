@@ -103,6 +103,7 @@ public sealed record EvalReport
             o["tokens"] = n;
         }
         if (r.JudgedBy is not null) o["judged_by"] = r.JudgedBy;
+        if (r.GeneratedTokens is int g) o["generated_tokens"] = g;
         return o;
     }
 
