@@ -201,16 +201,16 @@ def make_adapters(model_dir, out, seed):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(dev)
-    init_std = model.config.initializer_range
     dirs = []
     for k, (name, kw) in enumerate(ADAPTERS):
         d = os.path.join(out, name)
         dirs.append(d)
         if os.path.exists(os.path.join(d, "adapter_model.safetensors")):
             continue
-        cfg = LoraConfig(lora_dropout=0.0, task_type="CAUSAL_LM", **kw)
-        pm = get_peft_model(model, cfg)
+        # A fresh base per adapter (seconds on a GPU): get_peft_model modifies the model it is given.
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(dev)
+        init_std = model.config.initializer_range
+        pm = get_peft_model(model, LoraConfig(lora_dropout=0.0, task_type="CAUSAL_LM", **kw))
         g = torch.Generator().manual_seed(seed * 100 + k)
         scaling = kw["lora_alpha"] / (math.sqrt(kw["r"]) if kw.get("use_rslora") else kw["r"])
         with torch.no_grad():
@@ -223,8 +223,7 @@ def make_adapters(model_dir, out, seed):
                     std_b = 0.5 * init_std / (scaling * math.sqrt(kw["r"]) * std_a)
                     p.copy_((torch.randn(p.shape, generator=g) * std_b).to(p.dtype))
         pm.save_pretrained(d)
-        model = pm.unload()
-    del model
+        del pm, model
     return dirs
 
 
