@@ -62,10 +62,11 @@ if [[ " ${SKIP:-} " != *" hf "* ]]; then
 fi
 echo "{\"lorakit\": $(cat "$work/wall-lorakit"), \"lorakit_startup\": $(cat "$work/wall-lorakit_startup"), \"hf\": $(cat "$work/wall-hf")}" > "$work/walls.json"
 
+rm -f "$work/hf-compile.json"
+if [ "${HF_COMPILE:-0}" = 1 ]; then
+  timeout "${HF_TIMEOUT:-240}" python3 bench/eval_peer.py --model "$model" "${peer_args[@]}" --suite "$suite" --batch-size "$batch" \
+    --device "$device" --compile | tail -1 > "$work/hf-compile.json" || { echo "the compiled peer failed or ran out of time"; rm -f "$work/hf-compile.json"; }
+fi
+
 python3 bench/eval_table.py "$work" "$out"
 if [ -n "${RAW:-}" ]; then mkdir -p "$RAW" && cp "$work"/{manifest.json,lorakit.json,hf-cases.json,hf.log,walls.json} "$RAW/"; fi
-
-if [ "${HF_COMPILE:-0}" = 1 ]; then
-  python3 bench/eval_peer.py --model "$model" "${peer_args[@]}" --suite "$suite" --batch-size "$batch" --device "$device" --compile | tail -1 \
-    | tee "$work/hf-compile.json"
-fi
