@@ -46,15 +46,15 @@ if [[ " ${SKIP:-} " != *" lorakit "* ]]; then
   since "$t" > "$work/wall-lorakit_startup"
   echo "lorakit one-case run: $(cat "$work/wall-lorakit_startup") s"
   t=$(now)
-  timeout "${LK_TIMEOUT:-300}" "${lorakit[@]}" eval --model "$model" "${adapter_args[@]}" --suite "$suite" --json --device "$device" \
-    --dtype "$dtype" --batch-size "$batch" > "$work/lorakit.json" || { echo "lorakit eval failed or ran past ${LK_TIMEOUT:-300} s (rc $?) after $(since "$t") s"; exit 1; }
+  timeout "${LK_TIMEOUT:-280}" "${lorakit[@]}" eval --model "$model" "${adapter_args[@]}" --suite "$suite" --json --device "$device" \
+    --dtype "$dtype" --batch-size "$batch" > "$work/lorakit.json" || { echo "lorakit eval failed or ran past ${LK_TIMEOUT:-280} s (rc $?) after $(since "$t") s"; exit 1; }
   since "$t" > "$work/wall-lorakit"
   echo "lorakit: $(cat "$work/wall-lorakit") s"
 fi
 
 if [[ " ${SKIP:-} " != *" hf "* ]]; then
   t=$(now)
-  timeout "${HF_TIMEOUT:-240}" python3 "${PEER:-bench/eval_peer.py}" --model "$model" "${peer_args[@]}" --suite "$suite" --batch-size "$batch" \
+  timeout "${HF_TIMEOUT:-200}" python3 "${PEER:-bench/eval_peer.py}" --model "$model" "${peer_args[@]}" --suite "$suite" --batch-size "$batch" \
     --device "$device" --cases-out "$work/hf-cases.json" | tee "$work/hf.log"
   since "$t" > "$work/wall-hf"
   tail -1 "$work/hf.log" > "$work/hf.json"
@@ -64,7 +64,7 @@ echo "{\"lorakit\": $(cat "$work/wall-lorakit"), \"lorakit_startup\": $(cat "$wo
 
 rm -f "$work/hf-compile.json"
 if [ "${HF_COMPILE:-0}" = 1 ]; then
-  timeout "${HF_TIMEOUT:-240}" python3 bench/eval_peer.py --model "$model" "${peer_args[@]}" --suite "$suite" --batch-size "$batch" \
+  timeout "${HF_TIMEOUT:-200}" python3 bench/eval_peer.py --model "$model" "${peer_args[@]}" --suite "$suite" --batch-size "$batch" \
     --device "$device" --compile | tail -1 > "$work/hf-compile.json" || { echo "the compiled peer failed or ran out of time"; rm -f "$work/hf-compile.json"; }
 fi
 
