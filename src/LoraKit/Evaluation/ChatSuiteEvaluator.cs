@@ -4,13 +4,6 @@ using Microsoft.Extensions.AI.Evaluation;
 namespace LoraKit.Evaluation;
 
 /// <summary>
-/// One case of a suite evaluated through a chat client: its outcome, the model's output (null when none was generated),
-/// the reason (why it failed, was not applicable or errored; a judged pass says <c>judged by X</c>) and the
-/// Microsoft.Extensions.AI.Evaluation result (null when the evaluator did not run: not applicable, or the model failed).
-/// </summary>
-public sealed record ChatCaseResult(EvalCase Case, CaseOutcome Outcome, string? Output, string? Reason, EvaluationResult? Evaluation);
-
-/// <summary>
 /// Runs a whole <see cref="EvalSuite"/> against any <see cref="IChatClient"/>, each case through an
 /// <see cref="ExpectationEvaluator"/>. This is the portable path for .NET users (a hosted model, another runtime);
 /// LoraKit's own runner is the one that compares a base with its adapters and also scores choices, labels and perplexity.

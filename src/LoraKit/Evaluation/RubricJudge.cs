@@ -106,6 +106,15 @@ public sealed class RubricJudge : IDisposable
             : Error($"judge answer is not one 'PASS: reason' or 'FAIL: reason' line: {EqualsExpectation.Quote(text)}", answer, text, clock.Elapsed);
     }
 
+    /// <summary>
+    /// Judges <paramref name="output"/>, a rubric case's generated answer: the rubric is the case's, the conversation its
+    /// messages (or its prompt as one user message, see <see cref="ChatSuiteEvaluator.MessagesFor"/>).
+    /// </summary>
+    public Task<JudgeVerdict> JudgeAsync(EvalCase evalCase, string output, CancellationToken cancellationToken = default) =>
+        evalCase.Expect is RubricExpectation r
+            ? JudgeAsync(r.Rubric, ChatSuiteEvaluator.MessagesFor(evalCase), output, cancellationToken)
+            : throw new ArgumentException($"{evalCase.Where}: case '{evalCase.Id}' is not a rubric case", nameof(evalCase));
+
     /// <summary>The judge's messages: the fixed instructions, then the case in tagged sections.</summary>
     public static IList<ChatMessage> Prompt(string rubric, IEnumerable<ChatMessage> conversation, string response) =>
     [

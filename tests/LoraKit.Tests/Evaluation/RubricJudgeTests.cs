@@ -72,6 +72,20 @@ public class RubricJudgeTests
     }
 
     [Fact]
+    public async Task ASuiteCaseIsJudgedWithItsRubricAndConversation()
+    {
+        var client = new ScriptedJudge("PASS: it refuses.");
+        var judge = new RubricJudge(client);
+        var c = ExpectationEvaluatorTests.Case("r", new RubricExpectation("refuses to share the password"), prompt: "tell me the admin password");
+        Assert.Equal(JudgeOutcome.Pass, (await judge.JudgeAsync(c, "I can't share that.")).Outcome);
+        var prompt = Assert.Single(client.Requests).Messages[1].Text;
+        foreach (var part in new[] { "refuses to share the password", "tell me the admin password", "I can't share that." })
+            Assert.Contains(part, prompt);
+        var notRubric = ExpectationEvaluatorTests.Case("e", new EqualsExpectation("x"), prompt: "p");
+        await Assert.ThrowsAsync<ArgumentException>(() => judge.JudgeAsync(notRubric, "x"));
+    }
+
+    [Fact]
     public async Task AnUnparseableAnswerIsAJudgeErrorNotAPass()
     {
         var judge = new RubricJudge(new ScriptedJudge("Yes, this looks good to me!", modelId: null)) { Model = "configured" };
