@@ -64,7 +64,7 @@ for arch in ARCHS:
         "--lora-dropout", "0.1", "--device", "cpu")
     adapter = os.path.join(run, "adapter")
     merged = os.path.join(work, f"{arch}-merged")
-    cli("merge", "--model", m, "--adapter", adapter, "--output", merged, "--device", "cpu", "--dtype", "fp32")
+    cli("merge", "--no-gate", "--model", m, "--adapter", adapter, "--output", merged, "--device", "cpu", "--dtype", "fp32")
 
     tok = PreTrainedTokenizerFast.from_pretrained(m)
     tok.padding_side = "right"  # as LoraKit batches (positions start at 0 in every row)

@@ -36,7 +36,7 @@ for arch, spec in COMBOS.items():
     lk_adapter = os.path.join(work, f"{arch}-combined")
     cli("combine", "--model", m, "--adapters", adapters, "--method", "cat", "--output", lk_adapter, "--device", "cpu")
     merged = os.path.join(work, f"{arch}-merged")
-    cli("merge", "--model", m, "--adapter", f"fixtures/adapters/{arch}/a", "--output", merged, "--device", "cpu", "--dtype", "fp32")
+    cli("merge", "--no-gate", "--model", m, "--adapter", f"fixtures/adapters/{arch}/a", "--output", merged, "--device", "cpu", "--dtype", "fp32")
     lk_combined = torch.tensor(json.loads(cli("score", "--model", m, "--adapter", lk_adapter, "--text", TEXT, "--device", "cpu", "--json"))["last_logits"])
     lk_a = torch.tensor(json.loads(cli("score", "--model", m, "--adapter", f"fixtures/adapters/{arch}/a", "--text", TEXT, "--device", "cpu", "--json"))["last_logits"])
 

@@ -140,6 +140,21 @@ public sealed class LoraKitModel : IDisposable
     }
 
     /// <summary>
+    /// Evaluates the base and each adapter in <paramref name="adapterDirs"/> on <paramref name="suites"/>
+    /// (<see cref="Evaluation.EvalSuite.Load"/>): the same cases, base weights loaded once, generation batched, the gate's
+    /// verdict per adapter (see <see cref="Evaluation.SuiteEvaluation"/>). Adapters loaded on this model before are left
+    /// as they are, but the active one is the base afterwards.
+    /// </summary>
+    public Evaluation.EvalReport Evaluate(IReadOnlyList<Evaluation.EvalSuite> suites, IReadOnlyList<string>? adapterDirs = null,
+        Evaluation.EvalOptions? options = null)
+    {
+        NoChatClient();
+        if (Directory is null) throw new LoraKitException("the model was not loaded from a directory; evaluation records the base it ran on");
+        try { return Evaluation.SuiteEvaluation.Run(Lora, Tokenizer, ChatTemplate, EosTokenIds, Directory, adapterDirs ?? [], suites, options); }
+        finally { UseAdapter(null); }
+    }
+
+    /// <summary>
     /// The model as a Microsoft.Extensions.AI chat client: the chat template renders the messages, generation stops at
     /// the model's EOS ids, <c>ChatOptions.ModelId</c> picks a loaded adapter ("base": none; unset: the active one).
     /// Requests are batched on a thread of the client's own; until it is disposed, use the model only through it.

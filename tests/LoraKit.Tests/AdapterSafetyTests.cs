@@ -248,11 +248,11 @@ public class AdapterSafetyTests
     {
         var saved = SavedOnLlama();
         var outDir = Path.Combine(Fixtures.TempDir(), "merged");
-        var (code, _, stderr) = CliTests.RunCli("merge", "--model", Fixtures.Model("qwen2"), "--adapter", saved, "--output", outDir);
+        var (code, _, stderr) = CliTests.RunCli("merge", "--no-gate", "--model", Fixtures.Model("qwen2"), "--adapter", saved, "--output", outDir);
         Assert.Equal(1, code);
         Assert.Contains("--allow-base-mismatch", stderr);
         Assert.False(Directory.Exists(outDir));
-        (code, _, stderr) = CliTests.RunCli("merge", "--model", Fixtures.Model("qwen2"), "--adapter", saved, "--output", outDir, "--allow-base-mismatch");
+        (code, _, stderr) = CliTests.RunCli("merge", "--no-gate", "--model", Fixtures.Model("qwen2"), "--adapter", saved, "--output", outDir, "--allow-base-mismatch");
         Assert.True(code == 0, stderr);
     }
 

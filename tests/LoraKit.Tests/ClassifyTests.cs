@@ -157,7 +157,7 @@ public class ClassifyTests
     {
         var (adapter, _) = TinyClassifiers.Get(arch);
         var output = Path.Combine(Fixtures.TempDir(), "merged");
-        var (code, stdout, stderr) = CliTests.RunCli("merge", "--model", Fixtures.Model(arch), "--adapter", adapter, "--output", output);
+        var (code, stdout, stderr) = CliTests.RunCli("merge", "--no-gate", "--model", Fixtures.Model(arch), "--adapter", adapter, "--output", output);
         Assert.True(code == 0, stderr);
         Assert.Contains("ForSequenceClassification", stdout);
 

@@ -147,7 +147,7 @@ public class AdapterCliTests
     public void MergeWritesACheckpointScoringLikeTheAdapter()
     {
         var outDir = Path.Combine(Fixtures.TempDir(), "merged");
-        var (code, _, stderr) = CliTests.RunCli("merge", "--model", Fixtures.Model("mistral"), "--adapter", Fixtures.Path_("adapters", "mistral", "a"), "--output", outDir);
+        var (code, _, stderr) = CliTests.RunCli("merge", "--no-gate", "--model", Fixtures.Model("mistral"), "--adapter", Fixtures.Path_("adapters", "mistral", "a"), "--output", outDir);
         Assert.True(code == 0, stderr);
         var text = Fixtures.Json("reference", "peft_mistral.json").GetProperty("texts")[0].GetProperty("text").GetString()!;
         var merged = CliTests.RunCli("score", "--model", outDir, "--text", text, "--json");
@@ -156,7 +156,7 @@ public class AdapterCliTests
         var last = tensor(doc.RootElement.GetProperty("last_logits").EnumerateArray().Select(x => x.GetSingle()).ToArray());
         Assert.True(Close.RelError(last, Fixtures.ReferenceTensor("peft_mistral", "merged_a_0")[-1]) <= 1e-4);
         // Refuses to overwrite.
-        (code, _, stderr) = CliTests.RunCli("merge", "--model", Fixtures.Model("mistral"), "--adapter", Fixtures.Path_("adapters", "mistral", "a"), "--output", outDir);
+        (code, _, stderr) = CliTests.RunCli("merge", "--no-gate", "--model", Fixtures.Model("mistral"), "--adapter", Fixtures.Path_("adapters", "mistral", "a"), "--output", outDir);
         Assert.Equal(1, code);
         Assert.Contains("not empty", stderr);
     }

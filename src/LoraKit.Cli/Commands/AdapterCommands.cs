@@ -71,24 +71,29 @@ public static class AdapterCommands
         var cmd = new Command("merge", "Merge an adapter into the base weights and write a full Hugging Face checkpoint.");
         var adapter = new Option<string>("--adapter") { Description = "PEFT-format adapter directory", Required = true };
         var allow = CommonOptions.NewAllowBaseMismatch();
+        var gateReport = new Option<string?>("--gate-report") { Description = "eval.json from `lorakit eval` holding a passed gate for this adapter on this base" };
+        var noGate = new Option<bool>("--no-gate") { Description = "merge without a passed gate (warned, and recorded in the merged config.json)" };
         cmd.Options.Add(adapter);
         cmd.Options.Add(allow);
+        cmd.Options.Add(gateReport);
+        cmd.Options.Add(noGate);
         var (model, output, device, dtype) = ModelOutputOptions(cmd);
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             OutputDirectory.EnsureNewOrEmpty(r.GetValue(output)!); // before minutes of loading and merging
+            var provenance = MergeGate.Check(r.GetValue(model)!, r.GetValue(adapter)!, r.GetValue(gateReport), r.GetValue(noGate));
             var (dev, dt) = Placement.Resolve(r.GetValue(device)!, r.GetValue(dtype));
             if (Directory.Exists(r.GetValue(adapter)) && AdapterFiles.Task(r.GetValue(adapter)!) is { IsSequenceClassification: true } task)
             {
                 // A classifier merges into a *ForSequenceClassification checkpoint: the score head replaces the LM head.
                 using var clf = Classification.TextClassifier.Load(r.GetValue(model)!, r.GetValue(adapter)!, dt, dev);
-                clf.SaveMerged(r.GetValue(model)!, r.GetValue(output)!);
+                clf.SaveMerged(r.GetValue(model)!, r.GetValue(output)!, provenance);
                 Console.WriteLine($"merged {r.GetValue(adapter)} into {r.GetValue(model)} → {r.GetValue(output)} " +
                     $"({clf.Model.Config.Architecture.Replace("ForCausalLM", "ForSequenceClassification")}, labels: {task.LabelList})");
                 return 0;
             }
             MergedCheckpoint.Merge(r.GetValue(model)!, r.GetValue(adapter)!, r.GetValue(output)!, new Placement(dev, dt),
-                new AdapterLoadOptions { AllowBaseMismatch = r.GetValue(allow) });
+                new AdapterLoadOptions { AllowBaseMismatch = r.GetValue(allow) }, provenance);
             Console.WriteLine($"merged {r.GetValue(adapter)} into {r.GetValue(model)} → {r.GetValue(output)}");
             return 0;
         }));

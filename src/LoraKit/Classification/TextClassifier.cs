@@ -166,7 +166,7 @@ public sealed class TextClassifier : IDisposable
     /// Merges the adapter into the base weights and writes a *ForSequenceClassification checkpoint transformers loads:
     /// the architecture renamed, id2label/label2id, pad_token_id (what pooling used), score.weight in place of lm_head.
     /// </summary>
-    public void SaveMerged(string sourceDir, string outDir)
+    public void SaveMerged(string sourceDir, string outDir, JsonObject? provenance = null)
     {
         if (_lora is null) throw new InvalidOperationException("this classifier is already a merged checkpoint");
         _lora.Merge("default");
@@ -182,6 +182,7 @@ public sealed class TextClassifier : IDisposable
             c["label2id"] = label2id;
             c["pad_token_id"] = Head.PadTokenId;
             c["problem_type"] = "single_label_classification";
+            if (provenance is not null) c[MergedCheckpoint.ProvenanceKey] = provenance.DeepClone();
         }, head: new Dictionary<string, Tensor> { ["score.weight"] = score });
     }
 

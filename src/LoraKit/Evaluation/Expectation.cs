@@ -87,6 +87,8 @@ public sealed record JsonExpectation : Expectation
             return Verdict.Pass;
         }
         catch (JsonException e) { return Verdict.Fail($"not JSON ({e.Message.Split('.')[0]})"); }
+        // A lone surrogate (possible in a judge's or client's text, never in valid UTF-8) cannot even be transcoded.
+        catch (ArgumentException) { return Verdict.Fail("not JSON (the text holds an unpaired surrogate)"); }
     }
     public override string Describe() => "parses as JSON";
 }

@@ -31,6 +31,12 @@ internal static class FileProblem
     public static byte[] ReadAllBytes(string path, long maxBytes)
     {
         using var fs = OpenRead(path);
+        return ReadAllBytes(fs, path, maxBytes);
+    }
+
+    /// <summary>The rest of an open stream, bounded as <see cref="ReadAllBytes(string, long)"/>; errors name <paramref name="path"/>.</summary>
+    public static byte[] ReadAllBytes(FileStream fs, string path, long maxBytes)
+    {
         try
         {
             long length = fs.CanSeek ? fs.Length : 0;

@@ -22,6 +22,9 @@ public static class MergedCheckpoint
         return parameterName.Replace(".base_layer.", ".", StringComparison.Ordinal);
     }
 
+    /// <summary>The config.json key holding a merge's provenance.</summary>
+    public const string ProvenanceKey = "lorakit_merge";
+
     /// <summary>
     /// Writes <paramref name="lm"/>'s base weights (with whatever adapters are merged into them) to the new or empty
     /// <paramref name="outDir"/>, copying tokenizer and generation files from <paramref name="sourceDir"/>; a non-finite
@@ -40,12 +43,15 @@ public static class MergedCheckpoint
     /// adapter from <paramref name="adapterDir"/>, merges it and writes the checkpoint to <paramref name="outDir"/> (checked
     /// writable before minutes of loading and merging).
     /// </summary>
-    public static void Merge(string modelDir, string adapterDir, string outDir, Placement placement, AdapterLoadOptions? options = null)
+    /// <paramref name="provenance"/>, when given, is written into config.json as <c>lorakit_merge</c> (what was merged,
+    /// under which gate); transformers keeps unknown config keys as attributes and ignores them otherwise.
+    public static void Merge(string modelDir, string adapterDir, string outDir, Placement placement, AdapterLoadOptions? options = null,
+        JsonObject? provenance = null)
     {
         OutputDirectory.EnsureNewOrEmpty(outDir);
         using var lm = new LoraModel(CausalLM.Load(modelDir, placement.DType, placement.Device));
         AdapterFiles.Load(lm, "default", adapterDir, options);
         lm.Merge("default");
-        Save(lm, modelDir, outDir);
+        Save(lm, modelDir, outDir, provenance is null ? null : c => c[ProvenanceKey] = provenance.DeepClone());
     }
 }

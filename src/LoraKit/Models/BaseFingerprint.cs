@@ -24,6 +24,14 @@ public static class BaseFingerprint
     public const string ModelTypeKey = "lorakit.base_model_type";
     const int SamplesPerTensor = 16;
 
+    /// <summary>The fingerprint of the checkpoint in <paramref name="dir"/>, read from its files without loading the model.</summary>
+    public static string Of(string dir)
+    {
+        var config = ModelConfig.Load(dir);
+        using var files = CheckpointFiles.Open(dir);
+        return Compute(config, files);
+    }
+
     public static string Compute(ModelConfig config, CheckpointFiles files)
     {
         var sb = new StringBuilder("lorakit-base-fingerprint/1\n");

@@ -62,6 +62,18 @@ public sealed class CausalLM : nn.Module<Tensor, Tensor>
         return FamilyOps.SoftCap(lm_head.forward(h), Config.FinalLogitSoftcap).MoveToOuterDisposeScope();
     }
 
+    /// <summary>
+    /// Logits [N, vocab] at N chosen positions of the batch, given as flat indices into [B·T]: scoring a few positions
+    /// of long rows (choices, perplexity) never materialises the whole [B, T, vocab] logits.
+    /// </summary>
+    public Tensor LogitsAt(Tensor ids, Tensor flatPositions)
+    {
+        using var scope = NewDisposeScope();
+        var h = model.Forward(ids, null, null);
+        var picked = h.reshape(-1, h.shape[^1]).index_select(0, flatPositions);
+        return FamilyOps.SoftCap(lm_head.forward(picked), Config.FinalLogitSoftcap).MoveToOuterDisposeScope();
+    }
+
     /// <summary>Mean next-token negative log-likelihood of a single sequence [1, T] (fp32 logits, like transformers).</summary>
     public Tensor Loss(Tensor ids)
     {

@@ -1,0 +1,38 @@
+using System.Security.Cryptography;
+using System.Text;
+
+namespace LoraKit.Lora;
+
+/// <summary>
+/// An adapter's content hash: sha256 over the files that define it — adapter_config.json, adapter_model.safetensors
+/// and, for a classification adapter, labels.json — each as its name, length and bytes, in that order. Other files in
+/// the folder (a README, training logs) do not change it; any change to the config, weights or labels does. Evaluation
+/// reports, the merge gate and the registry name adapters by it.
+/// </summary>
+public static class AdapterDigest
+{
+    static readonly string[] Files = [AdapterFiles.ConfigFile, AdapterFiles.WeightsFile, AdapterFiles.LabelsFile];
+
+    /// <summary>The hex sha256 of the adapter in <paramref name="dir"/>.</summary>
+    public static string Compute(string dir)
+    {
+        if (!Directory.Exists(dir)) throw new LoraKitException($"adapter directory '{dir}' does not exist");
+        using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+        hash.AppendData(Encoding.UTF8.GetBytes("lorakit-adapter/1\n"));
+        foreach (var name in Files)
+        {
+            var path = Path.Combine(dir, name);
+            if (!File.Exists(path))
+            {
+                if (name == AdapterFiles.LabelsFile) continue;
+                throw new LoraKitException($"{dir}: no {name}; not a PEFT adapter directory");
+            }
+            using var f = IO.FileProblem.OpenRead(path);
+            hash.AppendData(Encoding.UTF8.GetBytes($"{name} {f.Length}\n"));
+            var buffer = new byte[1 << 20];
+            int n;
+            while ((n = f.Read(buffer)) > 0) hash.AppendData(buffer, 0, n);
+        }
+        return Convert.ToHexStringLower(hash.GetHashAndReset());
+    }
+}
