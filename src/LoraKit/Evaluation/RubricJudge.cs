@@ -115,6 +115,18 @@ public sealed class RubricJudge : IDisposable
             ? JudgeAsync(r.Rubric, ChatSuiteEvaluator.MessagesFor(evalCase), output, cancellationToken)
             : throw new ArgumentException($"{evalCase.Where}: case '{evalCase.Id}' is not a rubric case", nameof(evalCase));
 
+    /// <summary>
+    /// The judge as LoraKit's runner takes it (<see cref="CaseRunner.Judge"/>, <see cref="EvalOptions.Judge"/>): the
+    /// verdict and "who judged" (the judge's model id, recorded as <c>judged_by</c>). A judge error fails closed: the
+    /// case fails with a reason starting <c>judge error:</c> (never a pass), so a gate cannot be passed on verdicts the
+    /// judge did not give. Blocks until the verdict comes (the runner is synchronous).
+    /// </summary>
+    public RubricJudgeFunc AsJudgeFunc() => (evalCase, output) =>
+    {
+        var v = JudgeAsync(evalCase, output).GetAwaiter().GetResult();
+        return (v.ToVerdict() ?? Verdict.Fail($"judge error: {v.Reason}"), v.JudgeModel);
+    };
+
     /// <summary>The judge's messages: the fixed instructions, then the case in tagged sections.</summary>
     public static IList<ChatMessage> Prompt(string rubric, IEnumerable<ChatMessage> conversation, string response) =>
     [

@@ -86,6 +86,18 @@ public class RubricJudgeTests
     }
 
     [Fact]
+    public void AsTheRunnersJudgeAJudgeErrorFailsClosed()
+    {
+        var c = ExpectationEvaluatorTests.Case("r", new RubricExpectation("is polite"), prompt: "hi");
+        var (passed, by) = new RubricJudge(new ScriptedJudge("PASS: polite.")).AsJudgeFunc()(c, "hello");
+        Assert.Equal((true, "judged by judge-1: polite.", "judge-1"), (passed.Passed, passed.Reason, by));
+        var (garbled, by2) = new RubricJudge(new ScriptedJudge("no idea")).AsJudgeFunc()(c, "hello");
+        Assert.False(garbled.Passed);
+        Assert.StartsWith("judge error: judge answer is not one", garbled.Reason);
+        Assert.Equal("judge-1", by2);
+    }
+
+    [Fact]
     public async Task AnUnparseableAnswerIsAJudgeErrorNotAPass()
     {
         var judge = new RubricJudge(new ScriptedJudge("Yes, this looks good to me!", modelId: null)) { Model = "configured" };
