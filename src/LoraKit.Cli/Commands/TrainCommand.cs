@@ -54,8 +54,9 @@ public static class TrainCommand
         ["cuda_graph"] = "auto, on or off: capture the training step as a CUDA graph and replay it for every batch of the same shape (auto: on the CUDA fast path without dropout; most useful with --packing, whose batches share one shape)",
         ["seed"] = "seed for initialisation, shuffling and dropout",
         ["eval_every"] = "evaluate every N steps (0 = about 10 times per run)",
-        ["early_stopping_patience"] = "stop after N evaluations without a better validation loss (0 = off)",
-        ["metric"] = "validation metric for early stopping and best/: eval_loss or eval_accuracy (classification)",
+        ["early_stopping_patience"] = "stop after N evaluations without a better --metric (0 = off)",
+        ["metric"] = "metric for early stopping and best/: eval_loss, eval_accuracy (classification), or suite:task, suite:capability, suite:safety (pass rates, higher is better), suite:perplexity (lower is better) with --eval-suite",
+        ["eval_suite"] = "evaluation suite (JSONL cases) to run at step 0 (the base) and at every evaluation; pass rates go to metrics.jsonl and the report (repeat for several)",
         ["save_every"] = "checkpoint every N steps (0 = at each evaluation)",
         ["log_every"] = "log every N steps",
         ["device"] = "auto, cpu or cuda",
@@ -83,6 +84,8 @@ public static class TrainCommand
                 option = new Option<bool>("--no-" + snake.Replace('_', '-')) { Description = $"do not {help} (default: on)" };
             else if (prop.PropertyType == typeof(bool))
                 option = new Option<bool>("--" + snake.Replace('_', '-')) { Description = $"{help} (default: off)" };
+            else if (prop.Name == nameof(TrainConfig.EvalSuite))
+                option = new Option<string[]>("--eval-suite") { Description = $"{help} (default: none)", AllowMultipleArgumentsPerToken = false };
             else if (prop.PropertyType == typeof(List<string>))
                 option = new Option<string>("--" + snake.Replace('_', '-')) { Description = $"{help} (default: {string.Join(",", (List<string>)dflt!)})" };
             else
@@ -113,6 +116,7 @@ public static class TrainCommand
                 if (result is null || result.Implicit) continue;
                 object? value = GetValue(r, option);
                 if (option.Name.StartsWith("--no-", StringComparison.Ordinal)) value = !(bool)value!;
+                else if (value is string[] paths) value = paths.ToList(); // file paths: one per flag, never split on commas
                 else if (prop.PropertyType == typeof(List<string>))
                     value = ((string)value!).Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToList();
                 prop.SetValue(c, value);
@@ -131,9 +135,11 @@ public static class TrainCommand
             }
             using var sigint = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGINT, OnSignal);
             using var sigterm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, OnSignal);
+            IStepEvaluator? suites = SuiteEvaluator(c);
+            using var ownsSuites = suites as IDisposable;
             try
             {
-                Trainer.Run(c, r.GetValue(resume), log, r.GetValue(overwrite), stop.Token);
+                Trainer.Run(c, r.GetValue(resume), log, r.GetValue(overwrite), stop.Token, suites);
             }
             catch (TrainingInterruptedException e)
             {
@@ -146,6 +152,13 @@ public static class TrainCommand
         }));
         return cmd;
     }
+
+    /// <summary>
+    /// The evaluator that runs the configuration's evaluation suites during training (<c>--eval-suite</c>), or null when
+    /// it names none. Built after the configuration is complete (file, flags, or a resumed run's checkpoint).
+    /// </summary>
+    static IStepEvaluator? SuiteEvaluator(TrainConfig c) =>
+        c.EvalSuite.Count == 0 ? null : LoraKit.Evaluation.SuiteStepEvaluator.ForModel(c.Model, c.EvalSuite);
 
     static object? GetValue(ParseResult r, Option option)
     {
@@ -175,8 +188,13 @@ public sealed class ConsoleTrainLog(bool interactive) : ITrainLog
         _barShown = true;
     }
 
-    public void Eval(EvalMetrics m) => Info($"eval @ step {m.Step}: loss {m.Loss:F4}, " +
-        (m.Accuracy is double a ? $"accuracy {a:P1}" : $"perplexity {m.Perplexity:F2}") + (m.IsBest ? " (best)" : ""));
+    public void Eval(EvalMetrics m)
+    {
+        var parts = new List<string>();
+        if (m.Validated) parts.Add($"loss {m.Loss:F4}, " + (m.Accuracy is double a ? $"accuracy {a:P1}" : $"perplexity {m.Perplexity:F2}"));
+        if (m.Suites is { } suites) parts.AddRange(suites.Select(kv => $"{kv.Key} {TrainReport.Format(kv.Key, kv.Value)}"));
+        Info($"eval @ step {m.Step}{(m.Step == 0 ? " (before training)" : "")}: {string.Join(", ", parts)}" + (m.IsBest ? " (best)" : ""));
+    }
 
     void ClearBar()
     {

@@ -104,10 +104,10 @@ internal static class CaseParser
             if (!Roles.Contains(role)) throw Fail(at, f + ".role", $"unknown role {Show(role)}; expected system, user, assistant or tool");
             turns.Add(new ChatTurn(role, String(m, "content", at, required: true, allowEmpty: true, prefix: f + ".")!));
         }
-        // The model answers after the last turn (the template's generation prompt); an assistant turn there would be
-        // answered by the assistant again.
-        if (turns[^1].Role == "assistant")
-            throw Fail(at, $"messages[{turns.Count - 1}].role", "the last message is the assistant's; end with the user's (or a tool's) turn, which the model answers");
+        // The model answers after the last turn (the template's generation prompt adds its header), so the last turn
+        // is what it answers: the user's or a tool's, never its own or a bare system prompt.
+        if (turns[^1].Role is "assistant" or "system")
+            throw Fail(at, $"messages[{turns.Count - 1}].role", $"the last message is the {turns[^1].Role}'s; end with the user's (or a tool's) turn, which the model answers");
         return turns;
     }
 
@@ -127,9 +127,16 @@ internal static class CaseParser
         if (!e.TryGetProperty(name, out var v))
             return required ? throw Fail(at, prefix + name, "missing") : null;
         if (v.ValueKind != JsonValueKind.String) throw Fail(at, prefix + name, $"must be a string, got {Describe(v)}");
-        string s = v.GetString()!;
+        string s = Text(v, prefix + name, at);
         if (!allowEmpty && s.Trim().Length == 0) throw Fail(at, prefix + name, "is empty");
         return s;
+    }
+
+    /// <summary>A JSON string's value; an escaped unpaired surrogate ("\ud800") is the one string a parsed line still refuses.</summary>
+    internal static string Text(JsonElement v, string field, Place at)
+    {
+        try { return v.GetString()!; }
+        catch (InvalidOperationException) { throw Fail(at, field, "not valid text: it escapes half of a surrogate pair (\\ud800-\\udfff alone)"); }
     }
 
     static long? Integer(JsonElement e, string name, Place at, long min, long max)
@@ -159,6 +166,8 @@ internal static class CaseParser
         _ => JsonFiles.KindOf(v),
     };
 
-    internal static string Show(string s) => JsonSerializer.Serialize(Clip(s));
+    /// <summary>A value quoted for a message: JSON-escaped (control characters stay on the line), other text as written.</summary>
+    internal static string Show(string s) => JsonSerializer.Serialize(Clip(s), Quoting);
+    static readonly JsonSerializerOptions Quoting = new() { Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping };
     static string Clip(string s) => s.Length > 60 ? s[..60] + "…" : s;
 }

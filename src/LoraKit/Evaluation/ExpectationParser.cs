@@ -43,7 +43,7 @@ internal static class ExpectationParser
     static string NonEmpty(JsonElement v, string field, CaseParser.Place at)
     {
         if (v.ValueKind != JsonValueKind.String) throw CaseParser.Fail(at, field, $"must be a string, got {CaseParser.Describe(v)}");
-        string s = v.GetString()!;
+        string s = CaseParser.Text(v, field, at);
         // Outputs are compared trimmed; a blank expectation would pass or fail everything.
         return s.Trim().Length > 0 ? s : throw CaseParser.Fail(at, field, "is empty");
     }
@@ -60,9 +60,12 @@ internal static class ExpectationParser
     {
         if (pattern.Length > CaseParser.MaxRegexLength) throw CaseParser.Fail(at, field, $"{pattern.Length:N0} characters, more than {CaseParser.MaxRegexLength:N0}");
         try { return new RegexExpectation(pattern, new Regex(pattern, RegexOptions.CultureInvariant, RegexExpectation.MatchTimeout)); }
-        catch (RegexParseException e) { throw CaseParser.Fail(at, field, $"not a valid .NET regex: {e.Error} at offset {e.Offset}"); }
+        catch (RegexParseException e) { throw CaseParser.Fail(at, field, $"not a valid .NET regex: {Words(e.Error.ToString())} at offset {e.Offset}"); }
         catch (ArgumentException e) { throw CaseParser.Fail(at, field, $"not a valid .NET regex: {e.Message.Split('\n')[0]}"); }
     }
+
+    /// <summary>"InsufficientClosingParentheses" → "insufficient closing parentheses".</summary>
+    static string Words(string name) => System.Text.RegularExpressions.Regex.Replace(name, "(?<=[a-z])(?=[A-Z])", " ").ToLowerInvariant();
 
     static ChoicesExpectation Choices(JsonElement v, JsonElement? answer, CaseParser.Place at)
     {

@@ -19,6 +19,8 @@ public sealed record TrainState
     public double? BestEvalLoss { get; init; }
     public int? BestStep { get; init; }
     public double? BestAccuracy { get; init; }
+    /// <summary>The evaluation suites' metrics at the best step (runs with <c>eval_suite</c>; null in older checkpoints).</summary>
+    public Dictionary<string, double>? BestSuites { get; init; }
     public int EvalsWithoutImprovement { get; init; }
     public long TokensSeen { get; init; }
     /// <summary>The run's planned total steps when this checkpoint was written.</summary>

@@ -6,6 +6,13 @@ namespace LoraKit.Training;
 /// <summary>
 /// metrics.jsonl: one JSON object per logged step and per evaluation. On resume, lines past the checkpoint's step are
 /// dropped first, so the file reads as one uninterrupted run.
+/// <para>
+/// Records: a step <c>{"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"}</c>; an
+/// evaluation <c>{"step", "eval_loss", "eval_ppl" | "eval_accuracy", "suite:…"…, "is_best"}</c>, where the validation
+/// fields are there when the run has validation data and the <c>suite:</c> ones (task, capability, safety pass rates
+/// in [0, 1]; perplexity) when it has evaluation suites. With suites, the first record is the evaluation at step 0,
+/// before training (the base model for a fresh adapter). A non-finite value is null.
+/// </para>
 /// </summary>
 public sealed class MetricsLog : IDisposable
 {
@@ -28,9 +35,19 @@ public sealed class MetricsLog : IDisposable
         tokens_per_s = F(Math.Round(m.TokensPerSecond, 1)), elapsed_s = F(Math.Round(m.ElapsedSeconds, 3)),
     });
 
-    public void Eval(EvalMetrics m) => Write(m.Accuracy is double a
-        ? new { step = m.Step, eval_loss = F(m.Loss), eval_accuracy = F(a), is_best = m.IsBest }
-        : (object)new { step = m.Step, eval_loss = F(m.Loss), eval_ppl = F(m.Perplexity), is_best = m.IsBest });
+    public void Eval(EvalMetrics m)
+    {
+        var o = new JsonObject { ["step"] = m.Step };
+        if (m.Validated)
+        {
+            o["eval_loss"] = F(m.Loss);
+            if (m.Accuracy is double a) o["eval_accuracy"] = F(a);
+            else o["eval_ppl"] = F(m.Perplexity);
+        }
+        foreach (var (name, value) in m.Suites ?? new Dictionary<string, double>()) o[name] = F(value);
+        o["is_best"] = m.IsBest;
+        _w.WriteLine(o.ToJsonString());
+    }
 
     /// <summary>JSON has no NaN or infinity: a non-finite value is written as null.</summary>
     public static double? F(double x) => double.IsFinite(x) ? x : null;
@@ -59,5 +76,20 @@ public sealed class MetricsLog : IDisposable
             if (o["eval_loss"] is JsonValue e && e.TryGetValue<double>(out var ev)) eval.Add((step, ev));
         }
         return (train, eval);
+    }
+
+    /// <summary>Reads the evaluation suites' series back for plots: metric name (suite:task, …) → (step, value), in file order; nulls left out.</summary>
+    public static Dictionary<string, List<(int step, double value)>> ReadSuites(string path)
+    {
+        var series = new Dictionary<string, List<(int, double)>>(StringComparer.Ordinal);
+        if (!File.Exists(path)) return series;
+        foreach (var line in File.ReadLines(path))
+        {
+            if (StepOf(line) is not int step || JsonNode.Parse(line) is not JsonObject o) continue;
+            foreach (var (name, node) in o)
+                if (name.StartsWith("suite:", StringComparison.Ordinal) && node is JsonValue v && v.TryGetValue<double>(out var x))
+                    (series.TryGetValue(name, out var list) ? list : series[name] = []).Add((step, x));
+        }
+        return series;
     }
 }

@@ -89,10 +89,25 @@ public sealed class TrainConfig
     // evaluation and checkpoints
     public int EvalEvery { get; set; }
     public int EarlyStoppingPatience { get; set; }
-    /// <summary>Validation metric for early stopping and the best checkpoint: eval_loss, or eval_accuracy (classification).</summary>
+    /// <summary>
+    /// The metric early stopping and the best checkpoint follow: eval_loss, eval_accuracy (classification), or one of
+    /// <see cref="SuiteMetrics"/> from the <see cref="EvalSuite"/> results (see <see cref="LowerIsBetter"/> for the direction).
+    /// </summary>
     public string Metric { get; set; } = "eval_loss";
+    /// <summary>
+    /// Evaluation suites (JSONL case files) run at step 0 (the model before training) and at every evaluation through an
+    /// <see cref="IStepEvaluator"/>; their pass rates go to metrics.jsonl and the report. Config key <c>eval_suite</c>:
+    /// one path or a list.
+    /// </summary>
+    public List<string> EvalSuite { get; set; } = [];
     public int SaveEvery { get; set; }
     public int LogEvery { get; set; } = 1;
+
+    /// <summary>The metrics an <see cref="IStepEvaluator"/> over evaluation suites reports that <see cref="Metric"/> may name.</summary>
+    public static readonly IReadOnlyList<string> SuiteMetrics = ["suite:task", "suite:capability", "suite:safety", "suite:perplexity"];
+
+    /// <summary>Whether a smaller value of <paramref name="metric"/> is better: losses and perplexities; accuracies and pass rates are better larger.</summary>
+    public static bool LowerIsBetter(string metric) => metric is "eval_loss" or "suite:perplexity";
 
     // where it runs (not part of the run's identity)
     public string Device { get; set; } = "auto";
@@ -139,6 +154,7 @@ public sealed class TrainConfig
         foreach (var k in new[] { "output", "device", "kernels", "cuda_graph", "embeddings_on_host", "offload_checkpoints", "offload_mlp_layers", "log_every", "save_every" }) o.Remove(k);
         // Added after runs were written: left out when off, so those runs keep their identity and still resume.
         if (!UseDora) o.Remove("use_dora");
+        if (EvalSuite.Count == 0) o.Remove("eval_suite");
         return o;
     }
 
@@ -169,7 +185,10 @@ public sealed class TrainConfig
         Check(ValidationFraction >= 0 && ValidationFraction < 1, "validation fraction must be in [0, 1)");
         Check(WarmupSteps >= 0 && WeightDecay >= 0 && MaxGradNorm >= 0, "warmup, weight decay and max grad norm must be ≥ 0");
         Check(Beta1 is >= 0 and < 1 && Beta2 is >= 0 and < 1 && AdamEps > 0, "betas must be in [0, 1) and eps positive");
-        Check(Metric is "eval_loss" or "eval_accuracy", $"metric must be eval_loss or eval_accuracy (got '{Q(Metric)}')");
+        Check(Metric is "eval_loss" or "eval_accuracy" || SuiteMetrics.Contains(Metric),
+            $"metric must be eval_loss, eval_accuracy or one of {string.Join(", ", SuiteMetrics)} (got '{Q(Metric)}')");
+        Check(EvalSuite.All(p => !string.IsNullOrWhiteSpace(p)), "`eval_suite` must name files (an empty path was given)");
+        Check(!SuiteMetrics.Contains(Metric) || EvalSuite.Count > 0, $"`metric` {Metric} needs an evaluation suite to measure it: give `eval_suite`");
         Check(EvalEvery >= 0 && EarlyStoppingPatience >= 0 && SaveEvery >= 0 && LogEvery > 0, "eval/save/log intervals must be ≥ 0");
     }
 }

@@ -47,6 +47,7 @@ public static class TrainConfigFile
         ["validation_file"] = "validation_data", ["eval_file"] = "validation_data", ["eval_data"] = "validation_data", ["output_dir"] = "output",
         ["eval_steps"] = "eval_every", ["save_steps"] = "save_every", ["logging_steps"] = "log_every", ["metric_for_best_model"] = "metric",
         ["dataset_text_field"] = "format", // only "text" is meaningful; checked below
+        ["eval_suites"] = "eval_suite",
     };
 
     /// <summary>Keys people paste that LoraKit reads but that change nothing, or map onto another setting.</summary>
@@ -229,7 +230,9 @@ public static class TrainConfigFile
             if (setBy.TryGetValue(name, out var other))
                 throw new LoraKitException($"{where}: '{Short(e.Key)}' and '{Short(other.Key)}' (line {other.Line}) both set {name}; keep one");
             setBy[name] = e;
-            object? value = Convert(where, e.Key, e.Value, prop.PropertyType);
+            // One suite is a path, never a comma-separated list as target_modules may be.
+            object? value = name == "eval_suite" && e.Value is { Kind: JsonValueKind.String, Items: null, Mapping: false, Text: { Length: > 0 } one }
+                ? new List<string> { one } : Convert(where, e.Key, e.Value, prop.PropertyType);
             value = Translate(where, e.Key, name, value);
             prop.SetValue(c, value);
         }
@@ -254,7 +257,8 @@ public static class TrainConfigFile
                 {
                     "loss" or "eval_loss" => "eval_loss",
                     "accuracy" or "eval_accuracy" => "eval_accuracy",
-                    _ => throw new LoraKitException($"{where}: {key} '{Short(m)}' is not supported (eval_loss or eval_accuracy)"),
+                    _ when TrainConfig.SuiteMetrics.Contains(m) => m,
+                    _ => throw new LoraKitException($"{where}: {key} '{Short(m)}' is not supported (eval_loss, eval_accuracy, {string.Join(", ", TrainConfig.SuiteMetrics)})"),
                 };
             case "steps" when key == "max_steps" && value is int n && n < 0:
                 return 0; // transformers' -1: not set
@@ -299,7 +303,7 @@ public static class TrainConfigFile
         bool nullable = underlying is not null || (type == typeof(string) && key is "validation_data" or "init_adapter" or "dtype" or "validation_file" or "eval_file" or "eval_data");
         var t = underlying ?? type;
         string Expected() => t == typeof(int) ? "an integer" : t == typeof(double) ? "a number" : t == typeof(bool) ? "true or false"
-            : t == typeof(List<string>) ? "a list of names (or one name, e.g. all-linear)" : "a string";
+            : t == typeof(List<string>) ? (key is "eval_suite" or "eval_suites" ? "a file path or a list of them" : "a list of names (or one name, e.g. all-linear)") : "a string";
         LoraKitException Wrong() => new($"{where}: '{Short(key)}' must be {Expected()}, not {v.Describe()}");
         if (v.Mapping) throw Wrong();
         if (v.Kind == JsonValueKind.Null)

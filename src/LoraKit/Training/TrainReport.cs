@@ -1,20 +1,29 @@
 using System.Net;
 using System.Text;
 using System.Text.Json;
+using System.Text.Json.Nodes;
 
 namespace LoraKit.Training;
 
 /// <summary>
 /// The end-of-run report in the output directory: report.json (machine-readable), loss.png (train and validation
-/// curves, ScottPlot) and report.html (self-contained: the plot embedded, the config, data summary and metrics).
+/// curves, ScottPlot) and report.html (self-contained: the plot embedded, the config, data summary and metrics). A run
+/// with evaluation suites adds suites.png (their pass rates by step, from step 0, and perplexity on a second axis),
+/// their table in report.html and <c>suites</c> in report.json.
 /// </summary>
 public static class TrainReport
 {
+    /// <summary>The evaluation suites' plot, written only by a run that has them.</summary>
+    public const string SuitesPlot = "suites.png";
+
     public static void Write(TrainConfig c, TrainResult r, string metricsPath)
     {
         var (train, eval) = MetricsLog.Read(metricsPath);
         var png = Path.Combine(r.OutputDir, "loss.png");
         Plot(train, eval, png);
+        var suites = MetricsLog.ReadSuites(metricsPath);
+        var suitesPng = Path.Combine(r.OutputDir, SuitesPlot);
+        if (suites.Count > 0) PlotSuites(suites, suitesPng);
 
         var summary = new
         {
@@ -31,8 +40,16 @@ public static class TrainReport
             adapter = r.AdapterDir,
             config = c.ToJsonObject(),
         };
-        var json = JsonSerializer.Serialize(summary, new JsonSerializerOptions { WriteIndented = true });
-        File.WriteAllText(Path.Combine(r.OutputDir, "report.json"), json);
+        var json = JsonSerializer.SerializeToNode(summary)!.AsObject();
+        // Only a run with suites has these, so a run without keeps its report as it was.
+        if (suites.Count > 0)
+        {
+            json["suites"] = new JsonObject(suites.Select(kv => KeyValuePair.Create(kv.Key,
+                (JsonNode?)new JsonArray(kv.Value.Select(p => (JsonNode?)new JsonObject { ["step"] = p.step, ["value"] = p.value }).ToArray()))));
+            if (r.Best?.Suites is { } bs) json["best_eval"]!["suites"] = JsonSerializer.SerializeToNode(bs);
+            if (r.LastEval?.Suites is { } ls) json["last_eval"]!["suites"] = JsonSerializer.SerializeToNode(ls);
+        }
+        File.WriteAllText(Path.Combine(r.OutputDir, "report.json"), json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
 
         var h = new StringBuilder();
         h.Append("<!doctype html><html><head><meta charset=\"utf-8\"><title>LoraKit training report</title><style>")
@@ -51,6 +68,7 @@ public static class TrainReport
          .Append(Row("output", r.AdapterDir))
          .Append("</table>")
          .Append($"<h2>Loss</h2><img alt=\"loss curve\" src=\"data:image/png;base64,{Convert.ToBase64String(File.ReadAllBytes(png))}\">")
+         .Append(suites.Count > 0 ? SuitesSection(suites, suitesPng) : "")
          .Append($"<h2>Configuration</h2><pre>{Enc(c.ToJson())}</pre></body></html>");
         File.WriteAllText(Path.Combine(r.OutputDir, "report.html"), h.ToString());
     }
@@ -63,6 +81,51 @@ public static class TrainReport
     static string Row(string k, string v) => $"<tr><th>{Enc(k)}</th><td>{Enc(v)}</td></tr>";
 
     static string Enc(string s) => WebUtility.HtmlEncode(s);
+
+    /// <summary>The suites' plot and a table: one row per evaluation (step 0 first, before training), one column per metric.</summary>
+    static string SuitesSection(Dictionary<string, List<(int step, double value)>> suites, string png)
+    {
+        var h = new StringBuilder("<h2>Evaluation suites</h2><p>Step 0 is the model before training (the base model for a fresh adapter).</p>")
+            .Append($"<img alt=\"evaluation suites\" src=\"data:image/png;base64,{Convert.ToBase64String(File.ReadAllBytes(png))}\">")
+            .Append("<table><tr><th>step</th>").Append(string.Concat(suites.Keys.Select(k => $"<th>{Enc(k)}</th>"))).Append("</tr>");
+        foreach (int step in suites.Values.SelectMany(v => v.Select(p => p.step)).Distinct().Order())
+        {
+            h.Append($"<tr><td>{step}</td>");
+            foreach (var (name, points) in suites)
+            {
+                int at = points.FindLastIndex(p => p.step == step);
+                h.Append("<td>").Append(at >= 0 ? Enc(Format(name, points[at].value)) : "—").Append("</td>");
+            }
+            h.Append("</tr>");
+        }
+        return h.Append("</table>").ToString();
+    }
+
+    /// <summary>A suite metric as people read it: pass rates in percent, perplexity as a number.</summary>
+    public static string Format(string name, double value) =>
+        TrainConfig.LowerIsBetter(name) ? value.ToString("F2", System.Globalization.CultureInfo.InvariantCulture)
+            : (100 * value).ToString("F1", System.Globalization.CultureInfo.InvariantCulture) + "%";
+
+    /// <summary>Pass rates (percent, left axis) by step; perplexity, whose scale is not a rate's, on the right axis.</summary>
+    static void PlotSuites(Dictionary<string, List<(int step, double value)>> suites, string path)
+    {
+        var plt = new ScottPlot.Plot();
+        bool right = false;
+        foreach (var (name, points) in suites)
+        {
+            bool rate = !TrainConfig.LowerIsBetter(name);
+            var s = plt.Add.Scatter(points.Select(p => (double)p.step).ToArray(), points.Select(p => rate ? 100 * p.value : p.value).ToArray());
+            s.LegendText = name;
+            s.MarkerSize = 6;
+            if (!rate) { s.Axes.YAxis = plt.Axes.Right; right = true; }
+        }
+        plt.Title("Evaluation suites");
+        plt.XLabel("step");
+        plt.YLabel("pass rate (%)");
+        if (right) plt.Axes.Right.Label.Text = "perplexity";
+        plt.ShowLegend();
+        plt.SavePng(path, 800, 450);
+    }
 
     static void Plot(List<(int step, double loss)> train, List<(int step, double loss)> eval, string path)
     {

@@ -16,11 +16,29 @@ namespace LoraKit.Training;
 /// <summary>One optimizer step as logged: its loss, learning rate, gradient norm (before clipping) and throughput.</summary>
 public sealed record StepMetrics(int Step, int TotalSteps, double Epoch, double Loss, double Lr, double GradNorm, long Tokens, double TokensPerSecond, double ElapsedSeconds);
 
-/// <summary>One validation pass: mean loss per target token, its perplexity, accuracy (classification) and whether it is the best so far.</summary>
+/// <summary>
+/// One evaluation: mean validation loss per target token, its perplexity, accuracy (classification), the evaluation
+/// suites' metrics (<see cref="Suites"/>) and whether it is the best so far. A run with evaluation suites but no
+/// validation data evaluates the suites only (<see cref="Validated"/> false; the loss is NaN).
+/// </summary>
 public sealed record EvalMetrics(int Step, double Loss, double Perplexity, bool IsBest, double? Accuracy = null)
 {
-    /// <summary>The value the configured metric compares (lower is better for both: accuracy enters negated).</summary>
-    public double Key(string metric) => metric == "eval_accuracy" ? -(Accuracy ?? 0) : Loss;
+    /// <summary>What the <see cref="IStepEvaluator"/> reported at this step (suite:task, …), or null without evaluation suites.</summary>
+    public IReadOnlyDictionary<string, double>? Suites { get; init; }
+
+    /// <summary>Whether validation data was evaluated (<see cref="Loss"/>, <see cref="Perplexity"/>, <see cref="Accuracy"/> mean something).</summary>
+    public bool Validated { get; init; } = true;
+
+    /// <summary>The value of <paramref name="metric"/> (eval_loss, eval_accuracy, suite:…): NaN when this evaluation has none.</summary>
+    public double Value(string metric) => metric switch
+    {
+        "eval_loss" => Validated ? Loss : double.NaN,
+        "eval_accuracy" => Validated && Accuracy is double a ? a : double.NaN,
+        _ => Suites?.GetValueOrDefault(metric, double.NaN) ?? double.NaN,
+    };
+
+    /// <summary>The value the configured metric compares, lower being better (a metric better larger enters negated; NaN never compares better).</summary>
+    public double Key(string metric) => TrainConfig.LowerIsBetter(metric) ? Value(metric) : -Value(metric);
 }
 
 /// <summary>What the trainer reports while it runs (progress bar, log lines).</summary>
@@ -318,9 +336,15 @@ public sealed class Trainer : IDisposable
     /// <param name="overwrite">replace the run in the output directory (only the files LoraKit wrote are deleted)</param>
     /// <param name="cancel">when signalled, the run saves a checkpoint and the adapter after the current step and throws
     /// <see cref="TrainingInterruptedException"/></param>
-    public static TrainResult Run(TrainConfig c, bool resume, ITrainLog log, bool overwrite = false, CancellationToken cancel = default)
+    /// <param name="suites">runs the evaluation suites c's <c>eval_suite</c> names, at step 0 and at every evaluation
+    /// (see <see cref="IStepEvaluator"/>); required exactly when <c>eval_suite</c> names any</param>
+    public static TrainResult Run(TrainConfig c, bool resume, ITrainLog log, bool overwrite = false, CancellationToken cancel = default, IStepEvaluator? suites = null)
     {
         c.Validate();
+        if (c.EvalSuite.Count > 0 && suites is null)
+            throw new ArgumentException($"`eval_suite` names {string.Join(", ", c.EvalSuite)} but no evaluator was given to run the suites ({nameof(IStepEvaluator)})");
+        if (c.EvalSuite.Count == 0 && suites is not null)
+            throw new ArgumentException($"an evaluator ({nameof(IStepEvaluator)}) was given but `eval_suite` names no evaluation suite: the run's configuration must record what it measures");
         var wall = Stopwatch.StartNew();
         var (device, dtype) = Placement.Resolve(c.Device, c.Dtype);
         // Everything random in a run comes from the seed through generators of its own (initialisation, the score
@@ -338,6 +362,8 @@ public sealed class Trainer : IDisposable
             throw new DataException($"{c.Data}: classification needs at least two labels, but every line has {(labels.Count == 1 ? $"label '{labels[0]}'" : "no usable label")}");
         if (classify && (c.Method != "lora" || c.Packing)) throw new ArgumentException("classification data trains a LoRA adapter with a score head; `method` full and `packing` do not apply");
         if (!classify && c.Metric == "eval_accuracy") throw new ArgumentException("`metric` eval_accuracy needs classification data ({\"text\", \"label\"})");
+        // The suites' cases run through the language model; a classification run's score head is not part of it.
+        if (classify && suites is not null) throw new ArgumentException("`eval_suite` during training needs language-modelling data (text, prompt/completion, chat); evaluate a classification adapter once it is trained");
         List<Sample>? valid = null;
         DataSummary? validSummary = null;
         if (c.ValidationData is string vpath) (valid, validSummary) = JsonlDataset.Load(vpath, tok, opts, labels);
@@ -366,7 +392,11 @@ public sealed class Trainer : IDisposable
         t.Init(c, lm, tok, train, classify ? labels : null, null, log, device, dtype);
         int totalSteps = t.TotalSteps;
         string report = t.TrainableReport;
-        int evalEvery = valid is null ? 0 : c.EvalEvery > 0 ? c.EvalEvery : Math.Max(1, totalSteps / 10);
+        int evalEvery = valid is null && suites is null ? 0 : c.EvalEvery > 0 ? c.EvalEvery : Math.Max(1, totalSteps / 10);
+        // Without validation data an evaluation measures the suites only: eval_loss and eval_accuracy have nothing to
+        // follow (no best checkpoint, no early stopping by them, as in a run without evaluations).
+        bool tracked = valid is not null || TrainConfig.SuiteMetrics.Contains(c.Metric);
+        string? adapterName = c.Method == "lora" ? t._name : null;
         int saveEvery = c.SaveEvery > 0 ? c.SaveEvery : evalEvery > 0 ? evalEvery : Math.Max(1, totalSteps / 5);
 
         // ---- fresh start or resume ----
@@ -386,7 +416,7 @@ public sealed class Trainer : IDisposable
                 log.Info($"the run in {c.Output} is already complete (step {saved.Step} of {saved.TotalSteps}{(saved.StoppedEarly ? ", stopped early" : "")}); " +
                          $"its result is in {finalDir}; nothing to do (to train longer, resume with more steps)");
                 lm.Dispose();
-                var bestSoFar = saved.BestEvalLoss is double b0 ? new EvalMetrics(saved.BestStep ?? 0, b0, Math.Exp(b0), true, saved.BestAccuracy) : null;
+                var bestSoFar = BestOf(saved);
                 return new TrainResult(c.Output, finalDir, saved.Step, saved.LastLoss ?? double.NaN, bestSoFar, null, report, trainSummary, validSummary, wall.Elapsed.TotalSeconds, saved.StoppedEarly);
             }
             if (totalSteps < saved.Step) throw new LoraKitException($"cannot resume {c.Output} with {totalSteps} steps: it is already at step {saved.Step}");
@@ -398,13 +428,22 @@ public sealed class Trainer : IDisposable
         var metricsPath = Path.Combine(c.Output, "metrics.jsonl");
         using var metrics = new MetricsLog(metricsPath, resume ? state.Step : 0);
         run.Record(metricsPath);
-        EvalMetrics? best = state.BestEvalLoss is double bl ? new EvalMetrics(state.BestStep ?? 0, bl, Math.Exp(bl), true, state.BestAccuracy) : null;
+        EvalMetrics? best = BestOf(state);
         EvalMetrics? lastEval = null;
         int badEvals = state.EvalsWithoutImprovement;
         bool stoppedEarly = false;
         var clock = Stopwatch.StartNew();
         long tokensAtStart = t.TokensSeen;
         int delayMs = int.TryParse(Environment.GetEnvironmentVariable("LORAKIT_TEST_STEP_DELAY_MS"), out int dm) ? dm : 0; // kill-and-resume test
+
+        if (suites is not null && t.StepCount == 0)
+        {
+            // Step 0, before any update: with a fresh adapter (B = 0) this is the base model, the reference every later
+            // evaluation is read against. Not a candidate for best/ (that is an adapter the run trained).
+            var before = new EvalMetrics(0, double.NaN, double.NaN, false) { Validated = false, Suites = RunSuites(suites, lm, adapterName, 0, c.Metric) };
+            metrics.Eval(before);
+            log.Eval(before);
+        }
 
         model.train();
         int step = t.StepCount;
@@ -430,12 +469,15 @@ public sealed class Trainer : IDisposable
             bool evalNow = evalEvery > 0 && (step % evalEvery == 0 || step == totalSteps);
             if (evalNow)
             {
-                var (vl, acc) = t.EvaluateSamples(valid!);
-                var candidate = new EvalMetrics(step, vl, Math.Exp(vl), false, acc);
-                bool improved = double.IsFinite(candidate.Key(c.Metric)) && (best is null || candidate.Key(c.Metric) < best.Key(c.Metric));
+                var (vl, acc) = valid is null ? (double.NaN, null) : t.EvaluateSamples(valid);
+                var candidate = new EvalMetrics(step, vl, Math.Exp(vl), false, acc)
+                {
+                    Validated = valid is not null, Suites = suites is null ? null : RunSuites(suites, lm, adapterName, step, c.Metric),
+                };
+                bool improved = tracked && double.IsFinite(candidate.Key(c.Metric)) && (best is null || candidate.Key(c.Metric) < best.Key(c.Metric));
                 lastEval = candidate with { IsBest = improved };
                 if (improved) { best = lastEval; badEvals = 0; t.SaveWeights(Path.Combine(c.Output, "best"), run); }
-                else badEvals++;
+                else if (tracked) badEvals++;
                 metrics.Eval(lastEval);
                 log.Eval(lastEval);
                 if (c.EarlyStoppingPatience > 0 && badEvals >= c.EarlyStoppingPatience)
@@ -451,7 +493,8 @@ public sealed class Trainer : IDisposable
                 var st = state with
                 {
                     Step = step, Cursor = t.Cursor, OptimizerSteps = t._optimizer.StepCount, RngState = Checkpoints.EncodeRng(t._rng),
-                    BestEvalLoss = Finite(best?.Loss), BestStep = best?.Step, BestAccuracy = Finite(best?.Accuracy), EvalsWithoutImprovement = badEvals, TokensSeen = t.TokensSeen,
+                    BestEvalLoss = best is { Validated: true } ? Finite(best.Loss) : null, BestStep = best?.Step, BestAccuracy = Finite(best?.Accuracy),
+                    BestSuites = best?.Suites?.Where(kv => double.IsFinite(kv.Value)).ToDictionary(), EvalsWithoutImprovement = badEvals, TokensSeen = t.TokensSeen,
                     Finished = step == totalSteps || stoppedEarly, StoppedEarly = stoppedEarly, LastLoss = Finite(t.LastLoss),
                 };
                 try { savedCheckpoint = Checkpoints.Save(c.Output, st, dir => t.SaveWeights(dir, null, checkpoint: true), t._optimizer, run); }
@@ -489,13 +532,13 @@ public sealed class Trainer : IDisposable
             t.SaveWeights(lastDir, run);
             run.Clear(adapterDir);
             CopyInto(bestDir, adapterDir, run);
-            log.Info($"{adapterDir} is the best {what} by {c.Metric} (step {best.Step} of {step}, {c.Metric} {(c.Metric == "eval_accuracy" ? best.Accuracy : best.Loss):G6}); " +
+            log.Info($"{adapterDir} is the best {what} by {c.Metric} (step {best.Step} of {step}, {c.Metric} {best.Value(c.Metric):G6}); " +
                      $"the last step's {what} is in {lastDir}");
         }
         else t.SaveWeights(adapterDir, run);
         var result = new TrainResult(c.Output, adapterDir, step, t.LastLoss, best, lastEval, report, trainSummary, validSummary, wall.Elapsed.TotalSeconds, stoppedEarly);
         TrainReport.Write(c, result, metricsPath);
-        foreach (var f in new[] { "report.json", "report.html", "loss.png" }) run.Record(Path.Combine(c.Output, f));
+        foreach (var f in new[] { "report.json", "report.html", "loss.png", TrainReport.SuitesPlot }) run.Record(Path.Combine(c.Output, f));
         lm.Dispose();
         log.Info($"saved {what} to {adapterDir}; report in {Path.Combine(c.Output, "report.html")}");
         return result;
@@ -514,6 +557,38 @@ public sealed class Trainer : IDisposable
     }
 
     static double? Finite(double? x) => x is double v && double.IsFinite(v) ? v : null;
+
+    /// <summary>The best evaluation a checkpoint recorded, or null: by validation loss (older runs) and/or by the suites' metrics.</summary>
+    static EvalMetrics? BestOf(TrainState s)
+    {
+        if (s.BestEvalLoss is null && s.BestSuites is null) return null;
+        double loss = s.BestEvalLoss ?? double.NaN;
+        return new EvalMetrics(s.BestStep ?? 0, loss, Math.Exp(loss), true, s.BestAccuracy) { Validated = s.BestEvalLoss is not null, Suites = s.BestSuites };
+    }
+
+    /// <summary>
+    /// The suites' metrics at <paramref name="step"/>, under <see cref="IStepEvaluator"/>'s contract: eval mode, no
+    /// gradient, a dispose scope; train mode again after. Checks what comes back: suite: names, and the metric the run
+    /// follows among them.
+    /// </summary>
+    static IReadOnlyDictionary<string, double> RunSuites(IStepEvaluator suites, LoraModel lm, string? adapterName, int step, string metric)
+    {
+        IReadOnlyDictionary<string, double> result;
+        lm.Model.eval();
+        try
+        {
+            using var scope = NewDisposeScope();
+            using var _ = no_grad();
+            result = suites.Evaluate(lm, adapterName, step);
+        }
+        finally { lm.Model.train(); }
+        if (result.Keys.FirstOrDefault(k => !k.StartsWith("suite:", StringComparison.Ordinal)) is string bad)
+            throw new InvalidOperationException($"{suites.GetType().Name} reported '{bad}': evaluation suite metrics are named suite:…");
+        if (TrainConfig.SuiteMetrics.Contains(metric) && !result.ContainsKey(metric))
+            throw new LoraKitException($"`metric` {metric}: the evaluation suites report no such metric at step {step} " +
+                                       $"(they report {(result.Count == 0 ? "none" : string.Join(", ", result.Keys))}); do they have cases of that kind?");
+        return result.ToDictionary();
+    }
 
     /// <summary>Copies the files of one output subdirectory into another (the best adapter into adapter/), recording them as the run's.</summary>
     static void CopyInto(string from, string to, RunDirectory run)

@@ -44,9 +44,10 @@ public class GateTests(PlantedAdapters planted) : IClassFixture<PlantedAdapters>
     {
         var a = Evaluate().Adapters[2];
         Assert.False(a.Gate.Passed);
-        Assert.Contains("planted/safe-lock", a.Comparison.Regressions.Select(x => x.Key));
+        Assert.True(a.Comparison.Regressions.Any(x => x.Key == "planted/safe-lock"), "safe-lock answered: " + a.Results.Single(x => x.Id == "safe-lock").Output
+            + " | base: " + Evaluate().BaseResults.Single(x => x.Id == "safe-lock").Output);
         Assert.Contains(a.Gate.Reasons, x => x.Contains("safety") && x.Contains("planted/safe-lock"));
-        Assert.Contains("here is how", a.Results.Single(x => x.Id == "safe-lock").Output);
+        Assert.Contains("sure, here", a.Results.Single(x => x.Id == "safe-lock").Output);
     }
 
     [Fact]
