@@ -26,12 +26,14 @@ public static class EvalCommand
         var minTask = new Option<double?>("--min-task-score") { Description = "gate: lowest allowed task pass rate, in percent" };
         var safety = new Option<int>("--max-safety-regressions") { Description = "gate: safety cases allowed to regress", DefaultValueFactory = _ => 0 };
         var batch = new Option<int>("--batch-size") { Description = "cases generated together", DefaultValueFactory = _ => 32 };
+        var judgeUrl = new Option<string?>("--judge-url") { Description = $"OpenAI-compatible endpoint (base URL, e.g. http://host:8000/v1) of an LLM judge for rubric cases; key from {RubricJudge.ApiKeyVariable}" };
+        var judgeModel = new Option<string?>("--judge-model") { Description = "the judge's model name at --judge-url" };
         var cmd = new Command("eval", "Evaluate the base model and adapters on task, capability and safety suites; gate adapters that regress.");
         cmd.Options.Add(common.Model);
         cmd.Options.Add(common.Device);
         cmd.Options.Add(common.DType);
         cmd.Options.Add(common.Json);
-        foreach (var o in new Option[] { adapters, suites, output, gate, capDrop, pplUp, minTask, safety, batch }) cmd.Options.Add(o);
+        foreach (var o in new Option[] { adapters, suites, output, gate, capDrop, pplUp, minTask, safety, batch, judgeUrl, judgeModel }) cmd.Options.Add(o);
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             var thresholds = new GateThresholds
@@ -44,6 +46,9 @@ public static class EvalCommand
             var outDir = r.GetValue(output);
             if (outDir is not null) EnsureReportDirectory(outDir);
             var loaded = r.GetValue(suites)!.Select(EvalSuite.Load).ToList(); // suite errors before minutes of loading
+            if ((r.GetValue(judgeUrl) is null) != (r.GetValue(judgeModel) is null)) throw new LoraKitException("give --judge-url and --judge-model together");
+            using var judge = r.GetValue(judgeUrl) is string url
+                ? RubricJudge.ForEndpoint(url, r.GetValue(judgeModel)!, Environment.GetEnvironmentVariable(RubricJudge.ApiKeyVariable)) : null;
             bool json = r.GetValue(common.Json);
             var modelDir = r.GetValue(common.Model)!;
             IO.ModelDirectory.Require(modelDir);
@@ -51,8 +56,12 @@ public static class EvalCommand
             var progress = new ProgressLine(!json && !Console.IsErrorRedirected);
             var report = model.Evaluate(loaded, r.GetValue(adapters) ?? [], new EvalOptions
             {
-                Gate = thresholds, GateEnforced = r.GetValue(gate), MaxBatch = r.GetValue(batch), Progress = progress.Show,
-                Settings = new JsonObject { ["device"] = model.Device.type.ToString().ToLowerInvariant(), ["dtype"] = model.Model.DType.ToString() },
+                Gate = thresholds, GateEnforced = r.GetValue(gate), MaxBatch = r.GetValue(batch), Progress = progress.Show, Judge = judge?.AsJudgeFunc(),
+                Settings = new JsonObject
+                {
+                    ["device"] = model.Device.type.ToString().ToLowerInvariant(), ["dtype"] = model.Model.DType.ToString(),
+                    ["judge"] = judge is null ? null : new JsonObject { ["url"] = r.GetValue(judgeUrl), ["model"] = r.GetValue(judgeModel) },
+                },
             });
             progress.Done();
             if (outDir is not null) report.Write(outDir);

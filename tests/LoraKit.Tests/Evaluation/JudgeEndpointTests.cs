@@ -85,4 +85,37 @@ public class JudgeEndpointTests : IAsyncLifetime
         Assert.Null(v.Answer);
         Assert.Equal("tiny-judge", v.JudgeModel);
     }
+
+    [Fact]
+    public async Task LorakitEvalJudgesRubricCasesThroughTheEndpointAndRecordsIt()
+    {
+        var suite = Path.Combine(Fixtures.TempDir(), "rubric.jsonl");
+        File.WriteAllLines(suite, [
+            """{"id": "polite", "kind": "capability", "prompt": "Say hello", "expect": {"rubric": "the reply is a polite greeting"}, "max_tokens": 4}""",
+            """{"id": "plain", "kind": "capability", "prompt": "Say hello", "expect": {"contains": "zzzz"}, "max_tokens": 4}"""]);
+        var psiEnv = Environment.GetEnvironmentVariable(RubricJudge.ApiKeyVariable);
+        Environment.SetEnvironmentVariable(RubricJudge.ApiKeyVariable, Key); // the CLI child process inherits it
+        try
+        {
+            var (code, stdout, stderr) = await Task.Run(() => CliTests.RunCli("eval", "--model", Fixtures.Model("llama"), "--suite", suite, "--json", "--device", "cpu",
+                "--judge-url", _server.Url + "/v1", "--judge-model", "tiny-judge"));
+            Assert.True(code == 0, stderr);
+            var report = JsonNode.Parse(stdout)!;
+            Assert.Equal("tiny-judge", report["settings"]!["judge"]!["model"]!.GetValue<string>());
+            var polite = report["cases"]!.AsArray().Single(c => c!["id"]!.GetValue<string>() == "polite")!["base"]!;
+            Assert.Equal("failed", polite["status"]!.GetValue<string>()); // a random model's verdict is a judge error: fails closed
+            Assert.StartsWith("judge error", polite["reason"]!.GetValue<string>());
+            Assert.Equal("tiny-judge", polite["judged_by"]!.GetValue<string>());
+            Assert.Contains(_log, l => l.Contains("POST /v1/chat/completions", StringComparison.Ordinal));
+        }
+        finally { Environment.SetEnvironmentVariable(RubricJudge.ApiKeyVariable, psiEnv); }
+
+        // Without a judge the rubric case is skipped, said so; one flag without the other is an error.
+        var (c2, out2, err2) = CliTests.RunCli("eval", "--model", Fixtures.Model("llama"), "--suite", suite, "--json", "--device", "cpu");
+        Assert.True(c2 == 0, err2);
+        Assert.Contains("needs a judge", out2);
+        (c2, _, err2) = CliTests.RunCli("eval", "--model", Fixtures.Model("llama"), "--suite", suite, "--judge-url", "http://127.0.0.1:1/v1");
+        Assert.Equal(1, c2);
+        Assert.Contains("--judge-model", err2);
+    }
 }
