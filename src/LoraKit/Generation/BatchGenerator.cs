@@ -6,7 +6,7 @@ namespace LoraKit.Generation;
 
 /// <summary>
 /// Generates for many prompts at once, as evaluation needs (all prompts known up front, unlike serving): prompts are
-/// sorted by length and cut into batches under a row and token budget; each batch is prefilled in one forward
+/// sorted by their new-token budget, then length, and cut into batches under a row and token budget; each batch is prefilled in one forward
 /// (left-padded, padding masked, positions counted per row) and decoded one step for all rows at a time, with one
 /// device→host copy per step for the greedy rows. Rows that finish leave the batch. Each row keeps its own
 /// <see cref="SamplingOptions"/> (and so its own seed), so a row's tokens do not depend on its batch-mates beyond
@@ -28,7 +28,9 @@ public static class BatchGenerator
         }
         var results = new GenerationResult[rows.Count];
         var single = new TextGenerator(model, tokenizer);
-        var order = Enumerable.Range(0, rows.Count).OrderBy(i => rows[i].Prompt.Length).ToList();
+        // Batches of similar length budgets: a batch decodes until its longest row is done, so rows asking for 16 tokens
+        // beside rows asking for 64 would idle; within a budget, similar prompt lengths keep left padding short.
+        var order = Enumerable.Range(0, rows.Count).OrderBy(i => rows[i].Options.MaxNewTokens).ThenBy(i => rows[i].Prompt.Length).ToList();
         var batch = new List<int>();
         void Flush()
         {
@@ -46,7 +48,8 @@ public static class BatchGenerator
                 onDone?.Invoke();
                 continue;
             }
-            long span = p.Length + o.MaxNewTokens; // rows are sorted by prompt length: this one is the longest so far
+            long span = batch.Count == 0 ? p.Length + o.MaxNewTokens
+                : Math.Max(p.Length, batch.Max(b => rows[b].Prompt.Length)) + o.MaxNewTokens; // sorted by budget: this one's is the largest
             if (batch.Count == maxBatch || (batch.Count + 1) * span > maxBatchTokens) Flush();
             batch.Add(i);
         }

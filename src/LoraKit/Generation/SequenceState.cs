@@ -39,12 +39,14 @@ internal sealed class SequenceState(int[] promptIds, SamplingOptions options, To
     public bool Accept(int next)
     {
         _output.Add(next);
-        string text = tokenizer.Decode(_output, skipSpecialTokens: true);
-        int cut = FirstStop(text, options.StopStrings);
-        if (cut >= 0) { Emit(text[..cut]); Finish(FinishReason.Stop); }
+        // The text so far is needed only to stream it or to look for stop strings; decoding it at every token is the
+        // largest host cost of a batch step otherwise (batch generation for evaluation needs neither).
+        string? text = onText is null && options.StopStrings.Count == 0 ? null : tokenizer.Decode(_output, skipSpecialTokens: true);
+        int cut = text is null ? -1 : FirstStop(text, options.StopStrings);
+        if (cut >= 0) { Emit(text![..cut]); Finish(FinishReason.Stop); }
         else
         {
-            Emit(text.EndsWith('\uFFFD') ? text[..^1] : text); // a trailing U+FFFD may be half a character
+            if (text is not null) Emit(text.EndsWith('\uFFFD') ? text[..^1] : text); // a trailing U+FFFD may be half a character
             if (options.EosTokenIds.Contains(next)) Finish(FinishReason.Stop);
             else if (_output.Count >= options.MaxNewTokens || promptIds.Length + _output.Count >= contextLength) Finish(FinishReason.Length);
         }
