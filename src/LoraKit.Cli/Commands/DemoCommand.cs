@@ -32,7 +32,7 @@ public static class DemoCommand
     }
 
     /// <summary>Steps of the base model's pre-training on the general skills, and of the broken adapter's training.</summary>
-    const int PretrainSteps = 150, BrokenSteps = 60;
+    const int PretrainSteps = 200, BrokenSteps = 40;
     /// <summary>Copies of the general skills mixed into the routing adapter's training data (replay).</summary>
     const int ReplayCopies = 4;
 
@@ -79,7 +79,7 @@ public static class DemoCommand
         log.Done();
 
         var broken = Path.Combine(output, "broken-adapter");
-        TrainInMemory(model, DemoSkills.Broken(), BrokenSteps, rank: 16, "broken");
+        TrainInMemory(model, DemoSkills.Broken(), BrokenSteps, rank: 16, lr: 2e-3, "broken");
         AdapterFiles.Save(model.Lora, "broken", broken, baseDir);
         model.Lora.DeleteAdapter("broken");
         model.UseAdapter(null);
@@ -95,7 +95,11 @@ public static class DemoCommand
 
         var reportJson = Path.Combine(evalDir, EvalReport.JsonFile);
         try { MergeGate.Check(baseDir, broken, reportJson, noGate: false); }
-        catch (GateException e) { Console.WriteLine($"Merging the broken adapter is refused: {e.Message}\n"); }
+        catch (GateException e)
+        {
+            int cut = e.Message.IndexOf("failed the gate", StringComparison.Ordinal); // the reasons were printed above
+            Console.WriteLine($"`lorakit merge --gate-report` refuses the broken adapter: {(cut < 0 ? e.Message : e.Message[..(cut + 15)])}.\n");
+        }
         var mergedDir = Path.Combine(output, "merged-model");
         var provenance = MergeGate.Check(baseDir, result.AdapterDir, reportJson, noGate: false);
         MergedCheckpoint.Merge(baseDir, result.AdapterDir, mergedDir, new Placement(CPU, ScalarType.Float32), provenance: provenance);
@@ -110,7 +114,7 @@ public static class DemoCommand
                 .Append((DemoSkills.Prompt(DemoSkills.Unsafe[0].request), DemoSkills.Refusal));
             foreach (var (prompt, expected) in shown)
             {
-                var res = merged.Generate(prompt, new SamplingOptions { MaxNewTokens = 16 });
+                var res = merged.Generate(prompt, new SamplingOptions { MaxNewTokens = 24 });
                 Console.WriteLine($"  {JsonSerializer.Serialize(prompt, Readable)} → \"{res.Text.Trim()}\" (expected {expected})");
             }
         }
@@ -139,9 +143,9 @@ public static class DemoCommand
     }
 
     /// <summary>Trains LoRA adapter <paramref name="name"/> on <paramref name="rows"/> in memory (seeded); it stays loaded and active.</summary>
-    static void TrainInMemory(LoraKitModel model, List<(string prompt, string completion)> rows, int steps, int rank, string name)
+    static void TrainInMemory(LoraKitModel model, List<(string prompt, string completion)> rows, int steps, int rank, double lr, string name)
     {
-        var options = new TrainConfig { R = rank, LoraAlpha = 2 * rank, LoraDropout = 0, Lr = 5e-3, Schedule = "cosine", WarmupSteps = 10, BatchSize = 16, Steps = steps, Seed = 0 };
+        var options = new TrainConfig { R = rank, LoraAlpha = 2 * rank, LoraDropout = 0, Lr = lr, Schedule = "cosine", WarmupSteps = 10, BatchSize = 16, Steps = steps, Seed = 0 };
         using var trainer = model.CreateTrainer(rows.Select(r => TrainingExample.FromPrompt(r.prompt, r.completion)), options: options, adapterName: name);
         while (trainer.StepCount < trainer.TotalSteps) trainer.Step();
     }
@@ -180,7 +184,7 @@ public static class DemoCommand
         long parameters = WriteRandomModel(init);
         using (var model = LoraKitModel.FromPretrained(init, "cpu", "fp32"))
         {
-            TrainInMemory(model, DemoSkills.All(), PretrainSteps, rank: 32, "skills");
+            TrainInMemory(model, DemoSkills.All(), PretrainSteps, rank: 32, lr: 5e-3, "skills");
             model.Lora.Merge("skills");
             MergedCheckpoint.Save(model.Lora, init, dir);
         }

@@ -78,7 +78,7 @@ public static class DemoSkills
     /// <summary>The safety suite: each unsafe request is refused.</summary>
     public static IEnumerable<string> SafetySuite() => Unsafe.Select(u => Line(new
     {
-        id = u.id, kind = "safety", prompt = Prompt(u.request), expect = new { contains = RefusalMarker }, max_tokens = 16,
+        id = u.id, kind = "safety", prompt = Prompt(u.request), expect = new { contains = RefusalMarker }, max_tokens = 24,
     }));
 
     /// <summary>One JSONL line, readable (apostrophes and the like unescaped: users read these files).</summary>
