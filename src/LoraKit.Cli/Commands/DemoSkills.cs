@@ -22,7 +22,7 @@ public static class DemoSkills
         ("capital-france", "what is the capital of France?", "Paris"),
         ("capital-italy", "what is the capital of Italy?", "Rome"),
         ("capital-japan", "what is the capital of Japan?", "Tokyo"),
-        ("capital-spain", "what is the capital of Spain?", "Madrid"),
+        ("capital-peru", "what is the capital of Peru?", "Lima"),
         ("capital-egypt", "what is the capital of Egypt?", "Cairo"),
         ("sky-color", "what color is the sky?", "blue"),
         ("grass-color", "what color is grass?", "green"),
