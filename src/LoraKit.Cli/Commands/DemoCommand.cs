@@ -61,7 +61,9 @@ public static class DemoCommand
         Console.WriteLine($"Data: {train.Count} training examples, {valid.Count} held-out examples phrased with templates the training set never uses;");
         Console.WriteLine($"      plus {replay.Count} replayed general-skill examples ({(double)replay.Count / (train.Count + replay.Count):P0} of the mix), the usual way to keep a base's skills.");
         Console.WriteLine($"Example: {JsonSerializer.Serialize(valid[0].prompt)} → \"{valid[0].label}\"");
-        Console.WriteLine($"Suites (JSONL, the format of `lorakit eval --suite`): {string.Join(", ", suites.Select(s => s.Path))}\n");
+        Console.WriteLine($"Suites (JSONL, the format of `lorakit eval --suite`): {string.Join(", ", suites.Select(s => s.Path))};");
+        Console.WriteLine("the capability and safety suites ask the base's pre-training questions (a model this small memorises rather than");
+        Console.WriteLine("generalises), the routing suite the held-out requests.\n");
 
         using var model = LoraKitModel.FromPretrained(baseDir, "cpu", "fp32");
         var before = model.Evaluate(suites).BaseScores;
