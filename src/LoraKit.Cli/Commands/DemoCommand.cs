@@ -1,10 +1,13 @@
 using System.CommandLine;
 using System.Diagnostics;
+using System.Text.Json;
 using System.Text.Json.Nodes;
+using LoraKit.Evaluation;
 using LoraKit.Generation;
 using LoraKit.IO;
 using LoraKit.Lora;
 using LoraKit.Models;
+using LoraKit.Runtime;
 using LoraKit.Tokenization;
 using LoraKit.Training;
 using static TorchSharp.torch;
@@ -12,20 +15,26 @@ using static TorchSharp.torch;
 namespace LoraKit.Cli.Commands;
 
 /// <summary>
-/// <c>lorakit demo</c>: the whole LoraKit loop on something that ships with it, in about a minute on two CPU cores —
-/// build a tiny base model, measure it on an intent-routing task, train a LoRA adapter, measure again, save, merge,
-/// generate with the merged model, and write the report.
+/// <c>lorakit demo</c>: the whole LoraKit loop on something that ships with it, in a minute or two on two CPU cores —
+/// build a tiny base model and give it a few general skills, train a LoRA adapter for an intent-routing task, put it
+/// and a deliberately broken adapter through the evaluation gate, merge the one that passed (the gate's report
+/// recorded in the merged config.json), generate with the merged model, and write the reports.
 /// </summary>
 public static class DemoCommand
 {
     public static Command Build()
     {
         var output = new Option<string>("--output") { Description = "where the demo writes everything", DefaultValueFactory = _ => "out/demo" };
-        var steps = new Option<int>("--steps") { Description = "training steps", DefaultValueFactory = _ => 300 };
-        var cmd = new Command("demo", "Train, evaluate, merge and use a LoRA adapter on a built-in model and task (no downloads).") { output, steps };
+        var steps = new Option<int>("--steps") { Description = "training steps of the routing adapter", DefaultValueFactory = _ => 300 };
+        var cmd = new Command("demo", "Train, evaluate, gate, merge and use a LoRA adapter on a built-in model and task (no downloads).") { output, steps };
         cmd.SetAction(r => CommonOptions.Run(() => Run(r.GetValue(output)!, r.GetValue(steps))));
         return cmd;
     }
+
+    /// <summary>Steps of the base model's pre-training on the general skills, and of the broken adapter's training.</summary>
+    const int PretrainSteps = 200, BrokenSteps = 40;
+    /// <summary>Copies of the general skills mixed into the routing adapter's training data (replay).</summary>
+    const int ReplayCopies = 4;
 
     static int Run(string output, int steps)
     {
@@ -35,23 +44,31 @@ public static class DemoCommand
         set_num_threads(Math.Max(1, Environment.ProcessorCount));
 
         var baseDir = Path.Combine(output, "base-model");
-        long parameters = WriteBaseModel(baseDir);
-        Console.WriteLine("LoraKit demo — intent routing with a LoRA adapter");
-        Console.WriteLine($"Base model: a tiny Qwen2-architecture transformer ({parameters:N0} parameters, 4 layers, hidden 128) with random weights,");
-        Console.WriteLine("built by this demo from seed 0 with the byte-level BPE tokenizer of LoraKit's test fixtures. It knows no language:");
-        Console.WriteLine("everything it gets right below comes from the adapter trained here.\n");
+        long parameters = WriteBaseModel(output, baseDir);
+        Console.WriteLine("LoraKit demo — intent routing with a LoRA adapter, checked by the evaluation gate");
+        Console.WriteLine($"Base model: a tiny Qwen2-architecture transformer ({parameters:N0} parameters, 4 layers, hidden 128): random weights");
+        Console.WriteLine($"(seed 0, the byte-level BPE tokenizer of LoraKit's test fixtures) plus a short pre-training on a few general skills —");
+        Console.WriteLine($"{DemoSkills.Facts.Length} facts and sums, and refusing {DemoSkills.Unsafe.Length} unsafe requests — so that it has capabilities an adapter could lose.\n");
 
         var (train, valid) = DemoData.Build();
         var dataDir = Path.Combine(output, "data");
         Directory.CreateDirectory(dataDir);
-        DemoData.WriteJsonl(Path.Combine(dataDir, "train.jsonl"), train);
-        DemoData.WriteJsonl(Path.Combine(dataDir, "valid.jsonl"), valid);
+        var replay = Enumerable.Repeat(DemoSkills.All(), ReplayCopies).SelectMany(x => x).ToList();
+        DemoData.WriteJsonl(Path.Combine(dataDir, "train.jsonl"), DemoData.Completions(train).Concat(replay));
+        DemoData.WriteJsonl(Path.Combine(dataDir, "valid.jsonl"), DemoData.Completions(valid));
+        var suites = WriteSuites(Path.Combine(output, "suites"), valid);
         Console.WriteLine($"Task: route a customer request to one of {DemoData.Intents.Count} teams ({string.Join(", ", DemoData.Intents.Keys)}).");
-        Console.WriteLine($"Data: {train.Count} training examples, {valid.Count} held-out examples phrased with templates the training set never uses.");
-        Console.WriteLine($"Example: {System.Text.Json.JsonSerializer.Serialize(valid[0].prompt)} → \"{valid[0].label}\"\n");
+        Console.WriteLine($"Data: {train.Count} training examples, {valid.Count} held-out examples phrased with templates the training set never uses;");
+        Console.WriteLine($"      plus {replay.Count} replayed general-skill examples ({(double)replay.Count / (train.Count + replay.Count):P0} of the mix), the usual way to keep a base's skills.");
+        Console.WriteLine($"Example: {JsonSerializer.Serialize(valid[0].prompt)} → \"{valid[0].label}\"");
+        Console.WriteLine($"Suites (JSONL, the format of `lorakit eval --suite`): {string.Join(", ", suites.Select(s => s.Path))};");
+        Console.WriteLine("the capability and safety suites ask the base's pre-training questions (a model this small memorises rather than");
+        Console.WriteLine("generalises), the routing suite the held-out requests.\n");
 
-        double before = Accuracy(baseDir, null, valid);
-        Console.WriteLine($"Accuracy before training (base model): {before:P0}\n");
+        using var model = LoraKitModel.FromPretrained(baseDir, "cpu", "fp32");
+        var before = model.Evaluate(suites).BaseScores;
+        Console.WriteLine($"The base model on the suites: capability {Count(before, CaseKind.Capability)}, safety {Count(before, CaseKind.Safety)}, " +
+                          $"routing {Count(before, CaseKind.Task)} (accuracy before training: {before.Rate(CaseKind.Task):P0})\n");
 
         var config = new TrainConfig
         {
@@ -63,53 +80,122 @@ public static class DemoCommand
         var result = Trainer.Run(config, resume: false, log);
         log.Done();
 
-        double after = Accuracy(baseDir, result.AdapterDir, valid);
-        Console.WriteLine($"\nAccuracy after training (base + adapter): {after:P0}   (before: {before:P0})");
+        var broken = Path.Combine(output, "broken-adapter");
+        TrainInMemory(model, DemoSkills.Broken(), BrokenSteps, rank: 16, lr: 2e-3, "broken");
+        AdapterFiles.Save(model.Lora, "broken", broken, baseDir);
+        model.Lora.DeleteAdapter("broken");
+        model.UseAdapter(null);
+        Console.WriteLine($"\nA second adapter, trained to break a capability: wrong answers to the sums and one unsafe request answered ({broken}).\n");
 
-        var mergedDir = Path.Combine(output, "merged-model");
-        using (var lm = new LoraModel(CausalLM.Load(baseDir, ScalarType.Float32, CPU)))
+        var evalDir = Path.Combine(output, "eval");
+        var report = model.Evaluate(suites, [result.AdapterDir, broken], new EvalOptions { GateEnforced = true });
+        report.Write(evalDir);
+        PrintGate(report, ["routing adapter", "broken adapter"]);
+        Console.WriteLine($"The same from the command line: lorakit eval --model {baseDir} --adapter {result.AdapterDir} --adapter {broken} " +
+                          $"{string.Join(" ", suites.Select(s => "--suite " + s.Path))} --gate --output {evalDir}");
+        Console.WriteLine($"Report: {Path.Combine(evalDir, EvalReport.HtmlFile)} (and {EvalReport.JsonFile})\n");
+
+        var reportJson = Path.Combine(evalDir, EvalReport.JsonFile);
+        try { MergeGate.Check(baseDir, broken, reportJson, noGate: false); }
+        catch (GateException e)
         {
-            AdapterFiles.Load(lm, "default", result.AdapterDir);
-            lm.Merge("default");
-            MergedCheckpoint.Save(lm, baseDir, mergedDir);
+            int cut = e.Message.IndexOf("failed the gate", StringComparison.Ordinal); // the reasons were printed above
+            Console.WriteLine($"`lorakit merge --gate-report` refuses the broken adapter: {(cut < 0 ? e.Message : e.Message[..(cut + 15)])}.\n");
         }
-        Console.WriteLine($"Merged the adapter into the base weights: {mergedDir} (a plain Hugging Face checkpoint)\n");
-        Console.WriteLine("Generating with the merged model on held-out requests:");
-        using (var merged = CausalLM.Load(mergedDir, ScalarType.Float32, CPU))
+        var mergedDir = Path.Combine(output, "merged-model");
+        var provenance = MergeGate.Check(baseDir, result.AdapterDir, reportJson, noGate: false);
+        MergedCheckpoint.Merge(baseDir, result.AdapterDir, mergedDir, new Placement(CPU, ScalarType.Float32), provenance: provenance);
+        Console.WriteLine($"Merged the routing adapter into the base weights: {mergedDir} (a plain Hugging Face checkpoint;");
+        Console.WriteLine($"its config.json records the passed gate: lorakit_merge.gate = \"{provenance["gate"]}\")\n");
+
+        Console.WriteLine("Generating with the merged model on held-out requests, and on two of the base's skills:");
+        using (var merged = LoraKitModel.FromPretrained(mergedDir, "cpu", "fp32"))
         {
-            var tok = Tokenizer.Load(mergedDir);
-            var gen = new TextGenerator(merged, tok);
-            foreach (var (prompt, label) in valid.GroupBy(v => v.label).Select(g => g.ElementAt(g.Count() / 2)))
+            var shown = valid.GroupBy(v => v.label).Select(g => g.ElementAt(g.Count() / 2))
+                .Append((DemoSkills.Prompt(DemoSkills.Facts[^1].question), DemoSkills.Facts[^1].answer))
+                .Append((DemoSkills.Prompt(DemoSkills.Unsafe[0].request), DemoSkills.Refusal));
+            foreach (var (prompt, expected) in shown)
             {
-                var res = gen.Generate(tok.Encode(prompt), new SamplingOptions { MaxNewTokens = 10, EosTokenIds = StopTokens.EosTokenIds(merged.Config, tok, mergedDir) });
-                Console.WriteLine($"  {System.Text.Json.JsonSerializer.Serialize(prompt)} → \"{res.Text.Trim()}\" (expected {label})");
+                var res = merged.Generate(prompt, new SamplingOptions { MaxNewTokens = 24 });
+                Console.WriteLine($"  {JsonSerializer.Serialize(prompt, Readable)} → \"{res.Text.Trim()}\" (expected {expected})");
             }
         }
         Console.WriteLine($"\nAdapter (PEFT format): {result.AdapterDir}");
-        Console.WriteLine($"Report: {Path.Combine(config.Output, "report.html")} (loss curve: {Path.Combine(config.Output, "loss.png")})");
+        Console.WriteLine($"Training report: {Path.Combine(config.Output, "report.html")} (loss curve: {Path.Combine(config.Output, "loss.png")})");
         Console.WriteLine($"Done in {clock.Elapsed.TotalSeconds:F0} s.");
         return 0;
     }
 
-    /// <summary>Greedy-decoded answers whose first word is the right team.</summary>
-    static double Accuracy(string modelDir, string? adapterDir, List<(string prompt, string label)> rows)
+    static readonly JsonSerializerOptions Readable = new() { Encoder = System.Text.Encodings.Web.JavaScriptEncoder.UnsafeRelaxedJsonEscaping };
+
+    /// <summary>Writes the capability, safety and routing (task) suites into <paramref name="dir"/> and loads them.</summary>
+    static List<EvalSuite> WriteSuites(string dir, List<(string prompt, string label)> valid)
     {
-        using var model = CausalLM.Load(modelDir, ScalarType.Float32, CPU);
-        if (adapterDir != null) AdapterFiles.Load(new LoraModel(model), "default", adapterDir);
-        var tok = Tokenizer.Load(modelDir);
-        var gen = new TextGenerator(model, tok);
-        var eos = StopTokens.EosTokenIds(model.Config, tok, modelDir);
-        int ok = 0;
-        foreach (var (prompt, label) in rows)
+        Directory.CreateDirectory(dir);
+        var files = new (string name, IEnumerable<string> lines)[]
         {
-            var res = gen.Generate(tok.Encode(prompt), new SamplingOptions { MaxNewTokens = 10, EosTokenIds = eos });
-            if (res.Text.Trim().Split(' ', StringSplitOptions.RemoveEmptyEntries).FirstOrDefault() == label) ok++;
-        }
-        return (double)ok / rows.Count;
+            ("capability.jsonl", DemoSkills.CapabilitySuite()), ("safety.jsonl", DemoSkills.SafetySuite()), ("routing.jsonl", DemoData.TaskSuite(valid)),
+        };
+        return files.Select(f =>
+        {
+            var path = Path.Combine(dir, f.name);
+            File.WriteAllLines(path, f.lines);
+            return EvalSuite.Load(path);
+        }).ToList();
     }
 
-    /// <summary>Writes the demo's base model: config, seeded random weights (safetensors), tokenizer files.</summary>
-    static long WriteBaseModel(string dir)
+    /// <summary>Trains LoRA adapter <paramref name="name"/> on <paramref name="rows"/> in memory (seeded); it stays loaded and active.</summary>
+    static void TrainInMemory(LoraKitModel model, List<(string prompt, string completion)> rows, int steps, int rank, double lr, string name)
+    {
+        var options = new TrainConfig { R = rank, LoraAlpha = 2 * rank, LoraDropout = 0, Lr = lr, Schedule = "cosine", WarmupSteps = 10, BatchSize = 16, Steps = steps, Seed = 0 };
+        using var trainer = model.CreateTrainer(rows.Select(r => TrainingExample.FromPrompt(r.prompt, r.completion)), options: options, adapterName: name);
+        while (trainer.StepCount < trainer.TotalSteps) trainer.Step();
+    }
+
+    static string Count(Scores s, CaseKind kind) => $"{s.Kinds[kind].Passed}/{s.Kinds[kind].Total}";
+
+    /// <summary>The gate's verdicts: pass counts of the base and each adapter per kind, then each verdict with its reasons.</summary>
+    static void PrintGate(EvalReport report, string[] names)
+    {
+        var t = report.Thresholds;
+        Console.WriteLine($"The evaluation gate (`lorakit eval --gate`, default thresholds: no safety case may regress, the capability pass rate may drop");
+        Console.WriteLine($"at most {t.MaxCapabilityDrop:0.#} points), on the base model and both adapters:");
+        Console.WriteLine($"  {"",-18}{"capability",12}{"safety",10}{"routing",10}   gate");
+        void Row(string name, Scores s, string gate) =>
+            Console.WriteLine($"  {name,-18}{Count(s, CaseKind.Capability),12}{Count(s, CaseKind.Safety),10}{Count(s, CaseKind.Task),10}   {gate}");
+        Row("base model", report.BaseScores, "");
+        foreach (var (a, name) in report.Adapters.Zip(names)) Row(name, a.Scores, a.Gate.Passed ? "PASSED" : "FAILED");
+        foreach (var (a, name) in report.Adapters.Zip(names))
+        {
+            if (a.Gate.Passed)
+                Console.WriteLine($"  {name}: passed — no capability or safety case that the base passes fails with it " +
+                                  $"({a.Comparison.Regressions.Count} regressions, {a.Comparison.Improvements.Count} cases improved).");
+            else foreach (var reason in a.Gate.Reasons) Console.WriteLine($"  {name}: failed — {reason}");
+        }
+        Console.WriteLine();
+    }
+
+    /// <summary>
+    /// Writes the demo's base model to <paramref name="dir"/>: a seeded random-weight model (under
+    /// <paramref name="output"/>/init-model, removed afterwards) pre-trained on <see cref="DemoSkills"/> by a LoRA merged
+    /// into its weights. Returns the parameter count.
+    /// </summary>
+    static long WriteBaseModel(string output, string dir)
+    {
+        var init = Path.Combine(output, "init-model");
+        long parameters = WriteRandomModel(init);
+        using (var model = LoraKitModel.FromPretrained(init, "cpu", "fp32"))
+        {
+            TrainInMemory(model, DemoSkills.All(), PretrainSteps, rank: 32, lr: 5e-3, "skills");
+            model.Lora.Merge("skills");
+            MergedCheckpoint.Save(model.Lora, init, dir);
+        }
+        Directory.Delete(init, true);
+        return parameters;
+    }
+
+    /// <summary>Writes a model with seeded random weights: config, safetensors, tokenizer files.</summary>
+    static long WriteRandomModel(string dir)
     {
         Directory.CreateDirectory(dir);
         var asm = typeof(DemoCommand).Assembly;

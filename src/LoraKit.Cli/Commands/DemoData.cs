@@ -37,6 +37,15 @@ public static class DemoData
         return (train, valid);
     }
 
-    public static void WriteJsonl(string path, IEnumerable<(string prompt, string label)> rows) =>
-        File.WriteAllLines(path, rows.Select(r => System.Text.Json.JsonSerializer.Serialize(new { prompt = r.prompt, completion = " " + r.label })));
+    /// <summary>Routing rows as training pairs: the completion is the team after a space.</summary>
+    public static IEnumerable<(string prompt, string completion)> Completions(IEnumerable<(string prompt, string label)> rows) =>
+        rows.Select(r => (r.prompt, " " + r.label));
+
+    /// <summary>Training pairs as prompt/completion JSONL.</summary>
+    public static void WriteJsonl(string path, IEnumerable<(string prompt, string completion)> rows) =>
+        File.WriteAllLines(path, rows.Select(r => DemoSkills.Line(new { prompt = r.prompt, completion = r.completion })));
+
+    /// <summary>The task suite: the held-out requests, each answered with its team and nothing else.</summary>
+    public static IEnumerable<string> TaskSuite(IEnumerable<(string prompt, string label)> valid) =>
+        valid.Select((v, i) => DemoSkills.Line(new { id = $"route-{i + 1:000}", kind = "task", prompt = v.prompt, expect = new { equals = v.label }, max_tokens = 6 }));
 }
