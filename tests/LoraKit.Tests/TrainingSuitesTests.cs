@@ -167,6 +167,18 @@ public class TrainingSuitesTests
     }
 
     [Fact]
+    public void FullFineTuningIsEvaluatedWithoutAnAdapterName()
+    {
+        var c = Small();
+        c.Method = "full"; c.Steps = 2; c.EvalEvery = 1; c.Lr = 1e-3;
+        var suites = new BNormEvaluator();
+        Trainer.Run(c, false, new ListLog(), suites: suites);
+        Assert.Equal([0, 1, 2], suites.Calls.Select(x => x.step));
+        Assert.All(suites.Calls, x => Assert.Null(x.adapter));
+        Assert.NotEqual(suites.Calls[0].result["suite:task"], suites.Calls[^1].result["suite:task"]); // the weights it measured moved
+    }
+
+    [Fact]
     public void ConfigurationErrorsAreClear()
     {
         var noSuite = TrainingRunTests.Small();
@@ -183,6 +195,13 @@ public class TrainingSuitesTests
         Assert.Contains("no evaluator was given", ex.Message);
         ex = Assert.Throws<ArgumentException>(() => Trainer.Run(TrainingRunTests.Small(), false, new ListLog(), suites: new BNormEvaluator()));
         Assert.Contains("`eval_suite` names no evaluation suite", ex.Message);
+
+        // Classification trains a score head the suites' language-model cases never reach.
+        var labelled = Small();
+        labelled.Data = Path.Combine(Fixtures.TempDir(), "labels.jsonl");
+        File.WriteAllLines(labelled.Data, ["{\"text\": \"reset my password\", \"label\": \"accounts\"}", "{\"text\": \"refund me\", \"label\": \"billing\"}"]);
+        ex = Assert.Throws<ArgumentException>(() => Trainer.Run(labelled, false, new ListLog(), suites: new BNormEvaluator()));
+        Assert.Contains("`eval_suite` during training needs language-modelling data", ex.Message);
 
         // A metric the suites do not report stops the run before training, naming what they do report.
         var missing = Small();
