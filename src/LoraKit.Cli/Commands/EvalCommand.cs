@@ -97,11 +97,15 @@ public static class EvalCommand
             Console.WriteLine();
             Console.WriteLine($"{a.Adapter} (sha256 {a.Sha256[..12]}): gate {(a.Gate.Passed ? "passed" : "FAILED")}");
             foreach (var reason in a.Gate.Reasons) Console.WriteLine($"  - {reason}");
-            if (a.Comparison.Regressions.Count > 0) Console.WriteLine($"  regressed: {string.Join(", ", a.Comparison.Regressions.Select(x => x.Key))}");
-            if (a.Comparison.Improvements.Count > 0) Console.WriteLine($"  improved:  {string.Join(", ", a.Comparison.Improvements.Select(x => x.Key))}");
+            if (a.Comparison.Regressions.Count > 0) Console.WriteLine($"  regressed ({a.Comparison.Regressions.Count}): {Ids(a.Comparison.Regressions)}");
+            if (a.Comparison.Improvements.Count > 0) Console.WriteLine($"  improved ({a.Comparison.Improvements.Count}):  {Ids(a.Comparison.Improvements)}");
         }
         if (outDir is not null) Console.WriteLine($"\nreport: {Path.Combine(outDir, EvalReport.JsonFile)}, {Path.Combine(outDir, EvalReport.HtmlFile)}");
     }
+
+    /// <summary>The first 20 case names; every one is in the report (--json, --output).</summary>
+    static string Ids(IReadOnlyList<CaseResult> cases) =>
+        string.Join(", ", cases.Take(20).Select(x => x.Key)) + (cases.Count > 20 ? $", … {cases.Count - 20} more (all in the report: --json or --output)" : "");
 
     static string Trim(string s) => s.Length <= 40 ? s : "…" + s[^39..];
 
