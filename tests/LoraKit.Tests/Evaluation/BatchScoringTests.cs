@@ -3,6 +3,7 @@ using LoraKit.Lora;
 using LoraKit.Models;
 using LoraKit.Tokenization;
 using static TorchSharp.torch;
+using TorchSharp;
 
 namespace LoraKit.Tests.Evaluation;
 
@@ -98,5 +99,28 @@ public class BatchScoringTests
         var single = rows.Select(r => new TextGenerator(lm.Model, tok).Generate(r.Item1, r.Item2).OutputIds).ToList();
         var batched = BatchGenerator.Generate(lm.Model, tok, rows);
         Assert.Equal(single, batched.Select(b => b.OutputIds).ToList());
+    }
+
+    [Fact]
+    public void NativeTensorCountStaysFlatAcrossBatchesAndScoring()
+    {
+        using var model = CausalLM.Load(Fixtures.Model("qwen2"), ScalarType.Float32, CPU);
+        var tok = Tokenizer.Load(Fixtures.Model("qwen2"));
+        List<(int[], SamplingOptions)> Rows(int n, int tokens) => Prompts.Select((p, i) => (tok.Encode(p),
+            new SamplingOptions { MaxNewTokens = tokens + i, Temperature = i % 2, Seed = i })).Take(n).ToList();
+        var scored = Prompts.Select(p => (tok.Encode(p + " and more"), tok.Encode(" words here", addSpecialTokens: false))).ToList();
+        BatchGenerator.Generate(model, tok, Rows(2, 2), maxBatch: 2); // warm-up
+        ContinuationScorer.Score(model, scored);
+        long before = DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+        BatchGenerator.Generate(model, tok, Rows(3, 4), maxBatch: 2);
+        ContinuationScorer.Score(model, scored.Take(2).ToList(), maxBatchTokens: 16);
+        long afterShort = DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+        BatchGenerator.Generate(model, tok, Rows(6, 40), maxBatch: 4);
+        ContinuationScorer.Score(model, scored, maxBatchTokens: 64);
+        long afterLong = DisposeScopeManager.Statistics.ThreadTotalLiveCount;
+        using (var probe = zeros(3)) // the counter does see live tensors, so equality below is meaningful
+            Assert.Equal(afterLong + 1, DisposeScopeManager.Statistics.ThreadTotalLiveCount);
+        Assert.Equal(before, afterShort);
+        Assert.Equal(before, afterLong);
     }
 }
