@@ -81,6 +81,10 @@ public static class EvalCommand
             .Where(n => n is not (EvalReport.JsonFile or EvalReport.HtmlFile)).Take(3).ToList();
         if (foreign.Count > 0)
             throw new LoraKitException($"--output {dir} holds other files ({string.Join(", ", foreign)}); give a new or empty directory (LoraKit only replaces its own eval.json and eval.html)");
+        // Checked now: a directory in the report's place would only fail the write after the whole evaluation.
+        foreach (var name in new[] { EvalReport.JsonFile, EvalReport.HtmlFile })
+            if (Directory.Exists(Path.Combine(dir, name)))
+                throw new LoraKitException($"--output {dir}: {name} there is a directory; give a new or empty directory");
     }
 
     static void Print(EvalReport report, string? outDir)

@@ -23,7 +23,7 @@ public sealed record EvalOptions
 
 /// <summary>
 /// <c>lorakit eval</c>'s work: the base and each adapter on the same cases, in one process with the base weights loaded
-/// once. Every adapter is checked (exists, readable task type, content hash) before anything runs; causal-LM adapters
+/// once. Every adapter is checked (exists, readable task type, fits this base, content hash) before anything runs; causal-LM adapters
 /// are loaded into the one model in turn and removed after their run; a classification adapter gets a classifier of
 /// its own (base weights loaded a second time while it runs), which scores the label cases.
 /// </summary>
@@ -40,7 +40,10 @@ public static class SuiteEvaluation
         var adapters = adapterDirs.Select(d =>
         {
             if (!Directory.Exists(d)) throw new LoraKitException($"adapter directory '{d}' does not exist");
-            return (dir: d, task: AdapterFiles.Task(d), sha: AdapterDigest.Compute(d));
+            var task = AdapterFiles.Task(d);
+            // Read and validated (another base, shapes, non-finite weights) now, not after minutes of the base's run.
+            using (AdapterFiles.Read(lm, d, new AdapterLoadOptions { SequenceClassification = task.IsSequenceClassification, Warn = null })) { }
+            return (dir: d, task, sha: AdapterDigest.Compute(d));
         }).ToList();
         var runner = new CaseRunner(lm, tokenizer, template, eosTokenIds, suites) { MaxBatch = options.MaxBatch, Judge = options.Judge };
         int total = runner.CaseCount * (1 + adapters.Count), done = 0;
