@@ -20,8 +20,12 @@ public static class GateCheck
     const long MaxReportBytes = 256L << 20;
     static readonly TimeSpan OpenTimeout = TimeSpan.FromSeconds(5);
 
-    /// <summary>What a passed check found: the report's timestamp and the suites it ran (name and sha256).</summary>
-    public sealed record Evidence(string Report, string Timestamp, IReadOnlyList<(string Name, string Sha256)> Suites);
+    /// <summary>
+    /// What a passed check found: the report's timestamp, the suites it ran (name and sha256) and the thresholds its gate
+    /// was decided with (a copy of <c>gate.thresholds</c>, or null): a gate passed at loosened thresholds is still a pass,
+    /// so whoever records the check records them too.
+    /// </summary>
+    public sealed record Evidence(string Report, string Timestamp, IReadOnlyList<(string Name, string Sha256)> Suites, JsonObject? Thresholds = null);
 
     /// <summary>Throws <see cref="GateException"/> unless <paramref name="reportPath"/> holds a passed gate for the adapter and base.</summary>
     public static Evidence Require(string reportPath, string adapterSha256, string baseFingerprint)
@@ -53,7 +57,7 @@ public static class GateCheck
             throw new GateException($"{reportPath}: the adapter failed the gate: {Quote(string.Join("; ", reasons.DefaultIfEmpty("no reason recorded")))}");
         }
         var suites = (o["suites"] as JsonArray ?? []).OfType<JsonObject>().Select(s => (Str(s, "name") ?? "?", Str(s, "sha256") ?? "?")).ToList();
-        return new Evidence(Path.GetFullPath(reportPath), Str(o, "timestamp") ?? "", suites);
+        return new Evidence(Path.GetFullPath(reportPath), Str(o, "timestamp") ?? "", suites, (o["gate"] as JsonObject)?["thresholds"] is JsonObject t ? (JsonObject)t.DeepClone() : null);
     }
 
     static string? Str(JsonObject? o, string key) => o?[key] is JsonValue v && v.TryGetValue<string>(out var s) ? s : null;

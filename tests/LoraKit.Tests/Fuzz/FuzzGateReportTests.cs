@@ -115,6 +115,8 @@ public class FuzzGateReportTests
         // Keep the mutation count bounded: the "cases" tree repeats the same shapes, one case is enough of it.
         var paths = Paths(real, []).Where(p => p.Count > 0 && !(p[0] is "cases" && p.Count > 1 && p[1] is int i && i > 0)).ToList();
         Check("real report", Write(dir, "real.json", real.ToJsonString()));
+        var evidence = GateCheck.Require(Path.Combine(dir, "real.json"), Sha, Fingerprint);
+        Assert.Equal(2, evidence.Thresholds!["max_capability_drop"]!.GetValue<double>()); // merge records what the gate was decided with
         int n = 0;
         foreach (var path in paths)
         {
