@@ -54,7 +54,7 @@ public static class SuiteEvaluation
         var evals = new List<AdapterEval>();
         foreach (var (a, i) in adapters.Select((a, i) => (a, i)))
         {
-            var results = a.task.IsSequenceClassification ? RunClassifier(runner, lm, modelDir, a.dir, Tick(a.dir)) : RunAdapter(runner, lm, a.dir, $"eval-{i}", Tick(a.dir));
+            var results = a.task.IsSequenceClassification ? RunClassifier(runner, lm, modelDir, a.dir, Tick(a.dir)) : RunAdapter(runner, lm, a.dir, FreeName(lm, i), Tick(a.dir));
             done = runner.CaseCount * (i + 2);
             var comparison = Comparison.Of(baseResults, results);
             evals.Add(new AdapterEval(a.dir, a.sha, results, comparison, GateResult.Decide(comparison, options.Gate)));
@@ -69,6 +69,10 @@ public static class SuiteEvaluation
             Thresholds = options.Gate, GateEnforced = options.GateEnforced, Settings = settings,
         };
     }
+
+    /// <summary>A name no adapter on the model has: the run deletes its adapter afterwards, and must not delete the caller's.</summary>
+    static string FreeName(LoraModel lm, int i) =>
+        Enumerable.Range(0, int.MaxValue).Select(k => k == 0 ? $"eval-{i}" : $"eval-{i}-{k}").First(n => !lm.Configs.ContainsKey(n));
 
     static List<CaseResult> RunAdapter(CaseRunner runner, LoraModel lm, string dir, string name, Action tick)
     {

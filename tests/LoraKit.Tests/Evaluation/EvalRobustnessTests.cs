@@ -30,7 +30,7 @@ public class EvalRobustnessTests
         File.WriteAllText(Path.Combine(adapter, "adapter_config.json"), config.ToJsonString());
         using var model = LoraKitModel.FromPretrained(Fixtures.Model("llama"), "cpu", "fp32");
         int progress = 0;
-        var e = Assert.ThrowsAny<LoraKitException>(() => model.Evaluate([Suite(Generated)], [Fixtures.Path_("adapters", "llama", "a"), adapter],
+        var e = Assert.ThrowsAny<Exception>(() => model.Evaluate([Suite(Generated)], [Fixtures.Path_("adapters", "llama", "a"), adapter],
             new EvalOptions { Progress = (_, _, _) => progress++ }));
         Assert.Equal(0, progress);
         Assert.Contains(adapter, e.Message);
@@ -57,6 +57,14 @@ public class EvalRobustnessTests
         var none = model.Evaluate([skippedOnly], [Fixtures.Path_("adapters", "llama", "a")]);
         Assert.False(none.Adapters[0].Gate.Passed);
         Assert.Contains(none.Adapters[0].Gate.Reasons, r => r.Contains("nothing was checked"));
+    }
+
+    [Fact]
+    public void AnAdapterTheCallerLoadedIsLeftAsItWas()
+    {
+        using var model = LoraKitModel.FromPretrained(Fixtures.Model("llama"), "cpu", "fp32").WithAdapter(Fixtures.Path_("adapters", "llama", "b"), "eval-0");
+        model.Evaluate([Suite(Generated)], [Fixtures.Path_("adapters", "llama", "a")]);
+        Assert.True(model.Lora.Configs.ContainsKey("eval-0"), "the evaluation deleted the caller's adapter named like its own");
     }
 
     [Fact]
