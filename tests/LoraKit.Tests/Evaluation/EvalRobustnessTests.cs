@@ -68,6 +68,26 @@ public class EvalRobustnessTests
     }
 
     [Fact]
+    public void BadThresholdsAndFlagCombinationsFailInOneLineNamingTheFlag()
+    {
+        var suite = Path.Combine(Fixtures.TempDir(), "s.jsonl");
+        File.WriteAllText(suite, JsonSerializer.Serialize(Generated) + "\n");
+        foreach (var (flag, value) in new[] { ("--max-capability-drop", "NaN"), ("--max-perplexity-increase", "-1"), ("--min-task-score", "101"), ("--max-safety-regressions", "-1") })
+        {
+            var (code, _, stderr) = CliTests.RunCli("eval", "--model", Fixtures.Model("llama"), "--suite", suite, flag, value);
+            Assert.Equal(1, code);
+            Assert.Contains(flag, stderr);
+            Fuzz.FuzzContract.CheckCli("eval-flags", flag, code, stderr);
+        }
+        var output = Path.Combine(Fixtures.TempDir(), "merged");
+        var (c, _, err) = CliTests.RunCli("merge", "--model", Fixtures.Model("llama"), "--adapter", Fixtures.Path_("adapters", "llama", "a"), "--output", output,
+            "--no-gate", "--gate-report", suite);
+        Assert.Equal(1, c);
+        Assert.Contains("not both", err);
+        Assert.False(Directory.Exists(output));
+    }
+
+    [Fact]
     public void AnOutputDirectoryWithADirectoryInTheReportsPlaceIsRefusedBeforeAnyWork()
     {
         var dir = Fixtures.TempDir();
