@@ -76,11 +76,20 @@ public static class EvalCommand
     static void EnsureReportDirectory(string dir)
     {
         if (File.Exists(dir)) throw new LoraKitException($"--output {dir} is a file; give a directory for eval.json and eval.html");
-        if (!Directory.Exists(dir)) return;
+        if (!Directory.Exists(dir))
+        {
+            // A dangling link cannot be created as a directory; say so now rather than after the whole evaluation.
+            if (new FileInfo(dir).LinkTarget is string target) throw new LoraKitException($"--output {dir} is a link to '{target}', which does not exist");
+            return;
+        }
         var foreign = Directory.EnumerateFileSystemEntries(dir).Select(Path.GetFileName)
             .Where(n => n is not (EvalReport.JsonFile or EvalReport.HtmlFile)).Take(3).ToList();
         if (foreign.Count > 0)
             throw new LoraKitException($"--output {dir} holds other files ({string.Join(", ", foreign)}); give a new or empty directory (LoraKit only replaces its own eval.json and eval.html)");
+        // Checked now: a directory in the report's place would only fail the write after the whole evaluation.
+        foreach (var name in new[] { EvalReport.JsonFile, EvalReport.HtmlFile })
+            if (Directory.Exists(Path.Combine(dir, name)))
+                throw new LoraKitException($"--output {dir}: {name} there is a directory; give a new or empty directory");
     }
 
     static void Print(EvalReport report, string? outDir)

@@ -17,6 +17,8 @@ public static partial class FlagNames
     {
         var defaults = new TrainConfig();
         var flags = new Dictionary<string, string>(StringComparer.Ordinal) { ["resume"] = "--resume", ["overwrite"] = "--overwrite" };
+        // The evaluation gate's thresholds (Evaluation.GateThresholds) are eval's flags of the same names.
+        foreach (var key in new[] { "max_safety_regressions", "max_capability_drop", "max_perplexity_increase", "min_task_score" }) flags[key] = "--" + key.Replace('_', '-');
         foreach (var p in typeof(TrainConfig).GetProperties())
         {
             string key = JsonNamingPolicy.SnakeCaseLower.ConvertName(p.Name);

@@ -39,6 +39,7 @@ public static class MergeGate
         provenance["gate"] = "passed";
         provenance["gate_report"] = evidence.Report;
         provenance["gate_report_timestamp"] = evidence.Timestamp;
+        provenance["gate_thresholds"] = evidence.Thresholds;
         provenance["suites"] = new JsonArray(evidence.Suites.Select(s => (JsonNode)new JsonObject { ["name"] = s.Name, ["sha256"] = s.Sha256 }).ToArray());
         return provenance;
     }

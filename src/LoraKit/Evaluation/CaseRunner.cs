@@ -101,7 +101,11 @@ public sealed class CaseRunner
             else RunGenerated(results, onDone);
             RunScored(results, skipAll: classify is not null, onDone);
             for (int i = 0; i < results.Length; i++)
+            {
+                if (results[i] is not null && !_unrunnable.ContainsKey(i)) continue;
                 results[i] ??= Skip(i, classify is not null ? "a classification adapter is only scored on label cases" : "a label case needs a classification adapter");
+                onDone?.Invoke(); // skipped cases count as done too, so the progress bar reaches its total
+            }
             return results.Select(r => r!).ToList();
         }
         finally { _lm.Model.train(wasTraining); }

@@ -99,7 +99,7 @@ public sealed record EvalReport
         if (r.Reason is not null) o["reason"] = r.Reason;
         if (r.LogLikelihood is double ll && r.Tokens is int n)
         {
-            o["mean_nll"] = n == 0 ? 0 : -ll / n;
+            o["mean_nll"] = n == 0 ? 0 : double.IsFinite(ll) ? -ll / n : null; // JSON has no NaN
             o["tokens"] = n;
         }
         if (r.JudgedBy is not null) o["judged_by"] = r.JudgedBy;

@@ -41,7 +41,7 @@ public sealed record Scores(IReadOnlyDictionary<CaseKind, KindScore> Kinds, doub
         var o = new JsonObject();
         foreach (var (kind, s) in Kinds.OrderBy(k => k.Key))
             o[Name(kind)] = new JsonObject { ["passed"] = s.Passed, ["failed"] = s.Failed, ["skipped"] = s.Skipped, ["pass_rate"] = s.PassRate };
-        o["perplexity"] = Perplexity;
+        o["perplexity"] = Perplexity is double p && double.IsFinite(p) ? p : null; // JSON has no NaN; the gate fails such an adapter
         o["perplexity_tokens"] = PerplexityTokens;
         return o;
     }

@@ -41,7 +41,7 @@ public sealed record GateResult(bool Passed, IReadOnlyList<string> Reasons)
     /// <summary>
     /// Compares an adapter with its base. A check applies only where both have cases of its kind with a verdict (a
     /// suite without safety cases cannot fail on safety); regressions are cases that pass on the base and fail with
-    /// the adapter.
+    /// the adapter. An adapter with no verdict and no perplexity at all fails: nothing was checked.
     /// </summary>
     public static GateResult Decide(Comparison c, GateThresholds t)
     {
@@ -53,8 +53,13 @@ public sealed record GateResult(bool Passed, IReadOnlyList<string> Reasons)
         if (c.Base.Rate(CaseKind.Capability) is double b && c.Adapter.Rate(CaseKind.Capability) is double a && (b - a) * 100 > t.MaxCapabilityDrop + 1e-9)
             reasons.Add($"the capability pass rate drops {Pct(b - a)} points, from {Pct(b)}% to {Pct(a)}% (allowed: {Num(t.MaxCapabilityDrop)}); " +
                         $"regressed: {List(c.Regressions.Where(r => r.Kind == CaseKind.Capability).Select(r => r.Key).ToList())}");
-        if (c.Base.Perplexity is double pb && c.Adapter.Perplexity is double pa && (pa / pb - 1) * 100 > t.MaxPerplexityIncrease + 1e-9)
-            reasons.Add($"perplexity rises {Num((pa / pb - 1) * 100)}%, from {Num(pb)} to {Num(pa)} (allowed: {Num(t.MaxPerplexityIncrease)}%)");
+        if (c.Base.Perplexity is double pb && c.Adapter.Perplexity is double pa)
+        {
+            // NaN compares false with everything: an adapter whose logits went non-finite must not slip through.
+            if (!double.IsFinite(pa)) reasons.Add($"perplexity with the adapter is not a finite number ({pa.ToString(CultureInfo.InvariantCulture)}); its logits overflow");
+            else if ((pa / pb - 1) * 100 > t.MaxPerplexityIncrease + 1e-9)
+                reasons.Add($"perplexity rises {Num((pa / pb - 1) * 100)}%, from {Num(pb)} to {Num(pa)} (allowed: {Num(t.MaxPerplexityIncrease)}%)");
+        }
         if (t.MinTaskScore is double min)
         {
             if (c.Adapter.Rate(CaseKind.Task) is double task)
@@ -63,6 +68,9 @@ public sealed record GateResult(bool Passed, IReadOnlyList<string> Reasons)
             }
             else reasons.Add($"a minimum task score ({Num(min)}%) was asked for, but no task case had a verdict");
         }
+        // A gate that compared nothing (every case skipped, e.g. a context too short for all of them) passes nothing.
+        if (!Enum.GetValues<CaseKind>().Any(k => c.Adapter.Rate(k) is not null) && c.Adapter.Perplexity is null)
+            reasons.Add("no case had a verdict or a perplexity with the adapter (all were skipped), so nothing was checked");
         return new GateResult(reasons.Count == 0, reasons);
     }
 

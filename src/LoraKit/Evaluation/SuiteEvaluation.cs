@@ -23,7 +23,7 @@ public sealed record EvalOptions
 
 /// <summary>
 /// <c>lorakit eval</c>'s work: the base and each adapter on the same cases, in one process with the base weights loaded
-/// once. Every adapter is checked (exists, readable task type, content hash) before anything runs; causal-LM adapters
+/// once. Every adapter is checked (exists, readable task type, fits this base, content hash) before anything runs; causal-LM adapters
 /// are loaded into the one model in turn and removed after their run; a classification adapter gets a classifier of
 /// its own (base weights loaded a second time while it runs), which scores the label cases.
 /// </summary>
@@ -40,7 +40,10 @@ public static class SuiteEvaluation
         var adapters = adapterDirs.Select(d =>
         {
             if (!Directory.Exists(d)) throw new LoraKitException($"adapter directory '{d}' does not exist");
-            return (dir: d, task: AdapterFiles.Task(d), sha: AdapterDigest.Compute(d));
+            var task = AdapterFiles.Task(d);
+            // Read and validated (another base, shapes, non-finite weights) now, not after minutes of the base's run.
+            using (AdapterFiles.Read(lm, d, new AdapterLoadOptions { SequenceClassification = task.IsSequenceClassification, Warn = null })) { }
+            return (dir: d, task, sha: AdapterDigest.Compute(d));
         }).ToList();
         var runner = new CaseRunner(lm, tokenizer, template, eosTokenIds, suites) { MaxBatch = options.MaxBatch, Judge = options.Judge };
         int total = runner.CaseCount * (1 + adapters.Count), done = 0;
@@ -51,7 +54,7 @@ public static class SuiteEvaluation
         var evals = new List<AdapterEval>();
         foreach (var (a, i) in adapters.Select((a, i) => (a, i)))
         {
-            var results = a.task.IsSequenceClassification ? RunClassifier(runner, lm, modelDir, a.dir, Tick(a.dir)) : RunAdapter(runner, lm, a.dir, $"eval-{i}", Tick(a.dir));
+            var results = a.task.IsSequenceClassification ? RunClassifier(runner, lm, modelDir, a.dir, Tick(a.dir)) : RunAdapter(runner, lm, a.dir, FreeName(lm, i), Tick(a.dir));
             done = runner.CaseCount * (i + 2);
             var comparison = Comparison.Of(baseResults, results);
             evals.Add(new AdapterEval(a.dir, a.sha, results, comparison, GateResult.Decide(comparison, options.Gate)));
@@ -66,6 +69,10 @@ public static class SuiteEvaluation
             Thresholds = options.Gate, GateEnforced = options.GateEnforced, Settings = settings,
         };
     }
+
+    /// <summary>A name no adapter on the model has: the run deletes its adapter afterwards, and must not delete the caller's.</summary>
+    static string FreeName(LoraModel lm, int i) =>
+        Enumerable.Range(0, int.MaxValue).Select(k => k == 0 ? $"eval-{i}" : $"eval-{i}-{k}").First(n => !lm.Configs.ContainsKey(n));
 
     static List<CaseResult> RunAdapter(CaseRunner runner, LoraModel lm, string dir, string name, Action tick)
     {

@@ -65,28 +65,11 @@ internal static class SuiteReader
         if (Directory.Exists(path)) throw new SuiteException($"{path}: is a directory; give a suite file (JSONL, one case per line)");
         try
         {
-            using var fs = OpenPromptly(path);
-            // A pipe, socket or terminal may never end; a device such as /dev/zero is seekable and stopped by the size bound.
-            if (!fs.CanSeek) throw new SuiteException($"{path}: not a regular file (a pipe or a device?); give a suite file");
+            // A pipe, socket or terminal may never end (refused); a device such as /dev/zero is seekable and stopped by the size bound.
+            using var fs = FileProblem.OpenPromptly(path, OpenTimeout);
             return FileProblem.ReadAllBytes(fs, path, MaxFileBytes);
         }
         catch (LoraKitException e) when (e is not SuiteException) { throw new SuiteException(e.Message); }
-    }
-
-    /// <summary>
-    /// Opens for reading on another thread: opening a named pipe blocks until something writes to it, and a suite path
-    /// must fail in bounded time instead. A regular file opens in microseconds.
-    /// </summary>
-    static FileStream OpenPromptly(string path)
-    {
-        var open = Task.Run(() => FileProblem.OpenRead(path));
-        bool done;
-        try { done = open.Wait(OpenTimeout); }
-        catch (AggregateException e) when (e.InnerException is LoraKitException inner) { throw new SuiteException(inner.Message); }
-        if (done) return open.Result;
-        // Left behind: if the pipe is ever opened, close it; a failure then has nobody to report to.
-        open.ContinueWith(t => { if (t.IsCompletedSuccessfully) t.Result.Dispose(); else _ = t.Exception; }, TaskScheduler.Default);
-        throw new SuiteException($"{path}: could not be opened within {OpenTimeout.TotalSeconds:0} s (a named pipe with no writer?); give a suite file");
     }
 
     /// <summary>

@@ -25,6 +25,30 @@ internal static class FileProblem
     }
 
     /// <summary>
+    /// Opens a regular file for reading in bounded time: opening a named pipe blocks until something writes to it, so
+    /// the open runs on another thread and a path that does not open within <paramref name="timeout"/> is refused, as is
+    /// anything that opens but cannot seek (a pipe, socket or terminal, which may never end). Failures are one
+    /// <see cref="LoraKitException"/> line naming the file.
+    /// </summary>
+    public static FileStream OpenPromptly(string path, TimeSpan timeout)
+    {
+        var open = Task.Run(() => OpenRead(path));
+        bool done;
+        try { done = open.Wait(timeout); }
+        catch (AggregateException e) when (e.InnerException is LoraKitException inner) { throw inner; }
+        if (!done)
+        {
+            // Left behind: if the pipe is ever opened, close it; a failure then has nobody to report to.
+            open.ContinueWith(t => { if (t.IsCompletedSuccessfully) t.Result.Dispose(); else _ = t.Exception; }, TaskScheduler.Default);
+            throw new LoraKitException($"{path}: could not be opened within {timeout.TotalSeconds:0} s (a named pipe with no writer?); give a regular file");
+        }
+        var fs = open.Result;
+        if (fs.CanSeek) return fs;
+        fs.Dispose();
+        throw new LoraKitException($"{path}: not a regular file (a pipe or a device?)");
+    }
+
+    /// <summary>
     /// The whole file, refusing more than <paramref name="maxBytes"/> — also for devices (/dev/zero) and pipes, whose
     /// length reads 0 and which would otherwise be read until memory runs out.
     /// </summary>

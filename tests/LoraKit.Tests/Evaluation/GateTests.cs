@@ -119,6 +119,7 @@ public class GateTests(PlantedAdapters planted) : IClassFixture<PlantedAdapters>
         Assert.True(code == 0, stderr);
         var prov = JsonNode.Parse(File.ReadAllText(Path.Combine(Out("ok"), "config.json")))!["lorakit_merge"]!;
         Assert.Equal("passed", prov["gate"]!.GetValue<string>());
+        Assert.Equal(2, prov["gate_thresholds"]!["max_capability_drop"]!.GetValue<double>());
         Assert.Equal(Lora.AdapterDigest.Compute(planted.Zero), prov["adapter_sha256"]!.GetValue<string>());
         // --no-gate: merged with a loud warning, recorded.
         (code, _, stderr) = CliTests.RunCli("merge", "--model", planted.Model, "--adapter", planted.BreaksCapability, "--output", Out("nogate"), "--no-gate");
