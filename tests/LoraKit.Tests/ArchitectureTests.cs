@@ -27,6 +27,7 @@ public class ArchitectureTests
         ["Accelerated"],
         ["Generation", "Training", "Classification", "Serving"],
         ["Evaluation"],
+        ["Registry"],
         ["Diagnostics"],
         ["Api"],
     ];

@@ -1,0 +1,34 @@
+namespace LoraKit.Registry;
+
+/// <summary>
+/// The registry database's tables. <c>versions</c> (name, version) holds one row per registered adapter content;
+/// <c>files</c> maps its files to blobs; <c>evals</c> the reports attached to it; <c>aliases</c> where each alias points
+/// now and <c>alias_history</c> every move in order (a rollback reads the last move's <c>previous</c>). Created if absent.
+/// </summary>
+internal static class RegistrySchema
+{
+    /// <summary>The format written to <c>meta</c>; a later layout change bumps it and migrates.</summary>
+    public const int Version = 1;
+
+    public const string Create = """
+        CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT OR IGNORE INTO meta(key, value) VALUES ('schema', '1');
+        CREATE TABLE IF NOT EXISTS versions(
+            name TEXT NOT NULL, version INTEGER NOT NULL, sha256 TEXT NOT NULL, created TEXT NOT NULL, note TEXT,
+            base_fingerprint TEXT, base_model_type TEXT, base_model TEXT, config TEXT NOT NULL,
+            PRIMARY KEY(name, version), UNIQUE(name, sha256));
+        CREATE TABLE IF NOT EXISTS files(
+            name TEXT NOT NULL, version INTEGER NOT NULL, file TEXT NOT NULL, blob TEXT NOT NULL, size INTEGER NOT NULL,
+            PRIMARY KEY(name, version, file), FOREIGN KEY(name, version) REFERENCES versions(name, version));
+        CREATE TABLE IF NOT EXISTS evals(
+            id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, version INTEGER NOT NULL, blob TEXT NOT NULL,
+            base_fingerprint TEXT, gate_passed INTEGER NOT NULL, detail TEXT NOT NULL, added TEXT NOT NULL,
+            UNIQUE(name, version, blob), FOREIGN KEY(name, version) REFERENCES versions(name, version));
+        CREATE TABLE IF NOT EXISTS aliases(
+            name TEXT NOT NULL, alias TEXT NOT NULL, version INTEGER NOT NULL, PRIMARY KEY(name, alias),
+            FOREIGN KEY(name, version) REFERENCES versions(name, version));
+        CREATE TABLE IF NOT EXISTS alias_history(
+            id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, alias TEXT NOT NULL, version INTEGER NOT NULL,
+            previous INTEGER, action TEXT NOT NULL, no_gate INTEGER NOT NULL, at TEXT NOT NULL);
+        """;
+}
