@@ -24,6 +24,7 @@ public static class Program
         root.Subcommands.Add(AdapterCommands.Merge());
         root.Subcommands.Add(AdapterCommands.Combine());
         root.Subcommands.Add(EvalCommand.Build());
+        root.Subcommands.Add(RegistryCommand.Build());
         root.Subcommands.Add(TrainCommand.Build());
         root.Subcommands.Add(DemoCommand.Build());
         root.Subcommands.Add(BenchCommand.Build());
