@@ -80,6 +80,9 @@ public sealed class AdapterStore : IDisposable
         using var tx = _db.BeginTransaction(); // IMMEDIATE: one writer at a time, the busy timeout waits for the other
         int version = Scalar<long?>(tx, "SELECT version FROM versions WHERE name=$n AND sha256=$s", ("$n", name), ("$s", sha)) is long existing
             ? (int)existing : 0;
+        if (version != 0)
+            foreach (var f in AdapterFileNames.Select(f => Path.Combine(adapterDir, f)).Where(File.Exists))
+                _blobs.Put(f); // same content: restores a blob that went missing or was corrupted (a no-op when intact)
         if (version == 0)
         {
             version = (int)(Scalar<long?>(tx, "SELECT MAX(version) FROM versions WHERE name=$n", ("$n", name)) ?? 0) + 1;
@@ -116,7 +119,7 @@ public sealed class AdapterStore : IDisposable
         var r = RegistryRef.Parse(reference);
         int? version = r.Version;
         if (r.Alias is { } alias)
-            version = AliasTarget(null, r.Name, alias) ?? throw new LoraKitException($"registry: {r.Name} has no alias '{alias}'{AliasHint(r.Name)}");
+            version = AliasTarget(null, r.Name, alias) ?? throw new LoraKitException($"registry: {r.Name} has no alias '{alias}'{AliasHint(null, r.Name)}");
         else if (version is null)
             version = AliasTarget(null, r.Name, RegistryRef.DefaultAlias)
                       ?? (int?)Scalar<long?>(null, "SELECT MAX(version) FROM versions WHERE name=$n", ("$n", r.Name));
@@ -189,7 +192,7 @@ public sealed class AdapterStore : IDisposable
         using (var cmd = Command(tx, "SELECT previous FROM alias_history WHERE name=$n AND alias=$a ORDER BY id DESC LIMIT 1", ("$n", name), ("$a", alias)))
         using (var rd = cmd.ExecuteReader())
             if (rd.Read()) { any = true; previous = rd.IsDBNull(0) ? null : rd.GetInt32(0); }
-        if (!any) throw new LoraKitException($"registry: {name} has no alias '{alias}' to roll back{AliasHint(name)}");
+        if (!any) throw new LoraKitException($"registry: {name} has no alias '{alias}' to roll back{AliasHint(tx, name)}");
         if (previous is not { } p) throw new LoraKitException($"registry: {name}@{alias} has no previous version to roll back to (it was first set to v{AliasTarget(tx, name, alias)})");
         if (Scalar<long?>(tx, "SELECT version FROM versions WHERE name=$n AND version=$v", ("$n", name), ("$v", p)) is null)
             throw new LoraKitException($"registry: {name}@{alias} previously pointed to {name}@{p}, which has been deleted");
@@ -269,10 +272,10 @@ public sealed class AdapterStore : IDisposable
     int? AliasTarget(SqliteTransaction? tx, string name, string alias) =>
         (int?)Scalar<long?>(tx, "SELECT version FROM aliases WHERE name=$n AND alias=$a", ("$n", name), ("$a", alias));
 
-    string AliasHint(string name)
+    string AliasHint(SqliteTransaction? tx, string name)
     {
         var names = new List<string>();
-        using (var cmd = Command(null, "SELECT alias FROM aliases WHERE name=$n ORDER BY alias", ("$n", name)))
+        using (var cmd = Command(tx, "SELECT alias FROM aliases WHERE name=$n ORDER BY alias", ("$n", name)))
         using (var rd = cmd.ExecuteReader()) while (rd.Read()) names.Add(rd.GetString(0));
         return names.Count == 0 ? "" : $" (it has {string.Join(", ", names)})";
     }
