@@ -105,12 +105,13 @@ public static class RunComparisonReport
         s.Color = colour;
         s.LineWidth = 2;
         s.MarkerSize = points.Count > 50 ? 0 : 5;
-        if (dashed) s.LinePattern = ScottPlot.LinePattern.Dashed;
+        if (dashed) { s.LinePattern = ScottPlot.LinePattern.Dashed; s.MarkerShape = ScottPlot.MarkerShape.FilledSquare; } // told apart in the legend too
     }
 
     static void Save(ScottPlot.Plot plt, string path)
     {
-        plt.ShowLegend(ScottPlot.Alignment.UpperRight);
+        plt.Axes.Bottom.TickGenerator = new ScottPlot.TickGenerators.NumericAutomatic { IntegerTicksOnly = true }; // steps are whole
+        plt.ShowLegend(ScottPlot.Edge.Right); // outside the data: a legend inside hid the end of a curve
         plt.SavePng(path, 900, 480);
     }
 }
