@@ -1,7 +1,6 @@
 using System.Text.Json.Nodes;
 using LoraKit.Lora;
 using LoraKit.Training;
-using LoraKit.Training.Runs;
 
 namespace LoraKit.Tests;
 
@@ -168,6 +167,9 @@ public class RunsCompareTests
         Assert.False(s.Finished);
         Assert.Equal(RunSummary.Load(a.Dir).TrainLoss, s.TrainLoss);
 
+        (code, _, stderr) = CliTests.RunCli("runs", "compare", a.Dir);
+        Assert.Equal(1, code);
+        Assert.Equal("error: compare needs at least two run directories", stderr.Trim());
         (code, _, stderr) = CliTests.RunCli("runs", "show", notRun);
         Assert.Equal(1, code);
         Assert.Single(stderr.Trim().Split('\n'));

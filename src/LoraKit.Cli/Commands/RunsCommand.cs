@@ -1,7 +1,7 @@
 using System.CommandLine;
 using System.Globalization;
 using System.Text;
-using LoraKit.Training.Runs;
+using LoraKit.Training;
 
 namespace LoraKit.Cli.Commands;
 
@@ -38,7 +38,7 @@ public static class RunsCommand
 
     static Command Compare()
     {
-        var dirs = new Argument<string[]>("RUN_DIR") { Description = "two or more run directories", Arity = new ArgumentArity(2, 100) };
+        var dirs = new Argument<string[]>("RUN_DIR") { Description = "two or more run directories", Arity = ArgumentArity.OneOrMore };
         var output = new Option<string?>("--output") { Description = "directory for compare.html (plots embedded), the plots and compare.json" };
         var json = new Option<bool>("--json") { Description = "print one JSON object instead of text for people" };
         var cmd = new Command("compare", "Compare training runs: the config and metrics that differ; with --output, an HTML report with the curves overlaid.");

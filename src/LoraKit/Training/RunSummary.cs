@@ -1,7 +1,7 @@
 using System.Text.Json;
 using System.Text.Json.Nodes;
 
-namespace LoraKit.Training.Runs;
+namespace LoraKit.Training;
 
 /// <summary>One (step, value) point of a metric's curve.</summary>
 public readonly record struct MetricPoint(int Step, double Value);

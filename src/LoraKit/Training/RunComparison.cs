@@ -1,6 +1,6 @@
 using System.Text.Json.Nodes;
 
-namespace LoraKit.Training.Runs;
+namespace LoraKit.Training;
 
 /// <summary>One row of a comparison: a config key or metric and each run's value (null where a run has none).</summary>
 public sealed record ComparisonRow(string Key, IReadOnlyList<string?> Values);

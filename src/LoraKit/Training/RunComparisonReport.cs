@@ -2,7 +2,7 @@ using System.Globalization;
 using System.Net;
 using System.Text;
 
-namespace LoraKit.Training.Runs;
+namespace LoraKit.Training;
 
 /// <summary>
 /// The comparison written to a directory: <c>compare.html</c> (self-contained, the plots embedded as PNG, like a run's
