@@ -26,6 +26,7 @@ public static class Program
         root.Subcommands.Add(EvalCommand.Build());
         root.Subcommands.Add(RegistryCommand.Build());
         root.Subcommands.Add(TrainCommand.Build());
+        root.Subcommands.Add(RunsCommand.Build());
         root.Subcommands.Add(DemoCommand.Build());
         root.Subcommands.Add(BenchCommand.Build());
         root.Subcommands.Add(ServeCommand.Build());
