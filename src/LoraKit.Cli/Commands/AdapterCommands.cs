@@ -77,24 +77,27 @@ public static class AdapterCommands
         cmd.Options.Add(allow);
         cmd.Options.Add(gateReport);
         cmd.Options.Add(noGate);
+        var registry = AdapterArgument.RegistryOption();
+        cmd.Options.Add(registry);
         var (model, output, device, dtype) = ModelOutputOptions(cmd);
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             OutputDirectory.EnsureNewOrEmpty(r.GetValue(output)!); // before minutes of loading and merging
-            var provenance = MergeGate.Check(r.GetValue(model)!, r.GetValue(adapter)!, r.GetValue(gateReport), r.GetValue(noGate));
+            var adapterDir = AdapterArgument.Resolve(r.GetValue(adapter)!, r.GetValue(registry));
+            var provenance = MergeGate.Check(r.GetValue(model)!, adapterDir, r.GetValue(gateReport), r.GetValue(noGate));
             var (dev, dt) = Placement.Resolve(r.GetValue(device)!, r.GetValue(dtype));
-            if (Directory.Exists(r.GetValue(adapter)) && AdapterFiles.Task(r.GetValue(adapter)!) is { IsSequenceClassification: true } task)
+            if (Directory.Exists(adapterDir) && AdapterFiles.Task(adapterDir) is { IsSequenceClassification: true } task)
             {
                 // A classifier merges into a *ForSequenceClassification checkpoint: the score head replaces the LM head.
-                using var clf = Classification.TextClassifier.Load(r.GetValue(model)!, r.GetValue(adapter)!, dt, dev);
+                using var clf = Classification.TextClassifier.Load(r.GetValue(model)!, adapterDir, dt, dev);
                 clf.SaveMerged(r.GetValue(model)!, r.GetValue(output)!, provenance);
-                Console.WriteLine($"merged {r.GetValue(adapter)} into {r.GetValue(model)} → {r.GetValue(output)} " +
+                Console.WriteLine($"merged {adapterDir} into {r.GetValue(model)} → {r.GetValue(output)} " +
                     $"({clf.Model.Config.Architecture.Replace("ForCausalLM", "ForSequenceClassification")}, labels: {task.LabelList})");
                 return 0;
             }
-            MergedCheckpoint.Merge(r.GetValue(model)!, r.GetValue(adapter)!, r.GetValue(output)!, new Placement(dev, dt),
+            MergedCheckpoint.Merge(r.GetValue(model)!, adapterDir, r.GetValue(output)!, new Placement(dev, dt),
                 new AdapterLoadOptions { AllowBaseMismatch = r.GetValue(allow) }, provenance);
-            Console.WriteLine($"merged {r.GetValue(adapter)} into {r.GetValue(model)} → {r.GetValue(output)}");
+            Console.WriteLine($"merged {adapterDir} into {r.GetValue(model)} → {r.GetValue(output)}");
             return 0;
         }));
         return cmd;

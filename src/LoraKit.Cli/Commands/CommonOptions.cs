@@ -17,6 +17,7 @@ public sealed class CommonOptions
     public Option<bool> Json { get; } = new("--json") { Description = "print one JSON object instead of text for people" };
     public Option<string?> Adapter { get; } = new("--adapter") { Description = "PEFT-format LoRA adapter directory to apply" };
     public Option<bool> AllowBaseMismatch { get; } = NewAllowBaseMismatch();
+    public Option<string?> Registry { get; } = AdapterArgument.RegistryOption();
 
     /// <summary>--allow-base-mismatch, for every command that loads adapters.</summary>
     public static Option<bool> NewAllowBaseMismatch() => new("--allow-base-mismatch")
@@ -32,6 +33,7 @@ public sealed class CommonOptions
         c.Options.Add(Json);
         c.Options.Add(Adapter);
         c.Options.Add(AllowBaseMismatch);
+        c.Options.Add(Registry);
     }
 
     /// <summary>Loads the model (and the --adapter on top of it, when given) and its tokenizer.</summary>
@@ -45,7 +47,7 @@ public sealed class CommonOptions
         var tokenizer = Tokenizer.Load(dir);
         var model = CausalLM.Load(dir, dtype, device);
         if (r.GetValue(Adapter) is string adapter)
-            AdapterFiles.Load(new LoraModel(model), "default", adapter, new AdapterLoadOptions { AllowBaseMismatch = r.GetValue(AllowBaseMismatch) });
+            AdapterFiles.Load(new LoraModel(model), "default", AdapterArgument.Resolve(adapter, r.GetValue(Registry)), new AdapterLoadOptions { AllowBaseMismatch = r.GetValue(AllowBaseMismatch) });
         return (model, tokenizer);
     }
 

@@ -27,13 +27,14 @@ public static class EvalCommand
         var safety = new Option<int>("--max-safety-regressions") { Description = "gate: safety cases allowed to regress", DefaultValueFactory = _ => 0 };
         var batch = new Option<int>("--batch-size") { Description = "cases generated together", DefaultValueFactory = _ => 32 };
         var judgeUrl = new Option<string?>("--judge-url") { Description = $"OpenAI-compatible endpoint (base URL, e.g. http://host:8000/v1) of an LLM judge for rubric cases; key from {RubricJudge.ApiKeyVariable}" };
+        var registry = AdapterArgument.RegistryOption();
         var judgeModel = new Option<string?>("--judge-model") { Description = "the judge's model name at --judge-url" };
         var cmd = new Command("eval", "Evaluate the base model and adapters on task, capability and safety suites; gate adapters that regress.");
         cmd.Options.Add(common.Model);
         cmd.Options.Add(common.Device);
         cmd.Options.Add(common.DType);
         cmd.Options.Add(common.Json);
-        foreach (var o in new Option[] { adapters, suites, output, gate, capDrop, pplUp, minTask, safety, batch, judgeUrl, judgeModel }) cmd.Options.Add(o);
+        foreach (var o in new Option[] { adapters, suites, output, gate, capDrop, pplUp, minTask, safety, batch, judgeUrl, judgeModel, registry }) cmd.Options.Add(o);
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             var thresholds = new GateThresholds
@@ -46,6 +47,7 @@ public static class EvalCommand
             var outDir = r.GetValue(output);
             if (outDir is not null) EnsureReportDirectory(outDir);
             var loaded = r.GetValue(suites)!.Select(EvalSuite.Load).ToList(); // suite errors before minutes of loading
+            var adapterDirs = (r.GetValue(adapters) ?? []).Select(a => AdapterArgument.Resolve(a, r.GetValue(registry))).ToList();
             if ((r.GetValue(judgeUrl) is null) != (r.GetValue(judgeModel) is null)) throw new LoraKitException("give --judge-url and --judge-model together");
             using var judge = r.GetValue(judgeUrl) is string url
                 ? RubricJudge.ForEndpoint(url, r.GetValue(judgeModel)!, Environment.GetEnvironmentVariable(RubricJudge.ApiKeyVariable)) : null;
@@ -54,7 +56,7 @@ public static class EvalCommand
             IO.ModelDirectory.Require(modelDir);
             using var model = LoraKitModel.FromPretrained(modelDir, r.GetValue(common.Device)!, r.GetValue(common.DType));
             var progress = new ProgressLine(!json && !Console.IsErrorRedirected);
-            var report = model.Evaluate(loaded, r.GetValue(adapters) ?? [], new EvalOptions
+            var report = model.Evaluate(loaded, adapterDirs, new EvalOptions
             {
                 Gate = thresholds, GateEnforced = r.GetValue(gate), MaxBatch = r.GetValue(batch), Progress = progress.Show, Judge = judge?.AsJudgeFunc(),
                 Settings = new JsonObject

@@ -217,6 +217,33 @@ public sealed class AdapterStore : IDisposable
         return v;
     }
 
+    /// <summary>Where <see cref="Checkout"/> keeps verified copies, one folder per content hash.</summary>
+    public const string CheckoutDir = "checkout";
+
+    /// <summary>
+    /// A plain PEFT folder holding the version <paramref name="reference"/> names, for commands that take an adapter
+    /// directory: <c>checkout/&lt;sha256&gt;/</c> inside the registry, exported (and verified) on first use, reused while its
+    /// files still hash to the version's sha256, exported again when they do not. Only this registry's own checkout
+    /// folders are ever replaced.
+    /// </summary>
+    public (AdapterVersion Version, string Dir) Checkout(string reference)
+    {
+        var v = Resolve(reference);
+        var dir = Path.Combine(Root, CheckoutDir, v.Sha256);
+        if (Directory.Exists(dir))
+        {
+            try { if (AdapterDigest.Compute(dir) == v.Sha256) return (v, dir); }
+            catch (LoraKitException) { } // damaged: export it again
+            Directory.Delete(dir, recursive: true);
+        }
+        var tmp = Path.Combine(Root, CheckoutDir, $".{v.Sha256}.{Environment.ProcessId}.tmp");
+        if (Directory.Exists(tmp)) Directory.Delete(tmp, recursive: true);
+        Export(reference, tmp);
+        try { Directory.Move(tmp, dir); }
+        catch (IOException) when (Directory.Exists(dir)) { Directory.Delete(tmp, recursive: true); } // another process checked it out first
+        return (v, dir);
+    }
+
     /// <summary>Deletes one version (its blobs stay until <see cref="Gc"/>); refused while an alias points to it.</summary>
     public void Delete(string reference)
     {
