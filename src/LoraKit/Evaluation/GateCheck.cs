@@ -27,10 +27,17 @@ public static class GateCheck
     /// </summary>
     public sealed record Evidence(string Report, string Timestamp, IReadOnlyList<(string Name, string Sha256)> Suites, JsonObject? Thresholds = null);
 
-    /// <summary>Throws <see cref="GateException"/> unless <paramref name="reportPath"/> holds a passed gate for the adapter and base.</summary>
-    public static Evidence Require(string reportPath, string adapterSha256, string baseFingerprint)
+    /// <summary>The report file a path names (a directory: its eval.json).</summary>
+    public static string ReportFile(string path) => Directory.Exists(path) ? Path.Combine(path, EvalReport.JsonFile) : path;
+
+    /// <summary>
+    /// Reads a report (a file, or a directory holding eval.json) the way every reader must: opened in bounded time (a
+    /// pipe is refused), size-bounded, its format checked. Returns the file, the JSON and the base fingerprint; any
+    /// problem is a <see cref="GateException"/>.
+    /// </summary>
+    public static (string File, JsonObject Root, string BaseFingerprint) Read(string reportPath)
     {
-        if (Directory.Exists(reportPath)) reportPath = Path.Combine(reportPath, EvalReport.JsonFile);
+        reportPath = ReportFile(reportPath);
         JsonNode? root;
         byte[] bytes;
         using (var fs = FileProblem.OpenPromptly(reportPath, OpenTimeout)) bytes = FileProblem.ReadAllBytes(fs, reportPath, MaxReportBytes);
@@ -39,6 +46,14 @@ public static class GateCheck
         if (root is not JsonObject o || Str(o, "format") != EvalReport.Format)
             throw new GateException($"{reportPath}: not a LoraKit evaluation report (no \"format\": \"{EvalReport.Format}\"); make one with `lorakit eval --output DIR`");
         string reportBase = Str(o["base"] as JsonObject, "fingerprint") ?? throw new GateException($"{reportPath}: the report has no base fingerprint");
+        return (reportPath, o, reportBase);
+    }
+
+    /// <summary>Throws <see cref="GateException"/> unless <paramref name="reportPath"/> holds a passed gate for the adapter and base.</summary>
+    public static Evidence Require(string reportPath, string adapterSha256, string baseFingerprint)
+    {
+        var (path, o, reportBase) = Read(reportPath);
+        reportPath = path;
         if (reportBase != baseFingerprint)
             throw new GateException($"{reportPath}: the report was made on another base model (fingerprint {Quote(Models.BaseFingerprint.Short(reportBase))}, " +
                                     $"this base is {Models.BaseFingerprint.Short(baseFingerprint)}); evaluate the adapter on this base");

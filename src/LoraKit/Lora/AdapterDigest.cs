@@ -14,7 +14,8 @@ namespace LoraKit.Lora;
 public static class AdapterDigest
 {
     static readonly TimeSpan OpenTimeout = TimeSpan.FromSeconds(5);
-    static readonly string[] Files = [AdapterFiles.ConfigFile, AdapterFiles.WeightsFile, AdapterFiles.LabelsFile];
+    /// <summary>The files that define an adapter, in hashing order (labels.json only for classification adapters).</summary>
+    public static readonly IReadOnlyList<string> Files = [AdapterFiles.ConfigFile, AdapterFiles.WeightsFile, AdapterFiles.LabelsFile];
 
     /// <summary>The hex sha256 of the adapter in <paramref name="dir"/>.</summary>
     public static string Compute(string dir)

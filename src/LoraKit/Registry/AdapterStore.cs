@@ -20,7 +20,6 @@ public sealed class AdapterStore : IDisposable
     /// <summary>The database file inside the registry folder.</summary>
     public const string DbFile = "registry.db";
 
-    static readonly string[] AdapterFileNames = [AdapterFiles.ConfigFile, AdapterFiles.WeightsFile, AdapterFiles.LabelsFile];
     readonly SqliteConnection _db;
     readonly BlobStore _blobs;
 
@@ -81,14 +80,14 @@ public sealed class AdapterStore : IDisposable
         int version = Scalar<long?>(tx, "SELECT version FROM versions WHERE name=$n AND sha256=$s", ("$n", name), ("$s", sha)) is long existing
             ? (int)existing : 0;
         if (version != 0)
-            foreach (var f in AdapterFileNames.Select(f => Path.Combine(adapterDir, f)).Where(File.Exists))
+            foreach (var f in AdapterDigest.Files.Select(f => Path.Combine(adapterDir, f)).Where(File.Exists))
                 _blobs.Put(f); // same content: restores a blob that went missing or was corrupted (a no-op when intact)
         if (version == 0)
         {
             version = (int)(Scalar<long?>(tx, "SELECT MAX(version) FROM versions WHERE name=$n", ("$n", name)) ?? 0) + 1;
             Exec(_db, tx, "INSERT INTO versions(name, version, sha256, created, note, base_fingerprint, base_model_type, base_model, config) VALUES ($n,$v,$s,$c,$note,$fp,$mt,$bm,$cfg)",
                 ("$n", name), ("$v", version), ("$s", sha), ("$c", Now()), ("$note", note), ("$fp", fingerprint), ("$mt", modelType), ("$bm", baseModel), ("$cfg", config));
-            foreach (var f in AdapterFileNames)
+            foreach (var f in AdapterDigest.Files)
             {
                 var path = Path.Combine(adapterDir, f);
                 if (!File.Exists(path)) continue;
@@ -98,7 +97,7 @@ public sealed class AdapterStore : IDisposable
         }
         if (evalReportPath is not null)
         {
-            var (blob, _) = _blobs.Put(Path.Combine(Directory.Exists(evalReportPath) ? Path.Combine(evalReportPath, EvalReport.JsonFile) : evalReportPath));
+            var (blob, _) = _blobs.Put(GateCheck.ReportFile(evalReportPath));
             Exec(_db, tx, "INSERT OR IGNORE INTO evals(name, version, blob, base_fingerprint, gate_passed, detail, added) VALUES ($n,$v,$b,$fp,$p,$d,$a)",
                 ("$n", name), ("$v", version), ("$b", blob), ("$fp", eval.Base), ("$p", eval.Passed ? 1 : 0), ("$d", eval.Detail), ("$a", Now()));
         }
@@ -341,19 +340,10 @@ public sealed class AdapterStore : IDisposable
     /// </summary>
     static (string? Base, bool Passed, string Detail) ReadEval(string path, string sha, string? adapterBase)
     {
-        string file = Directory.Exists(path) ? Path.Combine(path, EvalReport.JsonFile) : path;
-        if (!File.Exists(file)) throw new LoraKitException($"registry: eval report '{file}' does not exist");
-        string? reportBase;
-        try
-        {
-            if (new FileInfo(file).Length > 256L << 20) throw new LoraKitException($"registry: eval report '{file}' is too large");
-            var root = JsonNode.Parse(File.ReadAllBytes(file), documentOptions: IO.JsonFiles.Options) as JsonObject;
-            if (root?["format"] is not JsonValue f || !f.TryGetValue<string>(out var fmt) || fmt != EvalReport.Format)
-                throw new LoraKitException($"registry: '{file}' is not a LoraKit evaluation report (no \"format\": \"{EvalReport.Format}\")");
-            reportBase = (root["base"] as JsonObject)?["fingerprint"] is JsonValue b && b.TryGetValue<string>(out var s) ? s : null;
-        }
-        catch (System.Text.Json.JsonException e) { throw new LoraKitException($"registry: '{file}' is not a LoraKit evaluation report: {IO.JsonFiles.Describe(e)}"); }
-        if (reportBase is null) throw new LoraKitException($"registry: eval report '{file}' has no base fingerprint");
+        string file;
+        string reportBase;
+        try { (file, _, reportBase) = GateCheck.Read(path); }
+        catch (GateException e) { throw new LoraKitException($"registry: {e.Message}"); }
         if (adapterBase is not null && adapterBase != reportBase)
             return (reportBase, false, $"made on another base ({Models.BaseFingerprint.Short(reportBase)}) than the adapter's ({Models.BaseFingerprint.Short(adapterBase)})");
         try

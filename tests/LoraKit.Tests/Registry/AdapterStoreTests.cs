@@ -165,4 +165,24 @@ public class AdapterStoreTests
         Assert.Throws<LoraKitException>(() => store.Promote(new string('x', 100) + "@1", "123", noGate: true)); // an all-digit alias reads as a version
         Assert.Throws<LoraKitException>(() => store.Add("demo", Fixtures.TempDir()));                          // not an adapter folder
     }
+
+    [Fact]
+    public void AnEvalReportThatIsNotAReportOrIsAPipeIsAClearErrorAndAddsNothing()
+    {
+        var dir = Fixtures.TempDir();
+        using var store = AdapterStore.Open(Path.Combine(dir, "reg"));
+        var adapter = Fixtures.Path_("adapters", "llama", "a");
+        var junk = Path.Combine(dir, "junk.json");
+        File.WriteAllText(junk, "{\"format\": 3}");
+        var e = Assert.Throws<LoraKitException>(() => store.Add("x", adapter, evalReportPath: junk));
+        Assert.StartsWith("registry: ", e.Message);
+        Assert.Contains("not a LoraKit evaluation report", e.Message);
+        var fifo = Path.Combine(dir, "eval.json");
+        using (var p = System.Diagnostics.Process.Start("mkfifo", [fifo])) p.WaitForExit();
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        e = Assert.Throws<LoraKitException>(() => store.Add("x", adapter, evalReportPath: dir)); // the directory's eval.json is the pipe
+        Assert.True(clock.Elapsed < TimeSpan.FromSeconds(30), $"took {clock.Elapsed}");
+        Assert.DoesNotContain('\n', e.Message);
+        Assert.Empty(store.List("x"));
+    }
 }
