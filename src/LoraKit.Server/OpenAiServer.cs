@@ -51,7 +51,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
     {
         _o = o; _engine = engine; _registry = registry; _eos = eos;
         _baseName = o.ModelName ?? Path.GetFileName(Path.GetFullPath(o.Model).TrimEnd(Path.DirectorySeparatorChar));
-        _template = engine.Tokenizer.Config.ChatTemplate is string t ? new ChatTemplate(t) : null;
+        _template = ChatTemplate.Of(engine.Tokenizer);
         _slots = new SemaphoreSlim(o.MaxConcurrent, o.MaxConcurrent);
         _bodies = new BodyGate(4 * (o.MaxConcurrent + o.MaxQueued), o.BodyTimeout);
     }

@@ -29,7 +29,7 @@ public sealed class LoraKitModel : IDisposable
         Lora = lora;
         Tokenizer = tokenizer;
         EosTokenIds = eos;
-        ChatTemplate = tokenizer.Config.ChatTemplate is string t ? new ChatTemplate(t) : null;
+        ChatTemplate = ChatTemplate.Of(tokenizer);
     }
 
     /// <summary>

@@ -12,7 +12,9 @@ public sealed record CaseResult(string Suite, string Id, CaseKind Kind, CaseStat
     double? LogLikelihood = null, int? Tokens = null, string? JudgedBy = null, int? GeneratedTokens = null)
 {
     /// <summary>The case's name in reports and gate reasons: <c>SUITE/ID</c> (ids are unique within a suite).</summary>
-    public string Key => $"{Suite}/{Id}";
+    public string Key => KeyOf(Suite, Id);
+    /// <summary>The key of case <paramref name="id"/> in suite <paramref name="suite"/>.</summary>
+    public static string KeyOf(string suite, string id) => $"{suite}/{id}";
     /// <summary>Passed or failed: a verdict the gate can compare.</summary>
     public bool HasVerdict => Status is CaseStatus.Passed or CaseStatus.Failed;
 }

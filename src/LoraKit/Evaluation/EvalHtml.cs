@@ -72,7 +72,7 @@ internal static class EvalHtml
         sb.Append("<h2>All cases</h2><table><tr><th>case</th><th>kind</th><th>expects</th><th>base</th>");
         foreach (var a in r.Adapters) sb.Append($"<th><code>{HtmlEncode(a.Adapter)}</code></th>");
         sb.Append("</tr>");
-        var cases = r.Suites.SelectMany(s => s.Cases.Select(c => (key: $"{s.Name}/{c.Id}", c))).ToDictionary(x => x.key, x => x.c);
+        var cases = r.CasesByKey();
         var byKey = r.Adapters.Select(a => a.Results.ToDictionary(x => x.Key)).ToList();
         foreach (var b in r.BaseResults)
         {

@@ -70,13 +70,17 @@ public sealed record EvalReport
         return o;
     }
 
+    /// <summary>Every suite's cases by <see cref="CaseResult.Key"/>.</summary>
+    internal Dictionary<string, EvalCase> CasesByKey() =>
+        Suites.SelectMany(s => s.Cases.Select(c => (s, c))).ToDictionary(x => CaseResult.KeyOf(x.s.Name, x.c.Id), x => x.c);
+
     static JsonArray Keys(IEnumerable<CaseResult> rs) => new(rs.Select(r => (JsonNode)r.Key).ToArray());
 
     /// <summary>Every case with its expectation and each model's outcome side by side.</summary>
     JsonArray CasesJson()
     {
         var byKey = Adapters.Select(a => a.Results.ToDictionary(r => r.Key)).ToList();
-        var cases = Suites.SelectMany(s => s.Cases.Select(c => (s, c))).ToDictionary(x => $"{x.s.Name}/{x.c.Id}", x => x.c);
+        var cases = CasesByKey();
         return new JsonArray(BaseResults.Select(b =>
         {
             var c = cases[b.Key];

@@ -22,7 +22,7 @@ public sealed class SuiteStepEvaluator(IReadOnlyList<EvalSuite> suites, Tokenize
     {
         var suites = suitePaths.Select(EvalSuite.Load).ToList();
         var tok = Tokenizer.Load(modelDir);
-        var template = tok.Config.ChatTemplate is string t ? new ChatTemplate(t) : null;
+        var template = ChatTemplate.Of(tok);
         return new SuiteStepEvaluator(suites, tok, template, StopTokens.EosTokenIds(ModelConfig.Load(modelDir), tok, modelDir));
     }
 

@@ -14,6 +14,10 @@ public sealed class ChatTemplate
 
     public string Source { get; }
 
+    /// <summary>The tokenizer's chat template (tokenizer_config.json), or null when it has none.</summary>
+    public static ChatTemplate? Of(Tokenizer tokenizer) =>
+        tokenizer.Config.ChatTemplate is string source ? new ChatTemplate(source) : null;
+
     public ChatTemplate(string source)
     {
         Source = source;
