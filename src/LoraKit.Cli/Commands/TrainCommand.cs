@@ -61,6 +61,7 @@ public static class TrainCommand
         ["log_every"] = "log every N steps",
         ["device"] = "auto, cpu or cuda",
         ["dtype"] = "fp32, bf16 or fp16 for the frozen base (default: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32",
+        ["gpu_hour_cost"] = "price of one GPU-hour: report.json and the run's record get cost = wall hours × this (CPU runs too, device named)",
     };
 
     public static Command Build()
@@ -69,9 +70,14 @@ public static class TrainCommand
         var config = new Option<string?>("--config") { Description = "JSON or YAML file with any of the options below (snake_case keys)" };
         var resume = new Option<bool>("--resume") { Description = "continue the run in --output from its last completed checkpoint (its configuration is read from the checkpoint; a larger --steps extends a finished run)" };
         var overwrite = new Option<bool>("--overwrite") { Description = "start again in an --output that holds a run: deletes only the files LoraKit wrote there" };
+        var registry = new Option<string?>("--registry")
+        {
+            Description = $"registry that records the run (lorakit runs list) (default: ${LoraKit.Registry.AdapterStore.EnvVar}, else ~/.lorakit/registry); a registry that cannot be written is warned about, never fails the run",
+        };
         cmd.Options.Add(config);
         cmd.Options.Add(resume);
         cmd.Options.Add(overwrite);
+        cmd.Options.Add(registry);
         var defaults = new TrainConfig();
         var bindings = new List<(Option option, PropertyInfo prop)>();
         foreach (var prop in typeof(TrainConfig).GetProperties())
@@ -137,9 +143,12 @@ public static class TrainCommand
             using var sigterm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, OnSignal);
             IStepEvaluator? suites = SuiteEvaluator(c);
             using var ownsSuites = suites as IDisposable;
+            // Every run is recorded in the registry (`lorakit runs list`); see RunTracker: it never fails the run.
+            var tracker = new LoraKit.Registry.RunTracker(r.GetValue(registry), log.Warn);
             try
             {
-                Trainer.Run(c, r.GetValue(resume), log, r.GetValue(overwrite), stop.Token, suites);
+                Trainer.Run(c, r.GetValue(resume), log, r.GetValue(overwrite), stop.Token, suites, tracker);
+                if (tracker.RunId is long id) log.Info($"run {id} recorded in the registry (lorakit runs show {id})");
             }
             catch (TrainingInterruptedException e)
             {

@@ -26,6 +26,9 @@ public sealed class AdapterStore : IDisposable
     /// <summary>The registry folder.</summary>
     public string Root { get; }
 
+    /// <summary>The open database, for the registry's other tables (<see cref="RunLog"/>): one connection, one set of pragmas.</summary>
+    internal SqliteConnection Connection => _db;
+
     AdapterStore(string root, SqliteConnection db)
     {
         Root = root;

@@ -3,7 +3,8 @@ namespace LoraKit.Registry;
 /// <summary>
 /// The registry database's tables. <c>versions</c> (name, version) holds one row per registered adapter content;
 /// <c>files</c> maps its files to blobs; <c>evals</c> the reports attached to it; <c>aliases</c> where each alias points
-/// now and <c>alias_history</c> every move in order (a rollback reads the last move's <c>previous</c>). Created if absent.
+/// now and <c>alias_history</c> every move in order (a rollback reads the last move's <c>previous</c>); <c>runs</c> one row per training run directory
+/// (<see cref="RunLog"/>). Created if absent.
 /// </summary>
 internal static class RegistrySchema
 {
@@ -30,5 +31,10 @@ internal static class RegistrySchema
         CREATE TABLE IF NOT EXISTS alias_history(
             id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, alias TEXT NOT NULL, version INTEGER NOT NULL,
             previous INTEGER, action TEXT NOT NULL, no_gate INTEGER NOT NULL, at TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS runs(
+            id INTEGER PRIMARY KEY AUTOINCREMENT, output_dir TEXT NOT NULL UNIQUE, name TEXT NOT NULL, status TEXT NOT NULL,
+            config TEXT NOT NULL, base_model TEXT, base_fingerprint TEXT, started TEXT NOT NULL, ended TEXT, device TEXT,
+            resumes INTEGER NOT NULL DEFAULT 0, wall_seconds REAL, steps INTEGER, tokens INTEGER, tokens_per_s REAL,
+            peak_memory_gib REAL, final_metrics TEXT, best_metrics TEXT, best_step INTEGER, data TEXT, cost REAL, error TEXT);
         """;
 }

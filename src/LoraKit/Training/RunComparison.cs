@@ -8,7 +8,7 @@ public sealed record ComparisonRow(string Key, IReadOnlyList<string?> Values);
 /// <summary>
 /// N runs side by side: the config keys whose values differ (nested keys as <c>a.b</c>; <c>output</c> left out, as it
 /// always differs and the run names already say it) and the metrics that differ: final and best evaluation metrics,
-/// final train loss, steps, wall time, tokens/s, peak memory. A value a run lacks counts as differing from one it has.
+/// final train loss, steps, wall time, tokens/s, peak memory, cost, device, the data's sha256 (when recorded). A value a run lacks counts as differing from one it has.
 /// </summary>
 public sealed class RunComparison
 {
@@ -46,7 +46,9 @@ public sealed class RunComparison
     static RunSummary Renamed(RunSummary r, string name) => new()
     {
         Name = name, Directory = r.Directory, Config = r.Config, Finished = r.Finished, Steps = r.Steps, WallSeconds = r.WallSeconds,
-        Tokens = r.Tokens, TokensPerSecond = r.TokensPerSecond, PeakMemoryGib = r.PeakMemoryGib, Data = r.Data,
+        Tokens = r.Tokens, TokensPerSecond = r.TokensPerSecond, PeakMemoryGib = r.PeakMemoryGib, PeakMemoryKind = r.PeakMemoryKind,
+        Started = r.Started, Ended = r.Ended, Device = r.Device, DeviceName = r.DeviceName, DType = r.DType, Cost = r.Cost,
+        Data = r.Data, Validation = r.Validation,
         TrainLoss = r.TrainLoss, Evals = r.Evals, Best = r.Best, BestStep = r.BestStep,
     };
 
@@ -57,7 +59,9 @@ public sealed class RunComparison
         {
             ["steps"] = r.Steps.ToString(System.Globalization.CultureInfo.InvariantCulture),
             ["wall_seconds"] = N(r.WallSeconds), ["tokens"] = r.Tokens?.ToString(System.Globalization.CultureInfo.InvariantCulture),
-            ["tokens_per_s"] = N(r.TokensPerSecond), ["peak_memory_gib"] = N(r.PeakMemoryGib),
+            ["tokens_per_s"] = N(r.TokensPerSecond), ["peak_memory_gib"] = N(r.PeakMemoryGib), ["cost"] = N(r.Cost),
+            ["device"] = r.Device is null ? null : $"{r.Device}{(r.DeviceName is null ? "" : $" ({r.DeviceName})")}, {r.DType}",
+            ["data sha256"] = r.Data?["sha256"]?.ToString(),
         };
         foreach (var (k, v) in r.Final) d[$"final {k}"] = N(v);
         foreach (var (k, v) in r.Best) d[$"best {k}"] = N(v);

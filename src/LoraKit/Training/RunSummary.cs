@@ -9,7 +9,7 @@ public readonly record struct MetricPoint(int Step, double Value);
 /// <summary>
 /// What a finished (or stopped) <c>lorakit train</c> run directory says about the run, read back from its files only:
 /// <c>lorakit-run.json</c> (the manifest, with the config), <c>metrics.jsonl</c> (the curves) and, when the run got to
-/// the end, <c>report.json</c> (wall time, data). Nothing is recomputed: a data hash or peak memory appears only when
+/// the end, <c>report.json</c> (wall time, start and end, device, tokens/s, peak memory, cost, data). Nothing is recomputed: a data hash or peak memory appears only when
 /// the run recorded it. A directory without the manifest is not a run; a metrics line that is not a JSON object is an
 /// error naming <c>file:line</c> (a last line cut off by a kill, without its newline, is left out as the trainer's
 /// resume does).
@@ -32,12 +32,31 @@ public sealed class RunSummary
     public double? WallSeconds { get; init; }
     /// <summary>Tokens trained on (cumulative, from the last logged step).</summary>
     public long? Tokens { get; init; }
-    /// <summary>Tokens per second over the whole run: <see cref="Tokens"/> / the last logged <c>elapsed_s</c>.</summary>
+    /// <summary>
+    /// Tokens per second: the report's (the training loop of the run's last process, model load left out), else
+    /// <see cref="Tokens"/> / the last logged <c>elapsed_s</c>.
+    /// </summary>
     public double? TokensPerSecond { get; init; }
-    /// <summary>Peak accelerator memory in GiB, when the run recorded it (report.json <c>peak_memory_gib</c>).</summary>
+    /// <summary>Peak memory in GiB, when the run recorded it (report.json <c>peak_memory_gib</c>); <see cref="PeakMemoryKind"/> says of what.</summary>
     public double? PeakMemoryGib { get; init; }
+    /// <summary><c>cuda_max_allocated</c> (libtorch's allocator) or <c>process_peak_working_set</c> (the process, on CPU).</summary>
+    public string? PeakMemoryKind { get; init; }
+    /// <summary>When the run's last process started and ended (ISO-8601 UTC, report.json), or null.</summary>
+    public string? Started { get; init; }
+    /// <inheritdoc cref="Started"/>
+    public string? Ended { get; init; }
+    /// <summary>"cpu" or "cuda:N" (report.json <c>device</c>), the GPU's name and the base's dtype, when recorded.</summary>
+    public string? Device { get; init; }
+    /// <inheritdoc cref="Device"/>
+    public string? DeviceName { get; init; }
+    /// <inheritdoc cref="Device"/>
+    public string? DType { get; init; }
+    /// <summary>The cost report.json recorded (wall hours × <c>gpu_hour_cost</c>), or null when no rate was given.</summary>
+    public double? Cost { get; init; }
     /// <summary>The training data as report.json describes it (path, samples, tokens; a <c>sha256</c> when recorded).</summary>
     public JsonObject? Data { get; init; }
+    /// <summary>The validation data as report.json describes it, when the run had a validation file.</summary>
+    public JsonObject? Validation { get; init; }
     /// <summary>Training loss by step.</summary>
     public required IReadOnlyList<MetricPoint> TrainLoss { get; init; }
     /// <summary>Evaluation metrics by step: <c>eval_loss</c>, <c>eval_ppl</c>, <c>eval_accuracy</c>, <c>suite:*</c>.</summary>
@@ -64,7 +83,9 @@ public sealed class RunSummary
     {
         ["name"] = Name, ["directory"] = Directory, ["base_model"] = BaseModel, ["finished"] = Finished, ["steps"] = Steps,
         ["wall_seconds"] = WallSeconds, ["tokens"] = Tokens, ["tokens_per_s"] = TokensPerSecond is double t ? Math.Round(t, 1) : null,
-        ["peak_memory_gib"] = PeakMemoryGib, ["data"] = Data?.DeepClone(),
+        ["peak_memory_gib"] = PeakMemoryGib, ["peak_memory_kind"] = PeakMemoryKind, ["started"] = Started, ["ended"] = Ended,
+        ["device"] = Device, ["device_name"] = DeviceName, ["dtype"] = DType, ["cost"] = Cost,
+        ["data"] = Data?.DeepClone(), ["validation"] = Validation?.DeepClone(),
         ["final"] = Obj(Final), ["best"] = BestStep is null ? null : Obj(Best), ["best_step"] = BestStep,
         ["config"] = Config.DeepClone(),
     };
@@ -107,7 +128,7 @@ public sealed class RunSummary
             }
         }
         double? elapsed = Num(lastStep?["elapsed_s"]);
-        long? tokens = lastStep?["tokens"] is JsonValue t && t.TryGetValue<long>(out var tv) ? tv : null;
+        long? tokens = (report?["tokens"] ?? lastStep?["tokens"]) is JsonValue t && t.TryGetValue<long>(out var tv) ? tv : null;
         return new RunSummary
         {
             Name = Path.GetFileName(Path.TrimEndingDirectorySeparator(Path.GetFullPath(dir))),
@@ -117,9 +138,14 @@ public sealed class RunSummary
             Steps = Int(report?["steps"]) ?? (lastStep is null ? 0 : Int(lastStep["step"]) ?? 0),
             WallSeconds = Num(report?["wall_seconds"]) ?? elapsed,
             Tokens = tokens,
-            TokensPerSecond = tokens is long n && elapsed is double e && e > 0 ? n / e : null,
+            TokensPerSecond = Num(report?["tokens_per_s"]) ?? (tokens is long n && elapsed is double e && e > 0 ? n / e : null),
             PeakMemoryGib = Num(report?["peak_memory_gib"]),
+            PeakMemoryKind = Str(report?["peak_memory_kind"]),
+            Started = Str(report?["started"]), Ended = Str(report?["ended"]),
+            Device = Str(report?["device"]), DeviceName = Str(report?["device_name"]), DType = Str(report?["dtype"]),
+            Cost = Num(report?["cost"]),
             Data = report?["data"] as JsonObject,
+            Validation = report?["validation"] as JsonObject,
             TrainLoss = train, Evals = evals, Best = best, BestStep = bestStep,
         };
     }
@@ -154,6 +180,8 @@ public sealed class RunSummary
     }
 
     static double? Num(JsonNode? n) => n is JsonValue v && v.TryGetValue<double>(out var x) && double.IsFinite(x) ? x : null;
+
+    static string? Str(JsonNode? n) => n is JsonValue v && v.TryGetValue<string>(out var x) ? x : null;
 
     static int? Int(JsonNode? n) => n is JsonValue v && v.TryGetValue<int>(out var x) ? x : null;
 }

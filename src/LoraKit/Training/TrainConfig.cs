@@ -112,6 +112,11 @@ public sealed class TrainConfig
     // where it runs (not part of the run's identity)
     public string Device { get; set; } = "auto";
     public string? Dtype { get; set; }
+    /// <summary>
+    /// Price of one GPU-hour (any currency): report.json and the run's record then carry <c>cost</c> = wall hours × this
+    /// (a CPU run is billed by its wall hours too, its device named beside it). Null: no cost recorded.
+    /// </summary>
+    public double? GpuHourCost { get; set; }
 
     static readonly JsonSerializerOptions Json = new()
     {
@@ -151,7 +156,7 @@ public sealed class TrainConfig
     public JsonObject Identity()
     {
         var o = ToJsonObject();
-        foreach (var k in new[] { "output", "device", "kernels", "cuda_graph", "embeddings_on_host", "offload_checkpoints", "offload_mlp_layers", "log_every", "save_every" }) o.Remove(k);
+        foreach (var k in new[] { "output", "device", "kernels", "cuda_graph", "embeddings_on_host", "offload_checkpoints", "offload_mlp_layers", "log_every", "save_every", "gpu_hour_cost" }) o.Remove(k);
         // Added after runs were written: left out when off, so those runs keep their identity and still resume.
         if (!UseDora) o.Remove("use_dora");
         if (EvalSuite.Count == 0) o.Remove("eval_suite");
@@ -166,6 +171,7 @@ public sealed class TrainConfig
         static string Q(string s) => s.Length > 40 ? s[..40] + "…" : s;
         foreach (var p in typeof(TrainConfig).GetProperties().Where(p => p.PropertyType == typeof(double)))
             Check(double.IsFinite((double)p.GetValue(this)!), $"{JsonNamingPolicy.SnakeCaseLower.ConvertName(p.Name)} must be a finite number");
+        Check(GpuHourCost is null || (double.IsFinite(GpuHourCost.Value) && GpuHourCost >= 0), "`gpu_hour_cost` must be a number ≥ 0");
         Check(Output.Length > 0, "the output directory is required");
         Check(R > 0, "r must be positive");
         Check(TargetModules.Count > 0, "target_modules must name at least one module");

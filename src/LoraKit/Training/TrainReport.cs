@@ -41,6 +41,8 @@ public static class TrainReport
             config = c.ToJsonObject(),
         };
         var json = JsonSerializer.SerializeToNode(summary)!.AsObject();
+        double? cost = RunStats.Cost(Math.Round(r.WallSeconds, 2), c.GpuHourCost); // from the wall_seconds written, so the file agrees with itself
+        if (r.Stats is { } st) AddStats(json, st, cost, c.GpuHourCost);
         // Only a run with suites has these, so a run without keeps its report as it was.
         if (suites.Count > 0)
         {
@@ -58,6 +60,9 @@ public static class TrainReport
          .Append("<h1>LoraKit training report</h1>")
          .Append($"<p>{Enc(c.Method == "lora" ? "LoRA" : "Full fine-tune")} of <code>{Enc(c.Model)}</code> on <code>{Enc(c.Data)}</code> — {r.Steps} steps in {r.WallSeconds:F1} s{(r.StoppedEarly ? " (stopped early)" : "")}.</p>")
          .Append("<table>")
+         .Append(r.Stats is { } rs ? Row("device", rs.Describe()) + Row("started", Iso(rs.Started)) + Row("tokens", $"{rs.Tokens:N0} ({rs.TokensPerSecond:N0} tokens/s)")
+                 + (rs.PeakMemoryGib is double pm ? Row("peak memory", $"{pm:F2} GiB ({(rs.PeakMemoryKind == Runtime.DeviceInfo.CudaMaxAllocated ? "CUDA allocator, max allocated" : "process peak working set")})") : "") : "")
+         .Append(cost is double co ? Row("cost", $"{co:0.######} ({r.WallSeconds / 3600:0.####} h × {c.GpuHourCost} per GPU-hour{(r.Stats?.Device == "cpu" ? ", billed on CPU wall hours" : "")})") : "")
          .Append(Row("trainable", r.TrainableReport))
          .Append(Row("final train loss", $"{r.FinalLoss:F4}"))
          .Append(Row("best eval loss", r.Best is null ? "—" : $"{r.Best.Loss:F4} (perplexity {r.Best.Perplexity:F2}) at step {r.Best.Step}"))
@@ -71,6 +76,29 @@ public static class TrainReport
          .Append(suites.Count > 0 ? SuitesSection(suites, suitesPng) : "")
          .Append($"<h2>Configuration</h2><pre>{Enc(c.ToJson())}</pre></body></html>");
         File.WriteAllText(Path.Combine(r.OutputDir, "report.html"), h.ToString());
+    }
+
+    /// <summary>ISO-8601 UTC with milliseconds, as the registry writes its times.</summary>
+    public static string Iso(DateTimeOffset t) => t.UtcDateTime.ToString("yyyy-MM-ddTHH:mm:ss.fffZ", System.Globalization.CultureInfo.InvariantCulture);
+
+    /// <summary>Where and how fast the run ran; <c>cost</c> (with its rate and the hours billed) only when a GPU-hour cost was given.</summary>
+    static void AddStats(JsonObject json, RunStats st, double? cost, double? rate)
+    {
+        json["started"] = Iso(st.Started);
+        json["ended"] = Iso(st.Ended);
+        json["device"] = st.Device;
+        json["device_name"] = st.DeviceName;
+        json["dtype"] = st.DType;
+        json["tokens"] = st.Tokens;
+        json["tokens_per_s"] = Math.Round(st.TokensPerSecond, 1);
+        json["peak_memory_gib"] = st.PeakMemoryGib is double g ? Math.Round(g, 3) : null;
+        json["peak_memory_kind"] = st.PeakMemoryKind;
+        if (cost is double c)
+        {
+            json["cost"] = c;
+            json["gpu_hour_cost"] = rate;
+            json["cost_hours"] = Math.Round((double)json["wall_seconds"]! / 3600, 6);
+        }
     }
 
     static object Data(Data.DataSummary d) => new { path = d.Path, format = d.Format.ToString(), samples = d.Samples, tokens = d.Tokens, target_tokens = d.TargetTokens, skipped_lines = d.Skipped, truncated = d.Truncated };

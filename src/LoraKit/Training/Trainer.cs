@@ -77,7 +77,11 @@ sealed class SilentLog : ITrainLog
 
 /// <summary>What <see cref="Trainer.Run"/> did: where the result is, how far it got, its losses and data.</summary>
 public sealed record TrainResult(string OutputDir, string AdapterDir, int Steps, double FinalLoss, EvalMetrics? Best, EvalMetrics? LastEval,
-    string TrainableReport, DataSummary Data, DataSummary? Validation, double WallSeconds, bool StoppedEarly);
+    string TrainableReport, DataSummary Data, DataSummary? Validation, double WallSeconds, bool StoppedEarly)
+{
+    /// <summary>Start, end, device, tokens, throughput and peak memory of this process's run (null for a resumed run that had nothing left to do).</summary>
+    public RunStats? Stats { get; init; }
+}
 
 /// <summary>
 /// Training a LoRA adapter, in two layers. The instance is the training step over in-memory samples: built from a
@@ -338,7 +342,28 @@ public sealed class Trainer : IDisposable
     /// <see cref="TrainingInterruptedException"/></param>
     /// <param name="suites">runs the evaluation suites c's <c>eval_suite</c> names, at step 0 and at every evaluation
     /// (see <see cref="IStepEvaluator"/>); required exactly when <c>eval_suite</c> names any</param>
-    public static TrainResult Run(TrainConfig c, bool resume, ITrainLog log, bool overwrite = false, CancellationToken cancel = default, IStepEvaluator? suites = null)
+    /// <param name="tracker">told when the run starts (its output directory open) and how it ends, also when it throws</param>
+    public static TrainResult Run(TrainConfig c, bool resume, ITrainLog log, bool overwrite = false, CancellationToken cancel = default,
+        IStepEvaluator? suites = null, IRunTracker? tracker = null)
+    {
+        bool started = false;
+        string status = RunEnd.Failed;
+        string? error = null;
+        try
+        {
+            var result = RunCore(c, resume, log, overwrite, cancel, suites, start => { started = true; tracker?.Started(start); });
+            status = result.StoppedEarly ? RunEnd.StoppedEarly : RunEnd.Finished;
+            return result;
+        }
+        catch (TrainingInterruptedException e) { status = RunEnd.Interrupted; error = e.Message; throw; }
+        catch (Exception e) { error = e.Message; throw; }
+        finally
+        {
+            if (started) tracker?.Ended(new RunEnd(Path.GetFullPath(c.Output), status, DateTimeOffset.UtcNow, error));
+        }
+    }
+
+    static TrainResult RunCore(TrainConfig c, bool resume, ITrainLog log, bool overwrite, CancellationToken cancel, IStepEvaluator? suites, Action<RunStart> onStart)
     {
         c.Validate();
         if (c.EvalSuite.Count > 0 && suites is null)
@@ -346,11 +371,16 @@ public sealed class Trainer : IDisposable
         if (c.EvalSuite.Count == 0 && suites is not null)
             throw new ArgumentException($"an evaluator ({nameof(IStepEvaluator)}) was given but `eval_suite` names no evaluation suite: the run's configuration must record what it measures");
         var wall = Stopwatch.StartNew();
+        var startedAt = DateTimeOffset.UtcNow;
         var (device, dtype) = Placement.Resolve(c.Device, c.Dtype);
         // Everything random in a run comes from the seed through generators of its own (initialisation, the score
         // head, shuffling, dropout), never from torch's global one, which anything else in the process may draw from.
         if (resume && overwrite) throw new LoraKitException("resume and overwrite exclude each other: resume continues the run, overwrite starts it again");
         var run = RunDirectory.Open(c.Output, c.Identity(), resume, overwrite, DescribeRun);
+        string deviceName = DeviceInfo.Name(device), dtypeName = DeviceInfo.DTypeName(dtype);
+        string? gpuName = DeviceInfo.GpuName(device);
+        onStart(new RunStart(run.Root, Path.GetFileName(run.Root), c.ToJsonObject(), c.Model, FingerprintOrNull(c.Model), startedAt,
+            $"{deviceName}{(gpuName is null ? "" : $" ({gpuName})")}, {dtypeName}", resume));
 
         // ---- data ----
         var tok = Tokenizer.Load(c.Model);
@@ -536,7 +566,11 @@ public sealed class Trainer : IDisposable
                      $"the last step's {what} is in {lastDir}");
         }
         else t.SaveWeights(adapterDir, run);
-        var result = new TrainResult(c.Output, adapterDir, step, t.LastLoss, best, lastEval, report, trainSummary, validSummary, wall.Elapsed.TotalSeconds, stoppedEarly);
+        var peak = DeviceInfo.PeakMemory(device);
+        var stats = new RunStats(startedAt, DateTimeOffset.UtcNow, deviceName, gpuName, dtypeName, t.TokensSeen,
+            (t.TokensSeen - tokensAtStart) / Math.Max(clock.Elapsed.TotalSeconds, 1e-9), peak?.Gib, peak?.Kind);
+        var result = new TrainResult(c.Output, adapterDir, step, t.LastLoss, best, lastEval, report, trainSummary, validSummary, wall.Elapsed.TotalSeconds, stoppedEarly)
+            { Stats = stats };
         TrainReport.Write(c, result, metricsPath);
         foreach (var f in new[] { "report.json", "report.html", "loss.png", TrainReport.SuitesPlot }) run.Record(Path.Combine(c.Output, f));
         lm.Dispose();
@@ -554,6 +588,13 @@ public sealed class Trainer : IDisposable
         Cursor = state.Cursor;
         TokensSeen = state.TokensSeen;
         LastLoss = state.LastLoss ?? double.NaN;
+    }
+
+    /// <summary>The base's fingerprint for the run's record; a model directory it cannot be read from fails later, with its own message.</summary>
+    static string? FingerprintOrNull(string modelDir)
+    {
+        try { return BaseFingerprint.Of(modelDir); }
+        catch (Exception e) when (e is LoraKitException or IOException or UnauthorizedAccessException or System.Text.Json.JsonException or ArgumentException) { return null; }
     }
 
     static double? Finite(double? x) => x is double v && double.IsFinite(v) ? v : null;
