@@ -61,6 +61,7 @@ public static class TrainCommand
         ["log_every"] = "log every N steps",
         ["device"] = "auto, cpu or cuda",
         ["dtype"] = "fp32, bf16 or fp16 for the frozen base (default: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32",
+        ["report_to"] = "none, or tensorboard: also write TensorBoard event files into OUTPUT/tensorboard",
         ["gpu_hour_cost"] = "price of one GPU-hour: report.json and the run's record get cost = wall hours × this (CPU runs too, device named)",
     };
 

@@ -16,7 +16,7 @@ public sealed class RunDirectory
     public const string ManifestFile = "lorakit-run.json";
 
     /// <summary>Top-level names a run writes; a foreign file with one of these names blocks a run into the directory.</summary>
-    static readonly string[] RunNames = ["adapter", "model", "best", "last", "checkpoints", "metrics.jsonl", "report.html", "report.json", "loss.png", ManifestFile];
+    static readonly string[] RunNames = ["adapter", "model", "best", "last", "checkpoints", "metrics.jsonl", "report.html", "report.json", "loss.png", TensorBoardLog.Folder, ManifestFile];
 
     readonly string _root;
     readonly HashSet<string> _ours = new(StringComparer.Ordinal);

@@ -117,6 +117,8 @@ public sealed class TrainConfig
     /// (a CPU run is billed by its wall hours too, its device named beside it). Null: no cost recorded.
     /// </summary>
     public double? GpuHourCost { get; set; }
+    /// <summary>none, or tensorboard: event files in RUN_DIR/tensorboard beside metrics.jsonl (<see cref="TensorBoardLog"/>).</summary>
+    public string ReportTo { get; set; } = "none";
 
     static readonly JsonSerializerOptions Json = new()
     {
@@ -156,7 +158,7 @@ public sealed class TrainConfig
     public JsonObject Identity()
     {
         var o = ToJsonObject();
-        foreach (var k in new[] { "output", "device", "kernels", "cuda_graph", "embeddings_on_host", "offload_checkpoints", "offload_mlp_layers", "log_every", "save_every", "gpu_hour_cost" }) o.Remove(k);
+        foreach (var k in new[] { "output", "device", "kernels", "cuda_graph", "embeddings_on_host", "offload_checkpoints", "offload_mlp_layers", "log_every", "save_every", "gpu_hour_cost", "report_to" }) o.Remove(k);
         // Added after runs were written: left out when off, so those runs keep their identity and still resume.
         if (!UseDora) o.Remove("use_dora");
         if (EvalSuite.Count == 0) o.Remove("eval_suite");
@@ -172,6 +174,7 @@ public sealed class TrainConfig
         foreach (var p in typeof(TrainConfig).GetProperties().Where(p => p.PropertyType == typeof(double)))
             Check(double.IsFinite((double)p.GetValue(this)!), $"{JsonNamingPolicy.SnakeCaseLower.ConvertName(p.Name)} must be a finite number");
         Check(GpuHourCost is null || (double.IsFinite(GpuHourCost.Value) && GpuHourCost >= 0), "`gpu_hour_cost` must be a number ≥ 0");
+        Check(ReportTo is "none" or "tensorboard", $"`report_to` must be none or tensorboard, not '{Q(ReportTo)}'");
         Check(Output.Length > 0, "the output directory is required");
         Check(R > 0, "r must be positive");
         Check(TargetModules.Count > 0, "target_modules must name at least one module");

@@ -458,6 +458,8 @@ public sealed class Trainer : IDisposable
         var metricsPath = Path.Combine(c.Output, "metrics.jsonl");
         using var metrics = new MetricsLog(metricsPath, resume ? state.Step : 0);
         run.Record(metricsPath);
+        var board = c.ReportTo == "tensorboard" ? new TensorBoardLog(c.Output) : null;
+        if (board is not null) run.Record(board.Dir); // its events file exists from here on: a replaced run deletes it
         EvalMetrics? best = BestOf(state);
         EvalMetrics? lastEval = null;
         int badEvals = state.EvalsWithoutImprovement;
@@ -472,6 +474,7 @@ public sealed class Trainer : IDisposable
             // evaluation is read against. Not a candidate for best/ (that is an adapter the run trained).
             var before = new EvalMetrics(0, double.NaN, double.NaN, false) { Validated = false, Suites = RunSuites(suites, lm, adapterName, 0, c.Metric) };
             metrics.Eval(before);
+            board?.Eval(before);
             log.Eval(before);
         }
 
@@ -493,6 +496,7 @@ public sealed class Trainer : IDisposable
                 var m = new StepMetrics(step, totalSteps, t.Epoch, t.LastLoss, t.LastLr, t.LastGradNorm, t.TokensSeen,
                     (t.TokensSeen - tokensAtStart) / Math.Max(secs, 1e-9), wall.Elapsed.TotalSeconds);
                 metrics.Step(m);
+                board?.Step(m);
                 log.Step(m);
             }
 
@@ -509,6 +513,7 @@ public sealed class Trainer : IDisposable
                 if (improved) { best = lastEval; badEvals = 0; t.SaveWeights(Path.Combine(c.Output, "best"), run); }
                 else if (tracked) badEvals++;
                 metrics.Eval(lastEval);
+                board?.Eval(lastEval);
                 log.Eval(lastEval);
                 if (c.EarlyStoppingPatience > 0 && badEvals >= c.EarlyStoppingPatience)
                 {

@@ -230,3 +230,42 @@ public class RunTrackingTests
         Assert.True(File.Exists(Path.Combine(output, "report.json")));
     }
 }
+
+/// <summary><c>report_to</c> tensorboard: TorchSharp's event files hold the same curves as metrics.jsonl.</summary>
+[Collection(GlobalRng.Name)]
+public class TensorBoardReportTests
+{
+    /// <summary>The scalar events of a TFRecord events file: (tag, step, value).</summary>
+    static List<(string Tag, long Step, float Value)> Scalars(string file)
+    {
+        var list = new List<(string, long, float)>();
+        using var r = new BinaryReader(File.OpenRead(file));
+        while (r.BaseStream.Position < r.BaseStream.Length)
+        {
+            long length = r.ReadInt64();
+            r.ReadUInt32(); // the length's masked CRC
+            var e = Tensorboard.Event.Parser.ParseFrom(r.ReadBytes((int)length));
+            r.ReadUInt32(); // the data's masked CRC
+            if (e.Summary is { } s) foreach (var v in s.Value) list.Add((v.Tag, e.Step, v.SimpleValue));
+        }
+        return list;
+    }
+
+    [Fact]
+    public void TensorBoardEventFilesHoldTheLossAndEvalCurves()
+    {
+        var c = TrainingRunTests.Small(Path.Combine(Fixtures.TempDir(), "tb"));
+        c.ValidationFraction = 0.34; c.EvalEvery = 2; c.ReportTo = "tensorboard";
+        Trainer.Run(c, false, new ListLog());
+        var file = Assert.Single(Directory.GetFiles(Path.Combine(c.Output, TensorBoardLog.Folder), "events.out.tfevents.*"));
+        var scalars = Scalars(file);
+        var records = File.ReadLines(Path.Combine(c.Output, "metrics.jsonl")).Select(l => JsonNode.Parse(l)!.AsObject()).ToList();
+        var losses = records.Where(o => o.ContainsKey("loss")).Select(o => ((long)(int)o["step"]!, (float)(double)o["loss"]!)).ToList();
+        Assert.Equal(losses, scalars.Where(s => s.Tag == "train/loss").Select(s => (s.Step, s.Value)));
+        var evals = records.Where(o => o.ContainsKey("eval_loss")).Select(o => ((long)(int)o["step"]!, (float)(double)o["eval_loss"]!)).ToList();
+        Assert.NotEmpty(evals);
+        Assert.Equal(evals, scalars.Where(s => s.Tag == "eval/loss").Select(s => (s.Step, s.Value)));
+        Assert.Contains(file[(c.Output.Length + 1)..].Replace(Path.DirectorySeparatorChar, '/'),
+            JsonNode.Parse(File.ReadAllText(Path.Combine(c.Output, RunDirectory.ManifestFile)))!["files"]!.AsArray().Select(f => (string)f!));
+    }
+}
