@@ -32,7 +32,9 @@ public sealed class RunTracker(string? registryPath, Action<string> warn) : IRun
         RunSummary? summary = null;
         try { summary = RunSummary.Load(end.OutputDir); }
         catch (Exception e) when (e is LoraKitException or IOException or UnauthorizedAccessException) { } // the row keeps what it has
-        Try(() => { using var log = RunLog.Open(registryPath); log.End(id, end, (end.Ended - _started).TotalSeconds, summary); });
+        // This process's wall time: the report's when this process wrote it (so row and report.json agree), else start to end.
+        double seconds = summary is { Finished: true, WallSeconds: double w } && summary.Started == TrainReport.Iso(_started) ? w : (end.Ended - _started).TotalSeconds;
+        Try(() => { using var log = RunLog.Open(registryPath); log.End(id, end, seconds, summary); });
     }
 
     void Try(Action write)

@@ -61,7 +61,7 @@ public static class TrainReport
          .Append($"<p>{Enc(c.Method == "lora" ? "LoRA" : "Full fine-tune")} of <code>{Enc(c.Model)}</code> on <code>{Enc(c.Data)}</code> — {r.Steps} steps in {r.WallSeconds:F1} s{(r.StoppedEarly ? " (stopped early)" : "")}.</p>")
          .Append("<table>")
          .Append(r.Stats is { } rs ? Row("device", rs.Describe()) + Row("started", Iso(rs.Started)) + Row("tokens", $"{rs.Tokens:N0} ({rs.TokensPerSecond:N0} tokens/s)")
-                 + (rs.PeakMemoryGib is double pm ? Row("peak memory", $"{pm:F2} GiB ({(rs.PeakMemoryKind == Runtime.DeviceInfo.CudaMaxAllocated ? "CUDA allocator, max allocated" : "process peak working set")})") : "") : "")
+                 + (rs.PeakMemoryGib is double pm ? Row("peak memory", $"{pm:F2} GiB ({(rs.PeakMemoryKind == Runtime.Cuda.DeviceInfo.CudaMaxAllocated ? "CUDA allocator, max allocated" : "process peak working set")})") : "") : "")
          .Append(cost is double co ? Row("cost", $"{co:0.######} ({r.WallSeconds / 3600:0.####} h × {c.GpuHourCost} per GPU-hour{(r.Stats?.Device == "cpu" ? ", billed on CPU wall hours" : "")})") : "")
          .Append(Row("trainable", r.TrainableReport))
          .Append(Row("final train loss", $"{r.FinalLoss:F4}"))

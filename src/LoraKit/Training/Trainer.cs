@@ -7,6 +7,7 @@ using LoraKit.IO;
 using LoraKit.Lora;
 using LoraKit.Models;
 using LoraKit.Runtime;
+using LoraKit.Runtime.Cuda;
 using LoraKit.Tokenization;
 using TorchSharp.Modules;
 using static TorchSharp.torch;

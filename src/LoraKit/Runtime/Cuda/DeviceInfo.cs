@@ -3,7 +3,7 @@ using System.Runtime.InteropServices;
 using System.Text;
 using static TorchSharp.torch;
 
-namespace LoraKit.Runtime;
+namespace LoraKit.Runtime.Cuda;
 
 /// <summary>
 /// What a run records about where it ran: the device ("cpu", "cuda:0"), the GPU's name when the CUDA driver tells it
@@ -40,9 +40,9 @@ internal static class DeviceInfo
         if (device.type != TorchSharp.DeviceType.CUDA) return null;
         try
         {
-            var init = Cuda.CudaDriver.TryBind<InitFn>("cuInit");
-            var get = Cuda.CudaDriver.TryBind<DeviceGetFn>("cuDeviceGet");
-            var getName = Cuda.CudaDriver.TryBind<DeviceGetNameFn>("cuDeviceGetName");
+            var init = CudaDriver.TryBind<InitFn>("cuInit");
+            var get = CudaDriver.TryBind<DeviceGetFn>("cuDeviceGet");
+            var getName = CudaDriver.TryBind<DeviceGetNameFn>("cuDeviceGetName");
             if (init is null || get is null || getName is null || init(0) != 0 || get(out int dev, Math.Max(device.index, 0)) != 0) return null;
             var buffer = new byte[256];
             if (getName(buffer, buffer.Length, dev) != 0) return null;
@@ -56,7 +56,7 @@ internal static class DeviceInfo
     public static (double Gib, string Kind)? PeakMemory(Device device)
     {
         if (device.type == TorchSharp.DeviceType.CUDA)
-            return Cuda.CudaMemoryStats.Read(device) is { } m ? (Cuda.CudaMemory.Gib(m.PeakAllocated), CudaMaxAllocated) : null;
+            return CudaMemoryStats.Read(device) is { } m ? (CudaMemory.Gib(m.PeakAllocated), CudaMaxAllocated) : null;
         try
         {
             using var self = Process.GetCurrentProcess();
