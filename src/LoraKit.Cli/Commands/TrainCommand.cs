@@ -19,7 +19,7 @@ public static class TrainCommand
         ["validation_fraction"] = "hold out this fraction of --data for validation when no validation file is given",
         ["output"] = "output directory: adapter/, best/, checkpoints/, metrics.jsonl, report.html, loss.png",
         ["method"] = "lora, or full (fine-tune every weight, for comparison)",
-        ["init_adapter"] = "start from this PEFT adapter instead of a fresh one",
+        ["init_adapter"] = "start from this PEFT adapter (a directory, or a registered NAME@VERSION / NAME@ALIAS) instead of a fresh one",
         ["r"] = "LoRA rank",
         ["lora_alpha"] = "LoRA alpha (scaling alpha/r, or alpha/√r with --use-rslora)",
         ["lora_dropout"] = "dropout on the LoRA input",
@@ -61,6 +61,8 @@ public static class TrainCommand
         ["log_every"] = "log every N steps",
         ["device"] = "auto, cpu or cuda",
         ["dtype"] = "fp32, bf16 or fp16 for the frozen base (default: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32",
+        ["register"] = "when the run finishes, add the adapter to the registry as the next version of this NAME, with the run's lineage",
+        ["registry"] = "adapter registry folder for --register and a named --init-adapter (default: $LORAKIT_REGISTRY, else ~/.lorakit/registry)",
     };
 
     public static Command Build()

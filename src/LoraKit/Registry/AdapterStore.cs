@@ -66,11 +66,17 @@ public sealed class AdapterStore : IDisposable
     /// <summary>
     /// Adds the adapter in <paramref name="adapterDir"/> as the next version of <paramref name="name"/> and returns it; the
     /// same content already under this name returns that version instead (and attaches the eval report, if new).
+    /// With <paramref name="runDir"/>, the run that trained it (a <c>lorakit train</c> output directory that wrote this
+    /// adapter, see <see cref="RunLineage"/>) is recorded as the version's <see cref="Lineage"/>, its parent being the
+    /// registered version holding the content the run started from (the ref the run recorded when it holds that content,
+    /// else any name's version with that sha256). A version keeps the first lineage recorded for it: adding the same
+    /// content again with a run fills the lineage only when the version has none.
     /// </summary>
-    public AdapterVersion Add(string name, string adapterDir, string? note = null, string? evalReportPath = null)
+    public AdapterVersion Add(string name, string adapterDir, string? note = null, string? evalReportPath = null, string? runDir = null)
     {
         RegistryRef.CheckName(name);
         string sha = AdapterDigest.Compute(adapterDir); // also checks the folder is an adapter
+        var run = runDir is null ? null : RunLineage.Read(runDir, adapterDir, sha); // before the transaction: a bad run adds nothing
         var (fingerprint, modelType) = ReadBase(adapterDir);
         string config = File.ReadAllText(Path.Combine(adapterDir, AdapterFiles.ConfigFile));
         string? baseModel = JsonNode.Parse(config, documentOptions: IO.JsonFiles.Options) is JsonObject o && o["base_model_name_or_path"] is JsonValue v && v.TryGetValue<string>(out var s) ? s : null;
@@ -101,6 +107,7 @@ public sealed class AdapterStore : IDisposable
             Exec(_db, tx, "INSERT OR IGNORE INTO evals(name, version, blob, base_fingerprint, gate_passed, detail, added) VALUES ($n,$v,$b,$fp,$p,$d,$a)",
                 ("$n", name), ("$v", version), ("$b", blob), ("$fp", eval.Base), ("$p", eval.Passed ? 1 : 0), ("$d", eval.Detail), ("$a", Now()));
         }
+        if (run is not null) AddLineage(tx, name, version, run);
         tx.Commit();
         return Get(name, version) ?? throw new InvalidOperationException("registry: version vanished after insert");
     }
@@ -140,7 +147,25 @@ public sealed class AdapterStore : IDisposable
         using (var cmd = Command(null, "SELECT id, alias, version, previous, action, no_gate, at FROM alias_history WHERE name=$n ORDER BY id", ("$n", r.Name)))
         using (var rd = cmd.ExecuteReader())
             while (rd.Read()) history.Add(new(rd.GetInt64(0), rd.GetString(1), rd.GetInt32(2), rd.IsDBNull(3) ? null : rd.GetInt32(3), rd.GetString(4), rd.GetInt32(5) != 0, rd.GetString(6)));
-        return new(r.Name, versions, aliases, history, Evals(r.Name, null));
+        return new(r.Name, versions, aliases, history, Evals(r.Name, null)) { Lineage = LineageOf(r.Name, null) };
+    }
+
+    /// <summary>The lineage recorded for the version <paramref name="reference"/> names, or null when it was added without a run.</summary>
+    public Lineage? LineageOf(string reference)
+    {
+        var v = Resolve(reference);
+        return LineageOf(v.Name, v.Version).FirstOrDefault();
+    }
+
+    /// <summary>
+    /// What differs between two versions (of one name or of two): their identity (always), adapter config, the run's
+    /// config, data, metrics and parent from their lineage, and their attached evaluations (<see cref="VersionDiff"/>).
+    /// </summary>
+    public VersionDiff Diff(string left, string right)
+    {
+        var a = Resolve(left);
+        var b = Resolve(right);
+        return VersionDiff.Of(a, LineageOf(a.Name, a.Version).FirstOrDefault(), EvalSummary(a), b, LineageOf(b.Name, b.Version).FirstOrDefault(), EvalSummary(b));
     }
 
     /// <summary>Evaluations attached to a name (and version, if given).</summary>
@@ -256,7 +281,7 @@ public sealed class AdapterStore : IDisposable
         using (var rd = cmd.ExecuteReader()) while (rd.Read()) holders.Add(rd.GetString(0));
         if (holders.Count > 0)
             throw new LoraKitException($"registry: {r} is aliased as {string.Join(", ", holders)}; promote another version or roll the alias back first");
-        foreach (var table in new[] { "files", "evals", "versions" })
+        foreach (var table in new[] { "files", "evals", "lineage", "versions" })
             Exec(_db, tx, $"DELETE FROM {table} WHERE name=$n AND version=$v", ("$n", r.Name), ("$v", r.Version));
         tx.Commit();
     }
@@ -279,6 +304,79 @@ public sealed class AdapterStore : IDisposable
         }
         tx.Commit();
         return (count, bytes);
+    }
+
+    /// <summary>
+    /// Records a run's lineage for (name, version) unless the version has one already (the first stays); the parent is the
+    /// version the run's recorded ref names when it holds the init adapter's content, else the oldest version (of any
+    /// name) with that content, else none.
+    /// </summary>
+    void AddLineage(SqliteTransaction tx, string name, int version, RunLineage.Recorded run)
+    {
+        string? parentName = null;
+        int? parentVersion = null;
+        if (run.InitSha256 is { } initSha)
+        {
+            RegistryRef? recorded = null;
+            try { if (run.InitRef is { } text) recorded = RegistryRef.Parse(text); }
+            catch (LoraKitException) { } // a ref from another tool's hand: the sha lookup below still finds the parent
+            if (recorded is { Version: { } rv } && Scalar<string>(tx, "SELECT sha256 FROM versions WHERE name=$n AND version=$v", ("$n", recorded.Name), ("$v", rv)) == initSha)
+                (parentName, parentVersion) = (recorded.Name, rv);
+            else
+            {
+                using var cmd = Command(tx, "SELECT name, version FROM versions WHERE sha256=$s ORDER BY created, name, version LIMIT 1", ("$s", initSha));
+                using var rd = cmd.ExecuteReader();
+                if (rd.Read()) (parentName, parentVersion) = (rd.GetString(0), rd.GetInt32(1));
+            }
+        }
+        Exec(_db, tx, """
+            INSERT OR IGNORE INTO lineage(name, version, run_dir, adapter_in_run, run_config, data, metrics, wall_seconds,
+                init_adapter_sha256, init_adapter_ref, parent_name, parent_version, added)
+            VALUES ($n,$v,$run,$air,$cfg,$data,$m,$wall,$isha,$iref,$pn,$pv,$at)
+            """,
+            ("$n", name), ("$v", version), ("$run", run.RunDir), ("$air", run.AdapterInRun), ("$cfg", run.RunConfig.ToJsonString()),
+            ("$data", run.Data.ToJsonString()), ("$m", run.Metrics.ToJsonString()), ("$wall", run.WallSeconds), ("$isha", run.InitSha256),
+            ("$iref", run.InitRef), ("$pn", parentName), ("$pv", parentVersion), ("$at", Now()));
+    }
+
+    List<Lineage> LineageOf(string name, int? version)
+    {
+        var list = new List<Lineage>();
+        using var cmd = Command(null, """
+            SELECT name, version, run_dir, adapter_in_run, run_config, data, metrics, wall_seconds, init_adapter_sha256,
+                   init_adapter_ref, parent_name, parent_version, added
+            FROM lineage WHERE name=$n AND ($v IS NULL OR version=$v) ORDER BY version
+            """, ("$n", name), ("$v", version));
+        using var rd = cmd.ExecuteReader();
+        while (rd.Read())
+            list.Add(new(rd.GetString(0), rd.GetInt32(1), rd.GetString(2), rd.GetString(3), JsonObj(rd.GetString(4)), JsonObj(rd.GetString(5)),
+                JsonObj(rd.GetString(6)), rd.IsDBNull(7) ? null : rd.GetDouble(7), Opt(rd, 8), Opt(rd, 9), Opt(rd, 10),
+                rd.IsDBNull(11) ? null : rd.GetInt32(11), rd.GetString(12)));
+        return list;
+    }
+
+    static JsonObject JsonObj(string text) => JsonNode.Parse(text) as JsonObject ?? new JsonObject();
+
+    /// <summary>
+    /// A version's attached evaluations for a diff: how many, whether one passed the gate, and the newest report's scores
+    /// for this adapter (its entry with this sha256); a report whose blob is gone says so instead of its scores.
+    /// </summary>
+    JsonObject EvalSummary(AdapterVersion v)
+    {
+        var evals = Evals(v.Name, v.Version);
+        var o = new JsonObject { ["count"] = evals.Count, ["gate_passed"] = evals.Any(e => e.GatePassed) };
+        if (evals.Count == 0) return o;
+        var latest = evals[^1];
+        o["latest"] = latest.Blob[..12];
+        try
+        {
+            var report = JsonNode.Parse(File.ReadAllText(_blobs.PathOf(latest.Blob))) as JsonObject;
+            var entry = (report?["adapters"] as JsonArray ?? []).OfType<JsonObject>().LastOrDefault(a => a["sha256"] is JsonValue s && s.TryGetValue<string>(out var t) && t == v.Sha256);
+            if (entry?["scores"] is JsonObject scores) o["scores"] = scores.DeepClone();
+            if (report?["base"]?["scores"] is JsonObject baseScores) o["base_scores"] = baseScores.DeepClone();
+        }
+        catch (Exception e) when (e is IOException or System.Text.Json.JsonException) { o["scores"] = $"(report {latest.Blob[..12]} unreadable: the registry is damaged)"; }
+        return o;
     }
 
     /// <summary>Closes the database.</summary>
