@@ -7,7 +7,8 @@ namespace LoraKit.Cli.Commands;
 /// <summary>
 /// <c>lorakit train</c>. Every <see cref="TrainConfig"/> field is a flag named after it (batch_size → --batch-size;
 /// booleans that default to true are switched off with --no-…). A --config file (JSON or YAML) sets the starting
-/// values; flags given on the command line override it.
+/// values; flags given on the command line override it. <c>--init-adapter</c> takes a registered NAME@VERSION / NAME@ALIAS
+/// too, and <c>--register NAME</c> adds the finished run's adapter to the registry with its lineage (<see cref="TrainRegistration"/>).
 /// </summary>
 public static class TrainCommand
 {
@@ -123,6 +124,7 @@ public static class TrainCommand
                     value = ((string)value!).Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToList();
                 prop.SetValue(c, value);
             }
+            string? initAdapterRef = TrainRegistration.Prepare(c); // names resolved, --register checked, before any loading
             var log = new ConsoleTrainLog(!Console.IsOutputRedirected);
             // Ctrl+C and SIGTERM (docker stop, systemd, Kubernetes) end the run after the current step, with a checkpoint
             // and the adapter so far saved; a second signal is not intercepted and ends the process at once.
@@ -139,9 +141,10 @@ public static class TrainCommand
             using var sigterm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, OnSignal);
             IStepEvaluator? suites = SuiteEvaluator(c);
             using var ownsSuites = suites as IDisposable;
+            TrainResult trained;
             try
             {
-                Trainer.Run(c, r.GetValue(resume), log, r.GetValue(overwrite), stop.Token, suites);
+                trained = Trainer.Run(c, r.GetValue(resume), log, r.GetValue(overwrite), stop.Token, suites, initAdapterRef);
             }
             catch (TrainingInterruptedException e)
             {
@@ -150,6 +153,7 @@ public static class TrainCommand
                 return 130;
             }
             log.Done();
+            if (c.Register is not null) TrainRegistration.Register(c, trained);
             return 0;
         }));
         return cmd;
