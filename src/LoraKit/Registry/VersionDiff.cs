@@ -68,7 +68,13 @@ public sealed record VersionDiff(AdapterVersion Left, AdapterVersion Right, IRea
         catch (System.Text.Json.JsonException) { return JsonValue.Create(json); }
     }
 
-    static JsonObject? Metrics(Lineage? l) => l is null ? null : new JsonObject { ["metrics"] = l.Metrics.DeepClone(), ["wall_seconds"] = l.WallSeconds };
+    static JsonObject? Metrics(Lineage? l)
+    {
+        if (l is null) return null;
+        var o = (JsonObject)l.Metrics.DeepClone();
+        o["wall_seconds"] = l.WallSeconds;
+        return o;
+    }
 
     static JsonObject? Origin(Lineage? l) => l is null ? null : new JsonObject
     {
