@@ -149,7 +149,8 @@ public static class TrainCommand
             catch (TrainingInterruptedException e)
             {
                 log.Done();
-                Console.Error.WriteLine($"{e.Message}; continue with: lorakit train --output {c.Output} --resume");
+                Console.Error.WriteLine($"{e.Message}; continue with: lorakit train --output {c.Output} --resume" +
+                                        (c.Register is { } name ? $" --register {name}{(c.Registry is { } reg ? $" --registry {reg}" : "")} (not registered: the run did not finish)" : ""));
                 return 130;
             }
             log.Done();
