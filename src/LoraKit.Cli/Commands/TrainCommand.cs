@@ -63,7 +63,7 @@ public static class TrainCommand
         ["device"] = "auto, cpu or cuda",
         ["dtype"] = "fp32, bf16 or fp16 for the frozen base (default: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32",
         ["register"] = "when the run finishes, add the adapter to the registry as the next version of this NAME, with the run's lineage",
-        ["registry"] = "adapter registry folder for --register and a named --init-adapter (default: $LORAKIT_REGISTRY, else ~/.lorakit/registry)",
+        ["registry"] = "adapter registry folder for --register and a named --init-adapter; unset, $LORAKIT_REGISTRY, else ~/.lorakit/registry",
     };
 
     public static Command Build()
