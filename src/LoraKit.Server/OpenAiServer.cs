@@ -458,7 +458,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         var model = Json.Str(body, "model") ?? throw new ApiError(400, "missing \"model\" (the base model's name, \"base\", or an adapter's name; see /v1/models)", "model");
         if (model.Length == 0) throw new ApiError(400, "\"model\" is empty", "model");
         if (model == "base" || model == _baseName) return (null, _baseName, null);
-        if (_models is not null && (model.Contains('@') || !_registry.Available().Contains(model)))
+        if (_models is not null && (model.Contains('@') || !IsDirectoryAdapter(model)))
         {
             RegistryModels.Served? served;
             try { served = _models.Resolve(model); }
@@ -471,6 +471,13 @@ public sealed partial class OpenAiServer : IAsyncDisposable
             if (served is not null) return (served.Key, model, served);
         }
         return (model, model, null);
+    }
+
+    /// <summary>Whether <paramref name="name"/> (without '@') is an adapter directory of <see cref="ServerOptions.Adapters"/>.</summary>
+    bool IsDirectoryAdapter(string name)
+    {
+        try { _registry.Resolve(name); return true; }
+        catch (Exception e) when (e is AdapterNameException or KeyNotFoundException) { return false; }
     }
 
     int[] TextPrompt(JsonObject body)

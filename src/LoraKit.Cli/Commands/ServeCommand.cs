@@ -5,7 +5,7 @@ using LoraKit.Server;
 
 namespace LoraKit.Cli.Commands;
 
-/// <summary><c>lorakit serve</c>: the OpenAI-compatible server over one base model and a directory of adapters.</summary>
+/// <summary><c>lorakit serve</c>: the OpenAI-compatible server over one base model and a directory of adapters, a registry, or both.</summary>
 public static class ServeCommand
 {
     public static Command Build()
@@ -33,7 +33,9 @@ public static class ServeCommand
         var drain = new Option<double>("--drain-seconds") { Description = "on SIGTERM or Ctrl+C, how long in-flight requests may finish", DefaultValueFactory = _ => 30.0 };
         var insecure = new Option<bool>("--insecure") { Description = "allow a non-loopback --host without any key" };
         var quiet = new Option<bool>("--quiet") { Description = "no log line per request" };
-        var cmd = new Command("serve", "Serve one base model and many LoRA adapters over an OpenAI-compatible HTTP API. " +
+        var cmd = new Command("serve", "Serve one base model and many LoRA adapters over an OpenAI-compatible HTTP API: adapters from a directory " +
+                                       "(\"model\": \"NAME\"), from the registry (\"model\": \"NAME@VERSION\", \"NAME@ALIAS\", or \"NAME\" = NAME@production, " +
+                                       "a 404 when that alias does not exist; alias moves apply to the next request), or both. " +
                                        "With a key set, every endpoint but /health needs one; the admin key also works on /v1.")
             { model, adapters, registry, host, port, apiKey, adminKey, device, dtype, maxAdapters, maxBatch, maxTokens, maxPrompt, maxConcurrent, drain, insecure, quiet, allowMismatch };
         cmd.SetAction(r => CommonOptions.Run(() =>

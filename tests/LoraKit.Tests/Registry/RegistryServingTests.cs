@@ -161,6 +161,20 @@ public class RegistryServingTests(ITestOutputHelper output)
         Assert.Contains("another base model", other.Message);
     }
 
+    [Fact]
+    public void ServeHelpNamesTheRegistryAndServeNeedsAdaptersOrARegistry()
+    {
+        var (code, stdout, stderr) = CliTests.RunCli("serve", "--help");
+        Assert.True(code == 0, stderr);
+        Assert.Contains("--registry", stdout);
+        Assert.Contains("NAME@production", stdout);
+        var empty = Path.Combine(Fixtures.TempDir(), "no-registry");
+        (code, _, stderr) = CliTests.RunCli("serve", "--model", Fixtures.Model("llama"), "--registry", empty, "--port", "0");
+        Assert.Equal(1, code);
+        Assert.Contains("no registry at", stderr);
+        Assert.False(Directory.Exists(empty)); // a server never creates a registry
+    }
+
     // ---- helpers ----
 
     sealed record Reply(int Code, string Text, string Version, string Message, JsonNode? Body);
