@@ -7,6 +7,7 @@ using LoraKit.IO;
 using LoraKit.Lora;
 using LoraKit.Registry;
 using LoraKit.Server;
+using Microsoft.Data.Sqlite;
 using Xunit.Abstractions;
 using static TorchSharp.torch;
 
@@ -155,6 +156,24 @@ public class RegistryServingTests(ITestOutputHelper output)
         Assert.DoesNotContain(reg, damaged.Message); // no server paths
         Assert.Equal("server_error", damaged.Body?["error"]?["type"]?.GetValue<string>());
         Assert.Equal(200, (await Chat(http, "tone@2")).Code); // the damage is that version's alone
+
+        // A writer holding the registry's write lock (say a long `registry add` in another process) does not hold up
+        // requests: WAL readers never wait for it (a 404 reads the database three times and generates nothing).
+        using (var writer = new SqliteConnection($"Data Source={Path.Combine(reg, AdapterStore.DbFile)};Pooling=False"))
+        {
+            writer.Open();
+            using var tx = writer.BeginTransaction(); // BEGIN IMMEDIATE: the write lock
+            using (var cmd = writer.CreateCommand())
+            {
+                cmd.Transaction = tx;
+                cmd.CommandText = "INSERT INTO meta(key, value) VALUES ('held', 'by the test')";
+                cmd.ExecuteNonQuery();
+            }
+            var sw = Stopwatch.StartNew();
+            Assert.Equal(404, (await Chat(http, "tone@staging")).Code);
+            Assert.True(sw.Elapsed < TimeSpan.FromSeconds(2), $"a request waited {sw.ElapsedMilliseconds} ms for a writer");
+            tx.Rollback();
+        }
 
         var other = await Chat(http, "alien");
         Assert.Equal(422, other.Code);
