@@ -27,7 +27,8 @@ namespace LoraKit.Server;
 /// <summary>
 /// OpenAI-compatible HTTP API over one <see cref="InferenceEngine"/>: /v1/chat/completions, /v1/completions (both with
 /// SSE streaming), /v1/models; /admin/adapters to load, reload and unload adapters; /health without a key.
-/// The request's "model" picks the base ("base" or its name) or an adapter by name.
+/// The request's "model" picks the base ("base" or its name), an adapter directory by name, or, with
+/// <see cref="ServerOptions.Registry"/>, a registered version (<see cref="RegistryModels"/>: NAME@VERSION, NAME@ALIAS, NAME).
 /// Contract: every error is OpenAI's error object (a 4xx naming the field in "param" for bad requests; a 500 only for a
 /// defect, saying no more than that); keys are checked on the matched endpoint (<see cref="Access"/>); client-facing
 /// messages carry no server paths; <see cref="DisposeAsync"/> drains in-flight requests for a bounded time.

@@ -8,8 +8,8 @@ namespace LoraKit.Server;
 /// Serving from the adapter registry (<see cref="ServerOptions.Registry"/>): a request's <c>"model"</c> may be
 /// <c>NAME@VERSION</c>, <c>NAME@ALIAS</c>, or a plain registered <c>NAME</c>, which means <c>NAME@production</c> and is a
 /// 404 when that alias does not exist (never "the latest version": a server must not start serving an unpromoted one).
-/// Aliases are read from the database on every request (one indexed SELECT on the request thread, never on the engine
-/// thread; WAL readers never wait for a writer), so an alias moved by <c>lorakit registry promote/rollback</c> in another
+/// Aliases are read from the database on every request (two or three indexed SELECTs on the request thread, never on the
+/// engine thread; WAL readers never wait for a writer), so an alias moved by <c>lorakit registry promote/rollback</c> in another
 /// process applies to the next request. The adapter is loaded under an engine key naming the immutable content,
 /// <c>NAME@VERSION#sha256</c>: a request keeps the version it resolved until it ends (its lease holds it in memory), and
 /// the old version leaves memory through the usual LRU once no request uses it.
