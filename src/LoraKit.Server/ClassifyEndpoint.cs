@@ -136,6 +136,7 @@ public sealed class ClassifyEndpoint(InferenceEngine engine, AdapterRegistry reg
         catch (AdapterNameException e) { throw new Refused(400, e.Message, "model"); }
         catch (KeyNotFoundException e) { throw new Refused(404, $"{e.Message} (see /v1/models)", "model"); }
         // labels.json follows the registry's containment rule for adapter files: no link leading outside the root.
+        if (o.Adapters is null) throw new Refused(404, $"no adapter named '{name}' (this server has no adapters directory)", "model");
         var root = Path.GetFullPath(o.Adapters) + Path.DirectorySeparatorChar;
         var labels = new FileInfo(Path.Combine(dir, AdapterFiles.LabelsFile));
         if (labels.Exists && labels.ResolveLinkTarget(true) is { } target && !Path.GetFullPath(target.FullName).StartsWith(root, StringComparison.Ordinal))

@@ -8,6 +8,7 @@ using System.Threading.Channels;
 using LoraKit.Generation;
 using LoraKit.Lora;
 using LoraKit.Models;
+using LoraKit.Registry;
 using LoraKit.Runtime;
 using LoraKit.Serving;
 using LoraKit.Tokenization;
@@ -26,7 +27,8 @@ namespace LoraKit.Server;
 /// <summary>
 /// OpenAI-compatible HTTP API over one <see cref="InferenceEngine"/>: /v1/chat/completions, /v1/completions (both with
 /// SSE streaming), /v1/models; /admin/adapters to load, reload and unload adapters; /health without a key.
-/// The request's "model" picks the base ("base" or its name) or an adapter by name.
+/// The request's "model" picks the base ("base" or its name), an adapter directory by name, or, with
+/// <see cref="ServerOptions.Registry"/>, a registered version (<see cref="RegistryModels"/>: NAME@VERSION, NAME@ALIAS, NAME).
 /// Contract: every error is OpenAI's error object (a 4xx naming the field in "param" for bad requests; a 500 only for a
 /// defect, saying no more than that); keys are checked on the matched endpoint (<see cref="Access"/>); client-facing
 /// messages carry no server paths; <see cref="DisposeAsync"/> drains in-flight requests for a bounded time.
@@ -36,6 +38,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
     readonly ServerOptions _o;
     readonly InferenceEngine _engine;
     readonly AdapterRegistry _registry;
+    readonly RegistryModels? _models; // serving from the adapter registry (ServerOptions.Registry), else null
     readonly string _baseName;
     readonly int[] _eos;
     readonly ChatTemplate? _template;
@@ -47,10 +50,10 @@ public sealed partial class OpenAiServer : IAsyncDisposable
     /// <summary>The address the server listens on (e.g. <c>http://127.0.0.1:8000</c>; with port 0, the port chosen).</summary>
     public string Url { get; private set; } = "";
 
-    OpenAiServer(ServerOptions o, InferenceEngine engine, AdapterRegistry registry, int[] eos)
+    OpenAiServer(ServerOptions o, InferenceEngine engine, AdapterRegistry registry, int[] eos, RegistryModels? models)
     {
-        _o = o; _engine = engine; _registry = registry; _eos = eos;
-        _baseName = o.ModelName ?? Path.GetFileName(Path.GetFullPath(o.Model).TrimEnd(Path.DirectorySeparatorChar));
+        _o = o; _engine = engine; _registry = registry; _eos = eos; _models = models;
+        _baseName = BaseName(o);
         _template = ChatTemplate.Of(engine.Tokenizer);
         _slots = new SemaphoreSlim(o.MaxConcurrent, o.MaxConcurrent);
         _bodies = new BodyGate(4 * (o.MaxConcurrent + o.MaxQueued), o.BodyTimeout);
@@ -68,16 +71,31 @@ public sealed partial class OpenAiServer : IAsyncDisposable
                                        "set an API key and an admin key (ApiKey, AdminKey; lorakit serve: --api-key, --admin-key), or allow it (Insecure; --insecure)");
         CheckKeyShape(o.ApiKey, "API key (ApiKey; lorakit serve: --api-key or LORAKIT_API_KEY)");
         CheckKeyShape(o.AdminKey, "admin key (AdminKey; lorakit serve: --admin-key or LORAKIT_ADMIN_KEY)");
-        if (!Directory.Exists(o.Adapters)) throw new DirectoryNotFoundException($"adapters directory '{o.Adapters}' does not exist");
-        var (device, dtype) = Placement.Resolve(o.Device, o.Dtype);
-        var tok = Tokenizer.Load(o.Model);
-        var lm = new LoraModel(CausalLM.Load(o.Model, dtype, device));
-        var eos = StopTokens.EosTokenIds(lm.Model.Config, tok, o.Model);
-        var engine = new InferenceEngine(lm, tok, o.MaxBatch);
-        var server = new OpenAiServer(o, engine, new AdapterRegistry(engine, o.Adapters, o.MaxLoadedAdapters) { AllowBaseMismatch = o.AllowBaseMismatch }, eos);
-        await server.StartHttpAsync();
-        return server;
+        if (o.Adapters is null && o.Registry is null) throw new LoraKitException("give an adapters directory, a registry, or both (Adapters, Registry; lorakit serve: --adapters, --registry)");
+        if (o.Adapters is not null && !Directory.Exists(o.Adapters)) throw new DirectoryNotFoundException($"adapters directory '{o.Adapters}' does not exist");
+        var reader = o.Registry is null ? null : RegistryReader.Open(o.Registry);
+        try
+        {
+            var (device, dtype) = Placement.Resolve(o.Device, o.Dtype);
+            var tok = Tokenizer.Load(o.Model);
+            var lm = new LoraModel(CausalLM.Load(o.Model, dtype, device));
+            var eos = StopTokens.EosTokenIds(lm.Model.Config, tok, o.Model);
+            var engine = new InferenceEngine(lm, tok, o.MaxBatch);
+            var baseName = BaseName(o);
+            var models = reader is null ? null : new RegistryModels(reader, baseName, lm.Model.Fingerprint, o.AllowBaseMismatch);
+            var adapters = new AdapterRegistry(engine, o.Adapters, o.MaxLoadedAdapters) { AllowBaseMismatch = o.AllowBaseMismatch, External = models is null ? null : models.Checkout };
+            var server = new OpenAiServer(o, engine, adapters, eos, models);
+            await server.StartHttpAsync();
+            return server;
+        }
+        catch
+        {
+            reader?.Dispose();
+            throw;
+        }
     }
+
+    static string BaseName(ServerOptions o) => o.ModelName ?? Path.GetFileName(Path.GetFullPath(o.Model).TrimEnd(Path.DirectorySeparatorChar));
 
     /// <summary>
     /// A key a client can send in a Bearer header: printable ASCII without spaces. An empty key (an empty environment
@@ -237,10 +255,18 @@ public sealed partial class OpenAiServer : IAsyncDisposable
     /// </summary>
     internal string Scrub(string message)
     {
-        var root = Path.GetFullPath(_o.Adapters).TrimEnd(Path.DirectorySeparatorChar);
         var model = Path.GetFullPath(_o.Model).TrimEnd(Path.DirectorySeparatorChar);
-        message = message.Replace(root + Path.DirectorySeparatorChar, "").Replace(root, "<adapters>")
-            .Replace(model + Path.DirectorySeparatorChar, "").Replace(model, "<model>");
+        if (_o.Adapters is not null)
+        {
+            var root = Path.GetFullPath(_o.Adapters).TrimEnd(Path.DirectorySeparatorChar);
+            message = message.Replace(root + Path.DirectorySeparatorChar, "").Replace(root, "<adapters>");
+        }
+        if (_o.Registry is not null)
+        {
+            var registry = Path.GetFullPath(_o.Registry).TrimEnd(Path.DirectorySeparatorChar);
+            message = message.Replace(registry + Path.DirectorySeparatorChar, "").Replace(registry, "<registry>");
+        }
+        message = message.Replace(model + Path.DirectorySeparatorChar, "").Replace(model, "<model>");
         message = JsonPosition().Replace(message, "");
         return AbsolutePath().Replace(message, m => Path.GetFileName(m.Value.TrimEnd('/')) is { Length: > 0 } f ? f : "<path>");
     }
@@ -256,8 +282,9 @@ public sealed partial class OpenAiServer : IAsyncDisposable
 
     IResult Models()
     {
-        var data = new List<object> { new { id = _baseName, @object = "model", created = 0, owned_by = "lorakit" } };
-        data.AddRange(_registry.Available().Select(a => new { id = a, @object = "model", created = 0, owned_by = "lorakit", parent = _baseName }));
+        var data = new List<object> { new { id = _baseName, @object = "model", created = 0, owned_by = "lorakit", root = _baseName } };
+        data.AddRange(_registry.Available().Select(a => new { id = a, @object = "model", created = 0, owned_by = "lorakit", root = a, parent = _baseName }));
+        if (_models is not null) data.AddRange(_models.Listing());
         return Results.Json(new { @object = "list", data });
     }
 
@@ -303,9 +330,15 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         bool slot = false;
         try
         {
-            var (adapter, modelName) = ResolveModel(body);
-            if (adapter != null && ClassifyEndpoint.RefuseGeneration(_registry, adapter) is string why) throw new ApiError(400, why, "model");
-            c.Items["model"] = modelName;
+            var (adapter, modelName, served) = ResolveModel(body);
+            if (served is not null)
+            {
+                if (RegistryModels.IsClassifier(served.Entry))
+                    throw new ApiError(400, $"adapter {served.Entry.Ref} is a sequence-classification adapter; /v1/classify takes adapter directory names", "model");
+                c.Response.Headers[ServedVersionHeader] = $"{served.Entry.Ref} sha256:{served.Entry.Sha256}";
+            }
+            else if (adapter != null && ClassifyEndpoint.RefuseGeneration(_registry, adapter) is string why) throw new ApiError(400, why, "model");
+            c.Items["model"] = served?.Entry.Ref ?? modelName;
             var request = CompletionRequest.Parse(body, chat, _o);
             var promptIds = chat ? ChatPrompt(body) : TextPrompt(body);
             string promptParam = chat ? "messages" : "prompt";
@@ -330,7 +363,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
             }
             await Stream(c, chat, id, created, modelName, promptIds, adapter, options, request.IncludeUsage);
         }
-        catch (ApiError e) { await Error(c, e.Status, e.Message, e.Status == 429 ? "rate_limit_error" : "invalid_request_error", e.Param); }
+        catch (ApiError e) { await Error(c, e.Status, e.Message, e.Status == 429 ? "rate_limit_error" : e.Status >= 500 ? "server_error" : "invalid_request_error", e.Param); }
         finally
         {
             if (slot) _slots.Release();
@@ -402,6 +435,11 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         catch (AdapterNameException e) { throw new ApiError(400, e.Message, "model"); }
         catch (KeyNotFoundException e) { throw new ApiError(404, $"{Scrub(e.Message)} (see /v1/models)", "model"); }
         catch (InvalidOperationException e) { throw new ApiError(429, Scrub(e.Message), "model"); }
+        catch (AdapterUnavailableException e)
+        {
+            _o.Log?.Invoke($"adapter '{adapter}' unavailable: {e.Message}");
+            throw new ApiError(503, Scrub(e.Message), "model");
+        }
         catch (Exception e) when (IsAdapterFault(e))
         {
             _o.Log?.Invoke($"adapter '{adapter}' refused: {e.Message}");
@@ -409,12 +447,38 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         }
     }
 
-    (string? adapter, string name) ResolveModel(JsonObject body)
+    /// <summary>The response header naming the registry version a request was served with: "NAME@VERSION sha256:HEX".</summary>
+    public const string ServedVersionHeader = "X-LoraKit-Adapter";
+
+    /// <summary>
+    /// The request's model: the base (adapter null), an adapter directory by name, or a registry version (served non-null;
+    /// its engine key is the adapter). An existing adapter directory wins over a registered name of the same spelling.
+    /// </summary>
+    (string? adapter, string name, RegistryModels.Served? served) ResolveModel(JsonObject body)
     {
         var model = Json.Str(body, "model") ?? throw new ApiError(400, "missing \"model\" (the base model's name, \"base\", or an adapter's name; see /v1/models)", "model");
         if (model.Length == 0) throw new ApiError(400, "\"model\" is empty", "model");
-        if (model == "base" || model == _baseName) return (null, _baseName);
-        return (model, model);
+        if (model == "base" || model == _baseName) return (null, _baseName, null);
+        if (_models is not null && (model.Contains('@') || !IsDirectoryAdapter(model)))
+        {
+            RegistryModels.Served? served;
+            try { served = _models.Resolve(model); }
+            catch (ApiError e) { throw new ApiError(e.Status, Scrub(e.Message), e.Param); }
+            catch (Microsoft.Data.Sqlite.SqliteException e)
+            {
+                _o.Log?.Invoke($"registry read failed for '{Printable(model)}': {e.Message}");
+                throw new ApiError(503, "the adapter registry cannot be read right now; retry shortly", "model");
+            }
+            if (served is not null) return (served.Key, model, served);
+        }
+        return (model, model, null);
+    }
+
+    /// <summary>Whether <paramref name="name"/> (without '@') is an adapter directory of <see cref="ServerOptions.Adapters"/>.</summary>
+    bool IsDirectoryAdapter(string name)
+    {
+        try { _registry.Resolve(name); return true; }
+        catch (Exception e) when (e is AdapterNameException or KeyNotFoundException) { return false; }
     }
 
     int[] TextPrompt(JsonObject body)
@@ -536,5 +600,6 @@ public sealed partial class OpenAiServer : IAsyncDisposable
     {
         if (_app != null) { await _app.StopAsync(); await _app.DisposeAsync(); }
         _engine.Dispose();
+        _models?.Dispose();
     }
 }

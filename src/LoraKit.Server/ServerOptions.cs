@@ -8,8 +8,13 @@ public sealed record ServerOptions
 {
     /// <summary>Base model directory (Hugging Face layout: config.json, safetensors, tokenizer.json).</summary>
     public required string Model { get; init; }
-    /// <summary>Directory whose subdirectories are PEFT adapters, addressed by their names.</summary>
-    public required string Adapters { get; init; }
+    /// <summary>Directory whose subdirectories are PEFT adapters, addressed by their names (null: none; then <see cref="Registry"/> is required).</summary>
+    public string? Adapters { get; init; }
+    /// <summary>
+    /// Adapter registry folder (holding registry.db) to serve <c>NAME@VERSION</c> / <c>NAME@ALIAS</c> / <c>NAME</c> from
+    /// (see <see cref="RegistryModels"/>); null: none. It must exist: a server never creates a registry.
+    /// </summary>
+    public string? Registry { get; init; }
     /// <summary>Interface to listen on.</summary>
     public string Host { get; init; } = "127.0.0.1";
     /// <summary>TCP port (0 = any free port; <see cref="OpenAiServer.Url"/> tells which).</summary>

@@ -16,9 +16,15 @@ public static class AdapterArgument
         new("--registry") { Description = $"adapter registry for NAME@VERSION / NAME@ALIAS adapters (default: ${AdapterStore.EnvVar}, else ~/.lorakit/registry)" };
 
     /// <summary>The adapter directory <paramref name="value"/> stands for.</summary>
-    public static string Resolve(string value, string? registry)
+    public static string Resolve(string value, string? registry) => ResolveVersion(value, registry).Dir;
+
+    /// <summary>
+    /// The adapter directory <paramref name="value"/> stands for and, when it named a registered adapter, that version
+    /// (its NAME@VERSION, never the alias it was reached by, is what records of it keep).
+    /// </summary>
+    public static (string Dir, AdapterVersion? Version) ResolveVersion(string value, string? registry)
     {
-        if (Directory.Exists(value) || File.Exists(value)) return value;
+        if (Directory.Exists(value) || File.Exists(value)) return (value, null);
         string root = Path.GetFullPath(registry ?? AdapterStore.DefaultPath());
         bool looksLikeName = value.Length > 0 && value.All(c => char.IsAsciiLetterOrDigit(c) || c is '.' or '_' or '-' or '@');
         if (!looksLikeName || !File.Exists(Path.Combine(root, AdapterStore.DbFile)))
@@ -27,6 +33,6 @@ public static class AdapterArgument
         using var store = AdapterStore.Open(root);
         var (v, dir) = store.Checkout(value);
         Console.Error.WriteLine($"adapter {value} = {v.Ref} (sha256 {v.Sha256[..12]}) from the registry at {root}");
-        return dir;
+        return (dir, v);
     }
 }

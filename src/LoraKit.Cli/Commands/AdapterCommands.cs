@@ -106,7 +106,7 @@ public static class AdapterCommands
     public static Command Combine()
     {
         var cmd = new Command("combine", "Combine adapters into one (PEFT add_weighted_adapter: linear, cat or svd) and save it in PEFT format.");
-        var adapters = new Option<string>("--adapters") { Description = "DIR1:WEIGHT1,DIR2:WEIGHT2,...", Required = true };
+        var adapters = new Option<string>("--adapters") { Description = "DIR1:WEIGHT1,DIR2:WEIGHT2,... (each DIR a PEFT adapter directory or a registered NAME@VERSION / NAME@ALIAS)", Required = true };
         var method = new Option<string>("--method") { Description = "linear (equal ranks), cat or svd", DefaultValueFactory = _ => "cat" };
         var svdRank = new Option<int?>("--svd-rank") { Description = "target rank for svd (default: the largest input rank)" };
         cmd.Options.Add(adapters);
@@ -114,6 +114,8 @@ public static class AdapterCommands
         cmd.Options.Add(svdRank);
         var allow = CommonOptions.NewAllowBaseMismatch();
         cmd.Options.Add(allow);
+        var registry = AdapterArgument.RegistryOption();
+        cmd.Options.Add(registry);
         var (model, output, device, dtype) = ModelOutputOptions(cmd);
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
@@ -124,6 +126,7 @@ public static class AdapterCommands
                     throw new ArgumentException($"'{p}' is not DIR:WEIGHT");
                 return (dir: p[..colon], w);
             }).ToList();
+            parts = parts.Select(p => (AdapterArgument.Resolve(p.dir, r.GetValue(registry)), p.w)).ToList(); // names before minutes of loading
             var outDir = r.GetValue(output)!;
             var combined = AdapterFileCombiner.Combine(r.GetValue(model)!, parts, r.GetValue(method)!, r.GetValue(svdRank), outDir,
                 Placement.Resolve(r.GetValue(device)!, r.GetValue(dtype)), new AdapterLoadOptions { AllowBaseMismatch = r.GetValue(allow) });

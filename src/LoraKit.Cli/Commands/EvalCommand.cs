@@ -47,7 +47,8 @@ public static class EvalCommand
             var outDir = r.GetValue(output);
             if (outDir is not null) EnsureReportDirectory(outDir);
             var loaded = r.GetValue(suites)!.Select(EvalSuite.Load).ToList(); // suite errors before minutes of loading
-            var adapterDirs = (r.GetValue(adapters) ?? []).Select(a => AdapterArgument.Resolve(a, r.GetValue(registry))).ToList();
+            var resolved = (r.GetValue(adapters) ?? []).Select(a => AdapterArgument.ResolveVersion(a, r.GetValue(registry))).ToList();
+            var adapterDirs = resolved.Select(x => x.Dir).ToList();
             if ((r.GetValue(judgeUrl) is null) != (r.GetValue(judgeModel) is null)) throw new LoraKitException("give --judge-url and --judge-model together");
             using var judge = r.GetValue(judgeUrl) is string url
                 ? RubricJudge.ForEndpoint(url, r.GetValue(judgeModel)!, Environment.GetEnvironmentVariable(RubricJudge.ApiKeyVariable)) : null;
@@ -66,6 +67,11 @@ public static class EvalCommand
                 },
             });
             progress.Done();
+            // An adapter given by name is recorded as the version it resolved to (the entries are in the order given).
+            report = report with
+            {
+                Adapters = report.Adapters.Select((a, i) => resolved[i].Version is { } v ? a with { Registered = new(v.Name, v.Version, v.Sha256) } : a).ToList(),
+            };
             if (outDir is not null) report.Write(outDir);
             if (json) Console.WriteLine(report.ToJson().ToJsonString());
             else Print(report, outDir);
@@ -102,11 +108,11 @@ public static class EvalCommand
         void Line(string name, Scores s) =>
             Console.WriteLine($"{Trim(name),-40} {Rate(s, CaseKind.Task),-16} {Rate(s, CaseKind.Capability),-16} {Rate(s, CaseKind.Safety),-16} {Ppl(s)}");
         Line("base", report.BaseScores);
-        foreach (var a in report.Adapters) Line(a.Adapter, a.Scores);
+        foreach (var a in report.Adapters) Line(a.Registered?.Ref ?? a.Adapter, a.Scores);
         foreach (var a in report.Adapters)
         {
             Console.WriteLine();
-            Console.WriteLine($"{a.Adapter} (sha256 {a.Sha256[..12]}): gate {(a.Gate.Passed ? "passed" : "FAILED")}");
+            Console.WriteLine($"{a.Registered?.Ref ?? a.Adapter} (sha256 {a.Sha256[..12]}): gate {(a.Gate.Passed ? "passed" : "FAILED")}");
             foreach (var reason in a.Gate.Reasons) Console.WriteLine($"  - {reason}");
             if (a.Comparison.Regressions.Count > 0) Console.WriteLine($"  regressed ({a.Comparison.Regressions.Count}): {Ids(a.Comparison.Regressions)}");
             if (a.Comparison.Improvements.Count > 0) Console.WriteLine($"  improved ({a.Comparison.Improvements.Count}):  {Ids(a.Comparison.Improvements)}");

@@ -1,16 +1,23 @@
 using System.CommandLine;
 using System.Runtime.InteropServices;
+using LoraKit.Registry;
 using LoraKit.Server;
 
 namespace LoraKit.Cli.Commands;
 
-/// <summary><c>lorakit serve</c>: the OpenAI-compatible server over one base model and a directory of adapters.</summary>
+/// <summary><c>lorakit serve</c>: the OpenAI-compatible server over one base model and a directory of adapters, a registry, or both.</summary>
 public static class ServeCommand
 {
     public static Command Build()
     {
         var model = new Option<string>("--model") { Description = "base model directory", Required = true };
-        var adapters = new Option<string>("--adapters") { Description = "directory whose subdirectories are PEFT adapters, addressed by name", Required = true };
+        var adapters = new Option<string?>("--adapters") { Description = "directory whose subdirectories are PEFT adapters, addressed by name (needed unless --registry)" };
+        var registry = new Option<string?>("--registry")
+        {
+            Description = $"adapter registry to serve from (default: ${AdapterStore.EnvVar} when set; never ~/.lorakit/registry implicitly): " +
+                          "\"model\": \"NAME@VERSION\", \"NAME@ALIAS\", or \"NAME\" = NAME@production; an alias moved by `lorakit registry promote/rollback` " +
+                          "applies to the next request, without restart",
+        };
         var host = new Option<string>("--host") { Description = "interface to listen on", DefaultValueFactory = _ => "127.0.0.1" };
         var port = new Option<int>("--port") { Description = "TCP port (0 = any free port)", DefaultValueFactory = _ => 8000 };
         var apiKey = new Option<string?>("--api-key") { Description = "key for /v1 endpoints (or LORAKIT_API_KEY)" };
@@ -26,14 +33,16 @@ public static class ServeCommand
         var drain = new Option<double>("--drain-seconds") { Description = "on SIGTERM or Ctrl+C, how long in-flight requests may finish", DefaultValueFactory = _ => 30.0 };
         var insecure = new Option<bool>("--insecure") { Description = "allow a non-loopback --host without any key" };
         var quiet = new Option<bool>("--quiet") { Description = "no log line per request" };
-        var cmd = new Command("serve", "Serve one base model and many LoRA adapters over an OpenAI-compatible HTTP API. " +
+        var cmd = new Command("serve", "Serve one base model and many LoRA adapters over an OpenAI-compatible HTTP API: adapters from a directory " +
+                                       "(\"model\": \"NAME\"), from the registry (\"model\": \"NAME@VERSION\", \"NAME@ALIAS\", or \"NAME\" = NAME@production, " +
+                                       "a 404 when that alias does not exist; alias moves apply to the next request), or both. " +
                                        "With a key set, every endpoint but /health needs one; the admin key also works on /v1.")
-            { model, adapters, host, port, apiKey, adminKey, device, dtype, maxAdapters, maxBatch, maxTokens, maxPrompt, maxConcurrent, drain, insecure, quiet, allowMismatch };
+            { model, adapters, registry, host, port, apiKey, adminKey, device, dtype, maxAdapters, maxBatch, maxTokens, maxPrompt, maxConcurrent, drain, insecure, quiet, allowMismatch };
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             var options = new ServerOptions
             {
-                Model = r.GetValue(model)!, Adapters = r.GetValue(adapters)!, Host = r.GetValue(host)!, Port = r.GetValue(port),
+                Model = r.GetValue(model)!, Adapters = r.GetValue(adapters), Registry = RegistryPath(r.GetValue(registry), r.GetValue(adapters)), Host = r.GetValue(host)!, Port = r.GetValue(port),
                 ApiKey = r.GetValue(apiKey) ?? Environment.GetEnvironmentVariable("LORAKIT_API_KEY"),
                 AdminKey = r.GetValue(adminKey) ?? Environment.GetEnvironmentVariable("LORAKIT_ADMIN_KEY"),
                 Device = r.GetValue(device)!, Dtype = r.GetValue(dtype), MaxLoadedAdapters = r.GetValue(maxAdapters), MaxBatch = r.GetValue(maxBatch),
@@ -58,7 +67,8 @@ public static class ServeCommand
             using var term = PosixSignalRegistration.Create(PosixSignal.SIGTERM, OnSignal);
             using var intr = PosixSignalRegistration.Create(PosixSignal.SIGINT, OnSignal);
             var server = OpenAiServer.StartAsync(options).GetAwaiter().GetResult();
-            Console.WriteLine($"lorakit serve: listening on {server.Url} (model {options.Model}, adapters from {options.Adapters}); Ctrl+C or SIGTERM stops");
+            string from = string.Join(" and ", new[] { options.Adapters is { } a ? $"adapters from {a}" : null, options.Registry is { } g ? $"the registry at {Path.GetFullPath(g)}" : null }.OfType<string>());
+            Console.WriteLine($"lorakit serve: listening on {server.Url} (model {options.Model}, {from}); Ctrl+C or SIGTERM stops");
             done.Wait();
             Console.WriteLine($"lorakit serve: stopping; in-flight requests have {options.DrainTimeout.TotalSeconds:0.#} s to finish");
             server.DisposeAsync().AsTask().GetAwaiter().GetResult();
@@ -66,5 +76,17 @@ public static class ServeCommand
             return 0;
         }));
         return cmd;
+    }
+
+    /// <summary>
+    /// The registry to serve: --registry, else LORAKIT_REGISTRY when set, else none. Unlike the other commands a server
+    /// never falls back to ~/.lorakit/registry: it exposes what it serves to clients, so serving a registry is asked for.
+    /// </summary>
+    static string? RegistryPath(string? given, string? adapters)
+    {
+        if (given is not null) return given;
+        if (Environment.GetEnvironmentVariable(AdapterStore.EnvVar) is { Length: > 0 } env) return env;
+        if (adapters is null) throw new LoraKitException("serve needs --adapters DIR, --registry PATH, or both (or LORAKIT_REGISTRY)");
+        return null;
     }
 }

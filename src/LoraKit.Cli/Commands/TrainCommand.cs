@@ -7,7 +7,8 @@ namespace LoraKit.Cli.Commands;
 /// <summary>
 /// <c>lorakit train</c>. Every <see cref="TrainConfig"/> field is a flag named after it (batch_size → --batch-size;
 /// booleans that default to true are switched off with --no-…). A --config file (JSON or YAML) sets the starting
-/// values; flags given on the command line override it.
+/// values; flags given on the command line override it. <c>--init-adapter</c> takes a registered NAME@VERSION / NAME@ALIAS
+/// too, and <c>--register NAME</c> adds the finished run's adapter to the registry with its lineage (<see cref="TrainRegistration"/>).
 /// </summary>
 public static class TrainCommand
 {
@@ -19,7 +20,7 @@ public static class TrainCommand
         ["validation_fraction"] = "hold out this fraction of --data for validation when no validation file is given",
         ["output"] = "output directory: adapter/, best/, checkpoints/, metrics.jsonl, report.html, loss.png",
         ["method"] = "lora, or full (fine-tune every weight, for comparison)",
-        ["init_adapter"] = "start from this PEFT adapter instead of a fresh one",
+        ["init_adapter"] = "start from this PEFT adapter (a directory, or a registered NAME@VERSION / NAME@ALIAS) instead of a fresh one",
         ["r"] = "LoRA rank",
         ["lora_alpha"] = "LoRA alpha (scaling alpha/r, or alpha/√r with --use-rslora)",
         ["lora_dropout"] = "dropout on the LoRA input",
@@ -63,6 +64,8 @@ public static class TrainCommand
         ["dtype"] = "fp32, bf16 or fp16 for the frozen base (default: bf16 on CUDA, fp32 on CPU); LoRA weights stay fp32",
         ["report_to"] = "none, or tensorboard: also write TensorBoard event files into OUTPUT/tensorboard",
         ["gpu_hour_cost"] = "price of one GPU-hour: report.json and the run's record get cost = wall hours × this (CPU runs too, device named)",
+        ["register"] = "when the run finishes, add the adapter to the registry as the next version of this NAME, with the run's lineage",
+        ["registry"] = "adapter registry folder for --register, a named --init-adapter and the run's record (lorakit runs list; a registry that cannot be written is warned about, never fails the run); unset, $LORAKIT_REGISTRY, else ~/.lorakit/registry",
     };
 
     public static Command Build()
@@ -71,14 +74,9 @@ public static class TrainCommand
         var config = new Option<string?>("--config") { Description = "JSON or YAML file with any of the options below (snake_case keys)" };
         var resume = new Option<bool>("--resume") { Description = "continue the run in --output from its last completed checkpoint (its configuration is read from the checkpoint; a larger --steps extends a finished run)" };
         var overwrite = new Option<bool>("--overwrite") { Description = "start again in an --output that holds a run: deletes only the files LoraKit wrote there" };
-        var registry = new Option<string?>("--registry")
-        {
-            Description = $"registry that records the run (lorakit runs list) (default: ${LoraKit.Registry.AdapterStore.EnvVar}, else ~/.lorakit/registry); a registry that cannot be written is warned about, never fails the run",
-        };
         cmd.Options.Add(config);
         cmd.Options.Add(resume);
         cmd.Options.Add(overwrite);
-        cmd.Options.Add(registry);
         var defaults = new TrainConfig();
         var bindings = new List<(Option option, PropertyInfo prop)>();
         foreach (var prop in typeof(TrainConfig).GetProperties())
@@ -128,6 +126,7 @@ public static class TrainCommand
                     value = ((string)value!).Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToList();
                 prop.SetValue(c, value);
             }
+            string? initAdapterRef = TrainRegistration.Prepare(c); // names resolved, --register checked, before any loading
             var log = new ConsoleTrainLog(!Console.IsOutputRedirected);
             // Ctrl+C and SIGTERM (docker stop, systemd, Kubernetes) end the run after the current step, with a checkpoint
             // and the adapter so far saved; a second signal is not intercepted and ends the process at once.
@@ -144,20 +143,23 @@ public static class TrainCommand
             using var sigterm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, OnSignal);
             IStepEvaluator? suites = SuiteEvaluator(c);
             using var ownsSuites = suites as IDisposable;
+            TrainResult trained;
             // Every run is recorded in the registry (`lorakit runs list`); see RunTracker: it never fails the run.
-            var tracker = new LoraKit.Registry.RunTracker(r.GetValue(registry), log.Warn);
+            var tracker = new LoraKit.Registry.RunTracker(c.Registry, log.Warn);
             try
             {
-                Trainer.Run(c, r.GetValue(resume), log, r.GetValue(overwrite), stop.Token, suites, tracker);
+                trained = Trainer.Run(c, r.GetValue(resume), log, r.GetValue(overwrite), stop.Token, suites, initAdapterRef, tracker);
                 if (tracker.RunId is long id) log.Info($"run {id} recorded in the registry (lorakit runs show {id})");
             }
             catch (TrainingInterruptedException e)
             {
                 log.Done();
-                Console.Error.WriteLine($"{e.Message}; continue with: lorakit train --output {c.Output} --resume");
+                Console.Error.WriteLine($"{e.Message}; continue with: lorakit train --output {c.Output} --resume" +
+                                        (c.Register is { } name ? $" --register {name}{(c.Registry is { } reg ? $" --registry {reg}" : "")} (not registered: the run did not finish)" : ""));
                 return 130;
             }
             log.Done();
+            if (c.Register is not null) TrainRegistration.Register(c, trained);
             return 0;
         }));
         return cmd;

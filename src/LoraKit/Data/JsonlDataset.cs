@@ -31,7 +31,13 @@ public sealed record DataOptions
 
 /// <summary>What loading a JSONL file gave: the format used, samples kept, their tokens and loss-bearing tokens, lines
 /// skipped (with the problems found) and samples truncated to the maximum length.</summary>
-public sealed record DataSummary(string Path, DataFormat Format, int Samples, long Tokens, long TargetTokens, int Skipped, int Truncated, IReadOnlyList<string> Problems);
+public sealed record DataSummary(string Path, DataFormat Format, int Samples, long Tokens, long TargetTokens, int Skipped, int Truncated, IReadOnlyList<string> Problems)
+{
+    /// <summary>The sha256 (hex) of the file's bytes when the reader recorded it (a training run does: report.json <c>data.sha256</c>).</summary>
+    public string? Sha256 { get; init; }
+    /// <summary>The file's size in bytes, recorded with <see cref="Sha256"/>.</summary>
+    public long? Bytes { get; init; }
+}
 
 /// <summary>A training/evaluation data file that cannot be used (missing, not JSONL, bad fields, no usable samples); the
 /// one-line message names the file and, where it can, the line.</summary>

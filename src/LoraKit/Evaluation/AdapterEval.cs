@@ -5,4 +5,14 @@ public sealed record AdapterEval(string Adapter, string Sha256, IReadOnlyList<Ca
 {
     /// <summary>The adapter's scores over all suites.</summary>
     public Scores Scores => Comparison.Adapter;
+
+    /// <summary>The registered version the adapter was given as (<c>--adapter NAME@REF</c>), or null for a folder.</summary>
+    public RegisteredAdapter? Registered { get; init; }
+}
+
+/// <summary>A registered adapter version as an evaluation report records it: name, version number and content hash.</summary>
+public sealed record RegisteredAdapter(string Name, int Version, string Sha256)
+{
+    /// <summary>"NAME@VERSION".</summary>
+    public string Ref => $"{Name}@{Version}";
 }

@@ -51,14 +51,22 @@ public sealed record EvalReport
         }).ToArray()),
         ["settings"] = Settings.DeepClone(),
         ["gate"] = new JsonObject { ["enforced"] = GateEnforced, ["thresholds"] = Thresholds.ToJson() },
-        ["adapters"] = new JsonArray(Adapters.Select(a => (JsonNode)new JsonObject
+        ["adapters"] = new JsonArray(Adapters.Select(a => (JsonNode)AdapterJson(a)).ToArray()),
+        ["cases"] = CasesJson(),
+    };
+
+    /// <summary>One adapter's entry; <c>registry</c> (name, version, ref, sha256) only for an adapter given by its registered name.</summary>
+    JsonObject AdapterJson(AdapterEval a)
+    {
+        var o = new JsonObject
         {
             ["adapter"] = a.Adapter, ["sha256"] = a.Sha256, ["scores"] = ScoresJson(a.Results),
             ["regressions"] = Keys(a.Comparison.Regressions), ["improvements"] = Keys(a.Comparison.Improvements),
             ["gate"] = a.Gate.ToJson(),
-        }).ToArray()),
-        ["cases"] = CasesJson(),
-    };
+        };
+        if (a.Registered is { } g) o["registry"] = new JsonObject { ["name"] = g.Name, ["version"] = g.Version, ["ref"] = g.Ref, ["sha256"] = g.Sha256 };
+        return o;
+    }
 
     /// <summary>Overall scores plus the same per suite (<c>"suites": {NAME: {...}}</c>).</summary>
     JsonObject ScoresJson(IReadOnlyList<CaseResult> results)

@@ -11,9 +11,11 @@ namespace LoraKit.Registry;
 /// <c>registry.db</c> (SQLite in WAL mode with a busy timeout, so several processes use it at once; every write is one
 /// transaction) and <c>blobs/sha256/…</c> (<see cref="BlobStore"/>) — with no server to run. Promotion requires a passed
 /// gate attached to the version (or a recorded <c>noGate</c>); a missing or corrupted blob is an error naming the version.
+/// A version added with the run that trained it carries that run's <see cref="Registry.Lineage"/> (config, data hashes,
+/// metrics, parent version), which <see cref="Diff"/> compares.
 /// All user-facing errors are one-line <see cref="LoraKitException"/>s.
 /// </summary>
-public sealed class AdapterStore : IDisposable
+public sealed partial class AdapterStore : IDisposable
 {
     /// <summary>The environment variable naming the registry folder when no path is given.</summary>
     public const string EnvVar = "LORAKIT_REGISTRY";
@@ -69,11 +71,17 @@ public sealed class AdapterStore : IDisposable
     /// <summary>
     /// Adds the adapter in <paramref name="adapterDir"/> as the next version of <paramref name="name"/> and returns it; the
     /// same content already under this name returns that version instead (and attaches the eval report, if new).
+    /// With <paramref name="runDir"/>, the run that trained it (a <c>lorakit train</c> output directory that wrote this
+    /// adapter, see <see cref="RunLineage"/>) is recorded as the version's <see cref="Lineage"/>, its parent being the
+    /// registered version holding the content the run started from (the ref the run recorded when it holds that content,
+    /// else any name's version with that sha256). A version keeps the first lineage recorded for it: adding the same
+    /// content again with a run fills the lineage only when the version has none.
     /// </summary>
-    public AdapterVersion Add(string name, string adapterDir, string? note = null, string? evalReportPath = null)
+    public AdapterVersion Add(string name, string adapterDir, string? note = null, string? evalReportPath = null, string? runDir = null)
     {
         RegistryRef.CheckName(name);
         string sha = AdapterDigest.Compute(adapterDir); // also checks the folder is an adapter
+        var run = runDir is null ? null : RunLineage.Read(runDir, adapterDir, sha); // before the transaction: a bad run adds nothing
         var (fingerprint, modelType) = ReadBase(adapterDir);
         string config = File.ReadAllText(Path.Combine(adapterDir, AdapterFiles.ConfigFile));
         string? baseModel = JsonNode.Parse(config, documentOptions: IO.JsonFiles.Options) is JsonObject o && o["base_model_name_or_path"] is JsonValue v && v.TryGetValue<string>(out var s) ? s : null;
@@ -104,6 +112,7 @@ public sealed class AdapterStore : IDisposable
             Exec(_db, tx, "INSERT OR IGNORE INTO evals(name, version, blob, base_fingerprint, gate_passed, detail, added) VALUES ($n,$v,$b,$fp,$p,$d,$a)",
                 ("$n", name), ("$v", version), ("$b", blob), ("$fp", eval.Base), ("$p", eval.Passed ? 1 : 0), ("$d", eval.Detail), ("$a", Now()));
         }
+        if (run is not null) AddLineage(tx, name, version, run);
         tx.Commit();
         return Get(name, version) ?? throw new InvalidOperationException("registry: version vanished after insert");
     }
@@ -143,7 +152,7 @@ public sealed class AdapterStore : IDisposable
         using (var cmd = Command(null, "SELECT id, alias, version, previous, action, no_gate, at FROM alias_history WHERE name=$n ORDER BY id", ("$n", r.Name)))
         using (var rd = cmd.ExecuteReader())
             while (rd.Read()) history.Add(new(rd.GetInt64(0), rd.GetString(1), rd.GetInt32(2), rd.IsDBNull(3) ? null : rd.GetInt32(3), rd.GetString(4), rd.GetInt32(5) != 0, rd.GetString(6)));
-        return new(r.Name, versions, aliases, history, Evals(r.Name, null));
+        return new(r.Name, versions, aliases, history, Evals(r.Name, null)) { Lineage = LineageOf(r.Name, null) };
     }
 
     /// <summary>Evaluations attached to a name (and version, if given).</summary>
@@ -259,7 +268,7 @@ public sealed class AdapterStore : IDisposable
         using (var rd = cmd.ExecuteReader()) while (rd.Read()) holders.Add(rd.GetString(0));
         if (holders.Count > 0)
             throw new LoraKitException($"registry: {r} is aliased as {string.Join(", ", holders)}; promote another version or roll the alias back first");
-        foreach (var table in new[] { "files", "evals", "versions" })
+        foreach (var table in new[] { "files", "evals", "lineage", "versions" })
             Exec(_db, tx, $"DELETE FROM {table} WHERE name=$n AND version=$v", ("$n", r.Name), ("$v", r.Version));
         tx.Commit();
     }

@@ -27,6 +27,10 @@ public sealed record EvalRecord(int Version, string Blob, string? BaseFingerprin
 /// </summary>
 public sealed record AliasMove(long Id, string Alias, int Version, int? Previous, string Action, bool NoGate, string At);
 
-/// <summary>Everything the registry holds about one name: versions, current aliases, alias history and evaluations.</summary>
+/// <summary>Everything the registry holds about one name: versions, current aliases, alias history, evaluations and lineage.</summary>
 public sealed record AdapterDetails(string Name, IReadOnlyList<AdapterVersion> Versions, IReadOnlyDictionary<string, int> Aliases,
-    IReadOnlyList<AliasMove> History, IReadOnlyList<EvalRecord> Evals);
+    IReadOnlyList<AliasMove> History, IReadOnlyList<EvalRecord> Evals)
+{
+    /// <summary>The lineage of the versions that were added with the run that trained them, by version.</summary>
+    public IReadOnlyList<Lineage> Lineage { get; init; } = [];
+}

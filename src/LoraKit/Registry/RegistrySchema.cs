@@ -3,8 +3,9 @@ namespace LoraKit.Registry;
 /// <summary>
 /// The registry database's tables. <c>versions</c> (name, version) holds one row per registered adapter content;
 /// <c>files</c> maps its files to blobs; <c>evals</c> the reports attached to it; <c>aliases</c> where each alias points
-/// now and <c>alias_history</c> every move in order (a rollback reads the last move's <c>previous</c>); <c>runs</c> one row per training run directory
-/// (<see cref="RunLog"/>). Created if absent.
+/// now and <c>alias_history</c> every move in order (a rollback reads the last move's <c>previous</c>); <c>lineage</c> the run that
+/// trained a version (<see cref="Lineage"/>; its parent is a name and version, not a foreign key, so deleting a parent
+/// leaves the record readable); <c>runs</c> one row per training run directory (<see cref="RunLog"/>). Created if absent.
 /// </summary>
 internal static class RegistrySchema
 {
@@ -31,6 +32,11 @@ internal static class RegistrySchema
         CREATE TABLE IF NOT EXISTS alias_history(
             id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, alias TEXT NOT NULL, version INTEGER NOT NULL,
             previous INTEGER, action TEXT NOT NULL, no_gate INTEGER NOT NULL, at TEXT NOT NULL);
+        CREATE TABLE IF NOT EXISTS lineage(
+            name TEXT NOT NULL, version INTEGER NOT NULL, run_dir TEXT NOT NULL, adapter_in_run TEXT NOT NULL,
+            run_config TEXT NOT NULL, data TEXT NOT NULL, metrics TEXT NOT NULL, wall_seconds REAL,
+            init_adapter_sha256 TEXT, init_adapter_ref TEXT, parent_name TEXT, parent_version INTEGER, added TEXT NOT NULL,
+            PRIMARY KEY(name, version), FOREIGN KEY(name, version) REFERENCES versions(name, version));
         CREATE TABLE IF NOT EXISTS runs(
             id INTEGER PRIMARY KEY AUTOINCREMENT, output_dir TEXT NOT NULL UNIQUE, name TEXT NOT NULL, status TEXT NOT NULL,
             config TEXT NOT NULL, base_model TEXT, base_fingerprint TEXT, started TEXT NOT NULL, ended TEXT, device TEXT,

@@ -11,10 +11,12 @@ public sealed class AdapterNameException(string message) : LoraKitException(mess
 /// The adapters a server may use: subdirectories of one root, addressed by plain name only (no paths, no "..", no
 /// symlinks leading outside the root), loaded on first use and evicted least-recently-used beyond a cap. Only
 /// adapter_config.json and adapter_model.safetensors are read. Loads run on the engine thread between decode steps.
+/// Names containing '@' are not directory names: they go to <see cref="External"/> (the server's registry versions), are
+/// loaded, counted in flight and evicted like the others. A null root serves no directory adapters.
 /// </summary>
-public sealed partial class AdapterRegistry(InferenceEngine engine, string root, int maxLoaded)
+public sealed partial class AdapterRegistry(InferenceEngine engine, string? root, int maxLoaded)
 {
-    readonly string _root = Path.GetFullPath(root);
+    readonly string? _root = root is null ? null : Path.GetFullPath(root);
     readonly SemaphoreSlim _lock = new(1, 1);
     readonly LinkedList<string> _lru = new(); // most recent first
     readonly Dictionary<string, int> _inFlight = [];
@@ -25,13 +27,22 @@ public sealed partial class AdapterRegistry(InferenceEngine engine, string root,
     /// <summary>Load adapters LoraKit recorded as trained on another base anyway (a warning each time).</summary>
     public bool AllowBaseMismatch { get; init; }
 
+    /// <summary>
+    /// The directory to load for a name containing '@' (never a directory name), or null to refuse such names. It throws
+    /// <see cref="KeyNotFoundException"/> for an unknown name; it runs only when the name is not loaded yet.
+    /// </summary>
+    public Func<string, string>? External { get; init; }
+
+    /// <summary>Names of the adapters loaded now, most recently used first.</summary>
     public IReadOnlyCollection<string> Loaded { get { lock (_lru) return _lru.ToList(); } }
 
     /// <summary>The directory of a valid adapter name, or an error saying why the name is refused.</summary>
     public string Resolve(string name)
     {
+        if (External is not null && name.Contains('@')) return External(name);
         if (!PlainName().IsMatch(name) || name.Contains(".."))
             throw new AdapterNameException($"'{Shown(name)}' is not a plain adapter name (letters, digits, '.', '_', '-'; no paths)");
+        if (_root is null) throw new KeyNotFoundException($"no adapter named '{name}'");
         var dir = Path.Combine(_root, name);
         if (!Directory.Exists(dir)) throw new KeyNotFoundException($"no adapter named '{name}'");
         // A symlink may point anywhere: follow it and insist the target is still inside the root.
@@ -58,7 +69,7 @@ public sealed partial class AdapterRegistry(InferenceEngine engine, string root,
     bool Inside(string fullPath) => fullPath.StartsWith(_root + Path.DirectorySeparatorChar, StringComparison.Ordinal);
 
     /// <summary>Names of the adapter directories under the root (whether loaded or not).</summary>
-    public IReadOnlyList<string> Available() => Directory.Exists(_root)
+    public IReadOnlyList<string> Available() => _root is not null && Directory.Exists(_root)
         ? Directory.GetDirectories(_root).Select(Path.GetFileName).OfType<string>()
             .Where(n => PlainName().IsMatch(n) && File.Exists(Path.Combine(_root, n, AdapterFiles.ConfigFile))).Order(StringComparer.Ordinal).ToList()
         : [];

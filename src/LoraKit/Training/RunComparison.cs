@@ -48,7 +48,7 @@ public sealed class RunComparison
         Name = name, Directory = r.Directory, Config = r.Config, Finished = r.Finished, Steps = r.Steps, WallSeconds = r.WallSeconds,
         Tokens = r.Tokens, TokensPerSecond = r.TokensPerSecond, PeakMemoryGib = r.PeakMemoryGib, PeakMemoryKind = r.PeakMemoryKind,
         Started = r.Started, Ended = r.Ended, Device = r.Device, DeviceName = r.DeviceName, DType = r.DType, Cost = r.Cost,
-        Data = r.Data, Validation = r.Validation,
+        Data = r.Data, Validation = r.Validation, InitAdapter = r.InitAdapter,
         TrainLoss = r.TrainLoss, Evals = r.Evals, Best = r.Best, BestStep = r.BestStep,
     };
 

@@ -22,10 +22,22 @@ public sealed class RunDirectory
     readonly HashSet<string> _ours = new(StringComparer.Ordinal);
     readonly HashSet<string> _foreign = new(StringComparer.Ordinal);
     JsonObject _config = new();
+    JsonObject? _initAdapter;
 
     RunDirectory(string root) { _root = Path.GetFullPath(root); }
 
     public string Root => _root;
+
+    /// <summary>
+    /// The adapter the run started from (<c>init_adapter</c>: path, sha256 and, when it was named, the registry ref), kept
+    /// in the manifest so that a resumed run, and whoever registers its adapter, still know its parent. Setting it
+    /// rewrites the manifest; a new or overwritten run starts without one.
+    /// </summary>
+    public JsonObject? InitAdapter
+    {
+        get => _initAdapter;
+        set { _initAdapter = value; WriteManifest(); }
+    }
 
     /// <summary>The files (relative paths) this run and its predecessors in the directory wrote.</summary>
     public IReadOnlyCollection<string> Files => _ours;
@@ -47,6 +59,7 @@ public sealed class RunDirectory
         var manifest = Path.Combine(run._root, ManifestFile);
         bool isRun = File.Exists(manifest);
         if (isRun) run.ReadManifest(manifest);
+        if (!resume) run._initAdapter = null; // a new run's parent is its own
         bool legacyRun = !isRun && Checkpoints.Latest(output) is not null; // a run from before the manifest existed
         var present = Directory.EnumerateFiles(run._root, "*", SearchOption.AllDirectories).Select(run.Relative).ToList();
         foreach (var f in present.Where(f => !run._ours.Contains(f) && f != ManifestFile)) run._foreign.Add(f);
@@ -104,6 +117,7 @@ public sealed class RunDirectory
         {
             var o = JsonNode.Parse(IO.JsonFiles.ReadText(path)) as JsonObject ?? throw new JsonException("not an object");
             foreach (var f in o["files"]?.AsArray() ?? []) if (f?.GetValue<string>() is string s && !s.Contains("..")) _ours.Add(s.Replace('/', Path.DirectorySeparatorChar));
+            _initAdapter = o["init_adapter"] is JsonObject init ? (JsonObject)init.DeepClone() : null;
         }
         catch (Exception e) when (e is JsonException or InvalidOperationException or FormatException)
         {
@@ -120,6 +134,7 @@ public sealed class RunDirectory
             ["config"] = _config.DeepClone(),
             ["files"] = new JsonArray(_ours.Order(StringComparer.Ordinal).Select(f => (JsonNode)f.Replace(Path.DirectorySeparatorChar, '/')).ToArray()),
         };
+        if (_initAdapter is not null) o["init_adapter"] = _initAdapter.DeepClone();
         var path = Path.Combine(_root, ManifestFile);
         var tmp = path + ".tmp";
         File.WriteAllText(tmp, o.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));

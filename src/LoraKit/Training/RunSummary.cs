@@ -55,8 +55,10 @@ public sealed class RunSummary
     public double? Cost { get; init; }
     /// <summary>The training data as report.json describes it (path, samples, tokens; a <c>sha256</c> when recorded).</summary>
     public JsonObject? Data { get; init; }
-    /// <summary>The validation data as report.json describes it, when the run had a validation file.</summary>
+    /// <summary>The validation data as report.json describes it (null when the run held out a fraction of <see cref="Data"/> or had none).</summary>
     public JsonObject? Validation { get; init; }
+    /// <summary>The adapter the run started from (<c>init_adapter</c>: path, sha256, ref), or null for a fresh adapter.</summary>
+    public JsonObject? InitAdapter { get; init; }
     /// <summary>Training loss by step.</summary>
     public required IReadOnlyList<MetricPoint> TrainLoss { get; init; }
     /// <summary>Evaluation metrics by step: <c>eval_loss</c>, <c>eval_ppl</c>, <c>eval_accuracy</c>, <c>suite:*</c>.</summary>
@@ -99,15 +101,16 @@ public sealed class RunSummary
         if (!System.IO.Directory.Exists(dir)) throw new LoraKitException($"{dir}: no such run directory");
         var manifest = Path.Combine(dir, RunDirectory.ManifestFile);
         if (!File.Exists(manifest)) throw new LoraKitException($"{dir} is not a LoraKit run directory (no {RunDirectory.ManifestFile})");
-        var config = ReadObject(manifest)["config"] as JsonObject
+        var manifestJson = ReadObject(manifest);
+        var config = manifestJson["config"] as JsonObject
                      ?? throw new LoraKitException($"{manifest}: no \"config\" object; was it written by `lorakit train`?");
         var reportPath = Path.Combine(dir, "report.json");
         var report = File.Exists(reportPath) ? ReadObject(reportPath) : null;
         var records = ReadRecords(Path.Combine(dir, "metrics.jsonl"));
-        return Build(dir, config, report, records);
+        return Build(dir, config, report, records, (report?["init_adapter"] ?? manifestJson["init_adapter"]) as JsonObject);
     }
 
-    static RunSummary Build(string dir, JsonObject config, JsonObject? report, List<JsonObject> records)
+    static RunSummary Build(string dir, JsonObject config, JsonObject? report, List<JsonObject> records, JsonObject? initAdapter)
     {
         var train = new List<MetricPoint>();
         var evals = new SortedDictionary<string, IReadOnlyList<MetricPoint>>(StringComparer.Ordinal);
@@ -146,6 +149,7 @@ public sealed class RunSummary
             Cost = Num(report?["cost"]),
             Data = report?["data"] as JsonObject,
             Validation = report?["validation"] as JsonObject,
+            InitAdapter = initAdapter?.DeepClone() as JsonObject,
             TrainLoss = train, Evals = evals, Best = best, BestStep = bestStep,
         };
     }

@@ -120,6 +120,15 @@ public sealed class TrainConfig
     /// <summary>none, or tensorboard: event files in RUN_DIR/tensorboard beside metrics.jsonl (<see cref="TensorBoardLog"/>).</summary>
     public string ReportTo { get; set; } = "none";
 
+    // where the result goes (not part of the run's identity)
+    /// <summary>
+    /// Add the final adapter to the adapter registry under this name, with the run's lineage, when the run finishes
+    /// (<c>lorakit train --register NAME</c>; the registry is a layer above training, so the CLI does it, not <see cref="Trainer.Run"/>).
+    /// </summary>
+    public string? Register { get; set; }
+    /// <summary>The registry folder for <see cref="Register"/> and for an <see cref="InitAdapter"/> given as NAME@VERSION (default: LORAKIT_REGISTRY, else ~/.lorakit/registry).</summary>
+    public string? Registry { get; set; }
+
     static readonly JsonSerializerOptions Json = new()
     {
         PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower,
@@ -158,7 +167,7 @@ public sealed class TrainConfig
     public JsonObject Identity()
     {
         var o = ToJsonObject();
-        foreach (var k in new[] { "output", "device", "kernels", "cuda_graph", "embeddings_on_host", "offload_checkpoints", "offload_mlp_layers", "log_every", "save_every", "gpu_hour_cost", "report_to" }) o.Remove(k);
+        foreach (var k in new[] { "output", "device", "kernels", "cuda_graph", "embeddings_on_host", "offload_checkpoints", "offload_mlp_layers", "log_every", "save_every", "register", "registry", "gpu_hour_cost", "report_to" }) o.Remove(k);
         // Added after runs were written: left out when off, so those runs keep their identity and still resume.
         if (!UseDora) o.Remove("use_dora");
         if (EvalSuite.Count == 0) o.Remove("eval_suite");

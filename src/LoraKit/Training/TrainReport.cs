@@ -16,7 +16,11 @@ public static class TrainReport
     /// <summary>The evaluation suites' plot, written only by a run that has them.</summary>
     public const string SuitesPlot = "suites.png";
 
-    public static void Write(TrainConfig c, TrainResult r, string metricsPath)
+    /// <summary>
+    /// Writes report.json, report.html and the plots for the run <paramref name="r"/>; <paramref name="initAdapter"/> (the
+    /// adapter the run started from: path, sha256, ref) goes into report.json as <c>init_adapter</c> when there was one.
+    /// </summary>
+    public static void Write(TrainConfig c, TrainResult r, string metricsPath, JsonObject? initAdapter = null)
     {
         var (train, eval) = MetricsLog.Read(metricsPath);
         var png = Path.Combine(r.OutputDir, "loss.png");
@@ -41,6 +45,7 @@ public static class TrainReport
             config = c.ToJsonObject(),
         };
         var json = JsonSerializer.SerializeToNode(summary)!.AsObject();
+        if (initAdapter is not null) json["init_adapter"] = initAdapter.DeepClone();
         double? cost = RunStats.Cost(Math.Round(r.WallSeconds, 2), c.GpuHourCost); // from the wall_seconds written, so the file agrees with itself
         if (r.Stats is { } st) AddStats(json, st, cost, c.GpuHourCost);
         // Only a run with suites has these, so a run without keeps its report as it was.
@@ -100,8 +105,7 @@ public static class TrainReport
             json["cost_hours"] = Math.Round((double)json["wall_seconds"]! / 3600, 6);
         }
     }
-
-    static object Data(Data.DataSummary d) => new { path = d.Path, format = d.Format.ToString(), samples = d.Samples, tokens = d.Tokens, target_tokens = d.TargetTokens, skipped_lines = d.Skipped, truncated = d.Truncated };
+    static object Data(Data.DataSummary d) => new { path = d.Path, format = d.Format.ToString(), samples = d.Samples, tokens = d.Tokens, target_tokens = d.TargetTokens, skipped_lines = d.Skipped, truncated = d.Truncated, sha256 = d.Sha256, bytes = d.Bytes };
 
     static string Describe(Data.DataSummary d) =>
         $"{d.Path}: {d.Samples} samples ({d.Format}), {d.Tokens:N0} tokens, {d.TargetTokens:N0} trained, {d.Skipped} skipped lines, {d.Truncated} truncated";

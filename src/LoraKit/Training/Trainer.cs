@@ -343,16 +343,19 @@ public sealed class Trainer : IDisposable
     /// <see cref="TrainingInterruptedException"/></param>
     /// <param name="suites">runs the evaluation suites c's <c>eval_suite</c> names, at step 0 and at every evaluation
     /// (see <see cref="IStepEvaluator"/>); required exactly when <c>eval_suite</c> names any</param>
+    /// <param name="initAdapterRef">where c's <c>init_adapter</c> came from when it was named rather than given as a folder
+    /// (a registry's <c>NAME@VERSION</c>): recorded with the init adapter's content hash in the run (see
+    /// <see cref="RunDirectory.InitAdapter"/>) and its report. A resumed run keeps the one it recorded.</param>
     /// <param name="tracker">told when the run starts (its output directory open) and how it ends, also when it throws</param>
     public static TrainResult Run(TrainConfig c, bool resume, ITrainLog log, bool overwrite = false, CancellationToken cancel = default,
-        IStepEvaluator? suites = null, IRunTracker? tracker = null)
+        IStepEvaluator? suites = null, string? initAdapterRef = null, IRunTracker? tracker = null)
     {
         bool started = false;
         string status = RunEnd.Failed;
         string? error = null;
         try
         {
-            var result = RunCore(c, resume, log, overwrite, cancel, suites, start => { started = true; tracker?.Started(start); });
+            var result = RunCore(c, resume, log, overwrite, cancel, suites, initAdapterRef, start => { started = true; tracker?.Started(start); });
             status = result.StoppedEarly ? RunEnd.StoppedEarly : RunEnd.Finished;
             return result;
         }
@@ -364,7 +367,7 @@ public sealed class Trainer : IDisposable
         }
     }
 
-    static TrainResult RunCore(TrainConfig c, bool resume, ITrainLog log, bool overwrite, CancellationToken cancel, IStepEvaluator? suites, Action<RunStart> onStart)
+    static TrainResult RunCore(TrainConfig c, bool resume, ITrainLog log, bool overwrite, CancellationToken cancel, IStepEvaluator? suites, string? initAdapterRef, Action<RunStart> onStart)
     {
         c.Validate();
         if (c.EvalSuite.Count > 0 && suites is null)
@@ -388,6 +391,7 @@ public sealed class Trainer : IDisposable
         var opts = DataOptionsFor(c);
         var labels = JsonlDataset.ClassificationLabels(c.Data);
         var (train, trainSummary) = JsonlDataset.Load(c.Data, tok, opts, labels);
+        trainSummary = WithDigest(trainSummary);
         bool classify = trainSummary.Format == DataFormat.Classification;
         if (classify && labels!.Count < 2)
             throw new DataException($"{c.Data}: classification needs at least two labels, but every line has {(labels.Count == 1 ? $"label '{labels[0]}'" : "no usable label")}");
@@ -397,7 +401,11 @@ public sealed class Trainer : IDisposable
         if (classify && suites is not null) throw new ArgumentException("`eval_suite` during training needs language-modelling data (text, prompt/completion, chat); evaluate a classification adapter once it is trained");
         List<Sample>? valid = null;
         DataSummary? validSummary = null;
-        if (c.ValidationData is string vpath) (valid, validSummary) = JsonlDataset.Load(vpath, tok, opts, labels);
+        if (c.ValidationData is string vpath)
+        {
+            (valid, validSummary) = JsonlDataset.Load(vpath, tok, opts, labels);
+            validSummary = WithDigest(validSummary);
+        }
         else if (c.ValidationFraction > 0)
         {
             var order = Enumerable.Range(0, train.Count).ToArray();
@@ -414,6 +422,7 @@ public sealed class Trainer : IDisposable
         log.Info($"data: {train.Count} training samples ({trainSummary.Format}), {trainSummary.Tokens:N0} tokens, {trainSummary.TargetTokens:N0} trained" +
                  (valid is null ? "" : $"; {valid.Count} validation samples") + (trainSummary.Truncated > 0 ? $"; {trainSummary.Truncated} truncated to {c.MaxLength}" : ""));
 
+        if (c.InitAdapter is string initDir) run.InitAdapter = InitAdapterRecord(initDir, initAdapterRef, run.InitAdapter);
         var model = CausalLM.Load(c.Model, dtype, device);
         CheckStopToken(c, tok, model, train, trainSummary.Format, log);
         if (c.Packing) train = Batches.Pack(train, c.MaxLength);
@@ -577,11 +586,30 @@ public sealed class Trainer : IDisposable
             (t.TokensSeen - tokensAtStart) / Math.Max(clock.Elapsed.TotalSeconds, 1e-9), peak?.Gib, peak?.Kind);
         var result = new TrainResult(c.Output, adapterDir, step, t.LastLoss, best, lastEval, report, trainSummary, validSummary, wall.Elapsed.TotalSeconds, stoppedEarly)
             { Stats = stats };
-        TrainReport.Write(c, result, metricsPath);
+        TrainReport.Write(c, result, metricsPath, run.InitAdapter);
         foreach (var f in new[] { "report.json", "report.html", "loss.png", TrainReport.SuitesPlot }) run.Record(Path.Combine(c.Output, f));
         lm.Dispose();
         log.Info($"saved {what} to {adapterDir}; report in {Path.Combine(c.Output, "report.html")}");
         return result;
+    }
+
+    /// <summary>The data file's summary with its sha256 and size (hashed as read: a data file may be many gigabytes).</summary>
+    static DataSummary WithDigest(DataSummary s)
+    {
+        var (sha, bytes) = FileDigest.Of(s.Path);
+        return s with { Sha256 = sha, Bytes = bytes };
+    }
+
+    /// <summary>
+    /// What the run records about the adapter it started from: its folder, content hash (<see cref="AdapterDigest"/>) and,
+    /// when it was named, the name (<paramref name="reference"/>). A resumed run given no name keeps the one it recorded
+    /// for the same content.
+    /// </summary>
+    static JsonObject InitAdapterRecord(string dir, string? reference, JsonObject? recorded)
+    {
+        string sha = AdapterDigest.Compute(dir);
+        reference ??= recorded?["sha256"]?.GetValue<string>() == sha ? recorded["ref"]?.GetValue<string>() : null;
+        return new JsonObject { ["path"] = Path.GetFullPath(dir), ["sha256"] = sha, ["ref"] = reference };
     }
 
     /// <summary>Continues from a checkpoint: its weights, optimizer moments, dropout stream and data position.</summary>
