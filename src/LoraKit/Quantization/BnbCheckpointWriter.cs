@@ -87,7 +87,7 @@ public static class BnbCheckpointWriter
             ["llm_int8_enable_fp32_cpu_offload"] = false,
             ["llm_int8_has_fp16_weight"] = false,
             ["llm_int8_skip_modules"] = null,
-            ["llm_int8_threshold"] = 6.0,
+            ["llm_int8_threshold"] = JsonNode.Parse("6.0"), // a float in Python: BitsAndBytesConfig.post_init rejects the int 6
             ["load_in_4bit"] = four,
             ["load_in_8bit"] = !four,
             ["quant_method"] = "bitsandbytes",

@@ -14,20 +14,21 @@ namespace LoraKit.Quantization;
 /// </summary>
 public static class Codebooks
 {
-    /// <summary>bnb's NF4 table (functional.py get_4bit_type), index = 4-bit code.</summary>
-    static readonly float[] Nf4Values =
+    /// <summary>bnb's NF4 table (functional.py get_4bit_type), index = 4-bit code, as the double literals of
+    /// the source: the fp32 table rounds them, the pivots are their midpoints in double (see <see cref="Nf4Pivots"/>).</summary>
+    static readonly double[] Nf4Values =
     [
-        -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
-        -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,
-        0.24611230194568634f, 0.33791524171829224f, 0.44070982933044434f, 0.5626170039176941f,
-        0.7229568362236023f, 1.0f,
+        -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+        -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+        0.7229568362236023, 1.0,
     ];
 
     /// <summary>bnb's FP4 values before normalisation, in bit-pattern order; the table is these divided by 12 (their absmax).</summary>
     static readonly float[] Fp4Raw = [0f, 0.0625f, 8f, 12f, 4f, 6f, 2f, 3f, 0f, -0.0625f, -8f, -12f, -4f, -6f, -2f, -3f];
 
     /// <summary>The 16 NF4 values (fp32, CPU).</summary>
-    public static Tensor Nf4() => tensor(Nf4Values);
+    public static Tensor Nf4() => tensor(Nf4Values.Select(v => (float)v).ToArray());
 
     /// <summary>The 16 FP4 values in code order (fp32, CPU): raw / 12 rounded to fp32, as bnb's <c>data.div_(data.abs().max())</c>.</summary>
     public static Tensor Fp4() => tensor(Fp4Raw.Select(v => v / 12f).ToArray());
@@ -45,7 +46,7 @@ public static class Codebooks
     /// rounded to fp32, which gives the kernel's float literals). A value strictly above pivot i gets a code above i.
     /// </summary>
     public static float[] Nf4Pivots() =>
-        Enumerable.Range(0, 15).Select(i => (float)(((double)Nf4Values[i] + Nf4Values[i + 1]) / 2)).ToArray();
+        Enumerable.Range(0, 15).Select(i => (float)((Nf4Values[i] + Nf4Values[i + 1]) / 2)).ToArray();
 
     /// <summary>
     /// Decision pivots of bnb's <c>dQuantizeFP4</c> on |x|, as the kernel writes them (not exact midpoints: 0.583333f,

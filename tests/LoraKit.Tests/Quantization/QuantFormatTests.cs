@@ -182,6 +182,8 @@ public class QuantFormatTests
         var cfg = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "config.json")))!["quantization_config"]!;
         Assert.Equal("bitsandbytes", (string)cfg["quant_method"]!);
         Assert.Equal(method != "int8", (bool)cfg["load_in_4bit"]!);
+        // Python reads 6 as an int and BitsAndBytesConfig.post_init then refuses the config: it must be written 6.0.
+        Assert.Contains("\"llm_int8_threshold\": 6.0", File.ReadAllText(Path.Combine(dir, "config.json")));
 
         var ids = tensor(new long[] { 0, 5, 17, 42, 99, 150, 233 }).unsqueeze(0);
         using var model = CausalLM.Load(dir, ScalarType.Float32, CPU);
