@@ -97,6 +97,8 @@ public sealed record QuantState(string quant_type, int blocksize, string dtype, 
                 throw new LoraKitException($"{where}: quant_state has no shape array");
             var shape = sh.EnumerateArray().Select(d => d.ValueKind == JsonValueKind.Number && d.TryGetInt64(out long v) && v >= 0 ? v
                 : throw new LoraKitException($"{where}: quant_state shape has an entry that is not a non-negative integer")).ToArray();
+            try { _ = shape.Aggregate(1L, (a, b) => checked(a * b)); }
+            catch (OverflowException) { throw new LoraKitException($"{where}: quant_state shape [{string.Join(", ", shape)}] overflows when multiplied out"); }
             bool hasNested = root.TryGetProperty("nested_blocksize", out _);
             if (!hasNested)
             {

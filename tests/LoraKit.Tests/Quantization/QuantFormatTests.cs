@@ -124,6 +124,7 @@ public class QuantFormatTests
     [InlineData("{\"quant_type\": \"nf4\", \"blocksize\": 64, \"dtype\": \"float32\", \"shape\": [2], \"nested_offset\": 1.0}", "nested_offset but no nested_blocksize")]
     [InlineData("{\"quant_type\": \"nf4\", \"blocksize\": 64, \"dtype\": \"float32\", \"shape\": [2], \"nested_blocksize\": 256, \"nested_dtype\": \"float32\"}", "no finite nested_offset")]
     [InlineData("{\"quant_type\": ", "not valid JSON")]
+    [InlineData("{\"quant_type\": \"nf4\", \"blocksize\": 64, \"dtype\": \"float32\", \"shape\": [4294967296, 4294967296]}", "overflows")]
     public void MalformedQuantStateIsAOneLineError(string json, string expected)
     {
         var e = Assert.ThrowsAny<LoraKitException>(() => QuantState.Parse(Encoding.UTF8.GetBytes(json), "f.safetensors: tensor 'w'"));
@@ -281,5 +282,28 @@ public class QuantFormatTests
         Assert.Equal(BnbKind.FourBit, BnbCheckpoint.KindOf(files2, Q));
         using var got = BnbCheckpoint.Dequantize(files2, Q);
         Assert.True(Same(got, expected));
+    }
+}
+
+/// <summary>The packed 4-bit linear layer computes with exactly its dequantized weight, and gradients reach the input.</summary>
+public class QuantizedLinearTests
+{
+    [Fact]
+    public void ForwardEqualsLinearOfTheDequantizedWeight()
+    {
+        using var scope = NewDisposeScope();
+        var gen = new Generator(11);
+        var w = randn([24, 40], generator: gen) * 0.1;
+        var bias = randn([24], generator: gen);
+        using var layer = new QuantizedLinear("q", Blockwise4Bit.Quantize(w, "nf4", 64, true), bias.clone());
+        var x = randn([3, 5, 40], generator: gen).requires_grad_(true);
+        var y = layer.forward(x);
+        var expected = nn.functional.linear(x, Blockwise4Bit.Dequantize(layer.Storage), bias);
+        Assert.True(QuantFormatTests.Same(y, expected));
+        Assert.Equal(new long[] { 3, 5, 24 }, y.shape);
+        y.sum().backward();
+        Assert.NotNull(x.grad);
+        Assert.Equal(24, layer.OutFeatures);
+        Assert.Empty(layer.parameters());
     }
 }
