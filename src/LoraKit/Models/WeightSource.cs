@@ -36,7 +36,10 @@ public abstract class WeightSource
     protected static string Shape(long[] s) => "[" + string.Join(", ", s) + "]";
 }
 
-/// <summary>Weights from a checkpoint's safetensors files.</summary>
+/// <summary>
+/// Weights from a checkpoint's safetensors files. A weight stored by bitsandbytes (4-bit NF4/FP4 or LLM.int8, detected
+/// by its quant_state / SCB keys) is dequantized to the compute dtype; its companion tensors count as used.
+/// </summary>
 public sealed class CheckpointWeights(CheckpointFiles files, ScalarType dtype, Device device, IEnumerable<string>? ignorable = null)
     : WeightSource(dtype, device)
 {

@@ -179,6 +179,15 @@ public class QuantFormatTests
             Assert.Equal(14, quantized.Count); // 7 linear layers × 2 decoder layers; lm_head and embeddings stay
             Assert.DoesNotContain("lm_head.weight", quantized);
             Assert.All(quantized, n => Assert.Equal(method == "int8" ? BnbKind.Int8 : BnbKind.FourBit, BnbCheckpoint.KindOf(files, n)));
+            const string q = "model.layers.0.self_attn.q_proj.";
+            if (method == "int8")
+            {
+                Assert.Equal("I8 64,64", Describe(files.Entry(q + "weight")));
+                Assert.Equal("F32 64", Describe(files.Entry(q + "SCB")));
+                Assert.Equal("U8 ", Describe(files.Entry(q + "weight_format"))); // a 0-dim tensor, as torch.tensor(0, dtype=uint8)
+            }
+            else
+                Assert.Equal($"U8 {64 * 64 / 2},1", Describe(files.Entry(q + "weight")));
         }
         var cfg = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "config.json")))!["quantization_config"]!;
         Assert.Equal("bitsandbytes", (string)cfg["quant_method"]!);
@@ -204,6 +213,8 @@ public class QuantFormatTests
         using var original = CausalLM.Load(Fixtures.Model("llama"), ScalarType.Float32, CPU);
         Assert.False(Same(logits, original.Logits(ids, null, null)), "quantization changed the weights");
     }
+
+    static string Describe(SafetensorsEntry e) => e.DType + " " + string.Join(",", e.Shape);
 
     static bool IsCompanion(CheckpointFiles files, string name) =>
         BnbCheckpoint.QuantizedWeights(files).Any(w => BnbCheckpoint.CompanionNames(files, w).Contains(name));
