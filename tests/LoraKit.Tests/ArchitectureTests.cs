@@ -21,7 +21,7 @@ public class ArchitectureTests
     [
         ["LoraKit"],
         ["IO", "Templating"],
-        ["Tokenization", "Runtime", "Runtime.Cuda"],
+        ["Tokenization", "Runtime", "Runtime.Cuda", "Quantization"],
         ["Models", "Data"],
         ["Lora"],
         ["Accelerated"],

@@ -82,6 +82,10 @@ public sealed class CheckpointFiles : IDisposable
         return raw.to(dtype, device);
     }
 
+    /// <summary>Reads one tensor in its stored dtype, on the CPU (quantized checkpoints keep their bytes as they are).</summary>
+    public Tensor ReadStored(string name) =>
+        _fileOf.TryGetValue(name, out var file) ? file.Read(name) : throw new KeyNotFoundException($"checkpoint has no tensor '{name}'");
+
     /// <summary>Up to <paramref name="count"/> evenly spaced elements of a tensor in its stored dtype (see <see cref="SafetensorsFile.ReadSample"/>).</summary>
     public Tensor ReadSample(string name, int count) =>
         _fileOf.TryGetValue(name, out var file) ? file.ReadSample(name, count) : throw new KeyNotFoundException($"checkpoint has no tensor '{name}'");

@@ -1,4 +1,5 @@
 using LoraKit.IO;
+using LoraKit.Quantization;
 using TorchSharp.Modules;
 using static TorchSharp.torch;
 
@@ -35,7 +36,10 @@ public abstract class WeightSource
     protected static string Shape(long[] s) => "[" + string.Join(", ", s) + "]";
 }
 
-/// <summary>Weights from a checkpoint's safetensors files.</summary>
+/// <summary>
+/// Weights from a checkpoint's safetensors files. A weight stored by bitsandbytes (4-bit NF4/FP4 or LLM.int8, detected
+/// by its quant_state / SCB keys) is dequantized to the compute dtype; its companion tensors count as used.
+/// </summary>
 public sealed class CheckpointWeights(CheckpointFiles files, ScalarType dtype, Device device, IEnumerable<string>? ignorable = null)
     : WeightSource(dtype, device)
 {
@@ -45,6 +49,7 @@ public sealed class CheckpointWeights(CheckpointFiles files, ScalarType dtype, D
     {
         if (!files.Contains(name))
             throw new InvalidDataException($"checkpoint is missing tensor '{name}' (expected shape {Shape(shape)})");
+        if (BnbCheckpoint.KindOf(files, name) != BnbKind.None) return LoadQuantized(name, shape);
         var e = files.Entry(name);
         if (!e.Shape.SequenceEqual(shape))
             throw new InvalidDataException($"{files.PathOf(name)}: tensor '{name}' has shape {Shape(e.Shape)} but the config implies {Shape(shape)}");
@@ -61,6 +66,22 @@ public sealed class CheckpointWeights(CheckpointFiles files, ScalarType dtype, D
         return t;
     }
 
+    /// <summary>
+    /// A bitsandbytes-quantized weight (pre-quantized checkpoints load without flags), dequantized to fp32 and then to the
+    /// compute dtype: the reference path, the weights the quantized model computes with.
+    /// </summary>
+    Tensor LoadQuantized(string name, long[] shape)
+    {
+        _quantized.Add(name);
+        using var w = BnbCheckpoint.Dequantize(files, name);
+        if (!w.shape.SequenceEqual(shape))
+            throw new InvalidDataException($"{files.PathOf(name)}: quantized tensor '{name}' has shape {Shape(w.shape)} but the config implies {Shape(shape)}");
+        if (!AllFinite(w)) throw new LoraKitException($"checkpoint tensor '{name}' dequantizes to NaN or infinite values; refusing a base model with non-finite weights");
+        return w.to(DType, Device);
+    }
+
+    readonly List<string> _quantized = [];
+
     /// <summary>Whether every element is finite, checked in chunks so the temporary mask stays small.</summary>
     static bool AllFinite(Tensor t)
     {
@@ -76,7 +97,8 @@ public sealed class CheckpointWeights(CheckpointFiles files, ScalarType dtype, D
     public override void EnsureAllUsed()
     {
         // Old checkpoints store the rotary inverse frequencies as buffers; they are recomputed from the config.
-        var unexpected = files.Names.Where(n => !WasTaken(n) && !_ignorable.Contains(n) && !n.EndsWith(".rotary_emb.inv_freq", StringComparison.Ordinal))
+        var companions = _quantized.SelectMany(n => BnbCheckpoint.CompanionNames(files, n)).ToHashSet(StringComparer.Ordinal);
+        var unexpected = files.Names.Where(n => !WasTaken(n) && !_ignorable.Contains(n) && !companions.Contains(n) && !n.EndsWith(".rotary_emb.inv_freq", StringComparison.Ordinal))
             .OrderBy(n => n, StringComparer.Ordinal).ToList();
         if (unexpected.Count > 0)
             throw new InvalidDataException($"checkpoint has unexpected tensor '{unexpected[0]}'" +
