@@ -4,23 +4,6 @@ using static TorchSharp.torch;
 
 namespace LoraKit.Quantization;
 
-/// <summary>How to quantize a checkpoint: "nf4", "fp4" or "int8"; double quantization and block size apply to 4-bit.</summary>
-/// <param name="Method">nf4, fp4 or int8.</param>
-/// <param name="DoubleQuant">Quantize the 4-bit absmax again (bnb_4bit_use_double_quant).</param>
-/// <param name="Blocksize">Values per 4-bit absmax block (32 … 4096).</param>
-/// <param name="ComputeDtype">The torch dtype name written as bnb_4bit_compute_dtype ("bfloat16", "float16", "float32").</param>
-public sealed record BnbQuantizeOptions(string Method = "nf4", bool DoubleQuant = true, int Blocksize = 64, string ComputeDtype = "bfloat16")
-{
-    /// <summary>Rejects a method, block size or compute dtype bitsandbytes would not accept.</summary>
-    public void Validate()
-    {
-        if (Method is not ("nf4" or "fp4" or "int8")) throw new LoraKitException($"quantization method '{Method}' is not nf4, fp4 or int8");
-        if (!QuantState.ValidBlocksizes.Contains(Blocksize))
-            throw new LoraKitException($"quantization blocksize {Blocksize} is not one bitsandbytes supports ({string.Join(", ", QuantState.ValidBlocksizes)})");
-        if (ComputeDtype is not ("bfloat16" or "float16" or "float32")) throw new LoraKitException($"compute dtype '{ComputeDtype}' is not bfloat16, float16 or float32");
-    }
-}
-
 /// <summary>
 /// Writes a checkpoint in the format transformers + bitsandbytes load as it is: each quantizable linear weight
 /// <c>P.weight</c> becomes the packed uint8 tensor [(n+1)/2, 1] plus <c>P.weight.absmax</c>, <c>.quant_map</c>,
