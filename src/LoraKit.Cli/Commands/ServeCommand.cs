@@ -81,11 +81,18 @@ public static class ServeCommand
     /// <summary>
     /// The registry to serve: --registry, else LORAKIT_REGISTRY when set, else none. Unlike the other commands a server
     /// never falls back to ~/.lorakit/registry: it exposes what it serves to clients, so serving a registry is asked for.
+    /// A LORAKIT_REGISTRY that holds no registry yet (set for training, say) is passed over with a note when --adapters
+    /// gives the server something to serve; given alone, or as --registry, it must exist.
     /// </summary>
     static string? RegistryPath(string? given, string? adapters)
     {
         if (given is not null) return given;
-        if (Environment.GetEnvironmentVariable(AdapterStore.EnvVar) is { Length: > 0 } env) return env;
+        if (Environment.GetEnvironmentVariable(AdapterStore.EnvVar) is { Length: > 0 } env)
+        {
+            if (adapters is null || File.Exists(Path.Combine(env, AdapterStore.DbFile))) return env;
+            Console.Error.WriteLine($"note: ${AdapterStore.EnvVar}={env} holds no registry yet; serving the adapters directory only");
+            return null;
+        }
         if (adapters is null) throw new LoraKitException("serve needs --adapters DIR, --registry PATH, or both (or LORAKIT_REGISTRY)");
         return null;
     }
