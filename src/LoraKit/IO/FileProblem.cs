@@ -58,12 +58,18 @@ internal static class FileProblem
         return ReadAllBytes(fs, path, maxBytes);
     }
 
+    /// <summary>The most LoraKit reads from a file that reports no length (a device, a pipe, a procfs entry).</summary>
+    public const long UnsizedMaxBytes = 4L << 20;
+
     /// <summary>The rest of an open stream, bounded as <see cref="ReadAllBytes(string, long)"/>; errors name <paramref name="path"/>.</summary>
     public static byte[] ReadAllBytes(FileStream fs, string path, long maxBytes)
     {
         try
         {
             long length = fs.CanSeek ? fs.Length : 0;
+            // A file that reports no length (a device such as /dev/zero, a pipe, a procfs entry) is not what anyone hands
+            // LoraKit as a config or report: a few MiB is enough to say so, instead of reading up to the full bound.
+            if (length == 0) maxBytes = Math.Min(maxBytes, UnsizedMaxBytes);
             if (length > maxBytes) throw new LoraKitException($"{path}: {length:N0} bytes, more than the {maxBytes:N0} bytes LoraKit reads from such a file");
             using var ms = new MemoryStream(length > 0 ? (int)length : 0);
             var buffer = new byte[1 << 16];
