@@ -82,24 +82,27 @@ public sealed class RegistryModels(RegistryReader reader, string baseName, strin
     /// <summary>
     /// /v1/models entries (vLLM's shape: <c>root</c> the immutable version, <c>parent</c> the base model) for every alias
     /// (<c>NAME@ALIAS</c>) and for every aliased version and each name's <see cref="NewestListed"/> newest
-    /// (<c>NAME@VERSION</c>), at most <see cref="MaxListedVersions"/> versions; <c>lorakit</c> says which version each is.
+    /// (<c>NAME@VERSION</c>), at most <see cref="MaxListedVersions"/> versions; <c>lorakit</c> says which version each is
+    /// and, when the registry recorded its lineage, the version it was trained from (<c>parent_version</c>).
     /// </summary>
     public IEnumerable<JsonObject> Listing()
     {
         var entries = reader.Listed(NewestListed, MaxListedVersions);
         var byRef = entries.ToDictionary(e => e.Ref);
+        var parents = reader.Parents(entries);
         foreach (var a in reader.Aliases(limit: MaxListedVersions))
-            if (byRef.TryGetValue($"{a.Name}@{a.Version}", out var e)) yield return Entry($"{a.Name}@{a.Alias}", e, a.Alias);
-        foreach (var e in entries) yield return Entry(e.Ref, e, null);
+            if (byRef.TryGetValue($"{a.Name}@{a.Version}", out var e)) yield return Entry($"{a.Name}@{a.Alias}", e, a.Alias, parents.GetValueOrDefault(e.Ref));
+        foreach (var e in entries) yield return Entry(e.Ref, e, null, parents.GetValueOrDefault(e.Ref));
     }
 
-    JsonObject Entry(string id, RegistryEntry e, string? alias) => new()
+    // "parent" is vLLM's field (the base model an adapter runs on); the adapter it was trained from is lorakit.parent_version.
+    JsonObject Entry(string id, RegistryEntry e, string? alias, string? parentVersion) => new()
     {
         ["id"] = id, ["object"] = "model", ["created"] = Created(e.Created), ["owned_by"] = "lorakit", ["root"] = e.Ref, ["parent"] = baseName,
         ["lorakit"] = new JsonObject
         {
             ["name"] = e.Name, ["version"] = e.Version, ["alias"] = alias, ["sha256"] = e.Sha256,
-            ["base_fingerprint"] = e.BaseFingerprint, ["base_model"] = e.BaseModel,
+            ["base_fingerprint"] = e.BaseFingerprint, ["base_model"] = e.BaseModel, ["parent_version"] = parentVersion,
         },
     };
 

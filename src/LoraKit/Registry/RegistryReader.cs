@@ -92,6 +92,22 @@ public sealed class RegistryReader : IDisposable
             """, ReadEntry, ("$k", newest), ("$l", limit));
 
     /// <summary>
+    /// The lineage parent ("NAME@VERSION") of each of <paramref name="entries"/> that has one (<c>registry add --run</c> of a
+    /// run started from a registered adapter). Empty for a registry made before lineage was recorded (no such table: this
+    /// reader never changes the schema).
+    /// </summary>
+    public IReadOnlyDictionary<string, string> Parents(IReadOnlyCollection<RegistryEntry> entries)
+    {
+        var parents = new Dictionary<string, string>();
+        if (entries.Count == 0 || Query("SELECT 1 FROM sqlite_master WHERE type='table' AND name='lineage'", _ => true).Count == 0) return parents;
+        var wanted = entries.Select(e => e.Ref).ToHashSet();
+        foreach (var (child, parent) in Query("SELECT name, version, parent_name, parent_version FROM lineage WHERE parent_name IS NOT NULL AND parent_version IS NOT NULL",
+                     rd => ($"{rd.GetString(0)}@{rd.GetInt32(1)}", $"{rd.GetString(2)}@{rd.GetInt32(3)}")))
+            if (wanted.Contains(child)) parents[child] = parent;
+        return parents;
+    }
+
+    /// <summary>
     /// A verified plain PEFT folder holding <paramref name="entry"/> (<see cref="AdapterStore.Checkout"/>). Its content must
     /// still hash to <paramref name="entry"/>'s sha256: a version deleted and re-added with other content under the same
     /// number is a <see cref="KeyNotFoundException"/>; a missing or damaged blob is the store's <see cref="LoraKitException"/>.

@@ -135,6 +135,13 @@ public class LineageTests
             Assert.Equal("helpdesk@2", store.LineageOf("helpdesk@3")!.ParentRef);
             Assert.Equal(4, (int)store.LineageOf("helpdesk@3")!.Metrics["steps"]!);
         }
+        // A server lists each version's parent version from the same lineage (vLLM's "parent" stays the base model).
+        using var models = new LoraKit.Server.RegistryModels(RegistryReader.Open(reg), "base", null, allowBaseMismatch: false);
+        var listed = models.Listing().ToDictionary(m => (string)m["id"]!);
+        Assert.Null((string?)listed["helpdesk@1"]["lorakit"]!["parent_version"]);
+        Assert.Equal("helpdesk@1", (string)listed["helpdesk@2"]["lorakit"]!["parent_version"]!);
+        Assert.Equal("helpdesk@2", (string)listed["helpdesk@3"]["lorakit"]!["parent_version"]!);
+        Assert.Equal("base", (string)listed["helpdesk@3"]["parent"]!);
     }
 
     [Fact]
