@@ -404,7 +404,8 @@ public sealed partial class AdapterStore : IDisposable
     static string? Opt(SqliteDataReader rd, int i) => rd.IsDBNull(i) ? null : rd.GetString(i);
     static string Now() => DateTimeOffset.UtcNow.ToString("yyyy-MM-ddTHH:mm:ss.fffZ", System.Globalization.CultureInfo.InvariantCulture);
 
-    SqliteCommand Command(SqliteTransaction? tx, string sql, params (string, object?)[] args)
+    /// <summary>A parameterized statement on this registry's connection (also <see cref="RunLog"/>'s: one set of helpers).</summary>
+    internal SqliteCommand Command(SqliteTransaction? tx, string sql, params (string, object?)[] args)
     {
         var cmd = _db.CreateCommand();
         cmd.CommandText = sql;
@@ -413,11 +414,12 @@ public sealed partial class AdapterStore : IDisposable
         return cmd;
     }
 
-    T? Scalar<T>(SqliteTransaction? tx, string sql, params (string, object?)[] args)
+    /// <summary>The first column of the first row, or default when there is none or it is NULL.</summary>
+    internal T? Scalar<T>(SqliteTransaction? tx, string sql, params (string, object?)[] args)
     {
         using var cmd = Command(tx, sql, args);
         var value = cmd.ExecuteScalar();
-        return value is null or DBNull ? default : (T)Convert.ChangeType(value, Nullable.GetUnderlyingType(typeof(T)) ?? typeof(T));
+        return value is null or DBNull ? default : (T)Convert.ChangeType(value, Nullable.GetUnderlyingType(typeof(T)) ?? typeof(T), System.Globalization.CultureInfo.InvariantCulture);
     }
 
     static void Exec(SqliteConnection db, SqliteTransaction? tx, string sql, params (string, object?)[] args)
