@@ -265,8 +265,8 @@ public sealed partial class AdapterStore : IDisposable
             catch (LoraKitException) { } // damaged: export it again
             Directory.Delete(dir, recursive: true);
         }
-        var tmp = Path.Combine(Root, CheckoutDir, $".{v.Sha256}.{Environment.ProcessId}.tmp");
-        if (Directory.Exists(tmp)) Directory.Delete(tmp, recursive: true);
+        // Unique per call: two stores in one process checking out the same version must not share (and delete) one folder.
+        var tmp = Path.Combine(Root, CheckoutDir, $".{v.Sha256}.{Environment.ProcessId}.{Guid.NewGuid():N}.tmp");
         Export(v.Ref, tmp); // the version resolved above, not the reference again: an alias moved meanwhile must not fill this sha256's folder
         try { Directory.Move(tmp, dir); }
         catch (IOException) when (Directory.Exists(dir)) { Directory.Delete(tmp, recursive: true); } // another process checked it out first

@@ -16,7 +16,8 @@ namespace LoraKit.Tests.Registry;
 /// errors that never resolve to a version; a version number is never reused, so a rollback never lands on content that
 /// was not there; an export that fails leaves no partial adapter; a damaged registry.db (not SQLite, a directory,
 /// truncated) is an error naming the file; a registry from before the lineage and runs tables opens and gains them; gc
-/// removes only unreferenced blobs; promotions from two connections while a reader resolves stay consistent; and a
+/// removes only unreferenced blobs; promotions from two connections while a reader resolves stay consistent; concurrent
+/// checkouts of one version in one process all get it intact; and a
 /// server answers hostile "model" strings and a registry damaged under it with 4xx/503, never 500 or another adapter.
 /// </summary>
 public class RegistryAttackTests
@@ -249,6 +250,23 @@ public class RegistryAttackTests
         Assert.Equal(2 * Moves, details.History.Count); // every move recorded, none lost to a race
         Assert.Equal(details.History[^1].Version, details.Aliases["production"]);
         for (int i = 1; i < details.History.Count; i++) Assert.Equal(details.History[i - 1].Version, details.History[i].Previous);
+    }
+
+    [Fact]
+    public async Task ConcurrentCheckoutsOfOneVersionAllGetItIntact()
+    {
+        var reg = Path.Combine(Fixtures.TempDir(), "reg");
+        string sha;
+        using (var store = AdapterStore.Open(reg)) sha = store.Add("demo", A).Sha256;
+        // Six stores in one process (one pid) checking out the same version at once, as a library user's threads may.
+        var dirs = await Task.WhenAll(Enumerable.Range(0, 6).Select(_ => Task.Run(() =>
+        {
+            using var s = AdapterStore.Open(reg);
+            return s.Checkout("demo@1").Dir;
+        })));
+        Assert.Single(dirs.Distinct());
+        Assert.Equal(sha, AdapterDigest.Compute(dirs[0]));
+        Assert.Empty(Directory.GetDirectories(Path.Combine(reg, AdapterStore.CheckoutDir), ".*")); // no temporary folder left behind
     }
 
     [Fact]
