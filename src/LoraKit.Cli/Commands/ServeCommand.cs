@@ -79,13 +79,19 @@ public static class ServeCommand
     }
 
     /// <summary>
-    /// The registry to serve: --registry, else LORAKIT_REGISTRY when set, else none. Unlike the other commands a server
+    /// The registry to serve: --registry, else LORAKIT_REGISTRY when set (and, beside --adapters, when it exists), else none. Unlike the other commands a server
     /// never falls back to ~/.lorakit/registry: it exposes what it serves to clients, so serving a registry is asked for.
     /// </summary>
     static string? RegistryPath(string? given, string? adapters)
     {
         if (given is not null) return given;
-        if (Environment.GetEnvironmentVariable(AdapterStore.EnvVar) is { Length: > 0 } env) return env;
+        if (Environment.GetEnvironmentVariable(AdapterStore.EnvVar) is { Length: > 0 } env)
+        {
+            // The variable names the registry for every command (train records runs there): with --adapters, a registry not
+            // made yet is no reason to refuse to serve them. The startup line says whether the registry is served.
+            if (adapters is not null && !File.Exists(Path.Combine(Path.GetFullPath(env), AdapterStore.DbFile))) return null;
+            return env;
+        }
         if (adapters is null) throw new LoraKitException("serve needs --adapters DIR, --registry PATH, or both (or LORAKIT_REGISTRY)");
         return null;
     }
