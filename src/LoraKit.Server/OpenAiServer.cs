@@ -284,7 +284,12 @@ public sealed partial class OpenAiServer : IAsyncDisposable
     {
         var data = new List<object> { new { id = _baseName, @object = "model", created = 0, owned_by = "lorakit", root = _baseName } };
         data.AddRange(_registry.Available().Select(a => new { id = a, @object = "model", created = 0, owned_by = "lorakit", root = a, parent = _baseName }));
-        if (_models is not null) data.AddRange(_models.Listing());
+        try { if (_models is not null) data.AddRange(_models.Listing()); }
+        catch (Microsoft.Data.Sqlite.SqliteException e) // as in ResolveModel: the registry, not the request, is at fault
+        {
+            _o.Log?.Invoke($"registry read failed for /v1/models: {e.Message}");
+            return Results.Json(ErrorBody("the adapter registry cannot be read right now; retry shortly", null, "server_error"), statusCode: 503);
+        }
         return Results.Json(new { @object = "list", data });
     }
 
@@ -294,6 +299,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         catch (AdapterNameException e) { return Results.Json(ErrorBody(e.Message, "name"), statusCode: 400); }
         catch (KeyNotFoundException e) { return Results.Json(ErrorBody(Scrub(e.Message), "name"), statusCode: 404); }
         catch (InvalidOperationException e) { return Results.Json(ErrorBody(Scrub(e.Message), "name"), statusCode: 409); }
+        catch (AdapterUnavailableException e) { return Results.Json(ErrorBody(Scrub(e.Message), "name", "server_error"), statusCode: 503); }
         catch (Exception e) when (IsAdapterFault(e))
         {
             _o.Log?.Invoke($"adapter '{name}' refused: {e.Message}");

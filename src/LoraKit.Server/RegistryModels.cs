@@ -62,20 +62,27 @@ public sealed class RegistryModels(RegistryReader reader, string baseName, strin
 
     /// <summary>
     /// The folder to load for an engine key (<see cref="Serving.AdapterRegistry.External"/>): a verified checkout. A missing
-    /// or damaged blob is an <see cref="AdapterUnavailableException"/> (503).
+    /// or damaged blob, or a database that cannot be read, is an <see cref="AdapterUnavailableException"/> (503).
     /// </summary>
     public string Checkout(string key)
     {
         int hash = key.IndexOf('#');
         if (hash < 0) throw new KeyNotFoundException($"'{Shown(key)}' names no loaded registry version; registry adapters are served on /v1/completions and /v1/chat/completions");
         var r = RegistryRef.Parse(key[..hash]);
-        var entry = reader.Find(r.Name, r.Version ?? 0) is { } found && found.Sha256 == key[(hash + 1)..] ? found
-            : throw new KeyNotFoundException($"{key[..hash]} is no longer registered with this content");
-        try { return reader.Checkout(entry); }
-        catch (LoraKitException e)
+        try
         {
-            throw new AdapterUnavailableException($"adapter {entry.Ref} cannot be read from the registry: {e.Message} " +
-                $"(add the same adapter again to repair it, or move the alias to another version)");
+            var entry = reader.Find(r.Name, r.Version ?? 0) is { } found && found.Sha256 == key[(hash + 1)..] ? found
+                : throw new KeyNotFoundException($"{key[..hash]} is no longer registered with this content");
+            try { return reader.Checkout(entry); }
+            catch (LoraKitException e)
+            {
+                throw new AdapterUnavailableException($"adapter {entry.Ref} cannot be read from the registry: {e.Message} " +
+                    $"(add the same adapter again to repair it, or move the alias to another version)");
+            }
+        }
+        catch (Microsoft.Data.Sqlite.SqliteException e) // the database itself (locked past the busy timeout, damaged): not the request's fault
+        {
+            throw new AdapterUnavailableException($"adapter {key[..hash]} cannot be read from the registry right now: {e.Message.ReplaceLineEndings(" ")}");
         }
     }
 

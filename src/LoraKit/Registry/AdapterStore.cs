@@ -95,7 +95,7 @@ public sealed partial class AdapterStore : IDisposable
                 _blobs.Put(f); // same content: restores a blob that went missing or was corrupted (a no-op when intact)
         if (version == 0)
         {
-            version = (int)(Scalar<long?>(tx, "SELECT MAX(version) FROM versions WHERE name=$n", ("$n", name)) ?? 0) + 1;
+            version = HighestEverVersion(tx, name) + 1;
             Exec(_db, tx, "INSERT INTO versions(name, version, sha256, created, note, base_fingerprint, base_model_type, base_model, config) VALUES ($n,$v,$s,$c,$note,$fp,$mt,$bm,$cfg)",
                 ("$n", name), ("$v", version), ("$s", sha), ("$c", Now()), ("$note", note), ("$fp", fingerprint), ("$mt", modelType), ("$bm", baseModel), ("$cfg", config));
             foreach (var f in AdapterDigest.Files)
@@ -214,17 +214,35 @@ public sealed partial class AdapterStore : IDisposable
 
     /// <summary>
     /// Writes the version <paramref name="reference"/> names to <paramref name="dir"/> as a plain PEFT adapter folder (must
-    /// not exist or be empty), checking every blob's bytes and the whole adapter's content hash as it goes.
+    /// not exist or be empty), checking every blob's bytes and the whole adapter's content hash as it goes; a failed export leaves
+    /// none of its files behind (and removes the folder when it created it).
     /// </summary>
     public AdapterVersion Export(string reference, string dir)
     {
         var v = Resolve(reference);
         if (File.Exists(dir) || (Directory.Exists(dir) && Directory.EnumerateFileSystemEntries(dir).Any()))
             throw new LoraKitException($"registry: export folder '{dir}' exists and is not empty");
+        bool created = !Directory.Exists(dir);
         Directory.CreateDirectory(dir);
-        foreach (var f in v.Files) _blobs.CopyTo(f.Blob, Path.Combine(dir, f.File), v.Ref);
-        if (AdapterDigest.Compute(dir) != v.Sha256)
-            throw new LoraKitException($"registry: {v.Ref}: the exported files do not hash to the recorded sha256 {v.Sha256[..12]} (the registry is damaged)");
+        var written = new List<string>();
+        try
+        {
+            foreach (var f in v.Files)
+            {
+                var dest = Path.Combine(dir, f.File);
+                written.Add(dest);
+                _blobs.CopyTo(f.Blob, dest, v.Ref);
+            }
+            if (AdapterDigest.Compute(dir) != v.Sha256)
+                throw new LoraKitException($"registry: {v.Ref}: the exported files do not hash to the recorded sha256 {v.Sha256[..12]} (the registry is damaged)");
+        }
+        catch
+        {
+            // Half an adapter is worse than none (a loader might take it): remove what this export wrote, and the folder if it made it.
+            foreach (var w in written) File.Delete(w);
+            if (created && !Directory.EnumerateFileSystemEntries(dir).Any()) Directory.Delete(dir);
+            throw;
+        }
         return v;
     }
 
@@ -247,15 +265,15 @@ public sealed partial class AdapterStore : IDisposable
             catch (LoraKitException) { } // damaged: export it again
             Directory.Delete(dir, recursive: true);
         }
-        var tmp = Path.Combine(Root, CheckoutDir, $".{v.Sha256}.{Environment.ProcessId}.tmp");
-        if (Directory.Exists(tmp)) Directory.Delete(tmp, recursive: true);
-        Export(reference, tmp);
+        // Unique per call: two stores in one process checking out the same version must not share (and delete) one folder.
+        var tmp = Path.Combine(Root, CheckoutDir, $".{v.Sha256}.{Environment.ProcessId}.{Guid.NewGuid():N}.tmp");
+        Export(v.Ref, tmp); // the version resolved above, not the reference again: an alias moved meanwhile must not fill this sha256's folder
         try { Directory.Move(tmp, dir); }
         catch (IOException) when (Directory.Exists(dir)) { Directory.Delete(tmp, recursive: true); } // another process checked it out first
         return (v, dir);
     }
 
-    /// <summary>Deletes one version (its blobs stay until <see cref="Gc"/>); refused while an alias points to it.</summary>
+    /// <summary>Deletes one version (its blobs stay until <see cref="Gc"/>; its number is never given again); refused while an alias points to it.</summary>
     public void Delete(string reference)
     {
         var r = RegistryRef.Parse(reference);
@@ -270,8 +288,25 @@ public sealed partial class AdapterStore : IDisposable
             throw new LoraKitException($"registry: {r} is aliased as {string.Join(", ", holders)}; promote another version or roll the alias back first");
         foreach (var table in new[] { "files", "evals", "lineage", "versions" })
             Exec(_db, tx, $"DELETE FROM {table} WHERE name=$n AND version=$v", ("$n", r.Name), ("$v", r.Version));
+        Exec(_db, tx, "INSERT INTO meta(key, value) VALUES ($k, $v) ON CONFLICT(key) DO UPDATE SET value = MAX(CAST(value AS INTEGER), excluded.value)",
+            ("$k", DeletedKey(r.Name)), ("$v", r.Version));
         tx.Commit();
     }
+
+    /// <summary>
+    /// The highest version number <paramref name="name"/> ever had: its versions, the deleted ones (kept in <c>meta</c>) and
+    /// those its alias history names (registries from before that record). A number is never given twice: NAME@3, an alias's
+    /// rollback target and the records outside the registry that name it keep meaning the content that was added as 3.
+    /// </summary>
+    int HighestEverVersion(SqliteTransaction tx, string name) => (int)(Scalar<long?>(tx, """
+        SELECT MAX(v) FROM (
+            SELECT MAX(version) AS v FROM versions WHERE name=$n
+            UNION ALL SELECT CAST(value AS INTEGER) FROM meta WHERE key=$k
+            UNION ALL SELECT MAX(version) FROM alias_history WHERE name=$n
+            UNION ALL SELECT MAX(previous) FROM alias_history WHERE name=$n)
+        """, ("$n", name), ("$k", DeletedKey(name))) ?? 0);
+
+    static string DeletedKey(string name) => $"deleted_max_version:{name}";
 
     /// <summary>Removes blobs no version or evaluation refers to; returns how many and their total bytes.</summary>
     public (int Blobs, long Bytes) Gc()
@@ -369,7 +404,8 @@ public sealed partial class AdapterStore : IDisposable
     static string? Opt(SqliteDataReader rd, int i) => rd.IsDBNull(i) ? null : rd.GetString(i);
     static string Now() => DateTimeOffset.UtcNow.ToString("yyyy-MM-ddTHH:mm:ss.fffZ", System.Globalization.CultureInfo.InvariantCulture);
 
-    SqliteCommand Command(SqliteTransaction? tx, string sql, params (string, object?)[] args)
+    /// <summary>A parameterized statement on this registry's connection (also <see cref="RunLog"/>'s: one set of helpers).</summary>
+    internal SqliteCommand Command(SqliteTransaction? tx, string sql, params (string, object?)[] args)
     {
         var cmd = _db.CreateCommand();
         cmd.CommandText = sql;
@@ -378,11 +414,12 @@ public sealed partial class AdapterStore : IDisposable
         return cmd;
     }
 
-    T? Scalar<T>(SqliteTransaction? tx, string sql, params (string, object?)[] args)
+    /// <summary>The first column of the first row, or default when there is none or it is NULL.</summary>
+    internal T? Scalar<T>(SqliteTransaction? tx, string sql, params (string, object?)[] args)
     {
         using var cmd = Command(tx, sql, args);
         var value = cmd.ExecuteScalar();
-        return value is null or DBNull ? default : (T)Convert.ChangeType(value, Nullable.GetUnderlyingType(typeof(T)) ?? typeof(T));
+        return value is null or DBNull ? default : (T)Convert.ChangeType(value, Nullable.GetUnderlyingType(typeof(T)) ?? typeof(T), System.Globalization.CultureInfo.InvariantCulture);
     }
 
     static void Exec(SqliteConnection db, SqliteTransaction? tx, string sql, params (string, object?)[] args)

@@ -24,7 +24,7 @@ public sealed class RegistryReader : IDisposable
 {
     readonly SqliteConnection _db;
     readonly object _gate = new();
-    readonly Lazy<AdapterStore> _store; // opened on the first checkout: its Open takes the write lock once (schema check)
+    AdapterStore? _store; // opened on the first checkout (its Open takes the write lock once: schema check); a failed open is retried next time
     readonly object _storeGate = new();
 
     /// <summary>The registry folder.</summary>
@@ -34,7 +34,6 @@ public sealed class RegistryReader : IDisposable
     {
         Root = root;
         _db = db;
-        _store = new Lazy<AdapterStore>(() => AdapterStore.Open(root));
     }
 
     /// <summary>Opens the registry at <paramref name="path"/>; a folder without <c>registry.db</c> is an error (a typo never creates one).</summary>
@@ -49,6 +48,10 @@ public sealed class RegistryReader : IDisposable
             db.Open();
             using var cmd = db.CreateCommand();
             cmd.CommandText = "PRAGMA busy_timeout = 10000; PRAGMA query_only = ON;";
+            cmd.ExecuteNonQuery();
+            // The pragmas above never read the file: read the tables a server needs now, so a file that is not a registry
+            // (not SQLite, damaged, no versions table) is this one-line error at startup, not a failure on every request.
+            cmd.CommandText = "SELECT 1 FROM versions LIMIT 1; SELECT 1 FROM aliases LIMIT 1;";
             cmd.ExecuteNonQuery();
         }
         catch (SqliteException e)
@@ -116,7 +119,8 @@ public sealed class RegistryReader : IDisposable
     {
         lock (_storeGate)
         {
-            var (v, dir) = _store.Value.Checkout(entry.Ref);
+            _store ??= AdapterStore.Open(Root);
+            var (v, dir) = _store.Checkout(entry.Ref);
             if (v.Sha256 != entry.Sha256) throw new KeyNotFoundException($"{entry.Ref} now holds other content (sha256 {v.Sha256[..12]}, not {entry.Sha256[..12]})");
             return dir;
         }
@@ -126,7 +130,7 @@ public sealed class RegistryReader : IDisposable
     public void Dispose()
     {
         lock (_gate) _db.Dispose();
-        lock (_storeGate) if (_store.IsValueCreated) _store.Value.Dispose();
+        lock (_storeGate) _store?.Dispose();
     }
 
     const string EntrySelect = "SELECT name, version, sha256, base_fingerprint, base_model, config, created FROM versions";

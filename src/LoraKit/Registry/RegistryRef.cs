@@ -12,7 +12,7 @@ public sealed partial record RegistryRef(string Name, int? Version, string? Alia
     /// <summary>The alias a plain name means when it exists.</summary>
     public const string DefaultAlias = "production";
 
-    [GeneratedRegex("^[A-Za-z0-9._-]{1,100}$")]
+    [GeneratedRegex(@"^[A-Za-z0-9._-]{1,100}\z")] // \z, not $: "$" also matches before a final "\n", letting "name\n" through
     private static partial Regex NamePattern();
 
     /// <summary>Parses <paramref name="text"/>; a malformed reference is a one-line <see cref="LoraKitException"/>.</summary>

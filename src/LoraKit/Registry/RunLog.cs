@@ -131,21 +131,9 @@ public sealed class RunLog : IDisposable
 
     static IReadOnlyDictionary<string, double>? Metrics(string? json) => json is null ? null : JsonSerializer.Deserialize<SortedDictionary<string, double>>(json);
 
-    SqliteCommand Command(SqliteTransaction? tx, string sql, params (string, object?)[] args)
-    {
-        var cmd = Db.CreateCommand();
-        cmd.CommandText = sql;
-        cmd.Transaction = tx;
-        foreach (var (k, v) in args) cmd.Parameters.AddWithValue(k, v ?? DBNull.Value);
-        return cmd;
-    }
+    SqliteCommand Command(SqliteTransaction? tx, string sql, params (string, object?)[] args) => _store.Command(tx, sql, args);
 
-    T? Scalar<T>(SqliteTransaction? tx, string sql, params (string, object?)[] args)
-    {
-        using var cmd = Command(tx, sql, args);
-        var value = cmd.ExecuteScalar();
-        return value is null or DBNull ? default : (T)Convert.ChangeType(value, Nullable.GetUnderlyingType(typeof(T)) ?? typeof(T), CultureInfo.InvariantCulture);
-    }
+    T? Scalar<T>(SqliteTransaction? tx, string sql, params (string, object?)[] args) => _store.Scalar<T>(tx, sql, args);
 
     void Exec(SqliteTransaction? tx, string sql, params (string, object?)[] args)
     {

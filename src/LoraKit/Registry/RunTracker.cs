@@ -31,7 +31,7 @@ public sealed class RunTracker(string? registryPath, Action<string> warn) : IRun
         if (_id is not long id) return;
         RunSummary? summary = null;
         try { summary = RunSummary.Load(end.OutputDir); }
-        catch (Exception e) when (e is LoraKitException or IOException or UnauthorizedAccessException) { } // the row keeps what it has
+        catch (Exception) { } // the row keeps what it has; Ended runs in the trainer's finally, where a throw would replace the run's own outcome
         // This process's wall time: the report's when this process wrote it (so row and report.json agree), else start to end.
         double seconds = summary is { Finished: true, WallSeconds: double w } && summary.Started == TrainReport.Iso(_started) ? w : (end.Ended - _started).TotalSeconds;
         Try(() => { using var log = RunLog.Open(registryPath); log.End(id, end, seconds, summary); });
