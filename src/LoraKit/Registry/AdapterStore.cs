@@ -59,6 +59,7 @@ public sealed partial class AdapterStore : IDisposable
             using var tx = db.BeginTransaction();
             Exec(db, tx, RegistrySchema.Create);
             tx.Commit();
+            RefuseNewerSchema(db, root);
         }
         catch (SqliteException e)
         {
@@ -66,6 +67,21 @@ public sealed partial class AdapterStore : IDisposable
             throw new LoraKitException($"registry: {Path.Combine(root, DbFile)}: {e.Message.ReplaceLineEndings(" ")}");
         }
         return new AdapterStore(root, db);
+    }
+
+    /// <summary>
+    /// A registry written by a later LoraKit (a higher <c>meta.schema</c>) may keep things this one does not know about:
+    /// writing to it could lose them, so it is refused with the version to upgrade to rather than opened.
+    /// </summary>
+    static void RefuseNewerSchema(SqliteConnection db, string root)
+    {
+        using var cmd = db.CreateCommand();
+        cmd.CommandText = "SELECT value FROM meta WHERE key='schema'";
+        if (cmd.ExecuteScalar() is string v && int.TryParse(v, out int found) && found > RegistrySchema.Version)
+        {
+            db.Dispose();
+            throw new LoraKitException($"registry: {Path.Combine(root, DbFile)} has schema {found}, made by a newer LoraKit; this one reads schema {RegistrySchema.Version} (upgrade LoraKit)");
+        }
     }
 
     /// <summary>

@@ -21,7 +21,7 @@ public sealed partial class AdapterRegistry(InferenceEngine engine, string? root
     readonly LinkedList<string> _lru = new(); // most recent first
     readonly Dictionary<string, int> _inFlight = [];
 
-    [GeneratedRegex(@"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+    [GeneratedRegex(@"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\z")]
     private static partial Regex PlainName();
 
     /// <summary>Load adapters LoraKit recorded as trained on another base anyway (a warning each time).</summary>

@@ -186,8 +186,18 @@ public class RegistryAttackTests
             Assert.Empty(store.Show("demo").Lineage);
             Assert.False(store.Diff("demo@1", "demo@production").Differs);
         }
-        using var log = RunLog.OpenExisting(reg)!;
-        Assert.Empty(log.List());
+        using (var log = RunLog.OpenExisting(reg)!) Assert.Empty(log.List());
+        // ...while one a later LoraKit wrote (a higher schema) is refused, naming the file, and left as it was.
+        using (var db = new SqliteConnection($"Data Source={Path.Combine(reg, AdapterStore.DbFile)};Pooling=False"))
+        {
+            db.Open();
+            using var cmd = db.CreateCommand();
+            cmd.CommandText = $"UPDATE meta SET value='{RegistrySchema.Version + 1}' WHERE key='schema'";
+            cmd.ExecuteNonQuery();
+        }
+        var e = FuzzContract.Check("registry-attack", "newer schema", () => AdapterStore.Open(reg).Dispose())!;
+        Assert.Contains("newer LoraKit", e.Message);
+        Assert.Contains(AdapterStore.DbFile, e.Message);
     }
 
     [Fact]
