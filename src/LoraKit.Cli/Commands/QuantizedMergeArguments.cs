@@ -44,7 +44,7 @@ public static class QuantizedMergeArguments
         var p = r.Plan;
         Console.WriteLine($"merged {p.AdapterDir} into {p.ModelDir} → {outDir}{(requantized is null ? "" : $" (re-quantized: {MergeBasePlan.Describe(requantized)})")}");
         Console.WriteLine(p.TrainedOn is null
-            ? "  trained on:  full-precision weights (as far as the adapter records)"
+            ? $"  trained on:  not recorded (the adapter has no {BnbQuantizeOptions.AdapterMetadataKey} record)"
             : $"  trained on:  {MergeBasePlan.Describe(p.TrainedOn)} weights ({p.TrainedOnSource})");
         Console.WriteLine(p.Base == Lora.MergeBase.Dequantized
             ? $"  merge base:  the dequantized base{(p.Chosen ? "" : " (default: the weights the adapter was trained against)")}"

@@ -39,8 +39,9 @@ public sealed record LogitDifference(double MaxAbs, double MeanAbs, double Relat
         return model.Logits(input, null, null)[0].to(ScalarType.Float32, CPU).MoveToOuterDisposeScope();
     }
 
-    /// <summary>"max |Δ| 1.23e-02, mean |Δ| 4.5e-04, relative 3.1e-03".</summary>
-    public override string ToString() => $"max |Δlogit| {MaxAbs:E3}, mean |Δlogit| {MeanAbs:E3}, relative {Relative:E3} (of {Reference})";
+    /// <summary>"max |Δlogit| 1.301, mean |Δlogit| 0.07868, relative 0.4856 (to …)".</summary>
+    public override string ToString() =>
+        FormattableString.Invariant($"max |Δlogit| {MaxAbs:G4}, mean |Δlogit| {MeanAbs:G4}, relative {Relative:G4} (to {Reference})");
 
     /// <summary>The JSON recorded in the merged config.json (full precision).</summary>
     public JsonObject ToJson() => new() { ["max_abs"] = MaxAbs, ["mean_abs"] = MeanAbs, ["relative"] = Relative, ["relative_to"] = Reference };

@@ -65,11 +65,11 @@ public static class QuantizedBaseMerge
         using var lm = Build(plan, plan.Base, device, outputDType, ids, warn, out var baseLogits);
         using var scope = NewDisposeScope();
         var logits = LogitDifference.Probe(lm.Model, ids);
-        var adapterEffect = LogitDifference.Of(logits, baseLogits, "the written merge");
+        var adapterEffect = LogitDifference.Of(logits, baseLogits, "the merge");
         baseLogits.Dispose();
         LogitDifference? choice = otherLogits is null ? null
-            : plan.Base == MergeBase.Dequantized ? LogitDifference.Of(logits, otherLogits, "the merge onto the dequantized base (written)")
-            : LogitDifference.Of(otherLogits, logits, "the merge onto the dequantized base (not written)");
+            : plan.Base == MergeBase.Dequantized ? LogitDifference.Of(logits, otherLogits, "the dequantized-base merge, written")
+            : LogitDifference.Of(otherLogits, logits, "the dequantized-base merge, not written");
         otherLogits?.Dispose();
 
         foreach (var (name, p) in lm.Model.named_parameters())
@@ -81,7 +81,7 @@ public static class QuantizedBaseMerge
             tensors = BnbCheckpointWriter.QuantizeTensors(tensors, quantizeOutput); // before the weights below are replaced
             config["quantization_config"] = BnbCheckpointWriter.QuantizationConfig(quantizeOutput);
             ApplyRoundTrip(lm.Model, quantizeOutput);
-            requantization = LogitDifference.Of(logits, LogitDifference.Probe(lm.Model, ids), "the merged model before re-quantization");
+            requantization = LogitDifference.Of(logits, LogitDifference.Probe(lm.Model, ids), "the merge before re-quantization");
         }
         var result = new QuantizedMergeResult(plan, ids.Length, choice, adapterEffect, requantization);
         var record = (provenance?.DeepClone() as JsonObject) ?? new JsonObject();
