@@ -43,6 +43,13 @@ public static class QuantizedMergeArguments
     {
         var p = r.Plan;
         Console.WriteLine($"merged {p.AdapterDir} into {p.ModelDir} → {outDir}{(requantized is null ? "" : $" (re-quantized: {MergeBasePlan.Describe(requantized)})")}");
+        if (!p.Quantized)
+        {
+            Console.WriteLine($"  merge base:  {p.ModelDir} as it is (no quantization involved before re-quantizing)");
+            Console.WriteLine($"  adapter's own effect:   {r.AdapterEffect}");
+            if (r.Requantization is { } rq) Console.WriteLine($"  re-quantized vs merged: {rq}");
+            return;
+        }
         Console.WriteLine(p.TrainedOn is null
             ? $"  trained on:  not recorded (the adapter has no {BnbQuantizeOptions.AdapterMetadataKey} record)"
             : $"  trained on:  {MergeBasePlan.Describe(p.TrainedOn)} weights ({p.TrainedOnSource})");

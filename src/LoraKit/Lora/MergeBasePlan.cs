@@ -64,7 +64,7 @@ public sealed record MergeBasePlan
         ["trained_on_quantization"] = TrainedOn is null ? null : JsonNode.Parse(TrainedOn.ToJson()),
         ["trained_on_quantization_source"] = TrainedOnSource,
         ["base_quantization"] = BaseQuantization is null ? null : JsonNode.Parse(BaseQuantization.ToJson()),
-        ["merge_base"] = Base == MergeBase.Dequantized ? "dequantized" : "original",
+        ["merge_base"] = !Quantized ? "base" : Base == MergeBase.Dequantized ? "dequantized" : "original", // "base": no quantization involved
         ["merge_base_chosen_by"] = Chosen ? "user" : "default",
         ["original_weights"] = OriginalDir is null ? null : Path.GetFullPath(OriginalDir),
         ["original_weights_check"] = OriginalCheck,

@@ -55,7 +55,7 @@ public static class QuantizedBaseMerge
 
         var other = plan.Base == MergeBase.Dequantized ? MergeBase.Original : MergeBase.Dequantized;
         Tensor? otherLogits = null;
-        if (other == MergeBase.Dequantized || plan.OriginalDir is not null)
+        if (plan.Quantized && (other == MergeBase.Dequantized || plan.OriginalDir is not null))
             using (var alt = Build(plan, other, device, outputDType, ids, null, out var altBase))
             {
                 altBase.Dispose();
@@ -102,7 +102,7 @@ public static class QuantizedBaseMerge
         try
         {
             // A full-precision base the adapter saw quantized on load: rebuild exactly those weights.
-            if (which == MergeBase.Dequantized && plan.BaseQuantization is null) ApplyRoundTrip(lm.Model, plan.TrainedOn!);
+            if (which == MergeBase.Dequantized && plan.BaseQuantization is null && plan.TrainedOn is not null) ApplyRoundTrip(lm.Model, plan.TrainedOn);
             baseLogits = LogitDifference.Probe(lm.Model, ids);
             // The plan has checked the adapter against --model (and DIR against --model); DIR's own fingerprint differs by design.
             bool elsewhere = dir != plan.ModelDir;

@@ -235,6 +235,34 @@ public class QuantizedMergeTests
     }
 
     [Fact]
+    public void AnAdapterWithoutQuantizationCanStillBeReQuantizedExplicitly()
+    {
+        var tmp = Fixtures.TempDir();
+        string merged = Path.Combine(tmp, "merged"), requantized = Path.Combine(tmp, "int8");
+        var (code, _, stderr) = Merge("--model", Llama, "--adapter", AdapterA, "--output", merged, "--dtype", "fp32");
+        Assert.True(code == 0, stderr);
+        Assert.Null(Provenance(merged)["quantization"]); // the plain merge, unchanged
+        (code, var stdout, stderr) = Merge("--model", Llama, "--adapter", AdapterA, "--output", requantized, "--dtype", "fp32", "--quantize-output", "int8");
+        Assert.True(code == 0, stderr);
+        Assert.Contains("no quantization involved", stdout);
+        using (var m = CheckpointFiles.Open(merged))
+        using (var q = CheckpointFiles.Open(requantized))
+        {
+            Assert.Equal(m.Names.Where(Quantizable).Order(StringComparer.Ordinal), BnbCheckpoint.QuantizedWeights(q));
+            foreach (var key in BnbCheckpoint.QuantizedWeights(q))
+            {
+                using var scope = NewDisposeScope();
+                using var mine = Int8RowWise.Quantize(m.Read(key, ScalarType.Float32, CPU));
+                using var stored = BnbCheckpoint.ReadInt8(q, key);
+                Assert.True(QuantFormatTests.Same(mine.Weight, stored.Weight) && QuantFormatTests.Same(mine.Scb, stored.Scb), $"{key}: int8 storage differs");
+            }
+        }
+        var p = Provenance(requantized)["quantization"]!;
+        Assert.Equal("base", p["merge_base"]!.GetValue<string>());
+        AssertMeasured(p["probe"]!["requantization_difference"], merged, requantized, LogitDifference.DefaultProbeText, stdout);
+    }
+
+    [Fact]
     public void TrainingOnThePreQuantizedCheckpointThenMergingUsesItsDequantizedWeights()
     {
         var run = Path.Combine(Fixtures.TempDir(), "run");
