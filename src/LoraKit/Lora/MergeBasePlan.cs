@@ -125,7 +125,7 @@ public sealed record MergeBasePlan
     {
         if (originalDir is not null && !string.Equals(BaseFingerprint.Of(originalDir), BaseFingerprint.Of(ModelDir), StringComparison.OrdinalIgnoreCase))
             throw new QuantizedMergeException($"{ModelDir} is already the full-precision original the adapter's quantized base was made from; {originalDir} is another checkpoint (its fingerprint differs): leave DIR out");
-        return this with { OriginalDir = ModelDir, OriginalCheck = "the base itself (full precision, the fingerprint the adapter records)" };
+        return this with { OriginalDir = ModelDir, OriginalCheck = "the base itself (full precision)" };
     }
 
     /// <summary>The full-precision original of a pre-quantized base: needed to merge into it, optional for the comparison; verified when given.</summary>
