@@ -79,6 +79,15 @@ public static class AdapterCommands
         cmd.Options.Add(noGate);
         var registry = AdapterArgument.RegistryOption();
         cmd.Options.Add(registry);
+        var mergeBase = new Option<string[]>("--merge-base")
+        {
+            Description = "for an adapter trained on a quantized base: dequantized (default: the weights it was trained against) or original [DIR] " +
+                          "(the full-precision weights; DIR is where they live when --model is pre-quantized, and with dequantized the comparison)",
+            Arity = new ArgumentArity(1, 2), AllowMultipleArgumentsPerToken = true,
+        };
+        var quantizeOutput = new Option<string?>("--quantize-output") { Description = "re-quantize the merged model: nf4, fp4 or int8 (a bitsandbytes checkpoint; prints what it costs)" };
+        var probeText = new Option<string?>("--probe-text") { Description = "text on which a quantized merge measures the logit difference of the choices (default: a fixed sentence)" };
+        foreach (var o in new Option[] { mergeBase, quantizeOutput, probeText }) cmd.Options.Add(o);
         var (model, output, device, dtype) = ModelOutputOptions(cmd);
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
@@ -86,6 +95,19 @@ public static class AdapterCommands
             var adapterDir = AdapterArgument.Resolve(r.GetValue(adapter)!, r.GetValue(registry));
             var provenance = MergeGate.Check(r.GetValue(model)!, adapterDir, r.GetValue(gateReport), r.GetValue(noGate));
             var (dev, dt) = Placement.Resolve(r.GetValue(device)!, r.GetValue(dtype));
+            var (requested, originalDir) = QuantizedMergeArguments.MergeBase(r.GetValue(mergeBase));
+            var plan = MergeBasePlan.Make(r.GetValue(model)!, adapterDir, requested, originalDir, r.GetValue(allow), AdapterLoadOptions.Default.Warn);
+            var requantize = QuantizedMergeArguments.QuantizeOutput(r.GetValue(quantizeOutput), plan.TrainedOn, r.GetValue(dtype) is null ? ScalarType.BFloat16 : dt);
+            if (plan.Quantized || requantize is not null)
+            {
+                // Quantization involved: written in bf16 unless --dtype says otherwise (the merge itself is computed in fp32).
+                var result = QuantizedBaseMerge.Merge(plan, r.GetValue(output)!, r.GetValue(dtype) is null ? ScalarType.BFloat16 : dt, dev, requantize,
+                    r.GetValue(probeText), provenance, AdapterLoadOptions.Default.Warn);
+                QuantizedMergeArguments.Print(result, r.GetValue(output)!, requantize);
+                return 0;
+            }
+            if (r.GetValue(probeText) is not null)
+                throw new LoraKitException("--probe-text applies when quantization is involved (an adapter trained on a quantized base, a pre-quantized --model, or --quantize-output)");
             if (Directory.Exists(adapterDir) && AdapterFiles.Task(adapterDir) is { IsSequenceClassification: true } task)
             {
                 // A classifier merges into a *ForSequenceClassification checkpoint: the score head replaces the LM head.

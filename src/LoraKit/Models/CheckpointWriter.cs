@@ -22,8 +22,21 @@ public static class CheckpointWriter
     public static void Save(CausalLM model, string sourceDir, string outDir, long maxShardBytes = 5L << 30,
         Action<JsonObject>? editConfig = null, IReadOnlyDictionary<string, Tensor>? head = null, Func<string, string?>? checkpointKey = null)
     {
+        var (config, tensors) = Parts(model, editConfig, head, checkpointKey);
+        HfCheckpointWriter.Write(outDir, config, tensors, sourceDir, maxShardBytes);
+    }
+
+    /// <summary>
+    /// What <see cref="Save"/> writes, before it is written: config.json (its dtype <paramref name="saveAs"/>, default the
+    /// model's) and the tensors under their checkpoint keys — the model's parameters themselves, or new tensors converted to
+    /// <paramref name="saveAs"/> (in the caller's dispose scope). Callers that transform the tensors (re-quantization) start here.
+    /// </summary>
+    public static (JsonObject config, List<(string key, Tensor tensor)> tensors) Parts(CausalLM model, Action<JsonObject>? editConfig = null,
+        IReadOnlyDictionary<string, Tensor>? head = null, Func<string, string?>? checkpointKey = null, ScalarType? saveAs = null)
+    {
+        var dtype = saveAs ?? model.DType;
         var config = (JsonObject)model.Config.Raw.DeepClone();
-        config["dtype"] = model.DType switch
+        config["dtype"] = dtype switch
         {
             ScalarType.BFloat16 => "bfloat16",
             ScalarType.Float16 => "float16",
@@ -36,9 +49,9 @@ public static class CheckpointWriter
         {
             if ((checkpointKey is null ? name : checkpointKey(name)) is not string key) continue;
             if (key == "lm_head.weight" && (model.Config.TieWordEmbeddings || head != null)) continue;
-            tensors.Add((key, p));
+            tensors.Add((key, p.dtype == dtype ? p : p.detach().to(dtype)));
         }
         if (head != null) tensors.AddRange(head.Select(kv => (kv.Key, kv.Value)));
-        HfCheckpointWriter.Write(outDir, config, tensors, sourceDir, maxShardBytes);
+        return (config, tensors);
     }
 }
