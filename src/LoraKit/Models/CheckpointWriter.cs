@@ -22,6 +22,9 @@ public static class CheckpointWriter
     public static void Save(CausalLM model, string sourceDir, string outDir, long maxShardBytes = 5L << 30,
         Action<JsonObject>? editConfig = null, IReadOnlyDictionary<string, Tensor>? head = null, Func<string, string?>? checkpointKey = null)
     {
+        // Packed layers are buffers, not parameters: writing parameters alone would drop them silently.
+        if (model.Quantization is not null)
+            throw new LoraKitException($"cannot write {outDir} from a model with a quantized (packed) base: its linear weights are not dense parameters; dequantize into a new checkpoint instead");
         var config = (JsonObject)model.Config.Raw.DeepClone();
         config["dtype"] = model.DType switch
         {
