@@ -423,7 +423,10 @@ public sealed class Trainer : IDisposable
                  (valid is null ? "" : $"; {valid.Count} validation samples") + (trainSummary.Truncated > 0 ? $"; {trainSummary.Truncated} truncated to {c.MaxLength}" : ""));
 
         if (c.InitAdapter is string initDir) run.InitAdapter = InitAdapterRecord(initDir, initAdapterRef, run.InitAdapter);
-        var model = CausalLM.Load(c.Model, dtype, device);
+        var model = CausalLM.Load(c.Model, dtype, device, c.QuantizeOptions());
+        if (model.Quantization is not null && c.Method != "lora")
+            throw new ArgumentException($"{c.Model} is a quantized base (packed weights); method full needs dense weights, train a LoRA adapter instead");
+        if (model.Quantization is { } q) log.Info($"base quantized: {QuantizedBase.Describe(q)}, computing in {q.ComputeDtype} (reference dequantization per layer)");
         CheckStopToken(c, tok, model, train, trainSummary.Format, log);
         if (c.Packing) train = Batches.Pack(train, c.MaxLength);
 
