@@ -15,7 +15,6 @@ namespace LoraKit.Models;
 /// </summary>
 public sealed class Linear : nn.Module<Tensor, Tensor>
 {
-    readonly Parameter? _weight;
     public Parameter? bias;
 
     /// <summary>The packed weight of a quantized layer (null: dense).</summary>
@@ -24,40 +23,42 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
     public Linear(string name, WeightSource w, long inFeatures, long outFeatures, bool hasBias) : base("Linear")
     {
         Packed = w.TakePacked(name + ".weight", outFeatures, inFeatures);
-        if (Packed is null) _weight = w.Take(name + ".weight", outFeatures, inFeatures);
+        var dense = Packed is null ? w.Take(name + ".weight", outFeatures, inFeatures) : null;
         bias = hasBias ? w.Take(name + ".bias", outFeatures) : null;
-        Register();
+        Register(dense);
     }
 
     /// <summary>A layer over an existing parameter (tied LM head).</summary>
     public Linear(Parameter sharedWeight) : base("Linear")
     {
-        _weight = sharedWeight;
-        Register();
+        Register(sharedWeight);
     }
 
-    // Registered by hand: the dense parameter and the packed module share the checkpoint's name "weight".
-    void Register()
+    // Registered by hand: the dense parameter and the packed module share the checkpoint's name "weight". The dense one
+    // is read back from the registry (not a field), so a module-wide move (to(device/dtype)) that re-registers it is seen.
+    void Register(Parameter? dense)
     {
-        if (_weight is not null) register_parameter("weight", _weight);
+        if (dense is not null) register_parameter("weight", dense);
         if (Packed is not null) register_module("weight", Packed);
         if (bias is not null) register_parameter("bias", bias);
     }
 
     /// <summary>The dense weight [out, in]; a quantized layer has none (use <see cref="EffectiveWeight"/>, or decline).</summary>
-    public Parameter weight => _weight ?? throw new InvalidOperationException(
+    public Parameter weight => Dense ?? throw new InvalidOperationException(
         $"this linear layer's weight is {Packed!.Method}-quantized (packed); a dense-weight path does not apply to a quantized base, use EffectiveWeight");
 
     /// <summary>Whether the weight is packed (a quantized base layer).</summary>
     public bool IsQuantized => Packed is not null;
 
+    Parameter? Dense => Packed is null ? get_parameter("weight") : null;
+
     /// <summary>The weight the layer computes with, in <paramref name="dtype"/>: the dense one cast, or the packed one dequantized (a new tensor).</summary>
-    public Tensor EffectiveWeight(ScalarType dtype) => Packed is { } p ? p.Dequantize(dtype) : _weight!.to(dtype);
+    public Tensor EffectiveWeight(ScalarType dtype) => Packed is { } p ? p.Dequantize(dtype) : Dense!.to(dtype);
 
-    public long InFeatures => Packed?.Shape[1] ?? _weight!.shape[1];
-    public long OutFeatures => Packed?.Shape[0] ?? _weight!.shape[0];
+    public long InFeatures => Packed?.Shape[1] ?? Dense!.shape[1];
+    public long OutFeatures => Packed?.Shape[0] ?? Dense!.shape[0];
 
-    public override Tensor forward(Tensor x) => Packed is { } p ? p.Linear(x, bias) : nn.functional.linear(x, _weight!, bias);
+    public override Tensor forward(Tensor x) => Packed is { } p ? p.Linear(x, bias) : nn.functional.linear(x, Dense!, bias);
 }
 
 /// <summary>

@@ -67,11 +67,12 @@ public class Packed4BitWeight : PackedWeight
     {
         if (q.State.shape.Length != 2) throw new ArgumentException($"a linear weight is 2-D, the quant state says [{string.Join(", ", q.State.shape)}]");
         State = q.State;
-        register_buffer("data", q.Data.reshape(-1));
-        register_buffer("absmax", q.Absmax);
-        register_buffer("quant_map", q.QuantMap);
-        if (q.NestedAbsmax is { } na) register_buffer("nested_absmax", na);
-        if (q.NestedQuantMap is { } nm) register_buffer("nested_quant_map", nm);
+        // Detached from any dispose scope the load runs in: the buffers live as long as the module.
+        register_buffer("data", q.Data.reshape(-1).DetachFromDisposeScope());
+        register_buffer("absmax", q.Absmax.DetachFromDisposeScope());
+        register_buffer("quant_map", q.QuantMap.DetachFromDisposeScope());
+        if (q.NestedAbsmax is { } na) register_buffer("nested_absmax", na.DetachFromDisposeScope());
+        if (q.NestedQuantMap is { } nm) register_buffer("nested_quant_map", nm.DetachFromDisposeScope());
     }
 
     /// <summary>A module over <paramref name="other"/>'s buffers (shared, not copied), for a fast subclass swapped in after build.</summary>
@@ -105,8 +106,8 @@ public class PackedInt8Weight : PackedWeight
     /// <summary>Takes ownership of <paramref name="q"/>'s tensors as this module's buffers.</summary>
     public PackedInt8Weight(Int8Weight q) : base("PackedInt8Weight", q.Weight.shape)
     {
-        register_buffer("data", q.Weight);
-        register_buffer("SCB", q.Scb);
+        register_buffer("data", q.Weight.DetachFromDisposeScope());
+        register_buffer("SCB", q.Scb.DetachFromDisposeScope());
     }
 
     /// <inheritdoc/>
