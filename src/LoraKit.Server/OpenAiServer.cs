@@ -78,7 +78,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         {
             var (device, dtype) = Placement.Resolve(o.Device, o.Dtype);
             var tok = Tokenizer.Load(o.Model);
-            var lm = new LoraModel(CausalLM.Load(o.Model, dtype, device));
+            var lm = new LoraModel(CausalLM.Load(o.Model, dtype, device, o.Quantize));
             var eos = StopTokens.EosTokenIds(lm.Model.Config, tok, o.Model);
             var engine = new InferenceEngine(lm, tok, o.MaxBatch);
             var baseName = BaseName(o);

@@ -27,6 +27,8 @@ public sealed record ServerOptions
     public string Device { get; init; } = "auto";
     /// <summary>fp32, bf16 or fp16; null = the device's default.</summary>
     public string? Dtype { get; init; }
+    /// <summary>Quantize the base's linear layers on load and keep them packed (null: as stored; a pre-quantized checkpoint loads packed).</summary>
+    public LoraKit.Quantization.BnbQuantizeOptions? Quantize { get; init; }
     /// <summary>Name the base model is listed and addressed by (besides "base"); default: the model directory's name.</summary>
     public string? ModelName { get; init; }
     /// <summary>Adapters kept loaded at once (least recently used evicted).</summary>

@@ -35,16 +35,18 @@ public sealed class LoraKitModel : IDisposable
     /// <summary>
     /// Loads the model in <paramref name="modelDir"/> (config.json, safetensors, tokenizer.json; generation_config.json
     /// when present) on <paramref name="device"/> ("auto", "cpu", "cuda", "cuda:N") in <paramref name="dtype"/>
-    /// ("fp32", "bf16", "fp16"; default bf16 on CUDA, fp32 on the CPU), in evaluation mode.
+    /// ("fp32", "bf16", "fp16"; default bf16 on CUDA, fp32 on the CPU), in evaluation mode. With
+    /// <paramref name="quantize"/> the base's linear layers are quantized as they load and stay packed (QLoRA; the
+    /// compute dtype is <paramref name="dtype"/>); a pre-quantized bitsandbytes checkpoint loads packed without it.
     /// </summary>
-    public static LoraKitModel FromPretrained(string modelDir, string device = "auto", string? dtype = null)
+    public static LoraKitModel FromPretrained(string modelDir, string device = "auto", string? dtype = null, Quantization.BnbQuantizeOptions? quantize = null)
     {
         ModelDirectory.Require(modelDir);
         if (Classification.TextClassifier.IsSequenceClassificationCheckpoint(modelDir))
             throw new LoraKitException($"{modelDir} is a sequence-classification checkpoint (a merged classifier), not a causal LM; load it with TextClassifier");
         var (dev, type) = Runtime.Placement.Resolve(device, dtype);
         var tokenizer = Tokenizer.Load(modelDir);
-        var model = CausalLM.Load(modelDir, type, dev);
+        var model = CausalLM.Load(modelDir, type, dev, quantize);
         return new LoraKitModel(modelDir, new LoraModel(model), tokenizer, StopTokens.EosTokenIds(model.Config, tokenizer, modelDir));
     }
 

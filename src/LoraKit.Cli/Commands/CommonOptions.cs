@@ -18,6 +18,8 @@ public sealed class CommonOptions
     public Option<string?> Adapter { get; } = new("--adapter") { Description = "PEFT-format LoRA adapter directory to apply" };
     public Option<bool> AllowBaseMismatch { get; } = NewAllowBaseMismatch();
     public Option<string?> Registry { get; } = AdapterArgument.RegistryOption();
+    /// <summary>--quantize, --double-quant, --quant-blocksize.</summary>
+    public QuantizeOptions Quantize { get; } = new();
 
     /// <summary>--allow-base-mismatch, for every command that loads adapters.</summary>
     public static Option<bool> NewAllowBaseMismatch() => new("--allow-base-mismatch")
@@ -34,6 +36,7 @@ public sealed class CommonOptions
         c.Options.Add(Adapter);
         c.Options.Add(AllowBaseMismatch);
         c.Options.Add(Registry);
+        Quantize.AddTo(c);
     }
 
     /// <summary>Loads the model (and the --adapter on top of it, when given) and its tokenizer.</summary>
@@ -43,9 +46,10 @@ public sealed class CommonOptions
         ModelDirectory.Require(dir);
         if (Classification.TextClassifier.IsSequenceClassificationCheckpoint(dir))
             throw new ArgumentException($"{dir} is a sequence-classification checkpoint (a merged classifier), not a causal LM; use `lorakit classify --model {dir}`");
+        var quantize = Quantize.Resolve(r);
         var (device, dtype) = Placement.Resolve(r.GetValue(Device)!, r.GetValue(DType));
         var tokenizer = Tokenizer.Load(dir);
-        var model = CausalLM.Load(dir, dtype, device);
+        var model = CausalLM.Load(dir, dtype, device, quantize);
         if (r.GetValue(Adapter) is string adapter)
             AdapterFiles.Load(new LoraModel(model), "default", AdapterArgument.Resolve(adapter, r.GetValue(Registry)), new AdapterLoadOptions { AllowBaseMismatch = r.GetValue(AllowBaseMismatch) });
         return (model, tokenizer);

@@ -34,6 +34,7 @@ public static class EvalCommand
         cmd.Options.Add(common.Device);
         cmd.Options.Add(common.DType);
         cmd.Options.Add(common.Json);
+        common.Quantize.AddTo(cmd);
         foreach (var o in new Option[] { adapters, suites, output, gate, capDrop, pplUp, minTask, safety, batch, judgeUrl, judgeModel, registry }) cmd.Options.Add(o);
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
@@ -53,9 +54,10 @@ public static class EvalCommand
             using var judge = r.GetValue(judgeUrl) is string url
                 ? RubricJudge.ForEndpoint(url, r.GetValue(judgeModel)!, Environment.GetEnvironmentVariable(RubricJudge.ApiKeyVariable)) : null;
             bool json = r.GetValue(common.Json);
+            var quantize = common.Quantize.Resolve(r);
             var modelDir = r.GetValue(common.Model)!;
             IO.ModelDirectory.Require(modelDir);
-            using var model = LoraKitModel.FromPretrained(modelDir, r.GetValue(common.Device)!, r.GetValue(common.DType));
+            using var model = LoraKitModel.FromPretrained(modelDir, r.GetValue(common.Device)!, r.GetValue(common.DType), quantize);
             var progress = new ProgressLine(!json && !Console.IsErrorRedirected);
             var report = model.Evaluate(loaded, adapterDirs, new EvalOptions
             {

@@ -33,11 +33,13 @@ public static class ServeCommand
         var drain = new Option<double>("--drain-seconds") { Description = "on SIGTERM or Ctrl+C, how long in-flight requests may finish", DefaultValueFactory = _ => 30.0 };
         var insecure = new Option<bool>("--insecure") { Description = "allow a non-loopback --host without any key" };
         var quiet = new Option<bool>("--quiet") { Description = "no log line per request" };
+        var quantize = new QuantizeOptions();
         var cmd = new Command("serve", "Serve one base model and many LoRA adapters over an OpenAI-compatible HTTP API: adapters from a directory " +
                                        "(\"model\": \"NAME\"), from the registry (\"model\": \"NAME@VERSION\", \"NAME@ALIAS\", or \"NAME\" = NAME@production, " +
                                        "a 404 when that alias does not exist; alias moves apply to the next request), or both. " +
                                        "With a key set, every endpoint but /health needs one; the admin key also works on /v1.")
             { model, adapters, registry, host, port, apiKey, adminKey, device, dtype, maxAdapters, maxBatch, maxTokens, maxPrompt, maxConcurrent, drain, insecure, quiet, allowMismatch };
+        quantize.AddTo(cmd);
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             var options = new ServerOptions
@@ -47,7 +49,7 @@ public static class ServeCommand
                 AdminKey = r.GetValue(adminKey) ?? Environment.GetEnvironmentVariable("LORAKIT_ADMIN_KEY"),
                 Device = r.GetValue(device)!, Dtype = r.GetValue(dtype), MaxLoadedAdapters = r.GetValue(maxAdapters), MaxBatch = r.GetValue(maxBatch),
                 MaxTokens = r.GetValue(maxTokens), MaxPromptTokens = r.GetValue(maxPrompt), MaxConcurrent = r.GetValue(maxConcurrent),
-                AllowBaseMismatch = r.GetValue(allowMismatch),
+                AllowBaseMismatch = r.GetValue(allowMismatch), Quantize = quantize.Resolve(r),
                 DrainTimeout = TimeSpan.FromSeconds(r.GetValue(drain) is var d && d >= 0 && d <= 3600 ? d : throw new LoraKitException("--drain-seconds must be between 0 and 3600")),
                 Insecure = r.GetValue(insecure),
                 Log = r.GetValue(quiet) ? null : Console.Out.WriteLine,

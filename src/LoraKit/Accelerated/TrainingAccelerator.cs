@@ -50,7 +50,8 @@ public static class TrainingAccelerator
     /// </summary>
     public static List<string> Apply(LoraModel lm, TrainingAcceleration o)
     {
-        lm.UseFastTraining(o.FusedKernels);
+        // The LoRA fast path reads the dense base weight; a packed base computes through its own (reference) forward.
+        lm.UseFastTraining(o.FusedKernels && !Quantized(lm.Model));
         return Apply(lm.Model, o);
     }
 
@@ -59,7 +60,7 @@ public static class TrainingAccelerator
     {
         var trunk = model.model;
         var log = new List<string>();
-        if (Declines(model.Config) is { } why)
+        if (Declines(model) is { } why)
         {
             // The reference modules stay; checkpointing (plain replay) and the memory placements work on any block.
             if (o.FusedKernels || model.Device.type == TorchSharp.DeviceType.CUDA)
@@ -95,6 +96,22 @@ public static class TrainingAccelerator
         if (c.AttentionScale != 1.0 / Math.Sqrt(c.HeadDim)) differences.Add("attention scaled by query_pre_attn_scalar");
         return differences.Count == 0 ? null : string.Join(", ", differences);
     }
+
+    /// <summary>
+    /// Why the fast layer modules do not apply to <paramref name="model"/> (null: they do): its family's block
+    /// (<see cref="Declines(ModelConfig)"/>), or a quantized base, whose packed layers have no fused dequantize-GEMM
+    /// yet (the reference layers dequantize each weight per forward).
+    /// </summary>
+    public static string? Declines(CausalLM model)
+    {
+        var family = Declines(model.Config);
+        if (!Quantized(model)) return family;
+        const string packed = "a quantized (packed) base has no fused dequantize-GEMM kernel yet";
+        return family is null ? packed : family + ", " + packed;
+    }
+
+    /// <summary>Whether any of the model's linear layers is packed (a quantized base).</summary>
+    public static bool Quantized(CausalLM model) => model.Quantization is not null || model.modules().OfType<Linear>().Any(l => l.IsQuantized);
 
     /// <summary>Whether the model's input embedding lives in host memory (<see cref="HostEmbedding"/>).</summary>
     public static bool EmbeddingsOnHost(CausalLM model) => model.model.embed_tokens is HostEmbedding;
@@ -167,7 +184,7 @@ public static class TrainingAccelerator
         if (!WantsForMemory(mode, "`offload_checkpoints`", model, checkpointing)) return null;
         if (!checkpointing || model.model.Runner is not CheckpointRunner runner)
             return "checkpoints stay on the device: there are none without `gradient_checkpointing`";
-        if (Declines(model.Config) is not null)
+        if (Declines(model) is not null)
             return "checkpoints stay on the device: offloading them needs the fast modules' lean replay, which this model's family declines";
         var offload = CheckpointOffload.TryCreate(model.Device, out var why);
         if (offload is null) return $"checkpoints stay on the device: {why}";

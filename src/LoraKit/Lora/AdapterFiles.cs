@@ -273,6 +273,8 @@ public static class AdapterFiles
             metadata[Models.BaseFingerprint.MetadataKey] = fp;
             metadata[Models.BaseFingerprint.ModelTypeKey] = lm.Model.Config.ModelType;
         }
+        // Trained on a quantized base: record which quantization, so merge can rebuild the weights the adapter saw.
+        if (lm.Model.Quantization is { } q) metadata[Quantization.BnbQuantizeOptions.AdapterMetadataKey] = q.ToJson();
         SafetensorsWriter.Save(Path.Combine(dir, WeightsFile), tensors, metadata);
         var basePath = baseModelPath ?? lm.Model.NameOrPath;
         (basePath is null ? config : config with { BaseModelNameOrPath = basePath }).Save(dir);

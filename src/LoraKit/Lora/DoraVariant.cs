@@ -38,7 +38,7 @@ public sealed class DoraVariant : ILoraVariant
         if (w.Magnitude is not null) return; // loaded from a file
         using var scope = NewDisposeScope();
         using var _ = no_grad();
-        var norm = WeightNorm(baseLayer.weight.to(ScalarType.Float32), w.B.matmul(w.A), w.Scaling);
+        var norm = WeightNorm(baseLayer.EffectiveWeight(ScalarType.Float32), w.B.matmul(w.A), w.Scaling);
         w.MagnitudeFactor = new LoraFactor(new Parameter(norm.DetachFromDisposeScope(), true));
     }
 
@@ -47,7 +47,7 @@ public sealed class DoraVariant : ILoraVariant
     {
         var magnitude = w.Magnitude ?? throw new InvalidOperationException("a DoRA adapter without its magnitude");
         if (dropout is not null) x = dropout(x);
-        var weight = baseLayer.weight.to(x.dtype);
+        var weight = baseLayer.EffectiveWeight(x.dtype);
         Tensor loraWeight;
         using (no_grad()) loraWeight = w.B.to(x.dtype).matmul(w.A.to(x.dtype));  // PEFT passes lora_weight.detach()
         var norm = WeightNorm(weight, loraWeight, w.Scaling).detach();

@@ -104,7 +104,8 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         // Training fast path: the fused autograd function, which hand-writes s·B·A·x and its backward (plain terms only).
-        if (ComputeInInputDtype && TrySingleAdapter(out var single) && single != null)
+        // A packed (quantized) base has no dense weight for it: the layer's own forward dequantizes instead.
+        if (ComputeInInputDtype && !base_layer.IsQuantized && TrySingleAdapter(out var single) && single != null)
             return training && is_grad_enabled() ? LoraProjection.Apply(x, base_layer, single) : SingleInInputDtype(x, single);
         var result = base_layer.forward(x);
         if (RowAdapters is { } rows && !Disabled) return PerRow(x, result, rows);
@@ -264,6 +265,7 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
     public void Merge(string name)
     {
         if (_merged.Contains(name)) return;
+        NotQuantized(name);
         var w = _adapters[name];
         using var scope = NewDisposeScope();
         using var _ = no_grad();
@@ -289,6 +291,17 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         w.MergeCache?.Dispose();
         w.MergeCache = null;
         return true;
+    }
+
+    /// <summary>
+    /// In-place merging needs a dense weight: packed codes cannot hold W + ΔW. Merging an adapter trained on a quantized
+    /// base writes a new checkpoint of the dequantized base + delta instead (<see cref="DeltaWeight"/> and
+    /// <see cref="Models.Linear.EffectiveWeight"/>).
+    /// </summary>
+    void NotQuantized(string name)
+    {
+        if (base_layer.IsQuantized)
+            throw new LoraKitException($"cannot merge adapter '{name}' in place: the base layer is {base_layer.Packed!.Method}-quantized (packed); write a merged checkpoint of the dequantized base + delta instead");
     }
 
     /// <summary>Undoes the merges, last merged first, until none remain (base weights restored within rounding).</summary>

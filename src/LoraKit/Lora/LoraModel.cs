@@ -232,7 +232,8 @@ public sealed class LoraModel : IDisposable
     {
         long trainable = Parameters(name).Sum(p => p.param.numel());
         // Adapters are registered parameters, so the model's own count includes every loaded adapter (a tied LM head counts once).
-        long all = Model.parameters().DistinctBy(p => p.Handle).Sum(p => p.numel());
+        long all = Model.parameters().DistinctBy(p => p.Handle).Sum(p => p.numel())
+            + Model.modules().OfType<Models.Linear>().Where(l => l.IsQuantized).Sum(l => l.OutFeatures * l.InFeatures); // packed weights count as their values, as PEFT counts Params4bit
         return $"trainable params: {trainable:N0} || all params: {all:N0} || trainable%: {100.0 * trainable / all:F4}";
     }
 

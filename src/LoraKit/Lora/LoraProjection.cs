@@ -45,7 +45,8 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
             case LoraLinear ll when ll.TrySingleAdapter(out lora): baseLayer = ll.base_layer; break;
             default: return false;
         }
-        return !baseLayer.weight.requires_grad && baseLayer.bias is not { requires_grad: true };
+        // A quantized (packed) base has no dense weight for these GEMMs: its layer runs the reference forward.
+        return !baseLayer.IsQuantized && !baseLayer.weight.requires_grad && baseLayer.bias is not { requires_grad: true };
     }
 
     public static Tensor Apply(Tensor x, Models.Linear baseLayer, LoraWeights? lora, Output mode = Output.Compute, Tensor? known = null,

@@ -22,6 +22,11 @@ public sealed class CausalLM : nn.Module<Tensor, Tensor>
     public string? NameOrPath { get; private set; }
     /// <summary>The base checkpoint's <see cref="BaseFingerprint"/> (null when built in memory, not from files).</summary>
     public string? Fingerprint { get; private set; }
+    /// <summary>
+    /// The quantization of the frozen base (its linear layers packed: quantized on load or a pre-quantized checkpoint),
+    /// with the compute dtype; null for a full-precision base. Adapters trained on it record it (<see cref="Quantization.BnbQuantizeOptions.AdapterMetadataKey"/>).
+    /// </summary>
+    public Quantization.BnbQuantizeOptions? Quantization { get; private set; }
 
     public CausalLM(ModelConfig config, WeightSource w) : base("CausalLM")
     {
@@ -37,17 +42,21 @@ public sealed class CausalLM : nn.Module<Tensor, Tensor>
     /// <summary>
     /// Loads config.json and the safetensors weights of an HF checkpoint directory, in evaluation mode (as transformers'
     /// from_pretrained): dropout is off everywhere until a trainer switches to training mode itself.
+    /// With <paramref name="quantize"/> the linear layers are quantized as they load and stay packed; a pre-quantized
+    /// bitsandbytes checkpoint loads packed without it (<see cref="QuantizedBase"/> decides what a request means).
     /// </summary>
-    public static CausalLM Load(string dir, ScalarType dtype, Device device)
+    public static CausalLM Load(string dir, ScalarType dtype, Device device, Quantization.BnbQuantizeOptions? quantize = null)
     {
         var config = ModelConfig.Load(dir);
         using var files = CheckpointFiles.Open(dir);
+        var quantization = QuantizedBase.Resolve(dir, files, quantize, dtype);
         // A tied checkpoint may still carry lm_head.weight (equal to the embeddings); transformers ignores it.
         var ignorable = config.TieWordEmbeddings ? new[] { "lm_head.weight" } : [];
         using var _ = no_grad();
-        var model = new CausalLM(config, new CheckpointWeights(files, dtype, device, ignorable));
+        var model = new CausalLM(config, new CheckpointWeights(files, dtype, device, ignorable) { Quantize = quantization.OnLoad });
         model.NameOrPath = dir;
         model.Fingerprint = BaseFingerprint.Compute(config, files);
+        model.Quantization = quantization.Base;
         model.eval();
         return model;
     }

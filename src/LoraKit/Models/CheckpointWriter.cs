@@ -34,6 +34,9 @@ public static class CheckpointWriter
     public static (JsonObject config, List<(string key, Tensor tensor)> tensors) Parts(CausalLM model, Action<JsonObject>? editConfig = null,
         IReadOnlyDictionary<string, Tensor>? head = null, Func<string, string?>? checkpointKey = null, ScalarType? saveAs = null)
     {
+        // Packed layers are buffers, not parameters: writing parameters alone would drop them silently.
+        if (model.Quantization is not null)
+            throw new LoraKitException("cannot write a checkpoint from a model with a quantized (packed) base: its linear weights are not dense parameters; dequantize into a new checkpoint instead");
         var dtype = saveAs ?? model.DType;
         var config = (JsonObject)model.Config.Raw.DeepClone();
         config["dtype"] = dtype switch

@@ -7,30 +7,58 @@ namespace LoraKit.Models;
 // Field names in this folder are the checkpoint's keys (snake_case), so module paths equal HF's parameter names.
 #pragma warning disable IDE1006
 
-/// <summary>y = x·Wᵀ + b with a frozen weight; the base layer that adapters wrap.</summary>
+/// <summary>
+/// y = x·Wᵀ + b with a frozen weight; the base layer that adapters wrap. W is dense (the parameter <c>weight</c>) or,
+/// on a quantized base, packed (<see cref="Packed"/>, the submodule <c>weight</c> whose buffers are bnb's storage)
+/// and dequantized per forward. Code that needs W itself either calls <see cref="EffectiveWeight"/> (works for both)
+/// or reads <see cref="weight"/>, which exists only for a dense layer and says so clearly otherwise.
+/// </summary>
 public sealed class Linear : nn.Module<Tensor, Tensor>
 {
-    public Parameter weight;
     public Parameter? bias;
+
+    /// <summary>The packed weight of a quantized layer (null: dense).</summary>
+    public Quantization.PackedWeight? Packed { get; }
 
     public Linear(string name, WeightSource w, long inFeatures, long outFeatures, bool hasBias) : base("Linear")
     {
-        weight = w.Take(name + ".weight", outFeatures, inFeatures);
+        Packed = w.TakePacked(name + ".weight", outFeatures, inFeatures);
+        var dense = Packed is null ? w.Take(name + ".weight", outFeatures, inFeatures) : null;
         bias = hasBias ? w.Take(name + ".bias", outFeatures) : null;
-        RegisterComponents();
+        Register(dense);
     }
 
     /// <summary>A layer over an existing parameter (tied LM head).</summary>
     public Linear(Parameter sharedWeight) : base("Linear")
     {
-        weight = sharedWeight;
-        RegisterComponents();
+        Register(sharedWeight);
     }
 
-    public long InFeatures => weight.shape[1];
-    public long OutFeatures => weight.shape[0];
+    // Registered by hand: the dense parameter and the packed module share the checkpoint's name "weight". The dense one
+    // is read back from the registry (not a field), so a module-wide move (to(device/dtype)) that re-registers it is seen.
+    void Register(Parameter? dense)
+    {
+        if (dense is not null) register_parameter("weight", dense);
+        if (Packed is not null) register_module("weight", Packed);
+        if (bias is not null) register_parameter("bias", bias);
+    }
 
-    public override Tensor forward(Tensor x) => nn.functional.linear(x, weight, bias);
+    /// <summary>The dense weight [out, in]; a quantized layer has none (use <see cref="EffectiveWeight"/>, or decline).</summary>
+    public Parameter weight => Dense ?? throw new InvalidOperationException(
+        $"this linear layer's weight is {Packed!.Method}-quantized (packed); a dense-weight path does not apply to a quantized base, use EffectiveWeight");
+
+    /// <summary>Whether the weight is packed (a quantized base layer).</summary>
+    public bool IsQuantized => Packed is not null;
+
+    Parameter? Dense => Packed is null ? get_parameter("weight") : null;
+
+    /// <summary>The weight the layer computes with, in <paramref name="dtype"/>: the dense one cast, or the packed one dequantized (a new tensor).</summary>
+    public Tensor EffectiveWeight(ScalarType dtype) => Packed is { } p ? p.Dequantize(dtype) : Dense!.to(dtype);
+
+    public long InFeatures => Packed?.Shape[1] ?? Dense!.shape[1];
+    public long OutFeatures => Packed?.Shape[0] ?? Dense!.shape[0];
+
+    public override Tensor forward(Tensor x) => Packed is { } p ? p.Linear(x, bias) : nn.functional.linear(x, Dense!, bias);
 }
 
 /// <summary>

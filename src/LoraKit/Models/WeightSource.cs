@@ -29,6 +29,20 @@ public abstract class WeightSource
 
     protected abstract Tensor Load(string name, long[] shape);
 
+    /// <summary>
+    /// The packed weight of linear layer weight <paramref name="name"/> [out, in] when this source quantizes it (a
+    /// pre-quantized checkpoint's weight, or quantize-on-load), else null: the caller then takes a dense parameter.
+    /// </summary>
+    public PackedWeight? TakePacked(string name, long outFeatures, long inFeatures)
+    {
+        var packed = LoadPacked(name, [outFeatures, inFeatures]);
+        if (packed is not null) _taken.Add(name);
+        return packed;
+    }
+
+    /// <summary>See <see cref="TakePacked"/>; dense by default.</summary>
+    protected virtual PackedWeight? LoadPacked(string name, long[] shape) => null;
+
     public virtual void EnsureAllUsed() { }
 
     protected bool WasTaken(string name) => _taken.Contains(name);
@@ -37,13 +51,57 @@ public abstract class WeightSource
 }
 
 /// <summary>
-/// Weights from a checkpoint's safetensors files. A weight stored by bitsandbytes (4-bit NF4/FP4 or LLM.int8, detected
-/// by its quant_state / SCB keys) is dequantized to the compute dtype; its companion tensors count as used.
+/// Weights from a checkpoint's safetensors files. A linear weight stored by bitsandbytes (4-bit NF4/FP4 or LLM.int8,
+/// detected by its quant_state / SCB keys) loads packed, as stored; with <see cref="Quantize"/> set, the linear weights
+/// of a full-precision checkpoint are quantized one tensor at a time as they load (read one tensor onto the device,
+/// quantize it there, drop the dense copy), so the whole model never exists in 16 bits on the device. The LM head and
+/// embeddings stay dense (transformers keeps them unquantized). Companion tensors of quantized weights count as used.
 /// </summary>
 public sealed class CheckpointWeights(CheckpointFiles files, ScalarType dtype, Device device, IEnumerable<string>? ignorable = null)
     : WeightSource(dtype, device)
 {
     readonly HashSet<string> _ignorable = new(ignorable ?? [], StringComparer.Ordinal);
+
+    /// <summary>Quantize full-precision linear weights on load with these options (null: load them dense).</summary>
+    public BnbQuantizeOptions? Quantize { get; init; }
+
+    /// <summary>Whether a linear weight is quantized on load: every decoder linear, never the LM head (as transformers).</summary>
+    public static bool QuantizableOnLoad(string name) => !name.StartsWith("lm_head.", StringComparison.Ordinal);
+
+    protected override PackedWeight? LoadPacked(string name, long[] shape)
+    {
+        if (!files.Contains(name)) return null; // Load reports the missing tensor
+        var kind = BnbCheckpoint.KindOf(files, name);
+        if (kind == BnbKind.None)
+            return Quantize is { } o && QuantizableOnLoad(name) && files.Entry(name).Shape.SequenceEqual(shape) ? QuantizeOnLoad(name, o) : null;
+        _quantized.Add(name);
+        PackedWeight packed = kind == BnbKind.FourBit ? new Packed4BitWeight(OnDevice(BnbCheckpoint.Read4Bit(files, name)))
+            : new PackedInt8Weight(OnDevice(BnbCheckpoint.ReadInt8(files, name)));
+        if (!packed.Shape.SequenceEqual(shape))
+        {
+            packed.Dispose();
+            throw new InvalidDataException($"{files.PathOf(name)}: quantized tensor '{name}' has shape {Shape(packed.Shape)} but the config implies {Shape(shape)}");
+        }
+        return packed;
+    }
+
+    /// <summary>Reads the weight in its stored dtype onto the device, checks it, quantizes it there and drops it.</summary>
+    PackedWeight QuantizeOnLoad(string name, BnbQuantizeOptions o)
+    {
+        var stored = IO.DTypes.ToScalarType(files.Entry(name).DType);
+        if (stored is not (ScalarType.Float32 or ScalarType.BFloat16 or ScalarType.Float16))
+            throw new SafetensorsException(files.PathOf(name), $"tensor '{name}' has dtype {files.Entry(name).DType}; quantizing on load takes F32, BF16 or F16 weights");
+        using var dense = files.Read(name, stored.Value, Device);
+        if (!AllFinite(dense)) throw new LoraKitException($"checkpoint tensor '{name}' contains NaN or infinite values; refusing a base model with non-finite weights");
+        return PackedWeight.Quantize(dense, o);
+    }
+
+    Quantized4Bit OnDevice(Quantized4Bit q) => Device.type == TorchSharp.DeviceType.CPU ? q
+        : Moved(q, () => new Quantized4Bit(q.Data.to(Device), q.Absmax.to(Device), q.QuantMap.to(Device), q.NestedAbsmax?.to(Device), q.NestedQuantMap?.to(Device), q.State));
+
+    Int8Weight OnDevice(Int8Weight q) => Device.type == TorchSharp.DeviceType.CPU ? q : Moved(q, () => new Int8Weight(q.Weight.to(Device), q.Scb.to(Device)));
+
+    static T Moved<T>(IDisposable cpu, Func<T> move) { using (cpu) return move(); }
 
     protected override Tensor Load(string name, long[] shape)
     {

@@ -44,6 +44,18 @@ public sealed class TrainConfig
     /// <summary>DoRA (PEFT's <c>use_dora</c>): a trainable magnitude per output row beside the low-rank update.</summary>
     public bool UseDora { get; set; }
 
+    // quantized base (QLoRA)
+    /// <summary>nf4, fp4 or int8: quantize the frozen base's linear layers on load and keep them packed (null: as stored).</summary>
+    public string? Quantize { get; set; }
+    /// <summary>on or off: double-quantize the 4-bit absmax (bnb_4bit_use_double_quant).</summary>
+    public string DoubleQuant { get; set; } = "on";
+    /// <summary>Values per 4-bit absmax block.</summary>
+    public int QuantBlocksize { get; set; } = 64;
+
+    /// <summary>The quantize-on-load options these settings ask for (null: none); the compute dtype is the load's.</summary>
+    public Quantization.BnbQuantizeOptions? QuantizeOptions() =>
+        Quantize is null ? null : new Quantization.BnbQuantizeOptions(Quantize, DoubleQuant == "on", QuantBlocksize);
+
     // data
     public string Format { get; set; } = "auto";
     public int MaxLength { get; set; } = 1024;
@@ -171,6 +183,7 @@ public sealed class TrainConfig
         // Added after runs were written: left out when off, so those runs keep their identity and still resume.
         if (!UseDora) o.Remove("use_dora");
         if (EvalSuite.Count == 0) o.Remove("eval_suite");
+        if (Quantize is null) foreach (var k in new[] { "quantize", "double_quant", "quant_blocksize" }) o.Remove(k);
         return o;
     }
 
@@ -195,6 +208,10 @@ public sealed class TrainConfig
         Check(OffloadMlpLayers >= 0, "`offload_mlp_layers` must be ≥ 0");
         Check(Data.Length > 0, "`data` is required");
         Check(Method is "lora" or "full", $"method must be lora or full (got '{Q(Method)}')");
+        Check(Quantize is null or "nf4" or "fp4" or "int8", $"`quantize` must be nf4, fp4 or int8, not '{Q(Quantize ?? "")}'");
+        Check(DoubleQuant is "on" or "off", $"`double_quant` must be on or off, not '{Q(DoubleQuant)}'");
+        Check(Quantization.QuantState.ValidBlocksizes.Contains(QuantBlocksize), $"`quant_blocksize` must be one of {string.Join(", ", Quantization.QuantState.ValidBlocksizes)}, not {QuantBlocksize}");
+        Check(Quantize is null || Method == "lora", "`quantize` freezes the base in packed form; it trains LoRA adapters only, not method full");
         Check(Schedule is "constant" or "linear" or "cosine", $"schedule must be constant, linear or cosine (got '{Q(Schedule)}')");
         Check(Lr > 0, "lr must be positive");
         Check(BatchSize > 0 && GradAccum > 0, "batch size and gradient accumulation must be positive");

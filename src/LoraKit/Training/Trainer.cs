@@ -305,7 +305,10 @@ public sealed class Trainer : IDisposable
         // The task decides what a micro-batch's summed loss is and what it is normalised by: target tokens for language
         // modelling, samples for classification. backwardOf(rows, 1/count) back-propagates the normalised loss and
         // returns the sum; language modelling may replay it from a CUDA graph.
-        bool graphed = classifier is null && c.Method == "lora" && UseCudaGraph(c.CudaGraph, device, fast, fresh?.LoraDropout ?? c.LoraDropout);
+        // A quantized base's reference dequantization is not graph-captured yet (it makes host scalars every forward).
+        bool quantized = model.Quantization is not null;
+        if (quantized && c.CudaGraph == "on") throw new ArgumentException("`cuda_graph` on: a quantized base is not captured as a CUDA graph yet; use auto or off");
+        bool graphed = classifier is null && c.Method == "lora" && !quantized && UseCudaGraph(c.CudaGraph, device, fast, fresh?.LoraDropout ?? c.LoraDropout);
         _graphed = graphed;
         _sideStream = graphed ? Runtime.Cuda.CudaStreams.UseSideStream(device) : null;
         var lmStep = new GraphedStep(b => LossSum(model, b, chunked: c.Method == "lora"), graphed);
@@ -423,7 +426,10 @@ public sealed class Trainer : IDisposable
                  (valid is null ? "" : $"; {valid.Count} validation samples") + (trainSummary.Truncated > 0 ? $"; {trainSummary.Truncated} truncated to {c.MaxLength}" : ""));
 
         if (c.InitAdapter is string initDir) run.InitAdapter = InitAdapterRecord(initDir, initAdapterRef, run.InitAdapter);
-        var model = CausalLM.Load(c.Model, dtype, device);
+        var model = CausalLM.Load(c.Model, dtype, device, c.QuantizeOptions());
+        if (model.Quantization is not null && c.Method != "lora")
+            throw new ArgumentException($"{c.Model} is a quantized base (packed weights); method full needs dense weights, train a LoRA adapter instead");
+        if (model.Quantization is { } q) log.Info($"base quantized: {QuantizedBase.Describe(q)}, computing in {q.ComputeDtype} (reference dequantization per layer)");
         CheckStopToken(c, tok, model, train, trainSummary.Format, log);
         if (c.Packing) train = Batches.Pack(train, c.MaxLength);
 

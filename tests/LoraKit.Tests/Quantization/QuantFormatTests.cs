@@ -296,8 +296,8 @@ public class QuantFormatTests
     }
 }
 
-/// <summary>The packed 4-bit linear layer computes with exactly its dequantized weight, and gradients reach the input.</summary>
-public class QuantizedLinearTests
+/// <summary>The packed 4-bit weight computes exactly with its dequantized weight, holds no parameter, and gradients reach the input.</summary>
+public class PackedWeightTests
 {
     [Fact]
     public void ForwardEqualsLinearOfTheDequantizedWeight()
@@ -306,15 +306,15 @@ public class QuantizedLinearTests
         var gen = new Generator(11);
         var w = randn([24, 40], generator: gen) * 0.1;
         var bias = randn([24], generator: gen);
-        using var layer = new QuantizedLinear("q", Blockwise4Bit.Quantize(w, "nf4", 64, true), bias.clone());
+        using var packed = new Packed4BitWeight(Blockwise4Bit.Quantize(w, "nf4", 64, true));
         var x = randn([3, 5, 40], generator: gen).requires_grad_(true);
-        var y = layer.forward(x);
-        var expected = nn.functional.linear(x, Blockwise4Bit.Dequantize(layer.Storage), bias);
+        var y = packed.Linear(x, bias);
+        var expected = nn.functional.linear(x, Blockwise4Bit.Dequantize(packed.Storage), bias);
         Assert.True(QuantFormatTests.Same(y, expected));
         Assert.Equal(new long[] { 3, 5, 24 }, y.shape);
         y.sum().backward();
         Assert.NotNull(x.grad);
-        Assert.Equal(24, layer.OutFeatures);
-        Assert.Empty(layer.parameters());
+        Assert.Equal(new long[] { 24, 40 }, packed.Shape);
+        Assert.Empty(packed.parameters());
     }
 }
