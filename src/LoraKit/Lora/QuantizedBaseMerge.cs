@@ -98,7 +98,7 @@ public static class QuantizedBaseMerge
     static LoraModel Build(MergeBasePlan plan, MergeBase which, Device device, ScalarType outputDType, long[] ids, Action<string>? warn, out Tensor baseLogits)
     {
         string dir = which == MergeBase.Original ? plan.OriginalDir! : plan.ModelDir;
-        var lm = new LoraModel(CausalLM.Load(dir, ScalarType.Float32, device));
+        var lm = new LoraModel(CausalLM.Load(dir, ScalarType.Float32, device, dequantize: true));
         try
         {
             // A full-precision base the adapter saw quantized on load: rebuild exactly those weights.

@@ -43,20 +43,22 @@ public sealed class CausalLM : nn.Module<Tensor, Tensor>
     /// Loads config.json and the safetensors weights of an HF checkpoint directory, in evaluation mode (as transformers'
     /// from_pretrained): dropout is off everywhere until a trainer switches to training mode itself.
     /// With <paramref name="quantize"/> the linear layers are quantized as they load and stay packed; a pre-quantized
-    /// bitsandbytes checkpoint loads packed without it (<see cref="QuantizedBase"/> decides what a request means).
+    /// bitsandbytes checkpoint loads packed without it (<see cref="QuantizedBase"/> decides what a request means), or
+    /// dense and dequantized with <paramref name="dequantize"/> (to merge into).
     /// </summary>
-    public static CausalLM Load(string dir, ScalarType dtype, Device device, Quantization.BnbQuantizeOptions? quantize = null)
+    public static CausalLM Load(string dir, ScalarType dtype, Device device, Quantization.BnbQuantizeOptions? quantize = null, bool dequantize = false)
     {
+        if (dequantize && quantize is not null) throw new ArgumentException("quantize on load and dequantize on load exclude each other");
         var config = ModelConfig.Load(dir);
         using var files = CheckpointFiles.Open(dir);
         var quantization = QuantizedBase.Resolve(dir, files, quantize, dtype);
         // A tied checkpoint may still carry lm_head.weight (equal to the embeddings); transformers ignores it.
         var ignorable = config.TieWordEmbeddings ? new[] { "lm_head.weight" } : [];
         using var _ = no_grad();
-        var model = new CausalLM(config, new CheckpointWeights(files, dtype, device, ignorable) { Quantize = quantization.OnLoad });
+        var model = new CausalLM(config, new CheckpointWeights(files, dtype, device, ignorable) { Quantize = quantization.OnLoad, Dequantize = dequantize });
         model.NameOrPath = dir;
         model.Fingerprint = BaseFingerprint.Compute(config, files);
-        model.Quantization = quantization.Base;
+        model.Quantization = dequantize ? null : quantization.Base;
         model.eval();
         return model;
     }

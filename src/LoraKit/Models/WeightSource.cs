@@ -65,6 +65,12 @@ public sealed class CheckpointWeights(CheckpointFiles files, ScalarType dtype, D
     /// <summary>Quantize full-precision linear weights on load with these options (null: load them dense).</summary>
     public BnbQuantizeOptions? Quantize { get; init; }
 
+    /// <summary>
+    /// Load bitsandbytes-stored weights dequantized into dense tensors of the compute dtype instead of packed: what a merge
+    /// writes into (a dense checkpoint of dequantized base + delta) and what the reference tests compare against.
+    /// </summary>
+    public bool Dequantize { get; init; }
+
     /// <summary>Whether a linear weight is quantized on load: every decoder linear, never the LM head (as transformers).</summary>
     public static bool QuantizableOnLoad(string name) => !name.StartsWith("lm_head.", StringComparison.Ordinal);
 
@@ -72,6 +78,7 @@ public sealed class CheckpointWeights(CheckpointFiles files, ScalarType dtype, D
     {
         if (!files.Contains(name)) return null; // Load reports the missing tensor
         var kind = BnbCheckpoint.KindOf(files, name);
+        if (kind != BnbKind.None && Dequantize) return null; // Load dequantizes it
         if (kind == BnbKind.None)
             return Quantize is { } o && QuantizableOnLoad(name) && files.Entry(name).Shape.SequenceEqual(shape) ? QuantizeOnLoad(name, o) : null;
         _quantized.Add(name);
