@@ -200,6 +200,9 @@ public sealed partial class AdapterStore : IDisposable
                     $"({(evals.Count == 0 ? "no evaluation attached" : RegistryRef.Clip(evals[^1].Detail))}); attach one with `lorakit registry add {target.Name} DIR --eval eval.json` or promote with --no-gate");
         }
         using var tx = _db.BeginTransaction();
+        // The checks above ran before the write lock: a delete from another process may have come in between.
+        if (Scalar<string>(tx, "SELECT sha256 FROM versions WHERE name=$n AND version=$v", ("$n", target.Name), ("$v", target.Version)) != target.Sha256)
+            throw new LoraKitException($"registry: {target.Ref} was deleted while it was being promoted; nothing was changed");
         var move = Move(tx, target.Name, alias, target.Version, "promote", noGate);
         tx.Commit();
         return move;
