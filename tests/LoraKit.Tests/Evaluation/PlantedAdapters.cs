@@ -73,5 +73,20 @@ public sealed class PlantedAdapters
         return dir;
     }
 
+    /// <summary>
+    /// Runs <c>lorakit eval --gate</c> under <paramref name="dir"/> on the zero adapter (the gate passes, exit 0) and on the
+    /// capability breaker (it fails, exit 3) and returns both report folders: what merge and promote are checked against.
+    /// </summary>
+    public (string Passed, string Failed) GateReports(string dir)
+    {
+        var passed = Path.Combine(dir, "eval-zero");
+        var (code, _, stderr) = CliTests.RunCli("eval", "--model", Model, "--adapter", Zero, "--suite", Suite, "--gate", "--output", passed, "--device", "cpu");
+        Assert.True(code == 0, stderr);
+        var failed = Path.Combine(dir, "eval-cap");
+        (code, _, stderr) = CliTests.RunCli("eval", "--model", Model, "--adapter", BreaksCapability, "--suite", Suite, "--gate", "--output", failed, "--device", "cpu");
+        Assert.True(code == 3, stderr);
+        return (passed, failed);
+    }
+
     static string Line(object o) => JsonSerializer.Serialize(o);
 }
