@@ -4,7 +4,7 @@ namespace LoraKit.IO;
 
 /// <summary>
 /// A file's identity for records such as a run's data: the sha256 of its bytes (hex, lower case) and its size, read in
-/// 1 MiB pieces so a data file of many gigabytes is hashed without being held in memory.
+/// pieces so a data file of many gigabytes is hashed without being held in memory.
 /// </summary>
 public static class FileDigest
 {
@@ -12,15 +12,7 @@ public static class FileDigest
     public static (string Sha256, long Bytes) Of(string path)
     {
         using var f = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, 1 << 20, FileOptions.SequentialScan);
-        using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
-        var buffer = new byte[1 << 20];
-        long bytes = 0;
-        int n;
-        while ((n = f.Read(buffer, 0, buffer.Length)) > 0)
-        {
-            hash.AppendData(buffer, 0, n);
-            bytes += n;
-        }
-        return (Convert.ToHexStringLower(hash.GetHashAndReset()), bytes);
+        string sha256 = Convert.ToHexStringLower(SHA256.HashData(f)); // reads the stream in pieces
+        return (sha256, f.Position);
     }
 }

@@ -58,11 +58,7 @@ internal sealed class BlobStore(string root)
     }
 
     /// <summary>The sha256 of a file's bytes.</summary>
-    public static string Hash(string path)
-    {
-        using var f = File.OpenRead(path);
-        return Convert.ToHexStringLower(SHA256.HashData(f));
-    }
+    public static string Hash(string path) => IO.FileDigest.Of(path).Sha256;
 
     /// <summary>Every stored blob's hash (temporary files excluded).</summary>
     public IEnumerable<string> All() =>
