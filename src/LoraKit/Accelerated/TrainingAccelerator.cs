@@ -50,8 +50,7 @@ public static class TrainingAccelerator
     /// </summary>
     public static List<string> Apply(LoraModel lm, TrainingAcceleration o)
     {
-        // The LoRA fast path reads the dense base weight; a packed base computes through its own (reference) forward.
-        lm.UseFastTraining(o.FusedKernels && !Quantized(lm.Model));
+        lm.UseFastTraining(o.FusedKernels);
         return Apply(lm.Model, o);
     }
 
@@ -60,6 +59,7 @@ public static class TrainingAccelerator
     {
         var trunk = model.model;
         var log = new List<string>();
+        if (KernelPackedWeights.Apply(model) is { } packed) log.Add(packed);
         if (Declines(model) is { } why)
         {
             // The reference modules stay; checkpointing (plain replay) and the memory placements work on any block.
@@ -99,16 +99,10 @@ public static class TrainingAccelerator
 
     /// <summary>
     /// Why the fast layer modules do not apply to <paramref name="model"/> (null: they do): its family's block
-    /// (<see cref="Declines(ModelConfig)"/>), or a quantized base, whose packed layers have no fused dequantize-GEMM
-    /// yet (the reference layers dequantize each weight per forward).
+    /// (<see cref="Declines(ModelConfig)"/>). A quantized base takes them too: their projections dequantize each packed
+    /// weight per GEMM (<see cref="KernelPackedWeights"/> on CUDA).
     /// </summary>
-    public static string? Declines(CausalLM model)
-    {
-        var family = Declines(model.Config);
-        if (!Quantized(model)) return family;
-        const string packed = "a quantized (packed) base has no fused dequantize-GEMM kernel yet";
-        return family is null ? packed : family + ", " + packed;
-    }
+    public static string? Declines(CausalLM model) => Declines(model.Config);
 
     /// <summary>Whether any of the model's linear layers is packed (a quantized base).</summary>
     public static bool Quantized(CausalLM model) => model.Quantization is not null || model.modules().OfType<Linear>().Any(l => l.IsQuantized);

@@ -104,8 +104,8 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
     public override Tensor forward(Tensor x)
     {
         // Training fast path: the fused autograd function, which hand-writes s·B·A·x and its backward (plain terms only).
-        // A packed (quantized) base has no dense weight for it: the layer's own forward dequantizes instead.
-        if (ComputeInInputDtype && !base_layer.IsQuantized && TrySingleAdapter(out var single) && single != null)
+        // A packed (quantized) base is dequantized per GEMM inside it (FrozenWeight).
+        if (ComputeInInputDtype && TrySingleAdapter(out var single) && single != null)
             return training && is_grad_enabled() ? LoraProjection.Apply(x, base_layer, single) : SingleInInputDtype(x, single);
         var result = base_layer.forward(x);
         if (RowAdapters is { } rows && !Disabled) return PerRow(x, result, rows);

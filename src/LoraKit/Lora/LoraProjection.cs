@@ -45,8 +45,8 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
             case LoraLinear ll when ll.TrySingleAdapter(out lora): baseLayer = ll.base_layer; break;
             default: return false;
         }
-        // A quantized (packed) base has no dense weight for these GEMMs: its layer runs the reference forward.
-        return !baseLayer.IsQuantized && !baseLayer.weight.requires_grad && baseLayer.bias is not { requires_grad: true };
+        // A quantized (packed) base is frozen by construction; its W is dequantized per GEMM (FrozenWeight).
+        return (baseLayer.IsQuantized || !baseLayer.weight.requires_grad) && baseLayer.bias is not { requires_grad: true };
     }
 
     public static Tensor Apply(Tensor x, Models.Linear baseLayer, LoraWeights? lora, Output mode = Output.Compute, Tensor? known = null,
@@ -152,10 +152,13 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
     /// The adapter GEMM writes s·h·Bᵀ + b, then the base GEMM adds x·Wᵀ onto it (one write of the output); x2 is
     /// [N, in], h = x2·Aᵀ (null: no adapter), sb16 = s·B in x2's dtype. Also <see cref="LoraLinear"/>'s no-grad path.
     /// </summary>
-    internal static Tensor Compute(Tensor x2, Tensor? h, Tensor? sb16, Models.Linear baseLayer) =>
-        h is null
-            ? nn.functional.linear(x2, baseLayer.weight, baseLayer.bias)
-            : nn.functional.linear(h, sb16!, baseLayer.bias).addmm_(x2, baseLayer.weight.t());
+    internal static Tensor Compute(Tensor x2, Tensor? h, Tensor? sb16, Models.Linear baseLayer)
+    {
+        using var w = new FrozenWeight(baseLayer, x2.dtype);
+        return h is null
+            ? nn.functional.linear(x2, w.W, baseLayer.bias)
+            : nn.functional.linear(h, sb16!, baseLayer.bias).addmm_(x2, w.W.t());
+    }
 
     static bool HasGrad(Parameter p)
     {
@@ -184,9 +187,10 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
             Tensor? dh = args.Lora is null ? null : dy2.mm(sb16);                              // [N, r]
             // A group's dA comes out of one GEMM over x in SharedInputGrad, where A has a grad to add it into.
             bool aDeferred = args.NeedsInputGrad && args.Shared != null && args.Down != null && args.Lora is { } lw && HasGrad(lw.A);
+            using var weight = args.NeedsInputGrad ? new FrozenWeight(args.Base, dy.dtype) : default;
             if (args.NeedsInputGrad && args.Shared is { } shared)
             {
-                if (shared.Add(dy2, args.Base.weight, dh, a16, aDeferred ? (x2, args.Lora!.A) : null) is { } sum)
+                if (shared.Add(dy2, weight.W, dh, a16, aDeferred ? (x2, args.Lora!.A) : null) is { } sum)
                 {
                     dx = sum.view(args.InputShape).MoveToOuterDisposeScope();
                     sum.Dispose();
@@ -196,7 +200,7 @@ public sealed class LoraProjection : autograd.SingleTensorFunction<LoraProjectio
             {
                 // The skinny adapter GEMM writes first and the base GEMM accumulates onto it (beta = 1, read in its
                 // epilogue), rather than a separate memory-bound pass over dx.
-                dx = dh is null ? dy2.mm(args.Base.weight) : dh.mm(a16).addmm_(dy2, args.Base.weight);
+                dx = dh is null ? dy2.mm(weight.W) : dh.mm(a16).addmm_(dy2, weight.W);
                 dx = dx.view(args.InputShape).MoveToOuterDisposeScope();
             }
             if (args.Lora is { } w)

@@ -44,7 +44,7 @@ public sealed class SwiGluDown : autograd.SingleTensorFunction<SwiGluDown>
         {
             var a = Product(g, u);
             var a2 = a.view(-1, a.shape[^1]);
-            y = nn.functional.linear(a2, args.Down.weight, args.Down.bias);
+            using (var down = new FrozenWeight(args.Down, a2.dtype)) y = nn.functional.linear(a2, down.W, args.Down.bias);
             if (args.Lora is { } w)
             {
                 h = nn.functional.linear(a2, w.A.to(a.dtype));                         // [N, r]
@@ -87,12 +87,14 @@ public sealed class SwiGluDown : autograd.SingleTensorFunction<SwiGluDown>
             // onto it (beta = 1), rather than a separate memory-bound pass over da.
             Tensor? dh = null;
             Tensor da;
+            using var down = new FrozenWeight(args.Down, dy.dtype);
             if (args.Lora is { } w)
             {
                 dh = dy2.mm(w.B.to(dy.dtype)).TimesInPlace(w.Scaling);                         // s·dy·B, [N, r]
-                da = dh.mm(w.A.to(dy.dtype)).addmm_(dy2, args.Down.weight);
+                da = dh.mm(w.A.to(dy.dtype)).addmm_(dy2, down.W);
             }
-            else da = dy2.mm(args.Down.weight);
+            else da = dy2.mm(down.W);
+            down.Dispose(); // before the SwiGLU backward's buffers: one 16-bit W at a time
             (dg, du, var a) = ProductGrads(da.view(g.shape), g, u, product: args.Lora is not null);
             if (args.Lora is { } lw)
             {

@@ -18,7 +18,7 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
     public Parameter? bias;
 
     /// <summary>The packed weight of a quantized layer (null: dense).</summary>
-    public Quantization.PackedWeight? Packed { get; }
+    public Quantization.PackedWeight? Packed { get; private set; }
 
     public Linear(string name, WeightSource w, long inFeatures, long outFeatures, bool hasBias) : base("Linear")
     {
@@ -41,6 +41,20 @@ public sealed class Linear : nn.Module<Tensor, Tensor>
         if (dense is not null) register_parameter("weight", dense);
         if (Packed is not null) register_module("weight", Packed);
         if (bias is not null) register_parameter("bias", bias);
+    }
+
+    /// <summary>
+    /// Puts <paramref name="replacement"/> in place of the packed weight: a subclass over the same buffers that computes
+    /// faster (a CUDA kernel's, swapped in from outside as the other fast modules are). It keeps the place and name
+    /// "weight", so state dicts and checkpoints do not change.
+    /// </summary>
+    public void ReplacePacked(Quantization.PackedWeight replacement)
+    {
+        if (Packed is null) throw new InvalidOperationException("this linear layer is dense; there is no packed weight to replace");
+        if (!replacement.Shape.SequenceEqual(Packed.Shape) || replacement.Method != Packed.Method)
+            throw new ArgumentException($"a replacement packed weight must have the same method and shape ({Packed.Method} [{string.Join(", ", Packed.Shape)}])");
+        Packed = replacement;
+        _internal_submodules["weight"] = replacement; // the ordered dictionary's indexer replaces in place
     }
 
     /// <summary>The dense weight [out, in]; a quantized layer has none (use <see cref="EffectiveWeight"/>, or decline).</summary>

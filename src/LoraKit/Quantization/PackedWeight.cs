@@ -110,6 +110,12 @@ public class PackedInt8Weight : PackedWeight
         register_buffer("SCB", q.Scb.DetachFromDisposeScope());
     }
 
+    /// <summary>A module over <paramref name="other"/>'s buffers (shared, not copied), for a fast subclass swapped in after build.</summary>
+    protected PackedInt8Weight(PackedInt8Weight other) : base("PackedInt8Weight", other.Shape)
+    {
+        foreach (var (name, b) in other.named_buffers(recurse: false)) register_buffer(name, b);
+    }
+
     /// <inheritdoc/>
     public override string Method => "int8";
 

@@ -305,10 +305,11 @@ public sealed class Trainer : IDisposable
         // The task decides what a micro-batch's summed loss is and what it is normalised by: target tokens for language
         // modelling, samples for classification. backwardOf(rows, 1/count) back-propagates the normalised loss and
         // returns the sum; language modelling may replay it from a CUDA graph.
-        // A quantized base's reference dequantization is not graph-captured yet (it makes host scalars every forward).
-        bool quantized = model.Quantization is not null;
-        if (quantized && c.CudaGraph == "on") throw new ArgumentException("`cuda_graph` on: a quantized base is not captured as a CUDA graph yet; use auto or off");
-        bool graphed = classifier is null && c.Method == "lora" && !quantized && UseCudaGraph(c.CudaGraph, device, fast, fresh?.LoraDropout ?? c.LoraDropout);
+        // A quantized base is captured when its layers dequantize with the CUDA kernel (constant launch arguments); the
+        // reference ops make host scalars every forward, which a graph cannot replay.
+        bool ungraphable = model.Quantization is not null && !Runtime.Cuda.DequantKernels.Usable(device);
+        if (ungraphable && c.CudaGraph == "on") throw new ArgumentException("`cuda_graph` on: a quantized base is captured only with the CUDA dequantization kernel, which is not available; use auto or off");
+        bool graphed = classifier is null && c.Method == "lora" && !ungraphable && UseCudaGraph(c.CudaGraph, device, fast, fresh?.LoraDropout ?? c.LoraDropout);
         _graphed = graphed;
         _sideStream = graphed ? Runtime.Cuda.CudaStreams.UseSideStream(device) : null;
         var lmStep = new GraphedStep(b => LossSum(model, b, chunked: c.Method == "lora"), graphed);

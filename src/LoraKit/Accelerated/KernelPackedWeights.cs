@@ -1,0 +1,86 @@
+using LoraKit.Models;
+using LoraKit.Quantization;
+using LoraKit.Runtime.Cuda;
+using static TorchSharp.torch;
+
+namespace LoraKit.Accelerated;
+
+/// <summary>
+/// The fast path of a quantized base (llm.c's .cu beside its .c): each packed layer's weight is swapped for a subclass
+/// over the same buffers whose <see cref="PackedWeight.Dequantize"/> runs one CUDA kernel
+/// (<see cref="DequantKernels"/>, bit-identical to the reference ops) and whose <see cref="PackedWeight.Linear"/> keeps
+/// no dequantized weight from forward to backward (<see cref="DequantLinear"/>). The adapters' fused projections
+/// (<c>Lora.LoraProjection</c>, <c>Lora.SwiGluDown</c>) get W through the same Dequantize, so on CUDA a training step
+/// holds at most a layer's worth of 16-bit weights at a time, never the model's. Off the GPU the reference stays.
+/// </summary>
+public static class KernelPackedWeights
+{
+    /// <summary>
+    /// Swaps the kernel-backed weights into every packed layer of <paramref name="model"/> on CUDA. Returns a line for
+    /// the log, or null when the model has no packed layers or is not on CUDA.
+    /// </summary>
+    public static string? Apply(CausalLM model)
+    {
+        var layers = model.modules().OfType<Linear>().Where(l => l.IsQuantized).ToList();
+        if (layers.Count == 0 || model.Device.type != TorchSharp.DeviceType.CUDA) return null;
+        if (!DequantKernels.Usable(model.Device))
+            return "quantized layers: dequantized with TorchSharp ops per forward (the CUDA dequantization kernel is not available)";
+        int swapped = 0;
+        foreach (var layer in layers)
+        {
+            PackedWeight? fast = layer.Packed switch
+            {
+                Kernel4Bit or KernelInt8 => null,
+                Packed4BitWeight p => new Kernel4Bit(p),
+                PackedInt8Weight p => new KernelInt8(p),
+                _ => null,
+            };
+            if (fast is null) continue;
+            layer.ReplacePacked(fast);
+            swapped++;
+        }
+        return $"quantized layers: {layers.Count} packed {layers[0].Packed!.Method} weights dequantized per use by a CUDA kernel" +
+            (swapped < layers.Count ? $" ({swapped} swapped now)" : "") + ", none kept between forward and backward";
+    }
+
+    /// <summary>The kernels read raw buffers: a strided one (never seen from a checkpoint load) takes the reference path.</summary>
+    static bool Contiguous(params Tensor?[] ts) => ts.All(t => t is null || t.is_contiguous());
+
+    /// <summary>A 4-bit weight dequantized by <see cref="DequantKernels.Dequantize4Bit"/> on CUDA.</summary>
+    sealed class Kernel4Bit : Packed4BitWeight
+    {
+        readonly Tensor _table;
+
+        public Kernel4Bit(Packed4BitWeight reference) : base(reference)
+        {
+            // The table the reference dequantizes with (bnb's built-in one for the type; the stored quant_map is informational).
+            using var table = Codebooks.For4Bit(State.quant_type);
+            _table = table.to(ScalarType.Float32, get_buffer("data")!.device).contiguous().DetachFromDisposeScope();
+        }
+
+        public override Tensor Dequantize(ScalarType dtype)
+        {
+            var s = Storage;
+            if (!DequantKernels.Usable(s.Data.device) || !Contiguous(s.Data, s.Absmax, s.NestedAbsmax, s.NestedQuantMap)) return base.Dequantize(dtype);
+            return DequantKernels.Dequantize4Bit(s.Data, s.Absmax, _table, s.NestedAbsmax, s.NestedQuantMap,
+                (float)(State.nested_offset ?? 0), State.blocksize, State.nested_blocksize ?? Blockwise4Bit.NestedBlocksize, State.shape, dtype);
+        }
+
+        public override Tensor Linear(Tensor x, Tensor? bias) => DequantLinear.Apply(x, this, bias);
+    }
+
+    /// <summary>An int8 weight dequantized by <see cref="DequantKernels.DequantizeInt8"/> on CUDA.</summary>
+    sealed class KernelInt8 : PackedInt8Weight
+    {
+        public KernelInt8(PackedInt8Weight reference) : base(reference) { }
+
+        public override Tensor Dequantize(ScalarType dtype)
+        {
+            var s = Storage;
+            if (!DequantKernels.Usable(s.Weight.device) || s.Scb.dtype != ScalarType.Float32 || !Contiguous(s.Weight, s.Scb)) return base.Dequantize(dtype);
+            return DequantKernels.DequantizeInt8(s.Weight, s.Scb, Int8RowWise.InverseOf127, dtype);
+        }
+
+        public override Tensor Linear(Tensor x, Tensor? bias) => DequantLinear.Apply(x, this, bias);
+    }
+}
