@@ -179,6 +179,9 @@ def lorakit_run(d, ids_path, ckpt, steps, warm, plain=False, kernels="fast", pro
     if keep_gib is not None:
         res["checkpoint_keep_gib"] = keep_gib
         res["offload_mlp_layers"] = offload_mlp
+    for key in ("quantize", "model_gib", "load_s"):
+        if out.get(key) is not None:
+            res[key] = out[key]
     for key in ("phases_ms", "memory_trace"):
         if out.get(key):
             res[key] = out[key]

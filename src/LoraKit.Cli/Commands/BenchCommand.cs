@@ -40,12 +40,21 @@ public static class BenchCommand
         var memoryTrace = new Option<bool>("--memory-trace") { Description = "finally run one eager step noting the allocated bytes and the peak between its phases (where the peak falls)" };
         var lossChunk = new Option<int?>("--loss-chunk-mib") { Description = "the chunked loss's logits budget per chunk (default 256)" };
         var profileRange = new Option<bool>("--profile-range") { Description = "finally run one step between cudaProfilerStart and cudaProfilerStop (for ncu/nsys)" };
-        var cmd = new Command("bench", "Time LoRA training steps on a fixed batch (for bench/run_bench.py).") { model, ids, steps, warmup, rank, ckpt, keep, embeddings, plain, device, kernels, graph, profile, profileRange, memoryTrace, lossChunk, offload, offloadMlp };
+        var quantize = new Option<string?>("--quantize") { Description = "nf4, fp4 or int8: quantize the base as it loads (QLoRA)" };
+        var doubleQuant = new Option<string>("--double-quant") { Description = "on or off (4-bit)", DefaultValueFactory = _ => "on" };
+        var randomInit = new Option<bool>("--random-init") { Description = "random weights of --model's config.json shape, made on the device (with --quantize: quantized as made, never whole in 16 bits)" };
+        var cmd = new Command("bench", "Time LoRA training steps on a fixed batch (for bench/run_bench.py).") { model, ids, steps, warmup, rank, ckpt, keep, embeddings, plain, device, kernels, graph, profile, profileRange, memoryTrace, lossChunk, offload, offloadMlp, quantize, doubleQuant, randomInit };
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             var (dev, dtype) = Placement.Resolve(r.GetValue(device)!);
             if (r.GetValue(lossChunk) is int mib) ChunkedLmLoss.ChunkBytes = (long)mib << 20;
-            using var lm = new LoraModel(CausalLM.Load(r.GetValue(model)!, dtype, dev));
+            var q = r.GetValue(quantize) is { } method ? new Quantization.BnbQuantizeOptions(method, r.GetValue(doubleQuant) != "off") : null;
+            var load = Stopwatch.StartNew();
+            using var lm = new LoraModel(r.GetValue(randomInit)
+                ? CausalLM.RandomInit(ModelConfig.Load(r.GetValue(model)!), dtype, dev, q)
+                : CausalLM.Load(r.GetValue(model)!, dtype, dev, q));
+            double loadSeconds = load.Elapsed.TotalSeconds;
+            var afterLoad = CudaMemoryStats.Read(dev);
             int rk = r.GetValue(rank);
             lm.AddAdapter("bench", new LoraConfig { R = rk, LoraAlpha = 2 * rk, LoraDropout = 0, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] });
             bool fast = Trainer.FastKernels(r.GetValue(kernels)!, dev, dtype);
@@ -115,7 +124,8 @@ public static class BenchCommand
                 peak_reserved_gib = memory is { } n ? Math.Round(CudaMemory.Gib(n.PeakReserved), 2) : (double?)null,
                 embeddings_on_host = TrainingAccelerator.EmbeddingsOnHost(lm.Model), offload_checkpoints = TrainingAccelerator.Offload(lm.Model) is not null,
                 kernels = fast ? "fast" : "exact", cuda_graph = graphed ? (step.Disabled ?? $"{step.Replays} replays") : "off", phases_ms = phases,
-                memory_trace = trace,
+                memory_trace = trace, quantize = q?.Method, load_s = Math.Round(loadSeconds, 1),
+                model_gib = afterLoad is { } a ? Math.Round(CudaMemory.Gib(a.Allocated), 2) : (double?)null,
             }));
             return 0;
         }));

@@ -30,7 +30,13 @@ public static class CheckKernelsCommand
             }
             Print(KernelChecks.Kernels(dev));
             string jsonl = r.GetValue(data) ?? Path.Combine("fixtures", "training", "data.jsonl");
-            foreach (var dir in r.GetValue(models) ?? []) Print(KernelChecks.TrainingStep(dir, jsonl, dev));
+            Print(DequantKernelChecks.Exactness(dev));
+            Print([DequantKernelChecks.Bandwidth(dev)]);
+            foreach (var dir in r.GetValue(models) ?? [])
+            {
+                Print(KernelChecks.TrainingStep(dir, jsonl, dev));
+                Print(KernelChecks.TrainingStep(dir, jsonl, dev, new Quantization.BnbQuantizeOptions("nf4"))); // QLoRA: W dequantized per GEMM
+            }
             Console.WriteLine(ok ? "all kernel checks passed" : "kernel checks FAILED");
             return ok ? 0 : 1;
         }));

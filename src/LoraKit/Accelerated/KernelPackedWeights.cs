@@ -25,22 +25,24 @@ public static class KernelPackedWeights
         if (layers.Count == 0 || model.Device.type != TorchSharp.DeviceType.CUDA) return null;
         if (!DequantKernels.Usable(model.Device))
             return "quantized layers: dequantized with TorchSharp ops per forward (the CUDA dequantization kernel is not available)";
-        int swapped = 0;
-        foreach (var layer in layers)
-        {
-            PackedWeight? fast = layer.Packed switch
-            {
-                Kernel4Bit or KernelInt8 => null,
-                Packed4BitWeight p => new Kernel4Bit(p),
-                PackedInt8Weight p => new KernelInt8(p),
-                _ => null,
-            };
-            if (fast is null) continue;
-            layer.ReplacePacked(fast);
-            swapped++;
-        }
+        int swapped = layers.Count(Swap);
         return $"quantized layers: {layers.Count} packed {layers[0].Packed!.Method} weights dequantized per use by a CUDA kernel" +
             (swapped < layers.Count ? $" ({swapped} swapped now)" : "") + ", none kept between forward and backward";
+    }
+
+    /// <summary>Puts the kernel-backed subclass in place of <paramref name="layer"/>'s packed weight; false when it is there already.</summary>
+    public static bool Swap(Linear layer)
+    {
+        PackedWeight? fast = layer.Packed switch
+        {
+            Kernel4Bit or KernelInt8 => null,
+            Packed4BitWeight p => new Kernel4Bit(p),
+            PackedInt8Weight p => new KernelInt8(p),
+            _ => null,
+        };
+        if (fast is null) return false;
+        layer.ReplacePacked(fast);
+        return true;
     }
 
     /// <summary>The kernels read raw buffers: a strided one (never seen from a checkpoint load) takes the reference path.</summary>

@@ -138,7 +138,7 @@ public static class KernelChecks
     /// A whole fast-path training step of the model in <paramref name="dir"/> on the first rows of <paramref name="jsonl"/>:
     /// eager and checkpointed against fp32, from a CUDA graph against eager, with checkpoints offloaded against on the device.
     /// </summary>
-    public static List<Result> TrainingStep(string dir, string jsonl, Device dev)
+    public static List<Result> TrainingStep(string dir, string jsonl, Device dev, Quantization.BnbQuantizeOptions? quantize = null)
     {
         var results = new List<Result>();
         var (samples, _) = JsonlDataset.Load(jsonl, Tokenizer.Load(dir), new DataOptions());
@@ -146,17 +146,21 @@ public static class KernelChecks
         // Also checkpointed: the lean replay (o/down GEMMs skipped, gate/up kept for every layer) inside backward;
         // then the same step replayed from a CUDA graph.
         foreach (bool ckpt in new[] { false, true })
-            results.AddRange(Compare($"{Path.GetFileName(dir.TrimEnd('/'))} training step{(ckpt ? ", checkpointed" : "")}", ["loss", "LoRA grads"], dt =>
+            results.AddRange(Compare($"{Name(dir, quantize)} training step{(ckpt ? ", checkpointed" : "")}", ["loss", "LoRA grads"], dt =>
             {
-                using var lm = FastTrainingModel(dir, dt, dev, ckpt);
+                using var lm = FastTrainingModel(dir, dt, dev, ckpt, quantize);
                 var loss = Eager(lm, batch);
                 return [loss, cat(lm.Parameters("a").Select(p => p.param.grad!.flatten()).ToArray())];
             }, l2: true));
-        foreach (bool ckpt in new[] { false, true }) results.Add(CheckGraph(dir, batch, ckpt, dev));
-        results.Add(CheckGraph(dir, batch, true, dev, offload: true));
-        results.Add(CheckOffload(dir, batch, dev));
+        foreach (bool ckpt in new[] { false, true }) results.Add(CheckGraph(dir, batch, ckpt, dev, quantize: quantize));
+        results.Add(CheckGraph(dir, batch, true, dev, offload: true, quantize));
+        results.Add(CheckOffload(dir, batch, dev, quantize));
         return results;
     }
+
+    /// <summary>The model's name in a report line, with its quantization when it is loaded quantized.</summary>
+    static string Name(string dir, Quantization.BnbQuantizeOptions? quantize) =>
+        Path.GetFileName(dir.TrimEnd('/')) + (quantize is null ? "" : $" ({quantize.Method}{(quantize.DoubleQuant ? ", double quant" : "")})");
 
     /// <summary>
     /// A training step replayed from a CUDA graph against the same step run eagerly: at the parameters it was captured
@@ -164,10 +168,10 @@ public static class KernelChecks
     /// same shape (the replay reads the copied-in inputs). The eager path's run-to-run noise (atomics in attention's
     /// backward) sets the tolerance.
     /// </summary>
-    static Result CheckGraph(string dir, Batch batch, bool ckpt, Device dev, bool offload = false)
+    static Result CheckGraph(string dir, Batch batch, bool ckpt, Device dev, bool offload = false, Quantization.BnbQuantizeOptions? quantize = null)
     {
         using var scope = NewDisposeScope();
-        using var lm = FastTrainingModel(dir, ScalarType.BFloat16, dev, ckpt);
+        using var lm = FastTrainingModel(dir, ScalarType.BFloat16, dev, ckpt, quantize);
         if (offload) OffloadEveryLayer(lm);
         using var opt = new Training.AdamW(lm.Parameters("a"), 0.9, 0.999, 1e-8, 0.0);
         using var other = new Batch
@@ -193,7 +197,7 @@ public static class KernelChecks
         double otherErr = RelL2(Run(() => step.Run(other, 1.0)), eagerOther);
         double tol = Math.Max(4 * noise, 1e-4);
         bool pass = captured && step.Replays == 3 && same <= tol && moved <= tol && otherErr <= tol && change > 10 * tol;
-        return new(pass, $"{Path.GetFileName(dir.TrimEnd('/'))} cuda graph{(ckpt ? ", checkpointed" : "")}{(offload ? ", checkpoints offloaded" : "")}: " +
+        return new(pass, $"{Name(dir, quantize)} cuda graph{(ckpt ? ", checkpointed" : "")}{(offload ? ", checkpoints offloaded" : "")}: " +
                           (captured ? "" : $"not captured ({step.Disabled}); ") +
                           $"replay vs eager (loss and LoRA grads, rel L2) {same:E2}, after a step {moved:E2}, other batch {otherErr:E2}; " +
                           $"eager noise {noise:E2}, step change {change:E2}");
@@ -204,10 +208,10 @@ public static class KernelChecks
     /// steps with checkpoints on the device: the copies are exact, so the two may differ only by the eager path's own
     /// run-to-run noise (atomics in attention's backward).
     /// </summary>
-    static Result CheckOffload(string dir, Batch batch, Device dev)
+    static Result CheckOffload(string dir, Batch batch, Device dev, Quantization.BnbQuantizeOptions? quantize = null)
     {
         using var scope = NewDisposeScope();
-        using var lm = FastTrainingModel(dir, ScalarType.BFloat16, dev, checkpointing: true);
+        using var lm = FastTrainingModel(dir, ScalarType.BFloat16, dev, checkpointing: true, quantize);
         Tensor Run() => cat(Enumerable.Range(0, 3).Select(_ =>
         {
             foreach (var (_, p) in lm.Parameters("a")) p.grad?.zero_();
@@ -232,9 +236,9 @@ public static class KernelChecks
     }
 
     /// <summary>A fixture model with a random-B adapter on all seven linear modules, on the fast training path.</summary>
-    static LoraModel FastTrainingModel(string dir, ScalarType dtype, Device dev, bool checkpointing)
+    static LoraModel FastTrainingModel(string dir, ScalarType dtype, Device dev, bool checkpointing, Quantization.BnbQuantizeOptions? quantize = null)
     {
-        var lm = new LoraModel(CausalLM.Load(dir, dtype, dev));
+        var lm = new LoraModel(CausalLM.Load(dir, dtype, dev, quantize));
         lm.AddAdapter("a", new LoraConfig { R = 8, LoraAlpha = 16, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], InitLoraWeights = "false" }, seed: 1);
         lm.Model.train();
         // The lean replay keeps gate/up for every layer; untied bf16 tables (llama, mistral) go to host memory when checkpointing.

@@ -63,6 +63,21 @@ public sealed class CausalLM : nn.Module<Tensor, Tensor>
         return model;
     }
 
+    /// <summary>
+    /// A random-init model of <paramref name="config"/>'s shape (benchmarks of real shapes without a checkpoint), with its
+    /// linear layers quantized as they are made when <paramref name="quantize"/> is given (see <see cref="RandomWeights"/>).
+    /// </summary>
+    public static CausalLM RandomInit(ModelConfig config, ScalarType dtype, Device device, Quantization.BnbQuantizeOptions? quantize = null, long seed = 0)
+    {
+        var compute = quantize is null ? null : quantize with { ComputeDtype = LoraKit.Quantization.Blockwise4Bit.DtypeName(dtype) };
+        compute?.Validate();
+        using var _ = no_grad();
+        var model = new CausalLM(config, new RandomWeights(dtype, device, seed) { Quantize = compute });
+        model.Quantization = compute;
+        model.eval();
+        return model;
+    }
+
     public override Tensor forward(Tensor ids) => Logits(ids, null, null);
 
     /// <summary>Logits [B, T, vocab] in the model's dtype.</summary>

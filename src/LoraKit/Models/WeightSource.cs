@@ -171,10 +171,18 @@ public sealed class CheckpointWeights(CheckpointFiles files, ScalarType dtype, D
     }
 }
 
-/// <summary>Random weights of the right shapes (for shape tests and benchmarks of random-init models).</summary>
+/// <summary>
+/// Random weights of the right shapes (for shape tests and benchmarks of random-init models). With <see cref="Quantize"/>
+/// the linear weights (not lm_head) are drawn on the device one at a time and quantized there at once, so a model far
+/// larger than device memory in 16 bits (a 70B benchmark) is built directly in 4 bits.
+/// </summary>
 public sealed class RandomWeights(ScalarType dtype, Device device, long seed = 0, double std = 0.02) : WeightSource(dtype, device)
 {
     readonly Generator _gen = new((ulong)seed);
+    readonly Generator? _deviceGen = device.type == TorchSharp.DeviceType.CPU ? null : new Generator((ulong)seed, device);
+
+    /// <summary>Quantize the linear weights as they are made (null: dense).</summary>
+    public BnbQuantizeOptions? Quantize { get; init; }
 
     protected override Tensor Load(string name, long[] shape)
     {
@@ -182,5 +190,14 @@ public sealed class RandomWeights(ScalarType dtype, Device device, long seed = 0
         if (name.EndsWith(".bias", StringComparison.Ordinal)) return zeros(shape, DType, Device);
         using var t = randn(shape, ScalarType.Float32, generator: _gen).Times(std);
         return t.to(DType, Device);
+    }
+
+    protected override PackedWeight? LoadPacked(string name, long[] shape)
+    {
+        if (Quantize is not { } o || !CheckpointWeights.QuantizableOnLoad(name)) return null;
+        // Drawn on the device (the host generator would take minutes for 70B weights), in the compute dtype, as a
+        // checkpoint's weights would be.
+        using var dense = randn(shape, ScalarType.Float32, Device, generator: _deviceGen).mul_(std).to(DType);
+        return PackedWeight.Quantize(dense, o);
     }
 }

@@ -110,6 +110,21 @@ public class QuantizedBaseTests
     }
 
     [Fact]
+    public void RandomInitQuantizedBuildsEveryProjectionPackedAndTheHeadDense()
+    {
+        // The benchmark's 70B path: weights drawn and quantized one at a time, the model never whole in 16 bits.
+        using var model = CausalLM.RandomInit(ModelConfig.Load(Llama), ScalarType.Float32, CPU, new BnbQuantizeOptions("nf4"));
+        var linears = model.modules().OfType<Linear>().ToList();
+        Assert.Equal(14, linears.Count(l => l.IsQuantized));
+        Assert.False(model.lm_head.IsQuantized);
+        Assert.Equal("nf4", model.Quantization!.Method);
+        Assert.Equal("float32", model.Quantization.ComputeDtype);
+        using var ids = tensor(new long[] { 1, 2, 3 }).reshape(1, 3);
+        using var logits = model.forward(ids);
+        Assert.True(logits.isfinite().all().item<bool>());
+    }
+
+    [Fact]
     public void FastTrainingPathsOnAQuantizedBaseEqualTheReferenceModules()
     {
         // The fused projections (LoraProjection, SwiGluDown, the lean checkpoint replay) dequantize each packed W per
