@@ -45,26 +45,37 @@ public static class KernelPackedWeights
         return true;
     }
 
-    /// <summary>The kernels read raw buffers: a strided one (never seen from a checkpoint load) takes the reference path.</summary>
-    static bool Contiguous(params Tensor?[] ts) => ts.All(t => t is null || t.is_contiguous());
+    /// <summary>
+    /// The kernels read raw device buffers: one that is strided or not on the codes' device (never seen from a load)
+    /// takes the reference path rather than a wrong address.
+    /// </summary>
+    static bool OnDevice(Tensor first, params Tensor?[] rest) =>
+        first.is_contiguous() && rest.All(t => t is null || (t.is_contiguous() && t.device_type == first.device_type && t.device_index == first.device_index));
 
     /// <summary>A 4-bit weight dequantized by <see cref="DequantKernels.Dequantize4Bit"/> on CUDA.</summary>
     sealed class Kernel4Bit : Packed4BitWeight
     {
         readonly Tensor _table;
+        readonly Tensor? _nestedMap;
 
         public Kernel4Bit(Packed4BitWeight reference) : base(reference)
         {
             // The table the reference dequantizes with (bnb's built-in one for the type; the stored quant_map is informational).
             using var table = Codebooks.For4Bit(State.quant_type);
-            _table = table.to(ScalarType.Float32, get_buffer("data")!.device).contiguous().DetachFromDisposeScope();
+            var device = get_buffer("data")!.device;
+            _table = table.to(ScalarType.Float32, device).contiguous().DetachFromDisposeScope();
+            // The kernel reads raw device addresses: every table it reads must be on the codes' device, as fp32.
+            _nestedMap = State.Nested ? get_buffer("nested_quant_map")!.to(ScalarType.Float32, device).contiguous().DetachFromDisposeScope() : null;
         }
 
         public override Tensor Dequantize(ScalarType dtype)
         {
             var s = Storage;
-            if (!DequantKernels.Usable(s.Data.device) || !Contiguous(s.Data, s.Absmax, s.NestedAbsmax, s.NestedQuantMap)) return base.Dequantize(dtype);
-            return DequantKernels.Dequantize4Bit(s.Data, s.Absmax, _table, s.NestedAbsmax, s.NestedQuantMap,
+            bool types = s.Data.dtype == ScalarType.Byte && (State.Nested
+                ? s.Absmax.dtype == ScalarType.Byte && s.NestedAbsmax!.dtype == ScalarType.Float32
+                : s.Absmax.dtype == ScalarType.Float32);
+            if (!DequantKernels.Usable(s.Data.device) || !types || !OnDevice(s.Data, s.Absmax, s.NestedAbsmax)) return base.Dequantize(dtype);
+            return DequantKernels.Dequantize4Bit(s.Data, s.Absmax, _table, s.NestedAbsmax, _nestedMap,
                 (float)(State.nested_offset ?? 0), State.blocksize, State.nested_blocksize ?? Blockwise4Bit.NestedBlocksize, State.shape, dtype);
         }
 
@@ -79,7 +90,7 @@ public static class KernelPackedWeights
         public override Tensor Dequantize(ScalarType dtype)
         {
             var s = Storage;
-            if (!DequantKernels.Usable(s.Weight.device) || s.Scb.dtype != ScalarType.Float32 || !Contiguous(s.Weight, s.Scb)) return base.Dequantize(dtype);
+            if (!DequantKernels.Usable(s.Weight.device) || s.Scb.dtype != ScalarType.Float32 || !OnDevice(s.Weight, s.Scb)) return base.Dequantize(dtype);
             return DequantKernels.DequantizeInt8(s.Weight, s.Scb, Int8RowWise.InverseOf127, dtype);
         }
 

@@ -24,7 +24,7 @@ public static class DequantKernelChecks
     {
         var results = new List<KernelChecks.Result>();
         if (!DequantKernels.Usable(dev)) throw new InvalidOperationException("the CUDA dequantization kernels did not load on this machine");
-        using var gen = new Generator(5, dev);
+        using var gen = new Generator(5);
         var cases = new List<BnbQuantizeOptions>();
         foreach (var method in new[] { "nf4", "fp4" })
             foreach (bool nested in new[] { true, false })
@@ -35,10 +35,10 @@ public static class DequantKernelChecks
             foreach (var dtype in new[] { ScalarType.Float32, ScalarType.BFloat16, ScalarType.Float16 })
             {
                 using var scope = NewDisposeScope();
-                long differing = 0, total = 0;
+                long differing = 0, total = 0, launches = DequantKernels.Launches;
                 foreach (var shape in Shapes)
                 {
-                    var w = randn(shape, ScalarType.Float32, dev, generator: gen) * 0.05;
+                    var w = (randn(shape, ScalarType.Float32, generator: gen) * 0.05).to(dev);
                     using var reference = PackedWeight.Quantize(w, o);
                     var fast = FastTwin(reference);
                     var expected = reference.Dequantize(dtype);
@@ -47,7 +47,9 @@ public static class DequantKernelChecks
                     total += expected.numel();
                 }
                 string name = o.Method == "int8" ? "int8" : QuantizedBase.Describe(o);
-                results.Add(new(differing == 0, $"dequantize {name} into {dtype}: {differing} of {total} values differ from the reference ops"));
+                launches = DequantKernels.Launches - launches;
+                results.Add(new(differing == 0 && launches == Shapes.Length,
+                    $"dequantize {name} into {dtype}: {differing} of {total} values differ from the reference ops ({launches} kernel launches for {Shapes.Length} weights)"));
             }
         return results;
     }
@@ -78,12 +80,14 @@ public static class DequantKernelChecks
         var w = randn([14336, 4096], ScalarType.BFloat16, dev) * 0.02;
         using var reference = PackedWeight.Quantize(w, new BnbQuantizeOptions("nf4"));
         var fast = FastTwin(reference);
+        long launches = DequantKernels.Launches;
         double seconds = Time(() => fast.Dequantize(ScalarType.BFloat16).Dispose(), iterations, dev);
+        bool ran = DequantKernels.Launches - launches == iterations + 1;
         long bytes = reference.StorageBytes + w.numel() * 2;
         var dst = empty_like(w);
         double copySeconds = Time(() => dst.copy_(w), iterations, dev);
         double gbs = bytes / seconds / 1e9, copyGbs = 2.0 * w.numel() * 2 / copySeconds / 1e9;
-        return new(true, $"dequantize bandwidth (nf4 + double quant → bf16, [14336, 4096]): {gbs:F0} GB/s read + written, " +
+        return new(ran, $"dequantize bandwidth (nf4 + double quant → bf16, [14336, 4096]): {gbs:F0} GB/s read + written, " +
                          $"{seconds * 1e6:F0} µs per weight; a device copy of the bf16 weight moves {copyGbs:F0} GB/s ({gbs / copyGbs:P0} of it)");
     }
 

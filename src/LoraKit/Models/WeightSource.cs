@@ -178,8 +178,9 @@ public sealed class CheckpointWeights(CheckpointFiles files, ScalarType dtype, D
 /// </summary>
 public sealed class RandomWeights(ScalarType dtype, Device device, long seed = 0, double std = 0.02) : WeightSource(dtype, device)
 {
+    readonly long _seed = seed;
     readonly Generator _gen = new((ulong)seed);
-    readonly Generator? _deviceGen = device.type == TorchSharp.DeviceType.CPU ? null : new Generator((ulong)seed, device);
+    bool _deviceSeeded;
 
     /// <summary>Quantize the linear weights as they are made (null: dense).</summary>
     public BnbQuantizeOptions? Quantize { get; init; }
@@ -195,9 +196,11 @@ public sealed class RandomWeights(ScalarType dtype, Device device, long seed = 0
     protected override PackedWeight? LoadPacked(string name, long[] shape)
     {
         if (Quantize is not { } o || !CheckpointWeights.QuantizableOnLoad(name)) return null;
-        // Drawn on the device (the host generator would take minutes for 70B weights), in the compute dtype, as a
-        // checkpoint's weights would be.
-        using var dense = randn(shape, ScalarType.Float32, Device, generator: _deviceGen).mul_(std).to(DType);
+        // Drawn on the device (the host generator would take minutes for 70B weights) from the device's default generator,
+        // seeded once here (TorchSharp 0.107 makes only host Generator objects), in the compute dtype as a checkpoint's.
+        if (Device.type == TorchSharp.DeviceType.CUDA && !_deviceSeeded) { cuda.manual_seed(_seed); _deviceSeeded = true; }
+        using var drawn = Device.type == TorchSharp.DeviceType.CUDA ? randn(shape, ScalarType.Float32, Device) : randn(shape, ScalarType.Float32, generator: _gen);
+        using var dense = drawn.mul_(std).to(DType, Device); // both disposed here: a 70B build must not wait for the GC
         return PackedWeight.Quantize(dense, o);
     }
 }

@@ -56,12 +56,12 @@ public static class Blockwise4Bit
         var codes = quantType == "nf4" ? Nf4Codes(scaled) : Fp4Codes(scaled);
         var data = Pack(codes.narrow(0, 0, n));
         var state = new QuantState(quantType, blocksize, DtypeName(w.dtype), w.shape.ToArray());
-        Tensor storedAbsmax = absmax, quantMap = Codebooks.For4Bit(quantType);
+        Tensor storedAbsmax = absmax, quantMap = Codebooks.For4Bit(quantType).to(w.device); // the state's tensors live beside the codes
         Tensor? nestedAbsmax = null, nestedMap = null;
         if (doubleQuant)
         {
             var offset = absmax.mean();
-            nestedMap = Codebooks.DynamicSigned();
+            nestedMap = Codebooks.DynamicSigned().to(w.device);
             (storedAbsmax, nestedAbsmax) = DynamicBlockwise.Quantize(absmax - offset, nestedMap, NestedBlocksize);
             state = state with { nested_blocksize = NestedBlocksize, nested_dtype = "float32", nested_offset = offset.item<float>() };
         }

@@ -6,8 +6,8 @@ namespace LoraKit.Tests.Quantization;
 /// <summary>
 /// The 3-step QLoRA trajectory of issue 20: <c>lorakit train</c> on the NF4 checkpoint fixtures/reference/quant/llama-nf4,
 /// kept packed and dequantized per forward, matches PEFT + torch AdamW on the same checkpoint's dequantized weights
-/// (scripts/fixtures/make_qlora_trajectory.py) within 1e-4 (fp32): per-step losses and the final adapter. The reference
-/// is made on the GPU machine; until it is committed this test FAILS (a missing fixture is not a skip).
+/// (scripts/fixtures/make_qlora_trajectory.py): per-step losses within 1e-4 of PEFT's fp32 run, the final adapter within
+/// 5e-3 (see the comment below: open), with each tensor's distance from the exact fp64 run reported.
 /// </summary>
 public class QLoraTrajectoryTests
 {
@@ -32,14 +32,19 @@ public class QLoraTrajectoryTests
             Assert.True(Math.Abs(losses[i] - expected[i]) <= 1e-4 * Math.Abs(expected[i]), $"step {i + 1}: {losses[i]} vs PEFT {expected[i]}");
         using var mine = SafetensorsFile.Open(Path.Combine(output, "adapter", "adapter_model.safetensors"));
         Assert.True(mine.Metadata.ContainsKey(LoraKit.Quantization.BnbQuantizeOptions.AdapterMetadataKey), "the adapter does not record its quantized base");
+        // The adapter: within 5e-3 of PEFT's fp32 run (most tensors 1e-5..1e-4; layer 0's gate_proj lora_A 2e-3). OPEN
+        // (issue 20 notes): against the exact trajectory (the same run in fp64, qlora-trajectory-fp64) PEFT's fp32 run is
+        // ~30x closer than LoraKit's on every tensor, and LoraKit's dense run on the dequantized checkpoint gives the very
+        // same adapter as this packed run, so the gap is in the shared training path, not in the quantized base.
+        using var exact = SafetensorsFile.Open(Fixtures.Path_("reference", "quant", "qlora-trajectory-fp64.safetensors"));
+        var report = new List<string>();
         foreach (var key in mine.Entries.Keys)
         {
             var peftKey = key.Replace(".lora_A.weight", ".lora_A.default.weight").Replace(".lora_B.weight", ".lora_B.default.weight");
-            // The losses agree to 1e-4; the adapter weights to 5e-3 (most 1e-5..1e-4, layer 0's gate/down lora_A 1e-4..2e-3),
-            // not yet the 1e-4 of the unquantized trajectory. Open in issue 20's notes: the dequantized weights are bit-identical
-            // to the script's (QuantReferenceTests), so the difference comes from the training path on a packed base (the
-            // reference LoRA modules rather than the fast path), which AdamW's first, nearly sign-like steps amplify.
-            Assert.True(Close.RelError(mine.Read(key), peft.Read(peftKey)) <= 5e-3, $"{key}: {Close.RelError(mine.Read(key), peft.Read(peftKey)):E2}");
+            double vsPeft = Close.RelError(mine.Read(key), peft.Read(peftKey));
+            report.Add($"{key}: vs PEFT fp32 {vsPeft:E2}; from exact: LoraKit {Close.RelError(mine.Read(key), exact.Read(peftKey)):E2}, PEFT fp32 {Close.RelError(peft.Read(peftKey), exact.Read(peftKey)):E2}");
+            Assert.True(vsPeft <= 5e-3, report[^1]);
         }
+        Console.Error.WriteLine(string.Join("\n", report));
     }
 }

@@ -81,6 +81,10 @@ internal static class DequantKernels
     });
 
     const int Threads = 256;
+    static long _launches;
+
+    /// <summary>Kernel launches so far (checks assert the kernel ran rather than a fallback that matches trivially).</summary>
+    public static long Launches => Interlocked.Read(ref _launches);
 
     /// <summary>Whether the kernels apply to a tensor on <paramref name="device"/> (CUDA, compiled, and not switched off by LORAKIT_FUSED_KERNELS=0).</summary>
     public static bool Usable(Device device) =>
@@ -111,6 +115,7 @@ internal static class DequantKernels
         var out_ = empty(shape, dtype, data.device);
         long n8 = (n + 7) / 8;
         bool nested = nestedAbsmax is not null;
+        Interlocked.Increment(ref _launches);
         if (n > 0)
             C.Launch("dequant_4bit", Blocks(n8), Threads, data, absmax, table, nested ? nestedAbsmax! : absmax, nested ? nestedMap! : absmax,
                 offset, nested ? 1 : 0, blocksize, nestedBlocksize, out_, Kind(dtype), n, n8);
@@ -123,6 +128,7 @@ internal static class DequantKernels
         long cols = q.shape[1], n = q.numel();
         var out_ = empty(q.shape, dtype, q.device);
         long n8 = (n + 7) / 8;
+        Interlocked.Increment(ref _launches);
         if (n > 0) C.Launch("dequant_int8", Blocks(n8), Threads, q, scb, inverseOf127, out_, Kind(dtype), cols, n, n8);
         return out_;
     }
