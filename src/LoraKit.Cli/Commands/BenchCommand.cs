@@ -45,7 +45,7 @@ public static class BenchCommand
         {
             var (dev, dtype) = Placement.Resolve(r.GetValue(device)!);
             if (r.GetValue(lossChunk) is int mib) ChunkedLmLoss.ChunkBytes = (long)mib << 20;
-            using var lm = new LoraModel(CausalLM.Load(r.GetValue(model)!, dtype, dev));
+            using var lm = new LoraModel(CausalLM.Load(ModelArgument.Resolve(r.GetValue(model)!), dtype, dev));
             int rk = r.GetValue(rank);
             lm.AddAdapter("bench", new LoraConfig { R = rk, LoraAlpha = 2 * rk, LoraDropout = 0, TargetModules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"] });
             bool fast = Trainer.FastKernels(r.GetValue(kernels)!, dev, dtype);
