@@ -1,0 +1,71 @@
+using System.Diagnostics;
+using System.Text.Json;
+
+namespace LoraKit.Tests.Hub;
+
+/// <summary>
+/// The hub through the CLI, as a user runs it: <c>lorakit download</c> prints the snapshot folder, and <c>--model</c> /
+/// <c>--adapter</c> take hub ids (configured by HF_ENDPOINT, HF_HUB_CACHE, HF_HUB_OFFLINE) and generate what the local
+/// folders generate.
+/// </summary>
+public sealed class HubCliTests : IDisposable
+{
+    readonly HubTestServer _server = new();
+    readonly string _cache = Fixtures.TempDir();
+
+    public void Dispose()
+    {
+        _server.Dispose();
+        try { Directory.Delete(_cache, recursive: true); } catch (IOException) { }
+    }
+
+    (int code, string stdout, string stderr) Run(bool offline, params string[] args)
+    {
+        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "LoraKit.Cli.dll"));
+        foreach (var a in args) psi.ArgumentList.Add(a);
+        psi.Environment["HF_ENDPOINT"] = _server.Endpoint;
+        psi.Environment["HF_HUB_CACHE"] = _cache;
+        psi.Environment["HF_HUB_OFFLINE"] = offline ? "1" : "0";
+        psi.Environment.Remove("HF_TOKEN");
+        using var p = Process.Start(psi)!;
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        var stderr = p.StandardError.ReadToEndAsync();
+        if (!p.WaitForExit(120_000)) { p.Kill(true); throw new TimeoutException("CLI did not finish"); }
+        return (p.ExitCode, stdout.Result, stderr.Result);
+    }
+
+    static string OutputIds(string stdout)
+    {
+        using var doc = JsonDocument.Parse(stdout);
+        return doc.RootElement.GetProperty("output_ids").GetRawText();
+    }
+
+    [Fact]
+    public void DownloadPrintsTheSnapshotAndHubIdsGenerateAsLocalFolders()
+    {
+        string commit = _server.AddRepo("org/llama", Fixtures.Model("llama"));
+        string adapter = Path.Combine(Fixtures.Root, "fixtures", "adapters", "llama", "a");
+        _server.AddRepo("org/llama-lora", adapter);
+
+        var (code, stdout, stderr) = Run(false, "download", "org/llama");
+        Assert.True(code == 0, stderr);
+        Assert.Equal(Path.Combine(_cache, "models--org--llama", "snapshots", commit), stdout.Trim());
+        Assert.Contains("org/llama: model.safetensors", stderr);
+
+        string[] generate = ["generate", "--prompt", "The quick brown fox", "--max-new-tokens", "8", "--temperature", "0", "--json", "--device", "cpu"];
+        var hub = Run(true, [.. generate, "--model", "org/llama", "--adapter", "org/llama-lora"]); // offline: the adapter is not cached
+        Assert.Equal(1, hub.code);
+        Assert.Contains("org/llama-lora: not in the hub cache", hub.stderr);
+        hub = Run(false, [.. generate, "--model", "org/llama@main", "--adapter", "org/llama-lora"]);
+        Assert.True(hub.code == 0, hub.stderr);
+        var local = Run(false, [.. generate, "--model", Fixtures.Model("llama"), "--adapter", adapter]);
+        Assert.True(local.code == 0, local.stderr);
+        Assert.Equal(OutputIds(local.stdout), OutputIds(hub.stdout));
+
+        var missing = Run(false, "download", "org/nothing");
+        Assert.Equal(1, missing.code);
+        Assert.StartsWith("error: org/nothing: not found", missing.stderr);
+        Assert.Single(missing.stderr.Trim().Split('\n'));
+    }
+}
