@@ -18,7 +18,13 @@ public static class HubDownloader
     public static string ResolveLocalOrHub(string value, HubFileSet files, HubSettings? settings = null)
     {
         if (Directory.Exists(value) || File.Exists(value)) return value;
-        return HubRepoId.TryParse(value) is { } id ? Download(id, files, settings ?? HubSettings.FromEnvironment()) : value;
+        if (HubRepoId.TryParse(value) is not { } id) return value;
+        try { return Download(id, files, settings ?? HubSettings.FromEnvironment()); }
+        catch (HubException e) when (e is HubNotFoundException or HubAccessException or HubOfflineException)
+        {
+            // "models/qwen" may be a mistyped local folder as well as a hub id: say both.
+            throw new HubNotFoundException($"'{value}' is not a local directory, nor found on the hub: {e.Message}");
+        }
     }
 
     /// <summary>Downloads what <paramref name="files"/> needs of <paramref name="id"/> and returns the snapshot folder.</summary>

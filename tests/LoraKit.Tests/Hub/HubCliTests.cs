@@ -19,15 +19,16 @@ public sealed class HubCliTests : IDisposable
         try { Directory.Delete(_cache, recursive: true); } catch (IOException) { }
     }
 
-    (int code, string stdout, string stderr) Run(bool offline, params string[] args)
+    (int code, string stdout, string stderr) Run(bool offline, params string[] args) =>
+        RunCli(new() { ["HF_ENDPOINT"] = _server.Endpoint, ["HF_HUB_CACHE"] = _cache, ["HF_HUB_OFFLINE"] = offline ? "1" : "0", ["HF_TOKEN"] = null }, args);
+
+    /// <summary>The CLI in a child process with <paramref name="env"/> set (a null value unsets the variable).</summary>
+    public static (int code, string stdout, string stderr) RunCli(Dictionary<string, string?> env, params string[] args)
     {
         var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
         psi.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "LoraKit.Cli.dll"));
         foreach (var a in args) psi.ArgumentList.Add(a);
-        psi.Environment["HF_ENDPOINT"] = _server.Endpoint;
-        psi.Environment["HF_HUB_CACHE"] = _cache;
-        psi.Environment["HF_HUB_OFFLINE"] = offline ? "1" : "0";
-        psi.Environment.Remove("HF_TOKEN");
+        foreach (var (k, v) in env) if (v is null) psi.Environment.Remove(k); else psi.Environment[k] = v;
         using var p = Process.Start(psi)!;
         var stdout = p.StandardOutput.ReadToEndAsync();
         var stderr = p.StandardError.ReadToEndAsync();
@@ -57,6 +58,7 @@ public sealed class HubCliTests : IDisposable
         var hub = Run(true, [.. generate, "--model", "org/llama", "--adapter", "org/llama-lora"]); // offline: the adapter is not cached
         Assert.Equal(1, hub.code);
         Assert.Contains("org/llama-lora: not in the hub cache", hub.stderr);
+        Assert.DoesNotContain("org/llama: not in the hub cache", hub.stderr); // the model was: download cached it
         hub = Run(false, [.. generate, "--model", "org/llama@main", "--adapter", "org/llama-lora"]);
         Assert.True(hub.code == 0, hub.stderr);
         var local = Run(false, [.. generate, "--model", Fixtures.Model("llama"), "--adapter", adapter]);
@@ -65,7 +67,8 @@ public sealed class HubCliTests : IDisposable
 
         var missing = Run(false, "download", "org/nothing");
         Assert.Equal(1, missing.code);
-        Assert.StartsWith("error: org/nothing: not found", missing.stderr);
+        Assert.StartsWith("error: org/nothing: not found on", missing.stderr);
+        Assert.Contains("no such repository", missing.stderr);
         Assert.Single(missing.stderr.Trim().Split('\n'));
     }
 }
