@@ -16,6 +16,10 @@ public static class ModelArgument
     public static string? ResolveAdapter(string value) =>
         HubRepoId.TryParse(value) is { } id ? HubDownloader.Download(id, HubFileSet.Adapter, Settings()) : null;
 
+    /// <summary>The name a served model is listed by: the hub id's ORG/NAME (not its snapshot folder's commit sha), or null for a local folder.</summary>
+    public static string? HubName(string value) =>
+        !Directory.Exists(value) && HubRepoId.TryParse(value) is { } id ? id.Repo : null;
+
     /// <summary>The environment's hub settings, reporting progress as plain lines on stderr.</summary>
     public static HubSettings Settings() => HubSettings.FromEnvironment() with { Progress = new HubProgressLines(Console.Error) };
 }
