@@ -14,7 +14,7 @@ public static class ModelArgument
 
     /// <summary>The local directory for the adapter hub id <paramref name="value"/>, or null when it is not shaped like one.</summary>
     public static string? ResolveAdapter(string value) =>
-        HubRepoId.TryParse(value) is { } id ? HubDownloader.Download(id, HubFileSet.Adapter, Settings()) : null;
+        HubRepoId.TryParse(value) is null ? null : HubDownloader.ResolveLocalOrHub(value, HubFileSet.Adapter, Settings());
 
     /// <summary>The name a served model is listed by: the hub id's ORG/NAME (not its snapshot folder's commit sha), or null for a local folder.</summary>
     public static string? HubName(string value) =>

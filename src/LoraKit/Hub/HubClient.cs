@@ -100,7 +100,7 @@ public sealed class HubClient : IDisposable
         using var response = Send(HttpMethod.Get, info.Location, followAll: true, range: have, what: $"{id}: {info.File}");
         if (response.StatusCode != HttpStatusCode.PartialContent) have = 0;
         using var body = response.Content.ReadAsStream();
-        using var output = new FileStream(partial, have > 0 ? FileMode.Append : FileMode.Create, FileAccess.Write, FileShare.None, 1 << 20);
+        using var output = OpenPartial(id, info, partial, append: have > 0);
         var buffer = new byte[1 << 20];
         long lastReport = have;
         onBytes(have);
@@ -124,6 +124,16 @@ public sealed class HubClient : IDisposable
         onBytes(have);
         if (have != info.Size)
             throw new HubNetworkException($"{id}: {info.File}: the download ended after {have} of {info.Size} bytes; run again to resume");
+    }
+
+    /// <summary>The partial file, held exclusively: a second process downloading the same blob is told so, not interleaved.</summary>
+    static FileStream OpenPartial(HubRepoId id, HubFileInfo info, string partial, bool append)
+    {
+        try { return new FileStream(partial, append ? FileMode.Append : FileMode.Create, FileAccess.Write, FileShare.None, 1 << 20); }
+        catch (IOException e)
+        {
+            throw new HubException($"{id}: {info.File}: cannot write {partial} ({e.Message.Split('\n')[0]}); another download of it may be running");
+        }
     }
 
     /// <summary>The sha256 of a file, hex lower case (what an LFS etag is).</summary>

@@ -85,7 +85,8 @@ public sealed class HubFileSet
         var marker = new HashSet<string>(new[] { "config.json", "adapter_config.json" }.Where(Has));
         return KindFor(marker) switch
         {
-            "include" => Directory.EnumerateFileSystemEntries(snapshot).Any(),
+            "include" => Directory.EnumerateFiles(snapshot, "*", SearchOption.AllDirectories)
+                .Any(f => _globs.Any(g => g.IsMatch(Path.GetRelativePath(snapshot, f).Replace('\\', '/')))),
             "adapter" => AdapterFiles.Take(2).All(Has),
             _ => Has("config.json") && (Has(Index) ? Shards(id, snapshot).All(Has) : Has("model.safetensors")),
         };

@@ -12,7 +12,7 @@ public sealed partial record HubRepoId(string Repo, string Revision)
     /// <summary>The revision when none is given.</summary>
     public const string DefaultRevision = "main";
 
-    [GeneratedRegex(@"^[A-Za-z0-9](?:[A-Za-z0-9_.\-]*[A-Za-z0-9])?/[A-Za-z0-9](?:[A-Za-z0-9_.\-]*[A-Za-z0-9])?$")]
+    [GeneratedRegex(@"^\w(?:[\w.\-]*\w)?/\w(?:[\w.\-]*\w)?$", RegexOptions.ECMAScript)]
     private static partial Regex RepoPattern();
 
     [GeneratedRegex("^[0-9a-f]{40}$")]

@@ -76,6 +76,20 @@ public sealed class HubDownloadTests : IDisposable
     }
 
     [Fact]
+    public void IncludeFetchesOnlyTheMatchingFiles()
+    {
+        _server.AddRepo("org/llama", Fixtures.Model("llama"), new() { ["sub/notes.json"] = "{}"u8.ToArray() });
+        var id = HubRepoId.Parse("org/llama");
+        string snapshot = HubDownloader.Download(id, HubFileSet.Matching(["*.json"]), Settings());
+        var got = Directory.GetFiles(snapshot, "*", SearchOption.AllDirectories).Select(f => Path.GetRelativePath(snapshot, f)).Order(StringComparer.Ordinal).ToList();
+        Assert.Equal(["config.json", "generation_config.json", "sub/notes.json", "tokenizer.json", "tokenizer_config.json"], got);
+        Assert.Equal("../../../blobs/" + HubTestServer.GitBlobId("{}"u8.ToArray()), new FileInfo(Path.Combine(snapshot, "sub", "notes.json")).LinkTarget);
+        Assert.Empty(_server.To("/cdn/"));
+        Assert.Equal(snapshot, HubDownloader.Download(id, HubFileSet.Matching(["*.json"]), Settings(offline: true)));
+        Assert.Throws<HubOfflineException>(() => HubDownloader.Download(id, HubFileSet.Matching(["*.safetensors"]), Settings(offline: true)));
+    }
+
+    [Fact]
     public void BrokenDownloadResumesWithARangeRequest()
     {
         _server.AddRepo("org/llama", Fixtures.Model("llama"));
