@@ -145,6 +145,9 @@ public sealed class HubDownloadTests : IDisposable
         Assert.Contains("HTTP 403", e403.Message);
         Assert.Contains("HF_TOKEN has no access", e403.Message);
         Assert.True(Directory.Exists(HubDownloader.Download(gated, HubFileSet.Model, Settings(token: "hf_right"))));
+        Assert.Contains(_server.To("/org/gated/resolve/"), q => q.Auth == "Bearer hf_right");
+        Assert.NotEmpty(_server.To("/cdn/"));
+        Assert.All(_server.To("/cdn/"), q => Assert.Null(q.Auth)); // the token goes to the hub, never to the CDN's origin
 
         var noRepo = Assert.Throws<HubNotFoundException>(() => HubDownloader.Download(HubRepoId.Parse("org/nothing"), HubFileSet.Model, Settings()));
         Assert.Contains("org/nothing", noRepo.Message);

@@ -11,7 +11,7 @@ namespace LoraKit.Tests.Hub;
 /// A Hugging Face hub on loopback, for the hub tests: the endpoints LoraKit uses, answered as the hub answers them.
 /// <c>GET /api/models/{repo}/revision/{rev}</c> gives <c>{sha, siblings:[{rfilename}]}</c>; <c>HEAD/GET
 /// /{repo}/resolve/{rev}/{file}</c> answers a small file itself (ETag: its git blob id, X-Repo-Commit) and redirects an
-/// LFS file (*.safetensors) to <c>/cdn/{sha256}</c> with X-Linked-Etag (its sha256) and X-Linked-Size, where Range
+/// LFS file (*.safetensors) to <c>/cdn/{sha256}</c> on another port (the CDN's origin) with X-Linked-Etag (its sha256) and X-Linked-Size, where Range
 /// requests are honoured. Gated repositories want a Bearer token (401 without one, 403 with another); unknown repos,
 /// revisions and files are 404 with the hub's X-Error-Code. Every request is counted, with the bytes each body sent,
 /// so tests assert what was (not) fetched. Switches make it hostile or broken (tampered bytes, a cut connection, …).
@@ -48,12 +48,15 @@ public sealed class HubTestServer : IDisposable
     public string? HostileEtag { get; set; }
 
     public string Endpoint { get; }
+    /// <summary>Where LFS files are redirected: another origin (port), as the hub's CDN is another host.</summary>
+    public string CdnEndpoint { get; }
 
     public HubTestServer()
     {
-        int port = FreePort();
-        Endpoint = $"http://127.0.0.1:{port}";
+        Endpoint = $"http://127.0.0.1:{FreePort()}";
+        CdnEndpoint = $"http://127.0.0.1:{FreePort()}";
         _listener.Prefixes.Add(Endpoint + "/");
+        _listener.Prefixes.Add(CdnEndpoint + "/");
         _listener.Start();
         _thread = new Thread(Loop) { IsBackground = true };
         _thread.Start();
@@ -152,7 +155,7 @@ public sealed class HubTestServer : IDisposable
         {
             string sha256 = Sha256(bytes);
             res.StatusCode = 302;
-            res.Headers["Location"] = $"{Endpoint}/cdn/{sha256}";
+            res.Headers["Location"] = $"{CdnEndpoint}/cdn/{sha256}";
             res.Headers["X-Linked-Etag"] = $"\"{HostileEtag ?? sha256}\"";
             res.Headers["X-Linked-Size"] = bytes.Length.ToString();
             res.Headers["ETag"] = $"\"{GitBlobId(bytes)}\"";
