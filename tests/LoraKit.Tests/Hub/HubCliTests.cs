@@ -71,4 +71,22 @@ public sealed class HubCliTests : IDisposable
         Assert.Contains("no such repository", missing.stderr);
         Assert.Single(missing.stderr.Trim().Split('\n'));
     }
+
+    /// <summary>HF_HOME places the cache at $HF_HOME/hub, and the token <c>huggingface-cli login</c> saved there opens a gated repository.</summary>
+    [Fact]
+    public void HfHomeHoldsTheCacheAndTheSavedToken()
+    {
+        string commit = _server.AddRepo("org/gated", Fixtures.Model("llama"));
+        _server.Repos["org/gated"].Token = "hf_saved";
+        string home = Path.Combine(_cache, "home");
+        Directory.CreateDirectory(home);
+        var env = new Dictionary<string, string?> { ["HF_ENDPOINT"] = _server.Endpoint, ["HF_HOME"] = home, ["HF_HUB_CACHE"] = null, ["HF_TOKEN"] = null, ["HF_HUB_OFFLINE"] = null };
+        var denied = RunCli(env, "download", "org/gated");
+        Assert.Equal(1, denied.code);
+        Assert.Contains("set HF_TOKEN", denied.stderr);
+        File.WriteAllText(Path.Combine(home, "token"), "hf_saved\n");
+        var (code, stdout, stderr) = RunCli(env, "download", "org/gated");
+        Assert.True(code == 0, stderr);
+        Assert.Equal(Path.Combine(home, "hub", "models--org--gated", "snapshots", commit), stdout.Trim());
+    }
 }
