@@ -1,4 +1,5 @@
 using LoraKit.Generation;
+using LoraKit.Hub;
 using LoraKit.IO;
 using LoraKit.Lora;
 using LoraKit.Training;
@@ -38,9 +39,15 @@ public sealed class LoraKitModel : IDisposable
     /// ("fp32", "bf16", "fp16"; default bf16 on CUDA, fp32 on the CPU), in evaluation mode. With
     /// <paramref name="quantize"/> the base's linear layers are quantized as they load and stay packed (QLoRA; the
     /// compute dtype is <paramref name="dtype"/>); a pre-quantized bitsandbytes checkpoint loads packed without it.
+    /// <paramref name="modelDir"/> may be a Hugging Face hub id <c>ORG/NAME[@REVISION]</c> instead (when no such local
+    /// folder exists): its config, tokenizer and safetensors files are downloaded into the hub cache shared with
+    /// <c>huggingface_hub</c> (<paramref name="hub"/>, default <see cref="HubSettings.FromEnvironment"/>: HF_HOME,
+    /// HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE) and loaded from its snapshot folder.
     /// </summary>
-    public static LoraKitModel FromPretrained(string modelDir, string device = "auto", string? dtype = null, Quantization.BnbQuantizeOptions? quantize = null)
+    public static LoraKitModel FromPretrained(string modelDir, string device = "auto", string? dtype = null, Quantization.BnbQuantizeOptions? quantize = null,
+        HubSettings? hub = null)
     {
+        modelDir = HubDownloader.ResolveLocalOrHub(modelDir, HubFileSet.Model, hub);
         ModelDirectory.Require(modelDir);
         if (Classification.TextClassifier.IsSequenceClassificationCheckpoint(modelDir))
             throw new LoraKitException($"{modelDir} is a sequence-classification checkpoint (a merged classifier), not a causal LM; load it with TextClassifier");
@@ -70,10 +77,12 @@ public sealed class LoraKitModel : IDisposable
     /// <summary>
     /// Loads the PEFT adapter in <paramref name="adapterDir"/> under <paramref name="name"/> and makes it the active
     /// one; returns this model, so <c>LoraKitModel.FromPretrained(dir).WithAdapter(adapter)</c> reads as one step.
+    /// A hub id <c>ORG/NAME[@REVISION]</c> (when no such local folder exists) is downloaded into the hub cache first.
     /// </summary>
     public LoraKitModel WithAdapter(string adapterDir, string name = Training.Trainer.AdapterName, AdapterLoadOptions? options = null)
     {
         NoChatClient();
+        adapterDir = HubDownloader.ResolveLocalOrHub(adapterDir, HubFileSet.Adapter);
         AdapterFiles.Load(Lora, name, adapterDir, options);
         UseAdapter(name);
         return this;

@@ -20,7 +20,7 @@ public class ArchitectureTests
     static readonly string[][] Layers =
     [
         ["LoraKit"],
-        ["IO", "Templating"],
+        ["IO", "Templating", "Hub"],
         ["Tokenization", "Runtime", "Runtime.Cuda", "Quantization"],
         ["Models", "Data"],
         ["Lora"],

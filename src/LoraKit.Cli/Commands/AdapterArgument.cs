@@ -7,7 +7,8 @@ namespace LoraKit.Cli.Commands;
 /// An <c>--adapter</c> value: a PEFT adapter directory, or a registered adapter <c>NAME@VERSION</c> / <c>NAME@ALIAS</c>
 /// / <c>NAME</c> (NAME@production when that alias exists, else the latest version) in the registry of
 /// <c>--registry</c>, else <c>LORAKIT_REGISTRY</c>, else ~/.lorakit/registry. A directory that exists always wins; a
-/// name is looked up only in a registry that exists (a typo never creates one).
+/// name is looked up only in a registry that exists (a typo never creates one). A Hugging Face hub id <c>ORG/NAME[@REVISION]</c> (one '/',
+/// which registry names never have) is downloaded into the hub cache (<see cref="ModelArgument"/>).
 /// </summary>
 public static class AdapterArgument
 {
@@ -25,6 +26,7 @@ public static class AdapterArgument
     public static (string Dir, AdapterVersion? Version) ResolveVersion(string value, string? registry)
     {
         if (Directory.Exists(value) || File.Exists(value)) return (value, null);
+        if (value.Count(c => c == '/') == 1 && ModelArgument.ResolveAdapter(value) is { } snapshot) return (snapshot, null); // ORG/NAME[@REV]; a registry name has no '/'
         string root = Path.GetFullPath(registry ?? AdapterStore.DefaultPath());
         bool looksLikeName = value.Length > 0 && value.All(c => char.IsAsciiLetterOrDigit(c) || c is '.' or '_' or '-' or '@');
         if (!looksLikeName || !File.Exists(Path.Combine(root, AdapterStore.DbFile)))

@@ -93,10 +93,11 @@ public static class AdapterCommands
         {
             OutputDirectory.EnsureNewOrEmpty(r.GetValue(output)!); // before minutes of loading and merging
             var adapterDir = AdapterArgument.Resolve(r.GetValue(adapter)!, r.GetValue(registry));
-            var provenance = MergeGate.Check(r.GetValue(model)!, adapterDir, r.GetValue(gateReport), r.GetValue(noGate));
+            var modelDir = ModelArgument.Resolve(r.GetValue(model)!);
+            var provenance = MergeGate.Check(modelDir, adapterDir, r.GetValue(gateReport), r.GetValue(noGate));
             var (dev, dt) = Placement.Resolve(r.GetValue(device)!, r.GetValue(dtype));
             var (requested, originalDir) = QuantizedMergeArguments.MergeBase(r.GetValue(mergeBase));
-            var plan = MergeBasePlan.Make(r.GetValue(model)!, adapterDir, requested, originalDir, r.GetValue(allow), AdapterLoadOptions.Default.Warn);
+            var plan = MergeBasePlan.Make(modelDir, adapterDir, requested, originalDir, r.GetValue(allow), AdapterLoadOptions.Default.Warn);
             var requantize = QuantizedMergeArguments.QuantizeOutput(r.GetValue(quantizeOutput), plan.TrainedOn, r.GetValue(dtype) is null ? ScalarType.BFloat16 : dt);
             if (plan.Quantized || requantize is not null)
             {
@@ -111,13 +112,13 @@ public static class AdapterCommands
             if (Directory.Exists(adapterDir) && AdapterFiles.Task(adapterDir) is { IsSequenceClassification: true } task)
             {
                 // A classifier merges into a *ForSequenceClassification checkpoint: the score head replaces the LM head.
-                using var clf = Classification.TextClassifier.Load(r.GetValue(model)!, adapterDir, dt, dev);
-                clf.SaveMerged(r.GetValue(model)!, r.GetValue(output)!, provenance);
+                using var clf = Classification.TextClassifier.Load(modelDir, adapterDir, dt, dev);
+                clf.SaveMerged(modelDir, r.GetValue(output)!, provenance);
                 Console.WriteLine($"merged {adapterDir} into {r.GetValue(model)} → {r.GetValue(output)} " +
                     $"({clf.Model.Config.Architecture.Replace("ForCausalLM", "ForSequenceClassification")}, labels: {task.LabelList})");
                 return 0;
             }
-            MergedCheckpoint.Merge(r.GetValue(model)!, adapterDir, r.GetValue(output)!, new Placement(dev, dt),
+            MergedCheckpoint.Merge(modelDir, adapterDir, r.GetValue(output)!, new Placement(dev, dt),
                 new AdapterLoadOptions { AllowBaseMismatch = r.GetValue(allow) }, provenance);
             Console.WriteLine($"merged {adapterDir} into {r.GetValue(model)} → {r.GetValue(output)}");
             return 0;
@@ -150,7 +151,7 @@ public static class AdapterCommands
             }).ToList();
             parts = parts.Select(p => (AdapterArgument.Resolve(p.dir, r.GetValue(registry)), p.w)).ToList(); // names before minutes of loading
             var outDir = r.GetValue(output)!;
-            var combined = AdapterFileCombiner.Combine(r.GetValue(model)!, parts, r.GetValue(method)!, r.GetValue(svdRank), outDir,
+            var combined = AdapterFileCombiner.Combine(ModelArgument.Resolve(r.GetValue(model)!), parts, r.GetValue(method)!, r.GetValue(svdRank), outDir,
                 Placement.Resolve(r.GetValue(device)!, r.GetValue(dtype)), new AdapterLoadOptions { AllowBaseMismatch = r.GetValue(allow) });
             Console.WriteLine($"combined {parts.Count} adapters ({r.GetValue(method)}) → {outDir} (r={combined.R})");
             return 0;

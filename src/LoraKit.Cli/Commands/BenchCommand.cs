@@ -48,11 +48,12 @@ public static class BenchCommand
         {
             var (dev, dtype) = Placement.Resolve(r.GetValue(device)!);
             if (r.GetValue(lossChunk) is int mib) ChunkedLmLoss.ChunkBytes = (long)mib << 20;
+            var modelDir = ModelArgument.Resolve(r.GetValue(model)!);
             var q = r.GetValue(quantize) is { } method ? new Quantization.BnbQuantizeOptions(method, r.GetValue(doubleQuant) != "off") : null;
             var load = Stopwatch.StartNew();
             using var lm = new LoraModel(r.GetValue(randomInit)
-                ? CausalLM.RandomInit(ModelConfig.Load(r.GetValue(model)!), dtype, dev, q)
-                : CausalLM.Load(r.GetValue(model)!, dtype, dev, q));
+                ? CausalLM.RandomInit(ModelConfig.Load(modelDir), dtype, dev, q)
+                : CausalLM.Load(modelDir, dtype, dev, q));
             double loadSeconds = load.Elapsed.TotalSeconds;
             var afterLoad = CudaMemoryStats.Read(dev);
             int rk = r.GetValue(rank);

@@ -29,7 +29,7 @@ public static class BenchServeCommand
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             var (dev, dtype) = Placement.Resolve(r.GetValue(device)!);
-            var dir = r.GetValue(model)!;
+            var dir = ModelArgument.Resolve(r.GetValue(model)!);
             var lm = new LoraModel(CausalLM.Load(dir, dtype, dev));
             int k = r.GetValue(adapters);
             for (int i = 0; i < k; i++)

@@ -29,7 +29,7 @@ public static class ClassifyCommand
             if (r.GetValue(batch) < 1) throw new ArgumentException("--batch-size must be at least 1");
             if (d is not null && !File.Exists(d)) throw new FileNotFoundException($"{d}: file not found");
             var (dev, dt) = Placement.Resolve(r.GetValue(device)!, r.GetValue(dtype));
-            using var clf = TextClassifier.Load(r.GetValue(model)!, r.GetValue(adapter), dt, dev);
+            using var clf = TextClassifier.Load(ModelArgument.Resolve(r.GetValue(model)!), r.GetValue(adapter), dt, dev);
 
             var rows = d is null ? [new LabelledText(0, t!, null)] : ClassificationData.Read(d, clf.Labels);
             var ids = d is null ? [Encode(clf, t!)] : ClassificationData.Encode(clf, d, rows);

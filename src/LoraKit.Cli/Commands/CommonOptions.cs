@@ -11,11 +11,11 @@ namespace LoraKit.Cli.Commands;
 /// <summary>Options shared by the model-using commands, and the code that turns them into a loaded model.</summary>
 public sealed class CommonOptions
 {
-    public Option<string> Model { get; } = new("--model") { Description = "Hugging Face model directory (config.json, safetensors, tokenizer.json)", Required = true };
+    public Option<string> Model { get; } = new("--model") { Description = "Hugging Face model directory (config.json, safetensors, tokenizer.json), or hub id ORG/NAME[@REVISION]", Required = true };
     public Option<string> Device { get; } = new("--device") { Description = "auto, cpu or cuda", DefaultValueFactory = _ => "auto" };
     public Option<string?> DType { get; } = new("--dtype") { Description = "fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)" };
     public Option<bool> Json { get; } = new("--json") { Description = "print one JSON object instead of text for people" };
-    public Option<string?> Adapter { get; } = new("--adapter") { Description = "PEFT-format LoRA adapter directory to apply" };
+    public Option<string?> Adapter { get; } = new("--adapter") { Description = "PEFT-format LoRA adapter directory to apply (or registry NAME@VERSION, or hub id ORG/NAME[@REVISION])" };
     public Option<bool> AllowBaseMismatch { get; } = NewAllowBaseMismatch();
     public Option<string?> Registry { get; } = AdapterArgument.RegistryOption();
     /// <summary>--quantize, --double-quant, --quant-blocksize.</summary>
@@ -39,10 +39,15 @@ public sealed class CommonOptions
         Quantize.AddTo(c);
     }
 
+    string? _modelDir;
+
+    /// <summary>The local directory of --model: a hub id is downloaded (once per command) and its snapshot folder returned.</summary>
+    public string ModelDir(ParseResult r) => _modelDir ??= ModelArgument.Resolve(r.GetValue(Model)!);
+
     /// <summary>Loads the model (and the --adapter on top of it, when given) and its tokenizer.</summary>
     public (CausalLM model, Tokenizer tokenizer) Load(ParseResult r)
     {
-        var dir = r.GetValue(Model)!;
+        var dir = ModelDir(r);
         ModelDirectory.Require(dir);
         if (Classification.TextClassifier.IsSequenceClassificationCheckpoint(dir))
             throw new ArgumentException($"{dir} is a sequence-classification checkpoint (a merged classifier), not a causal LM; use `lorakit classify --model {dir}`");

@@ -55,7 +55,7 @@ public static class EvalCommand
                 ? RubricJudge.ForEndpoint(url, r.GetValue(judgeModel)!, Environment.GetEnvironmentVariable(RubricJudge.ApiKeyVariable)) : null;
             bool json = r.GetValue(common.Json);
             var quantize = common.Quantize.Resolve(r);
-            var modelDir = r.GetValue(common.Model)!;
+            var modelDir = common.ModelDir(r);
             IO.ModelDirectory.Require(modelDir);
             using var model = LoraKitModel.FromPretrained(modelDir, r.GetValue(common.Device)!, r.GetValue(common.DType), quantize);
             var progress = new ProgressLine(!json && !Console.IsErrorRedirected);

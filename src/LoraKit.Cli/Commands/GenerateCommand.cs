@@ -42,7 +42,7 @@ public static class GenerateCommand
                 TopP = r.GetValue(topP),
                 Seed = r.GetValue(seed),
                 StopStrings = r.GetValue(stop) ?? [],
-                EosTokenIds = StopTokens.EosTokenIds(model.Config, tokenizer, r.GetValue(common.Model)!),
+                EosTokenIds = StopTokens.EosTokenIds(model.Config, tokenizer, common.ModelDir(r)),
             };
             bool json = r.GetValue(common.Json);
             var result = new TextGenerator(model, tokenizer).Generate(promptIds, options, json ? null : piece => Console.Write(piece));

@@ -23,7 +23,7 @@ public static class QuantizeCommand
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             var options = QuantizeOptions.Parse(r.GetValue(method), r.GetValue(doubleQuant), r.GetValue(blocksize), "--method")!;
-            var dir = r.GetValue(model)!;
+            var dir = ModelArgument.Resolve(r.GetValue(model)!);
             IO.ModelDirectory.Require(dir);
             string compute = r.GetValue(dtype) is string d ? ComputeName(d) : CheckpointQuantizer.DeclaredDtype(dir) ?? "bfloat16";
             options = options with { ComputeDtype = compute };

@@ -44,7 +44,7 @@ public static class ServeCommand
         {
             var options = new ServerOptions
             {
-                Model = r.GetValue(model)!, Adapters = r.GetValue(adapters), Registry = RegistryPath(r.GetValue(registry), r.GetValue(adapters)), Host = r.GetValue(host)!, Port = r.GetValue(port),
+                Model = ModelArgument.Resolve(r.GetValue(model)!), ModelName = ModelArgument.HubName(r.GetValue(model)!), Adapters = r.GetValue(adapters), Registry = RegistryPath(r.GetValue(registry), r.GetValue(adapters)), Host = r.GetValue(host)!, Port = r.GetValue(port),
                 ApiKey = r.GetValue(apiKey) ?? Environment.GetEnvironmentVariable("LORAKIT_API_KEY"),
                 AdminKey = r.GetValue(adminKey) ?? Environment.GetEnvironmentVariable("LORAKIT_ADMIN_KEY"),
                 Device = r.GetValue(device)!, Dtype = r.GetValue(dtype), MaxLoadedAdapters = r.GetValue(maxAdapters), MaxBatch = r.GetValue(maxBatch),

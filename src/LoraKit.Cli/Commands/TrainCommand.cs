@@ -129,6 +129,7 @@ public static class TrainCommand
                     value = ((string)value!).Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToList();
                 prop.SetValue(c, value);
             }
+            c.Model = ModelArgument.Resolve(c.Model); // a hub id: its snapshot folder, downloaded before anything else
             string? initAdapterRef = TrainRegistration.Prepare(c); // names resolved, --register checked, before any loading
             var log = new ConsoleTrainLog(!Console.IsOutputRedirected);
             // Ctrl+C and SIGTERM (docker stop, systemd, Kubernetes) end the run after the current step, with a checkpoint

@@ -2,7 +2,7 @@ using System.Text.RegularExpressions;
 
 namespace LoraKit.IO;
 
-/// <summary>Checks that a model path names a local directory, and says what to do when it names a Hub model instead.</summary>
+/// <summary>Checks that a model path names a local directory, and says what to do when it names a hub model instead.</summary>
 public static partial class ModelDirectory
 {
     [GeneratedRegex(@"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")]
@@ -19,9 +19,9 @@ public static partial class ModelDirectory
         if (File.Exists(dir))
             throw new LoraKitException($"'{dir}' is a file; a model is a directory (config.json, *.safetensors, tokenizer.json)");
         if (LooksLikeHubId(dir))
-            throw new LoraKitException($"'{dir}' is not a local directory; it looks like a Hugging Face Hub id, and LoraKit loads " +
-                $"models from local folders (Hub downloads are a later feature): fetch it with `huggingface-cli download {dir} " +
-                $"--local-dir models/{dir.Split('/')[1]}` and pass that folder");
+            throw new LoraKitException($"'{dir}' is not a local directory; it looks like a Hugging Face hub id, which " +
+                $"LoraKitModel.FromPretrained and the CLI's --model download into the hub cache; this loader takes a folder: " +
+                $"the snapshot folder that `lorakit download {dir}` prints (LoraKit.Hub.HubDownloader.Download)");
         throw new LoraKitException($"model directory '{dir}' does not exist");
     }
 }

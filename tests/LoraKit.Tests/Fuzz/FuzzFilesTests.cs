@@ -202,11 +202,13 @@ public class FuzzFilesTests
     [Fact]
     public void AHubIdIsNotALocalDirectory()
     {
-        Refused("model-dir", "hub id (tokenizer)", () => Tokenizer.Load("Qwen/Qwen2.5-0.5B"), "not a local directory", "huggingface-cli download Qwen/Qwen2.5-0.5B");
+        Refused("model-dir", "hub id (tokenizer)", () => Tokenizer.Load("Qwen/Qwen2.5-0.5B"), "not a local directory", "lorakit download Qwen/Qwen2.5-0.5B");
         Refused("model-dir", "hub id (model)", () => LoadModel("Qwen/Qwen2.5-0.5B"), "not a local directory");
-        var (code, _, stderr) = CliTests.RunCli("score", "--model", "Qwen/Qwen2.5-0.5B", "--text", "hi", "--device", "cpu");
+        // The CLI downloads hub ids (Hub/HubCliTests); offline with an empty cache it says so in one line.
+        var (code, _, stderr) = Hub.HubCliTests.RunCli(new() { ["HF_HUB_OFFLINE"] = "1", ["HF_HUB_CACHE"] = Fixtures.TempDir() },
+            "score", "--model", "Qwen/Qwen2.5-0.5B", "--text", "hi", "--device", "cpu");
         FuzzContract.CheckCli("model-dir", "cli hub id", code, stderr);
-        Assert.Contains("huggingface-cli download", stderr);
+        Assert.Contains("not a local directory, nor found on the hub: Qwen/Qwen2.5-0.5B: not in the hub cache", stderr);
     }
 
     [Fact]
