@@ -57,14 +57,13 @@ public static class GgufExport
         }
         using var _ = no_grad();
         foreach (var (name, values) in arch.ExtraTensors())
-            w.AddTensor(name, [values.Length], GgmlType.F32, GgufEncoding.Encode(values, GgmlType.F32, values.Length));
+            w.AddTensor(name, [values.Length], GgmlType.F32, () => GgufEncoding.Encode(values, GgmlType.F32, values.Length));
         foreach (var (name, p) in lm.Model.named_parameters())
         {
             if (MergedCheckpoint.CheckpointKey(name) is not string key) continue;
             if (key == "lm_head.weight" && arch.Config.TieWordEmbeddings) continue; // llama.cpp reuses token_embd
-            using var scope = NewDisposeScope();
             AdapterFiles.CheckFinite(p, key, $"merged model (not written to {output})", double.PositiveInfinity);
-            AddTensor(w, GgufArchitecture.TensorName(key), arch.Reorder(key, p.detach()), type);
+            AddTensor(w, GgufArchitecture.TensorName(key), p.shape, type, () => arch.Reorder(key, p.detach()));
         }
         w.Save(output);
     }
@@ -90,13 +89,11 @@ public static class GgufExport
         using var _ = no_grad();
         foreach (var (key, weights) in prepared.Weights.OrderBy(kv => kv.Key, StringComparer.Ordinal))
         {
-            using var scope = NewDisposeScope();
-            var a = weights.A.detach().to(ScalarType.Float32);
+            var (a, b) = (weights.A, weights.B);
             double fold = config.Scaling(key) * a.shape[0] / config.LoraAlpha; // 1 unless PEFT's scaling is not alpha / r
-            var b = weights.B.detach().to(ScalarType.Float32).mul(fold);
             string name = GgufArchitecture.TensorName(key + ".weight");
-            AddTensor(w, name + ".lora_a", a, type);
-            AddTensor(w, name + ".lora_b", arch.Reorder(key, b), type);
+            AddTensor(w, name + ".lora_a", a.shape, type, () => a.detach());
+            AddTensor(w, name + ".lora_b", b.shape, type, () => arch.Reorder(key, b.detach().to(ScalarType.Float32).mul(fold)));
         }
         w.Save(output);
     }
@@ -137,11 +134,11 @@ public static class GgufExport
     /// Adds one tensor: F32 for 1-D tensors and norms (as convert_hf_to_gguf.py keeps them), else the chosen type, with
     /// Q8_0 falling back to F16 for rows that are not whole blocks.
     /// </summary>
-    static void AddTensor(GgufWriter w, string name, Tensor t, GgufFileType fileType)
+    /// <remarks><paramref name="tensor"/> is called when the writer reaches the tensor, inside a dispose scope of its own.</remarks>
+    static void AddTensor(GgufWriter w, string name, long[] shape, GgufFileType fileType, Func<Tensor> tensor)
     {
-        var values = t.contiguous().to(ScalarType.Float32).data<float>().ToArray();
-        long[] ne = t.shape.Reverse().ToArray();
-        var type = t.dim() <= 1 || name.EndsWith("_norm.weight", StringComparison.Ordinal) ? GgmlType.F32 : fileType switch
+        long[] ne = shape.Reverse().ToArray();
+        var type = shape.Length <= 1 || name.EndsWith("_norm.weight", StringComparison.Ordinal) ? GgmlType.F32 : fileType switch
         {
             GgufFileType.F32 => GgmlType.F32,
             GgufFileType.F16 => GgmlType.F16,
@@ -149,6 +146,12 @@ public static class GgufExport
             GgufFileType.Q8_0 => GgufEncoding.FitsQ8_0(ne[0]) ? GgmlType.Q8_0 : GgmlType.F16,
             _ => throw new ArgumentOutOfRangeException(nameof(fileType)),
         };
-        w.AddTensor(name, ne, type, GgufEncoding.Encode(values, type, ne[0]));
+        w.AddTensor(name, ne, type, () =>
+        {
+            using var scope = NewDisposeScope();
+            using var _ = no_grad();
+            var values = tensor().contiguous().to(ScalarType.Float32).data<float>().ToArray();
+            return GgufEncoding.Encode(values, type, ne[0]);
+        });
     }
 }

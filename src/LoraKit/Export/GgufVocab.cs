@@ -30,6 +30,7 @@ public static class GgufVocab
     {
         var path = Path.Combine(modelDir, "tokenizer.json");
         if (!File.Exists(path)) throw new GgufExportException($"{path}: not found (a GGUF file carries its tokenizer)");
+        _ = Tokenization.Tokenizer.Load(modelDir); // LoraKit's own checks first: a malformed file fails in one line naming the field
         var json = JsonFiles.ParseNode(path) as JsonObject ?? throw new GgufExportException($"{path}: not a JSON object");
         var tokConfigPath = Path.Combine(modelDir, "tokenizer_config.json");
         var tokConfig = File.Exists(tokConfigPath) ? JsonFiles.ParseNode(tokConfigPath) as JsonObject ?? new JsonObject() : new JsonObject();

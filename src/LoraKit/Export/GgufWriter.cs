@@ -59,7 +59,7 @@ public sealed class GgufWriter
     public const int Alignment = 32;
 
     readonly List<(string key, GgufValueType type, object value)> _kv = [];
-    readonly List<(string name, long[] ne, GgmlType type, byte[] data)> _tensors = [];
+    readonly List<(string name, long[] ne, GgmlType type, long size, Func<byte[]> data)> _tensors = [];
 
     /// <summary>Adds a string value.</summary>
     public void Add(string key, string value) => _kv.Add((key, GgufValueType.String, value));
@@ -80,13 +80,27 @@ public sealed class GgufWriter
 
     /// <summary>
     /// Adds a tensor: <paramref name="ne"/> is ggml's shape, innermost (contiguous) dimension first, i.e. a torch shape
-    /// reversed; <paramref name="data"/> its bytes already encoded as <paramref name="type"/>.
+    /// reversed; <paramref name="data"/> gives its bytes encoded as <paramref name="type"/> when <see cref="Save"/>
+    /// reaches it, so only one tensor's encoding is held in memory at a time.
     /// </summary>
-    public void AddTensor(string name, long[] ne, GgmlType type, byte[] data)
+    public void AddTensor(string name, long[] ne, GgmlType type, Func<byte[]> data)
     {
         if (_tensors.Any(t => t.name == name)) throw new ArgumentException($"tensor '{name}' added twice");
         if (Encoding.UTF8.GetByteCount(name) >= 64) throw new ArgumentException($"tensor name '{name}' is longer than ggml's 63 bytes");
-        _tensors.Add((name, ne, type, data));
+        _tensors.Add((name, ne, type, ByteSize(ne, type), data));
+    }
+
+    /// <summary>The encoded size of a tensor of shape <paramref name="ne"/> and type <paramref name="type"/>.</summary>
+    public static long ByteSize(long[] ne, GgmlType type)
+    {
+        long n = ne.Aggregate(1L, (a, b) => checked(a * b));
+        return type switch
+        {
+            GgmlType.F32 => n * 4,
+            GgmlType.F16 or GgmlType.BF16 => n * 2,
+            GgmlType.Q8_0 => n / GgufEncoding.Q8Block * (2 + GgufEncoding.Q8Block),
+            _ => throw new ArgumentOutOfRangeException(nameof(type)),
+        };
     }
 
     /// <summary>Writes the file: to <c>path.tmp</c>, flushed, then renamed to <paramref name="path"/>.</summary>
@@ -100,7 +114,13 @@ public sealed class GgufWriter
             {
                 WriteHeader(w);
                 Pad(w);
-                foreach (var t in _tensors) { w.Write(t.data); Pad(w); }
+                foreach (var t in _tensors)
+                {
+                    var bytes = t.data();
+                    if (bytes.Length != t.size) throw new InvalidOperationException($"tensor '{t.name}' encoded to {bytes.Length} bytes, not {t.size}");
+                    w.Write(bytes);
+                    Pad(w);
+                }
                 w.Flush();
                 fs.Flush(flushToDisk: true);
             }
@@ -126,14 +146,14 @@ public sealed class GgufWriter
             WriteValue(w, type, value);
         }
         ulong offset = 0;
-        foreach (var (name, ne, type, data) in _tensors)
+        foreach (var (name, ne, type, size, _) in _tensors)
         {
             WriteString(w, name);
             w.Write((uint)ne.Length);
             foreach (var d in ne) w.Write((ulong)d);
             w.Write((uint)type);
             w.Write(offset);
-            offset += (ulong)Padded(data.Length);
+            offset += (ulong)Padded(size);
         }
     }
 
