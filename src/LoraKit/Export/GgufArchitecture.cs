@@ -178,6 +178,3 @@ public sealed class GgufArchitecture
         return rows.reshape([heads, 2, shape[0] / heads / 2, .. rest]).swapaxes(1, 2).reshape(shape);
     }
 }
-
-/// <summary>A model, adapter or tokenizer that cannot be written as GGUF, with a one-line reason.</summary>
-public sealed class GgufExportException(string message) : LoraKitException(message);

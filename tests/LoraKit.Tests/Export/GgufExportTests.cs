@@ -76,6 +76,15 @@ public sealed class GgufExportTests : IDisposable
         AssertClose(run, LlamaCpp.Score(Export(arch, merged: true, GgufFileType.Q8_0), null, ids, run.Prompt.Length), 0.3f, 0, arch + " merged q8_0");
     }
 
+    /// <summary>bf16 keeps 8 bits of mantissa (f16: 11), so its logits are compared with a looser tolerance than f16's.</summary>
+    [Theory, InlineData("mistral"), InlineData("phi3")]
+    public void Bf16ExportScoresAsLoraKit(string arch)
+    {
+        var run = LoraKitGreedy(arch);
+        var ids = run.Prompt.Concat(run.Tokens).ToArray();
+        AssertClose(run, LlamaCpp.Score(Export(arch, merged: true, GgufFileType.BF16), null, ids, run.Prompt.Length), 0.1f, 0, arch + " merged bf16");
+    }
+
     string Export(string arch, bool merged, GgufFileType type)
     {
         var path = Path.Combine(_dir, $"{arch}-{(merged ? "merged" : "base")}-{type}.gguf");
