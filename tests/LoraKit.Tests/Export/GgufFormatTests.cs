@@ -101,7 +101,7 @@ public sealed class GgufFormatTests : IDisposable
     }
 
     /// <summary>llama.cpp tokenizes text with the exported vocabulary as LoraKit (transformers' tokenizer) does.</summary>
-    [Theory, InlineData("llama"), InlineData("qwen2"), InlineData("mistral")]
+    [Theory, InlineData("llama"), InlineData("qwen2"), InlineData("qwen3"), InlineData("mistral"), InlineData("phi3"), InlineData("phi4mini")]
     public void LlamaCppTokenizesAsLoraKit(string fixture)
     {
         var path = Out(fixture + "-tok.gguf");
