@@ -34,6 +34,7 @@ public static class Program
         root.Subcommands.Add(CheckKernelsCommand.Build());
         root.Subcommands.Add(QuantizeCommand.Build());
         root.Subcommands.Add(DownloadCommand.Build());
+        root.Subcommands.Add(ExportCommand.Build());
         root.Subcommands.Add(HelpCommand(root));
         HelpDefaults(root);
         return root;
