@@ -1,6 +1,7 @@
 using System.CommandLine;
 using System.Globalization;
 using System.Text.Json.Nodes;
+using LoraKit.Cli.Progress;
 using LoraKit.Evaluation;
 
 namespace LoraKit.Cli.Commands;
@@ -58,17 +59,16 @@ public static class EvalCommand
             var modelDir = common.ModelDir(r);
             IO.ModelDirectory.Require(modelDir);
             using var model = LoraKitModel.FromPretrained(modelDir, r.GetValue(common.Device)!, r.GetValue(common.DType), quantize);
-            var progress = new ProgressLine(!json && !Console.IsErrorRedirected);
-            var report = model.Evaluate(loaded, adapterDirs, new EvalOptions
+            // a bar on a terminal, plain lines on a redirected stderr, nothing under --json (stdout is the report)
+            var report = CliProgress.Run("eval", progress => model.Evaluate(loaded, adapterDirs, new EvalOptions
             {
-                Gate = thresholds, GateEnforced = r.GetValue(gate), MaxBatch = r.GetValue(batch), Progress = progress.Show, Judge = judge?.AsJudgeFunc(),
+                Gate = thresholds, GateEnforced = r.GetValue(gate), MaxBatch = r.GetValue(batch), Progress = progress.AsCallback(), Judge = judge?.AsJudgeFunc(),
                 Settings = new JsonObject
                 {
                     ["device"] = model.Device.type.ToString().ToLowerInvariant(), ["dtype"] = model.Model.DType.ToString(),
                     ["judge"] = judge is null ? null : new JsonObject { ["url"] = r.GetValue(judgeUrl), ["model"] = r.GetValue(judgeModel) },
                 },
-            });
-            progress.Done();
+            }), unit: "cases", mode: json ? ProgressMode.Off : ProgressMode.Auto);
             // An adapter given by name is recorded as the version it resolved to (the entries are in the order given).
             report = report with
             {
@@ -127,25 +127,4 @@ public static class EvalCommand
         string.Join(", ", cases.Take(20).Select(x => x.Key)) + (cases.Count > 20 ? $", … {cases.Count - 20} more (all in the report: --json or --output)" : "");
 
     static string Trim(string s) => s.Length <= 40 ? s : "…" + s[^39..];
-
-    /// <summary>A progress bar on stderr when it is a terminal; nothing otherwise (stdout stays the report).</summary>
-    sealed class ProgressLine(bool interactive)
-    {
-        long _lastDraw;
-
-        public void Show(int done, int total, string model)
-        {
-            if (!interactive) return;
-            long now = Environment.TickCount64;
-            if (done < total && now - _lastDraw < 100) return;
-            _lastDraw = now;
-            int width = 24, filled = total == 0 ? width : (int)Math.Round(width * (double)done / total);
-            Console.Error.Write($"\r[{new string('#', filled)}{new string('.', width - filled)}] {done}/{total} cases  {Trim(model),-40}");
-        }
-
-        public void Done()
-        {
-            if (interactive) Console.Error.WriteLine();
-        }
-    }
 }

@@ -2,7 +2,7 @@ using LoraKit.Tokenization;
 
 namespace LoraKit.Evaluation;
 
-/// <summary>What a case measures, and so how the gate treats it (see <see cref="Gate"/>).</summary>
+/// <summary>What a case measures, and so how the gate treats it (see <see cref="GateResult.Decide"/>).</summary>
 public enum CaseKind
 {
     /// <summary>The adapter's own job: the gate can ask for a minimum pass rate.</summary>

@@ -61,7 +61,7 @@ public static class AdapterFiles
     /// <summary>
     /// Reads and validates an adapter for <paramref name="lm"/>'s base without touching the model (safe on any thread:
     /// it only consults the immutable layer shapes). An adapter LoraKit wrote for another base (its recorded
-    /// <see cref="BaseFingerprint"/> differs) is refused unless <see cref="AdapterLoadOptions.AllowBaseMismatch"/>;
+    /// <see cref="Models.BaseFingerprint"/> differs) is refused unless <see cref="AdapterLoadOptions.AllowBaseMismatch"/>;
     /// for adapters without a fingerprint (PEFT's) the architecture and shapes are checked, and a differing recorded
     /// base name is a warning. A sequence-classification adapter is refused unless the caller says it will use the head
     /// (<see cref="AdapterLoadOptions.SequenceClassification"/>): run as a causal LM it would produce garbage.

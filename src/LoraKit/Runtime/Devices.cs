@@ -12,6 +12,7 @@ internal static class Devices
 {
     public static Device Resolve(string name)
     {
+        TorchBackend.EnsureLoaded(); // the first tensor-touching step of every load: a missing backend is one clear line
         CudaAllocatorConfig.Apply();
         switch (name.ToLowerInvariant())
         {
