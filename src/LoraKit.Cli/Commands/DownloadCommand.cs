@@ -20,10 +20,24 @@ public static class DownloadCommand
         {
             var id = HubRepoId.Parse(r.GetValue(repo)!);
             var globs = r.GetValue(include) ?? [];
-            var snapshot = HubDownloader.Download(id, globs.Length > 0 ? HubFileSet.Matching(globs) : HubFileSet.Auto, ModelArgument.Settings());
+            var files = globs.Length > 0 ? HubFileSet.Matching(globs) : HubFileSet.Auto;
+            var settings = ModelArgument.Settings();
+            // On a terminal a byte bar per file (Spectre.Console); redirected, the plain lines of HubProgressLines.
+            var snapshot = Progress.CliProgress.Resolve(Progress.ProgressMode.Auto) == Progress.ProgressMode.Bar
+                ? Progress.CliProgress.Run($"download {id.Repo}", sink => HubDownloader.Download(id, files, settings with { Progress = new FileBar(sink) }), unit: "bytes")
+                : HubDownloader.Download(id, files, settings);
             Console.WriteLine(snapshot);
             return 0;
         }));
         return cmd;
+    }
+
+    /// <summary>Hub progress onto the CLI's bar: bytes of the file being fetched (notes such as "resuming" are dropped).</summary>
+    sealed class FileBar(Progress.ProgressSink sink) : IProgress<HubProgress>
+    {
+        public void Report(HubProgress p)
+        {
+            if (p.Note is null) sink.Report(p.Bytes, p.Total, p.File);
+        }
     }
 }

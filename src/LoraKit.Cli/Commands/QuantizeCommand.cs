@@ -28,7 +28,7 @@ public static class QuantizeCommand
             string compute = r.GetValue(dtype) is string d ? ComputeName(d) : CheckpointQuantizer.DeclaredDtype(dir) ?? "bfloat16";
             options = options with { ComputeDtype = compute };
             var outDir = r.GetValue(output)!;
-            int n = CheckpointQuantizer.Quantize(dir, outDir, options);
+            int n = Progress.CliProgress.Run("quantize", sink => CheckpointQuantizer.Quantize(dir, outDir, options, sink.AsCallback()), unit: "tensors");
             Console.WriteLine($"wrote {outDir}: {n} linear weights in {Models.QuantizedBase.Describe(options)} (compute dtype {compute}); the LM head and embeddings unchanged");
             return 0;
         }));

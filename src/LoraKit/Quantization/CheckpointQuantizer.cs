@@ -19,7 +19,8 @@ public static class CheckpointQuantizer
     /// Writes <paramref name="outDir"/> (new or empty) from <paramref name="modelDir"/>; a checkpoint that is already
     /// quantized is refused. Returns the number of weights quantized.
     /// </summary>
-    public static int Quantize(string modelDir, string outDir, BnbQuantizeOptions options)
+    /// <param name="progress">called after each tensor with (tensors done, tensors in all, its name); null: silent</param>
+    public static int Quantize(string modelDir, string outDir, BnbQuantizeOptions options, Action<int, int, string>? progress = null)
     {
         options.Validate();
         OutputDirectory.EnsureNewOrEmpty(outDir); // before minutes of work
@@ -34,8 +35,11 @@ public static class CheckpointQuantizer
         int quantized = 0;
         try
         {
-            foreach (var name in files.Names.OrderBy(n => n, StringComparer.Ordinal))
+            var names = files.Names.OrderBy(n => n, StringComparer.Ordinal).ToList();
+            int done = 0;
+            foreach (var name in names)
             {
+                progress?.Invoke(done++, names.Count, name);
                 var t = files.ReadStored(name);
                 if (!BnbCheckpointWriter.DefaultQuantizable(name, t)) { tensors.Add((name, t)); continue; }
                 using (t)
@@ -47,6 +51,7 @@ public static class CheckpointQuantizer
                 quantized++;
             }
             var cfg = (JsonObject)config.DeepClone();
+            progress?.Invoke(names.Count, names.Count, "");
             cfg["quantization_config"] = BnbCheckpointWriter.QuantizationConfig(options);
             HfCheckpointWriter.Write(outDir, cfg, tensors, modelDir);
         }
