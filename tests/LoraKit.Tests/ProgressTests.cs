@@ -77,4 +77,26 @@ public class ProgressTests
         Assert.EndsWith("(100%)", lines[^1]);
         Assert.DoesNotMatch(EscapeOrReturn, stderr);
     }
+
+    /// <summary>The other long commands report through the same helper: redirected, plain lines ending at 100%.</summary>
+    [Theory]
+    [InlineData("quantize")]
+    [InlineData("export")]
+    [InlineData("merge")]
+    public void LongCommandsWithRedirectedStderrPrintPlainProgressLines(string command)
+    {
+        var output = Path.Combine(Fixtures.TempDir(), "out");
+        string[] args = command switch
+        {
+            "quantize" => ["quantize", "--model", Fixtures.Model("llama"), "--method", "nf4", "--output", output],
+            "export" => ["export", "gguf", "--model", Fixtures.Model("llama"), "--output", output + ".gguf"],
+            _ => ["merge", "--model", Fixtures.Model("llama"), "--adapter", Fixtures.Path_("adapters", "llama", "a"), "--output", output, "--no-gate"],
+        };
+        var (code, _, stderr) = CliTests.RunCli(args);
+        Assert.True(code == 0, stderr);
+        var progress = stderr.Split('\n', StringSplitOptions.RemoveEmptyEntries).Where(l => Regex.IsMatch(l, @"^[a-z ]+: \d+/\d+ [a-z]+ \(\d+%\)$")).ToList();
+        Assert.NotEmpty(progress);
+        Assert.EndsWith("(100%)", progress[^1]);
+        Assert.DoesNotMatch(EscapeOrReturn, stderr);
+    }
 }

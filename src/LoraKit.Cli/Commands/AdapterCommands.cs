@@ -118,8 +118,8 @@ public static class AdapterCommands
                     $"({clf.Model.Config.Architecture.Replace("ForCausalLM", "ForSequenceClassification")}, labels: {task.LabelList})");
                 return 0;
             }
-            MergedCheckpoint.Merge(modelDir, adapterDir, r.GetValue(output)!, new Placement(dev, dt),
-                new AdapterLoadOptions { AllowBaseMismatch = r.GetValue(allow) }, provenance);
+            Progress.CliProgress.Run("merge", sink => MergedCheckpoint.Merge(modelDir, adapterDir, r.GetValue(output)!, new Placement(dev, dt),
+                new AdapterLoadOptions { AllowBaseMismatch = r.GetValue(allow) }, provenance, sink.AsCallback()), unit: "steps");
             Console.WriteLine($"merged {adapterDir} into {r.GetValue(model)} → {r.GetValue(output)}");
             return 0;
         }));

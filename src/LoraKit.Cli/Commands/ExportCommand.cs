@@ -30,17 +30,18 @@ public static class ExportCommand
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             var fileType = GgufExport.ParseType(r.GetValue(type)!);
-            string dir = r.GetValue(model)!, outFile = r.GetValue(output)!;
+            string dir = ModelArgument.Resolve(r.GetValue(model)!), outFile = r.GetValue(output)!;
             IO.ModelDirectory.Require(dir);
             var adapterDir = r.GetValue(adapter) is string a ? AdapterArgument.Resolve(a, r.GetValue(registry)) : null;
             if (r.GetValue(adapterOnly))
             {
-                GgufExport.Adapter(dir, adapterDir ?? throw new LoraKitException("--adapter-only needs --adapter DIR"), outFile, fileType);
+                var adapterPath = adapterDir ?? throw new LoraKitException("--adapter-only needs --adapter DIR");
+                Progress.CliProgress.Run("export gguf", sink => GgufExport.Adapter(dir, adapterPath, outFile, fileType, sink.AsCallback()), unit: "tensors");
                 Console.WriteLine($"wrote {outFile}: LoRA adapter {adapterDir} for {dir} ({fileType})");
             }
             else
             {
-                GgufExport.Model(dir, adapterDir, outFile, fileType);
+                Progress.CliProgress.Run("export gguf", sink => GgufExport.Model(dir, adapterDir, outFile, fileType, sink.AsCallback()), unit: "tensors");
                 Console.WriteLine($"wrote {outFile}: {dir}{(adapterDir is null ? "" : " with " + adapterDir + " merged")} ({fileType})");
             }
             return 0;

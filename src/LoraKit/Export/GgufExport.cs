@@ -39,7 +39,7 @@ public static class GgufExport
     /// Writes the model in <paramref name="modelDir"/>, with the adapter in <paramref name="adapterDir"/> merged into it
     /// when given, to the new file <paramref name="output"/>.
     /// </summary>
-    public static void Model(string modelDir, string? adapterDir, string output, GgufFileType type = GgufFileType.F16)
+    public static void Model(string modelDir, string? adapterDir, string output, GgufFileType type = GgufFileType.F16, Action<int, int, string>? progress = null)
     {
         CheckOutput(output);
         var arch = GgufArchitecture.For(ModelConfig.Load(modelDir));
@@ -65,7 +65,7 @@ public static class GgufExport
             AdapterFiles.CheckFinite(p, key, $"merged model (not written to {output})", double.PositiveInfinity);
             AddTensor(w, GgufArchitecture.TensorName(key), p.shape, type, () => arch.Reorder(key, p.detach()));
         }
-        w.Save(output);
+        w.Save(output, progress);
     }
 
     /// <summary>
@@ -74,7 +74,7 @@ public static class GgufExport
     /// <c>.lora_b</c> [out, r] (q/k rows of B permuted as the base's), <c>adapter.lora.alpha</c>. llama.cpp scales every
     /// module by alpha / r; where PEFT's scaling differs (rsLoRA, rank or alpha patterns) the difference is folded into B.
     /// </summary>
-    public static void Adapter(string modelDir, string adapterDir, string output, GgufFileType type = GgufFileType.F16)
+    public static void Adapter(string modelDir, string adapterDir, string output, GgufFileType type = GgufFileType.F16, Action<int, int, string>? progress = null)
     {
         CheckOutput(output);
         var arch = GgufArchitecture.For(ModelConfig.Load(modelDir));
@@ -95,7 +95,7 @@ public static class GgufExport
             AddTensor(w, name + ".lora_a", a.shape, type, () => a.detach());
             AddTensor(w, name + ".lora_b", b.shape, type, () => arch.Reorder(key, b.detach().to(ScalarType.Float32).mul(fold)));
         }
-        w.Save(output);
+        w.Save(output, progress);
     }
 
     /// <summary>Refuses an output path that exists (LoraKit never overwrites a file it did not create) or has no parent folder.</summary>

@@ -103,8 +103,11 @@ public sealed class GgufWriter
         };
     }
 
-    /// <summary>Writes the file: to <c>path.tmp</c>, flushed, then renamed to <paramref name="path"/>.</summary>
-    public void Save(string path)
+    /// <summary>
+    /// Writes the file: to <c>path.tmp</c>, flushed, then renamed to <paramref name="path"/>. <paramref name="progress"/>
+    /// is called before each tensor is encoded and written, with (tensors done, tensors in all, its name), and at the end.
+    /// </summary>
+    public void Save(string path, Action<int, int, string>? progress = null)
     {
         var tmp = path + ".tmp";
         try
@@ -114,13 +117,16 @@ public sealed class GgufWriter
             {
                 WriteHeader(w);
                 Pad(w);
+                int done = 0;
                 foreach (var t in _tensors)
                 {
+                    progress?.Invoke(done++, _tensors.Count, t.name);
                     var bytes = t.data();
                     if (bytes.Length != t.size) throw new InvalidOperationException($"tensor '{t.name}' encoded to {bytes.Length} bytes, not {t.size}");
                     w.Write(bytes);
                     Pad(w);
                 }
+                progress?.Invoke(_tensors.Count, _tensors.Count, "");
                 w.Flush();
                 fs.Flush(flushToDisk: true);
             }

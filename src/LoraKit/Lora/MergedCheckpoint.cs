@@ -45,13 +45,18 @@ public static class MergedCheckpoint
     /// </summary>
     /// <paramref name="provenance"/>, when given, is written into config.json as <c>lorakit_merge</c> (what was merged,
     /// under which gate); transformers keeps unknown config keys as attributes and ignores them otherwise.
+    /// <paramref name="progress"/>, when given, hears the three phases (load, merge, write) as (done, 3, phase).
     public static void Merge(string modelDir, string adapterDir, string outDir, Placement placement, AdapterLoadOptions? options = null,
-        JsonObject? provenance = null)
+        JsonObject? provenance = null, Action<int, int, string>? progress = null)
     {
         OutputDirectory.EnsureNewOrEmpty(outDir);
+        progress?.Invoke(0, 3, "load the base and the adapter");
         using var lm = new LoraModel(CausalLM.Load(modelDir, placement.DType, placement.Device));
         AdapterFiles.Load(lm, "default", adapterDir, options);
+        progress?.Invoke(1, 3, "merge");
         lm.Merge("default");
+        progress?.Invoke(2, 3, "write the checkpoint");
         Save(lm, modelDir, outDir, provenance is null ? null : c => c[ProvenanceKey] = provenance.DeepClone());
+        progress?.Invoke(3, 3, "");
     }
 }
