@@ -65,9 +65,11 @@ public sealed class RunLog : IDisposable
         using var tx = Db.BeginTransaction();
         var config = Scalar<string>(tx, "SELECT config FROM runs WHERE id=$id", ("$id", id)) ?? throw new LoraKitException($"registry: no run {id} in {Root}");
         double? rate = JsonNode.Parse(config)?["gpu_hour_cost"] is JsonValue v && v.TryGetValue<double>(out var r) ? r : null;
-        Exec(tx, "UPDATE runs SET status=$st, ended=$e, error=$err, wall_seconds=COALESCE(wall_seconds, 0) + $w, " +
-                 "cost=CASE WHEN $rate IS NULL THEN NULL ELSE round((COALESCE(wall_seconds, 0) + $w) / 3600.0 * $rate, 6) END WHERE id=$id",
-            ("$st", end.Status), ("$e", TrainReport.Iso(end.Ended)), ("$err", end.Error), ("$w", Math.Round(seconds, 3)), ("$rate", rate), ("$id", id));
+        // The cost is computed here by the report's own function (RunStats.Cost), not by SQLite's round(), which rounds
+        // half away from zero where .NET rounds half to even: the row and report.json would differ in the last digit.
+        double wall = (Scalar<double?>(tx, "SELECT wall_seconds FROM runs WHERE id=$id", ("$id", id)) ?? 0) + Math.Round(seconds, 3);
+        Exec(tx, "UPDATE runs SET status=$st, ended=$e, error=$err, wall_seconds=$w, cost=$cost WHERE id=$id",
+            ("$st", end.Status), ("$e", TrainReport.Iso(end.Ended)), ("$err", end.Error), ("$w", wall), ("$cost", RunStats.Cost(wall, rate)), ("$id", id));
         if (summary is not null)
         {
             var data = new JsonObject { ["data"] = summary.Data?.DeepClone(), ["validation"] = summary.Validation?.DeepClone() };
