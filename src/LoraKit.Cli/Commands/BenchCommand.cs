@@ -40,16 +40,16 @@ public static class BenchCommand
         var memoryTrace = new Option<bool>("--memory-trace") { Description = "finally run one eager step noting the allocated bytes and the peak between its phases (where the peak falls)" };
         var lossChunk = new Option<int?>("--loss-chunk-mib") { Description = "the chunked loss's logits budget per chunk (default 256)" };
         var profileRange = new Option<bool>("--profile-range") { Description = "finally run one step between cudaProfilerStart and cudaProfilerStop (for ncu/nsys)" };
-        var quantize = new Option<string?>("--quantize") { Description = "nf4, fp4 or int8: quantize the base as it loads (QLoRA)" };
-        var doubleQuant = new Option<string>("--double-quant") { Description = "on or off (4-bit)", DefaultValueFactory = _ => "on" };
+        var quantize = new QuantizeOptions();
         var randomInit = new Option<bool>("--random-init") { Description = "random weights of --model's config.json shape, made on the device (with --quantize: quantized as made, never whole in 16 bits)" };
-        var cmd = new Command("bench", "Time LoRA training steps on a fixed batch (for bench/run_bench.py).") { model, ids, steps, warmup, rank, ckpt, keep, embeddings, plain, device, kernels, graph, profile, profileRange, memoryTrace, lossChunk, offload, offloadMlp, quantize, doubleQuant, randomInit };
+        var cmd = new Command("bench", "Time LoRA training steps on a fixed batch (for bench/run_bench.py).") { model, ids, steps, warmup, rank, ckpt, keep, embeddings, plain, device, kernels, graph, profile, profileRange, memoryTrace, lossChunk, offload, offloadMlp, randomInit };
+        quantize.AddTo(cmd);
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
             var (dev, dtype) = Placement.Resolve(r.GetValue(device)!);
             if (r.GetValue(lossChunk) is int mib) ChunkedLmLoss.ChunkBytes = (long)mib << 20;
             var modelDir = ModelArgument.Resolve(r.GetValue(model)!);
-            var q = r.GetValue(quantize) is { } method ? new Quantization.BnbQuantizeOptions(method, r.GetValue(doubleQuant) != "off") : null;
+            var q = quantize.Resolve(r);
             var load = Stopwatch.StartNew();
             using var lm = new LoraModel(r.GetValue(randomInit)
                 ? CausalLM.RandomInit(ModelConfig.Load(modelDir), dtype, dev, q)
