@@ -33,21 +33,23 @@ public static class KernelPackedWeights
     /// <summary>Puts the kernel-backed subclass in place of <paramref name="layer"/>'s packed weight; false when it is there already.</summary>
     public static bool Swap(Linear layer)
     {
-        PackedWeight? fast = layer.Packed switch
-        {
-            Kernel4Bit or KernelInt8 => null,
-            Packed4BitWeight p => new Kernel4Bit(p),
-            PackedInt8Weight p => new KernelInt8(p),
-            _ => null,
-        };
-        if (fast is null) return false;
+        if (layer.Packed is not { } packed || KernelTwin(packed) is not { } fast) return false;
         layer.ReplacePacked(fast);
         return true;
     }
 
+    /// <summary>The kernel-backed subclass over <paramref name="packed"/>'s buffers (null: it is one already, or of a kind with no kernel).</summary>
+    public static PackedWeight? KernelTwin(PackedWeight packed) => packed switch
+    {
+        Kernel4Bit or KernelInt8 => null,
+        Packed4BitWeight p => new Kernel4Bit(p),
+        PackedInt8Weight p => new KernelInt8(p),
+        _ => null,
+    };
+
     /// <summary>
     /// The kernels read raw device buffers: one that is strided or not on the codes' device (never seen from a load)
-    /// takes the reference path rather than a wrong address.
+    /// takes the reference path rather than a wrong address. The buffers never change, so each weight decides once.
     /// </summary>
     static bool OnDevice(Tensor first, params Tensor?[] rest) =>
         first.is_contiguous() && rest.All(t => t is null || (t.is_contiguous() && t.device_type == first.device_type && t.device_index == first.device_index));
@@ -57,24 +59,28 @@ public static class KernelPackedWeights
     {
         readonly Tensor _table;
         readonly Tensor? _nestedMap;
+        readonly Device _device;
+        readonly bool _readable; // the storage's dtypes and layout are the kernel's
 
         public Kernel4Bit(Packed4BitWeight reference) : base(reference)
         {
             // The table the reference dequantizes with (bnb's built-in one for the type; the stored quant_map is informational).
             using var table = Codebooks.For4Bit(State.quant_type);
-            var device = get_buffer("data")!.device;
-            _table = table.to(ScalarType.Float32, device).contiguous().DetachFromDisposeScope();
+            var s = Storage;
+            _device = s.Data.device;
+            _table = table.to(ScalarType.Float32, _device).contiguous().DetachFromDisposeScope();
             // The kernel reads raw device addresses: every table it reads must be on the codes' device, as fp32.
-            _nestedMap = State.Nested ? get_buffer("nested_quant_map")!.to(ScalarType.Float32, device).contiguous().DetachFromDisposeScope() : null;
+            _nestedMap = State.Nested ? s.NestedQuantMap!.to(ScalarType.Float32, _device).contiguous().DetachFromDisposeScope() : null;
+            bool types = s.Data.dtype == ScalarType.Byte && (State.Nested
+                ? s.Absmax.dtype == ScalarType.Byte && s.NestedAbsmax!.dtype == ScalarType.Float32
+                : s.Absmax.dtype == ScalarType.Float32);
+            _readable = types && OnDevice(s.Data, s.Absmax, s.NestedAbsmax);
         }
 
         public override Tensor Dequantize(ScalarType dtype)
         {
+            if (!_readable || !DequantKernels.Usable(_device)) return base.Dequantize(dtype);
             var s = Storage;
-            bool types = s.Data.dtype == ScalarType.Byte && (State.Nested
-                ? s.Absmax.dtype == ScalarType.Byte && s.NestedAbsmax!.dtype == ScalarType.Float32
-                : s.Absmax.dtype == ScalarType.Float32);
-            if (!DequantKernels.Usable(s.Data.device) || !types || !OnDevice(s.Data, s.Absmax, s.NestedAbsmax)) return base.Dequantize(dtype);
             return DequantKernels.Dequantize4Bit(s.Data, s.Absmax, _table, s.NestedAbsmax, _nestedMap,
                 (float)(State.nested_offset ?? 0), State.blocksize, State.nested_blocksize ?? Blockwise4Bit.NestedBlocksize, State.shape, dtype);
         }
@@ -85,12 +91,20 @@ public static class KernelPackedWeights
     /// <summary>An int8 weight dequantized by <see cref="DequantKernels.DequantizeInt8"/> on CUDA.</summary>
     sealed class KernelInt8 : PackedInt8Weight
     {
-        public KernelInt8(PackedInt8Weight reference) : base(reference) { }
+        readonly Device _device;
+        readonly bool _readable; // the storage's dtypes and layout are the kernel's
+
+        public KernelInt8(PackedInt8Weight reference) : base(reference)
+        {
+            var s = Storage;
+            _device = s.Weight.device;
+            _readable = s.Weight.dtype == ScalarType.Int8 && s.Scb.dtype == ScalarType.Float32 && OnDevice(s.Weight, s.Scb);
+        }
 
         public override Tensor Dequantize(ScalarType dtype)
         {
+            if (!_readable || !DequantKernels.Usable(_device)) return base.Dequantize(dtype);
             var s = Storage;
-            if (!DequantKernels.Usable(s.Weight.device) || s.Scb.dtype != ScalarType.Float32 || !OnDevice(s.Weight, s.Scb)) return base.Dequantize(dtype);
             return DequantKernels.DequantizeInt8(s.Weight, s.Scb, Int8RowWise.InverseOf127, dtype);
         }
 

@@ -54,20 +54,8 @@ public static class DequantKernelChecks
         return results;
     }
 
-    /// <summary>The kernel-backed twin of a reference packed weight (a one-layer model through the public swap).</summary>
-    static PackedWeight FastTwin(PackedWeight reference)
-    {
-        var layer = new Models.Linear("w", new OnePacked(reference), reference.Shape[1], reference.Shape[0], hasBias: false);
-        KernelPackedWeights.Swap(layer);
-        return layer.Packed!;
-    }
-
-    /// <summary>A weight source that hands out one packed weight (to build a layer around it).</summary>
-    sealed class OnePacked(PackedWeight p) : WeightSource(ScalarType.Float32, CPU)
-    {
-        protected override Tensor Load(string name, long[] shape) => throw new InvalidOperationException(name);
-        protected override PackedWeight? LoadPacked(string name, long[] shape) => p;
-    }
+    /// <summary>The kernel-backed twin of a reference packed weight (over the same buffers).</summary>
+    static PackedWeight FastTwin(PackedWeight reference) => KernelPackedWeights.KernelTwin(reference)!;
 
     /// <summary>
     /// Achieved bandwidth of the 4-bit kernel (NF4, double quantization, into bf16) on a [14336, 4096] weight (llama-8b's
