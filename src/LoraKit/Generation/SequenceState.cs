@@ -32,6 +32,9 @@ internal sealed class SequenceState(int[] promptIds, SamplingOptions options, To
     /// <summary>Samples the next token from last-position logits, records it and reports whether decoding is over.</summary>
     public bool Step(Tensor logits) => Accept(_sampler.Next(logits));
 
+    /// <summary>Samples the next token from last-position logits without recording it (record it with <see cref="Accept"/>).</summary>
+    public int Choose(Tensor logits) => _sampler.Next(logits);
+
     /// <summary>Greedy decoding needs no sampler: batch callers take all rows' argmax at once and hand the token in.</summary>
     public bool IsGreedy => options.IsGreedy;
 

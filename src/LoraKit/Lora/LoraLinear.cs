@@ -108,7 +108,7 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         if (ComputeInInputDtype && TrySingleAdapter(out var single) && single != null)
             return training && is_grad_enabled() ? LoraProjection.Apply(x, base_layer, single) : SingleInInputDtype(x, single);
         var result = base_layer.forward(x);
-        if (RowAdapters is { } rows && !Disabled) return PerRow(x, result, rows);
+        if (RowAdapters is { } rows && !Disabled) return rows.Length == x.shape[0] ? PerRow(x, result, rows) : PerToken(x, result, rows);
         if (Disabled || Active.Count == 0) return result;
         if (ComputeInInputDtype && LiveAdapters().All(w => w.Variant.IsPlainTerm)) return InInputDtype(x, result);
         return Reference(x, result);
@@ -199,6 +199,56 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
             result = result.index_copy(0, idx, sub.to(result.dtype));
         }
         return result.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>
+    /// Per-token LoRA for a packed row x [1, N, in] (the serving engine's steps: decode tokens of many sequences, then
+    /// prefill chunks): the leading single tokens, each of another sequence, go through the gathered path (BGMV); each
+    /// later run of tokens with one adapter is one pair of plain matmuls on its slice (SGMV's segments), so a long prompt
+    /// never gathers an adapter copy per token.
+    /// </summary>
+    Tensor PerToken(Tensor x, Tensor result, string?[] tokens)
+    {
+        if (x.dim() != 3 || x.shape[0] != 1 || tokens.Length != x.shape[1])
+            throw new InvalidOperationException($"{tokens.Length} token adapters for an input of shape [{string.Join(", ", x.shape)}]");
+        if (tokens.All(r => r is null || !_adapters.ContainsKey(r))) return result;
+        using var scope = NewDisposeScope();
+        var x2 = x[0];
+        var r2 = result[0];
+        var runs = Runs(tokens);
+        int singles = 0;
+        while (singles < runs.Count && runs[singles].Length == 1) singles++;
+        var parts = new List<Tensor>();
+        if (singles > 1)
+        {
+            parts.Add(PerRow(x2.narrow(0, 0, singles), r2.narrow(0, 0, singles), tokens[..singles]));
+            runs = runs.Skip(singles).ToList();
+        }
+        foreach (var (start, length) in runs)
+            parts.Add(Segment(x2.narrow(0, start, length), r2.narrow(0, start, length), tokens[start]));
+        return cat(parts, 0).unsqueeze(0).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Maximal runs of equal adapters: (start, length).</summary>
+    static List<(int Start, int Length)> Runs(string?[] tokens)
+    {
+        var runs = new List<(int, int)>();
+        for (int i = 0; i < tokens.Length;)
+        {
+            int j = i + 1;
+            while (j < tokens.Length && tokens[j] == tokens[i]) j++;
+            runs.Add((i, j - i));
+            i = j;
+        }
+        return runs;
+    }
+
+    /// <summary>One adapter's term on a run of tokens [T, in] added to their base output [T, out].</summary>
+    Tensor Segment(Tensor x, Tensor result, string? name)
+    {
+        if (name is null || !_adapters.TryGetValue(name, out var w)) return result;
+        if (w.Variant.IsPlainTerm) return w.AddTerm(result, x);
+        return w.Variant.Forward(base_layer, w, x.to(w.A.dtype), result, null).to(result.dtype);
     }
 
     /// <summary>The stacked (BGMV) strategy for the rows whose adapters are plain terms.</summary>

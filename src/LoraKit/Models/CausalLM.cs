@@ -92,10 +92,11 @@ public sealed class CausalLM : nn.Module<Tensor, Tensor>
     /// Logits [N, vocab] at N chosen positions of the batch, given as flat indices into [B·T]: scoring a few positions
     /// of long rows (choices, perplexity) never materialises the whole [B, T, vocab] logits.
     /// </summary>
-    public Tensor LogitsAt(Tensor ids, Tensor flatPositions)
+    /// <paramref name="positions"/> [B, T] gives the tokens' positions when they are not 0..T-1 (the serving engine's packed steps).
+    public Tensor LogitsAt(Tensor ids, Tensor flatPositions, Tensor? positions = null)
     {
         using var scope = NewDisposeScope();
-        var h = model.Forward(ids, null, null);
+        var h = model.Forward(ids, null, null, positions);
         var picked = h.reshape(-1, h.shape[^1]).index_select(0, flatPositions);
         return FamilyOps.SoftCap(lm_head.forward(picked), Config.FinalLogitSoftcap).MoveToOuterDisposeScope();
     }

@@ -1,55 +1,75 @@
+using System.Diagnostics;
 using System.Threading.Channels;
 using LoraKit.Generation;
 using LoraKit.Lora;
 using LoraKit.Models;
+using LoraKit.Serving.Paged;
 using LoraKit.Tokenization;
 using static TorchSharp.torch;
 
 namespace LoraKit.Serving;
 
 /// <summary>
-/// One base model, many adapters, continuous batching. A single worker thread owns the model (TorchSharp models are not
-/// shared across threads); requests wait in a channel and join the running batch between decode steps. Each new request
-/// is prefilled alone with its adapter, then its KV cache joins the batch (rows left-padded to one length, padding
-/// masked, positions counted per row); every decode step is one forward over all rows, the LoRA contribution computed
-/// per row with that row's adapter (base rows get none). Finished rows leave the batch at once.
-/// Adapter loads and unloads run on the same thread between steps, so they never race a forward.
+/// One base model, many adapters, continuous batching over a paged KV cache (vLLM's design, in C#). A single worker
+/// thread owns the model (TorchSharp models are not shared across threads); requests wait in a channel and the
+/// <see cref="Scheduler"/> fills each step under a token budget: one token for every decoding sequence, then prefill
+/// chunks of new or partly prefilled prompts. The step's tokens run packed in one row through the model, each token's
+/// LoRA term computed with its sequence's adapter (base tokens get none), and attention reads each sequence's own KV
+/// blocks (<see cref="PagedAttention"/>). Sequences join and leave without touching anyone else's cache.
+/// Detokenization and streaming run on other threads (<see cref="TextStreamer"/>) unless a request has stop strings,
+/// which need the text to decide when to stop. Adapter loads and unloads run on the engine thread between steps.
 /// </summary>
 public sealed class InferenceEngine : IDisposable
 {
     abstract record Work;
-    sealed record Generate(int[] PromptIds, string? Adapter, SamplingOptions Options, Action<string>? OnText,
-        TaskCompletionSource<GenerationResult> Done, CancellationToken Cancel) : Work;
-    sealed record Action(Func<object?> Run, TaskCompletionSource<object?> Done) : Work;
-
-    sealed class Row(Generate request, SequenceState state)
-    {
-        public Generate Request { get; } = request;
-        public SequenceState State { get; } = state;
-    }
+    sealed record GenerateWork(EngineRequest Request) : Work;
+    sealed record ActionWork(Func<object?> Run, TaskCompletionSource<object?> Done) : Work;
 
     readonly LoraModel _lm;
     readonly Tokenizer _tok;
+    readonly EngineOptions _options;
     readonly Channel<Work> _queue = Channel.CreateUnbounded<Work>();
     readonly Thread _worker;
     readonly CancellationTokenSource _stop = new();
+    readonly PagedKvCache _cache;
+    readonly PagedContext _context;
+    readonly Scheduler _scheduler;
+    readonly bool _longRope;
 
-    public int MaxBatch { get; }
+    public int MaxBatch => _options.MaxBatch;
+    public EngineOptions Options => _options;
     public CausalLM Model => _lm.Model;
     /// <summary>For thread-safe reads only (layer shapes, loaded configs); mutate through <see cref="RunAsync{T}"/>.</summary>
     public LoraModel Lora => _lm;
     public Tokenizer Tokenizer => _tok;
     /// <summary>Prompt and output tokens together (max_position_embeddings); longer prompts are refused, outputs stop there.</summary>
     public int ContextLength => _lm.Model.Config.MaxPositionEmbeddings;
-    /// <summary>Largest number of rows decoded together so far (for tests and benchmarks).</summary>
+    /// <summary>Largest number of sequences in one step so far (for tests and benchmarks).</summary>
     public int PeakBatch { get; private set; }
+    /// <summary>KV blocks preallocated, and in use now.</summary>
+    public int KvBlocks => _cache.Blocks;
+    public int KvBlocksUsed => Volatile.Read(ref _usedBlocks);
+    int _usedBlocks;
+    /// <summary>Steps run so far, and how many of them held both prefill chunks and decode tokens.</summary>
+    public long Steps { get; private set; }
+    public long MixedSteps { get; private set; }
 
-    public InferenceEngine(LoraModel lm, Tokenizer tokenizer, int maxBatch = 16)
+    public InferenceEngine(LoraModel lm, Tokenizer tokenizer, int maxBatch = 16) : this(lm, tokenizer, new EngineOptions { MaxBatch = maxBatch }) { }
+
+    public InferenceEngine(LoraModel lm, Tokenizer tokenizer, EngineOptions options)
     {
+        options.Validate();
         _lm = lm;
         _lm.Model.eval(); // serving never trains: LoRA dropout stays off
         _tok = tokenizer;
-        MaxBatch = maxBatch;
+        _options = options;
+        var c = lm.Model.Config;
+        int blocks = KvCacheSizing.Blocks(options, c, lm.Model.DType, lm.Model.Device);
+        _cache = new PagedKvCache(c, blocks, options.BlockSize, lm.Model.DType, lm.Model.Device);
+        _context = new PagedContext(_cache);
+        _longRope = LongRopeRecompute.Due(c, 1, long.MaxValue);
+        _scheduler = new Scheduler(options, _cache.Allocator, chunkPrefill: !_longRope);
+        SwapAttention(paged: true);
         _worker = new Thread(Loop) { IsBackground = true, Name = "lorakit-engine" };
         _worker.Start();
     }
@@ -61,53 +81,39 @@ public sealed class InferenceEngine : IDisposable
         SequenceState.CheckPromptFits(promptIds.Length, ContextLength);
         options.Validate();
         var done = new TaskCompletionSource<GenerationResult>(TaskCreationOptions.RunContinuationsAsynchronously);
-        if (!_queue.Writer.TryWrite(new Generate(promptIds, adapter, options, onText, done, ct))) throw new ObjectDisposedException(nameof(InferenceEngine));
+        if (!_queue.Writer.TryWrite(new GenerateWork(new EngineRequest(promptIds, adapter, options, onText, done, ct)))) throw new ObjectDisposedException(nameof(InferenceEngine));
         return done.Task;
     }
 
-    /// <summary>Runs <paramref name="f"/> on the engine thread between decode steps (adapter loads/unloads).</summary>
+    /// <summary>Runs <paramref name="f"/> on the engine thread between steps (adapter loads/unloads).</summary>
     public async Task<T> RunAsync<T>(Func<LoraModel, T> f)
     {
         var done = new TaskCompletionSource<object?>(TaskCreationOptions.RunContinuationsAsynchronously);
-        if (!_queue.Writer.TryWrite(new Action(() => f(_lm), done))) throw new ObjectDisposedException(nameof(InferenceEngine));
+        if (!_queue.Writer.TryWrite(new ActionWork(() => f(_lm), done))) throw new ObjectDisposedException(nameof(InferenceEngine));
         return (T)(await done.Task)!;
     }
 
     void Loop()
     {
-        var rows = new List<Row>();
-        KvCache? cache = null;
-        Tensor? mask = null; // [B, S] int64, 1 = real position
         using var _ = no_grad();
         try
         {
             while (!_stop.IsCancellationRequested)
             {
-                // Idle: wait for work. Busy: take whatever arrived since the last step, up to the batch limit.
-                if (rows.Count == 0 && !_queue.Reader.WaitToReadAsync(_stop.Token).AsTask().GetAwaiter().GetResult()) break;
-                while (rows.Count < MaxBatch && _queue.Reader.TryRead(out var work))
+                bool idle = _scheduler.Running.Count == 0 && _scheduler.Waiting.Count == 0;
+                if (idle && !_queue.Reader.WaitToReadAsync(_stop.Token).AsTask().GetAwaiter().GetResult()) break;
+                while (_queue.Reader.TryRead(out var work))
                 {
-                    if (work is Action a) { RunAction(a); continue; }
-                    var g = (Generate)work;
-                    if (g.Cancel.IsCancellationRequested) { g.Done.TrySetCanceled(); continue; }
-                    try { Admit(g, rows, ref cache, ref mask); }
-                    catch (Exception e) { g.Done.TrySetException(e); }
+                    if (work is ActionWork a) RunAction(a);
+                    else Arrive(((GenerateWork)work).Request);
                 }
-                if (rows.Count == 0) continue;
-                PeakBatch = Math.Max(PeakBatch, rows.Count);
-                try
-                {
-                    DecodeStep(rows, ref cache, ref mask);
-                    Retire(rows, ref cache, ref mask);
-                }
+                DropCancelled();
+                try { Step(); }
                 catch (Exception e) when (e is not OperationCanceledException)
                 {
-                    // An exception on this thread would end the whole process: the batch's requests fail with it
-                    // instead, and the engine goes on with the next ones on a fresh cache.
-                    foreach (var r in rows) r.Request.Done.TrySetException(e);
-                    rows.Clear();
-                    cache?.Dispose(); cache = null;
-                    mask?.Dispose(); mask = null;
+                    // An exception on this thread would end the whole process: the step's requests fail with it
+                    // instead, and the engine goes on with the next ones.
+                    foreach (var seq in _scheduler.Running.ToList()) Fail(seq, e);
                 }
             }
         }
@@ -115,142 +121,165 @@ public sealed class InferenceEngine : IDisposable
         catch (ObjectDisposedException) { } // disposed while waiting for work
         finally
         {
-            foreach (var r in rows) r.Request.Done.TrySetCanceled();
-            cache?.Dispose();
-            mask?.Dispose();
+            foreach (var seq in _scheduler.Running.Concat(_scheduler.Waiting).ToList())
+            {
+                _scheduler.Retire(seq);
+                seq.Request.Done.TrySetCanceled();
+            }
         }
     }
 
-    void RunAction(Action a)
+    void RunAction(ActionWork a)
     {
         try { a.Done.TrySetResult(a.Run()); }
         catch (Exception e) { a.Done.TrySetException(e); }
     }
 
-    /// <summary>Prefills one request alone, then merges its cache into the batch's.</summary>
-    void Admit(Generate g, List<Row> rows, ref KvCache? cache, ref Tensor? mask)
+    void Arrive(EngineRequest r)
     {
-        if (g.Adapter != null && !_lm.Configs.ContainsKey(g.Adapter)) throw new KeyNotFoundException($"adapter '{g.Adapter}' is not loaded");
-        var state = new SequenceState(g.PromptIds, g.Options, _tok, g.OnText, ContextLength);
-        if (g.Options.MaxNewTokens == 0) { g.Done.TrySetResult(state.Result()); return; }
-        var rowCache = new KvCache(_lm.Model.Config.NumHiddenLayers);
-        using (var scope = NewDisposeScope())
+        try
         {
-            _lm.SetRowAdapters([g.Adapter]);
-            var ids = tensor(g.PromptIds.Select(x => (long)x).ToArray(), device: _lm.Model.Device).unsqueeze(0);
-            var logits = _lm.Model.Logits(ids, null, rowCache);
-            if (state.Step(logits[0, -1]))
-            {
-                rowCache.Dispose();
-                g.Done.TrySetResult(state.Result());
-                return;
-            }
+            if (r.Cancel.IsCancellationRequested) { r.Done.TrySetCanceled(); return; }
+            if (r.Adapter != null && !_lm.Configs.ContainsKey(r.Adapter)) throw new KeyNotFoundException($"adapter '{r.Adapter}' is not loaded");
+            // Stop strings are found in the text, so such a request decodes on this thread; others stream from another.
+            bool inline = r.Options.StopStrings.Count > 0;
+            var streamer = r.OnText is { } cb && !inline ? new TextStreamer(_tok, cb) : null;
+            var state = new SequenceState(r.PromptIds, r.Options, _tok, inline ? r.OnText : null, ContextLength);
+            if (r.Options.MaxNewTokens == 0) { r.Done.TrySetResult(state.Result()); return; }
+            _scheduler.Waiting.AddLast(new EngineSequence(r, state, streamer));
         }
-        long r = g.PromptIds.Length;
-        var rowMask = ones(1, r, ScalarType.Int64, _lm.Model.Device);
-        if (cache is null || rows.Count == 0)
-        {
-            cache?.Dispose(); mask?.Dispose();
-            cache = rowCache;
-            mask = rowMask.DetachFromDisposeScope();
-        }
-        else
-        {
-            long s = cache.Length;
-            if (r < s)
-            {
-                rowCache.PadLeft(s - r);
-                var padded = cat([zeros(1, s - r, ScalarType.Int64, rowMask.device), rowMask], 1);
-                rowMask.Dispose();
-                rowMask = padded;
-            }
-            else if (r > s)
-            {
-                cache.PadLeft(r - s);
-                var padded = cat([zeros(mask!.shape[0], r - s, ScalarType.Int64, mask.device), mask], 1);
-                mask.Dispose();
-                mask = padded;
-            }
-            cache.AppendRows(rowCache);
-            rowCache.Dispose();
-            var merged = cat([mask!, rowMask], 0).DetachFromDisposeScope();
-            mask!.Dispose(); rowMask.Dispose();
-            mask = merged;
-        }
-        rows.Add(new Row(g, state));
+        catch (Exception e) { r.Done.TrySetException(e); }
     }
 
-    void DecodeStep(List<Row> rows, ref KvCache? cache, ref Tensor? mask)
+    void DropCancelled()
     {
-        using var scope = NewDisposeScope();
-        Tensor ids, full;
-        long longest = mask!.sum([1]).max().item<long>(); // real positions cached in the longest row
-        if (LongRopeRecompute.Due(_lm.Model.Config, longest, longest + 1))
+        foreach (var seq in _scheduler.Running.Concat(_scheduler.Waiting).ToList())
         {
-            // Phi-3 LongRoPE switches to the long factors at this step: every row's whole sequence again, left-padded,
-            // on a fresh cache (as TextGenerator and transformers' Phi3ForCausalLM do).
-            var seqs = rows.Select(r => r.State.Ids).ToList();
-            int s = seqs.Max(x => x.Length);
-            ids = tensor(seqs.SelectMany(x => Enumerable.Repeat(0L, s - x.Length).Concat(x.Select(v => (long)v))).ToArray(),
-                device: _lm.Model.Device).reshape(rows.Count, s);
-            full = tensor(seqs.SelectMany(x => Enumerable.Repeat(0L, s - x.Length).Concat(Enumerable.Repeat(1L, x.Length))).ToArray(),
-                device: _lm.Model.Device).reshape(rows.Count, s);
-            cache!.Dispose();
-            cache = new KvCache(_lm.Model.Config.NumHiddenLayers);
+            if (seq.Request.Cancel.IsCancellationRequested)
+            {
+                _scheduler.Retire(seq); // a cancelled stream frees its blocks at once
+                seq.Request.Done.TrySetCanceled();
+            }
+            else if (seq.Streamer?.Error is { } error) Fail(seq, error);
         }
-        else
-        {
-            ids = tensor(rows.Select(r => (long)r.State.LastToken).ToArray(), device: _lm.Model.Device).unsqueeze(1);
-            full = cat([mask, ones(rows.Count, 1, ScalarType.Int64, mask.device)], 1);
-        }
-        _lm.SetRowAdapters(rows.Select(r => r.Request.Adapter).ToArray());
-        var last = _lm.Model.Logits(ids, full, cache)[.., -1];
-        // One device→host copy for every greedy row's token instead of a synchronisation per row.
-        var greedy = last.argmax(1).cpu().data<long>().ToArray();
-        for (int i = 0; i < rows.Count; i++)
-        {
-            var st = rows[i].State;
-            if (rows[i].Request.Cancel.IsCancellationRequested) continue;
-            if (st.IsGreedy) st.Accept((int)greedy[i]);
-            else st.Step(last[i]);
-        }
-        mask.Dispose();
-        mask = full.DetachFromDisposeScope();
     }
 
-    /// <summary>Completes finished (or cancelled) rows and removes them, and any padding no row needs, from the batch.</summary>
-    void Retire(List<Row> rows, ref KvCache? cache, ref Tensor? mask)
+    void Step()
     {
-        var keep = new List<long>();
-        for (int i = 0; i < rows.Count; i++)
+        var work = _scheduler.Next();
+        foreach (var (seq, error) in _scheduler.Rejected) seq.Request.Done.TrySetException(error);
+        _scheduler.Rejected.Clear();
+        Volatile.Write(ref _usedBlocks, _scheduler.UsedBlocks);
+        if (work.Count == 0) return;
+        PeakBatch = Math.Max(PeakBatch, work.Count);
+        Steps++;
+        if (work.Any(w => w.Count > 1) && work.Any(w => w.Count == 1 && w.Seq.Computed > 0)) MixedSteps++;
+        if (_longRope) PrepareLongRope(work);
+        // LoRA-free groups of positions share one forward; a LongRoPE model runs short- and long-factor sequences apart.
+        foreach (var group in work.GroupBy(w => _longRope && LongFactors(w.Seq.Computed + w.Count)))
+            Forward(group.ToList());
+        Volatile.Write(ref _usedBlocks, _scheduler.UsedBlocks);
+    }
+
+    /// <summary>Phi-3 LongRoPE: a sequence crossing original_max_position_embeddings is recomputed whole with the long factors.</summary>
+    void PrepareLongRope(List<(EngineSequence Seq, int Count)> work)
+    {
+        for (int i = 0; i < work.Count; i++)
         {
-            var r = rows[i];
-            if (r.Request.Cancel.IsCancellationRequested) r.Request.Done.TrySetCanceled();
-            else if (r.State.Finished) r.Request.Done.TrySetResult(r.State.Result());
-            else keep.Add(i);
+            var (seq, count) = work[i];
+            if (!LongRopeRecompute.Due(_lm.Model.Config, seq.Computed, seq.Computed + count)) continue;
+            seq.Computed = 0;
+            work[i] = (seq, seq.Tokens.Count);
         }
-        if (keep.Count == rows.Count) return;
-        var survivors = keep.Select(i => rows[(int)i]).ToList();
-        rows.Clear();
-        rows.AddRange(survivors);
-        if (rows.Count == 0)
-        {
-            cache!.Dispose(); cache = null;
-            mask!.Dispose(); mask = null;
-            return;
-        }
+    }
+
+    /// <summary>Whether a forward reaching <paramref name="positions"/> uses LongRoPE's long factors (past original_max_position_embeddings).</summary>
+    bool LongFactors(long positions) => LongRopeRecompute.Due(_lm.Model.Config, 1, positions);
+
+    void Forward(List<(EngineSequence Seq, int Count)> work)
+    {
         using var scope = NewDisposeScope();
-        var idx = tensor(keep.ToArray(), device: mask!.device);
-        cache!.SelectRows(idx);
-        var kept = mask.index_select(0, idx);
-        long lead = kept.argmax(1).min().item<long>(); // first real position of the row that starts earliest
-        if (lead > 0)
+        var items = work.Select(w => new StepWork(w.Seq.Tokens, w.Seq.Computed, w.Count, w.Seq.Blocks, w.Seq.Request.Adapter)).ToList();
+        using var plan = new StepPlan(items, _cache.BlockSize, _lm.Model.Device, gatherDecode: _context.Kernel is null);
+        // Only sequences whose last pending token runs now sample; a partial prefill chunk needs no logits.
+        var sampling = Enumerable.Range(0, work.Count).Where(i => items[i].Context == work[i].Seq.Tokens.Count).ToList();
+        _context.Plan = plan;
+        Tensor logits;
+        try
         {
-            cache.TrimLeft(lead);
-            kept = kept[.., (int)lead..];
+            _lm.SetRowAdapters(plan.TokenAdapters.Any(a => a != null) ? plan.TokenAdapters : null);
+            var rows = tensor(sampling.Select(i => (long)plan.LastTokenIndex[i]).ToArray(), device: _lm.Model.Device);
+            logits = _lm.Model.LogitsAt(plan.Ids, rows, plan.Positions);
         }
-        mask.Dispose();
-        mask = kept.contiguous().DetachFromDisposeScope();
+        finally
+        {
+            _context.Plan = null;
+            _lm.SetRowAdapters(null);
+        }
+        foreach (var (seq, count) in work) seq.Computed += count;
+        Sample(sampling.Select(i => work[i].Seq).ToList(), logits);
+    }
+
+    /// <summary>The next token of each sampling sequence: all greedy rows' argmax in one device→host copy.</summary>
+    void Sample(List<EngineSequence> seqs, Tensor logits)
+    {
+        if (seqs.Count == 0) return;
+        var greedy = seqs.Any(s => s.State.IsGreedy) ? logits.argmax(1).cpu().data<long>().ToArray() : null;
+        long now = Stopwatch.GetTimestamp();
+        for (int i = 0; i < seqs.Count; i++)
+        {
+            var seq = seqs[i];
+            int token = seq.State.IsGreedy ? (int)greedy![i] : SampleOne(seq, logits[i]);
+            seq.FirstTokenAt ??= now;
+            seq.LastTokenAt = now;
+            seq.Tokens.Add(token);
+            seq.Streamer?.Push(token);
+            bool finished;
+            try { finished = seq.State.Accept(token); }
+            catch (Exception e) { Fail(seq, e); continue; }
+            if (finished) Complete(seq);
+        }
+    }
+
+    static int SampleOne(EngineSequence seq, Tensor logits) => seq.State.Choose(logits);
+
+    void Complete(EngineSequence seq)
+    {
+        _scheduler.Retire(seq);
+        var state = seq.State;
+        var streamer = seq.Streamer;
+        var done = seq.Request.Done;
+        // The final detokenization and the last streamed piece happen off the engine thread.
+        _ = Task.Run(async () =>
+        {
+            try
+            {
+                var result = state.Result();
+                if (streamer is not null) await streamer.CompleteAsync(result.Text);
+                done.TrySetResult(result);
+            }
+            catch (Exception e) { done.TrySetException(e); }
+        });
+    }
+
+    void Fail(EngineSequence seq, Exception e)
+    {
+        _scheduler.Retire(seq);
+        seq.Request.Done.TrySetException(e);
+    }
+
+    /// <summary>Puts <see cref="PagedAttention"/> in place of each layer's attention, or the original back.</summary>
+    void SwapAttention(bool paged)
+    {
+        var layers = _lm.Model.model.layers;
+        for (int i = 0; i < layers.Count; i++)
+        {
+            var layer = layers[i];
+            Attention attn = paged
+                ? new PagedAttention(layer.self_attn, _context, _lm.Model.Config.SlidingWindows[i])
+                : layer.self_attn is PagedAttention p ? p.Original : layer.self_attn;
+            layer.ReplaceChild(nameof(layer.self_attn), attn, keepPlace: true);
+        }
     }
 
     public void Dispose()
@@ -259,6 +288,11 @@ public sealed class InferenceEngine : IDisposable
         _stop.Cancel();
         // The worker finishes its current step first; disposing the token source under a running worker would make
         // its next wait throw on a thread where nothing catches it.
-        if (_worker.Join(TimeSpan.FromSeconds(60))) _stop.Dispose();
+        if (_worker.Join(TimeSpan.FromSeconds(60)))
+        {
+            _stop.Dispose();
+            SwapAttention(paged: false);
+            _cache.Dispose();
+        }
     }
 }
