@@ -74,7 +74,6 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         lora_A.Set(name, w.AFactor);
         lora_B.Set(name, w.BFactor);
         if (w.MagnitudeFactor is { } mf) lora_magnitude_vector.Set(name, mf);
-        InvalidateStack();
     }
 
     /// <summary>Removes adapter <paramref name="name"/> (it must not be merged) and frees its tensors.</summary>
@@ -83,7 +82,6 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         if (_merged.Contains(name)) throw new InvalidOperationException($"adapter '{name}' is merged; unmerge before removing it");
         Unregister(name);
         Active.Remove(name);
-        InvalidateStack();
     }
 
     void Unregister(string name)
@@ -254,56 +252,42 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
     /// <summary>The stacked (BGMV) strategy for the rows whose adapters are plain terms.</summary>
     Tensor PerRowStacked(Tensor x, Tensor result, string?[] rows)
     {
-        var (a, b, scale, slotOf) = Stacked(x.dtype, x.device);
-        var slots = tensor(rows.Select(r => r != null && slotOf.TryGetValue(r, out int i) ? (long)i : 0L).ToArray(), device: x.device);
-        var ar = a.index_select(0, slots);                        // [B, r, in]
-        var br = b.index_select(0, slots);                        // [B, out, r]
-        var sr = scale.index_select(0, slots).view(-1, 1, 1);     // [B, 1, 1]
+        var stack = SyncStack(x.dtype, x.device);
+        var slots = RowSlots ?? tensor(rows.Select(r => (long)SlotFor(r)).ToArray(), device: x.device);
+        var ar = stack.A.index_select(0, slots);                  // [B, r, in]
+        var br = stack.B.index_select(0, slots);                  // [B, out, r], scaling folded in
         var h = x.dim() == 2 ? x.unsqueeze(1) : x;                // [B, T, in]
-        var lora = h.bmm(ar.transpose(1, 2)).bmm(br.transpose(1, 2)) * sr;
+        var lora = h.bmm(ar.transpose(1, 2)).bmm(br.transpose(1, 2));
         if (x.dim() == 2) lora = lora.squeeze(1);
         return result.Plus(lora.to(result.dtype));
     }
 
-    (Tensor a, Tensor b, Tensor scale, Dictionary<string, int> slotOf)? _stack;
-    ScalarType _stackType;
+    readonly AdapterStack _stack = new();
 
     /// <summary>
-    /// The stacked plain-term adapters in <paramref name="dtype"/>, slot 0 the zero adapter (also the slot of rows of
-    /// other variants). A snapshot for serving: rebuilt when adapters are added or removed, not when their weights are
-    /// trained in place (training never uses row adapters).
+    /// The model-wide serving slot of each adapter (set by <see cref="LoraModel"/> when it wraps the layer); without one,
+    /// adapters are numbered by this layer alone.
     /// </summary>
-    (Tensor a, Tensor b, Tensor scale, Dictionary<string, int> slotOf) Stacked(ScalarType dtype, Device device)
+    internal Func<string, int>? SlotOf { get; set; }
+
+    /// <summary>
+    /// Serving: each row's (or packed token's) adapter slot as a device tensor [B] int64, computed once per step for all
+    /// layers (and fixed in place for a CUDA graph); null: derived from <see cref="RowAdapters"/> in each layer.
+    /// </summary>
+    public Tensor? RowSlots { get; set; }
+
+    int SlotFor(string? name) => name is null || !_adapters.TryGetValue(name, out var w) || !w.Variant.IsPlainTerm ? 0 : Slot(name);
+
+    int Slot(string name) => SlotOf?.Invoke(name) ?? (_adapters.Keys.Order(StringComparer.Ordinal).ToList().IndexOf(name) + 1);
+
+    /// <summary>Brings the stacked adapters in line with this layer's (see <see cref="AdapterStack"/>); true when they moved.</summary>
+    internal AdapterStack SyncStack(ScalarType dtype, Device device, bool[]? moved = null)
     {
-        if (_stack is { } st && _stackType == dtype) return st; // invalidated whenever the adapters change
-        InvalidateStack();
-        using var scope = NewDisposeScope();
-        var names = _adapters.Where(kv => kv.Value.Variant.IsPlainTerm).Select(kv => kv.Key).ToList();
-        int r = names.Max(n => _adapters[n].Rank);
-        long inF = base_layer.InFeatures, outF = base_layer.OutFeatures;
-        var a = zeros([names.Count + 1, r, inF], dtype, device);
-        var b = zeros([names.Count + 1, outF, r], dtype, device);
-        var scales = new float[names.Count + 1];
-        using (var _ = no_grad())
-            for (int i = 0; i < names.Count; i++)
-            {
-                var w = _adapters[names[i]];
-                a[i + 1, ..w.Rank] = w.A.to(dtype);
-                b[i + 1, .., ..w.Rank] = w.B.to(dtype);
-                scales[i + 1] = (float)w.Scaling;
-            }
-        var scale = tensor(scales, device: device).to(dtype);
-        var slotOf = names.Select((n, i) => (n, i + 1)).ToDictionary(p => p.n, p => p.Item2);
-        _stack = (a.DetachFromDisposeScope(), b.DetachFromDisposeScope(), scale.DetachFromDisposeScope(), slotOf);
-        _stackType = dtype;
-        return _stack.Value;
+        bool realloc = _stack.Sync(_adapters, Slot, base_layer.InFeatures, base_layer.OutFeatures, dtype, device);
+        if (moved is not null && realloc) moved[0] = true;
+        return _stack;
     }
 
-    void InvalidateStack()
-    {
-        if (_stack is { } st) { st.a.Dispose(); st.b.Dispose(); st.scale.Dispose(); }
-        _stack = null;
-    }
 
     /// <summary>scaling · B · A in fp32 ([out, in]), the one definition every merge path uses (PEFT's get_delta_weight).</summary>
     public Tensor DeltaWeight(string name) => _adapters[name].Delta();
@@ -366,7 +350,7 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         {
             foreach (var w in _adapters.Values) w.Dispose();
             _adapters.Clear();
-            InvalidateStack();
+            _stack.Dispose();
         }
         base.Dispose(disposing);
     }

@@ -149,7 +149,7 @@ public sealed class LoraModel : IDisposable
         int dot = key.LastIndexOf('.');
         if (dot < 0 || modules[key[..dot]] is not ContainerModule parent)
             throw new LoraConfigException($"module '{key}' cannot take a LoRA adapter");
-        var wrapped = new LoraLinear((Linear)module);
+        var wrapped = new LoraLinear((Linear)module) { SlotOf = SlotOf };
         wrapped.train(module.training); // a wrapper starts in the mode of what it wraps (eval after a load: no dropout)
         parent.ReplaceChild(key[(dot + 1)..], wrapped);
         _layers = null;
@@ -184,9 +184,42 @@ public sealed class LoraModel : IDisposable
         foreach (var (_, layer) in LoraLayers()) layer.RowAdapters = rows;
     }
 
+    readonly Dictionary<string, int> _slots = new(StringComparer.Ordinal);
+
+    /// <summary>
+    /// The adapter's serving slot (1, 2, …; the lowest free one on first use, freed when the adapter is deleted): where it
+    /// sits in every layer's stacked adapters, so one slot index per token selects it in the whole model.
+    /// </summary>
+    public int SlotOf(string name)
+    {
+        if (_slots.TryGetValue(name, out int slot)) return slot;
+        slot = 1;
+        var taken = _slots.Values.ToHashSet();
+        while (taken.Contains(slot)) slot++;
+        return _slots[name] = slot;
+    }
+
+    /// <summary>Serving: each packed token's adapter slot [N] on the device for every layer (null: from the row adapters' names).</summary>
+    public void SetRowSlots(Tensor? slots)
+    {
+        foreach (var (_, layer) in LoraLayers()) layer.RowSlots = slots;
+    }
+
+    /// <summary>
+    /// Brings every layer's stacked adapters in line with the loaded ones in <paramref name="dtype"/>; true when any
+    /// layer's stack was reallocated (tensors captured in a CUDA graph moved).
+    /// </summary>
+    public bool SyncStacks(ScalarType dtype)
+    {
+        var moved = new bool[1];
+        foreach (var (_, layer) in LoraLayers()) layer.SyncStack(dtype, Model.Device, moved);
+        return moved[0];
+    }
+
     public void DeleteAdapter(string name)
     {
         if (!_configs.Remove(name)) throw new KeyNotFoundException($"no adapter named '{name}'");
+        _slots.Remove(name);
         foreach (var (_, layer) in LoraLayers()) layer.RemoveAdapter(name);
     }
 

@@ -277,7 +277,7 @@ public sealed class InferenceEngine : IDisposable
             var layer = layers[i];
             Attention attn = paged
                 ? new PagedAttention(layer.self_attn, _context, _lm.Model.Config.SlidingWindows[i])
-                : layer.self_attn is PagedAttention p ? p.Original : layer.self_attn;
+                : layer.self_attn is PagedAttention p ? p.Restore() : layer.self_attn;
             layer.ReplaceChild(nameof(layer.self_attn), attn, keepPlace: true);
         }
     }

@@ -24,7 +24,7 @@ public interface IPagedDecode
 /// reference's, shared, not copied): the step's tokens arrive packed in one row, their keys and values are written to
 /// their cache slots, and each query attends to its own sequence's slots only — decode queries all at once, prefill
 /// chunks each over its context with a causal mask offset by what is already cached. Sliding windows and soft-capped
-/// or rescaled scores are honoured as the reference does.
+/// or rescaled scores are honoured as the reference does. Forwards outside an engine step run the reference attention.
 /// </summary>
 public sealed class PagedAttention : Attention
 {
@@ -36,15 +36,29 @@ public sealed class PagedAttention : Attention
         _ctx = context;
         _window = window;
         Original = reference;
+        train(reference.training);
     }
 
     /// <summary>The module this one replaced (put back when the engine stops).</summary>
     public Attention Original { get; }
 
+    /// <summary>
+    /// The original module, given the children that changed while this one served (an adapter loaded for a module not
+    /// wrapped before replaced the projection here, not there).
+    /// </summary>
+    public Attention Restore()
+    {
+        foreach (var (name, now) in new (string, nn.Module<Tensor, Tensor>?)[] { (nameof(q_proj), q_proj), (nameof(k_proj), k_proj), (nameof(v_proj), v_proj),
+                     (nameof(qkv_proj), qkv_proj), (nameof(o_proj), o_proj) })
+            if (now is not null && !ReferenceEquals(typeof(Attention).GetField(name)!.GetValue(Original), now)) Original.ReplaceChild(name, now, keepPlace: true);
+        return Original;
+    }
+
     /// <summary>q [1, H, N, D], k and v [1, N, kvH, D] for the N packed tokens; returns [1, H, N, D].</summary>
     protected override Tensor Attend(Tensor q, Tensor k, Tensor v, Tensor? mask, KvCache? cache, int layer)
     {
-        var plan = _ctx.Plan ?? throw new InvalidOperationException("paged attention outside an engine step");
+        // Outside an engine step (classification, scoring run on the engine thread) the reference attention runs.
+        if (_ctx.Plan is not { } plan) return base.Attend(q, k, v, mask, cache, layer);
         using var scope = NewDisposeScope();
         _ctx.Cache.Write(layer, plan.SlotMapping, k[0], v[0]);
         var qt = q[0].transpose(0, 1);                            // [N, H, D]
