@@ -11,7 +11,18 @@ public enum FinishReason { Length, Stop }
 /// One generation: the prompt's ids, the new ids (an EOS that ended it included, as transformers does) and their text
 /// (special tokens skipped, cut before a stop string).
 /// </summary>
-public sealed record GenerationResult(int[] PromptIds, int[] OutputIds, string Text, FinishReason FinishReason);
+public sealed record GenerationResult(int[] PromptIds, int[] OutputIds, string Text, FinishReason FinishReason)
+{
+    /// <summary>When the serving engine produced it: seconds from arrival to the first and to the last token (null elsewhere).</summary>
+    public RequestTiming? Timing { get; init; }
+}
+
+/// <summary>A served request's latency: time to first token, and the mean time per output token after the first.</summary>
+public sealed record RequestTiming(double FirstTokenSeconds, double LastTokenSeconds, int OutputTokens)
+{
+    /// <summary>(last − first) / (tokens − 1), or 0 for a single token.</summary>
+    public double TimePerOutputToken => OutputTokens > 1 ? (LastTokenSeconds - FirstTokenSeconds) / (OutputTokens - 1) : 0;
+}
 
 /// <summary>
 /// Autoregressive decoding of one sequence with a KV cache; one dispose scope per step keeps native memory flat.

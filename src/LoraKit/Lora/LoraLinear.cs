@@ -106,6 +106,7 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         if (ComputeInInputDtype && TrySingleAdapter(out var single) && single != null)
             return training && is_grad_enabled() ? LoraProjection.Apply(x, base_layer, single) : SingleInInputDtype(x, single);
         var result = base_layer.forward(x);
+        if (RowSlots is { } slots && RowAdapters is null && !Disabled) return Gathered(x, result, slots);
         if (RowAdapters is { } rows && !Disabled) return rows.Length == x.shape[0] ? PerRow(x, result, rows) : PerToken(x, result, rows);
         if (Disabled || Active.Count == 0) return result;
         if (ComputeInInputDtype && LiveAdapters().All(w => w.Variant.IsPlainTerm)) return InInputDtype(x, result);
@@ -247,6 +248,21 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         if (name is null || !_adapters.TryGetValue(name, out var w)) return result;
         if (w.Variant.IsPlainTerm) return w.AddTerm(result, x);
         return w.Variant.Forward(base_layer, w, x.to(w.A.dtype), result, null).to(result.dtype);
+    }
+
+    /// <summary>
+    /// Every token through the stacked adapters by its slot (<see cref="RowSlots"/>, one per token of x's leading
+    /// dimensions), with no look at adapter names: the same kernels whatever the batch mixes, as a CUDA graph needs.
+    /// Plain-term adapters only (the engine sends batches with others through <see cref="RowAdapters"/>).
+    /// </summary>
+    Tensor Gathered(Tensor x, Tensor result, Tensor slots)
+    {
+        if (_adapters.Count == 0) return result;
+        using var scope = NewDisposeScope();
+        var stack = SyncStack(x.dtype, x.device);
+        var x2 = x.reshape(-1, 1, x.shape[^1]);                   // [N, 1, in]
+        var lora = x2.bmm(stack.A.index_select(0, slots).transpose(1, 2)).bmm(stack.B.index_select(0, slots).transpose(1, 2));
+        return result.Plus(lora.view(result.shape).to(result.dtype)).MoveToOuterDisposeScope();
     }
 
     /// <summary>The stacked (BGMV) strategy for the rows whose adapters are plain terms.</summary>

@@ -7,9 +7,14 @@ namespace LoraKit.Serving;
 /// adapters directory; the server answers it as a client error.</summary>
 public sealed class AdapterNameException(string message) : LoraKitException(message);
 
+/// <summary>Every device adapter slot serves requests, and none was released in time.</summary>
+public sealed class AdapterSlotsBusyException(string message) : InvalidOperationException(message);
+
 /// <summary>
 /// The adapters a server may use: subdirectories of one root, addressed by plain name only (no paths, no "..", no
-/// symlinks leading outside the root), loaded on first use and evicted least-recently-used beyond a cap. Only
+/// symlinks leading outside the root), loaded on first use and evicted least-recently-used beyond a cap (the GPU tier);
+/// read and validated adapters also stay in host memory up to <see cref="MaxHostAdapters"/> (the host tier, S-LoRA's
+/// unified paging), so a request for an adapter evicted from the device costs a host-to-device copy, not a read. Only
 /// adapter_config.json and adapter_model.safetensors are read. Loads run on the engine thread between decode steps.
 /// Names containing '@' are not directory names: they go to <see cref="External"/> (the server's registry versions), are
 /// loaded, counted in flight and evicted like the others. A null root serves no directory adapters.
@@ -23,6 +28,19 @@ public sealed partial class AdapterRegistry(InferenceEngine engine, string? root
 
     [GeneratedRegex(@"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\z")]
     private static partial Regex PlainName();
+
+    /// <summary>Adapters kept read and validated in host memory (least recently used dropped beyond it); 0: none.</summary>
+    public int MaxHostAdapters { get; init; } = 8;
+
+    readonly LinkedList<string> _hostLru = new(); // most recent first; guarded by _lock
+    readonly Dictionary<string, AdapterFiles.Prepared> _host = new(StringComparer.Ordinal);
+
+    /// <summary>Counts of where acquired adapters came from: already on the device, from the host tier, read from disk.</summary>
+    public (long DeviceHits, long HostHits, long Reads) CacheStats { get { lock (_lru) return (_deviceHits, _hostHits, _reads); } }
+    long _deviceHits, _hostHits, _reads;
+
+    /// <summary>Reacts to each acquisition: "gpu_hit", "cpu_hit" or "load" (metrics).</summary>
+    public Action<string>? OnCacheOutcome { get; init; }
 
     /// <summary>Load adapters LoraKit recorded as trained on another base anyway (a warning each time).</summary>
     public bool AllowBaseMismatch { get; init; }
@@ -75,14 +93,40 @@ public sealed partial class AdapterRegistry(InferenceEngine engine, string? root
         : [];
 
     /// <summary>Makes sure the adapter is loaded, marks it in use and returns a handle that releases it.</summary>
-    public async Task<IDisposable> AcquireAsync(string name)
+    /// <summary>
+    /// Makes sure the adapter is loaded, marks it in use and returns a handle that releases it. When every device slot
+    /// serves requests, waits (up to <see cref="SlotWait"/>) for one to be released instead of failing at once.
+    /// </summary>
+    public async Task<IDisposable> AcquireAsync(string name, CancellationToken ct = default)
+    {
+        var deadline = DateTime.UtcNow + SlotWait;
+        while (true)
+        {
+            Task freed;
+            lock (_lru) freed = _slotFreed.Task;
+            try { return await TryAcquireAsync(name); }
+            catch (AdapterSlotsBusyException) when (DateTime.UtcNow < deadline)
+            {
+                await Task.WhenAny(freed, Task.Delay(TimeSpan.FromSeconds(1), ct)); // re-checks at least once a second
+                ct.ThrowIfCancellationRequested();
+            }
+        }
+    }
+
+    /// <summary>How long a request waits for a device adapter slot when all serve other requests.</summary>
+    public TimeSpan SlotWait { get; init; } = TimeSpan.FromSeconds(30);
+
+    TaskCompletionSource _slotFreed = new(TaskCreationOptions.RunContinuationsAsynchronously);
+
+    async Task<IDisposable> TryAcquireAsync(string name)
     {
         await _lock.WaitAsync();
         try
         {
             bool loaded;
             lock (_lru) loaded = _lru.Contains(name);
-            if (!loaded) await LoadLockedAsync(name, reload: false);
+            if (loaded) Count("gpu_hit");
+            else await LoadLockedAsync(name, reload: false);
             lock (_lru)
             {
                 _lru.Remove(name);
@@ -100,7 +144,13 @@ public sealed partial class AdapterRegistry(InferenceEngine engine, string? root
         public void Dispose()
         {
             if (Interlocked.Exchange(ref _done, 1) == 1) return;
-            lock (r._lru) r._inFlight[name]--;
+            lock (r._lru)
+            {
+                if (--r._inFlight[name] > 0) return;
+                var freed = r._slotFreed; // wake requests waiting for a device slot
+                r._slotFreed = new(TaskCreationOptions.RunContinuationsAsynchronously);
+                freed.TrySetResult();
+            }
         }
     }
 
@@ -122,12 +172,10 @@ public sealed partial class AdapterRegistry(InferenceEngine engine, string? root
         {
             string? victim;
             lock (_lru) victim = _lru.Count >= maxLoaded ? _lru.Reverse().FirstOrDefault(n => _inFlight.GetValueOrDefault(n) == 0) : null;
-            lock (_lru) if (_lru.Count >= maxLoaded && victim is null) throw new InvalidOperationException($"all {maxLoaded} adapter slots are serving requests; try again shortly");
+            lock (_lru) if (_lru.Count >= maxLoaded && victim is null) throw new AdapterSlotsBusyException($"all {maxLoaded} adapter slots are serving requests; try again shortly");
             if (victim != null) await UnloadLockedAsync(victim);
         }
-        // Reading and validating happen here, off the engine thread; only the injection pauses decoding.
-        // Classification adapters load too (their LoRA part); the server checks each request's task against the adapter's.
-        using var prepared = await Task.Run(() => AdapterFiles.Read(engine.Lora, dir, new AdapterLoadOptions { AllowBaseMismatch = AllowBaseMismatch, SequenceClassification = true }));
+        var prepared = await HostCopyLockedAsync(name, dir, reload);
         await engine.RunAsync(lm =>
         {
             if (lm.Configs.ContainsKey(name)) lm.DeleteAdapter(name);
@@ -136,6 +184,53 @@ public sealed partial class AdapterRegistry(InferenceEngine engine, string? root
             return true;
         });
         lock (_lru) { _lru.Remove(name); _lru.AddFirst(name); }
+        if (MaxHostAdapters == 0) DropHost(name);
+    }
+
+    /// <summary>Reads the adapter into the host tier (not onto the device), so a later request finds it there.</summary>
+    public async Task PrefetchAsync(string name)
+    {
+        await _lock.WaitAsync();
+        try { await HostCopyLockedAsync(name, Resolve(name), reload: false); }
+        finally { _lock.Release(); }
+    }
+
+    /// <summary>The adapter's validated host copy: from the host tier, or read now (off the engine thread) and kept there.</summary>
+    async Task<AdapterFiles.Prepared> HostCopyLockedAsync(string name, string dir, bool reload)
+    {
+        if (!reload && _host.TryGetValue(name, out var cached))
+        {
+            _hostLru.Remove(name);
+            _hostLru.AddFirst(name);
+            Count("cpu_hit");
+            return cached;
+        }
+        Count("load");
+        DropHost(name);
+        // Classification adapters load too (their LoRA part); the server checks each request's task against the adapter's.
+        var prepared = await Task.Run(() => AdapterFiles.Read(engine.Lora, dir, new AdapterLoadOptions { AllowBaseMismatch = AllowBaseMismatch, SequenceClassification = true }));
+        _host[name] = prepared;
+        _hostLru.AddFirst(name);
+        while (_hostLru.Count > Math.Max(1, MaxHostAdapters)) DropHost(_hostLru.Last!.Value);
+        return prepared;
+    }
+
+    void DropHost(string name)
+    {
+        if (!_host.Remove(name, out var p)) return;
+        _hostLru.Remove(name);
+        p.Dispose(); // device copies are separate (Apply copies), so the loaded adapter is untouched
+    }
+
+    void Count(string outcome)
+    {
+        lock (_lru)
+        {
+            if (outcome == "gpu_hit") _deviceHits++;
+            else if (outcome == "cpu_hit") _hostHits++;
+            else _reads++;
+        }
+        OnCacheOutcome?.Invoke(outcome);
     }
 
     public async Task UnloadAsync(string name)
@@ -146,6 +241,7 @@ public sealed partial class AdapterRegistry(InferenceEngine engine, string? root
             lock (_lru) if (!_lru.Contains(name)) throw new KeyNotFoundException($"adapter '{Shown(name)}' is not loaded");
             if (InFlight(name) > 0) throw new InvalidOperationException($"adapter '{name}' is serving requests; retry when they finish");
             await UnloadLockedAsync(name);
+            DropHost(name); // an explicit unload forgets the adapter; the next load reads its files again
         }
         finally { _lock.Release(); }
     }

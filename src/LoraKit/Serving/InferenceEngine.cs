@@ -35,6 +35,8 @@ public sealed class InferenceEngine : IDisposable
     readonly PagedContext _context;
     readonly Scheduler _scheduler;
     readonly bool _longRope;
+    readonly DecodeGraphs? _graphs;
+    bool _adaptersChanged = true;
 
     public int MaxBatch => _options.MaxBatch;
     public EngineOptions Options => _options;
@@ -69,6 +71,8 @@ public sealed class InferenceEngine : IDisposable
         _context = new PagedContext(_cache);
         _longRope = LongRopeRecompute.Due(c, 1, long.MaxValue);
         _scheduler = new Scheduler(options, _cache.Allocator, chunkPrefill: !_longRope);
+        _context.Kernel = CudaPagedDecode.TryCreate(lm.Model.Device);
+        if (GraphsPossible(options, lm)) _graphs = new DecodeGraphs(lm, _context, options.MaxBatch, scratchBlock: _cache.Allocator.TryAllocate());
         SwapAttention(paged: true);
         _worker = new Thread(Loop) { IsBackground = true, Name = "lorakit-engine" };
         _worker.Start();
@@ -93,9 +97,19 @@ public sealed class InferenceEngine : IDisposable
         return (T)(await done.Task)!;
     }
 
+    /// <summary>Decode steps replayed as CUDA graphs: replays and captures so far, or why they are off (null engine: not on CUDA).</summary>
+    public (long Replays, long Captures, string? Disabled)? GraphStats => _graphs is { } g ? (g.Replays, g.Captures, g.Disabled) : null;
+
+    /// <summary>Graphs need CUDA, the paged-attention kernel (the gather path's shapes change every step), a settable stream and no LongRoPE (its factors are chosen on the host).</summary>
+    bool GraphsPossible(EngineOptions o, LoraModel lm) =>
+        o.CudaGraphs && lm.Model.Device.type == TorchSharp.DeviceType.CUDA && _context.Kernel is not null && !_longRope
+        && Runtime.Cuda.CudaStreams.Available && _cache.Allocator.Free > 1;
+
     void Loop()
     {
         using var _ = no_grad();
+        // Graph capture needs a stream other than the legacy default one; every step runs on it, eager or replayed.
+        using var stream = _graphs is not null ? Runtime.Cuda.CudaStreams.UseSideStream(_lm.Model.Device) : null;
         try
         {
             while (!_stop.IsCancellationRequested)
@@ -131,6 +145,7 @@ public sealed class InferenceEngine : IDisposable
 
     void RunAction(ActionWork a)
     {
+        _adaptersChanged = true; // an adapter load or unload allocates or frees device memory: graphs are captured again
         try { a.Done.TrySetResult(a.Run()); }
         catch (Exception e) { a.Done.TrySetException(e); }
     }
@@ -200,6 +215,12 @@ public sealed class InferenceEngine : IDisposable
     {
         using var scope = NewDisposeScope();
         var items = work.Select(w => new StepWork(w.Seq.Tokens, w.Seq.Computed, w.Count, w.Seq.Blocks, w.Seq.Request.Adapter)).ToList();
+        if (TryGraph(items) is { } replayed)
+        {
+            foreach (var (seq, count) in work) seq.Computed += count;
+            Sample(work.Select(w => w.Seq).ToList(), replayed);
+            return;
+        }
         using var plan = new StepPlan(items, _cache.BlockSize, _lm.Model.Device, gatherDecode: _context.Kernel is null);
         // Only sequences whose last pending token runs now sample; a partial prefill chunk needs no logits.
         var sampling = Enumerable.Range(0, work.Count).Where(i => items[i].Context == work[i].Seq.Tokens.Count).ToList();
@@ -218,6 +239,19 @@ public sealed class InferenceEngine : IDisposable
         }
         foreach (var (seq, count) in work) seq.Computed += count;
         Sample(sampling.Select(i => work[i].Seq).ToList(), logits);
+    }
+
+    /// <summary>The step's logits from a replayed graph, or null when it runs eagerly.</summary>
+    Tensor? TryGraph(List<StepWork> items)
+    {
+        if (_graphs is null || items.Any(w => w.Adapter is { } a && !_lm.Configs[a].Variant.IsPlainTerm)) return null;
+        if (_adaptersChanged)
+        {
+            _lm.SyncStacks(_lm.Model.DType);
+            _graphs.Invalidate();
+            _adaptersChanged = false;
+        }
+        return _graphs.TryRun(items, lora: items.Any(w => w.Adapter is not null));
     }
 
     /// <summary>The next token of each sampling sequence: all greedy rows' argmax in one device→host copy.</summary>
@@ -249,12 +283,14 @@ public sealed class InferenceEngine : IDisposable
         var state = seq.State;
         var streamer = seq.Streamer;
         var done = seq.Request.Done;
+        double Since(long t) => Stopwatch.GetElapsedTime(seq.Request.ArrivedAt, t).TotalSeconds;
+        var timing = new RequestTiming(Since(seq.FirstTokenAt ?? seq.LastTokenAt), Since(seq.LastTokenAt), seq.Tokens.Count - seq.Request.PromptIds.Length);
         // The final detokenization and the last streamed piece happen off the engine thread.
         _ = Task.Run(async () =>
         {
             try
             {
-                var result = state.Result();
+                var result = state.Result() with { Timing = timing };
                 if (streamer is not null) await streamer.CompleteAsync(result.Text);
                 done.TrySetResult(result);
             }
@@ -292,6 +328,7 @@ public sealed class InferenceEngine : IDisposable
         {
             _stop.Dispose();
             SwapAttention(paged: false);
+            _graphs?.Dispose();
             _cache.Dispose();
         }
     }

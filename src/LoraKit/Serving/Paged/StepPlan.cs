@@ -86,6 +86,23 @@ public sealed class StepPlan : IDisposable
         Prefills = PrefillSegments(prefill, DecodeRows, blockSize, device);
     }
 
+    /// <summary>
+    /// A decode-only plan over fixed device buffers (a CUDA graph's inputs, refilled before each replay): rows
+    /// [0, <paramref name="rows"/>) of each buffer, attention through the kernel.
+    /// </summary>
+    public StepPlan(int rows, Tensor ids, Tensor positions, Tensor slotMapping, Tensor blockTables, Tensor seqLens)
+    {
+        (Tokens, DecodeRows) = (rows, rows);
+        Ids = ids.narrow(1, 0, rows);
+        Positions = positions.narrow(1, 0, rows);
+        SlotMapping = slotMapping.narrow(0, 0, rows);
+        BlockTables = blockTables.narrow(0, 0, rows);
+        SeqLens = seqLens.narrow(0, 0, rows);
+        Prefills = [];
+        TokenAdapters = new string?[rows];
+        LastTokenIndex = Enumerable.Range(0, rows).ToArray();
+    }
+
     static long Slot(IReadOnlyList<int> table, int position, int blockSize) =>
         (long)table[position / blockSize] * blockSize + position % blockSize;
 
