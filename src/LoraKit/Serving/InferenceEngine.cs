@@ -55,6 +55,8 @@ public sealed class InferenceEngine : IDisposable
     /// <summary>Steps run so far, and how many of them held both prefill chunks and decode tokens.</summary>
     public long Steps { get; private set; }
     public long MixedSteps { get; private set; }
+    /// <summary>Sequences preempted for lack of KV blocks (and recomputed) so far.</summary>
+    public long Preemptions => _scheduler.Preemptions;
 
     public InferenceEngine(LoraModel lm, Tokenizer tokenizer, int maxBatch = 16) : this(lm, tokenizer, new EngineOptions { MaxBatch = maxBatch }) { }
 

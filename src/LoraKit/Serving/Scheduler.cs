@@ -100,8 +100,12 @@ internal sealed class Scheduler(EngineOptions o, BlockAllocator blocks, bool chu
         return true;
     }
 
+    /// <summary>Sequences preempted so far (their blocks taken back, recomputed later).</summary>
+    public long Preemptions { get; private set; }
+
     void Preempt(EngineSequence seq)
     {
+        Preemptions++;
         Running.Remove(seq);
         blocks.Release(seq.Blocks);
         seq.Blocks.Clear();
