@@ -32,10 +32,12 @@ public static class CheckKernelsCommand
             string jsonl = r.GetValue(data) ?? Path.Combine("fixtures", "training", "data.jsonl");
             Print(DequantKernelChecks.Exactness(dev));
             Print([DequantKernelChecks.Bandwidth(dev)]);
+            Print(ServingChecks.GatheredLora(dev));
             foreach (var dir in r.GetValue(models) ?? [])
             {
                 Print(KernelChecks.TrainingStep(dir, jsonl, dev));
                 Print(KernelChecks.TrainingStep(dir, jsonl, dev, new Quantization.BnbQuantizeOptions("nf4"))); // QLoRA: W dequantized per GEMM
+                Print(ServingChecks.GraphDecode(dir, dev)); // serving: graph decode and paged kernel against solo generation
             }
             Console.WriteLine(ok ? "all kernel checks passed" : "kernel checks FAILED");
             return ok ? 0 : 1;

@@ -260,6 +260,13 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
         if (_adapters.Count == 0) return result;
         using var scope = NewDisposeScope();
         var stack = SyncStack(x.dtype, x.device);
+        if (Runtime.Cuda.LoraGatherKernels.Usable(x.device) && x.dtype == result.dtype)
+        {
+            // Each row reads its adapter where it is stacked (BGMV): no [N, r, in] gathered copy is written and read back.
+            var y = result.reshape(-1, result.shape[^1]).contiguous();
+            Runtime.Cuda.LoraGatherKernels.AddInPlace(x.reshape(-1, x.shape[^1]).contiguous(), stack.A, stack.B, slots, y);
+            return y.view(result.shape).MoveToOuterDisposeScope();
+        }
         var x2 = x.reshape(-1, 1, x.shape[^1]);                   // [N, 1, in]
         var lora = x2.bmm(stack.A.index_select(0, slots).transpose(1, 2)).bmm(stack.B.index_select(0, slots).transpose(1, 2));
         return result.Plus(lora.view(result.shape).to(result.dtype)).MoveToOuterDisposeScope();

@@ -73,7 +73,7 @@ public sealed class InferenceEngine : IDisposable
         _context = new PagedContext(_cache);
         _longRope = LongRopeRecompute.Due(c, 1, long.MaxValue);
         _scheduler = new Scheduler(options, _cache.Allocator, chunkPrefill: !_longRope);
-        _context.Kernel = CudaPagedDecode.TryCreate(lm.Model.Device);
+        _context.Kernel = CudaPagedDecode.TryCreate(c, lm.Model.DType, lm.Model.Device);
         if (GraphsPossible(options, lm)) _graphs = new DecodeGraphs(lm, _context, options.MaxBatch, scratchBlock: _cache.Allocator.TryAllocate());
         SwapAttention(paged: true);
         _worker = new Thread(Loop) { IsBackground = true, Name = "lorakit-engine" };

@@ -1,8 +1,9 @@
 using LoraKit.Models;
+using LoraKit.Serving.Paged;
 using LoraKit.Runtime.Cuda;
 using static TorchSharp.torch;
 
-namespace LoraKit.Serving.Paged;
+namespace LoraKit.Serving;
 
 /// <summary>How many KV blocks the engine preallocates (see <see cref="EngineOptions.KvCacheMemory"/>).</summary>
 public static class KvCacheSizing
