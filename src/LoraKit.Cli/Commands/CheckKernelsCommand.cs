@@ -32,6 +32,9 @@ public static class CheckKernelsCommand
             string jsonl = r.GetValue(data) ?? Path.Combine("fixtures", "training", "data.jsonl");
             Print(DequantKernelChecks.Exactness(dev));
             Print([DequantKernelChecks.Bandwidth(dev)]);
+            Print(PagedAttentionChecks.Exactness(dev));          // the serving engine's decode attention (issue 21)
+            Print(PagedAttentionChecks.CudaGraphReplay(dev));
+            Print(PagedAttentionChecks.Timing(dev));
             foreach (var dir in r.GetValue(models) ?? [])
             {
                 Print(KernelChecks.TrainingStep(dir, jsonl, dev));

@@ -11,7 +11,7 @@ namespace LoraKit.Runtime.Cuda;
 /// or concatenates caches. Numerics: scores, softmax and the weighted sum in fp32 with a streaming ("online") softmax,
 /// one rounding to the output dtype at the end; so any context length works with fixed registers and shared memory.
 /// <para>
-/// Work split: one thread block of <see cref="Warps"/> warps per (sequence, kv head, group of up to 8 query heads of that
+/// Work split: one thread block of <see cref="Tuning.Warps"/> warps per (sequence, kv head, group of up to 8 query heads of that
 /// kv head, key split). A block loads its query heads once and then streams the keys: each K/V element is read once per
 /// head group (GQA's whole point), in 16-byte vectors by a group of lanes sized to the head (D/8 lanes, rounded up to a
 /// power of two), warps taking interleaved tiles of keys, several keys' loads in flight per lane. Each lane group keeps
@@ -28,9 +28,6 @@ namespace LoraKit.Runtime.Cuda;
 /// </summary>
 internal static class PagedAttentionKernel
 {
-    /// <summary>Warps per thread block: 128 threads keep registers per thread high enough for 8 heads × D/8… accumulators.</summary>
-    public const int Warps = 4;
-
     /// <summary>Query heads one block serves at most (each costs 16 registers per lane for q and acc).</summary>
     const int MaxHeadsPerBlock = 8;
 
@@ -40,7 +37,7 @@ internal static class PagedAttentionKernel
     const string Body = """
         typedef unsigned short u16;
         typedef unsigned int u32;
-        #define NEG_INF __int_as_float(0xff800000)
+        #define NEG_INF __uint_as_float(0xff800000u)
         #define FULL 0xffffffffu
         #define D8 (HEAD_DIM / 8)            // 8-element chunks per head row; lane i of a key group owns chunk i
         #define KW (32 / LANES)              // keys a warp reads at once, one per group of LANES lanes
@@ -297,18 +294,29 @@ internal static class PagedAttentionKernel
         }
         """;
 
+    /// <summary>
+    /// The launch shape: <paramref name="Warps"/> per block and <paramref name="Unroll"/> keys whose K/V loads each lane
+    /// issues before using them (memory-level parallelism against registers). <see cref="Default"/> is what Decode uses;
+    /// checks time others to tune it.
+    /// </summary>
+    internal readonly record struct Tuning(int Warps, int Unroll)
+    {
+        /// <summary>4 warps (128 threads: up to ~250 registers a thread for 8 heads' q and acc); 4 keys in flight, fewer
+        /// when registers go to more heads or to fp32's twice-as-wide loads.</summary>
+        public static Tuning Default(int kind, int headsPerBlock) => new(4, (kind == 0 ? 2 : 4) / (headsPerBlock > 4 ? 2 : 1));
+
+        public override string ToString() => $"{Warps} warps, {Unroll} keys in flight";
+    }
+
     /// <summary>What one compiled module is specialised for; everything else is a kernel argument.</summary>
-    readonly record struct Variant(int Kind, int HeadDim, int HeadsPerBlock)
+    readonly record struct Variant(int Kind, int HeadDim, int HeadsPerBlock, Tuning Tuning)
     {
         /// <summary>Lanes per key: D/8 chunks of 8 elements, rounded up to a power of two so shuffles stay inside a group.</summary>
         public int Lanes => (int)BitOperations.RoundUpToPowerOf2((uint)(HeadDim / 8));
 
-        /// <summary>Keys whose loads a lane issues before using them; fewer when registers go to more heads or fp32.</summary>
-        public int Unroll => (Kind == 0 ? 2 : 4) / (HeadsPerBlock > 4 ? 2 : 1);
-
         public string Source =>
             $"#define KIND {Kind}\n#define HEAD_DIM {HeadDim}\n#define GB {HeadsPerBlock}\n#define LANES {Lanes}\n" +
-            $"#define UNROLL {Unroll}\n#define WARPS {Warps}\n" + Body;
+            $"#define UNROLL {Tuning.Unroll}\n#define WARPS {Tuning.Warps}\n" + Body;
     }
 
     static readonly ConcurrentDictionary<Variant, Lazy<(CudaCompiler? Compiler, string? Why)>> Modules = new();
@@ -324,7 +332,8 @@ internal static class PagedAttentionKernel
     public static bool Prepare(ScalarType dtype, int numHeads, int numKvHeads, int headDim, out string? why)
     {
         var (_, gb) = HeadChunks(numHeads / numKvHeads);
-        (var c, why) = Module(new Variant(Kind(dtype), headDim, gb));
+        int kind = Kind(dtype);
+        (var c, why) = Module(new Variant(kind, headDim, gb, Tuning.Default(kind, gb)));
         return c is not null;
     }
 
@@ -367,18 +376,21 @@ internal static class PagedAttentionKernel
     /// <see cref="Decode(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, double, double, int)"/> with the split-K choice
     /// made by the caller: <paramref name="keysPerSplit"/> 0 chooses from the shapes (<see cref="AutoKeysPerSplit"/>),
     /// a negative value never splits, a positive one splits each row's keys into partitions of that many (checks and
-    /// timings use it to exercise and compare both paths).
+    /// timings use it to exercise and compare both paths); <paramref name="tuning"/> null takes <see cref="Tuning.Default"/>.
     /// </summary>
     internal static void Decode(Tensor q, Tensor kCache, Tensor vCache, Tensor blockTables, Tensor seqLens, Tensor output,
-        double scale, double softcap, int window, int keysPerSplit)
+        double scale, double softcap, int window, int keysPerSplit, Tuning? tuning = null)
     {
         var s = Validate(q, kCache, vCache, blockTables, seqLens, output, scale, softcap, window);
         if (s.N == 0) return;
         var (chunks, gb) = HeadChunks(s.H / s.KvH);
-        var (c, why) = Module(new Variant(Kind(q.dtype), s.D, gb));
+        int kind = Kind(q.dtype);
+        var t = tuning ?? Tuning.Default(kind, gb);
+        if (t.Warps is < 1 or > 32 || t.Unroll is < 1 or > 16) throw new ArgumentException($"paged attention: tuning {t} out of range");
+        var (c, why) = Module(new Variant(kind, s.D, gb, t));
         if (c is null) throw new InvalidOperationException($"the paged-attention kernel is not available ({why})");
-        foreach (var (t, name) in new[] { (q, "q"), (kCache, "kCache"), (vCache, "vCache"), (output, "output") })
-            if (c.Pointer(t) % 16 != 0) throw new ArgumentException($"paged attention: {name} must start on a 16-byte boundary (16-byte loads)");
+        foreach (var (x, name) in new[] { (q, "q"), (kCache, "kCache"), (vCache, "vCache"), (output, "output") })
+            if (c.Pointer(x) % 16 != 0) throw new ArgumentException($"paged attention: {name} must start on a 16-byte boundary (16-byte loads)");
 
         long baseBlocks = s.N * s.KvH * chunks;
         int capacity = s.MaxBlocks * s.BlockSize;
@@ -389,7 +401,7 @@ internal static class PagedAttentionKernel
         Interlocked.Increment(ref _launches);
         if (splits == 1)
         {
-            c.Launch("paged_decode", baseBlocks, Warps * 32, q, kCache, vCache, blockTables, seqLens, output, IntPtr.Zero, IntPtr.Zero,
+            c.Launch("paged_decode", baseBlocks, t.Warps * 32, q, kCache, vCache, blockTables, seqLens, output, IntPtr.Zero, IntPtr.Zero,
                 s.H, s.KvH, s.H / s.KvH, chunks, s.MaxBlocks, s.NumBlocks, log2Bs, (float)scale, (float)softcap, window, split, 1);
             return;
         }
@@ -399,7 +411,7 @@ internal static class PagedAttentionKernel
         using var workspace = empty(rows * splits * (s.D + 1), ScalarType.Float32, q.device);
         var partO = c.Pointer(workspace);
         var partLse = partO + (nint)(rows * splits * s.D * sizeof(float));
-        c.Launch("paged_decode", baseBlocks * splits, Warps * 32, q, kCache, vCache, blockTables, seqLens, output, partO, partLse,
+        c.Launch("paged_decode", baseBlocks * splits, t.Warps * 32, q, kCache, vCache, blockTables, seqLens, output, partO, partLse,
             s.H, s.KvH, s.H / s.KvH, chunks, s.MaxBlocks, s.NumBlocks, log2Bs, (float)scale, (float)softcap, window, split, splits);
         c.Launch("paged_merge", rows, 32, partO, partLse, output, splits);
     }
