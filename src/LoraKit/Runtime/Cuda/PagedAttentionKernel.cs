@@ -331,6 +331,8 @@ internal static class PagedAttentionKernel
     /// </summary>
     public static bool Prepare(ScalarType dtype, int numHeads, int numKvHeads, int headDim, out string? why)
     {
+        if (numKvHeads < 1 || numHeads < 1 || numHeads % numKvHeads != 0 || headDim % 8 != 0 || headDim is < 8 or > 256)
+            throw new ArgumentException($"paged attention: {numHeads} heads over {numKvHeads} kv heads of dim {headDim} (a multiple of 8 up to 256) is not a supported shape");
         var (_, gb) = HeadChunks(numHeads / numKvHeads);
         int kind = Kind(dtype);
         (var c, why) = Module(new Variant(kind, headDim, gb, Tuning.Default(kind, gb)));
