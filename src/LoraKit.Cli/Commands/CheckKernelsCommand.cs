@@ -6,7 +6,8 @@ namespace LoraKit.Cli.Commands;
 
 /// <summary>
 /// <c>lorakit check-kernels</c> (GPU): prints <see cref="KernelChecks"/> (the fused CUDA kernels against the TorchSharp
-/// path they replace, then a whole fast-path training step of each given model), one ok/FAIL line per check. Exit code 1
+/// path they replace, then a whole fast-path training step of each given model), the dequantization and paged-attention
+/// kernels against their references (<see cref="PagedAttentionChecks"/>, with its timings), one ok/FAIL line per check. Exit code 1
 /// when any check fails. The same checks run as xunit tests on the GPU machine (scripts/gpu/run_gpu_tests.sh).
 /// </summary>
 public static class CheckKernelsCommand
@@ -33,6 +34,9 @@ public static class CheckKernelsCommand
             Print(DequantKernelChecks.Exactness(dev));
             Print([DequantKernelChecks.Bandwidth(dev)]);
             Print(ServingChecks.GatheredLora(dev));
+            Print(PagedAttentionChecks.Exactness(dev));          // the serving engine's decode attention (issue 21)
+            Print(PagedAttentionChecks.CudaGraphReplay(dev));
+            Print(PagedAttentionChecks.Timing(dev));
             foreach (var dir in r.GetValue(models) ?? [])
             {
                 Print(KernelChecks.TrainingStep(dir, jsonl, dev));
