@@ -230,7 +230,7 @@ public sealed class InferenceEngine : IDisposable
         Tensor logits;
         try
         {
-            _lm.SetRowAdapters(plan.TokenAdapters.Any(a => a != null) ? plan.TokenAdapters : null);
+            SetAdapters(plan);
             var rows = tensor(sampling.Select(i => (long)plan.LastTokenIndex[i]).ToArray(), device: _lm.Model.Device);
             logits = _lm.Model.LogitsAt(plan.Ids, rows, plan.Positions);
         }
@@ -238,21 +238,43 @@ public sealed class InferenceEngine : IDisposable
         {
             _context.Plan = null;
             _lm.SetRowAdapters(null);
+            _lm.SetRowSlots(null);
         }
         foreach (var (seq, count) in work) seq.Computed += count;
         Sample(sampling.Select(i => work[i].Seq).ToList(), logits);
+    }
+
+    /// <summary>
+    /// Each packed token's adapter for the LoRA layers: on CUDA, when every adapter in the step is a plain LoRA, one slot
+    /// tensor for all layers (the gathered kernel reads each token's adapter in place); otherwise the names (the CPU
+    /// reference: gathered single tokens, one matmul pair per run of a prefill chunk, DoRA through its own forward).
+    /// </summary>
+    void SetAdapters(StepPlan plan)
+    {
+        if (plan.TokenAdapters.All(a => a is null)) return;
+        bool plain = plan.TokenAdapters.All(a => a is null || _lm.Configs[a].Variant.IsPlainTerm);
+        if (plain && Runtime.Cuda.LoraGatherKernels.Usable(_lm.Model.Device))
+        {
+            SyncStacksIfChanged();
+            var slots = tensor(plan.TokenAdapters.Select(a => a is null ? 0L : _lm.SlotOf(a)).ToArray(), device: _lm.Model.Device);
+            _lm.SetRowSlots(slots);
+        }
+        else _lm.SetRowAdapters(plan.TokenAdapters);
+    }
+
+    void SyncStacksIfChanged()
+    {
+        if (!_adaptersChanged) return;
+        _lm.SyncStacks(_lm.Model.DType);
+        _graphs?.Invalidate();
+        _adaptersChanged = false;
     }
 
     /// <summary>The step's logits from a replayed graph, or null when it runs eagerly.</summary>
     Tensor? TryGraph(List<StepWork> items)
     {
         if (_graphs is null || items.Any(w => w.Adapter is { } a && !_lm.Configs[a].Variant.IsPlainTerm)) return null;
-        if (_adaptersChanged)
-        {
-            _lm.SyncStacks(_lm.Model.DType);
-            _graphs.Invalidate();
-            _adaptersChanged = false;
-        }
+        SyncStacksIfChanged();
         return _graphs.TryRun(items, lora: items.Any(w => w.Adapter is not null));
     }
 

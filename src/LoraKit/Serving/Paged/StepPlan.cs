@@ -93,11 +93,12 @@ public sealed class StepPlan : IDisposable
     public StepPlan(int rows, Tensor ids, Tensor positions, Tensor slotMapping, Tensor blockTables, Tensor seqLens)
     {
         (Tokens, DecodeRows) = (rows, rows);
-        Ids = ids.narrow(1, 0, rows);
-        Positions = positions.narrow(1, 0, rows);
-        SlotMapping = slotMapping.narrow(0, 0, rows);
-        BlockTables = blockTables.narrow(0, 0, rows);
-        SeqLens = seqLens.narrow(0, 0, rows);
+        // Views that live as long as the graph that reads them, whatever dispose scope the caller runs in.
+        Ids = ids.narrow(1, 0, rows).DetachFromDisposeScope();
+        Positions = positions.narrow(1, 0, rows).DetachFromDisposeScope();
+        SlotMapping = slotMapping.narrow(0, 0, rows).DetachFromDisposeScope();
+        BlockTables = blockTables.narrow(0, 0, rows).DetachFromDisposeScope();
+        SeqLens = seqLens.narrow(0, 0, rows).DetachFromDisposeScope();
         Prefills = [];
         TokenAdapters = new string?[rows];
         LastTokenIndex = Enumerable.Range(0, rows).ToArray();
