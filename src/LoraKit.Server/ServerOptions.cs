@@ -57,6 +57,11 @@ public sealed record ServerOptions
     public bool AllowBaseMismatch { get; init; }
     /// <summary>On stop, how long in-flight requests may still run before their connections are closed.</summary>
     public TimeSpan DrainTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    /// <summary>
+    /// Serve <c>GET /metrics</c> without a key even when keys are set (for a Prometheus scraper inside a trusted network);
+    /// otherwise it takes the API key or the admin key, as /v1 does. It shows request counts and timings, no prompts.
+    /// </summary>
+    public bool MetricsPublic { get; init; }
     /// <summary>Allow listening on a non-loopback address with no key (refused otherwise).</summary>
     public bool Insecure { get; init; }
     /// <summary>Receives one line per request (method, route, model, status, tokens, ms) and server errors; null = silent.</summary>

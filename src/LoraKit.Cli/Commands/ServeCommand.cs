@@ -33,12 +33,14 @@ public static class ServeCommand
         var drain = new Option<double>("--drain-seconds") { Description = "on SIGTERM or Ctrl+C, how long in-flight requests may finish", DefaultValueFactory = _ => 30.0 };
         var insecure = new Option<bool>("--insecure") { Description = "allow a non-loopback --host without any key" };
         var quiet = new Option<bool>("--quiet") { Description = "no log line per request" };
+        var metricsPublic = new Option<bool>("--metrics-public") { Description = "serve GET /metrics (Prometheus) without a key even when keys are set, for a scraper in a trusted network" };
         var quantize = new QuantizeOptions();
         var cmd = new Command("serve", "Serve one base model and many LoRA adapters over an OpenAI-compatible HTTP API: adapters from a directory " +
                                        "(\"model\": \"NAME\"), from the registry (\"model\": \"NAME@VERSION\", \"NAME@ALIAS\", or \"NAME\" = NAME@production, " +
                                        "a 404 when that alias does not exist; alias moves apply to the next request), or both. " +
-                                       "With a key set, every endpoint but /health needs one; the admin key also works on /v1.")
-            { model, adapters, registry, host, port, apiKey, adminKey, device, dtype, maxAdapters, maxBatch, maxTokens, maxPrompt, maxConcurrent, drain, insecure, quiet, allowMismatch };
+                                       "With a key set, every endpoint but /health needs one (/metrics too, unless --metrics-public); the admin key also works on /v1. " +
+                                       "On SIGTERM it drains: /health answers 503 and new requests 503 while in-flight ones finish.")
+            { model, adapters, registry, host, port, apiKey, adminKey, device, dtype, maxAdapters, maxBatch, maxTokens, maxPrompt, maxConcurrent, drain, insecure, quiet, allowMismatch, metricsPublic };
         quantize.AddTo(cmd);
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
@@ -51,7 +53,7 @@ public static class ServeCommand
                 MaxTokens = r.GetValue(maxTokens), MaxPromptTokens = r.GetValue(maxPrompt), MaxConcurrent = r.GetValue(maxConcurrent),
                 AllowBaseMismatch = r.GetValue(allowMismatch), Quantize = quantize.Resolve(r),
                 DrainTimeout = TimeSpan.FromSeconds(r.GetValue(drain) is var d && d >= 0 && d <= 3600 ? d : throw new LoraKitException("--drain-seconds must be between 0 and 3600")),
-                Insecure = r.GetValue(insecure),
+                Insecure = r.GetValue(insecure), MetricsPublic = r.GetValue(metricsPublic),
                 Log = r.GetValue(quiet) ? null : Console.Out.WriteLine,
             };
             if (options.ApiKey is null && options.AdminKey is null && (options.IsLoopback || options.Insecure)) // else StartAsync refuses

@@ -1,3 +1,4 @@
+using System.Diagnostics; // metrics
 using System.Threading.Channels;
 using LoraKit.Generation;
 using LoraKit.Lora;
@@ -19,13 +20,17 @@ public sealed class InferenceEngine : IDisposable
 {
     abstract record Work;
     sealed record Generate(int[] PromptIds, string? Adapter, SamplingOptions Options, Action<string>? OnText,
-        TaskCompletionSource<GenerationResult> Done, CancellationToken Cancel) : Work;
+        TaskCompletionSource<GenerationResult> Done, CancellationToken Cancel) : Work
+    {
+        public long Arrived { get; } = Stopwatch.GetTimestamp(); // metrics
+    }
     sealed record Action(Func<object?> Run, TaskCompletionSource<object?> Done) : Work;
 
     sealed class Row(Generate request, SequenceState state)
     {
         public Generate Request { get; } = request;
         public SequenceState State { get; } = state;
+        public long LastTokenAt = Stopwatch.GetTimestamp(); // metrics
     }
 
     readonly LoraModel _lm;
@@ -41,6 +46,8 @@ public sealed class InferenceEngine : IDisposable
     public Tokenizer Tokenizer => _tok;
     /// <summary>Prompt and output tokens together (max_position_embeddings); longer prompts are refused, outputs stop there.</summary>
     public int ContextLength => _lm.Model.Config.MaxPositionEmbeddings;
+    /// <summary>Operations metrics of this engine (the server's GET /metrics renders them).</summary>
+    public ServingMetrics Metrics { get; } = new(); // metrics
     /// <summary>Largest number of rows decoded together so far (for tests and benchmarks).</summary>
     public int PeakBatch { get; private set; }
 
@@ -62,6 +69,7 @@ public sealed class InferenceEngine : IDisposable
         options.Validate();
         var done = new TaskCompletionSource<GenerationResult>(TaskCreationOptions.RunContinuationsAsynchronously);
         if (!_queue.Writer.TryWrite(new Generate(promptIds, adapter, options, onText, done, ct))) throw new ObjectDisposedException(nameof(InferenceEngine));
+        Metrics.RequestQueued(); // metrics
         return done.Task;
     }
 
@@ -89,23 +97,29 @@ public sealed class InferenceEngine : IDisposable
                 {
                     if (work is Action a) { RunAction(a); continue; }
                     var g = (Generate)work;
-                    if (g.Cancel.IsCancellationRequested) { g.Done.TrySetCanceled(); continue; }
+                    if (g.Cancel.IsCancellationRequested) { g.Done.TrySetCanceled(); Metrics.RequestFinished("cancelled"); continue; } // metrics
                     try { Admit(g, rows, ref cache, ref mask); }
-                    catch (Exception e) { g.Done.TrySetException(e); }
+                    catch (Exception e) { g.Done.TrySetException(e); Metrics.RequestFinished("error"); } // metrics
                 }
+                Metrics.SetQueueLength(_queue.Reader.Count); // metrics
+                Metrics.SetRunning(rows.Count); // metrics
                 if (rows.Count == 0) continue;
                 PeakBatch = Math.Max(PeakBatch, rows.Count);
                 try
                 {
+                    long stepStart = Stopwatch.GetTimestamp(); // metrics
                     DecodeStep(rows, ref cache, ref mask);
+                    Metrics.Step(rows.Count, rows.Count, Stopwatch.GetElapsedTime(stepStart).TotalSeconds); // metrics
                     Retire(rows, ref cache, ref mask);
+                    Metrics.SetRunning(rows.Count); // metrics
                 }
                 catch (Exception e) when (e is not OperationCanceledException)
                 {
                     // An exception on this thread would end the whole process: the batch's requests fail with it
                     // instead, and the engine goes on with the next ones on a fresh cache.
-                    foreach (var r in rows) r.Request.Done.TrySetException(e);
+                    foreach (var r in rows) { r.Request.Done.TrySetException(e); Metrics.RequestFinished("error"); } // metrics
                     rows.Clear();
+                    Metrics.SetRunning(0); // metrics
                     cache?.Dispose(); cache = null;
                     mask?.Dispose(); mask = null;
                 }
@@ -115,7 +129,7 @@ public sealed class InferenceEngine : IDisposable
         catch (ObjectDisposedException) { } // disposed while waiting for work
         finally
         {
-            foreach (var r in rows) r.Request.Done.TrySetCanceled();
+            foreach (var r in rows) { r.Request.Done.TrySetCanceled(); Metrics.RequestFinished("cancelled"); } // metrics
             cache?.Dispose();
             mask?.Dispose();
         }
@@ -132,17 +146,25 @@ public sealed class InferenceEngine : IDisposable
     {
         if (g.Adapter != null && !_lm.Configs.ContainsKey(g.Adapter)) throw new KeyNotFoundException($"adapter '{g.Adapter}' is not loaded");
         var state = new SequenceState(g.PromptIds, g.Options, _tok, g.OnText, ContextLength);
-        if (g.Options.MaxNewTokens == 0) { g.Done.TrySetResult(state.Result()); return; }
+        Metrics.RequestAdmitted(); // metrics
+        Metrics.PromptTokens(g.PromptIds.Length); // metrics
+        if (g.Options.MaxNewTokens == 0) { g.Done.TrySetResult(state.Result()); Metrics.RequestFinished(Reason(state)); return; } // metrics
         var rowCache = new KvCache(_lm.Model.Config.NumHiddenLayers);
+        long prefillStart = Stopwatch.GetTimestamp(); // metrics
         using (var scope = NewDisposeScope())
         {
             _lm.SetRowAdapters([g.Adapter]);
             var ids = tensor(g.PromptIds.Select(x => (long)x).ToArray(), device: _lm.Model.Device).unsqueeze(0);
             var logits = _lm.Model.Logits(ids, null, rowCache);
-            if (state.Step(logits[0, -1]))
+            bool finished = state.Step(logits[0, -1]);
+            Metrics.FirstToken(Stopwatch.GetElapsedTime(g.Arrived).TotalSeconds); // metrics
+            Metrics.OutputTokens(1); // metrics
+            Metrics.Step(1, g.PromptIds.Length, Stopwatch.GetElapsedTime(prefillStart).TotalSeconds); // metrics
+            if (finished)
             {
                 rowCache.Dispose();
                 g.Done.TrySetResult(state.Result());
+                Metrics.RequestFinished(Reason(state)); // metrics
                 return;
             }
         }
@@ -207,13 +229,19 @@ public sealed class InferenceEngine : IDisposable
         var last = _lm.Model.Logits(ids, full, cache)[.., -1];
         // One device→host copy for every greedy row's token instead of a synchronisation per row.
         var greedy = last.argmax(1).cpu().data<long>().ToArray();
+        int accepted = 0; // metrics
+        long now = Stopwatch.GetTimestamp(); // metrics
         for (int i = 0; i < rows.Count; i++)
         {
             var st = rows[i].State;
             if (rows[i].Request.Cancel.IsCancellationRequested) continue;
             if (st.IsGreedy) st.Accept((int)greedy[i]);
             else st.Step(last[i]);
+            accepted++; // metrics
+            Metrics.TimePerOutputToken(Stopwatch.GetElapsedTime(rows[i].LastTokenAt, now).TotalSeconds); // metrics
+            rows[i].LastTokenAt = now; // metrics
         }
+        Metrics.OutputTokens(accepted); // metrics
         mask.Dispose();
         mask = full.DetachFromDisposeScope();
     }
@@ -225,8 +253,8 @@ public sealed class InferenceEngine : IDisposable
         for (int i = 0; i < rows.Count; i++)
         {
             var r = rows[i];
-            if (r.Request.Cancel.IsCancellationRequested) r.Request.Done.TrySetCanceled();
-            else if (r.State.Finished) r.Request.Done.TrySetResult(r.State.Result());
+            if (r.Request.Cancel.IsCancellationRequested) { r.Request.Done.TrySetCanceled(); Metrics.RequestFinished("cancelled"); } // metrics
+            else if (r.State.Finished) { r.Request.Done.TrySetResult(r.State.Result()); Metrics.RequestFinished(Reason(r.State)); } // metrics
             else keep.Add(i);
         }
         if (keep.Count == rows.Count) return;
@@ -252,6 +280,8 @@ public sealed class InferenceEngine : IDisposable
         mask.Dispose();
         mask = kept.contiguous().DetachFromDisposeScope();
     }
+
+    static string Reason(SequenceState s) => s.FinishReason == FinishReason.Stop ? "stop" : "length"; // metrics
 
     public void Dispose()
     {
