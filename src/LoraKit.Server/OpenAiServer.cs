@@ -51,6 +51,7 @@ public sealed partial class OpenAiServer : IAsyncDisposable
     int _inFlight; // HTTP requests in the pipeline (what a drain waits for)
     volatile bool _draining;
     Task? _stopping;
+    readonly object _stopLock = new();
     readonly HttpMetrics _httpMetrics = new();
     WebApplication? _app;
 
@@ -689,18 +690,16 @@ public sealed partial class OpenAiServer : IAsyncDisposable
     /// </summary>
     public ValueTask DisposeAsync()
     {
-        var stop = new Task<Task>(StopOnceAsync);
-        var running = Interlocked.CompareExchange(ref _stopping, stop.Unwrap(), null);
-        if (running is null) { stop.Start(TaskScheduler.Default); running = _stopping!; }
-        return new ValueTask(running);
+        lock (_stopLock) _stopping ??= StopOnceAsync(); // draining is on when this returns (set before the first await)
+        return new ValueTask(_stopping);
     }
 
     async Task StopOnceAsync()
     {
+        _draining = true;
         if (_app != null)
         {
             var deadline = Stopwatch.StartNew();
-            _draining = true;
             while (Volatile.Read(ref _inFlight) > 0 && deadline.Elapsed < _o.DrainTimeout) await Task.Delay(20);
             var left = _o.DrainTimeout - deadline.Elapsed;
             using var cut = new CancellationTokenSource(left > TimeSpan.Zero ? left : TimeSpan.Zero);
