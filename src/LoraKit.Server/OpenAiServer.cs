@@ -242,7 +242,8 @@ public sealed partial class OpenAiServer : IAsyncDisposable
     /// <summary>
     /// Keys are checked against the matched endpoint's <see cref="Access"/> (routing is case-insensitive, so the raw path
     /// must never decide). With no key configured everything is open (serve warns, and refuses non-loopback addresses).
-    /// With any key configured, only /health answers without one: user routes take the API key or the admin key, admin
+    /// With any key configured, only /health (and /metrics with <see cref="ServerOptions.MetricsPublic"/>) answers without
+    /// one: user routes (/metrics among them) take the API key or the admin key, admin
     /// routes only the admin key (with only an API key configured, admin routes are closed). Unmatched routes count as
     /// user routes, so a caller without a key learns nothing about which paths exist.
     /// </summary>
