@@ -5,7 +5,6 @@ using System.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using LoraKit.Server;
-using LoraKit.Tokenization;
 
 namespace LoraKit.Tests;
 
@@ -54,6 +53,23 @@ public class ServerMetricsTests
         return ("", usage["completion_tokens"]!.GetValue<int>(), usage["prompt_tokens"]!.GetValue<int>());
     }
 
+    int polls;
+
+    /// <summary>Scrapes until <paramref name="ok"/> holds (30 s at most) and returns that scrape; <see cref="polls"/> counts the scrapes.</summary>
+    async Task<PrometheusParser> Until(HttpClient http, Func<PrometheusParser, bool> ok, string failure)
+    {
+        polls = 0;
+        var wait = Stopwatch.StartNew();
+        while (true)
+        {
+            polls++;
+            var m = await Scrape(http);
+            if (ok(m)) return m;
+            Assert.True(wait.Elapsed < TimeSpan.FromSeconds(30), failure);
+            await Task.Delay(20);
+        }
+    }
+
     [Fact]
     public async Task MetricsCountWhatWasSentAndParseStrictly()
     {
@@ -95,49 +111,51 @@ public class ServerMetricsTests
             var done = await Task.WhenAll([.. plain, Chat(false), Chat(true), CompletionStream()]);
             Assert.Equal(new[] { 5, 9, 13, 7, 7, 11 }, done.Select(d => d.Item1));
 
-            // One stream cancelled by its client after its first text: the engine ends it as "cancelled".
-            var tok = Tokenizer.Load(Fixtures.Model("qwen3"));
-            int cancelledPrompt = tok.Encode("The story goes").Length;
-            using (var cts = new CancellationTokenSource())
+            // One stream whose client gives up while it waits in the engine's queue: the engine thread is held by an action
+            // of the test's, so the order is certain (queued, client gone and seen by the server, then the engine reads it).
+            using (var gate = new ManualResetEventSlim())
             {
+                var held = server.Engine.RunAsync(_ => { gate.Wait(); return 0; });
+                using var cts = new CancellationTokenSource();
                 using var req = new HttpRequestMessage(HttpMethod.Post, "/v1/completions")
                 { Content = Json(new { model = "base", prompt = "The story goes", max_tokens = MaxTokens, ignore_eos = true, stream = true }) };
-                using var res = await http.SendAsync(req, HttpCompletionOption.ResponseHeadersRead, cts.Token);
-                using var reader = new StreamReader(await res.Content.ReadAsStreamAsync(cts.Token));
-                while (await reader.ReadLineAsync(cts.Token) is string line && !line.StartsWith("data: {", StringComparison.Ordinal)) { }
+                var send = http.SendAsync(req, HttpCompletionOption.ResponseHeadersRead, cts.Token);
+                await Until(http, m => m.Value("lorakit_requests_queued_total") == done.Length + 1, "the stream never reached the engine's queue");
+                scrapes += polls;
                 cts.Cancel();
+                await Assert.ThrowsAnyAsync<OperationCanceledException>(() => send);
+                await Until(http, m => m.Value("lorakit_http_requests_total", "path=/v1/completions", "status=499") == 1, "the server never saw the client go");
+                scrapes += polls;
+                gate.Set();
+                await held;
             }
+            await Until(http, m => m.Value("lorakit_requests_total", "reason=cancelled") == 1, "the engine did not end the stream as cancelled");
+            scrapes += polls;
             // A wrong key: counted by route and status, not by the engine.
             using (var wrong = Client(server, "nope")) Assert.Equal(HttpStatusCode.Unauthorized, (await wrong.GetAsync("/v1/models")).StatusCode);
 
-            PrometheusParser m;
-            var wait = Stopwatch.StartNew();
-            while (true)
-            {
-                m = await Scrape(http);
-                scrapes++;
-                if (m.Value("lorakit_requests_total", "reason=cancelled") == 1 && m.Value("lorakit_http_requests_in_flight") == 1) break;
-                Assert.True(wait.Elapsed < TimeSpan.FromSeconds(30), "the cancelled stream did not end as cancelled");
-                await Task.Delay(50);
-            }
-            m = await Scrape(http); // the requests' own counts land after their responses: now all of them are in
+            // A request is counted just after its response is sent: once only this scrape is in flight, all are in.
+            var m = await Until(http, m => m.Value("lorakit_http_requests_in_flight") == 1, "requests stayed in flight");
+            scrapes += polls - 1;
             int completed = done.Length, completedTokens = done.Sum(d => d.Item1);
             Assert.Equal(completed + 1, m.Value("lorakit_requests_queued_total"));
-            Assert.Equal(completed + 1, m.Value("lorakit_requests_admitted_total"));
+            Assert.Equal(completed, m.Value("lorakit_requests_admitted_total")); // the cancelled one never was
             Assert.Equal(completed, m.Value("lorakit_requests_total", "reason=length"));
             Assert.Equal(1, m.Value("lorakit_requests_total", "reason=cancelled"));
             Assert.Equal(0, m.Value("lorakit_requests_total", "reason=stop") + m.Value("lorakit_requests_total", "reason=error"));
-            Assert.Equal(done.Sum(d => d.Item2) + cancelledPrompt, m.Value("lorakit_prompt_tokens_total"));
-            double generated = m.Value("lorakit_generation_tokens_total");
-            Assert.InRange(generated, completedTokens + 1, completedTokens + MaxTokens - 1); // the cancelled one had a first token, not all
-            // Every request that got a first token (the completed ones and the cancelled one) has a TTFT; every later token a TPOT.
-            Assert.Equal(completed + 1, m.Value("lorakit_time_to_first_token_seconds_count"));
-            Assert.Equal(generated - (completed + 1), m.Value("lorakit_time_per_output_token_seconds_count"));
+            Assert.Equal(done.Sum(d => d.Item2), m.Value("lorakit_prompt_tokens_total"));
+            Assert.Equal(completedTokens, m.Value("lorakit_generation_tokens_total"));
+            // Every completed request has one time to first token; each of its later tokens one time per output token.
+            Assert.Equal(completed, m.Value("lorakit_time_to_first_token_seconds_count"));
+            Assert.Equal(completedTokens - completed, m.Value("lorakit_time_per_output_token_seconds_count"));
             Assert.Equal(m.Value("lorakit_steps_total"), m.Value("lorakit_batch_size_count"));
-            Assert.True(m.Value("lorakit_batch_size_sum") >= generated - (completed + 1), "every decode token was in some step's batch");
+            // Steps: one prefill per request (1 row, its prompt's tokens), then decode steps whose rows are the later tokens.
+            Assert.Equal(completedTokens, m.Value("lorakit_batch_size_sum"));
+            Assert.Equal(done.Sum(d => d.Item2) + completedTokens - completed, m.Value("lorakit_step_tokens_sum"));
             Assert.Equal((0, 0), (m.Value("lorakit_queue_length"), m.Value("lorakit_running_requests")));
             // The server's HTTP counts: by route pattern and status; this scrape is in flight.
-            Assert.Equal(5, m.Value("lorakit_http_requests_total", "path=/v1/completions", "status=200")); // 3 plain, a stream, the cancelled stream (its 200 was sent)
+            Assert.Equal(4, m.Value("lorakit_http_requests_total", "path=/v1/completions", "status=200")); // 3 plain, a stream
+            Assert.Equal(1, m.Value("lorakit_http_requests_total", "path=/v1/completions", "status=499")); // the client left before any byte
             Assert.Equal(2, m.Value("lorakit_http_requests_total", "path=/v1/chat/completions", "status=200"));
             Assert.Equal(1, m.Value("lorakit_http_requests_total", "path=/v1/models", "status=401"));
             Assert.Equal(scrapes, m.Value("lorakit_http_requests_total", "path=/metrics", "status=200"));
@@ -208,12 +226,7 @@ public class ServerMetricsTests
             await stream.WriteAsync(Encoding.ASCII.GetBytes($"POST /v1/completions HTTP/1.1\r\nHost: {uri.Authority}\r\nContent-Type: application/json\r\nContent-Length: {body.Length}\r\n\r\n"));
             await stream.WriteAsync(body.AsMemory(0, 20));
             using var http = Client(server, null);
-            var wait = Stopwatch.StartNew();
-            while ((await Scrape(http)).Value("lorakit_http_requests_in_flight") != 2) // it and this scrape
-            {
-                Assert.True(wait.Elapsed < TimeSpan.FromSeconds(30), "the half-sent request never reached the server");
-                await Task.Delay(20);
-            }
+            await Until(http, m => m.Value("lorakit_http_requests_in_flight") == 2, "the half-sent request never reached the server"); // it and the scrape
 
             var stopping = server.DisposeAsync().AsTask();
             using (var health = await http.GetAsync("/health"))
@@ -230,7 +243,8 @@ public class ServerMetricsTests
                 Assert.Contains("shutting down", error["message"]!.GetValue<string>());
                 Assert.True(refused.Headers.ConnectionClose);
             }
-            var m = await Scrape(http); // scrapers still read the last numbers while draining
+            // Scrapers still read the numbers while draining (the refused request is counted just after its answer).
+            var m = await Until(http, m => m.Value("lorakit_http_requests_in_flight") == 2, "the refused request stayed in flight");
             Assert.Equal(1, m.Value("lorakit_draining"));
             Assert.Equal(1, m.Value("lorakit_http_requests_rejected_total", "reason=draining"));
             Assert.Equal(1, m.Value("lorakit_http_requests_total", "path=/v1/completions", "status=503"));
