@@ -323,7 +323,8 @@ public sealed partial class OpenAiServer : IAsyncDisposable
 
     /// <summary>
     /// While draining, new generation (and classification) requests get a 503 with OpenAI's error object and
-    /// "Connection: close", so clients and load balancers retry elsewhere; requests that arrived before go on. Runs
+    /// "Connection: close", so clients and load balancers retry elsewhere; requests already being handled when the drain
+    /// began go on (one whose bytes were still on their way is new: it gets the 503, which OpenAI clients retry). Runs
     /// after <see cref="Authorize"/>: a caller without a key learns nothing, not even that the server is stopping.
     /// </summary>
     async Task RefuseWhileDraining(HttpContext c, Func<Task> next)
