@@ -188,6 +188,13 @@ public sealed class PrometheusParser
         return hits.Count == 1 ? hits[0].Value : throw new KeyNotFoundException($"{hits.Count} samples {name}{{{string.Join(",", labels)}}}");
     }
 
+    /// <summary>As <see cref="Value"/>, 0 when no sample has these labels yet (label sets appear on first use).</summary>
+    public double ValueOrZero(string name, params string[] labels)
+    {
+        try { return Value(name, labels); }
+        catch (KeyNotFoundException e) when (e.Message.StartsWith("0 samples", StringComparison.Ordinal)) { return 0; }
+    }
+
     /// <summary>The type of the family <paramref name="name"/>.</summary>
     public string TypeOf(string name) => Families.TryGetValue(name, out var f) ? f.Type! : throw new KeyNotFoundException($"no family {name}");
 }

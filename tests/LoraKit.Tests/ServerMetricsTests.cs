@@ -15,13 +15,15 @@ public class ServerMetricsTests
     const string AdminKey = "admin-key-456";
     const int MaxTokens = 200; // the fixture's context is 256: a long stream that a cancel surely interrupts
 
-    static async Task<(OpenAiServer server, string adapters)> Start(string? apiKey = UserKey, string? adminKey = AdminKey, bool metricsPublic = false, TimeSpan? drain = null)
+    static async Task<(OpenAiServer server, string adapters)> Start(string? apiKey = UserKey, string? adminKey = AdminKey, bool metricsPublic = false, TimeSpan? drain = null,
+        int maxConcurrent = 32, int maxQueued = 64)
     {
         var adapters = Fixtures.TempDir();
         var server = await OpenAiServer.StartAsync(new ServerOptions
         {
             Model = Fixtures.Model("qwen3"), Adapters = adapters, Port = 0, ApiKey = apiKey, AdminKey = adminKey, Device = "cpu",
             MaxTokens = MaxTokens, ModelName = "tiny", MetricsPublic = metricsPublic, DrainTimeout = drain ?? TimeSpan.FromSeconds(30),
+            MaxConcurrent = maxConcurrent, MaxQueued = maxQueued,
         });
         return (server, adapters);
     }
@@ -120,13 +122,16 @@ public class ServerMetricsTests
                 using var req = new HttpRequestMessage(HttpMethod.Post, "/v1/completions")
                 { Content = Json(new { model = "base", prompt = "The story goes", max_tokens = MaxTokens, ignore_eos = true, stream = true }) };
                 var send = http.SendAsync(req, HttpCompletionOption.ResponseHeadersRead, cts.Token);
-                await Until(http, m => m.Value("lorakit_requests_queued_total") == done.Length + 1, "the stream never reached the engine's queue");
-                scrapes += polls;
-                cts.Cancel();
-                await Assert.ThrowsAnyAsync<OperationCanceledException>(() => send);
-                await Until(http, m => m.Value("lorakit_http_requests_total", "path=/v1/completions", "status=499") == 1, "the server never saw the client go");
-                scrapes += polls;
-                gate.Set();
+                try
+                {
+                    await Until(http, m => m.Value("lorakit_requests_queued_total") == done.Length + 1, "the stream never reached the engine's queue");
+                    scrapes += polls;
+                    cts.Cancel();
+                    await Assert.ThrowsAnyAsync<OperationCanceledException>(() => send);
+                    await Until(http, m => m.ValueOrZero("lorakit_http_requests_total", "path=/v1/completions", "status=499") == 1, "the server never saw the client go");
+                    scrapes += polls;
+                }
+                finally { gate.Set(); }
                 await held;
             }
             await Until(http, m => m.Value("lorakit_requests_total", "reason=cancelled") == 1, "the engine did not end the stream as cancelled");
@@ -162,6 +167,37 @@ public class ServerMetricsTests
             Assert.Equal(1, m.Value("lorakit_http_requests_in_flight"));
             Assert.Equal(0, m.Value("lorakit_draining"));
             Assert.Equal(0, m.Value("lorakit_http_requests_rejected_total", "reason=rate_limited"));
+        }
+        finally
+        {
+            await server.DisposeAsync();
+            Directory.Delete(adapters, true);
+        }
+    }
+
+    [Fact]
+    public async Task A429IsCountedAsRateLimited()
+    {
+        var (server, adapters) = await Start(null, null, maxConcurrent: 1, maxQueued: 0);
+        try
+        {
+            using var http = Client(server, null);
+            using var gate = new ManualResetEventSlim();
+            var held = server.Engine.RunAsync(_ => { gate.Wait(); return 0; }); // the one place stays taken until released
+            var first = http.PostAsync("/v1/completions", Json(new { model = "base", prompt = "Hi", max_tokens = 2 }));
+            try
+            {
+                await Until(http, m => m.Value("lorakit_requests_queued_total") == 1, "the first request never reached the engine");
+                using (var second = await http.PostAsync("/v1/completions", Json(new { model = "base", prompt = "Hi", max_tokens = 2 })))
+                    Assert.Equal(HttpStatusCode.TooManyRequests, second.StatusCode);
+                var m = await Until(http, m => m.Value("lorakit_http_requests_in_flight") == 2, "the refused request stayed in flight"); // the first and the scrape
+                Assert.Equal(1, m.Value("lorakit_http_requests_rejected_total", "reason=rate_limited"));
+                Assert.Equal(1, m.Value("lorakit_http_requests_total", "path=/v1/completions", "status=429"));
+            }
+            finally { gate.Set(); }
+            await held;
+            using var ok = await first;
+            Assert.Equal(HttpStatusCode.OK, ok.StatusCode);
         }
         finally
         {
