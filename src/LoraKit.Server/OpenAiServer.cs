@@ -26,12 +26,15 @@ namespace LoraKit.Server;
 
 /// <summary>
 /// OpenAI-compatible HTTP API over one <see cref="InferenceEngine"/>: /v1/chat/completions, /v1/completions (both with
-/// SSE streaming), /v1/models; /admin/adapters to load, reload and unload adapters; /health without a key.
+/// SSE streaming), /v1/models; /admin/adapters to load, reload and unload adapters; /health without a key; /metrics
+/// (Prometheus text: the engine's <see cref="ServingMetrics"/> and the server's HTTP counts) with a user key unless
+/// <see cref="ServerOptions.MetricsPublic"/>.
 /// The request's "model" picks the base ("base" or its name), an adapter directory by name, or, with
 /// <see cref="ServerOptions.Registry"/>, a registered version (<see cref="RegistryModels"/>: NAME@VERSION, NAME@ALIAS, NAME).
 /// Contract: every error is OpenAI's error object (a 4xx naming the field in "param" for bad requests; a 500 only for a
 /// defect, saying no more than that); keys are checked on the matched endpoint (<see cref="Access"/>); client-facing
-/// messages carry no server paths; <see cref="DisposeAsync"/> drains in-flight requests for a bounded time.
+/// messages carry no server paths; <see cref="DisposeAsync"/> drains in-flight requests for a bounded time, while /health
+/// answers 503 "draining" and new generation requests 503, so a load balancer moves traffic elsewhere.
 /// </summary>
 public sealed partial class OpenAiServer : IAsyncDisposable
 {
@@ -45,6 +48,11 @@ public sealed partial class OpenAiServer : IAsyncDisposable
     readonly SemaphoreSlim _slots;
     readonly BodyGate _bodies;
     int _waiting;
+    int _inFlight; // HTTP requests in the pipeline (what a drain waits for)
+    volatile bool _draining;
+    Task? _stopping;
+    readonly object _stopLock = new();
+    readonly HttpMetrics _httpMetrics = new();
     WebApplication? _app;
 
     /// <summary>The address the server listens on (e.g. <c>http://127.0.0.1:8000</c>; with port 0, the port chosen).</summary>
@@ -80,10 +88,17 @@ public sealed partial class OpenAiServer : IAsyncDisposable
             var tok = Tokenizer.Load(o.Model);
             var lm = new LoraModel(CausalLM.Load(o.Model, dtype, device, o.Quantize));
             var eos = StopTokens.EosTokenIds(lm.Model.Config, tok, o.Model);
-            var engine = new InferenceEngine(lm, tok, o.MaxBatch);
+            var engine = new InferenceEngine(lm, tok, new EngineOptions
+            {
+                MaxBatch = o.MaxBatch, KvCacheMemory = o.KvCacheMemory, MaxTokensPerStep = Math.Max(o.MaxTokensPerStep, o.MaxBatch), CudaGraphs = o.CudaGraphs,
+            });
             var baseName = BaseName(o);
             var models = reader is null ? null : new RegistryModels(reader, baseName, lm.Model.Fingerprint, o.AllowBaseMismatch);
-            var adapters = new AdapterRegistry(engine, o.Adapters, o.MaxLoadedAdapters) { AllowBaseMismatch = o.AllowBaseMismatch, External = models is null ? null : models.Checkout };
+            var adapters = new AdapterRegistry(engine, o.Adapters, o.MaxLoadedAdapters)
+            {
+                AllowBaseMismatch = o.AllowBaseMismatch, External = models is null ? null : models.Checkout, MaxHostAdapters = o.MaxHostAdapters,
+                OnCacheOutcome = engine.Metrics.AdapterCache, OnEvicted = engine.Metrics.AdapterEvicted,
+            };
             var server = new OpenAiServer(o, engine, adapters, eos, models);
             await server.StartHttpAsync();
             return server;
@@ -128,11 +143,14 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         app.Use(Outermost);
         app.UseRouting();
         app.Use(Authorize); // after routing: it reads the matched endpoint's access level, never the raw path
-        app.MapGet("/health", () => Results.Json(new { status = "ok" })).WithMetadata(new AccessMetadata(Access.Public));
+        app.Use(RefuseWhileDraining);
+        app.MapGet("/health", () => _draining ? Results.Json(new { status = "draining" }, statusCode: 503) : Results.Json(new { status = "ok" }))
+            .WithMetadata(new AccessMetadata(Access.Public));
+        app.MapGet("/metrics", Metrics).WithMetadata(new AccessMetadata(_o.MetricsPublic ? Access.Public : Access.User));
         app.MapGet("/v1/models", Models).WithMetadata(new AccessMetadata(Access.User));
-        app.MapPost("/v1/completions", (HttpContext c) => Complete(c, chat: false)).WithMetadata(new AccessMetadata(Access.User));
-        app.MapPost("/v1/chat/completions", (HttpContext c) => Complete(c, chat: true)).WithMetadata(new AccessMetadata(Access.User));
-        app.MapPost("/v1/classify", new ClassifyEndpoint(_engine, _registry, _o, _baseName, _bodies).Handle).WithMetadata(new AccessMetadata(Access.User)); // LoraKit extension
+        app.MapPost("/v1/completions", (HttpContext c) => Complete(c, chat: false)).WithMetadata(new AccessMetadata(Access.User), Work.Instance);
+        app.MapPost("/v1/chat/completions", (HttpContext c) => Complete(c, chat: true)).WithMetadata(new AccessMetadata(Access.User), Work.Instance);
+        app.MapPost("/v1/classify", new ClassifyEndpoint(_engine, _registry, _o, _baseName, _bodies).Handle).WithMetadata(new AccessMetadata(Access.User), Work.Instance); // LoraKit extension
         app.MapGet("/admin/adapters", () => Results.Json(new { available = _registry.Available(), loaded = _registry.Loaded })).WithMetadata(new AccessMetadata(Access.Admin));
         app.MapPost("/admin/adapters/{name}/load", (string name) => Admin(() => _registry.LoadAsync(name, reload: false), name, "loaded")).WithMetadata(new AccessMetadata(Access.Admin));
         app.MapPost("/admin/adapters/{name}/reload", (string name) => Admin(() => _registry.LoadAsync(name, reload: true), name, "reloaded")).WithMetadata(new AccessMetadata(Access.Admin));
@@ -149,12 +167,41 @@ public sealed partial class OpenAiServer : IAsyncDisposable
     }
 
     /// <summary>
-    /// First middleware: one log line per request; any error becomes an OpenAI error object (never an empty body, never
-    /// a stack trace or a server path); an unexpected exception is a 500 that says only that, and is logged in full.
+    /// First middleware: counts the request in flight (a drain waits for these) and in /metrics, and logs one line per
+    /// request; <see cref="Handle"/> turns any error into an OpenAI error object.
     /// </summary>
     async Task Outermost(HttpContext c, Func<Task> next)
     {
         var sw = Stopwatch.StartNew();
+        Interlocked.Increment(ref _inFlight);
+        try { await Handle(c, next); }
+        finally
+        {
+            Count(c);
+            Interlocked.Decrement(ref _inFlight);
+        }
+        if (_o.Log is { } log)
+        {
+            var items = c.Items;
+            log($"{DateTime.UtcNow:yyyy-MM-ddTHH:mm:ssZ} {c.Request.Method} {RouteOf(c)} model={Printable(items["model"] as string ?? "-").Replace(' ', '_')} status={c.Response.StatusCode} " +
+                $"prompt_tokens={items["prompt_tokens"] ?? 0} completion_tokens={items["completion_tokens"] ?? 0} ms={sw.ElapsedMilliseconds}");
+        }
+    }
+
+    /// <summary>The request's line in lorakit_http_requests_total (499 when the client left before any answer), and a 429 as rate_limited.</summary>
+    void Count(HttpContext c)
+    {
+        int status = c.RequestAborted.IsCancellationRequested && !c.Response.HasStarted ? 499 : c.Response.StatusCode;
+        _httpMetrics.Request(c.GetEndpoint() is RouteEndpoint r && r.RoutePattern.RawText is string p ? p : "unmatched", status);
+        if (status == 429) _httpMetrics.Rejected("rate_limited");
+    }
+
+    /// <summary>
+    /// Any error becomes an OpenAI error object (never an empty body, never a stack trace or a server path); an unexpected
+    /// exception is a 500 that says only that, and is logged in full.
+    /// </summary>
+    async Task Handle(HttpContext c, Func<Task> next)
+    {
         try { await next(); }
         catch (OperationCanceledException) when (c.RequestAborted.IsCancellationRequested) { }
         catch (Exception e)
@@ -180,12 +227,6 @@ public sealed partial class OpenAiServer : IAsyncDisposable
                 415 => "unsupported content type; send application/json",
                 _ => $"request failed with status {c.Response.StatusCode}",
             });
-        if (_o.Log is { } log)
-        {
-            var items = c.Items;
-            log($"{DateTime.UtcNow:yyyy-MM-ddTHH:mm:ssZ} {c.Request.Method} {RouteOf(c)} model={Printable(items["model"] as string ?? "-").Replace(' ', '_')} status={c.Response.StatusCode} " +
-                $"prompt_tokens={items["prompt_tokens"] ?? 0} completion_tokens={items["completion_tokens"] ?? 0} ms={sw.ElapsedMilliseconds}");
-        }
     }
 
     /// <summary>The matched route's pattern (so logs carry no client-chosen text), else the (cleaned, shortened) path.</summary>
@@ -208,7 +249,8 @@ public sealed partial class OpenAiServer : IAsyncDisposable
     /// <summary>
     /// Keys are checked against the matched endpoint's <see cref="Access"/> (routing is case-insensitive, so the raw path
     /// must never decide). With no key configured everything is open (serve warns, and refuses non-loopback addresses).
-    /// With any key configured, only /health answers without one: user routes take the API key or the admin key, admin
+    /// With any key configured, only /health (and /metrics with <see cref="ServerOptions.MetricsPublic"/>) answers without
+    /// one: user routes (/metrics among them) take the API key or the admin key, admin
     /// routes only the admin key (with only an API key configured, admin routes are closed). Unmatched routes count as
     /// user routes, so a caller without a key learns nothing about which paths exist.
     /// </summary>
@@ -279,6 +321,54 @@ public sealed partial class OpenAiServer : IAsyncDisposable
     private static partial Regex AbsolutePath();
 
     // ---- endpoints ----
+
+    /// <summary>Marks the endpoints that start work on the engine: refused with 503 while the server drains.</summary>
+    sealed class Work
+    {
+        public static readonly Work Instance = new();
+    }
+
+    /// <summary>
+    /// While draining, new generation (and classification) requests get a 503 with OpenAI's error object and
+    /// "Connection: close", so clients and load balancers retry elsewhere; requests already being handled when the drain
+    /// began go on (one whose bytes were still on their way is new: it gets the 503, which OpenAI clients retry). Runs
+    /// after <see cref="Authorize"/>: a caller without a key learns nothing, not even that the server is stopping.
+    /// </summary>
+    async Task RefuseWhileDraining(HttpContext c, Func<Task> next)
+    {
+        if (!_draining || c.GetEndpoint()?.Metadata.GetMetadata<Work>() is null) { await next(); return; }
+        _httpMetrics.Rejected("draining");
+        c.Response.Headers.Connection = "close";
+        c.Response.Headers.RetryAfter = "1";
+        await Error(c, 503, "the server is shutting down; retry the request (another instance will take it)", "server_error");
+    }
+
+    /// <summary>
+    /// Prometheus' text exposition format 0.0.4: the engine's metrics, then the server's. Rendered whole before the first
+    /// byte is sent, so a scrape never gets half a page; a failure is a 503 for this scrape, never a 500.
+    /// </summary>
+    async Task Metrics(HttpContext c)
+    {
+        string text;
+        try
+        {
+            _httpMetrics.SetInFlight(Volatile.Read(ref _inFlight));
+            _httpMetrics.SetDraining(_draining);
+            var w = new StringWriter(System.Globalization.CultureInfo.InvariantCulture);
+            _engine.Metrics.Write(w);
+            _httpMetrics.Write(w);
+            text = w.ToString();
+        }
+        catch (Exception e)
+        {
+            _o.Log?.Invoke($"error: /metrics: {e.GetType().Name}: {e.Message}");
+            await Error(c, 503, "metrics are unavailable right now (see the server log)", "server_error");
+            return;
+        }
+        c.Response.ContentType = PrometheusText.ContentType;
+        c.Response.Headers.CacheControl = "no-store";
+        await c.Response.WriteAsync(text, c.RequestAborted);
+    }
 
     IResult Models()
     {
@@ -601,10 +691,30 @@ public sealed partial class OpenAiServer : IAsyncDisposable
         await c.Response.WriteAsync("data: [DONE]\n\n");
     }
 
-    /// <summary>Stops accepting connections, lets in-flight requests finish for up to <see cref="ServerOptions.DrainTimeout"/>, then stops the engine.</summary>
-    public async ValueTask DisposeAsync()
+    /// <summary>
+    /// Drains, then stops: for up to <see cref="ServerOptions.DrainTimeout"/> in-flight requests finish while the server
+    /// still listens, /health answers 503 "draining" and new generation requests get 503 (a load balancer's health check
+    /// sees it and sends elsewhere); then Kestrel stops (connections still open are closed at the deadline) and the engine
+    /// with it. Calling it again waits for the same stop.
+    /// </summary>
+    public ValueTask DisposeAsync()
     {
-        if (_app != null) { await _app.StopAsync(); await _app.DisposeAsync(); }
+        lock (_stopLock) _stopping ??= StopOnceAsync(); // draining is on when this returns (set before the first await)
+        return new ValueTask(_stopping);
+    }
+
+    async Task StopOnceAsync()
+    {
+        _draining = true;
+        if (_app != null)
+        {
+            var deadline = Stopwatch.StartNew();
+            while (Volatile.Read(ref _inFlight) > 0 && deadline.Elapsed < _o.DrainTimeout) await Task.Delay(20);
+            var left = _o.DrainTimeout - deadline.Elapsed;
+            using var cut = new CancellationTokenSource(left > TimeSpan.Zero ? left : TimeSpan.Zero);
+            await _app.StopAsync(cut.Token);
+            await _app.DisposeAsync();
+        }
         _engine.Dispose();
         _models?.Dispose();
     }

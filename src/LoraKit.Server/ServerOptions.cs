@@ -35,6 +35,14 @@ public sealed record ServerOptions
     public int MaxLoadedAdapters { get; init; } = 8;
     /// <summary>Sequences decoded together.</summary>
     public int MaxBatch { get; init; } = 16;
+    /// <summary>Adapters kept read and validated in host memory beyond those on the device (least recently used dropped).</summary>
+    public int MaxHostAdapters { get; init; } = 32;
+    /// <summary>KV cache: a fraction of free device memory (≤ 1) or GiB (see <see cref="LoraKit.Serving.EngineOptions.KvCacheMemory"/>).</summary>
+    public double KvCacheMemory { get; init; } = 0.9;
+    /// <summary>Tokens one engine step computes at most (decode tokens plus prefill chunks).</summary>
+    public int MaxTokensPerStep { get; init; } = 2048;
+    /// <summary>Decode steps as CUDA graphs where possible.</summary>
+    public bool CudaGraphs { get; init; } = true;
     /// <summary>Largest request body (else 413).</summary>
     public long MaxBodyBytes { get; init; } = 1 << 20;
     /// <summary>Longest prompt accepted, in tokens.</summary>
@@ -57,6 +65,11 @@ public sealed record ServerOptions
     public bool AllowBaseMismatch { get; init; }
     /// <summary>On stop, how long in-flight requests may still run before their connections are closed.</summary>
     public TimeSpan DrainTimeout { get; init; } = TimeSpan.FromSeconds(30);
+    /// <summary>
+    /// Serve <c>GET /metrics</c> without a key even when keys are set (for a Prometheus scraper inside a trusted network);
+    /// otherwise it takes the API key or the admin key, as /v1 does. It shows request counts and timings, no prompts.
+    /// </summary>
+    public bool MetricsPublic { get; init; }
     /// <summary>Allow listening on a non-loopback address with no key (refused otherwise).</summary>
     public bool Insecure { get; init; }
     /// <summary>Receives one line per request (method, route, model, status, tokens, ms) and server errors; null = silent.</summary>

@@ -330,7 +330,13 @@ public class ServerHardeningTests
             var stream = tcp.GetStream();
             await stream.WriteAsync(Encoding.ASCII.GetBytes($"POST /v1/completions HTTP/1.1\r\nHost: {uri.Authority}\r\nContent-Type: application/json\r\nContent-Length: {body.Length}\r\n\r\n"));
             await stream.WriteAsync(body.AsMemory(0, 20));
-            await Task.Delay(500);
+            // In flight means being handled (a drain answers 503 to requests it has not begun): the server's own count says so.
+            using (var probe = new HttpClient { BaseAddress = uri })
+                for (var wait = Stopwatch.StartNew(); !(await probe.GetStringAsync("/metrics")).Contains("\nlorakit_http_requests_in_flight 2\n");)
+                {
+                    Assert.True(wait.Elapsed < TimeSpan.FromSeconds(30), "the half-sent request never reached the server");
+                    await Task.Delay(20);
+                }
             using (var kill = Process.Start("kill", ["-TERM", p.Id.ToString()])) kill.WaitForExit();
             await Task.Delay(500);
             Assert.False(p.HasExited, "serve exited with a request in flight");

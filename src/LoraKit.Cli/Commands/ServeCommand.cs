@@ -24,7 +24,11 @@ public static class ServeCommand
         var adminKey = new Option<string?>("--admin-key") { Description = "key for /admin endpoints (or LORAKIT_ADMIN_KEY)" };
         var device = new Option<string>("--device") { Description = "auto, cpu or cuda", DefaultValueFactory = _ => "auto" };
         var dtype = new Option<string?>("--dtype") { Description = "fp32, bf16 or fp16 (default: bf16 on CUDA, fp32 on CPU)" };
-        var maxAdapters = new Option<int>("--max-loaded-adapters") { Description = "adapters kept loaded (least recently used evicted)", DefaultValueFactory = _ => 8 };
+        var maxAdapters = new Option<int>("--max-gpu-adapters", "--max-loaded-adapters") { Description = "adapters kept loaded on the device (least recently used evicted)", DefaultValueFactory = _ => 8 };
+        var maxCpu = new Option<int>("--max-cpu-adapters") { Description = "adapters kept read and validated in host memory (a request for one evicted from the device then costs a copy, not a read)", DefaultValueFactory = _ => 32 };
+        var kvMemory = new Option<double>("--kv-cache-memory") { Description = "KV cache size: a fraction of the device memory free after loading (≤ 1) or GiB (> 1)", DefaultValueFactory = _ => 0.9 };
+        var stepTokens = new Option<int>("--max-tokens-per-step") { Description = "tokens one engine step computes (decode tokens plus prefill chunks): bounds how long a long prompt delays others", DefaultValueFactory = _ => 2048 };
+        var noGraphs = new Option<bool>("--no-cuda-graphs") { Description = "decode eagerly instead of replaying CUDA graphs" };
         var maxBatch = new Option<int>("--max-batch") { Description = "sequences decoded together", DefaultValueFactory = _ => 16 };
         var maxTokens = new Option<int>("--max-tokens-limit") { Description = "largest max_tokens a request may ask for", DefaultValueFactory = _ => 1024 };
         var maxPrompt = new Option<int>("--max-prompt-tokens") { Description = "longest prompt accepted", DefaultValueFactory = _ => 4096 };
@@ -33,12 +37,14 @@ public static class ServeCommand
         var drain = new Option<double>("--drain-seconds") { Description = "on SIGTERM or Ctrl+C, how long in-flight requests may finish", DefaultValueFactory = _ => 30.0 };
         var insecure = new Option<bool>("--insecure") { Description = "allow a non-loopback --host without any key" };
         var quiet = new Option<bool>("--quiet") { Description = "no log line per request" };
+        var metricsPublic = new Option<bool>("--metrics-public") { Description = "serve GET /metrics (Prometheus) without a key even when keys are set, for a scraper in a trusted network" };
         var quantize = new QuantizeOptions();
         var cmd = new Command("serve", "Serve one base model and many LoRA adapters over an OpenAI-compatible HTTP API: adapters from a directory " +
                                        "(\"model\": \"NAME\"), from the registry (\"model\": \"NAME@VERSION\", \"NAME@ALIAS\", or \"NAME\" = NAME@production, " +
                                        "a 404 when that alias does not exist; alias moves apply to the next request), or both. " +
-                                       "With a key set, every endpoint but /health needs one; the admin key also works on /v1.")
-            { model, adapters, registry, host, port, apiKey, adminKey, device, dtype, maxAdapters, maxBatch, maxTokens, maxPrompt, maxConcurrent, drain, insecure, quiet, allowMismatch };
+                                       "With a key set, every endpoint but /health needs one (/metrics too, unless --metrics-public); the admin key also works on /v1. " +
+                                       "On SIGTERM it drains: /health answers 503 and new requests 503 while in-flight ones finish.")
+            { model, adapters, registry, host, port, apiKey, adminKey, device, dtype, maxAdapters, maxCpu, kvMemory, stepTokens, noGraphs, maxBatch, maxTokens, maxPrompt, maxConcurrent, drain, insecure, quiet, allowMismatch, metricsPublic };
         quantize.AddTo(cmd);
         cmd.SetAction(r => CommonOptions.Run(() =>
         {
@@ -48,10 +54,11 @@ public static class ServeCommand
                 ApiKey = r.GetValue(apiKey) ?? Environment.GetEnvironmentVariable("LORAKIT_API_KEY"),
                 AdminKey = r.GetValue(adminKey) ?? Environment.GetEnvironmentVariable("LORAKIT_ADMIN_KEY"),
                 Device = r.GetValue(device)!, Dtype = r.GetValue(dtype), MaxLoadedAdapters = r.GetValue(maxAdapters), MaxBatch = r.GetValue(maxBatch),
+                MaxHostAdapters = r.GetValue(maxCpu), KvCacheMemory = r.GetValue(kvMemory), MaxTokensPerStep = r.GetValue(stepTokens), CudaGraphs = !r.GetValue(noGraphs),
                 MaxTokens = r.GetValue(maxTokens), MaxPromptTokens = r.GetValue(maxPrompt), MaxConcurrent = r.GetValue(maxConcurrent),
                 AllowBaseMismatch = r.GetValue(allowMismatch), Quantize = quantize.Resolve(r),
                 DrainTimeout = TimeSpan.FromSeconds(r.GetValue(drain) is var d && d >= 0 && d <= 3600 ? d : throw new LoraKitException("--drain-seconds must be between 0 and 3600")),
-                Insecure = r.GetValue(insecure),
+                Insecure = r.GetValue(insecure), MetricsPublic = r.GetValue(metricsPublic),
                 Log = r.GetValue(quiet) ? null : Console.Out.WriteLine,
             };
             if (options.ApiKey is null && options.AdminKey is null && (options.IsLoopback || options.Insecure)) // else StartAsync refuses

@@ -41,6 +41,8 @@ public sealed partial class AdapterRegistry(InferenceEngine engine, string? root
 
     /// <summary>Reacts to each acquisition: "gpu_hit", "cpu_hit" or "load" (metrics).</summary>
     public Action<string>? OnCacheOutcome { get; init; }
+    /// <summary>Reacts to each eviction for space: "gpu" (off the device) or "cpu" (out of the host tier).</summary>
+    public Action<string>? OnEvicted { get; init; }
 
     /// <summary>Load adapters LoraKit recorded as trained on another base anyway (a warning each time).</summary>
     public bool AllowBaseMismatch { get; init; }
@@ -173,7 +175,7 @@ public sealed partial class AdapterRegistry(InferenceEngine engine, string? root
             string? victim;
             lock (_lru) victim = _lru.Count >= maxLoaded ? _lru.Reverse().FirstOrDefault(n => _inFlight.GetValueOrDefault(n) == 0) : null;
             lock (_lru) if (_lru.Count >= maxLoaded && victim is null) throw new AdapterSlotsBusyException($"all {maxLoaded} adapter slots are serving requests; try again shortly");
-            if (victim != null) await UnloadLockedAsync(victim);
+            if (victim != null) { await UnloadLockedAsync(victim); OnEvicted?.Invoke("gpu"); }
         }
         var prepared = await HostCopyLockedAsync(name, dir, reload);
         await engine.RunAsync(lm =>
@@ -211,7 +213,7 @@ public sealed partial class AdapterRegistry(InferenceEngine engine, string? root
         var prepared = await Task.Run(() => AdapterFiles.Read(engine.Lora, dir, new AdapterLoadOptions { AllowBaseMismatch = AllowBaseMismatch, SequenceClassification = true }));
         _host[name] = prepared;
         _hostLru.AddFirst(name);
-        while (_hostLru.Count > Math.Max(1, MaxHostAdapters)) DropHost(_hostLru.Last!.Value);
+        while (_hostLru.Count > Math.Max(1, MaxHostAdapters)) { DropHost(_hostLru.Last!.Value); OnEvicted?.Invoke("cpu"); }
         return prepared;
     }
 

@@ -57,6 +57,8 @@ public sealed class InferenceEngine : IDisposable
     public long MixedSteps { get; private set; }
     /// <summary>Sequences preempted for lack of KV blocks (and recomputed) so far.</summary>
     public long Preemptions => _scheduler.Preemptions;
+    /// <summary>Requests, tokens, latencies, steps, queue, KV-cache use (rendered by the server's /metrics).</summary>
+    public ServingMetrics Metrics { get; } = new();
 
     public InferenceEngine(LoraModel lm, Tokenizer tokenizer, int maxBatch = 16) : this(lm, tokenizer, new EngineOptions { MaxBatch = maxBatch }) { }
 
@@ -88,6 +90,7 @@ public sealed class InferenceEngine : IDisposable
         options.Validate();
         var done = new TaskCompletionSource<GenerationResult>(TaskCreationOptions.RunContinuationsAsynchronously);
         if (!_queue.Writer.TryWrite(new GenerateWork(new EngineRequest(promptIds, adapter, options, onText, done, ct)))) throw new ObjectDisposedException(nameof(InferenceEngine));
+        Metrics.RequestQueued();
         return done.Task;
     }
 
@@ -131,6 +134,7 @@ public sealed class InferenceEngine : IDisposable
                     // instead, and the engine goes on with the next ones.
                     foreach (var seq in _scheduler.Running.ToList()) Fail(seq, e);
                 }
+                UpdateGauges();
             }
         }
         catch (OperationCanceledException) { }
@@ -141,8 +145,17 @@ public sealed class InferenceEngine : IDisposable
             {
                 _scheduler.Retire(seq);
                 seq.Request.Done.TrySetCanceled();
+                Metrics.RequestFinished("cancelled");
             }
+            UpdateGauges();
         }
+    }
+
+    void UpdateGauges()
+    {
+        Metrics.SetQueueLength(_scheduler.Waiting.Count + _queue.Reader.Count);
+        Metrics.SetRunning(_scheduler.Running.Count);
+        Metrics.SetKvCache(_scheduler.UsedBlocks, _cache.Blocks);
     }
 
     void RunAction(ActionWork a)
@@ -156,16 +169,18 @@ public sealed class InferenceEngine : IDisposable
     {
         try
         {
-            if (r.Cancel.IsCancellationRequested) { r.Done.TrySetCanceled(); return; }
+            if (r.Cancel.IsCancellationRequested) { r.Done.TrySetCanceled(); Metrics.RequestFinished("cancelled"); return; }
             if (r.Adapter != null && !_lm.Configs.ContainsKey(r.Adapter)) throw new KeyNotFoundException($"adapter '{r.Adapter}' is not loaded");
             // Stop strings are found in the text, so such a request decodes on this thread; others stream from another.
             bool inline = r.Options.StopStrings.Count > 0;
             var streamer = r.OnText is { } cb && !inline ? new TextStreamer(_tok, cb) : null;
             var state = new SequenceState(r.PromptIds, r.Options, _tok, inline ? r.OnText : null, ContextLength);
-            if (r.Options.MaxNewTokens == 0) { r.Done.TrySetResult(state.Result()); return; }
+            Metrics.RequestAdmitted();
+            Metrics.PromptTokens(r.PromptIds.Length);
+            if (r.Options.MaxNewTokens == 0) { r.Done.TrySetResult(state.Result()); Metrics.RequestFinished("length"); return; }
             _scheduler.Waiting.AddLast(new EngineSequence(r, state, streamer));
         }
-        catch (Exception e) { r.Done.TrySetException(e); }
+        catch (Exception e) { r.Done.TrySetException(e); Metrics.RequestFinished("error"); }
     }
 
     void DropCancelled()
@@ -176,6 +191,7 @@ public sealed class InferenceEngine : IDisposable
             {
                 _scheduler.Retire(seq); // a cancelled stream frees its blocks at once
                 seq.Request.Done.TrySetCanceled();
+                Metrics.RequestFinished("cancelled");
             }
             else if (seq.Streamer?.Error is { } error) Fail(seq, error);
         }
@@ -184,10 +200,11 @@ public sealed class InferenceEngine : IDisposable
     void Step()
     {
         var work = _scheduler.Next();
-        foreach (var (seq, error) in _scheduler.Rejected) seq.Request.Done.TrySetException(error);
+        foreach (var (seq, error) in _scheduler.Rejected) { seq.Request.Done.TrySetException(error); Metrics.RequestFinished("error"); }
         _scheduler.Rejected.Clear();
         Volatile.Write(ref _usedBlocks, _scheduler.UsedBlocks);
         if (work.Count == 0) return;
+        long started = Stopwatch.GetTimestamp();
         PeakBatch = Math.Max(PeakBatch, work.Count);
         Steps++;
         if (work.Any(w => w.Count > 1) && work.Any(w => w.Count == 1 && w.Seq.Computed > 0)) MixedSteps++;
@@ -196,6 +213,7 @@ public sealed class InferenceEngine : IDisposable
         foreach (var group in work.GroupBy(w => _longRope && LongFactors(w.Seq.Computed + w.Count)))
             Forward(group.ToList());
         Volatile.Write(ref _usedBlocks, _scheduler.UsedBlocks);
+        Metrics.Step(work.Count, work.Sum(w => w.Count), Stopwatch.GetElapsedTime(started).TotalSeconds);
     }
 
     /// <summary>Phi-3 LongRoPE: a sequence crossing original_max_position_embeddings is recomputed whole with the long factors.</summary>
@@ -282,12 +300,15 @@ public sealed class InferenceEngine : IDisposable
     void Sample(List<EngineSequence> seqs, Tensor logits)
     {
         if (seqs.Count == 0) return;
+        Metrics.OutputTokens(seqs.Count);
         var greedy = seqs.Any(s => s.State.IsGreedy) ? logits.argmax(1).cpu().data<long>().ToArray() : null;
         long now = Stopwatch.GetTimestamp();
         for (int i = 0; i < seqs.Count; i++)
         {
             var seq = seqs[i];
             int token = seq.State.IsGreedy ? (int)greedy![i] : SampleOne(seq, logits[i]);
+            if (seq.FirstTokenAt is null) Metrics.FirstToken(Stopwatch.GetElapsedTime(seq.Request.ArrivedAt, now).TotalSeconds);
+            else Metrics.TimePerOutputToken(Stopwatch.GetElapsedTime(seq.LastTokenAt, now).TotalSeconds);
             seq.FirstTokenAt ??= now;
             seq.LastTokenAt = now;
             seq.Tokens.Add(token);
@@ -304,6 +325,7 @@ public sealed class InferenceEngine : IDisposable
     void Complete(EngineSequence seq)
     {
         _scheduler.Retire(seq);
+        Metrics.RequestFinished(seq.State.FinishReason == FinishReason.Stop ? "stop" : "length");
         var state = seq.State;
         var streamer = seq.Streamer;
         var done = seq.Request.Done;
@@ -325,6 +347,7 @@ public sealed class InferenceEngine : IDisposable
     void Fail(EngineSequence seq, Exception e)
     {
         _scheduler.Retire(seq);
+        Metrics.RequestFinished("error");
         seq.Request.Done.TrySetException(e);
     }
 
