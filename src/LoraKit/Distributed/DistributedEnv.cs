@@ -28,13 +28,13 @@ public sealed record DistributedEnv(int Rank, int WorldSize, int LocalRank, stri
     public static DistributedEnv FromEnvironment() => Read(Environment.GetEnvironmentVariable);
 
     /// <summary>
-    /// Reads the group from <paramref name="get"/> (a variable's value or null). WORLD_SIZE unset or 1 with no RANK is a
-    /// single process; anything else must be a complete, consistent group.
+    /// Reads the group from <paramref name="get"/> (a variable's value or null). WORLD_SIZE unset, or 1, is a single
+    /// process; a larger one needs a complete, consistent group.
     /// </summary>
     public static DistributedEnv Read(Func<string, string?> get)
     {
-        string? world = Blank(get("WORLD_SIZE")), rank = Blank(get("RANK"));
-        if (world is null && rank is null) return Single;
+        // WORLD_SIZE decides: a stray RANK alone (some schedulers export one for other purposes) is not a group.
+        if (Blank(get("WORLD_SIZE")) is null) return Single;
         int n = Int(get, "WORLD_SIZE", min: 1, max: 1 << 16);
         int r = Int(get, "RANK", min: 0, max: n - 1);
         if (n == 1) return Single;

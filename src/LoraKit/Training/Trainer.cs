@@ -199,12 +199,12 @@ public sealed class Trainer : IDisposable
         using var scope = NewDisposeScope();
         // This rank's share of the global batch; alone, the share is all of it (rank 0 of 1).
         var micro = Enumerable.Range(0, _microPerStep).Select(i => _batches.TakeAt(_shard.Start(Position, i), _shard.BatchSize)).ToList();
-        long targets = micro.Sum(_countOf);
+        // The loss is normalised by the target tokens of the whole global batch (every rank's micro-batches), so the
+        // summed gradients equal one process's with the global batch: the all-reduce is a sum, not a mean. Every rank
+        // holds all the data, so it counts the other ranks' targets itself: no collective (and no GPU wait) before the forward.
+        long targets = _group is null ? micro.Sum(_countOf) : GlobalTargets();
         // A data-parallel step must not wait for ever on a rank that died: the group's watchdog ends the process.
         using var watch = _group?.Watch($"step {step}");
-        // The loss is normalised by the target tokens of the whole global batch (every rank's micro-batches), so the
-        // summed gradients equal one process's with the global batch: the all-reduce is a sum, not a mean.
-        if (_group is not null) targets = (long)_group.SumAcrossRanks(_device, targets)[0];
         double lossSum = 0;
         long tokens = 0;
         foreach (var rows in micro)
@@ -242,6 +242,11 @@ public sealed class Trainer : IDisposable
         LastGradNorm = gradNorm;
         return stepLoss;
     }
+
+    /// <summary>The target tokens (samples, for classification) of the global batch of the step at <see cref="Position"/>, over all ranks' shares.</summary>
+    long GlobalTargets() =>
+        Enumerable.Range(0, _shard.WorldSize).Sum(r => Enumerable.Range(0, _microPerStep)
+            .Sum(i => _countOf(_batches.TakeAt((_shard with { Rank = r }).Start(Position, i), _shard.BatchSize))));
 
     /// <summary>Mean next-token loss per target token over <paramref name="examples"/>, tokenised as the training examples are (no gradient, dropout off).</summary>
     public double Evaluate(IEnumerable<TrainingExample> examples)

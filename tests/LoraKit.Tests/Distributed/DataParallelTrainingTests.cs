@@ -63,7 +63,7 @@ public class DataParallelTrainingTests
             replicas[r] = Trained(lm, t);
         });
 
-        Assert.True(group.Calls > 3 * 2, "the steps never all-reduced");
+        Assert.True(group.Calls >= 3 * 2, $"{group.Calls} all-reduces in 3 steps: each step sums its gradient bucket(s) and its loss");
         for (int r = 0; r < world; r++)
         {
             Assert.Equal(losses[0], losses[r]); // every rank logs the global batch's loss

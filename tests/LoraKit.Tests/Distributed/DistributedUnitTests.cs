@@ -25,9 +25,12 @@ public class DistributedUnitTests
         Assert.StartsWith("MASTER_PORT is not set", missingPort.Message);
         var rankTooLarge = Assert.Throws<DistributedEnvException>(() => DistributedEnv.Read(Vars(("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1"))));
         Assert.StartsWith("RANK=2:", rankTooLarge.Message);
-        var noWorld = Assert.Throws<DistributedEnvException>(() => DistributedEnv.Read(Vars(("RANK", "0"))));
-        Assert.StartsWith("WORLD_SIZE is not set", noWorld.Message);
-        Assert.DoesNotContain('\n', noWorld.Message);
+        Assert.Same(DistributedEnv.Single, DistributedEnv.Read(Vars(("RANK", "5")))); // no WORLD_SIZE: not a group
+        var noRank = Assert.Throws<DistributedEnvException>(() => DistributedEnv.Read(Vars(("WORLD_SIZE", "2"))));
+        Assert.StartsWith("RANK is not set", noRank.Message);
+        Assert.DoesNotContain('\n', noRank.Message);
+        var badWorld = Assert.Throws<DistributedEnvException>(() => DistributedEnv.Read(Vars(("WORLD_SIZE", "two"))));
+        Assert.StartsWith("WORLD_SIZE=two:", badWorld.Message);
     }
 
     [Fact]
