@@ -1,5 +1,5 @@
 """Helpers of bench/run_multigpu_bench.sh (issue 23): data, tokens/s from a run's metrics, the trajectory comparison,
-the table. Python 3 with torch/safetensors only where adapters are compared.
+the table. Python 3's standard library only.
 
   multigpu_bench.py data OUT.jsonl [--lines N] [--words W]     seeded random-word text (rows truncate to --max-length)
   multigpu_bench.py rate RUN_DIR --gpus N --warmup K           one scaling row (JSON) from RUN_DIR/metrics.jsonl
@@ -49,15 +49,39 @@ def rate(run_dir, gpus, warmup):
                 tokens_per_step=(b["tokens"] - a["tokens"]) // (len(s) - warmup), final_loss=s[-1]["loss"])
 
 
+def load_file(path):
+    """A safetensors file's tensors as flat lists of floats (F32, BF16, F16), with no dependency beyond the standard library."""
+    import array
+    import struct
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        body = f.read()
+    out = {}
+    for k, v in header.items():
+        if k == "__metadata__":
+            continue
+        a, b = v["data_offsets"]
+        raw = body[a:b]
+        if v["dtype"] == "F32":
+            vals = array.array("f", raw)
+        elif v["dtype"] == "BF16":
+            vals = array.array("f", struct.pack(f"<{len(raw) // 2}I", *(x << 16 for x in struct.unpack(f"<{len(raw) // 2}H", raw))))
+        elif v["dtype"] == "F16":
+            vals = struct.unpack(f"<{len(raw) // 2}e", raw)
+        else:
+            raise ValueError(f"{path}: {k} is {v['dtype']}")
+        out[k] = list(vals)
+    return out
+
+
 def trajectory(dp_dir, one_dir, gpus, loss_tol=1e-2, adapter_tol=5e-2):
-    import torch
-    from safetensors.torch import load_file
     dp, one = steps(dp_dir), steps(one_dir)
     losses = [dict(step=x["step"], ranks=x["loss"], one=y["loss"], rel=abs(x["loss"] - y["loss"]) / abs(y["loss"])) for x, y in zip(dp, one)]
     a = load_file(os.path.join(dp_dir, "adapter", "adapter_model.safetensors"))
     b = load_file(os.path.join(one_dir, "adapter", "adapter_model.safetensors"))
-    num = sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in b)
-    den = sum(float(b[k].double().norm() ** 2) for k in b)
+    num = sum((x - y) ** 2 for k in b for x, y in zip(a[k], b[k]))
+    den = sum(y * y for k in b for y in b[k])
     adapter_rel = math.sqrt(num / max(den, 1e-30))
     ok = len(dp) == len(one) > 0 and all(r["rel"] <= loss_tol for r in losses) and adapter_rel <= adapter_tol and set(a) == set(b)
     return dict(check="trajectory", gpus=gpus, losses=losses, max_loss_rel=max((r["rel"] for r in losses), default=float("nan")),

@@ -45,10 +45,11 @@ work=/tmp/lorakit-mgpu
 mkdir -p "$work" "$results"
 raw="$results/multigpu-raw.jsonl"
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}   # NVLink multicast stays off on the shared machines
-emit() {  # one JSON row: to the raw file, to $OUT, to stdout
-  echo "$1" >> "$raw"
+emit() {  # one JSON row: to the raw file, to $OUT, to stdout (a helper that printed nothing becomes an error row)
+  local row=$1; [ -z "$row" ] && row='{"error":"a bench/multigpu_bench.py step failed (its traceback is above)"}'
+  echo "$row" >> "$raw"
   [ -n "${OUT:-}" ] && cp "$raw" "$OUT/" 2>/dev/null
-  echo "row: $1"
+  echo "row: $row"
 }
 run() {  # echo the command; run it unless --dry-run
   echo "+ $*" >&2
