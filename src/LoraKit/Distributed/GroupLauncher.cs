@@ -11,9 +11,9 @@ public sealed record GroupOutcome(int ExitCode, string? Message);
 /// <summary>
 /// torchrun's single-node part, for <c>lorakit train --gpus N</c>: starts N copies of a command, each with the
 /// <see cref="DistributedEnv"/> variables of its rank (MASTER_ADDR 127.0.0.1, a free MASTER_PORT, LOCAL_RANK = RANK),
-/// forwards their output line by line prefixed "[rank k] ", and when one exits with an error stops the others (a
-/// grace period first when it was interrupted by a signal, so rank 0 can finish the checkpoint it is writing) and
-/// reports it in one line. CUDA_VISIBLE_DEVICES is passed on as it is, never narrowed per rank: each rank uses device
+/// forwards their output line by line prefixed "[rank k] ", and when one exits with an error stops the others (after
+/// a grace period: a few seconds, or longer when it was interrupted by a signal, so rank 0 can finish the checkpoint it
+/// is writing) and reports it in one line. CUDA_VISIBLE_DEVICES is passed on as it is, never narrowed per rank: each rank uses device
 /// LOCAL_RANK among those visible, and NCCL sees every GPU of the group (its peer-to-peer paths need that).
 /// </summary>
 public sealed class GroupLauncher
@@ -25,6 +25,9 @@ public sealed class GroupLauncher
 
     /// <summary>How long the other ranks get to finish after one was interrupted, before they are killed.</summary>
     public TimeSpan InterruptGrace { get; init; } = TimeSpan.FromSeconds(120);
+
+    /// <summary>How long the other ranks get to end on their own after one failed, before they are killed.</summary>
+    public TimeSpan FailureGrace { get; init; } = TimeSpan.FromSeconds(5);
 
     /// <summary>A TCP port free on this host now (the store binds it a moment later; the usual launcher race).</summary>
     public static int FreePort()
@@ -73,7 +76,9 @@ public sealed class GroupLauncher
             {
                 int code = failed.p.ExitCode;
                 bool signalled = Interrupted.Contains(code);
-                if (signalled) WaitAll(InterruptGrace);
+                // An error every rank meets (bad data, a non-finite loss) ends them all within moments, rank 0 with the
+                // message that explains it; a rank that died leaves the others waiting in a collective: they are stopped.
+                WaitAll(signalled ? InterruptGrace : FailureGrace);
                 int stopped = StopAll();
                 string how = signalled ? "was interrupted" : code == CollectiveWatchdog.ExitCode ? "timed out waiting for the others" : $"exited with code {code}";
                 return new GroupOutcome(code, $"rank {failed.r} {how}; " + (stopped > 0 ? $"stopped the other {stopped} rank(s)" : "the other ranks had ended"));

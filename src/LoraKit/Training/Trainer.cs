@@ -189,7 +189,9 @@ public sealed class Trainer : IDisposable
 
     /// <summary>
     /// One optimizer step: accumulate the gradient of options' grad_accum micro-batches, clip, step AdamW at the
-    /// scheduled learning rate. Returns the step's mean loss per target token. Throws
+    /// scheduled learning rate. In a data-parallel group the micro-batches are this rank's share of the global batch,
+    /// the loss is normalised by the global batch's target tokens and the gradients are summed over the ranks before
+    /// the clip, so every rank takes the same step. Returns the step's mean loss per target token. Throws
     /// <see cref="NonFiniteStepException"/> (nothing applied) when the loss or the gradient norm is not finite.
     /// </summary>
     public double Step()
