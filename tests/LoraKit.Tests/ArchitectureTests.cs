@@ -24,7 +24,7 @@ public class ArchitectureTests
         ["Tokenization", "Runtime", "Runtime.Cuda", "Quantization"],
         ["Models", "Data"],
         ["Lora"],
-        ["Accelerated", "Export", "Serving.Paged"],
+        ["Accelerated", "Export", "Serving.Paged", "Distributed"],
         ["Generation", "Training", "Classification", "Serving"],
         ["Evaluation"],
         ["Registry"],

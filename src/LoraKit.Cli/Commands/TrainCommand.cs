@@ -1,5 +1,6 @@
 using System.CommandLine;
 using System.Reflection;
+using LoraKit.Distributed;
 using LoraKit.Training;
 
 namespace LoraKit.Cli.Commands;
@@ -9,6 +10,8 @@ namespace LoraKit.Cli.Commands;
 /// booleans that default to true are switched off with --no-…). A --config file (JSON or YAML) sets the starting
 /// values; flags given on the command line override it. <c>--init-adapter</c> takes a registered NAME@VERSION / NAME@ALIAS
 /// too, and <c>--register NAME</c> adds the finished run's adapter to the registry with its lineage (<see cref="TrainRegistration"/>).
+/// <c>--gpus N</c> starts N ranks of this same command (<see cref="GroupLauncher"/>); a process started with torchrun's
+/// variables (RANK, WORLD_SIZE, …) joins that group directly (<see cref="DistributedEnv"/>), on GPU LOCAL_RANK.
 /// </summary>
 public static class TrainCommand
 {
@@ -80,6 +83,8 @@ public static class TrainCommand
         cmd.Options.Add(config);
         cmd.Options.Add(resume);
         cmd.Options.Add(overwrite);
+        var gpus = new Option<int>("--gpus") { Description = "data-parallel training on N GPUs of this machine: starts N ranks over NCCL, each with batch size --batch-size (the global batch is N × batch size × grad accum); rank 0 writes the run (default: 1)" };
+        cmd.Options.Add(gpus);
         var defaults = new TrainConfig();
         var bindings = new List<(Option option, PropertyInfo prop)>();
         foreach (var prop in typeof(TrainConfig).GetProperties())
@@ -130,8 +135,16 @@ public static class TrainCommand
                 prop.SetValue(c, value);
             }
             c.Model = ModelArgument.Resolve(c.Model); // a hub id: its snapshot folder, downloaded before anything else
+            var env = DistributedEnv.FromEnvironment();
+            int gpuCount = r.GetValue(gpus);
+            if (r.GetResult(gpus) is { Implicit: false } && gpuCount < 1) throw new ArgumentException($"--gpus {gpuCount}: expected 1 or more");
+            if (gpuCount > 1 && env.IsDistributed)
+                throw new ArgumentException($"--gpus starts its own ranks, but this process is already rank {env.Rank} of {env.WorldSize} (WORLD_SIZE is set, e.g. by torchrun): drop one of them");
+            if (gpuCount > 1) return LaunchRanks(gpuCount, c);
             string? initAdapterRef = TrainRegistration.Prepare(c); // names resolved, --register checked, before any loading
-            var log = new ConsoleTrainLog(!Console.IsOutputRedirected);
+            using var group = env.IsDistributed ? JoinGroup(env, c) : null;
+            bool lead = env.IsLead;
+            ITrainLog log = lead ? new ConsoleTrainLog(!Console.IsOutputRedirected) : new RankLog();
             // Ctrl+C and SIGTERM (docker stop, systemd, Kubernetes) end the run after the current step, with a checkpoint
             // and the adapter so far saved; a second signal is not intercepted and ends the process at once.
             using var stop = new CancellationTokenSource();
@@ -149,24 +162,84 @@ public static class TrainCommand
             using var ownsSuites = suites as IDisposable;
             TrainResult trained;
             // Every run is recorded in the registry (`lorakit runs list`); see RunTracker: it never fails the run.
-            var tracker = new LoraKit.Registry.RunTracker(c.Registry, log.Warn);
+            var tracker = lead ? new LoraKit.Registry.RunTracker(c.Registry, log.Warn) : null;
             try
             {
-                trained = Trainer.Run(c, r.GetValue(resume), log, r.GetValue(overwrite), stop.Token, suites, initAdapterRef, tracker);
-                if (tracker.RunId is long id) log.Info($"run {id} recorded in the registry (lorakit runs show {id})");
+                trained = Trainer.Run(c, r.GetValue(resume), log, r.GetValue(overwrite), stop.Token, suites, initAdapterRef, tracker, group?.Collectives);
+                group?.Finish();
+                if (tracker?.RunId is long id) log.Info($"run {id} recorded in the registry (lorakit runs show {id})");
             }
             catch (TrainingInterruptedException e)
             {
-                log.Done();
+                (log as ConsoleTrainLog)?.Done();
+                if (!lead) return 130;
                 Console.Error.WriteLine($"{e.Message}; continue with: lorakit train --output {c.Output} --resume" +
                                         (c.Register is { } name ? $" --register {name}{(c.Registry is { } reg ? $" --registry {reg}" : "")} (not registered: the run did not finish)" : ""));
                 return 130;
             }
-            log.Done();
-            if (c.Register is not null) TrainRegistration.Register(c, trained);
+            (log as ConsoleTrainLog)?.Done();
+            if (lead && c.Register is not null) TrainRegistration.Register(c, trained);
             return 0;
         }));
         return cmd;
+    }
+
+    /// <summary>
+    /// Joins the group torchrun's variables describe: on GPU LOCAL_RANK with NCCL, or on CPU through the store when the
+    /// run's device is cpu (or auto without GPUs): the CPU group runs the same path, for tests and debugging.
+    /// </summary>
+    static ProcessGroup JoinGroup(DistributedEnv env, TrainConfig c)
+    {
+        string device = c.Device.ToLowerInvariant();
+        bool cuda = device != "cpu" && (device != "auto" || CudaDevice.Count() > 0);
+        if (cuda) c.Device = $"cuda:{env.LocalRank}";
+        return ProcessGroup.Join(env, cuda, ProcessGroup.TimeoutFromEnvironment());
+    }
+
+    /// <summary>
+    /// <c>--gpus N</c>: this same command line (without --gpus) as N ranks on this machine, their output forwarded with a
+    /// "[rank k]" prefix. SIGTERM is passed on (each rank saves after its current step); Ctrl+C reaches the ranks from
+    /// the terminal itself. Returns the group's exit code, with one line when a rank failed.
+    /// </summary>
+    static int LaunchRanks(int n, TrainConfig c)
+    {
+        if (c.Device.ToLowerInvariant() != "cpu")
+        {
+            int visible = CudaDevice.Count();
+            if (n > visible) throw new ArgumentException($"--gpus {n}: only {visible} CUDA device(s) are visible (nvidia-smi lists them; CUDA_VISIBLE_DEVICES may hide some)");
+        }
+        var (fileName, args) = SelfCommand();
+        var launcher = new GroupLauncher();
+        var gate = new object();
+        void Write(string line, bool error)
+        {
+            lock (gate) (error ? Console.Error : Console.Out).WriteLine(line);
+        }
+        using var term = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, ctx =>
+        {
+            ctx.Cancel = true;
+            launcher.Terminate();
+        });
+        using var intr = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGINT, ctx => ctx.Cancel = true);
+        var outcome = launcher.Run(n, fileName, args, Write);
+        if (outcome.Message is string m) Console.Error.WriteLine($"error: {m}");
+        return outcome.ExitCode;
+    }
+
+    /// <summary>How to start this process again with the same arguments minus --gpus: the host (dotnet) and the CLI assembly, or the apphost.</summary>
+    static (string fileName, List<string> args) SelfCommand()
+    {
+        var argv = Environment.GetCommandLineArgs();
+        var rest = new List<string>();
+        for (int i = 1; i < argv.Length; i++)
+        {
+            if (argv[i] == "--gpus") { i++; continue; }
+            if (argv[i].StartsWith("--gpus=", StringComparison.Ordinal)) continue;
+            rest.Add(argv[i]);
+        }
+        string host = Environment.ProcessPath ?? throw new InvalidOperationException("cannot tell which program this is, to start its ranks");
+        bool viaDotnet = Path.GetFileNameWithoutExtension(host).Equals("dotnet", StringComparison.OrdinalIgnoreCase);
+        return viaDotnet ? (host, [argv[0], .. rest]) : (host, rest);
     }
 
     /// <summary>
@@ -183,6 +256,15 @@ public static class TrainCommand
         var valueType = option.GetType().GetGenericArguments()[0];
         return method.MakeGenericMethod(valueType).Invoke(r, [option]);
     }
+}
+
+/// <summary>A data-parallel rank other than 0: warnings only (rank 0 reports the run; the launcher prefixes each line with its rank).</summary>
+sealed class RankLog : ITrainLog
+{
+    public void Info(string message) { }
+    public void Warn(string message) => Console.Error.WriteLine($"warning: {FlagNames.Rephrase(message)}");
+    public void Step(StepMetrics m) { }
+    public void Eval(EvalMetrics m) { }
 }
 
 /// <summary>Progress for people: a live one-line bar on a terminal, plain log lines when output is redirected.</summary>

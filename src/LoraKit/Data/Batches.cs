@@ -32,10 +32,16 @@ internal sealed class Batches(IReadOnlyList<Sample> samples, int batchSize, bool
     public int Count => samples.Count;
 
     /// <summary>Samples for micro-batch number <paramref name="index"/> (positions index·B … index·B+B−1 of the endless stream).</summary>
-    public List<Sample> Take(long index)
+    public List<Sample> Take(long index) => TakeAt(index * batchSize, batchSize);
+
+    /// <summary>
+    /// The <paramref name="count"/> samples at stream positions <paramref name="position"/> onwards (the stream is every
+    /// epoch's seeded order one after the other). A data-parallel rank takes its share of a global micro-batch this way.
+    /// </summary>
+    public List<Sample> TakeAt(long position, int count)
     {
-        var result = new List<Sample>(batchSize);
-        for (long p = index * batchSize; p < (index + 1) * batchSize; p++)
+        var result = new List<Sample>(count);
+        for (long p = position; p < position + count; p++)
         {
             long epoch = p / samples.Count;
             result.Add(samples[Order(epoch)[p % samples.Count]]);

@@ -10,7 +10,13 @@ public sealed record TrainState
 {
     public int Version { get; init; } = 1;
     public int Step { get; init; }
+    /// <summary>Micro-batches consumed, in units of the run's global micro-batch (batch_size × ranks); see <see cref="SamplesSeen"/>.</summary>
     public long Cursor { get; init; }
+    /// <summary>
+    /// The data position in global samples (null in checkpoints written before multi-GPU training, whose position is
+    /// <see cref="Cursor"/> × batch_size): what a resume with another number of GPUs continues from.
+    /// </summary>
+    public long? SamplesSeen { get; init; }
     public long OptimizerSteps { get; init; }
     public string RngState { get; init; } = "";
     public string ConfigHash { get; init; } = "";

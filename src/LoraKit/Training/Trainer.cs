@@ -3,6 +3,7 @@ using System.Security.Cryptography;
 using System.Text.Json.Nodes;
 using LoraKit.Accelerated;
 using LoraKit.Data;
+using LoraKit.Distributed;
 using LoraKit.IO;
 using LoraKit.Lora;
 using LoraKit.Models;
@@ -115,6 +116,9 @@ public sealed class Trainer : IDisposable
     int _padId, _microPerStep;
     Func<List<Sample>, double, Tensor> _backwardOf = null!;
     Func<List<Sample>, long> _countOf = null!;
+    ICollectives? _group;
+    DataShard _shard = null!;
+    GradientBuckets? _buckets;
 
     /// <summary>
     /// Trains a fresh LoRA adapter named <paramref name="adapterName"/> on <paramref name="model"/> over
@@ -126,6 +130,15 @@ public sealed class Trainer : IDisposable
     /// </summary>
     public Trainer(LoraModel model, Tokenizer tokenizer, IEnumerable<TrainingExample> examples, LoraConfig? lora = null,
         TrainConfig? options = null, string adapterName = AdapterName, string? modelDir = null)
+        : this(model, tokenizer, examples, lora, options, adapterName, modelDir, group: null) { }
+
+    /// <summary>
+    /// The in-memory trainer as one rank of a data-parallel <paramref name="group"/> (null: alone): each rank's model
+    /// holds the same adapter, takes its <see cref="DataShard"/> of every global batch, and its steps equal those of one
+    /// process with batch size × ranks.
+    /// </summary>
+    internal Trainer(LoraModel model, Tokenizer tokenizer, IEnumerable<TrainingExample> examples, LoraConfig? lora,
+        TrainConfig? options, string adapterName, string? modelDir, ICollectives? group)
     {
         var c = Copy(options ?? new TrainConfig());
         c.Model = modelDir ?? InMemory;
@@ -137,7 +150,7 @@ public sealed class Trainer : IDisposable
         if (summary.Format == DataFormat.Classification) throw new ArgumentException("the in-memory trainer trains language modelling (text, prompt/completion, chat); classification runs through Trainer.Run");
         if (c.Packing) train = Batches.Pack(train, c.MaxLength);
         _name = adapterName;
-        Init(c, model, tokenizer, train, null, lora ?? LoraConfigFor(c, model), SilentLog.Instance, model.Model.Device, model.Model.DType);
+        Init(c, model, tokenizer, train, null, lora ?? LoraConfigFor(c, model), SilentLog.Instance, model.Model.Device, model.Model.DType, group);
         model.SetDisabled(false);
         model.SetActive(adapterName);
     }
@@ -164,14 +177,21 @@ public sealed class Trainer : IDisposable
     /// <summary>The model being trained.</summary>
     public CausalLM Model => _model;
 
-    /// <summary>Micro-batches consumed so far (the data position a checkpoint saves).</summary>
-    long Cursor { get; set; }
+    /// <summary>
+    /// Samples consumed so far over all ranks (the data position a checkpoint saves): the next step's global batch
+    /// starts at this position of the seeded sample stream.
+    /// </summary>
+    long Position { get; set; }
+    /// <summary>The position in global micro-batches (what checkpoints before multi-GPU training recorded).</summary>
+    long Cursor => Position / _shard.GlobalMicroBatch;
     /// <summary>Data epochs completed so far (fractional).</summary>
-    double Epoch => _batches.EpochAt(Cursor);
+    double Epoch => (double)Position / _batches.Count;
 
     /// <summary>
     /// One optimizer step: accumulate the gradient of options' grad_accum micro-batches, clip, step AdamW at the
-    /// scheduled learning rate. Returns the step's mean loss per target token. Throws
+    /// scheduled learning rate. In a data-parallel group the micro-batches are this rank's share of the global batch,
+    /// the loss is normalised by the global batch's target tokens and the gradients are summed over the ranks before
+    /// the clip, so every rank takes the same step. Returns the step's mean loss per target token. Throws
     /// <see cref="NonFiniteStepException"/> (nothing applied) when the loss or the gradient norm is not finite.
     /// </summary>
     public double Step()
@@ -179,8 +199,14 @@ public sealed class Trainer : IDisposable
         _model.train();
         int step = StepCount + 1;
         using var scope = NewDisposeScope();
-        var micro = Enumerable.Range(0, _microPerStep).Select(i => _batches.Take(Cursor + i)).ToList();
-        long targets = micro.Sum(_countOf);
+        // This rank's share of the global batch; alone, the share is all of it (rank 0 of 1).
+        var micro = Enumerable.Range(0, _microPerStep).Select(i => _batches.TakeAt(_shard.Start(Position, i), _shard.BatchSize)).ToList();
+        // The loss is normalised by the target tokens of the whole global batch (every rank's micro-batches), so the
+        // summed gradients equal one process's with the global batch: the all-reduce is a sum, not a mean. Every rank
+        // holds all the data, so it counts the other ranks' targets itself: no collective (and no GPU wait) before the forward.
+        long targets = _group is null ? micro.Sum(_countOf) : GlobalTargets();
+        // A data-parallel step must not wait for ever on a rank that died: the group's watchdog ends the process.
+        using var watch = _group?.Watch($"step {step}");
         double lossSum = 0;
         long tokens = 0;
         foreach (var rows in micro)
@@ -189,7 +215,13 @@ public sealed class Trainer : IDisposable
             lossSum += loss.item<float>();
             tokens += rows.Sum(r => (long)r.InputIds.Length);
         }
-        Cursor += _microPerStep;
+        if (_group is not null)
+        {
+            _buckets!.ReduceAll(_group.AllReduceSum);
+            var sums = _group.SumAcrossRanks(_device, lossSum, tokens);
+            (lossSum, tokens) = (sums[0], (long)sums[1]);
+        }
+        Position += _shard.SamplesPerStep;
         TokensSeen += tokens;
         if (_graphed && _lmStep.Disabled is string why && !_graphWarned)
         {
@@ -213,6 +245,11 @@ public sealed class Trainer : IDisposable
         return stepLoss;
     }
 
+    /// <summary>The target tokens (samples, for classification) of the global batch of the step at <see cref="Position"/>, over all ranks' shares.</summary>
+    long GlobalTargets() =>
+        Enumerable.Range(0, _shard.WorldSize).Sum(r => Enumerable.Range(0, _microPerStep)
+            .Sum(i => _countOf(_batches.TakeAt((_shard with { Rank = r }).Start(Position, i), _shard.BatchSize))));
+
     /// <summary>Mean next-token loss per target token over <paramref name="examples"/>, tokenised as the training examples are (no gradient, dropout off).</summary>
     public double Evaluate(IEnumerable<TrainingExample> examples)
     {
@@ -231,6 +268,7 @@ public sealed class Trainer : IDisposable
     public void Dispose()
     {
         _lmStep?.Dispose();
+        _buckets?.Dispose();
         _sideStream?.Dispose();
         _optimizer?.Dispose();
         _classifier?.Dispose();
@@ -256,9 +294,12 @@ public sealed class Trainer : IDisposable
     /// Builds what is trained and how one step runs: the adapter (fresh from <paramref name="fresh"/>, or c's init
     /// adapter) or all weights, the kernels and memory placements, the optimizer, the batches and the task's loss.
     /// </summary>
-    void Init(TrainConfig c, LoraModel lm, Tokenizer tok, List<Sample> train, IReadOnlyList<string>? labels, LoraConfig? fresh, ITrainLog log, Device device, ScalarType dtype)
+    void Init(TrainConfig c, LoraModel lm, Tokenizer tok, List<Sample> train, IReadOnlyList<string>? labels, LoraConfig? fresh, ITrainLog log, Device device, ScalarType dtype,
+        ICollectives? group = null)
     {
         _c = c; _lm = lm; _model = lm.Model; _tok = tok; _log = log; _device = device;
+        _group = group is { WorldSize: > 1 } ? group : null;
+        int world = _group?.WorldSize ?? 1;
         var model = _model;
         // Everything random in a run comes from the seed through generators of its own (initialisation, the score
         // head, shuffling, dropout), never from torch's global one, which anything else in the process may draw from.
@@ -294,12 +335,21 @@ public sealed class Trainer : IDisposable
         _microPerStep = c.GradAccum;
         // A micro-batch larger than the data would be filled by cycling through it again and again (--batch-size 100000
         // on 6 samples ran out of time and memory); like a PyTorch DataLoader, the batch is then the whole data.
-        int batchSize = Math.Min(c.BatchSize, train.Count);
-        if (batchSize < c.BatchSize) log.Warn($"batch size {c.BatchSize} is more than the {train.Count} training samples; using {batchSize}");
-        int stepsPerEpoch = (int)Math.Ceiling((double)train.Count / ((long)batchSize * _microPerStep));
+        // With N ranks the global micro-batch (N × batch size) is what must fit in the data.
+        int batchSize = Math.Max(1, Math.Min(c.BatchSize, train.Count / world));
+        if (batchSize < c.BatchSize)
+            log.Warn(world == 1 ? $"batch size {c.BatchSize} is more than the {train.Count} training samples; using {batchSize}"
+                : $"batch size {c.BatchSize} on each of {world} ranks is more than the {train.Count} training samples; using {batchSize}");
+        _shard = new DataShard(_group?.Rank ?? 0, world, batchSize, _microPerStep);
+        int stepsPerEpoch = (int)Math.Ceiling((double)train.Count / _shard.SamplesPerStep);
         TotalSteps = c.Steps > 0 ? c.Steps : Math.Max(1, (int)Math.Ceiling(c.Epochs * stepsPerEpoch));
         _batches = new Batches(train, batchSize, c.Shuffle, c.Seed);
         _optimizer = new AdamW(trainable, c.Beta1, c.Beta2, c.AdamEps, c.WeightDecay);
+        // Every rank starts from the same weights (same seed or init adapter) and applies the same summed gradients,
+        // so the replicas stay identical without broadcasting weights.
+        _buckets = _group is null ? null : new GradientBuckets(trainable);
+        if (_group is not null) log.Info($"data parallel: rank {_group.Rank} of {world}, global batch {_shard.SamplesPerStep} samples per step " +
+                                         $"({batchSize} × {world} ranks × {_microPerStep} accumulation), gradients in {_buckets!.Buckets.Count} bucket(s)");
         int padId = tok.Config.PadToken is string pt && tok.TokenToId(pt) is int pid ? pid : model.Config.PadTokenId ?? 0;
         _padId = padId;
         // The task decides what a micro-batch's summed loss is and what it is normalised by: target tokens for language
@@ -351,15 +401,19 @@ public sealed class Trainer : IDisposable
     /// (a registry's <c>NAME@VERSION</c>): recorded with the init adapter's content hash in the run (see
     /// <see cref="RunDirectory.InitAdapter"/>) and its report. A resumed run keeps the one it recorded.</param>
     /// <param name="tracker">told when the run starts (its output directory open) and how it ends, also when it throws</param>
+    /// <param name="group">the data-parallel group this process is one rank of (null: training alone). Every rank runs
+    /// this with the same configuration; rank 0 alone writes the run directory (checkpoints, metrics, best/, the
+    /// adapter, the report), evaluates and decides early stopping, and the ranks agree on stopping after every step.
+    /// With a group, c's device names this rank's device.</param>
     public static TrainResult Run(TrainConfig c, bool resume, ITrainLog log, bool overwrite = false, CancellationToken cancel = default,
-        IStepEvaluator? suites = null, string? initAdapterRef = null, IRunTracker? tracker = null)
+        IStepEvaluator? suites = null, string? initAdapterRef = null, IRunTracker? tracker = null, ICollectives? group = null)
     {
         bool started = false;
         string status = RunEnd.Failed;
         string? error = null;
         try
         {
-            var result = RunCore(c, resume, log, overwrite, cancel, suites, initAdapterRef, start => { started = true; tracker?.Started(start); });
+            var result = RunCore(c, resume, log, overwrite, cancel, suites, initAdapterRef, start => { started = true; tracker?.Started(start); }, group is { WorldSize: > 1 } ? group : null);
             status = result.StoppedEarly ? RunEnd.StoppedEarly : RunEnd.Finished;
             return result;
         }
@@ -371,8 +425,11 @@ public sealed class Trainer : IDisposable
         }
     }
 
-    static TrainResult RunCore(TrainConfig c, bool resume, ITrainLog log, bool overwrite, CancellationToken cancel, IStepEvaluator? suites, string? initAdapterRef, Action<RunStart> onStart)
+    static TrainResult RunCore(TrainConfig c, bool resume, ITrainLog log, bool overwrite, CancellationToken cancel, IStepEvaluator? suites, string? initAdapterRef, Action<RunStart> onStart,
+        ICollectives? group)
     {
+        // Rank 0 (or a process alone) owns the run directory; the other ranks read the checkpoint they resume from and write nothing.
+        bool lead = group is null || group.Rank == 0;
         c.Validate();
         if (c.EvalSuite.Count > 0 && suites is null)
             throw new ArgumentException($"`eval_suite` names {string.Join(", ", c.EvalSuite)} but no evaluator was given to run the suites ({nameof(IStepEvaluator)})");
@@ -384,10 +441,11 @@ public sealed class Trainer : IDisposable
         // Everything random in a run comes from the seed through generators of its own (initialisation, the score
         // head, shuffling, dropout), never from torch's global one, which anything else in the process may draw from.
         if (resume && overwrite) throw new LoraKitException("resume and overwrite exclude each other: resume continues the run, overwrite starts it again");
-        var run = RunDirectory.Open(c.Output, c.Identity(), resume, overwrite, DescribeRun);
+        var run = lead ? RunDirectory.Open(c.Output, c.Identity(), resume, overwrite, DescribeRun) : null;
         string deviceName = DeviceInfo.Name(device), dtypeName = DeviceInfo.DTypeName(dtype);
         string? gpuName = DeviceInfo.GpuName(device);
-        onStart(new RunStart(run.Root, Path.GetFileName(run.Root), c.ToJsonObject(), c.Model, FingerprintOrNull(c.Model), startedAt,
+        if (group is not null) deviceName = $"{deviceName} × {group.WorldSize} ranks";
+        if (run is not null) onStart(new RunStart(run.Root, Path.GetFileName(run.Root), c.ToJsonObject(), c.Model, FingerprintOrNull(c.Model), startedAt,
             $"{deviceName}{(gpuName is null ? "" : $" ({gpuName})")}, {dtypeName}", resume));
 
         // ---- data ----
@@ -426,7 +484,7 @@ public sealed class Trainer : IDisposable
         log.Info($"data: {train.Count} training samples ({trainSummary.Format}), {trainSummary.Tokens:N0} tokens, {trainSummary.TargetTokens:N0} trained" +
                  (valid is null ? "" : $"; {valid.Count} validation samples") + (trainSummary.Truncated > 0 ? $"; {trainSummary.Truncated} truncated to {c.MaxLength}" : ""));
 
-        if (c.InitAdapter is string initDir) run.InitAdapter = InitAdapterRecord(initDir, initAdapterRef, run.InitAdapter);
+        if (c.InitAdapter is string initDir && run is not null) run.InitAdapter = InitAdapterRecord(initDir, initAdapterRef, run.InitAdapter);
         var model = CausalLM.Load(c.Model, dtype, device, c.QuantizeOptions());
         if (model.Quantization is not null && c.Method != "lora")
             throw new ArgumentException($"{c.Model} is a quantized base (packed weights); method full needs dense weights, train a LoRA adapter instead");
@@ -436,7 +494,7 @@ public sealed class Trainer : IDisposable
 
         var lm = new LoraModel(model);
         using var t = new Trainer();
-        t.Init(c, lm, tok, train, classify ? labels : null, null, log, device, dtype);
+        t.Init(c, lm, tok, train, classify ? labels : null, null, log, device, dtype, group);
         int totalSteps = t.TotalSteps;
         string report = t.TrainableReport;
         int evalEvery = valid is null && suites is null ? 0 : c.EvalEvery > 0 ? c.EvalEvery : Math.Max(1, totalSteps / 10);
@@ -473,10 +531,10 @@ public sealed class Trainer : IDisposable
         }
 
         var metricsPath = Path.Combine(c.Output, "metrics.jsonl");
-        using var metrics = new MetricsLog(metricsPath, resume ? state.Step : 0);
-        run.Record(metricsPath);
-        var board = c.ReportTo == "tensorboard" ? new TensorBoardLog(c.Output) : null;
-        if (board is not null) run.Record(board.Dir); // its events file exists from here on: a replaced run deletes it
+        using var metrics = lead ? new MetricsLog(metricsPath, resume ? state.Step : 0) : null;
+        run?.Record(metricsPath);
+        var board = lead && c.ReportTo == "tensorboard" ? new TensorBoardLog(c.Output) : null;
+        if (board is not null) run?.Record(board.Dir); // its events file exists from here on: a replaced run deletes it
         EvalMetrics? best = BestOf(state);
         EvalMetrics? lastEval = null;
         int badEvals = state.EvalsWithoutImprovement;
@@ -485,12 +543,12 @@ public sealed class Trainer : IDisposable
         long tokensAtStart = t.TokensSeen;
         int delayMs = int.TryParse(Environment.GetEnvironmentVariable("LORAKIT_TEST_STEP_DELAY_MS"), out int dm) ? dm : 0; // kill-and-resume test
 
-        if (suites is not null && t.StepCount == 0)
+        if (lead && suites is not null && t.StepCount == 0)
         {
             // Step 0, before any update: with a fresh adapter (B = 0) this is the base model, the reference every later
             // evaluation is read against. Not a candidate for best/ (that is an adapter the run trained).
             var before = new EvalMetrics(0, double.NaN, double.NaN, false) { Validated = false, Suites = RunSuites(suites, lm, adapterName, 0, c.Metric) };
-            metrics.Eval(before);
+            metrics?.Eval(before);
             board?.Eval(before);
             log.Eval(before);
         }
@@ -512,12 +570,12 @@ public sealed class Trainer : IDisposable
                 double secs = clock.Elapsed.TotalSeconds;
                 var m = new StepMetrics(step, totalSteps, t.Epoch, t.LastLoss, t.LastLr, t.LastGradNorm, t.TokensSeen,
                     (t.TokensSeen - tokensAtStart) / Math.Max(secs, 1e-9), wall.Elapsed.TotalSeconds);
-                metrics.Step(m);
+                metrics?.Step(m);
                 board?.Step(m);
                 log.Step(m);
             }
 
-            bool evalNow = evalEvery > 0 && (step % evalEvery == 0 || step == totalSteps);
+            bool evalNow = lead && evalEvery > 0 && (step % evalEvery == 0 || step == totalSteps);
             if (evalNow)
             {
                 var (vl, acc) = valid is null ? (double.NaN, null) : t.EvaluateSamples(valid);
@@ -527,9 +585,9 @@ public sealed class Trainer : IDisposable
                 };
                 bool improved = tracked && double.IsFinite(candidate.Key(c.Metric)) && (best is null || candidate.Key(c.Metric) < best.Key(c.Metric));
                 lastEval = candidate with { IsBest = improved };
-                if (improved) { best = lastEval; badEvals = 0; t.SaveWeights(Path.Combine(c.Output, "best"), run); }
+                if (improved) { best = lastEval; badEvals = 0; t.SaveWeights(Path.Combine(c.Output, "best"), run!); }
                 else if (tracked) badEvals++;
-                metrics.Eval(lastEval);
+                metrics?.Eval(lastEval);
                 board?.Eval(lastEval);
                 log.Eval(lastEval);
                 if (c.EarlyStoppingPatience > 0 && badEvals >= c.EarlyStoppingPatience)
@@ -539,17 +597,26 @@ public sealed class Trainer : IDisposable
                 }
             }
             bool interrupted = cancel.IsCancellationRequested;
+            if (group is not null)
+            {
+                // Rank 0 decides early stopping; a signal may reach the ranks a step apart: all stop at the same step.
+                using (group.Watch($"step {step}: agreeing whether to stop"))
+                {
+                    var votes = group.SumAcrossRanks(device, stoppedEarly ? 1 : 0, interrupted ? 1 : 0);
+                    (stoppedEarly, interrupted) = (votes[0] > 0, votes[1] > 0);
+                }
+            }
             string? savedCheckpoint = null;
-            if (step % saveEvery == 0 || step == totalSteps || stoppedEarly || interrupted)
+            if (lead && (step % saveEvery == 0 || step == totalSteps || stoppedEarly || interrupted))
             {
                 var st = state with
                 {
-                    Step = step, Cursor = t.Cursor, OptimizerSteps = t._optimizer.StepCount, RngState = Checkpoints.EncodeRng(t._rng),
+                    Step = step, Cursor = t.Cursor, SamplesSeen = t.Position, OptimizerSteps = t._optimizer.StepCount, RngState = Checkpoints.EncodeRng(t._rng),
                     BestEvalLoss = best is { Validated: true } ? Finite(best.Loss) : null, BestStep = best?.Step, BestAccuracy = Finite(best?.Accuracy),
                     BestSuites = best?.Suites?.Where(kv => double.IsFinite(kv.Value)).ToDictionary(), EvalsWithoutImprovement = badEvals, TokensSeen = t.TokensSeen,
                     Finished = step == totalSteps || stoppedEarly, StoppedEarly = stoppedEarly, LastLoss = Finite(t.LastLoss),
                 };
-                try { savedCheckpoint = Checkpoints.Save(c.Output, st, dir => t.SaveWeights(dir, null, checkpoint: true), t._optimizer, run); }
+                try { savedCheckpoint = Checkpoints.Save(c.Output, st, dir => t.SaveWeights(dir, null, checkpoint: true), t._optimizer, run!); }
                 catch (WeightValueException e)
                 {
                     // The loss can stay finite for a step while the weights have already blown up (a huge learning rate).
@@ -557,14 +624,17 @@ public sealed class Trainer : IDisposable
                     throw new LoraKitException($"the LoRA weights diverged at step {step} ({e.Message}); training stopped and these weights were not saved; " +
                                                $"{kept} (a lower learning rate or gradient clipping may help)");
                 }
-                Checkpoints.Prune(c.Output, keep: 2, protect: null, run);
+                Checkpoints.Prune(c.Output, keep: 2, protect: null, run!);
             }
             if (interrupted && step < totalSteps && !stoppedEarly)
             {
                 model.eval();
-                t.SaveWeights(finalDir, run);
+                if (lead) t.SaveWeights(finalDir, run);
+                // The other ranks wait for rank 0's files before they end, so a launcher that stops the group when one
+                // rank exits cannot cut the checkpoint short.
+                if (group is not null) using (group.Watch($"step {step}: saving on interrupt")) group.SumAcrossRanks(device, 0);
                 lm.Dispose();
-                throw new TrainingInterruptedException(step, totalSteps, savedCheckpoint!, finalDir);
+                throw new TrainingInterruptedException(step, totalSteps, savedCheckpoint ?? Checkpoints.Latest(c.Output) ?? "(rank 0's)", finalDir);
             }
             if (delayMs > 0) Thread.Sleep(delayMs);
             if (stoppedEarly) break;
@@ -575,6 +645,16 @@ public sealed class Trainer : IDisposable
             log.Info($"peak GPU memory: {Runtime.Cuda.CudaMemory.Gib(mem.PeakAllocated):F2} GiB allocated, {Runtime.Cuda.CudaMemory.Gib(mem.PeakReserved):F2} GiB reserved by libtorch's allocator (since the start, model load included)");
         model.eval();
         var adapterDir = finalDir;
+        if (!lead)
+        {
+            // Rank 0 writes the result and the report; this rank's copy of the weights is the same.
+            var rankStats = new RunStats(startedAt, DateTimeOffset.UtcNow, deviceName, gpuName, dtypeName, t.TokensSeen,
+                (t.TokensSeen - tokensAtStart) / Math.Max(clock.Elapsed.TotalSeconds, 1e-9), null, null);
+            lm.Dispose();
+            return new TrainResult(c.Output, adapterDir, step, t.LastLoss, best, lastEval, report, trainSummary, validSummary, wall.Elapsed.TotalSeconds, stoppedEarly)
+                { Stats = rankStats };
+        }
+        if (run is null) throw new InvalidOperationException("rank 0 holds the run directory");
         string what = c.Method == "lora" ? "adapter" : "model";
         var bestDir = Path.Combine(c.Output, "best");
         if (best is not null && Directory.Exists(bestDir))
@@ -626,7 +706,9 @@ public sealed class Trainer : IDisposable
         Checkpoints.RestoreOptimizer(ckpt, _optimizer, state.OptimizerSteps);
         Checkpoints.RestoreRng(state.RngState, _rng);
         StepCount = state.Step;
-        Cursor = state.Cursor;
+        // Counted in global samples, the position carries over to another number of ranks; older checkpoints counted
+        // micro-batches of one process.
+        Position = state.SamplesSeen ?? state.Cursor * _shard.BatchSize;
         TokensSeen = state.TokensSeen;
         LastLoss = state.LastLoss ?? double.NaN;
     }

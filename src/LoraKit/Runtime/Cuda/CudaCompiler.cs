@@ -19,6 +19,7 @@ internal sealed class CudaCompiler
     [UnmanagedFunctionPointer(CallingConvention.Cdecl)] delegate int CuPrimaryCtxRetain(out IntPtr ctx, int device);
     [UnmanagedFunctionPointer(CallingConvention.Cdecl)] delegate int CuCtxGetCurrent(out IntPtr ctx);
     [UnmanagedFunctionPointer(CallingConvention.Cdecl)] delegate int CuCtxSetCurrent(IntPtr ctx);
+    [UnmanagedFunctionPointer(CallingConvention.Cdecl)] delegate int CuCtxGetDevice(out int device);
     [UnmanagedFunctionPointer(CallingConvention.Cdecl)] delegate int CuModuleLoadData(out IntPtr module, byte[] image);
     [UnmanagedFunctionPointer(CallingConvention.Cdecl)] delegate int CuModuleGetFunction(out IntPtr function, IntPtr module, [MarshalAs(UnmanagedType.LPStr)] string name);
     [UnmanagedFunctionPointer(CallingConvention.Cdecl)]
@@ -45,7 +46,10 @@ internal sealed class CudaCompiler
     {
         T Fn<T>(IntPtr lib, string name) where T : Delegate => Marshal.GetDelegateForFunctionPointer<T>(NativeLibrary.GetExport(lib, name));
         Check(Fn<CuInit>(libcuda, "cuInit")(0), "cuInit");
-        Check(Fn<CuDeviceGet>(libcuda, "cuDeviceGet")(out int dev, 0), "cuDeviceGet");
+        // The device whose context is current (a data-parallel rank makes GPU LOCAL_RANK current first), else GPU 0.
+        int ordinal = Fn<CuCtxGetCurrent>(libcuda, "cuCtxGetCurrent")(out var current) == 0 && current != IntPtr.Zero
+                      && Fn<CuCtxGetDevice>(libcuda, "cuCtxGetDevice")(out int currentDevice) == 0 ? currentDevice : 0;
+        Check(Fn<CuDeviceGet>(libcuda, "cuDeviceGet")(out int dev, ordinal), "cuDeviceGet");
         var attr = Fn<CuDeviceGetAttribute>(libcuda, "cuDeviceGetAttribute");
         Check(attr(out int major, 75, dev), "compute capability");
         Check(attr(out int minor, 76, dev), "compute capability");
