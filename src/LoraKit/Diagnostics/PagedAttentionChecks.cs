@@ -61,6 +61,7 @@ public static class PagedAttentionChecks
         cases.Add(new Case(0, 10, 2, 80, 16, ScalarType.Float32, KeysPerSplit: 128));
         cases.Add(new Case(0, 32, 2, 64, 16, ScalarType.BFloat16));        // group 16: two blocks of 8 heads per kv head
         cases.Add(new Case(0, 24, 2, 128, 16, ScalarType.Float32));        // group 12: two blocks of 6
+        cases.Add(new Case(0, 18, 2, 64, 16, ScalarType.Float32));         // group 9: blocks of 5 and 4 heads (one masked)
         cases.Add(new Case(0, 8, 8, 64, 1, ScalarType.Float32, MaxLen: 300));  // block size 1
         cases.Add(new Case(0, 8, 2, 64, 16, ScalarType.BFloat16, KeysPerSplit: -1, MaxLen: 6000));   // long rows in one pass
         cases.Add(new Case(0, 8, 2, 64, 16, ScalarType.BFloat16, KeysPerSplit: 64, MaxLen: 6000));   // and in 94 splits
