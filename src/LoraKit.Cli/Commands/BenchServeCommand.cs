@@ -46,14 +46,16 @@ public static class BenchServeCommand
             var options = new EngineOptions { MaxBatch = r.GetValue(maxBatch), KvCacheMemory = r.GetValue(kv), MaxTokensPerStep = r.GetValue(budget), CudaGraphs = !r.GetValue(noGraphs) };
             using var engine = new InferenceEngine(lm, Tokenizer.Load(dir), options);
             var registry = root is null ? null : new AdapterRegistry(engine, root, r.GetValue(maxGpu)) { MaxHostAdapters = r.GetValue(maxCpu), SlotWait = TimeSpan.FromMinutes(10) };
-            if (registry is not null) // "mostly in host memory": every adapter is read before the clock starts
-                foreach (var name in Names(Math.Min(k, r.GetValue(maxCpu)))) registry.PrefetchAsync(name).GetAwaiter().GetResult();
+            // In host memory before the clock starts: every adapter the load will ask for (up to --max-cpu-adapters).
+            if (registry is not null)
+                foreach (var name in Names(Math.Min(Math.Min(k, n), r.GetValue(maxCpu)))) registry.PrefetchAsync(name).GetAwaiter().GetResult();
             var rng = new Random(0);
             int vocab = lm.Model.Config.VocabSize;
             int[] Prompt(int len) => Enumerable.Range(0, len).Select(_ => rng.Next(vocab)).ToArray();
             string? AdapterOf(int i) => k > 0 ? $"ad{i % k}" : null;
-            // Warm-up: a full batch of short requests (kernels compiled, graphs captured for the buckets used).
-            Run(engine, registry, Enumerable.Range(0, options.MaxBatch).Select(i => (Prompt(8), AdapterOf(i))).ToList(), 8);
+            // Warm-up: a full batch of prompts of the load's length (kernels compiled and chosen for its prefill shapes,
+            // graphs captured for the buckets used).
+            Run(engine, registry, Enumerable.Range(0, options.MaxBatch).Select(i => (Prompt(p), AdapterOf(i))).ToList(), 8);
             var load1 = Enumerable.Range(0, n).Select(i => (Prompt(p), AdapterOf(i))).ToList();
             var clock = Stopwatch.StartNew();
             var results = Run(engine, registry, load1, t);

@@ -56,6 +56,7 @@ public static class ServingChecks
                 var x = randn([n, inF], generator: gen).to(dtype).to(dev);
                 var a = (randn([9, r, inF], generator: gen) * 0.05).to(dtype).to(dev);
                 var b = (randn([9, outF, r], generator: gen) * 0.05).to(dtype).to(dev);
+                using (no_grad()) { a[0].zero_(); b[0].zero_(); }      // slot 0 is the base model's: zero in every stack
                 var slots = tensor(Enumerable.Range(0, n).Select(i => (long)(i * 5 % 9)).ToArray()).to(dev); // slot 0 among them
                 var y0 = randn([n, outF], generator: gen).to(dtype).to(dev);
                 var lora = x.to(ScalarType.Float32).unsqueeze(1).bmm(a.index_select(0, slots).to(ScalarType.Float32).transpose(1, 2))
