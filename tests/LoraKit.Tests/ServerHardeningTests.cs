@@ -310,17 +310,11 @@ public class ServerHardeningTests
     [Fact]
     public async Task SigtermDrainsTheInFlightRequestAndExitsZero()
     {
-        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        foreach (var a in new[] { Path.Combine(AppContext.BaseDirectory, "LoraKit.Cli.dll"), "serve", "--model", Fixtures.Model("qwen2"),
-                     "--adapters", Fixtures.TempDir(), "--port", "0", "--device", "cpu", "--drain-seconds", "60" })
-            psi.ArgumentList.Add(a);
-        using var p = Process.Start(psi)!;
-        var stderr = p.StandardError.ReadToEndAsync();
+        var (started, url, stderr) = await ServeProcess.StartAsync("--model", Fixtures.Model("qwen2"),
+                     "--adapters", Fixtures.TempDir(), "--port", "0", "--device", "cpu", "--drain-seconds", "60");
+        using var p = started;
         try
         {
-            string? url = null;
-            while (url is null && await p.StandardOutput.ReadLineAsync() is string line)
-                if (line.Contains("listening on ")) url = line.Split("listening on ")[1].Split(' ')[0];
             if (url is null) Assert.Fail("serve did not start: " + await stderr);
             // The request is in flight for certain: its body is half sent when SIGTERM arrives, the rest follows after.
             var uri = new Uri(url!);

@@ -302,17 +302,11 @@ public class ServerMetricsTests
     public async Task ServeMetricsPublicFlagOpensMetricsOnly()
     {
         var adapters = Fixtures.TempDir();
-        var psi = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        foreach (var a in new[] { Path.Combine(AppContext.BaseDirectory, "LoraKit.Cli.dll"), "serve", "--model", Fixtures.Model("qwen3"),
-                     "--adapters", adapters, "--port", "0", "--device", "cpu", "--api-key", UserKey, "--metrics-public", "--quiet" })
-            psi.ArgumentList.Add(a);
-        using var p = Process.Start(psi)!;
-        var stderr = p.StandardError.ReadToEndAsync();
+        var (started, url, stderr) = await ServeProcess.StartAsync("--model", Fixtures.Model("qwen3"),
+                     "--adapters", adapters, "--port", "0", "--device", "cpu", "--api-key", UserKey, "--metrics-public", "--quiet");
+        using var p = started;
         try
         {
-            string? url = null;
-            while (url is null && await p.StandardOutput.ReadLineAsync() is string line)
-                if (line.Contains("listening on ")) url = line.Split("listening on ")[1].Split(' ')[0];
             if (url is null) Assert.Fail("serve did not start: " + await stderr);
             using var anon = new HttpClient { BaseAddress = new Uri(url!) };
             using (var res = await anon.GetAsync("/metrics"))

@@ -276,7 +276,7 @@ public sealed class LoraLinear : nn.Module<Tensor, Tensor>
     Tensor PerRowStacked(Tensor x, Tensor result, string?[] rows)
     {
         var stack = SyncStack(x.dtype, x.device);
-        var slots = RowSlots ?? tensor(rows.Select(r => (long)SlotFor(r)).ToArray(), device: x.device);
+        var slots = tensor(rows.Select(r => (long)SlotFor(r)).ToArray(), device: x.device);
         var ar = stack.A.index_select(0, slots);                  // [B, r, in]
         var br = stack.B.index_select(0, slots);                  // [B, out, r], scaling folded in
         var h = x.dim() == 2 ? x.unsqueeze(1) : x;                // [B, T, in]

@@ -31,24 +31,6 @@ public sealed class KvCache : IDisposable
     /// <summary>Keeps only the given batch rows (finished requests leave the batch).</summary>
     public void SelectRows(Tensor rows) => Replace(t => t.index_select(0, rows));
 
-    /// <summary>Adds <paramref name="n"/> empty (to-be-masked) positions in front of every row.</summary>
-    public void PadLeft(long n) => Replace(t => nn.functional.pad(t, [0, 0, n, 0]));
-
-    /// <summary>Drops the first <paramref name="n"/> positions (padding no row needs any more).</summary>
-    public void TrimLeft(long n) => Replace(t => t.narrow(2, n, t.shape[2] - n));
-
-    /// <summary>Appends another cache's rows (same length) below this one's.</summary>
-    public void AppendRows(KvCache other)
-    {
-        for (int i = 0; i < _k.Length; i++)
-        {
-            var k = _k[i] is null ? other._k[i]!.alias() : cat([_k[i]!, other._k[i]!], 0);
-            var v = _v[i] is null ? other._v[i]!.alias() : cat([_v[i]!, other._v[i]!], 0);
-            _k[i]?.Dispose(); _v[i]?.Dispose();
-            _k[i] = k.DetachFromDisposeScope(); _v[i] = v.DetachFromDisposeScope();
-        }
-    }
-
     void Replace(Func<Tensor, Tensor> f)
     {
         for (int i = 0; i < _k.Length; i++)

@@ -130,6 +130,20 @@ public class PagedEngineTests
         for (int i = 0; i < n; i++) Assert.True(expected[i].SequenceEqual(results[i].OutputIds), $"{arch} request {i}: expected [{string.Join(",", expected[i])}], got [{string.Join(",", results[i].OutputIds)}]");
     }
 
+    [Theory]
+    [InlineData(0, 2048, 16, 0.9)]
+    [InlineData(32, 16, 16, 0.9)]        // a budget below the batch
+    [InlineData(8, 2048, 12, 0.9)]       // not a power of two
+    [InlineData(8, 2048, 16, -1.0)]
+    [InlineData(8, 2048, 16, double.NaN)]
+    [InlineData(8, 2048, 16, 1e9)]
+    public void BadEngineSettingsAreOneLineErrors(int maxBatch, int budget, int blockSize, double kv)
+    {
+        var ex = Assert.ThrowsAny<LoraKitException>(() =>
+            new EngineOptions { MaxBatch = maxBatch, MaxTokensPerStep = budget, BlockSize = blockSize, KvCacheMemory = kv }.Validate());
+        Assert.DoesNotContain("\n", ex.Message);
+    }
+
     [Fact]
     public void BlockAllocatorHandsOutEachBlockOnceAndRefusesDoubleFrees()
     {
